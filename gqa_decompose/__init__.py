@@ -1,0 +1,28 @@
+"""gqa-decompose: rewrite com.microsoft.GroupQueryAttention into standard ONNX ops.
+
+Public API::
+
+    decompose(model, **options)   ModelProto -> new ModelProto, or onnx_ir.Model rewritten in place
+    decompose_file(path, output)  file -> file, weights streamed, output written atomically
+    verify(original, decomposed)  node-level parity against ONNX Runtime CPU
+    DecomposeGqaPass              the onnx-ir pass (works inside onnx_ir.passes.PassManager)
+    GqaDecomposeError             the one error type, carrying the node name
+"""
+
+from gqa_decompose.api import check_nodes, decompose, decompose_file, rewrite
+from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.passes import DecomposeGqaPass, build_pipeline
+from gqa_decompose.spec import DecomposeOptions, GqaSpec
+
+__all__ = [
+    "DecomposeGqaPass",
+    "DecomposeOptions",
+    "GqaDecomposeError",
+    "GqaSpec",
+    "build_pipeline",
+    "check_nodes",
+    "decompose",
+    "decompose_file",
+    "rewrite",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,143 @@
+"""The Python API: decompose a model in memory or on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from collections.abc import Callable
+from typing import overload
+
+import onnx
+import onnx_ir as ir
+
+from gqa_decompose import model_io
+from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.passes import (
+    DecomposedNode,
+    DecomposeGqaPass,
+    build_pipeline,
+    find_gqa_nodes,
+    non_standard_nodes,
+)
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
+
+__all__ = ["NodeCheck", "check_nodes", "decompose", "decompose_file", "rewrite"]
+
+logger = logging.getLogger("gqa_decompose")
+
+
+def rewrite(
+    model: ir.Model,
+    options: DecomposeOptions | None = None,
+    *,
+    check: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[DecomposedNode]:
+    """Decompose every GQA node of ``model`` in place; returns what was done.
+
+    A model without GQA nodes is left untouched (an empty list is returned).
+    """
+    if not find_gqa_nodes(model):
+        logger.info("no com.microsoft.GroupQueryAttention node found; the model is unchanged")
+        return []
+    decompose_pass = DecomposeGqaPass(options, progress=progress)
+    pipeline = build_pipeline(decompose_pass, check=check)
+    try:
+        pipeline(model)
+    except ir.passes.PassError as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, GqaDecomposeError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+    return decompose_pass.decomposed
+
+
+@overload
+def decompose(model: onnx.ModelProto, **options) -> onnx.ModelProto: ...
+@overload
+def decompose(model: ir.Model, **options) -> ir.Model: ...
+
+
+def decompose(model, *, legacy_window: bool = False, check: bool = True):
+    """Rewrite every com.microsoft.GroupQueryAttention node into standard ONNX ops.
+
+    Args:
+        model: an ``onnx.ModelProto`` (left untouched; a new ModelProto is
+            returned) or an ``onnx_ir.Model`` (rewritten in place and returned).
+        legacy_window: read ``local_window_size`` as ONNX Runtime <= 1.23 did
+            (W + 1 visible keys).
+        check: run the ONNX checker on the result.
+
+    Raises:
+        GqaDecomposeError: a node is malformed or uses a feature that cannot be
+            reproduced exactly; the message names the node.
+    """
+    options = DecomposeOptions(legacy_window=legacy_window)
+    if isinstance(model, onnx.ModelProto):
+        ir_model = ir.serde.deserialize_model(model)
+        rewrite(ir_model, options, check=check)
+        return ir.serde.serialize_model(ir_model)
+    if isinstance(model, ir.Model):
+        rewrite(model, options, check=check)
+        return model
+    raise TypeError(f"expected onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def decompose_file(
+    model_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    *,
+    options: DecomposeOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pathlib.Path | None, list[DecomposedNode]]:
+    """Decompose a model file into ``output_path`` (default ``<stem>.decomposed.onnx``).
+
+    Weights stay on disk: the output gets its own external-data file when the
+    input had external data. Returns the output path (None when the model had
+    no GQA node and nothing was written) and what was done.
+    """
+    source = pathlib.Path(model_path).absolute()
+    target = pathlib.Path(output_path).absolute() if output_path else model_io.default_output_path(source)
+    if target.resolve() == source.resolve():
+        raise GqaDecomposeError("the output path is the input model; the input is never overwritten")
+    model = model_io.load_model(source)
+    decomposed = rewrite(model, options)
+    if not decomposed:
+        return None, []
+    model_io.save_model(model, target, external_data=bool(model_io.external_tensors(model)))
+    return target, decomposed
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeCheck:
+    """Whether one GQA node can be decomposed, and why not."""
+
+    name: str
+    spec: GqaSpec | None
+    refusal: str | None
+
+
+def check_nodes(model: ir.Model, options: DecomposeOptions | None = None) -> list[NodeCheck]:
+    """Parse every GQA node without rewriting anything."""
+    results = []
+    for container, node in find_gqa_nodes(model):
+        try:
+            spec = parse_gqa_node(node, options, frozenset(container.outputs))
+            results.append(NodeCheck(spec.node_name, spec, None))
+        except GqaDecomposeError as error:
+            results.append(NodeCheck(error.node_name or node.name, None, error.reason))
+    return results
+
+
+def foreign_ops(model: ir.Model) -> list[str]:
+    """Sorted ``domain::op_type`` of the non-standard ops other than GQA."""
+    names = {
+        f"{node.domain or 'ai.onnx'}::{node.op_type}"
+        for node in non_standard_nodes(model)
+        if not (node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention")
+    }
+    return sorted(names)

@@ -1,0 +1,96 @@
+"""A thin op builder over ``onnx_ir.tape.Tape`` that names what it makes.
+
+Every node and value an expansion creates is named ``<prefix>/<Op>_<k>`` so a
+reader of the rewritten model can tell which GQA node each op came from. Ops
+are emitted without an explicit version: they take the opset of the graph
+they land in, which keeps the model's own default-domain opset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape as ir_tape
+
+__all__ = ["OpBuilder"]
+
+
+class OpBuilder:
+    """Creates nodes for one naming scope (one GQA node, or the shared scope)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._tape = ir_tape.Tape()
+        self._counter = 0
+        self._taken = 0
+
+    def _name(self, node: ir.Node) -> None:
+        self._counter += 1
+        node.name = f"{self.prefix}/{node.op_type}_{self._counter}"
+        for index, output in enumerate(node.outputs):
+            suffix = "" if len(node.outputs) == 1 else f"_{index}"
+            output.name = f"{node.name}_out{suffix}"
+
+    def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
+        value = self._tape.op(op_type, list(inputs), attributes or None)
+        self._name(value.producer())
+        return value
+
+    def op_multi(
+        self, op_type: str, *inputs: ir.Value | None, num_outputs: int, **attributes
+    ) -> Sequence[ir.Value]:
+        values = self._tape.op_multi_out(
+            op_type, list(inputs), attributes or None, num_outputs=num_outputs
+        )
+        self._name(values[0].producer())
+        return values
+
+    def take_nodes(self) -> list[ir.Node]:
+        """Nodes created since the last call, in creation (topological) order."""
+        nodes = list(self._tape.nodes[self._taken :])
+        self._taken = len(self._tape.nodes)
+        return nodes
+
+    # Constants -----------------------------------------------------------------------------
+
+    def ints(self, values: Sequence[int]) -> ir.Value:
+        """A 1-D int64 constant."""
+        return self.op("Constant", value=ir.tensor(np.array(values, dtype=np.int64).reshape(-1)))
+
+    def int_scalar(self, value: int) -> ir.Value:
+        """A 0-D int64 constant."""
+        return self.op("Constant", value=ir.tensor(np.array(value, dtype=np.int64)))
+
+    def float_scalar(self, value: float, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
+        """A 0-D floating-point constant of ``dtype``."""
+        return self.op("Constant", value=ir.tensor(value, dtype=dtype))
+
+    def bool_scalar(self, value: bool) -> ir.Value:
+        return self.op("Constant", value=ir.tensor(np.array(value, dtype=np.bool_)))
+
+    # Shape helpers -------------------------------------------------------------------------
+
+    def dim(self, value: ir.Value, axis: int) -> ir.Value:
+        """Dimension ``axis`` of ``value`` as a 0-D int64 (a constant when static)."""
+        shape = value.shape
+        if shape is not None and isinstance(shape[axis], int):
+            return self.int_scalar(shape[axis])
+        return self.op("Gather", self.op("Shape", value), self.int_scalar(axis), axis=0)
+
+    def unsqueeze(self, value: ir.Value, axes: Sequence[int]) -> ir.Value:
+        return self.op("Unsqueeze", value, self.ints(axes))
+
+    def slice(self, value: ir.Value, start, end, axis: int) -> ir.Value:
+        """``value[start:end]`` along ``axis``; start/end are ints or 1-D int64 values."""
+        starts = start if isinstance(start, ir.Value) else self.ints([start])
+        ends = end if isinstance(end, ir.Value) else self.ints([end])
+        return self.op("Slice", value, starts, ends, self.ints([axis]))
+
+    def cast(self, value: ir.Value, dtype: ir.DataType) -> ir.Value:
+        return self.op("Cast", value, to=dtype)
+
+    def to_vector(self, scalar: ir.Value) -> ir.Value:
+        """A 0-D int64 value as a 1-element 1-D value (for Concat into shapes)."""
+        return self.op("Reshape", scalar, self.ints([1]))

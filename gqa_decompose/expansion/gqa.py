@@ -1,0 +1,190 @@
+"""One GroupQueryAttention node as standard ONNX ops.
+
+Dimension legend: B batch, S query length, N query heads, Nkv KV heads,
+H head size, P past rows, Lp present rows, D = N*H.
+
+The story, top-down::
+
+    query (packed [B, S, (N+2Nkv)H] or [B, S, D]) -> q [B,S,N,H], k/v [B,S,Nkv,H]
+    fp32; rotary on q and k; k rounded back to the model's type (it goes into present)
+    present = past with new rows scattered at c_b        (or the new rows when there is no past)
+    visible = the shared causal/window mask             [B, 1, S, Lp]
+    output  = attend(q, present_key, present_value)     cast back once to the model's type
+
+Layers whose present nobody reads skip the scatter and attend over
+Concat(past, new) with a mask that knows each column's position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from gqa_decompose import spec as gqa
+from gqa_decompose.expansion.attention import attend
+from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.kv_cache import present_length, write_new_rows
+from gqa_decompose.expansion.mask import (
+    concat_key_positions,
+    dense_key_positions,
+    visibility_mask,
+)
+from gqa_decompose.expansion.rotary import apply_rotary, build_rotary_tables
+from gqa_decompose.expansion.sequence import SharedSubgraphs, build_sequence_info, dim_key
+
+__all__ = ["ExpandedNode", "expand_gqa"]
+
+_FLOAT = ir.DataType.FLOAT
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpandedNode:
+    """New values for the GQA node's outputs (None where an output is not produced)."""
+
+    outputs: tuple[ir.Value | None, ...]
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if index < len(node.inputs) else None
+
+
+def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec):
+    """q [B,S,N,H], k [B,S,Nkv,H], v [B,S,Nkv,H] in the model's type."""
+    query = node.inputs[gqa.QUERY]
+    heads, kv_heads, head_size = spec.num_heads, spec.kv_num_heads, spec.head_size
+    if spec.packed_qkv:
+        qkv_BSnH = op.op("Reshape", query, op.ints([0, 0, heads + 2 * kv_heads, head_size]))
+        return op.op_multi(
+            "Split", qkv_BSnH, op.ints([heads, kv_heads, kv_heads]), axis=2, num_outputs=3
+        )
+    query_BSNH = op.op("Reshape", query, op.ints([0, 0, heads, head_size]))
+    if spec.kv_empty:
+        return query_BSNH, None, None
+    key_BSNH = op.op("Reshape", node.inputs[gqa.KEY], op.ints([0, 0, kv_heads, head_size]))
+    value_BSNH = op.op("Reshape", node.inputs[gqa.VALUE], op.ints([0, 0, kv_heads, head_size]))
+    return query_BSNH, key_BSNH, value_BSNH
+
+
+def _to_float(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
+    return value if spec.dtype == _FLOAT else op.cast(value, _FLOAT)
+
+
+def _from_float(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
+    return value if spec.dtype == _FLOAT else op.cast(value, spec.dtype)
+
+
+def _bsnh_to_bnsh(op: OpBuilder, value: ir.Value) -> ir.Value:
+    return op.op("Transpose", value, perm=[0, 2, 1, 3])
+
+
+def expand_gqa(
+    op: OpBuilder, shared: SharedSubgraphs, node: ir.Node, spec: gqa.GqaSpec
+) -> ExpandedNode:
+    """Build the standard-op subgraph of ``node``; nodes land in ``op`` and ``shared``."""
+    info = build_sequence_info(
+        shared,
+        node.inputs[gqa.SEQLENS_K],
+        node.inputs[gqa.TOTAL_SEQUENCE_LENGTH],
+        node.inputs[gqa.QUERY],
+        always_first_prompt=not spec.has_past,
+    )
+    query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec)
+
+    # 1. Rotary on q and the new k, in fp32; both rounded to the model's type, as ORT does.
+    if spec.do_rotary:
+        tables = build_rotary_tables(
+            shared,
+            info,
+            node.inputs[gqa.COS_CACHE],
+            node.inputs[gqa.SIN_CACHE],
+            _input(node, gqa.POSITION_IDS),
+            spec.rotary_half,
+        )
+
+        def rotate(x_BSnH: ir.Value) -> ir.Value:
+            rotated = apply_rotary(
+                op, _to_float(op, x_BSnH, spec), tables, spec.head_size, spec.rotary_interleaved
+            )
+            return _from_float(op, rotated, spec)
+
+        query_BSNH = rotate(query_BSNH)
+        if key_BSNH is not None:
+            key_BSNH = rotate(key_BSNH)
+    query_BNSH = _to_float(op, _bsnh_to_bnsh(op, query_BSNH), spec)
+
+    # 2. Keys and values attention reads, and present when someone reads it.
+    past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
+    query_length_key = dim_key(node.inputs[gqa.QUERY], 1)
+    attend_over_present = (
+        spec.present_used or spec.has_attention_bias or spec.qk_output or not spec.has_past
+    )
+    present_key = present_value = None
+    if not spec.has_past:
+        keys = present_key = _bsnh_to_bnsh(op, key_BSNH)
+        values = present_value = _bsnh_to_bnsh(op, value_BSNH)
+        key_length, key_length_key = info.query_length, ("query_length", query_length_key)
+    elif spec.kv_empty:
+        keys, values = past_key, past_value
+        if spec.present_used:
+            present_key = op.op("Identity", past_key)
+            present_value = op.op("Identity", past_value)
+        key_length, key_length_key = op.dim(past_key, 2), ("past_length", dim_key(past_key, 2))
+    elif attend_over_present:
+        new_key_BNSH = _bsnh_to_bnsh(op, key_BSNH)
+        new_value_BNSH = _bsnh_to_bnsh(op, value_BSNH)
+        keys = present_key = write_new_rows(
+            op, shared, info, past_key, new_key_BNSH, spec.kv_num_heads
+        )
+        values = present_value = write_new_rows(
+            op, shared, info, past_value, new_value_BNSH, spec.kv_num_heads
+        )
+        key_length = present_length(shared, info, past_key)
+        key_length_key = ("present_length", info, dim_key(past_key, 2))
+    else:
+        keys = op.op("Concat", past_key, _bsnh_to_bnsh(op, key_BSNH), axis=2)
+        values = op.op("Concat", past_value, _bsnh_to_bnsh(op, value_BSNH), axis=2)
+
+    # 3. The shared mask.
+    if attend_over_present:
+        key_positions = dense_key_positions(shared, key_length, key_length_key)
+    else:
+        key_positions = concat_key_positions(shared, info, past_key)
+    visible_B1SK = visibility_mask(
+        shared, info, key_positions, spec.local_window_size, spec.causal
+    )
+
+    # 4. Attention in fp32.
+    bias_BNSK = None
+    bias = _input(node, gqa.ATTENTION_BIAS)
+    if bias is not None:
+        # Bias columns are absolute key positions 0..T-1; present may hold more rows.
+        extra_columns = op.op("Sub", key_length, info.total_length)
+        pads = op.op("Concat", op.ints([0] * 7), op.to_vector(extra_columns), axis=0)
+        bias_BNSK = op.op("Pad", _to_float(op, bias, spec), pads)
+    attention = attend(
+        op,
+        query_BNSH,
+        _to_float(op, keys, spec),
+        _to_float(op, values, spec),
+        visible_B1SK,
+        num_heads=spec.num_heads,
+        kv_num_heads=spec.kv_num_heads,
+        head_size=spec.head_size,
+        scale=spec.scale,
+        softcap=spec.softcap,
+        bias_BNSK=bias_BNSK,
+        smooth_softmax=spec.smooth_softmax,
+        head_sink_N=_input(node, gqa.HEAD_SINK),
+        may_mask_whole_rows=bias is not None or spec.local_window_size == 0,
+        want_scores=spec.qk_output == 1,
+    )
+    output = _from_float(op, attention.output_BSD, spec)
+
+    output_qk = None
+    if spec.output_qk_used:
+        chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
+        # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
+        output_qk = _from_float(op, op.slice(chosen, 0, op.to_vector(info.total_length), 3), spec)
+
+    return ExpandedNode((output, present_key, present_value, output_qk))

@@ -1,0 +1,88 @@
+"""The KV cache update: where each row's new keys and values go (semantics doc §3-4).
+
+Dimension legend: B batch, Nkv KV heads, S new rows, P past rows, H head size,
+Lp = max(P, T) present rows, c_b the first new row of batch row b
+(0 in a first prompt, t_b - S otherwise).
+
+::
+
+    base    = Pad(past, rows up to Lp)               [B, Nkv, Lp, H]
+    present = ScatterND(base, (b, n, c_b + s), new)  new: [B, Nkv, S, H]
+
+A plain Concat(past, new) is wrong for ragged batches and static buffers: the
+new rows of row b go at c_b, never at P. Rows >= t_b keep whatever the base
+held; no later step reads them (ONNX Runtime zeroes them, or keeps them when
+present and past share one buffer).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
+
+__all__ = ["present_length", "scatter_indices", "write_new_rows"]
+
+
+def present_length(
+    shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value
+) -> ir.Value:
+    """Lp = max(P, T) as a 0-D int64: P for a static buffer, T = P + S for a growing one."""
+    key = ("present_length", info, dim_key(past, 2))
+
+    def build(op: OpBuilder) -> ir.Value:
+        return op.op("Max", op.dim(past, 2), info.total_length)
+
+    return shared.get(key, build)
+
+
+def scatter_indices(
+    shared: SharedSubgraphs, info: SequenceInfo, kv_num_heads: int
+) -> ir.Value:
+    """ScatterND indices (b, n, c_b + s), int64 [B, Nkv, S, 3]."""
+    key = ("scatter_indices", info, kv_num_heads)
+
+    def build(op: OpBuilder) -> ir.Value:
+        index_shape = op.op(
+            "Concat",
+            info.batch_size_1,
+            op.ints([kv_num_heads]),
+            op.to_vector(info.query_length),
+            op.ints([1]),
+            axis=0,
+        )
+        batch_B111 = op.unsqueeze(
+            op.op("Range", op.int_scalar(0), op.op("Squeeze", info.batch_size_1), op.int_scalar(1)),
+            [1, 2, 3],
+        )
+        heads_1N11 = op.ints(list(range(kv_num_heads)))
+        heads_1N11 = op.unsqueeze(heads_1N11, [0, 2, 3])
+        rows_B1S1 = op.op(
+            "Add",
+            op.unsqueeze(info.offsets_B, [1, 2, 3]),
+            op.unsqueeze(info.query_rows_S, [0, 1, 3]),
+        )
+        parts = [op.op("Expand", part, index_shape) for part in (batch_B111, heads_1N11, rows_B1S1)]
+        return op.op("Concat", *parts, axis=3)
+
+    return shared.get(key, build)
+
+
+def write_new_rows(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info: SequenceInfo,
+    past_BNPH: ir.Value,
+    new_BNSH: ir.Value,
+    kv_num_heads: int,
+) -> ir.Value:
+    """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b."""
+    rows_to_add = op.op(
+        "Max",
+        op.op("Sub", present_length(shared, info, past_BNPH), op.dim(past_BNPH, 2)),
+        op.int_scalar(0),
+    )
+    pads = op.op("Concat", op.ints([0] * 6), op.to_vector(rows_to_add), op.ints([0]), axis=0)
+    base_BNLH = op.op("Pad", past_BNPH, pads)
+    return op.op("ScatterND", base_BNLH, scatter_indices(shared, info, kv_num_heads), new_BNSH)

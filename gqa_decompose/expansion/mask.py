@@ -1,0 +1,103 @@
+"""Which keys each query sees (semantics doc §5), built once per model.
+
+Dimension legend: B batch, S query length, K key columns of the score matrix.
+Each key column has an absolute position kpos; query s of row b sees it when::
+
+    causal=1:  L = min(c_b + s + 1, t_b)
+               kpos < L  and  (W < 0  or  kpos >= L - W)     exactly W keys, the current one included
+    causal=0:  kpos < t_b
+
+The result is a bool ``visible_B1SK`` shared by every layer with the same
+inputs, window and key layout. Key columns are either the present rows
+(kpos = column index) or, for a layer whose present nobody reads, the columns
+of Concat(past, new), whose positions are computed by
+:func:`concat_key_positions`.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
+
+__all__ = ["concat_key_positions", "dense_key_positions", "visibility_mask"]
+
+# Larger than any real position, so an unused past row is never visible.
+_NEVER_VISIBLE = 2**62
+
+
+def dense_key_positions(
+    shared: SharedSubgraphs, key_length: ir.Value, length_key: tuple
+) -> ir.Value:
+    """kpos = 0..K-1, int64 [1, 1, 1, K]."""
+
+    def build(op: OpBuilder) -> ir.Value:
+        columns_K = op.op("Range", op.int_scalar(0), key_length, op.int_scalar(1))
+        return op.unsqueeze(columns_K, [0, 1, 2])
+
+    return shared.get(("dense_key_positions", length_key), build)
+
+
+def concat_key_positions(
+    shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value
+) -> ir.Value:
+    """Positions of the columns of Concat(past, new), int64 [B, 1, 1, P + S].
+
+    Past column j holds position j when j < c_b (and is never visible
+    otherwise); new column P + i holds position c_b + i.
+    """
+
+    def build(op: OpBuilder) -> ir.Value:
+        past_length = op.dim(past, 2)
+        columns_K = op.op(
+            "Range",
+            op.int_scalar(0),
+            op.op("Add", past_length, info.query_length),
+            op.int_scalar(1),
+        )
+        columns_11K = op.unsqueeze(columns_K, [0, 1])
+        offsets_B11 = op.unsqueeze(info.offsets_B, [1, 2])
+        past_positions = op.op(
+            "Where",
+            op.op("Less", columns_11K, offsets_B11),
+            columns_11K,
+            op.int_scalar(_NEVER_VISIBLE),
+        )
+        new_positions = op.op("Add", offsets_B11, op.op("Sub", columns_11K, past_length))
+        positions_B1K = op.op(
+            "Where", op.op("Less", columns_11K, past_length), past_positions, new_positions
+        )
+        return op.unsqueeze(positions_B1K, [1])
+
+    return shared.get(("concat_key_positions", info, dim_key(past, 2)), build)
+
+
+def visibility_mask(
+    shared: SharedSubgraphs,
+    info: SequenceInfo,
+    key_positions: ir.Value,
+    window: int,
+    causal: bool,
+) -> ir.Value:
+    """bool [B, 1, S, K]: True where query s of row b attends to key column k."""
+
+    def build(op: OpBuilder) -> ir.Value:
+        if causal:
+            causal_ends_BS = op.op(
+                "Add",
+                op.unsqueeze(info.offsets_B, [1]),
+                op.op("Add", op.unsqueeze(info.query_rows_S, [0]), op.int_scalar(1)),
+            )
+            limits_BS = op.op("Min", causal_ends_BS, op.unsqueeze(info.total_lengths_B, [1]))
+            limits_B1S1 = op.unsqueeze(limits_BS, [1, 3])
+        else:
+            limits_B1S1 = op.unsqueeze(info.total_lengths_B, [1, 2, 3])
+        visible = op.op("Less", key_positions, limits_B1S1)
+        if window >= 0:
+            window_starts = op.op("Sub", limits_B1S1, op.int_scalar(window))
+            in_window = op.op("GreaterOrEqual", key_positions, window_starts)
+            visible = op.op("And", visible, in_window)
+        return visible
+
+    return shared.get(("visibility", info, key_positions, window, causal), build)

@@ -1,0 +1,127 @@
+"""Rotary embedding of Q and the new K (semantics doc §9).
+
+Dimension legend: B batch, S query length, n heads (N or Nkv), H head size,
+R rotary dims (2 * cos_cache.shape[1]; R < H is partial rotary, dims >= R are
+copied).
+
+Positions, shared by every layer::
+
+    first prompt (S == T):  pos[b, s] = base + s        base = position_ids[0, 0] or 0
+    otherwise:              pos[b, s] = position_ids[b, s]  or  t_b - S + s
+
+ONNX Runtime reads position_ids flat as ``data[b*S + s]`` (bug 2 of §19), which
+equals position_ids[b, s] when its second dimension is S; we read it the same way.
+
+Rotation, in fp32::
+
+    half layout:        x1 = x[i],  x2 = x[i + R/2]
+    interleaved layout: x1 = x[2i], x2 = x[2i + 1]
+    x1' = x1*cos - x2*sin ;  x2' = x1*sin + x2*cos
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs
+
+__all__ = ["RotaryTables", "apply_rotary", "build_rotary_tables"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryTables:
+    """cos/sin gathered at each token's position, fp32, shape [B or 1, S, 1, R/2]."""
+
+    cos_BS1R: ir.Value
+    sin_BS1R: ir.Value
+    half_1: ir.Value  # R/2 as a 1-element int64 vector
+    half: int | None  # R/2 when static
+
+
+def _positions_BS(
+    op: OpBuilder, info: SequenceInfo, position_ids: ir.Value | None
+) -> ir.Value:
+    rows_1S = op.unsqueeze(info.query_rows_S, [0])
+    if position_ids is not None:
+        flat_positions = op.op("Reshape", position_ids, op.ints([-1]))
+        base = op.op("Gather", flat_positions, op.int_scalar(0), axis=0)
+        first_prompt_1S = op.op("Add", rows_1S, base)
+        row_count = op.op("Mul", info.batch_size_1, op.to_vector(info.query_length))
+        continuation_BS = op.op(
+            "Reshape",
+            op.slice(flat_positions, 0, row_count, axis=0),
+            op.op("Concat", op.ints([-1]), op.to_vector(info.query_length), axis=0),
+        )
+    else:
+        first_prompt_1S = rows_1S
+        starts_B1 = op.unsqueeze(
+            op.op("Sub", info.total_lengths_B, info.query_length), [1]
+        )
+        continuation_BS = op.op("Add", starts_B1, rows_1S)
+    if info.is_first_prompt is None:
+        return first_prompt_1S
+    return op.op("Where", info.is_first_prompt, first_prompt_1S, continuation_BS)
+
+
+def build_rotary_tables(
+    shared: SharedSubgraphs,
+    info: SequenceInfo,
+    cos_cache: ir.Value,
+    sin_cache: ir.Value,
+    position_ids: ir.Value | None,
+    half: int | None,
+) -> RotaryTables:
+    key = ("rotary", info, cos_cache, sin_cache, position_ids)
+
+    def build(op: OpBuilder) -> RotaryTables:
+        positions_BS = _positions_BS(op, info, position_ids)
+
+        def table(cache: ir.Value) -> ir.Value:
+            gathered_BSR = op.op("Gather", cache, positions_BS, axis=0)
+            if cache.dtype != ir.DataType.FLOAT:
+                gathered_BSR = op.cast(gathered_BSR, ir.DataType.FLOAT)
+            return op.unsqueeze(gathered_BSR, [2])
+
+        if half is not None:
+            half_1 = op.ints([half])
+        else:
+            half_1 = op.slice(op.op("Shape", cos_cache), 1, 2, axis=0)
+        return RotaryTables(table(cos_cache), table(sin_cache), half_1, half)
+
+    return shared.get(key, build)
+
+
+def apply_rotary(
+    op: OpBuilder,
+    x_BSnH: ir.Value,
+    tables: RotaryTables,
+    head_size: int,
+    interleaved: bool,
+) -> ir.Value:
+    """Rotate the first R dims of every head of an fp32 [B, S, n, H] tensor."""
+    partial = tables.half is None or 2 * tables.half != head_size
+    rotary_dims_1 = op.op("Mul", tables.half_1, op.ints([2]))
+    rotated_part = op.slice(x_BSnH, 0, rotary_dims_1, axis=3) if partial else x_BSnH
+    cos, sin = tables.cos_BS1R, tables.sin_BS1R
+    if interleaved:
+        pairs_BSnR2 = op.op("Reshape", rotated_part, op.ints([0, 0, 0, -1, 2]))
+        x1 = op.slice(pairs_BSnR2, 0, 1, axis=4)
+        x2 = op.slice(pairs_BSnR2, 1, 2, axis=4)
+        cos, sin = op.unsqueeze(cos, [4]), op.unsqueeze(sin, [4])
+        concat_axis = 4
+    else:
+        x1 = op.slice(rotated_part, 0, tables.half_1, axis=3)
+        x2 = op.slice(rotated_part, tables.half_1, rotary_dims_1, axis=3)
+        concat_axis = 3
+    x1_rotated = op.op("Sub", op.op("Mul", x1, cos), op.op("Mul", x2, sin))
+    x2_rotated = op.op("Add", op.op("Mul", x1, sin), op.op("Mul", x2, cos))
+    rotated = op.op("Concat", x1_rotated, x2_rotated, axis=concat_axis)
+    if interleaved:
+        rotated = op.op("Reshape", rotated, op.ints([0, 0, 0, -1]))
+    if not partial:
+        return rotated
+    untouched = op.slice(x_BSnH, rotary_dims_1, head_size, axis=3)
+    return op.op("Concat", rotated, untouched, axis=3)

@@ -1,0 +1,109 @@
+"""Loading and saving models: weights stay on disk, outputs appear atomically.
+
+``load`` keeps external weights as lazy ``ExternalTensor`` handles (no weight
+is read) after checking that every external-data path stays inside the
+model's folder. ``save`` writes into a temporary folder beside the target and
+renames the data file, then the model, into place, so a reader never sees a
+half-written model and the input's own files are never opened for writing.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from gqa_decompose.errors import GqaDecomposeError
+
+__all__ = ["default_output_path", "external_tensors", "load_model", "save_model"]
+
+
+def default_output_path(model_path: str | os.PathLike) -> pathlib.Path:
+    """``<stem>.decomposed.onnx`` beside the model."""
+    path = pathlib.Path(model_path)
+    return path.with_name(f"{path.stem}.decomposed.onnx")
+
+
+def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    tensors = []
+    graphs = [model.graph, *(sub for sub in model.graph.subgraphs())]
+    for graph in graphs:
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                tensors.append(value.const_value)
+    return tensors
+
+
+def _check_external_paths(model: ir.Model, folder: pathlib.Path) -> None:
+    root = folder.resolve()
+    for tensor in external_tensors(model):
+        location = pathlib.Path(os.fspath(tensor.location))
+        resolved = (root / location).resolve()
+        if location.is_absolute() or not resolved.is_relative_to(root):
+            raise GqaDecomposeError(
+                f"initializer '{tensor.name}' points at external data '{location}', "
+                f"outside the model's folder {root}; refusing to follow it"
+            )
+        if not resolved.is_file():
+            raise GqaDecomposeError(
+                f"initializer '{tensor.name}' points at external data '{location}', which does not exist"
+            )
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load a model without reading its external weights.
+
+    Raises:
+        GqaDecomposeError: the file is missing, is not an ONNX model, or refers
+            to external data outside its folder.
+    """
+    model_path = pathlib.Path(path).absolute()
+    if not model_path.is_file():
+        raise GqaDecomposeError(f"no such model file: {model_path}")
+    try:
+        model = ir.load(model_path)
+    except Exception as error:  # protobuf raises several unrelated types
+        raise GqaDecomposeError(
+            f"cannot read {model_path} as an ONNX model: {type(error).__name__}: {error}".splitlines()[0]
+        ) from error
+    _check_external_paths(model, model_path.parent)
+    return model
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[pathlib.Path]:
+    """Write ``model`` to ``path`` atomically; returns the files written.
+
+    With ``external_data``, weights go to ``<name>.data`` beside the model,
+    streamed tensor by tensor from the input's data file.
+    """
+    target = pathlib.Path(path).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data_name = f"{target.name}.data" if external_data else None
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        callback = None
+        if progress is not None:
+
+            def callback(tensor, info) -> None:  # noqa: ARG001 - onnx-ir's signature
+                progress(info.index + 1, info.total)
+
+        ir.save(model, staging / target.name, external_data=data_name, callback=callback)
+        written = []
+        if data_name is not None and (staging / data_name).exists():
+            os.replace(staging / data_name, target.parent / data_name)
+            written.append(target.parent / data_name)
+        os.replace(staging / target.name, target)
+        written.insert(0, target)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

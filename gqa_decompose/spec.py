@@ -1,0 +1,411 @@
+"""The contract of com.microsoft.GroupQueryAttention: parse and validate one node into a frozen spec.
+
+Every refusal happens here, before any graph is touched: a feature the
+expansion cannot reproduce exactly raises :class:`GqaDecomposeError` naming the
+node and the feature. The meaning of each field follows
+``shared/docs/gqa-semantics.md`` (ONNX Runtime 1.31 CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import onnx_ir as ir
+
+from gqa_decompose.errors import GqaDecomposeError
+
+__all__ = [
+    "GQA_DOMAIN",
+    "GQA_OP_TYPE",
+    "DecomposeOptions",
+    "GqaSpec",
+    "is_gqa_node",
+    "parse_gqa_node",
+]
+
+GQA_DOMAIN = "com.microsoft"
+GQA_OP_TYPE = "GroupQueryAttention"
+
+# Input positions (semantics doc §1).
+QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE = 0, 1, 2, 3, 4
+SEQLENS_K, TOTAL_SEQUENCE_LENGTH, COS_CACHE, SIN_CACHE = 5, 6, 7, 8
+POSITION_IDS, ATTENTION_BIAS, HEAD_SINK, K_SCALE, V_SCALE = 9, 10, 11, 12, 13
+Q_NORM_WEIGHT, K_NORM_WEIGHT = 14, 15
+# Output positions.
+OUTPUT, PRESENT_KEY, PRESENT_VALUE, OUTPUT_QK = 0, 1, 2, 3
+
+_KNOWN_ATTRIBUTES = frozenset(
+    {
+        "num_heads",
+        "kv_num_heads",
+        "scale",
+        "do_rotary",
+        "rotary_interleaved",
+        "local_window_size",
+        "smooth_softmax",
+        "softcap",
+        "qk_output",
+        "k_quant_type",
+        "v_quant_type",
+        "kv_cache_bit_width",
+        "qk_norm_epsilon",
+        "sliding_window_cache",
+        "causal",
+    }
+)
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecomposeOptions:
+    """User choices that change what a GQA node is taken to mean.
+
+    Attributes:
+        legacy_window: read ``local_window_size`` W as ONNX Runtime <= 1.23 did
+            (W + 1 visible keys) instead of the current meaning (W keys).
+            For models exported for an old ONNX Runtime.
+    """
+
+    legacy_window: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GqaSpec:
+    """Everything the expansion needs to know about one GQA node, validated.
+
+    Dimension names: B batch, S query length, N query heads, Nkv KV heads,
+    G = N / Nkv, H head size, P past length, T total sequence length.
+    """
+
+    node_name: str
+    dtype: ir.DataType
+    num_heads: int
+    kv_num_heads: int
+    head_size: int
+    scale: float
+    packed_qkv: bool
+    has_past: bool
+    kv_empty: bool  # key/value given with sequence length 0 (KV-shared layer, §11)
+    do_rotary: bool
+    rotary_interleaved: bool
+    rotary_half: int | None  # cos_cache.shape[1] when known statically
+    local_window_size: int  # effective number of visible keys; < 0 means no window
+    softcap: float  # <= 0 means off
+    smooth_softmax: bool  # also true when head_sink is given
+    has_head_sink: bool
+    has_attention_bias: bool
+    has_position_ids: bool
+    qk_output: int
+    causal: bool
+    present_used: bool  # present_key/present_value exist and someone reads them
+    output_qk_used: bool
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.kv_num_heads
+
+    def features(self) -> list[str]:
+        """Short names of what this node does, for reports."""
+        names = ["packed QKV" if self.packed_qkv else "separate QKV"]
+        if self.kv_empty:
+            names.append("shared KV (empty key/value)")
+        elif self.has_past:
+            names.append("past KV")
+        if self.do_rotary:
+            layout = "interleaved" if self.rotary_interleaved else "half"
+            names.append(f"rotary ({layout})")
+        if self.has_position_ids:
+            names.append("position_ids")
+        if self.local_window_size >= 0:
+            names.append(f"window {self.local_window_size}")
+        if self.softcap > 0:
+            names.append(f"softcap {self.softcap:g}")
+        if self.has_head_sink:
+            names.append("head sink")
+        elif self.smooth_softmax:
+            names.append("smooth softmax")
+        if self.has_attention_bias:
+            names.append("attention bias")
+        if not self.causal:
+            names.append("causal=0")
+        if self.qk_output:
+            names.append(f"qk_output={self.qk_output}")
+        names.append(self.dtype.name.lower())
+        return names
+
+
+def is_gqa_node(node: ir.Node) -> bool:
+    return node.op_type == GQA_OP_TYPE and node.domain == GQA_DOMAIN
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if index < len(node.inputs) else None
+
+
+def _output_used(node: ir.Node, index: int, graph_outputs: frozenset[ir.Value]) -> bool:
+    if index >= len(node.outputs):
+        return False
+    value = node.outputs[index]
+    if value is None or value.name == "":
+        return False
+    return bool(value.uses()) or value in graph_outputs or value.is_graph_output()
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    if attr.is_ref():
+        raise GqaDecomposeError(
+            f"attribute '{name}' refers to a function attribute; inline the function first",
+            node.name,
+        )
+    return attr.value
+
+
+def _dims(value: ir.Value | None) -> tuple[int | str | None, ...] | None:
+    if value is None or value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else d.value for d in value.shape)
+
+
+def parse_gqa_node(
+    node: ir.Node,
+    options: DecomposeOptions | None = None,
+    graph_outputs: frozenset[ir.Value] = frozenset(),
+) -> GqaSpec:
+    """Validate a GroupQueryAttention node and describe it as a :class:`GqaSpec`.
+
+    Raises:
+        GqaDecomposeError: the node is malformed, or uses a feature that cannot
+            be expressed exactly in standard ONNX (the message names it).
+    """
+    options = options or DecomposeOptions()
+    name = node.name or "<unnamed GroupQueryAttention>"
+
+    def refuse(reason: str) -> GqaDecomposeError:
+        return GqaDecomposeError(reason, name)
+
+    unknown = sorted(set(node.attributes) - _KNOWN_ATTRIBUTES)
+    if unknown:
+        raise refuse(f"unknown attribute(s) {unknown}; ONNX Runtime 1.31 rejects them too")
+
+    num_heads = int(_attr(node, "num_heads", 0))
+    kv_num_heads = int(_attr(node, "kv_num_heads", 0))
+    if num_heads <= 0 or kv_num_heads <= 0:
+        raise refuse(f"num_heads ({num_heads}) and kv_num_heads ({kv_num_heads}) must be > 0")
+    if num_heads % kv_num_heads:
+        raise refuse(f"num_heads ({num_heads}) is not a multiple of kv_num_heads ({kv_num_heads})")
+
+    k_quant = _attr(node, "k_quant_type", "NONE")
+    v_quant = _attr(node, "v_quant_type", "NONE")
+    if k_quant != "NONE" or v_quant != "NONE" or int(_attr(node, "kv_cache_bit_width", 0)):
+        raise refuse("quantized KV cache (k_quant_type/v_quant_type/kv_cache_bit_width) is not supported")
+    if int(_attr(node, "sliding_window_cache", 0)):
+        raise refuse("sliding_window_cache=1 (windowed ring-buffer KV cache) is not supported")
+    for index, label in ((K_SCALE, "k_scale"), (V_SCALE, "v_scale")):
+        if _input(node, index) is not None:
+            raise refuse(f"input '{label}' (quantized KV cache) is not supported")
+    for index, label in ((Q_NORM_WEIGHT, "q_norm_weight"), (K_NORM_WEIGHT, "k_norm_weight")):
+        if _input(node, index) is not None:
+            raise refuse(
+                f"input '{label}' (fused q/k norm) is not supported; ONNX Runtime CPU rejects it too"
+            )
+    if len(node.inputs) > 16:
+        raise refuse(f"has {len(node.inputs)} inputs; the op defines 16")
+    if len(node.outputs) > 4:
+        raise refuse(f"has {len(node.outputs)} outputs; the op defines 4")
+
+    query = _input(node, QUERY)
+    if query is None:
+        raise refuse("input 'query' is missing")
+    if query.dtype not in _FLOAT_TYPES:
+        raise refuse(f"query type {query.dtype} is not float, float16 or bfloat16 (or is unknown)")
+    dtype = query.dtype
+    query_dims = _dims(query)
+    if query_dims is None or len(query_dims) != 3:
+        raise refuse(f"query must have a known rank-3 shape (B, S, hidden), got {query_dims}")
+    query_hidden = query_dims[2]
+    if not isinstance(query_hidden, int):
+        raise refuse("query's last dimension (hidden size) must be static")
+
+    key, value = _input(node, KEY), _input(node, VALUE)
+    if (key is None) != (value is None):
+        raise refuse("key and value must be both present or both absent (packed QKV)")
+    packed_qkv = key is None
+    if packed_qkv:
+        if query_hidden % (num_heads + 2 * kv_num_heads):
+            raise refuse(
+                f"packed query hidden size {query_hidden} is not a multiple of "
+                f"num_heads + 2*kv_num_heads = {num_heads + 2 * kv_num_heads}"
+            )
+        head_size = query_hidden // (num_heads + 2 * kv_num_heads)
+    else:
+        if query_hidden % num_heads:
+            raise refuse(f"query hidden size {query_hidden} is not a multiple of num_heads {num_heads}")
+        head_size = query_hidden // num_heads
+    if head_size % 8:
+        raise refuse(f"head size {head_size} is not a multiple of 8")
+
+    kv_empty = False
+    if not packed_qkv:
+        for label, kv in (("key", key), ("value", value)):
+            kv_dims = _dims(kv)
+            if kv_dims is None or len(kv_dims) != 3:
+                raise refuse(f"{label} must have a known rank-3 shape, got {kv_dims}")
+            if kv.dtype != dtype:
+                raise refuse(f"{label} type {kv.dtype} differs from query type {dtype}")
+            if kv_dims[2] != kv_num_heads * head_size:
+                raise refuse(
+                    f"{label} hidden size {kv_dims[2]} != kv_num_heads*head_size "
+                    f"= {kv_num_heads * head_size} (contradictory head counts?)"
+                )
+        key_length = _dims(key)[1]
+        if key_length == 0:
+            kv_empty = True
+        elif not (isinstance(key_length, int) or key_length == query_dims[1]):
+            raise refuse(
+                f"key sequence length '{key_length}' is neither static nor the query's "
+                f"'{query_dims[1]}': cannot tell a shared-KV layer (length 0) from a normal one"
+            )
+        elif isinstance(key_length, int) and isinstance(query_dims[1], int) and key_length != query_dims[1]:
+            raise refuse(f"key sequence length {key_length} != query sequence length {query_dims[1]}")
+
+    past_key, past_value = _input(node, PAST_KEY), _input(node, PAST_VALUE)
+    if (past_key is None) != (past_value is None):
+        raise refuse("past_key and past_value must be both present or both absent")
+    has_past = past_key is not None
+    if has_past:
+        for label, past in (("past_key", past_key), ("past_value", past_value)):
+            past_dims = _dims(past)
+            if past_dims is None or len(past_dims) != 4:
+                raise refuse(f"{label} must have a known rank-4 shape (B, Nkv, P, H), got {past_dims}")
+            if past.dtype != dtype:
+                raise refuse(f"{label} type {past.dtype} differs from query type {dtype} (quantized cache?)")
+            if any(
+                isinstance(got, int) and got != expected
+                for got, expected in ((past_dims[1], kv_num_heads), (past_dims[3], head_size))
+            ):
+                raise refuse(
+                    f"{label} shape {past_dims} does not match kv_num_heads={kv_num_heads}, "
+                    f"head_size={head_size}"
+                )
+    if kv_empty and not has_past:
+        raise refuse("empty key/value (shared KV) requires a past")
+
+    for index, label in ((SEQLENS_K, "seqlens_k"), (TOTAL_SEQUENCE_LENGTH, "total_sequence_length")):
+        given = _input(node, index)
+        if given is None:
+            raise refuse(f"required input '{label}' is missing")
+        if given.dtype not in (ir.DataType.INT32, None):
+            raise refuse(f"input '{label}' must be int32, got {given.dtype}")
+    seqlens_dims = _dims(_input(node, SEQLENS_K))
+    if seqlens_dims is not None and len(seqlens_dims) == 0:
+        raise refuse("seqlens_k must be at least 1-D, got a scalar")
+
+    cos_cache, sin_cache = _input(node, COS_CACHE), _input(node, SIN_CACHE)
+    if (cos_cache is None) != (sin_cache is None):
+        raise refuse("cos_cache and sin_cache must be both present or both absent")
+    do_rotary = int(_attr(node, "do_rotary", 0)) == 1
+    rotary_half: int | None = None
+    if cos_cache is not None:
+        if head_size % 16:
+            raise refuse(f"head size {head_size} must be a multiple of 16 when cos/sin caches are given")
+        cos_dims, sin_dims = _dims(cos_cache), _dims(sin_cache)
+        if cos_dims is not None and len(cos_dims) != 2:
+            raise refuse(f"cos_cache must be 2-D, got {cos_dims}")
+        if cos_dims is not None and sin_dims is not None and cos_dims != sin_dims:
+            raise refuse(f"cos_cache {cos_dims} and sin_cache {sin_dims} shapes differ")
+        if cos_dims is not None and isinstance(cos_dims[1], int):
+            rotary_half = cos_dims[1]
+            if rotary_half > head_size // 2 or rotary_half % 8:
+                raise refuse(
+                    f"cos_cache dimension 1 ({rotary_half}) must be <= head_size/2 and a multiple of 8"
+                )
+        for label, cache in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
+            if cache.dtype not in (dtype, None):
+                raise refuse(f"{label} type {cache.dtype} differs from query type {dtype}")
+    if do_rotary and cos_cache is None:
+        raise refuse("do_rotary=1 requires cos_cache and sin_cache")
+
+    position_ids = _input(node, POSITION_IDS)
+    if position_ids is not None:
+        position_dims = _dims(position_ids)
+        if position_dims is not None and len(position_dims) != 2:
+            # A 0-D position_ids aborts ONNX Runtime; anything but (B, >=S) is rejected.
+            raise refuse(f"position_ids must be 2-D (B, >=S), got {position_dims}")
+
+    attention_bias = _input(node, ATTENTION_BIAS)
+    if attention_bias is not None:
+        bias_dims = _dims(attention_bias)
+        if bias_dims is not None and len(bias_dims) != 4:
+            raise refuse(f"attention_bias must be 4-D (B or 1, N or 1, S, T), got {bias_dims}")
+        if bias_dims is not None and isinstance(bias_dims[1], int) and bias_dims[1] not in (1, num_heads):
+            raise refuse(f"attention_bias dimension 1 ({bias_dims[1]}) must be 1 or num_heads={num_heads}")
+        if attention_bias.dtype not in (dtype, None):
+            raise refuse(f"attention_bias type {attention_bias.dtype} differs from query type {dtype}")
+
+    head_sink = _input(node, HEAD_SINK)
+    if head_sink is not None:
+        sink_dims = _dims(head_sink)
+        if sink_dims is not None and sink_dims != (num_heads,) and not (
+            len(sink_dims) == 1 and not isinstance(sink_dims[0], int)
+        ):
+            raise refuse(f"head_sink must have shape ({num_heads},), got {sink_dims}")
+
+    scale = float(_attr(node, "scale", 0.0))
+    if scale == 0.0:
+        scale = 1.0 / math.sqrt(head_size)
+
+    causal_attr = int(_attr(node, "causal", 1))
+    if causal_attr not in (0, 1):
+        raise refuse(f"causal must be 0 or 1, got {causal_attr}")
+    local_window_size = int(_attr(node, "local_window_size", -1))
+    if causal_attr == 0 and local_window_size >= 0:
+        raise refuse("local_window_size must be -1 when causal is 0")
+    if local_window_size >= 0 and options.legacy_window:
+        local_window_size += 1
+
+    qk_output = int(_attr(node, "qk_output", 0))
+    if qk_output not in (0, 1, 2):
+        raise refuse(f"qk_output must be 0, 1 or 2, got {qk_output}")
+    output_qk_given = len(node.outputs) > OUTPUT_QK and node.outputs[OUTPUT_QK].name != ""
+    if qk_output and not output_qk_given:
+        raise refuse("qk_output is set but the output_qk output is not provided")
+    if output_qk_given and not qk_output and _output_used(node, OUTPUT_QK, graph_outputs):
+        raise refuse("output_qk is read but qk_output=0: ONNX Runtime fills it with garbage")
+
+    present_key_given = len(node.outputs) > PRESENT_KEY and node.outputs[PRESENT_KEY].name != ""
+    present_value_given = len(node.outputs) > PRESENT_VALUE and node.outputs[PRESENT_VALUE].name != ""
+    if present_key_given != present_value_given:
+        raise refuse("present_key and present_value must be both provided or both omitted")
+    present_used = _output_used(node, PRESENT_KEY, graph_outputs) or _output_used(
+        node, PRESENT_VALUE, graph_outputs
+    )
+
+    return GqaSpec(
+        node_name=name,
+        dtype=dtype,
+        num_heads=num_heads,
+        kv_num_heads=kv_num_heads,
+        head_size=head_size,
+        scale=scale,
+        packed_qkv=packed_qkv,
+        has_past=has_past,
+        kv_empty=kv_empty,
+        do_rotary=do_rotary,
+        rotary_interleaved=int(_attr(node, "rotary_interleaved", 0)) == 1,
+        rotary_half=rotary_half,
+        local_window_size=local_window_size,
+        softcap=max(float(_attr(node, "softcap", 0.0)), 0.0),
+        smooth_softmax=int(_attr(node, "smooth_softmax", 0)) == 1 or head_sink is not None,
+        has_head_sink=head_sink is not None,
+        has_attention_bias=attention_bias is not None,
+        has_position_ids=position_ids is not None,
+        qk_output=qk_output,
+        causal=causal_attr == 1,
+        present_used=present_used,
+        output_qk_used=bool(qk_output) and _output_used(node, OUTPUT_QK, graph_outputs),
+    )
