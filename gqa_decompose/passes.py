@@ -144,12 +144,14 @@ def _type_gqa_outputs(node: ir.Node) -> bool:
     ]
     changed = False
     for output, shape in zip(node.outputs, shapes):
-        if output is None or output.type is not None:
+        if output is None or not output.name:
             continue
-        output.type = ir.TensorType(query.dtype)
+        if output.type is None:
+            output.type = ir.TensorType(query.dtype)
+            changed = True
         if output.shape is None:
             output.shape = shape
-        changed = True
+            changed = True
     return changed
 
 
@@ -214,7 +216,8 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             new = expanded.outputs[position] if position < len(expanded.outputs) else None
             if new is None:
                 raise GqaDecomposeError(f"output {position} ('{old.name}') is read but not produced", spec.node_name)
-            new.type, new.shape = old.type, old.shape
+            new.type = old.type if old.type is not None else new.type
+            new.shape = old.shape if old.shape is not None else new.shape
             ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
             old_name, old.name = old.name, None
             new.name = old_name

@@ -1,0 +1,482 @@
+"""Node-level parity with ONNX Runtime CPU: the original GQA node against its expansion.
+
+For each GQA node of the original model: extract it into a one-node model
+(its input types and shapes, constant inputs kept), synthesize valid inputs for
+every phase its shapes allow (first prompt with a ragged batch, ragged decode,
+chunked prefill with batch 1; growing cache and static buffer), run the node
+and its expansion on ONNX Runtime CPU, and compare on the elements ORT defines:
+
+* output rows of padded queries in a first prompt (s >= t_b) are excluded;
+* present rows >= t_b are excluded (ORT zeroes them, or keeps them in a shared buffer);
+* output_qk columns >= t_b are excluded (ORT leaves them uninitialised).
+
+Tolerances are absolute plus relative: fp32 1e-5 + 1e-5*|x|, fp16 2e-3 + 1e-3*|x|.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper
+
+from gqa_decompose import spec as gqa
+from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
+
+__all__ = [
+    "NodeVerification",
+    "Phase",
+    "PhaseResult",
+    "VerificationReport",
+    "extract_node_model",
+    "phases_for",
+    "synthesize_inputs",
+    "verify",
+    "verify_node_model",
+]
+
+TOLERANCES = {
+    ir.DataType.FLOAT: (1e-5, 1e-5),
+    ir.DataType.FLOAT16: (2e-3, 1e-3),
+}
+_NUMPY_TYPES = {
+    ir.DataType.FLOAT: np.float32,
+    ir.DataType.FLOAT16: np.float16,
+    ir.DataType.BFLOAT16: ml_dtypes.bfloat16,
+}
+# What ORT's CPU kernel cannot run; nothing to compare against.
+_NO_ORACLE = {ir.DataType.BFLOAT16: "ONNX Runtime has no CPU kernel for bfloat16 GroupQueryAttention"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One concrete run of a node: sizes and each row's valid length t_b."""
+
+    name: str
+    batch: int
+    query_length: int
+    past_length: int | None  # None: the node has no past
+    total_length: int
+    total_lengths: tuple[int, ...]  # t_b per batch row
+
+    @property
+    def first_prompt(self) -> bool:
+        return self.query_length == self.total_length
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseResult:
+    phase: Phase
+    max_errors: dict[str, float]  # output name -> max abs error on defined elements
+    passed: bool
+    failure: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeVerification:
+    name: str
+    results: tuple[PhaseResult, ...]
+    skipped: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.skipped is None and bool(self.results) and all(r.passed for r in self.results)
+
+    @property
+    def max_error(self) -> float | None:
+        errors = [e for r in self.results for e in r.max_errors.values()]
+        return max(errors) if errors else None
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationReport:
+    nodes: tuple[NodeVerification, ...]
+    leftover_gqa_nodes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.leftover_gqa_nodes and all(n.passed or n.skipped for n in self.nodes)
+
+    @property
+    def max_error(self) -> float | None:
+        errors = [n.max_error for n in self.nodes if n.max_error is not None]
+        return max(errors) if errors else None
+
+
+# Extraction --------------------------------------------------------------------------------
+
+
+def _dims(value: ir.Value) -> list[int | str | None] | None:
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else d.value for d in value.shape]
+
+
+def _constant_tensor(value: ir.Value) -> onnx.TensorProto | None:
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    return onnx.numpy_helper.from_array(tensor.numpy(), name=value.name)
+
+
+def extract_node_model(
+    node: ir.Node,
+    opset: int,
+    ir_version: int,
+    *,
+    outputs: Sequence[int] | None = None,
+    as_dtype: ir.DataType | None = None,
+) -> onnx.ModelProto:
+    """A one-node model of ``node``: its non-constant inputs become graph inputs.
+
+    Args:
+        outputs: which output positions to expose (default: those that exist).
+        as_dtype: retype every input/output of the node's type T (for an oracle
+            in another precision).
+    """
+    node_dtype = node.inputs[gqa.QUERY].dtype
+    proto = ir.serde.serialize_node(node)
+    input_names: list[str] = []
+    graph_inputs: dict[str, onnx.ValueInfoProto] = {}
+    initializers: dict[str, onnx.TensorProto] = {}
+
+    def retype(dtype: ir.DataType) -> ir.DataType:
+        return as_dtype if as_dtype is not None and dtype == node_dtype else dtype
+
+    for index, value in enumerate(node.inputs):
+        if value is None:
+            input_names.append("")
+            continue
+        name = f"in{index}"
+        input_names.append(name)
+        constant = _constant_tensor(value)
+        if constant is not None:
+            constant.name = name
+            if as_dtype is not None and value.dtype == node_dtype:
+                array = onnx.numpy_helper.to_array(constant).astype(np.float32)
+                constant = onnx.numpy_helper.from_array(array, name=name)
+            initializers[name] = constant
+            continue
+        if value.dtype is None:
+            raise GqaDecomposeError(f"input {index} ('{value.name}') has no type", node.name)
+        graph_inputs[name] = helper.make_tensor_value_info(name, retype(value.dtype), _dims(value))
+    exposed = outputs if outputs is not None else [
+        i for i, value in enumerate(node.outputs) if value is not None and value.name
+    ]
+    output_count = max([len(node.outputs), *(i + 1 for i in exposed)])
+    output_names = [f"out{i}" if i in exposed else "" for i in range(output_count)]
+    while output_names and output_names[-1] == "":
+        output_names.pop()
+    del proto.input[:]
+    proto.input.extend(input_names)
+    del proto.output[:]
+    proto.output.extend(output_names)
+    graph_outputs = [
+        helper.make_tensor_value_info(name, retype(node_dtype), None) for name in output_names if name
+    ]
+    graph = helper.make_graph(
+        [proto], "gqa_node", list(graph_inputs.values()), graph_outputs, list(initializers.values())
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(gqa.GQA_DOMAIN, 1)],
+        ir_version=ir_version,
+    )
+    return model
+
+
+# Phases and inputs ---------------------------------------------------------------------------
+
+
+def _fixed(dim, default: int) -> int:
+    return dim if isinstance(dim, int) else default
+
+
+def _ragged(batch: int, longest: int, shortest: int) -> tuple[int, ...]:
+    """Row 0 is the longest; the others step down, never below ``shortest``."""
+    return tuple(max(shortest, longest - 2 * b) for b in range(batch))
+
+
+def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
+    """The phases a node's static shapes admit, with small sizes for symbolic dims."""
+    query_dims = _dims(node.inputs[gqa.QUERY]) or [None, None, None]
+    batch_dim, query_dim = query_dims[0], query_dims[1]
+    past_dim = None
+    if spec.has_past:
+        past_dim = (_dims(node.inputs[gqa.PAST_KEY]) or [None] * 4)[2]
+    positions_limit = None
+    cos = node.inputs[gqa.COS_CACHE] if len(node.inputs) > gqa.COS_CACHE else None
+    if cos is not None:
+        cos_dims = _dims(cos)
+        if cos_dims and isinstance(cos_dims[0], int):
+            positions_limit = cos_dims[0]
+
+    def past_options(query_length: int, total: int, growing: bool) -> list[tuple[str, int | None]]:
+        if not spec.has_past:
+            return [("", None)] if total == query_length else []
+        options: list[tuple[str, int | None]] = []
+        kv_rows = 0 if spec.kv_empty else query_length
+        growing_past = total - kv_rows
+        if growing and not spec.kv_empty and (past_dim is None or not isinstance(past_dim, int) or past_dim == growing_past):
+            options.append((", growing cache", growing_past))
+        static_past = _fixed(past_dim, total + 3)
+        if static_past >= total:
+            options.append((", static buffer", static_past))
+        return options
+
+    candidates: list[tuple[str, int, int, int, tuple[int, ...]]] = []
+    # First prompt: a right-padded ragged batch.
+    batch = _fixed(batch_dim, 2)
+    query_length = _fixed(query_dim, 5)
+    candidates.append(("first prompt", batch, query_length, query_length, _ragged(batch, query_length, 1)))
+    # Token generation with a ragged past.
+    if query_dim in (None, 1) or not isinstance(query_dim, int):
+        total = 7
+        candidates.append(("decode", batch, 1, total, _ragged(batch, total, 1)))
+    # Chunked prefill: ORT needs batch 1.
+    chunk = _fixed(query_dim, 3)
+    if chunk > 1 and (not isinstance(batch_dim, int) or batch_dim == 1):
+        total = chunk + 4
+        candidates.append(("chunked prefill", 1, chunk, total, (total,)))
+
+    phases = []
+    for name, batch, query_length, total, lengths in candidates:
+        if positions_limit is not None and total + 3 > positions_limit:
+            continue
+        for suffix, past_length in past_options(query_length, total, growing=True):
+            phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))
+    return phases
+
+
+def _shaped(dims, sizes: dict[int, int], default_rank: int) -> tuple[int, ...]:
+    """A concrete shape for ``dims``: static dims kept, symbolic ones from ``sizes`` by axis."""
+    if dims is None:
+        dims = [None] * default_rank
+    return tuple(d if isinstance(d, int) else sizes[axis] for axis, d in enumerate(dims))
+
+
+def _causal_limits(spec: GqaSpec, phase: Phase) -> np.ndarray:
+    """L[b, s]: keys [.., L) are visible to query s of row b (before any window)."""
+    lengths = np.array(phase.total_lengths)
+    rows = np.arange(phase.query_length)
+    if not spec.causal:
+        return np.repeat(lengths[:, None], phase.query_length, axis=1)
+    offsets = np.zeros_like(lengths) if phase.first_prompt else lengths - phase.query_length
+    return np.minimum(offsets[:, None] + rows[None, :] + 1, lengths[:, None])
+
+
+def synthesize_inputs(
+    node: ir.Node, spec: GqaSpec, phase: Phase, rng: np.random.Generator, feed_names: dict[int, str]
+) -> dict[str, np.ndarray]:
+    """Valid inputs for ``phase`` keyed by the one-node model's input names."""
+    dtype = _NUMPY_TYPES[spec.dtype]
+    batch, query_length, total = phase.batch, phase.query_length, phase.total_length
+    kv_hidden = spec.kv_num_heads * spec.head_size
+    heads = spec.num_heads
+    feeds: dict[str, np.ndarray] = {}
+
+    def normal(*shape) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32).astype(dtype)
+
+    def put(index: int, array: np.ndarray) -> None:
+        if index in feed_names:
+            feeds[feed_names[index]] = array
+
+    query_hidden = spec.head_size * (heads + 2 * spec.kv_num_heads if spec.packed_qkv else heads)
+    put(gqa.QUERY, normal(batch, query_length, query_hidden))
+    if not spec.packed_qkv:
+        kv_length = 0 if spec.kv_empty else query_length
+        put(gqa.KEY, normal(batch, kv_length, kv_hidden))
+        put(gqa.VALUE, normal(batch, kv_length, kv_hidden))
+    if phase.past_length is not None:
+        past_shape = (batch, spec.kv_num_heads, phase.past_length, spec.head_size)
+        put(gqa.PAST_KEY, normal(*past_shape))
+        put(gqa.PAST_VALUE, normal(*past_shape))
+    seqlens = np.array(phase.total_lengths, dtype=np.int32) - 1
+    seqlens_dims = _dims(node.inputs[gqa.SEQLENS_K])
+    if seqlens_dims is not None and len(seqlens_dims) == 2:
+        seqlens = seqlens.reshape((1, batch) if seqlens_dims[0] == 1 and seqlens_dims[1] != 1 else (batch, 1))
+    put(gqa.SEQLENS_K, seqlens)
+    total_dims = _dims(node.inputs[gqa.TOTAL_SEQUENCE_LENGTH])
+    total_shape = () if total_dims is not None and len(total_dims) == 0 else (1,)
+    put(gqa.TOTAL_SEQUENCE_LENGTH, np.full(total_shape, total, dtype=np.int32))
+
+    positions_limit = max(total + 3, 16)
+    if gqa.COS_CACHE in feed_names:
+        cos_dims = _dims(node.inputs[gqa.COS_CACHE])
+        half = spec.rotary_half or spec.head_size // 2
+        shape = _shaped(cos_dims, {0: positions_limit, 1: half}, 2)
+        angles = rng.uniform(-math.pi, math.pi, shape)
+        put(gqa.COS_CACHE, np.cos(angles).astype(np.float32).astype(dtype))
+        put(gqa.SIN_CACHE, np.sin(angles).astype(np.float32).astype(dtype))
+    cos_value = node.inputs[gqa.COS_CACHE] if len(node.inputs) > gqa.COS_CACHE else None
+    if cos_value is not None and cos_value.shape is not None and isinstance(cos_value.shape[0], int):
+        positions_limit = cos_value.shape[0]
+
+    if gqa.POSITION_IDS in feed_names:
+        dims = _dims(node.inputs[gqa.POSITION_IDS])
+        shape = _shaped(dims, {0: batch, 1: query_length}, 2)
+        if phase.first_prompt:
+            base = int(rng.integers(0, positions_limit - query_length + 1))
+            positions = np.broadcast_to(base + np.arange(shape[1]), shape)
+        else:
+            positions = rng.integers(0, positions_limit, shape)
+        put(gqa.POSITION_IDS, np.ascontiguousarray(np.minimum(positions, positions_limit - 1)).astype(np.int64))
+
+    if gqa.ATTENTION_BIAS in feed_names:
+        dims = _dims(node.inputs[gqa.ATTENTION_BIAS])
+        shape = _shaped(dims, {0: batch, 1: heads, 2: query_length, 3: total}, 4)
+        bias = rng.standard_normal(shape).astype(np.float32)
+        bias[rng.random(shape) < 0.15] = -np.inf
+        # Keep the newest visible key finite so no valid row is masked entirely.
+        limits = _causal_limits(spec, phase)
+        for b in range(shape[0]):
+            for s in range(query_length):
+                bias[b, :, s, limits[min(b, batch - 1), s] - 1] = rng.standard_normal()
+        put(gqa.ATTENTION_BIAS, bias.astype(dtype))
+    if gqa.HEAD_SINK in feed_names:
+        put(gqa.HEAD_SINK, normal(heads))
+    return feeds
+
+
+# Comparison ----------------------------------------------------------------------------------
+
+
+def _defined_elements(
+    output_index: int, array: np.ndarray, spec: GqaSpec, phase: Phase
+) -> list[np.ndarray]:
+    """The slices of ``array`` that ONNX Runtime defines, one per batch row."""
+    parts = []
+    for b, length in enumerate(phase.total_lengths):
+        rows = min(length, phase.query_length) if phase.first_prompt else phase.query_length
+        if output_index == gqa.OUTPUT:
+            parts.append(array[b, :rows])
+        elif output_index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
+            parts.append(array[b, :, :length])
+        elif output_index == gqa.OUTPUT_QK:
+            parts.append(array[b, :, :rows, :length])
+    return parts
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+
+
+def verify_node_model(
+    node: ir.Node,
+    opset: int,
+    ir_version: int,
+    options: DecomposeOptions | None = None,
+    *,
+    used_outputs: Sequence[int] | None = None,
+    phases: Sequence[Phase] | None = None,
+    seed: int = 0,
+) -> NodeVerification:
+    """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits)."""
+    from gqa_decompose.api import decompose
+
+    spec = parse_gqa_node(node, options)
+    if spec.dtype in _NO_ORACLE:
+        return NodeVerification(spec.node_name, (), skipped=_NO_ORACLE[spec.dtype])
+    if used_outputs is None:
+        used_outputs = [i for i, v in enumerate(node.outputs) if v is not None and v.name]
+    oracle_outputs = sorted(set(used_outputs) | ({gqa.PRESENT_KEY, gqa.PRESENT_VALUE} if spec.has_past else set()))
+    oracle = extract_node_model(node, opset, ir_version, outputs=oracle_outputs)
+    candidate = decompose(extract_node_model(node, opset, ir_version, outputs=used_outputs), legacy_window=bool(options and options.legacy_window))
+    feed_names = {i: name for i, name in enumerate(oracle.graph.node[0].input) if name}
+    feed_names = {i: n for i, n in feed_names.items() if n not in {t.name for t in oracle.graph.initializer}}
+    atol, rtol = TOLERANCES[spec.dtype]
+    rng = np.random.default_rng(seed)
+    results = []
+    for phase in phases if phases is not None else phases_for(node, spec):
+        feeds = synthesize_inputs(node, spec, phase, rng, feed_names)
+        try:
+            expected = dict(zip(oracle_outputs, _run(oracle, feeds)))
+            got = dict(zip(used_outputs, _run(candidate, feeds)))
+        except Exception as error:  # an ORT failure is a verification failure, not a crash
+            message = str(error).splitlines()[0]
+            results.append(PhaseResult(phase, {}, False, f"ONNX Runtime failed: {message}"))
+            continue
+        errors: dict[str, float] = {}
+        passed, failure = True, None
+        for index in used_outputs:
+            label = ("output", "present_key", "present_value", "output_qk")[index]
+            want, have = expected[index], got[index]
+            if want.shape != have.shape:
+                passed, failure = False, f"{label} shape {have.shape} != {want.shape}"
+                continue
+            worst = 0.0
+            for want_part, have_part in zip(
+                _defined_elements(index, want.astype(np.float32), spec, phase),
+                _defined_elements(index, have.astype(np.float32), spec, phase),
+            ):
+                if want_part.size == 0:
+                    continue
+                both_inf = np.isinf(want_part) & (want_part == have_part)
+                difference = np.where(both_inf, 0.0, np.abs(want_part - have_part))
+                difference = np.where(np.isnan(difference), np.inf, difference)
+                worst = max(worst, float(difference.max()))
+                if np.any(difference > atol + rtol * np.abs(np.nan_to_num(want_part))):
+                    passed = False
+                    failure = failure or f"{label} differs by {worst:.3g}"
+            errors[label] = worst
+        results.append(PhaseResult(phase, errors, passed, failure))
+    if not results:
+        return NodeVerification(spec.node_name, (), skipped="no phase fits the node's static shapes")
+    return NodeVerification(spec.node_name, tuple(results))
+
+
+def verify(
+    original: onnx.ModelProto | ir.Model,
+    decomposed: onnx.ModelProto | ir.Model | None = None,
+    *,
+    legacy_window: bool = False,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> VerificationReport:
+    """Check each GQA node of ``original`` against its expansion on ONNX Runtime CPU.
+
+    ``original`` is not modified (an ``onnx_ir.Model`` is copied first). When
+    ``decomposed`` is given, it must hold no GroupQueryAttention node.
+    """
+    if isinstance(original, onnx.ModelProto):
+        model = ir.serde.deserialize_model(original)
+    else:
+        model = ir.serde.deserialize_model(ir.serde.serialize_model(original))
+    InferGqaTypesPass()(model)
+    opset = model.opset_imports.get("", 17)
+    options = DecomposeOptions(legacy_window=legacy_window)
+    found = find_gqa_nodes(model)
+    nodes = []
+    for index, (container, node) in enumerate(found):
+        graph_outputs = frozenset(container.outputs)
+        used = [
+            i
+            for i, value in enumerate(node.outputs)
+            if value is not None and value.name and (value.uses() or value in graph_outputs)
+        ]
+        if gqa.OUTPUT not in used:
+            used.insert(0, gqa.OUTPUT)
+        nodes.append(verify_node_model(node, opset, model.ir_version, options, used_outputs=used, seed=seed))
+        if progress is not None:
+            progress(index + 1, len(found))
+    leftover: tuple[str, ...] = ()
+    if decomposed is not None:
+        decomposed_ir = ir.serde.deserialize_model(decomposed) if isinstance(decomposed, onnx.ModelProto) else decomposed
+        leftover = tuple(node.name for _, node in find_gqa_nodes(decomposed_ir))
+    return VerificationReport(tuple(nodes), leftover)

@@ -1,0 +1,139 @@
+"""Builders of small GroupQueryAttention models for the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper
+
+IR_VERSION = 10  # onnx 1.23 writes 14 by default; ONNX Runtime 1.31 reads up to 13
+
+_ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+_NP = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GqaConfig:
+    num_heads: int = 4
+    kv_num_heads: int = 2
+    head_size: int = 16
+    packed: bool = False
+    past: bool = True
+    rotary: str = "off"  # off | half | interleaved
+    rotary_dim: int | None = None  # R; None means the whole head
+    dtype: str = "float32"
+    static_dims: bool = False  # all dims static (B=2, S=5, P=8) instead of symbolic
+    scale: float = 0.0
+    local_window_size: int = -1
+    softcap: float = 0.0
+    smooth_softmax: int | None = None
+    head_sink: bool = False
+    attention_bias: str | None = None  # None | "full" | "broadcast" (1, 1, S, T)
+    position_ids: bool = False
+    qk_output: int = 0
+    causal: int | None = None
+    kv_empty: bool = False
+    present: bool = True
+    positions: int = 64  # cos/sin cache rows
+    extra_attributes: tuple[tuple[str, object], ...] = ()
+    opset: int = 21
+
+
+def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") -> onnx.ModelProto:
+    """A model holding one GQA node whose inputs are graph inputs (cos/sin are initializers)."""
+    n, nkv, h = config.num_heads, config.kv_num_heads, config.head_size
+    elem = _ELEM[config.dtype]
+    if config.static_dims:
+        batch, seq, past, total = 2, 5, 8, 8
+    else:
+        batch, seq, past, total = "batch", "sequence", "past_sequence", "total_sequence"
+    inputs, initializers = [], []
+    names = [""] * 12
+
+    def add_input(index: int, label: str, elem_type: int, dims) -> None:
+        inputs.append(helper.make_tensor_value_info(label, elem_type, dims))
+        names[index] = label
+
+    query_hidden = (n + 2 * nkv) * h if config.packed else n * h
+    add_input(0, "query", elem, [batch, seq, query_hidden])
+    if not config.packed:
+        kv_length = 0 if config.kv_empty else seq
+        add_input(1, "key", elem, [batch, kv_length, nkv * h])
+        add_input(2, "value", elem, [batch, kv_length, nkv * h])
+    if config.past:
+        add_input(3, "past_key", elem, [batch, nkv, past, h])
+        add_input(4, "past_value", elem, [batch, nkv, past, h])
+    add_input(5, "seqlens_k", TensorProto.INT32, [batch])
+    add_input(6, "total_sequence_length", TensorProto.INT32, [])
+    if config.rotary != "off":
+        half = (config.rotary_dim or h) // 2
+        rng = np.random.default_rng(1)
+        angles = rng.uniform(-np.pi, np.pi, (config.positions, half))
+        np_type = _NP.get(config.dtype, np.float32)
+        for index, label, table in ((7, "cos_cache", np.cos(angles)), (8, "sin_cache", np.sin(angles))):
+            tensor = onnx.numpy_helper.from_array(table.astype(np_type), label)
+            if config.dtype == "bfloat16":
+                tensor = helper.make_tensor(label, elem, table.shape, table.astype(np.float32).ravel())
+            initializers.append(tensor)
+            names[index] = label
+    if config.position_ids:
+        add_input(9, "position_ids", TensorProto.INT64, [batch, seq])
+    if config.attention_bias == "full":
+        add_input(10, "attention_bias", elem, [batch, n, seq, total])
+    elif config.attention_bias == "broadcast":
+        add_input(10, "attention_bias", elem, [1, 1, seq, total])
+    if config.head_sink:
+        add_input(11, "head_sink", elem, [n])
+    while names and names[-1] == "":
+        names.pop()
+
+    attributes = {"num_heads": n, "kv_num_heads": nkv}
+    if config.scale:
+        attributes["scale"] = config.scale
+    if config.rotary != "off":
+        attributes["do_rotary"] = 1
+        attributes["rotary_interleaved"] = int(config.rotary == "interleaved")
+    if config.local_window_size != -1:
+        attributes["local_window_size"] = config.local_window_size
+    if config.softcap:
+        attributes["softcap"] = config.softcap
+    if config.smooth_softmax is not None:
+        attributes["smooth_softmax"] = config.smooth_softmax
+    if config.qk_output:
+        attributes["qk_output"] = config.qk_output
+    if config.causal is not None:
+        attributes["causal"] = config.causal
+    attributes.update(dict(config.extra_attributes))
+
+    outputs = [helper.make_tensor_value_info("output", elem, [batch, seq, n * h])]
+    output_names = ["output"]
+    if config.present:
+        present_dims = [batch, nkv, None, h]
+        outputs += [
+            helper.make_tensor_value_info("present_key", elem, present_dims),
+            helper.make_tensor_value_info("present_value", elem, present_dims),
+        ]
+        output_names += ["present_key", "present_value"]
+    if config.qk_output:
+        if not config.present:
+            output_names += ["", ""]
+        outputs.append(helper.make_tensor_value_info("output_qk", elem, [batch, n, seq, total]))
+        output_names.append("output_qk")
+    node = helper.make_node(
+        "GroupQueryAttention", names, output_names, name=name, domain="com.microsoft", **attributes
+    )
+    graph = helper.make_graph([node], "gqa", inputs, outputs, initializers)
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", config.opset), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=IR_VERSION,
+    )
+
+
+def gqa_node(model: onnx.ModelProto) -> tuple[ir.Model, ir.Node]:
+    ir_model = ir.serde.deserialize_model(model)
+    node = next(n for n in ir_model.graph if n.op_type == "GroupQueryAttention")
+    return ir_model, node
