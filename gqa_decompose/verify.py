@@ -110,6 +110,9 @@ class VerificationReport:
         return max(errors) if errors else None
 
 
+_INPUT_RANKS = {gqa.QUERY: 3, gqa.KEY: 3, gqa.VALUE: 3, gqa.PAST_KEY: 4, gqa.PAST_VALUE: 4,
+                gqa.COS_CACHE: 2, gqa.SIN_CACHE: 2, gqa.POSITION_IDS: 2, gqa.ATTENTION_BIAS: 4}
+
 # Extraction --------------------------------------------------------------------------------
 
 
@@ -166,7 +169,10 @@ def extract_node_model(
             continue
         if value.dtype is None:
             raise GqaDecomposeError(f"input {index} ('{value.name}') has no type", node.name)
-        graph_inputs[name] = helper.make_tensor_value_info(name, retype(value.dtype), _dims(value))
+        dims = _dims(value)
+        if dims is None:  # a graph input needs a shape; the rank is the op's
+            dims = [None] * _INPUT_RANKS.get(index, 1)
+        graph_inputs[name] = helper.make_tensor_value_info(name, retype(value.dtype), dims)
     exposed = outputs if outputs is not None else [
         i for i, value in enumerate(node.outputs) if value is not None and value.name
     ]

@@ -1,0 +1,263 @@
+"""The command line: options -> API call -> report -> exit code."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from collections.abc import Callable
+
+import click
+import tqdm
+
+from gqa_decompose import model_io
+from gqa_decompose.api import check_nodes, foreign_ops, rewrite
+from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.passes import find_gqa_nodes
+from gqa_decompose.spec import DecomposeOptions
+from gqa_decompose.verify import NodeVerification, verify
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+_EPILOG = """\b
+Examples:
+  gqa-decompose model.onnx                   writes model.decomposed.onnx, verified
+  gqa-decompose model.onnx -o out/model.onnx --report report.json
+  gqa-decompose model.onnx --check           portability check for CI, writes nothing
+
+\b
+Exit codes:
+  0  success (with --check: the model is portable once decomposed)
+  1  verification against ONNX Runtime failed (nothing is written), or with
+     --check: a node is refused, fails verification, or other non-standard ops remain
+  2  bad input: unreadable or malformed model, a refused node, bad paths
+
+Weights are never loaded into memory: external data is streamed into
+<OUTPUT>.data. The output appears atomically; the input is never modified.
+"""
+
+
+def _progress_bar(description: str, quiet: bool) -> tuple[tqdm.tqdm, Callable[[int, int], None]]:
+    bar = tqdm.tqdm(desc=description, unit="node", disable=True if quiet else None, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def _verification_json(result: NodeVerification | None) -> dict | None:
+    if result is None:
+        return None
+    return {
+        "passed": result.passed,
+        "skipped": result.skipped,
+        "max_error": result.max_error,
+        "phases": [
+            {
+                "phase": r.phase.name,
+                "passed": r.passed,
+                "max_errors": r.max_errors,
+                "failure": r.failure,
+            }
+            for r in result.results
+        ],
+    }
+
+
+def _verification_text(result: NodeVerification | None) -> str:
+    if result is None:
+        return "not verified"
+    if result.skipped:
+        return f"not verified ({result.skipped})"
+    status = "verified" if result.passed else "VERIFICATION FAILED"
+    failures = [f"{r.phase.name}: {r.failure}" for r in result.results if not r.passed]
+    detail = f"; {'; '.join(failures)}" if failures else ""
+    return f"{status}, max error {result.max_error:.2g} over {len(result.results)} phases{detail}"
+
+
+def _write_report(path: pathlib.Path | None, report: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help="Where to write the rewritten model. Default: <MODEL stem>.decomposed.onnx beside MODEL.",
+)
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the node-by-node comparison with ONNX Runtime CPU (on by default).",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help="Also write a JSON report: each node, its features, verification errors per phase.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Write no model: report whether each GQA node can be decomposed (and verify it), "
+    "and list every other non-standard op. Exit 1 when the model is not portable.",
+)
+@click.option(
+    "--legacy-window",
+    is_flag=True,
+    help="Read local_window_size W as ONNX Runtime <= 1.23 did (W + 1 visible keys) "
+    "for models exported for those releases. Default: W keys (ORT >= 1.24).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; only the summary lines.")
+@click.version_option(package_name="gqa-decompose")
+def main(
+    model: pathlib.Path,
+    output: pathlib.Path | None,
+    no_verify: bool,
+    report_path: pathlib.Path | None,
+    check: bool,
+    legacy_window: bool,
+    quiet: bool,
+) -> None:
+    """Rewrite com.microsoft.GroupQueryAttention nodes of MODEL into standard ONNX ops.
+
+    Every GQA node (main graph, If/Loop bodies, model-local functions) is
+    replaced by Reshape/Transpose/ScatterND/MatMul/Softmax/... at the model's
+    own opset. Each node is then checked against ONNX Runtime CPU on
+    synthesized inputs (first prompt, ragged decode, chunked prefill), and the
+    model is written only if every node matches.
+    """
+    options = DecomposeOptions(legacy_window=legacy_window)
+    report: dict = {"model": str(model), "mode": "check" if check else "decompose", "nodes": []}
+    try:
+        if check:
+            code = _run_check(model, options, not no_verify, quiet, report)
+        else:
+            code = _run_decompose(model, output, options, not no_verify, quiet, report)
+    except GqaDecomposeError as error:
+        report["error"] = str(error)
+        report["exit_code"] = EXIT_BAD_INPUT
+        _write_report(report_path, report)
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    report["exit_code"] = code
+    _write_report(report_path, report)
+    sys.exit(code)
+
+
+def _verify_nodes(model_path: pathlib.Path, options: DecomposeOptions, quiet: bool) -> dict[str, NodeVerification]:
+    original = model_io.load_model(model_path)
+    bar, update = _progress_bar("verifying", quiet)
+    with bar:
+        result = verify(original, legacy_window=options.legacy_window, progress=update)
+    return {node.name: node for node in result.nodes}
+
+
+def _run_decompose(
+    model_path: pathlib.Path,
+    output: pathlib.Path | None,
+    options: DecomposeOptions,
+    run_verify: bool,
+    quiet: bool,
+    report: dict,
+) -> int:
+    target = (output or model_io.default_output_path(model_path)).absolute()
+    if model_path.exists() and target.resolve() == model_path.resolve():
+        raise GqaDecomposeError("the output path is the input model; the input is never overwritten")
+    model = model_io.load_model(model_path)
+    had_external_data = bool(model_io.external_tensors(model))
+    bar, update = _progress_bar("decomposing", quiet)
+    with bar:
+        decomposed = rewrite(model, options, progress=update)
+    if not decomposed:
+        click.echo(f"{model_path}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written")
+        report["output"] = None
+        return EXIT_OK
+    verifications = _verify_nodes(model_path, options, quiet) if run_verify else {}
+    failed = False
+    for entry in decomposed:
+        verification = verifications.get(entry.name)
+        failed |= verification is not None and not verification.passed and not verification.skipped
+        click.echo(
+            f"{entry.name}: decomposed ({', '.join(entry.spec.features())}) into "
+            f"{entry.new_node_count} nodes; {_verification_text(verification)}"
+        )
+        report["nodes"].append(
+            {
+                "name": entry.name,
+                "scope": entry.scope,
+                "status": "decomposed",
+                "features": entry.spec.features(),
+                "new_nodes": entry.new_node_count,
+                "verification": _verification_json(verification),
+            }
+        )
+    remaining = foreign_ops(model)
+    report["non_standard_ops"] = remaining
+    if remaining:
+        click.echo(f"note: the model still holds non-standard ops: {', '.join(remaining)}")
+    if failed:
+        report["output"] = None
+        click.echo("error: verification failed; nothing written", err=True)
+        return EXIT_FAILED
+    bar, update = _progress_bar("saving tensors", quiet)
+    with bar:
+        written = model_io.save_model(model, target, external_data=had_external_data, progress=update)
+    report["output"] = str(target)
+    click.echo(f"wrote {', '.join(str(p) for p in written)}")
+    return EXIT_OK
+
+
+def _run_check(
+    model_path: pathlib.Path,
+    options: DecomposeOptions,
+    run_verify: bool,
+    quiet: bool,
+    report: dict,
+) -> int:
+    model = model_io.load_model(model_path)
+    from gqa_decompose.passes import InferGqaTypesPass
+
+    InferGqaTypesPass()(model)
+    checks = check_nodes(model, options)
+    decomposable = [c for c in checks if c.refusal is None]
+    verifications = _verify_nodes(model_path, options, quiet) if run_verify and decomposable and len(decomposable) == len(checks) else {}
+    portable = True
+    for entry in checks:
+        verification = verifications.get(entry.name)
+        if entry.refusal is not None:
+            portable = False
+            click.echo(f"{entry.name}: REFUSED: {entry.refusal}")
+            report["nodes"].append({"name": entry.name, "status": "refused", "reason": entry.refusal})
+            continue
+        if verification is not None and not verification.passed and not verification.skipped:
+            portable = False
+        click.echo(
+            f"{entry.name}: decomposable ({', '.join(entry.spec.features())}); {_verification_text(verification)}"
+        )
+        report["nodes"].append(
+            {
+                "name": entry.name,
+                "status": "decomposable",
+                "features": entry.spec.features(),
+                "verification": _verification_json(verification),
+            }
+        )
+    remaining = foreign_ops(model)
+    report["non_standard_ops"] = remaining
+    report["portable"] = portable and not remaining
+    if remaining:
+        click.echo(f"non-standard ops besides GroupQueryAttention: {', '.join(remaining)}")
+    if not find_gqa_nodes(model):
+        click.echo("no com.microsoft.GroupQueryAttention node")
+    verdict = "portable" if report["portable"] else "NOT portable"
+    click.echo(f"{model_path}: {verdict} once decomposed")
+    return EXIT_OK if report["portable"] else EXIT_FAILED
