@@ -252,9 +252,17 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         total = chunk + 4
         candidates.append(("chunked prefill", 1, chunk, total, (total,)))
 
+    static_total = None
+    bias = node.inputs[gqa.ATTENTION_BIAS] if len(node.inputs) > gqa.ATTENTION_BIAS else None
+    if bias is not None and (_dims(bias) or [None] * 4)[3] is not None:
+        static_total = (_dims(bias) or [None] * 4)[3]
+        static_total = static_total if isinstance(static_total, int) else None
+
     phases = []
     for name, batch, query_length, total, lengths in candidates:
         if positions_limit is not None and total + 3 > positions_limit:
+            continue
+        if static_total is not None and static_total != total:
             continue
         for suffix, past_length in past_options(query_length, total, growing=True):
             phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))

@@ -47,7 +47,7 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
     n, nkv, h = config.num_heads, config.kv_num_heads, config.head_size
     elem = _ELEM[config.dtype]
     if config.static_dims:
-        batch, seq, past, total = 2, 5, 8, 8
+        batch, seq, past, total = 2, 5, 8, 5
     else:
         batch, seq, past, total = "batch", "sequence", "past_sequence", "total_sequence"
     inputs, initializers = [], []

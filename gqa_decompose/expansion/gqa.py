@@ -120,6 +120,7 @@ def expand_gqa(
         spec.present_used or spec.has_attention_bias or spec.qk_output or not spec.has_past
     )
     present_key = present_value = None
+    keys_are_positions = True  # key column j holds position j
     if not spec.has_past:
         keys = present_key = _bsnh_to_bnsh(op, key_BSNH)
         values = present_value = _bsnh_to_bnsh(op, value_BSNH)
@@ -142,11 +143,12 @@ def expand_gqa(
         key_length = present_length(shared, info, past_key)
         key_length_key = ("present_length", info, dim_key(past_key, 2))
     else:
+        keys_are_positions = False
         keys = op.op("Concat", past_key, _bsnh_to_bnsh(op, key_BSNH), axis=2)
         values = op.op("Concat", past_value, _bsnh_to_bnsh(op, value_BSNH), axis=2)
 
     # 3. The shared mask.
-    if attend_over_present:
+    if keys_are_positions:
         key_positions = dense_key_positions(shared, key_length, key_length_key)
     else:
         key_positions = concat_key_positions(shared, info, past_key)

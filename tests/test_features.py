@@ -1,0 +1,146 @@
+"""GQA's classic surface beyond the foundation, each feature and combination against ORT CPU.
+
+Local window, softcap, smooth softmax and head sink, attention bias,
+position_ids, partial rotary, qk_output, causal=0 and KV-shared layers (empty
+key/value), in fp32 and fp16, over every phase each node admits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from gqa_models import GqaConfig, gqa_node, make_gqa_model
+from test_grid import assert_matches_ort
+
+import gqa_decompose
+from gqa_decompose.verify import Phase
+
+DTYPES = ["float32", "float16"]
+
+FEATURES = {
+    "window0": GqaConfig(local_window_size=0),
+    "window1": GqaConfig(local_window_size=1),
+    "window2": GqaConfig(local_window_size=2, rotary="half"),
+    "window3": GqaConfig(local_window_size=3, packed=True),
+    "window_large": GqaConfig(local_window_size=64),
+    "softcap": GqaConfig(softcap=2.0),
+    "softcap_small": GqaConfig(softcap=0.5, rotary="half"),
+    "softcap_negative_ignored": GqaConfig(softcap=-1.0),
+    "smooth_softmax": GqaConfig(smooth_softmax=1),
+    "smooth_softmax_0": GqaConfig(smooth_softmax=0),
+    "head_sink": GqaConfig(head_sink=True),
+    "head_sink_overrides_smooth_0": GqaConfig(head_sink=True, smooth_softmax=0),
+    "bias_full": GqaConfig(attention_bias="full"),
+    "bias_broadcast": GqaConfig(attention_bias="broadcast"),
+    "position_ids": GqaConfig(position_ids=True, rotary="half"),
+    "position_ids_interleaved": GqaConfig(position_ids=True, rotary="interleaved"),
+    "position_ids_no_rotary": GqaConfig(position_ids=True),
+    "partial_rotary_half": GqaConfig(head_size=64, rotary="half", rotary_dim=32),
+    "partial_rotary_interleaved": GqaConfig(head_size=64, rotary="interleaved", rotary_dim=16),
+    "qk_output_1": GqaConfig(qk_output=1),
+    "qk_output_2": GqaConfig(qk_output=2),
+    "causal_0": GqaConfig(causal=0),
+    "causal_1_explicit": GqaConfig(causal=1),
+    "kv_empty": GqaConfig(kv_empty=True),
+    "kv_empty_no_present": GqaConfig(kv_empty=True, present=False),
+    # Combinations.
+    "window_softcap_bias": GqaConfig(local_window_size=2, softcap=1.5, attention_bias="full"),
+    "window_sink": GqaConfig(local_window_size=2, head_sink=True),
+    "rotary_position_ids_window": GqaConfig(rotary="half", position_ids=True, local_window_size=3),
+    "causal0_bias": GqaConfig(causal=0, attention_bias="broadcast"),
+    "kv_empty_rotary": GqaConfig(kv_empty=True, rotary="half"),
+    "kv_empty_window": GqaConfig(kv_empty=True, local_window_size=2),
+    "kv_empty_bias": GqaConfig(kv_empty=True, attention_bias="full"),
+    "softcap_sink_qk1": GqaConfig(softcap=1.0, head_sink=True, qk_output=1),
+    "window_qk2_partial_rotary": GqaConfig(
+        head_size=32, rotary="interleaved", rotary_dim=16, local_window_size=2, qk_output=2
+    ),
+    "bias_no_present": GqaConfig(attention_bias="full", present=False),
+    "window_no_present": GqaConfig(local_window_size=2, present=False),
+    "mqa_sink_bias_packed": GqaConfig(kv_num_heads=1, head_sink=True, attention_bias="full", packed=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_feature_matches_ort(feature, dtype):
+    assert_matches_ort(dataclasses.replace(FEATURES[feature], dtype=dtype))
+
+
+@pytest.mark.parametrize("feature", ["window2", "bias_full", "kv_empty", "qk_output_1", "causal_0"])
+def test_feature_with_static_dims(feature):
+    assert_matches_ort(dataclasses.replace(FEATURES[feature], static_dims=True))
+
+
+def _run(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _prompt_feeds(config: GqaConfig, lengths=(5, 3)):
+    rng = np.random.default_rng(3)
+    batch, seq = len(lengths), 5
+    hidden = config.num_heads * config.head_size
+    kv_hidden = config.kv_num_heads * config.head_size
+    feeds = {
+        "query": rng.standard_normal((batch, seq, hidden)).astype(np.float32),
+        "key": rng.standard_normal((batch, seq, kv_hidden)).astype(np.float32),
+        "value": rng.standard_normal((batch, seq, kv_hidden)).astype(np.float32),
+        "past_key": np.zeros((batch, config.kv_num_heads, 0, config.head_size), np.float32),
+        "past_value": np.zeros((batch, config.kv_num_heads, 0, config.head_size), np.float32),
+        "seqlens_k": np.array(lengths, np.int32) - 1,
+        "total_sequence_length": np.array(seq, np.int32),
+    }
+    return feeds
+
+
+def test_fully_masked_bias_row_gives_zero_not_nan():
+    config = GqaConfig(attention_bias="full")
+    model = make_gqa_model(config)
+    feeds = _prompt_feeds(config)
+    bias = np.zeros((2, 4, 5, 5), np.float32)
+    bias[0, 1, 2, :] = -np.inf  # row (b=0, head 1, query 2) sees only -inf
+    feeds["attention_bias"] = bias
+    expected = _run(model, feeds)[0]
+    got = _run(gqa_decompose.decompose(model), feeds)[0]
+    assert not np.isnan(got).any()
+    assert np.all(got[0, 2, 16:32] == 0)
+    np.testing.assert_allclose(got[0, :, :], expected[0, :, :], atol=1e-5)
+
+
+def test_window_zero_gives_zero_output():
+    config = GqaConfig(local_window_size=0)
+    model = make_gqa_model(config)
+    feeds = _prompt_feeds(config, lengths=(5, 5))
+    expected = _run(model, feeds)[0]
+    got = _run(gqa_decompose.decompose(model), feeds)[0]
+    assert np.all(expected == 0)
+    assert np.all(got == 0)
+
+
+def test_legacy_window_reproduces_w_plus_one_keys():
+    # legacy W means W + 1 keys: a legacy window of 2 equals today's window of 3.
+    legacy_model = make_gqa_model(GqaConfig(local_window_size=2))
+    current_model = make_gqa_model(GqaConfig(local_window_size=3))
+    feeds = _prompt_feeds(GqaConfig())
+    expected = _run(current_model, feeds)[0]
+    legacy = _run(gqa_decompose.decompose(legacy_model, legacy_window=True), feeds)[0]
+    plain = _run(gqa_decompose.decompose(legacy_model), feeds)[0]
+    np.testing.assert_allclose(legacy[0], expected[0], atol=1e-5)
+    assert np.abs(plain[0] - expected[0]).max() > 1e-3
+
+
+def test_output_qk_columns_beyond_t_b_are_zero():
+    config = GqaConfig(qk_output=1)
+    model = make_gqa_model(config)
+    feeds = _prompt_feeds(config, lengths=(5, 2))
+    output_qk = _run(gqa_decompose.decompose(model), feeds)[3]
+    assert np.all(output_qk[1, :, :, 2:] == 0)
+
+
+def test_kv_empty_long_static_past():
+    config = GqaConfig(kv_empty=True, rotary="half", local_window_size=3)
+    assert_matches_ort(config, [Phase("decode, static buffer", 2, 1, 16, 12, (12, 5))])
