@@ -98,8 +98,11 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        gqa_nodes = [node for _, node in find_gqa_nodes(model)]
+        found = find_gqa_nodes(model)
+        gqa_nodes = [node for _, node in found]
         modified = False
+        for function in {id(c): c for c, _ in found if isinstance(c, ir.Function)}.values():
+            modified |= _type_function_body(model, function)
         for _ in range(len(gqa_nodes) + 1):
             _quiet_shape_inference(model)
             progress = False
@@ -109,6 +112,60 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
             if not progress:
                 break
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _type_function_body(model: ir.Model, function: ir.Function) -> bool:
+    """Type a function's values from its call sites, which must agree on input types.
+
+    Function bodies are untyped in ONNX; the expansion needs the query's type
+    and hidden size, so the body is inferred as a graph whose inputs take the
+    types and shapes of the (first) call's arguments.
+    """
+    calls = [
+        node
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if (node.domain, node.op_type, node.overload) == function.identifier()
+    ]
+    if not calls:
+        return False
+    for index, parameter in enumerate(function.inputs):
+        arguments = [call.inputs[index] if index < len(call.inputs) else None for call in calls]
+        dtypes = {argument.dtype for argument in arguments if argument is not None}
+        if len(dtypes) > 1:
+            raise GqaDecomposeError(
+                f"function {function.domain}::{function.name} is called with different types for "
+                f"input '{parameter.name}'; inline it first"
+            )
+        first = arguments[0]
+        if first is not None and parameter.type is None:
+            parameter.type = first.type
+            shapes = {str(argument.shape) for argument in arguments if argument is not None}
+            parameter.shape = first.shape if len(shapes) == 1 else None
+    body = onnx.helper.make_graph(
+        [ir.serde.serialize_node(node) for node in function],
+        "function_body",
+        [ir.serde.serialize_value(value) for value in function.inputs if value.type is not None],
+        [onnx.helper.make_value_info(value.name, onnx.TypeProto()) for value in function.outputs],
+    )
+    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in function.opset_imports.items()]
+    if "" not in function.opset_imports:
+        opsets.append(onnx.helper.make_opsetid("", _default_opset(model)))
+    probe = onnx.helper.make_model(body, opset_imports=opsets, ir_version=model.ir_version)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe)
+    except Exception:  # a partial typing is still useful; the spec refuses what stays unknown
+        return False
+    by_name = {info.name: info for info in inferred.graph.value_info}
+    changed = False
+    for node in function:
+        for value in node.outputs:
+            info = by_name.get(value.name)
+            if info is None or value.type is not None:
+                continue
+            typed = ir.serde.deserialize_value_info_proto(info, None)
+            value.type, value.shape = typed.type, typed.shape
+            changed = True
+    return changed
 
 
 def _quiet_shape_inference(model: ir.Model) -> None:

@@ -1,0 +1,236 @@
+"""What the rewritten graph looks like: standard ops only, shared mask, no KV repetition, names."""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from gqa_models import IR_VERSION, GqaConfig, gqa_node, make_gqa_model
+from onnx import TensorProto, helper
+from test_grid import assert_matches_ort
+
+import gqa_decompose
+
+MODELS = pathlib.Path(__file__).parent.parent / "models"
+TINY_LLAMA = MODELS / "tiny-llama-gqa.onnx"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_decomposed() -> onnx.ModelProto:
+    return gqa_decompose.decompose(onnx.load(TINY_LLAMA))
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in model.graph.node for output in node.output}
+
+
+def test_no_microsoft_op_or_opset_import_is_left(tiny_llama_decomposed):
+    assert all(node.domain in ("", "ai.onnx") for node in tiny_llama_decomposed.graph.node)
+    assert [o.domain for o in tiny_llama_decomposed.opset_import] == [""]
+    onnx.checker.check_model(tiny_llama_decomposed, full_check=True)
+
+
+def test_model_keeps_its_ir_version_and_opset(tiny_llama_decomposed):
+    original = onnx.load(TINY_LLAMA)
+    assert tiny_llama_decomposed.ir_version == original.ir_version
+    assert tiny_llama_decomposed.opset_import[0].version == 21
+
+
+def test_both_layers_read_one_shared_mask(tiny_llama_decomposed):
+    producers = _producers(tiny_llama_decomposed)
+    score_masks = [
+        node
+        for node in tiny_llama_decomposed.graph.node
+        if node.op_type == "Where" and producers[node.input[0]].op_type in ("Less", "And")
+        and "/attn/" in node.name
+    ]
+    assert len(score_masks) == 2
+    assert score_masks[0].input[0] == score_masks[1].input[0]
+    counts = collections.Counter(node.op_type for node in tiny_llama_decomposed.graph.node)
+    assert counts["Less"] == 1
+    assert counts["Range"] <= 3  # query rows, key columns, batch rows of the scatter indices
+
+
+def test_kv_heads_are_never_repeated(tiny_llama_decomposed):
+    for node in tiny_llama_decomposed.graph.node:
+        assert node.op_type != "Tile"
+        if node.op_type == "Expand":
+            assert node.name.startswith("gqa_shared/"), node.name  # index tensors only
+
+
+def test_grouped_query_heads_are_folded_into_gemm_rows(tiny_llama_decomposed):
+    producers = _producers(tiny_llama_decomposed)
+    constants = {
+        node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t)
+        for node in tiny_llama_decomposed.graph.node
+        if node.op_type == "Constant"
+    }
+    score_matmuls = [
+        node
+        for node in tiny_llama_decomposed.graph.node
+        if node.op_type == "MatMul" and producers.get(node.input[1]) is not None
+        and producers[node.input[1]].op_type == "Transpose"
+    ]
+    assert len(score_matmuls) == 2
+    for matmul in score_matmuls:
+        transpose = producers[matmul.input[1]]
+        assert list(transpose.attribute[0].ints) == [0, 1, 3, 2]
+        query_reshape = producers[matmul.input[0]]
+        assert query_reshape.op_type == "Reshape"
+        # [B, Nkv=2, G*S, H=16]
+        assert constants[query_reshape.input[1]].tolist() == [0, 2, -1, 16]
+
+
+def test_new_nodes_are_named_after_the_replaced_node(tiny_llama_decomposed):
+    original_names = {node.name for node in onnx.load(TINY_LLAMA).graph.node}
+    for node in tiny_llama_decomposed.graph.node:
+        if node.name in original_names:
+            continue
+        assert node.name.startswith(("/model/layers.0/attn/GroupQueryAttention/",
+                                     "/model/layers.1/attn/GroupQueryAttention/", "gqa_shared/")), node.name
+
+
+def test_layer_without_present_readers_writes_no_kv():
+    model = make_gqa_model(GqaConfig(present=False, rotary="half"))
+    decomposed = gqa_decompose.decompose(model)
+    ops = {node.op_type for node in decomposed.graph.node}
+    assert "ScatterND" not in ops and "Pad" not in ops
+
+
+def test_no_past_layer_writes_no_kv():
+    decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(past=False)))
+    ops = {node.op_type for node in decomposed.graph.node}
+    assert "ScatterND" not in ops
+
+
+def test_present_output_read_by_nobody_gets_no_kv_ops():
+    model = make_gqa_model(GqaConfig(rotary="half"))
+    del model.graph.output[1:]  # present_key/present_value exist on the node but nobody reads them
+    decomposed = gqa_decompose.decompose(model)
+    assert "ScatterND" not in {node.op_type for node in decomposed.graph.node}
+
+
+@pytest.mark.parametrize("opset", [13, 14, 17, 18, 21, 23, 24])
+def test_expansion_is_valid_at_the_models_opset(opset):
+    config = GqaConfig(opset=opset, rotary="half", dtype="float16", head_sink=True, attention_bias="full")
+    decomposed = gqa_decompose.decompose(make_gqa_model(config))
+    assert {o.domain: o.version for o in decomposed.opset_import} == {"": opset}
+    onnx.checker.check_model(decomposed, full_check=True)
+    assert all(not node.domain for node in decomposed.graph.node)
+    assert_matches_ort(config)
+
+
+def test_opset_below_13_is_refused_with_a_clear_error():
+    with pytest.raises(gqa_decompose.GqaDecomposeError, match="opset is 12"):
+        gqa_decompose.decompose(make_gqa_model(GqaConfig(opset=12)))
+
+
+def test_model_without_gqa_is_returned_unchanged(caplog):
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    with caplog.at_level("INFO", logger="gqa_decompose"):
+        result = gqa_decompose.decompose(model)
+    assert result.graph == model.graph
+    assert "no com.microsoft.GroupQueryAttention" in caplog.text
+
+
+def test_proto_input_is_not_modified():
+    model = make_gqa_model(GqaConfig(rotary="half"))
+    before = model.SerializeToString()
+    gqa_decompose.decompose(model)
+    assert model.SerializeToString() == before
+
+
+def test_ir_model_is_rewritten_in_place_and_pass_runs_in_a_pass_manager():
+    ir_model, _ = gqa_node(make_gqa_model(GqaConfig()))
+    assert gqa_decompose.decompose(ir_model) is ir_model
+    assert not any(node.domain == "com.microsoft" for node in ir_model.graph)
+
+    other, _ = gqa_node(make_gqa_model(GqaConfig()))
+    from gqa_decompose.passes import InferGqaTypesPass
+
+    manager = ir.passes.PassManager([InferGqaTypesPass(), gqa_decompose.DecomposeGqaPass()])
+    assert manager(other).modified
+    assert not any(node.domain == "com.microsoft" for node in other.graph)
+
+
+def _wrap_in_if(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The GQA node moves into both branches of an If on a bool graph input."""
+    inner = model.graph
+    then_graph = helper.make_graph(list(inner.node), "then", [], [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)])
+    else_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in inner.node]
+    for node in else_nodes:
+        node.name = "else/" + node.name
+        node.output[:] = ["else_" + o if o else "" for o in node.output]
+    else_graph = helper.make_graph(else_nodes, "else", [], [helper.make_tensor_value_info("else_output", TensorProto.FLOAT, None)])
+    if_node = helper.make_node("If", ["flag"], ["y"], then_branch=then_graph, else_branch=else_graph, name="if")
+    graph = helper.make_graph(
+        [if_node], "main",
+        [*inner.input, helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        list(inner.initializer),
+    )
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=IR_VERSION)
+
+
+def _single_prompt_feeds(config: GqaConfig) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "query": rng.standard_normal((2, 4, config.num_heads * config.head_size)).astype(np.float32),
+        "key": rng.standard_normal((2, 4, config.kv_num_heads * config.head_size)).astype(np.float32),
+        "value": rng.standard_normal((2, 4, config.kv_num_heads * config.head_size)).astype(np.float32),
+        "seqlens_k": np.array([3, 1], np.int32),
+        "total_sequence_length": np.array(4, np.int32),
+    }
+
+
+def _run(model: onnx.ModelProto, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def test_gqa_inside_if_branches_is_decomposed():
+    config = GqaConfig(past=False, rotary="half", present=False)
+    model = _wrap_in_if(make_gqa_model(config))
+    decomposed = gqa_decompose.decompose(model)
+    branches = [attr.g for attr in decomposed.graph.node[0].attribute]
+    assert all(node.op_type != "GroupQueryAttention" for g in branches for node in g.node)
+    assert all(node.domain == "" for g in branches for node in g.node)
+    feeds = _single_prompt_feeds(config)
+    for flag in (True, False):
+        feeds["flag"] = np.array(flag)
+        expected, got = _run(model, feeds)[0], _run(decomposed, feeds)[0]
+        np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
+        np.testing.assert_allclose(got[1, :2], expected[1, :2], atol=1e-5)
+
+
+def test_gqa_inside_a_model_local_function_is_decomposed():
+    config = GqaConfig(past=False, present=False)
+    inner = make_gqa_model(config)
+    gqa = inner.graph.node[0]
+    inputs = [name for name in gqa.input if name]
+    function = helper.make_function(
+        "local", "Attention", inputs, ["output"], [gqa],
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+    )
+    call = helper.make_node("Attention", inputs, ["output"], domain="local", name="call")
+    graph = helper.make_graph([call], "main", list(inner.graph.input), list(inner.graph.output))
+    model = helper.make_model(
+        graph, functions=[function], ir_version=IR_VERSION,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("local", 1)],
+    )
+    decomposed = gqa_decompose.decompose(model)
+    assert all(node.domain != "com.microsoft" for f in decomposed.functions for node in f.node)
+    feeds = _single_prompt_feeds(config)
+    expected, got = _run(model, feeds)[0], _run(decomposed, feeds)[0]
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
