@@ -11,7 +11,8 @@ Public API::
 
 from gqa_decompose.api import check_nodes, decompose, decompose_file, rewrite
 from gqa_decompose.errors import GqaDecomposeError
-from gqa_decompose.passes import DecomposeGqaPass, build_pipeline
+from gqa_decompose.passes import DecomposeGqaPass, InferGqaTypesPass, build_pipeline
+from gqa_decompose.verify import verify
 from gqa_decompose.spec import DecomposeOptions, GqaSpec
 
 __all__ = [
@@ -19,10 +20,12 @@ __all__ = [
     "DecomposeOptions",
     "GqaDecomposeError",
     "GqaSpec",
+    "InferGqaTypesPass",
     "build_pipeline",
     "check_nodes",
     "decompose",
     "decompose_file",
     "rewrite",
+    "verify",
 ]
 __version__ = "0.1.0"

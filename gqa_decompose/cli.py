@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 import click
+import onnx_ir as ir
 import tqdm
 
 from gqa_decompose import model_io
@@ -80,9 +81,15 @@ def _verification_text(result: NodeVerification | None) -> str:
     return f"{status}, max error {result.max_error:.2g} over {len(result.results)} phases{detail}"
 
 
-def _write_report(path: pathlib.Path | None, report: dict) -> None:
-    if path is not None:
+def _write_report(path: pathlib.Path | None, report: dict) -> bool:
+    if path is None:
+        return True
+    try:
         path.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as error:
+        click.echo(f"error: cannot write the report: {error}", err=True)
+        return False
+    return True
 
 
 @click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,19 +149,27 @@ def main(
             code = _run_check(model, options, not no_verify, quiet, report)
         else:
             code = _run_decompose(model, output, options, not no_verify, quiet, report)
-    except GqaDecomposeError as error:
+    except (GqaDecomposeError, OSError) as error:  # OSError: an output path that cannot be written
         report["error"] = str(error)
         report["exit_code"] = EXIT_BAD_INPUT
         _write_report(report_path, report)
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     report["exit_code"] = code
-    _write_report(report_path, report)
+    if not _write_report(report_path, report):
+        code = EXIT_BAD_INPUT
     sys.exit(code)
 
 
 def _verify_nodes(model_path: pathlib.Path, options: DecomposeOptions, quiet: bool) -> dict[str, NodeVerification]:
     original = model_io.load_model(model_path)
+    # verify() copies the model through a proto, which forgets the folder external data
+    # lives in (it would be looked up relative to the working directory): read the
+    # constants the GQA nodes take (cos/sin caches) into memory first.
+    for _, node in find_gqa_nodes(original):
+        for value in node.inputs:
+            if value is not None and isinstance(value.const_value, ir.ExternalTensor):
+                (value.const_value,) = ir.external_data.convert_tensors_from_external([value.const_value])
     bar, update = _progress_bar("verifying", quiet)
     with bar:
         result = verify(original, legacy_window=options.legacy_window, progress=update)

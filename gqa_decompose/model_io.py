@@ -54,6 +54,9 @@ def _check_external_paths(model: ir.Model, folder: pathlib.Path) -> None:
             )
 
 
+_SOURCE_FILES = "gqa_decompose.source_files"  # the files load_model read the model from
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load a model without reading its external weights.
 
@@ -71,7 +74,27 @@ def load_model(path: str | os.PathLike) -> ir.Model:
             f"cannot read {model_path} as an ONNX model: {type(error).__name__}: {error}".splitlines()[0]
         ) from error
     _check_external_paths(model, model_path.parent)
+    model.meta[_SOURCE_FILES] = frozenset(
+        {model_path.resolve(), *(pathlib.Path(tensor.path).resolve() for tensor in external_tensors(model))}
+    )
+    _load_small_external_tensors(model)
     return model
+
+
+# onnx-ir's shape inference keeps initializers up to 1000 bytes in the proto it hands to
+# ONNX's C++ inference, which cannot read external data: an external shape or axes
+# constant (every tensor of a model saved with size_threshold=0, as onnxruntime-genai's
+# builder does) makes inference fail and leaves the GQA query untyped.
+_SMALL_TENSOR_BYTES = 1024
+
+
+def _load_small_external_tensors(model: ir.Model) -> None:
+    """Read external constants of at most 1 KiB into memory; weights stay on disk."""
+    for graph in [model.graph, *model.graph.subgraphs()]:
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= _SMALL_TENSOR_BYTES:
+                (value.const_value,) = ir.external_data.convert_tensors_from_external([tensor])
 
 
 def save_model(
@@ -87,8 +110,14 @@ def save_model(
     streamed tensor by tensor from the input's data file.
     """
     target = pathlib.Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{target.name}.data" if external_data else None
+    sources = model.meta.get(_SOURCE_FILES, frozenset())
+    for written in (target, target.parent / data_name if data_name else None):
+        if written is not None and written.resolve() in sources:
+            raise GqaDecomposeError(
+                f"writing {target} would replace {written}, a file of the input model; choose another output path"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         callback = None

@@ -1,0 +1,159 @@
+"""What is refused, with the node's name and the feature, and never half-rewritten."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from gqa_models import GqaConfig, gqa_node, make_gqa_model
+
+import gqa_decompose
+from gqa_decompose import GqaDecomposeError
+from gqa_decompose.verify import verify
+
+NODE = "attn/GroupQueryAttention"
+
+
+def _with_extra_input(model: onnx.ModelProto, index: int, name: str, dims) -> onnx.ModelProto:
+    node = model.graph.node[0]
+    while len(node.input) <= index:
+        node.input.append("")
+    node.input[index] = name
+    model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+    return model
+
+
+REFUSED = {
+    "unknown attribute": (GqaConfig(extra_attributes=(("kv_share_buffer", 1),)), "unknown attribute"),
+    "quantized cache": (GqaConfig(extra_attributes=(("k_quant_type", "PER_TENSOR"), ("v_quant_type", "PER_TENSOR"), ("kv_cache_bit_width", 8))), "quantized KV cache"),
+    "sliding window cache": (GqaConfig(local_window_size=4, extra_attributes=(("sliding_window_cache", 1),)), "sliding_window_cache"),
+    "heads not divisible": (GqaConfig(num_heads=6, kv_num_heads=4), "not a multiple of kv_num_heads"),
+    "qk_output out of range": (GqaConfig(extra_attributes=(("qk_output", 3),)), "qk_output must be 0, 1 or 2"),
+    "causal with window": (GqaConfig(causal=0, local_window_size=2), "local_window_size must be -1 when causal is 0"),
+    "causal out of range": (GqaConfig(causal=2), "causal must be 0 or 1"),
+    "head size not multiple of 8": (GqaConfig(head_size=12), "multiple of 8"),
+    "rotary head size not multiple of 16": (GqaConfig(head_size=24, rotary="half"), "multiple of 16"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_with_node_name_and_feature(case):
+    config, message = REFUSED[case]
+    model = make_gqa_model(config)
+    with pytest.raises(GqaDecomposeError, match=message) as raised:
+        gqa_decompose.decompose(model)
+    assert raised.value.node_name == NODE
+    assert NODE in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "index,label,dims",
+    [(12, "k_scale", [1]), (13, "v_scale", [1]), (14, "q_norm_weight", [16]), (15, "k_norm_weight", [16])],
+)
+def test_refused_inputs(index, label, dims):
+    model = _with_extra_input(make_gqa_model(GqaConfig()), index, label, dims)
+    with pytest.raises(GqaDecomposeError, match=label) as raised:
+        gqa_decompose.decompose(model)
+    assert raised.value.node_name == NODE
+
+
+def test_contradictory_head_counts_are_refused():
+    model = make_gqa_model(GqaConfig())
+    key = next(i for i in model.graph.input if i.name == "key")
+    key.type.tensor_type.shape.dim[2].dim_value = 48  # kv_num_heads * head_size is 32
+    with pytest.raises(GqaDecomposeError, match="contradictory head counts"):
+        gqa_decompose.decompose(model)
+
+
+def test_missing_query_shape_is_refused():
+    model = make_gqa_model(GqaConfig())
+    query = next(i for i in model.graph.input if i.name == "query")
+    query.type.tensor_type.ClearField("shape")
+    with pytest.raises(GqaDecomposeError, match="query must have a known rank-3 shape") as raised:
+        gqa_decompose.decompose(model)
+    assert raised.value.node_name == NODE
+
+
+def test_output_qk_read_with_qk_output_zero_is_refused():
+    model = make_gqa_model(GqaConfig(qk_output=1))
+    del model.graph.node[0].attribute[-1]  # drop qk_output; the output stays
+    assert all(a.name != "qk_output" for a in model.graph.node[0].attribute)
+    with pytest.raises(GqaDecomposeError, match="garbage"):
+        gqa_decompose.decompose(model)
+
+
+def test_one_present_output_without_the_other_is_refused():
+    model = make_gqa_model(GqaConfig())
+    model.graph.node[0].output[2] = ""
+    del model.graph.output[2]
+    with pytest.raises(GqaDecomposeError, match="both provided or both omitted"):
+        gqa_decompose.decompose(model)
+
+
+def test_refusal_of_a_later_node_leaves_the_model_untouched():
+    ir_model, _ = gqa_node(make_gqa_model(GqaConfig()))
+    bad, _ = gqa_node(make_gqa_model(GqaConfig(extra_attributes=(("foo", 1),))))
+    # Two nodes in one graph: the first is fine, the second refused.
+    ok_node = next(iter(ir_model.graph))
+    bad_node = next(iter(bad.graph))
+    bad.graph.remove(bad_node)
+    bad_node.name = "second"
+    for value in bad_node.outputs:
+        value.name = "second_" + value.name
+    ir_model.graph.append(bad_node)
+    for index, value in enumerate(bad_node.inputs):
+        if value is not None:
+            bad_node.replace_input_with(index, ok_node.inputs[index])
+    before = [node.op_type for node in ir_model.graph]
+    with pytest.raises(GqaDecomposeError, match="second"):
+        gqa_decompose.decompose(ir_model)
+    assert [node.op_type for node in ir_model.graph] == before
+
+
+def test_bfloat16_is_decomposed_but_reported_unverifiable():
+    model = make_gqa_model(GqaConfig(dtype="bfloat16", rotary="half"))
+    decomposed = gqa_decompose.decompose(model)
+    onnx.checker.check_model(decomposed, full_check=True)
+    casts = [n for n in decomposed.graph.node if n.op_type == "Cast"]
+    assert any(a.i == onnx.TensorProto.FLOAT for n in casts for a in n.attribute)
+    report = verify(model)
+    assert report.nodes[0].skipped and "bfloat16" in report.nodes[0].skipped
+
+
+def test_verification_catches_a_wrong_expansion(monkeypatch):
+    """The verifier is only worth something if a wrong rewrite fails it."""
+    from gqa_decompose.expansion import gqa as expansion
+
+    original_attend = expansion.attend
+
+    def attend_with_wrong_scale(*args, **kwargs):
+        kwargs["scale"] *= 1.01
+        return original_attend(*args, **kwargs)
+
+    monkeypatch.setattr(expansion, "attend", attend_with_wrong_scale)
+    report = verify(make_gqa_model(GqaConfig()))
+    assert not report.passed
+
+
+def test_verification_catches_a_plain_concat_kv_update(monkeypatch):
+    """Concatenating new K/V after the past is wrong for ragged batches (semantics §3-4)."""
+    from gqa_decompose.expansion import gqa as expansion
+
+    def concat_update(op, shared, info, past, new, kv_num_heads):
+        return op.op("Concat", past, new, axis=2)
+
+    monkeypatch.setattr(expansion, "write_new_rows", concat_update)
+    monkeypatch.setattr(expansion, "present_length", lambda shared, info, past: info.total_length)
+    report = verify(make_gqa_model(GqaConfig()))
+    failing = {r.phase.name for r in report.nodes[0].results if not r.passed}
+    assert "decode, growing cache" in failing  # ragged rows
+    assert "first prompt, static buffer" in failing
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_verification_catches_an_off_by_one_window(monkeypatch, window):
+    config = GqaConfig(local_window_size=window)
+    model = make_gqa_model(config)
+    report_ok = verify(model)
+    assert report_ok.passed
+    report_legacy = verify(model, legacy_window=True)
+    assert not report_legacy.passed
