@@ -1,0 +1,86 @@
+"""Speed of the rewritten attention against the fused GQA kernel, on ONNX Runtime CPU.
+
+Prints, for a few Llama-shaped layers and phases, the median time of the fused
+com.microsoft.GroupQueryAttention node and of its decomposition, and the ratio
+rewritten / fused, all measured in this one process, alternating runs so both
+see the same machine state.
+
+    python scripts/bench_attention.py [--repeats 50] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from gqa_models import GqaConfig, make_gqa_model  # noqa: E402
+
+import gqa_decompose  # noqa: E402
+
+CASES = [
+    # name, config, batch, S, P (growing: P = T - S), T
+    ("8B-like decode T=1024", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 1, 1, 1023, 1024),
+    ("8B-like decode T=4096", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 1, 1, 4095, 4096),
+    ("8B-like decode batch 4 T=1024", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 4, 1, 1023, 1024),
+    ("8B-like prompt S=512", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 1, 512, 0, 512),
+    ("small decode T=256 (N=8, Nkv=2, H=64)", GqaConfig(num_heads=8, kv_num_heads=2, head_size=64, packed=True, rotary="half", positions=1024), 1, 1, 255, 256),
+    ("fp16 8B-like decode T=1024", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096, dtype="float16"), 1, 1, 1023, 1024),
+]
+
+
+def _feeds(config: GqaConfig, batch: int, query_length: int, past_length: int, total: int):
+    rng = np.random.default_rng(0)
+    dtype = np.float16 if config.dtype == "float16" else np.float32
+    hidden = (config.num_heads + 2 * config.kv_num_heads) * config.head_size
+    past_shape = (batch, config.kv_num_heads, past_length, config.head_size)
+    return {
+        "query": rng.standard_normal((batch, query_length, hidden)).astype(dtype),
+        "past_key": rng.standard_normal(past_shape).astype(dtype),
+        "past_value": rng.standard_normal(past_shape).astype(dtype),
+        "seqlens_k": np.full((batch,), total - 1, np.int32),
+        "total_sequence_length": np.array(total, np.int32),
+    }
+
+
+def _session(model, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    print(f"onnxruntime {ort.__version__}, {args.threads} threads, median of {args.repeats} runs")
+    print(f"{'case':42s} {'fused ms':>9s} {'rewritten ms':>13s} {'ratio':>6s}")
+    for name, config, batch, query_length, past_length, total in CASES:
+        fused_model = make_gqa_model(config)
+        rewritten_model = gqa_decompose.decompose(fused_model)
+        feeds = _feeds(config, batch, query_length, past_length, total)
+        sessions = {"fused": _session(fused_model, args.threads), "rewritten": _session(rewritten_model, args.threads)}
+        times: dict[str, list[float]] = {key: [] for key in sessions}
+        for key, session in sessions.items():  # warm up
+            for _ in range(3):
+                session.run(None, feeds)
+        for _ in range(args.repeats):
+            for key, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feeds)
+                times[key].append(time.perf_counter() - start)
+        fused = statistics.median(times["fused"]) * 1e3
+        rewritten = statistics.median(times["rewritten"]) * 1e3
+        print(f"{name:42s} {fused:9.3f} {rewritten:13.3f} {rewritten / fused:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""The command line: exit codes, messages, the JSON report, and what is (not) written."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from gqa_models import GqaConfig, make_gqa_model
+from onnx import helper
+from test_model_io import (
+    TINY_LLAMA,
+    folder_listing,
+    save_with_external_data,
+    sha256,
+    write_model_with_external_cos_cache,
+)
+
+import gqa_decompose.expansion.gqa
+from gqa_decompose import model_io
+from gqa_decompose.cli import main
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+BUILDER_MODEL = REPO / "models" / "builder-tiny-llama" / "model.onnx"
+GQA_NODES = ["/model/layers.0/attn/GroupQueryAttention", "/model/layers.1/attn/GroupQueryAttention"]
+
+
+def run(*args) -> tuple[int, str, str]:
+    """The CLI in-process: (exit code, stdout, stderr). An uncaught exception fails the test."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def run_process(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gqa_decompose", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def tiny(tmp_path) -> pathlib.Path:
+    """The tiny llama model, copied so the repository's models/ folder is never written."""
+    path = tmp_path / "tiny-llama-gqa.onnx"
+    shutil.copyfile(TINY_LLAMA, path)
+    return path
+
+
+@pytest.fixture
+def builder(tmp_path) -> pathlib.Path:
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(BUILDER_MODEL, path)
+    return path
+
+
+def save_proto(model: onnx.ModelProto, path: pathlib.Path) -> pathlib.Path:
+    onnx.save(model, path)
+    return path
+
+
+def relu_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "no_gqa",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def scale_attention_by(factor: float, monkeypatch) -> None:
+    """Make every expansion attend with a wrong scale (the CLI's and the verifier's alike)."""
+    attend = gqa_decompose.expansion.gqa.attend
+
+    def wrong_attend(*args, scale, **kwargs):
+        return attend(*args, scale=scale * factor, **kwargs)
+
+    monkeypatch.setattr(gqa_decompose.expansion.gqa, "attend", wrong_attend)
+
+
+# Success -----------------------------------------------------------------------------------
+
+
+def test_decomposing_the_tiny_llama_exits_0_and_writes_the_default_output_beside_it(tiny):
+    code, out, err = run(tiny)
+    assert code == 0, err
+    expected = tiny.with_name("tiny-llama-gqa.decomposed.onnx")
+    assert folder_listing(tiny.parent) == {tiny.name, expected.name}
+    decomposed = onnx.load(expected)
+    assert not [n.name for n in decomposed.graph.node if n.domain == "com.microsoft"]
+    onnx.checker.check_model(decomposed, full_check=True)
+    for name in GQA_NODES:
+        assert f"{name}: decomposed (" in out
+    assert out.count("; verified, max error") == 2
+    assert f"wrote {expected}" in out
+
+
+def test_decomposing_with_no_verify_exits_0_and_says_nodes_were_not_verified(tiny, tmp_path):
+    target = tmp_path / "out" / "plain.onnx"
+    code, out, err = run(tiny, "-o", target, "--no-verify")
+    assert code == 0, err
+    assert target.is_file()
+    assert out.count("; not verified") == 2
+    assert "verified, max error" not in out
+
+
+def test_a_model_without_a_gqa_node_exits_0_says_nothing_to_do_and_writes_nothing(tmp_path):
+    path = save_proto(relu_model(), tmp_path / "relu.onnx")
+    code, out, err = run(path)
+    assert code == 0, err
+    assert "nothing to do, nothing written" in out
+    assert folder_listing(tmp_path) == {"relu.onnx"}
+
+
+# --check -----------------------------------------------------------------------------------
+
+
+def test_check_on_the_tiny_llama_exits_0_says_portable_and_writes_nothing(tiny):
+    code, out, err = run(tiny, "--check")
+    assert code == 0, err
+    assert f"{tiny}: portable once decomposed" in out
+    assert out.count("decomposable (") == 2
+    assert folder_listing(tiny.parent) == {tiny.name}
+
+
+def test_check_on_the_builder_model_exits_1_and_names_simplified_layer_normalization(builder, tmp_path):
+    report_path = tmp_path / "report.json"
+    code, out, err = run(builder, "--check", "--report", report_path)
+    assert code == 1, err
+    assert "SimplifiedLayerNormalization" in out
+    assert "NOT portable" in out
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "check"
+    assert report["portable"] is False
+    assert "ai.onnx::SimplifiedLayerNormalization" in report["non_standard_ops"]
+    assert "com.microsoft::SkipSimplifiedLayerNormalization" in report["non_standard_ops"]
+    assert [n["status"] for n in report["nodes"]] == ["decomposable", "decomposable"]
+    assert report["exit_code"] == 1
+    assert folder_listing(tmp_path) == {"model.onnx", "report.json"}
+
+
+def test_check_exits_1_when_a_gqa_node_is_refused(tmp_path):
+    path = save_proto(make_gqa_model(GqaConfig(extra_attributes=(("foo", 1),))), tmp_path / "foo.onnx")
+    code, out, _ = run(path, "--check")
+    assert code == 1
+    assert "attn/GroupQueryAttention: REFUSED: unknown attribute(s) ['foo']" in out
+
+
+# Bad input (exit 2) ------------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_onnx_exits_2_with_a_one_line_error_and_no_traceback(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("definitely not a protobuf\n")
+    result = run_process(path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: cannot read {path} as an ONNX model")
+
+
+def test_a_missing_model_file_exits_2_with_a_one_line_error(tmp_path):
+    code, out, err = run(tmp_path / "absent.onnx")
+    assert code == 2
+    assert err.splitlines() == [f"error: no such model file: {tmp_path / 'absent.onnx'}"]
+    assert folder_listing(tmp_path) == set()
+
+
+def test_a_gqa_node_with_an_unknown_attribute_exits_2_and_the_message_names_the_node(tmp_path):
+    path = save_proto(make_gqa_model(GqaConfig(extra_attributes=(("foo", 1),))), tmp_path / "foo.onnx")
+    code, _, err = run(path)
+    assert code == 2
+    assert err.startswith("error: node 'attn/GroupQueryAttention': unknown attribute(s) ['foo']")
+    assert len(err.splitlines()) == 1
+    assert folder_listing(tmp_path) == {"foo.onnx"}
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "relative"])
+def test_an_output_path_equal_to_the_input_exits_2_and_leaves_the_input_alone(tiny, monkeypatch, spelling):
+    monkeypatch.chdir(tiny.parent)
+    output = {
+        "same": str(tiny),
+        "dotted": str(tiny.parent / "sub" / ".." / tiny.name),
+        "relative": tiny.name,
+    }[spelling]
+    before = sha256(tiny)
+    code, _, err = run(tiny, "-o", output)
+    assert code == 2
+    assert "the output path is the input model" in err
+    assert sha256(tiny) == before
+    assert folder_listing(tiny.parent) == {tiny.name}
+
+
+def test_an_output_that_would_replace_the_inputs_data_file_exits_2_and_leaves_the_input_alone(tmp_path):
+    # a.onnx keeps its weights in b.onnx.data; the output b.onnx would get b.onnx.data.
+    source = tmp_path / "a.onnx"
+    data = save_with_external_data(TINY_LLAMA, source, location="b.onnx.data")
+    hashes = (sha256(source), sha256(data))
+    code, _, err = run(source, "-o", tmp_path / "b.onnx", "-q")
+    assert code == 2
+    assert "a file of the input model" in err
+    assert (sha256(source), sha256(data)) == hashes
+    assert folder_listing(tmp_path) == {"a.onnx", "b.onnx.data"}
+
+
+def test_an_output_folder_that_is_a_regular_file_exits_2_with_a_one_line_error(tiny):
+    blocker = tiny.parent / "blocker"
+    blocker.write_text("a file, not a folder")
+    code, _, err = run(tiny, "-o", blocker / "x.onnx", "--no-verify")
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "blocker" in err
+    assert blocker.read_text() == "a file, not a folder"
+    assert folder_listing(tiny.parent) == {tiny.name, "blocker"}
+
+
+def test_a_refused_node_still_gets_a_report_with_the_error_and_exit_code_2(tmp_path):
+    path = save_proto(make_gqa_model(GqaConfig(extra_attributes=(("foo", 1),))), tmp_path / "foo.onnx")
+    report_path = tmp_path / "report.json"
+    code, _, _ = run(path, "--report", report_path)
+    assert code == 2
+    report = json.loads(report_path.read_text())
+    assert report["exit_code"] == 2
+    assert "attn/GroupQueryAttention" in report["error"]
+    assert "unknown attribute" in report["error"]
+
+
+def test_a_report_path_that_cannot_be_written_exits_2_with_a_one_line_error(tiny):
+    code, _, err = run(tiny, "--report", tiny.parent / "missing-folder" / "report.json", "--no-verify")
+    assert code == 2
+    assert err.splitlines() == [f"error: cannot write the report: {err.split(': ', 2)[2].strip()}"]
+    assert "report.json" in err
+
+
+# Verification failure (exit 1) -------------------------------------------------------------
+
+
+def test_a_failed_verification_exits_1_and_writes_no_output(tiny, monkeypatch):
+    scale_attention_by(1.5, monkeypatch)
+    report_path = tiny.parent / "report.json"
+    code, out, err = run(tiny, "--report", report_path)
+    assert code == 1
+    assert out.count("; VERIFICATION FAILED") == 2
+    assert "output differs by" in out
+    assert "error: verification failed; nothing written" in err
+    assert folder_listing(tiny.parent) == {tiny.name, "report.json"}
+    report = json.loads(report_path.read_text())
+    assert report["exit_code"] == 1
+    assert report["output"] is None
+    assert [n["verification"]["passed"] for n in report["nodes"]] == [False, False]
+
+
+def test_check_exits_1_when_verification_fails(tiny, monkeypatch):
+    scale_attention_by(1.5, monkeypatch)
+    code, out, _ = run(tiny, "--check")
+    assert code == 1
+    assert out.count("VERIFICATION FAILED") == 2
+    assert "NOT portable" in out
+    assert folder_listing(tiny.parent) == {tiny.name}
+
+
+def test_no_verify_writes_even_a_wrong_expansion(tiny, monkeypatch):
+    # The same sabotage as above goes unnoticed without verification: the exit-1 tests
+    # owe their failure to verification, not to the sabotage breaking the rewrite.
+    scale_attention_by(1.5, monkeypatch)
+    code, _, err = run(tiny, "--no-verify")
+    assert code == 0, err
+    assert tiny.with_name("tiny-llama-gqa.decomposed.onnx").is_file()
+
+
+# --report ----------------------------------------------------------------------------------
+
+
+def test_the_report_holds_nodes_features_per_phase_errors_non_standard_ops_and_exit_code(tiny):
+    report_path = tiny.parent / "report.json"
+    code, _, err = run(tiny, "--report", report_path)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "decompose"
+    assert report["exit_code"] == 0
+    assert report["output"] == str(tiny.with_name("tiny-llama-gqa.decomposed.onnx"))
+    assert report["non_standard_ops"] == []
+    assert "error" not in report
+    assert [n["name"] for n in report["nodes"]] == GQA_NODES
+    for node in report["nodes"]:
+        assert node["status"] == "decomposed"
+        assert node["scope"] == "main graph"
+        assert {"packed QKV", "past KV", "rotary (half)"} <= set(node["features"])
+        assert node["new_nodes"] > 0
+        verification = node["verification"]
+        assert verification["passed"] is True
+        assert verification["skipped"] is None
+        assert 0 <= verification["max_error"] < 1e-5
+        phases = verification["phases"]
+        assert {p["phase"] for p in phases} >= {"first prompt, growing cache", "decode, growing cache"}
+        for phase in phases:
+            assert phase["passed"] is True and phase["failure"] is None
+            assert set(phase["max_errors"]) == {"output", "present_key", "present_value"}
+        assert verification["max_error"] == max(e for p in phases for e in p["max_errors"].values())
+
+
+def test_the_report_of_the_builder_model_lists_its_non_standard_ops(builder, tmp_path):
+    report_path = tmp_path / "report.json"
+    code, out, err = run(builder, "-o", tmp_path / "out.onnx", "--report", report_path, "--no-verify")
+    assert code == 0, err
+    assert "note: the model still holds non-standard ops" in out
+    report = json.loads(report_path.read_text())
+    assert report["non_standard_ops"] == [
+        "ai.onnx::SimplifiedLayerNormalization",
+        "com.microsoft::SkipSimplifiedLayerNormalization",
+    ]
+    assert [n["verification"] for n in report["nodes"]] == [None, None]
+
+
+# Entry points ------------------------------------------------------------------------------
+
+
+def test_python_dash_m_help_exits_0_and_documents_the_exit_codes():
+    result = run_process("--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+    assert "Exit codes:" in result.stdout
+    for line in ("0  success", "1  verification against ONNX Runtime failed", "2  bad input"):
+        assert line in result.stdout
+
+
+def test_the_gqa_decompose_script_prints_the_installed_version():
+    script = pathlib.Path(sys.executable).with_name("gqa-decompose")
+    assert script.is_file(), "the console script is installed beside the interpreter"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert importlib.metadata.version("gqa-decompose") in result.stdout
+    assert result.stdout.startswith("gqa-decompose, version ")
+
+
+# The input is never modified -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["decompose", "check"])
+def test_the_input_model_and_its_data_file_are_unchanged(tmp_path, mode):
+    source = tmp_path / "tiny.onnx"
+    data = save_with_external_data(TINY_LLAMA, source)
+    before = (sha256(source), sha256(data), source.stat().st_mtime_ns, data.stat().st_mtime_ns)
+    code, _, err = run(source, *(["--check"] if mode == "check" else []))
+    assert code == 0, err
+    assert (sha256(source), sha256(data), source.stat().st_mtime_ns, data.stat().st_mtime_ns) == before
+    written = {"tiny.decomposed.onnx", "tiny.decomposed.onnx.data"} if mode == "decompose" else set()
+    assert folder_listing(tmp_path) == {"tiny.onnx", "tiny.onnx.data", *written}
+
+
+# Atomic writes ------------------------------------------------------------------------------
+
+
+def _failing_save(model, path, external_data=None, **kwargs):
+    path = pathlib.Path(path)
+    if external_data is not None:
+        (path.parent / external_data).write_bytes(b"\0" * 100)
+    path.write_bytes(b"\x08\x0a partial")
+    raise OSError(28, "No space left on device")
+
+
+def test_a_save_failing_midway_exits_2_and_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    source = tmp_path / "in" / "tiny.onnx"
+    save_with_external_data(TINY_LLAMA, source)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.onnx").write_bytes(b"previous model")
+    monkeypatch.setattr(model_io.ir, "save", _failing_save)
+    code, _, err = run(source, "-o", out / "x.onnx", "--no-verify")
+    assert code == 2
+    assert err.splitlines() == ["error: [Errno 28] No space left on device"]
+    assert folder_listing(out) == {"x.onnx"}
+    assert (out / "x.onnx").read_bytes() == b"previous model"
+
+
+# External data ------------------------------------------------------------------------------
+
+
+def _prompt_feeds(batch: int = 2, length: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(0, 64, (batch, length), dtype=np.int64),
+        "attention_mask": np.ones((batch, length), dtype=np.int64),
+    }
+    for layer in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kind}"] = np.zeros((batch, 2, 0, 16), dtype=np.float32)
+    return feeds
+
+
+def _run_ort(path: pathlib.Path, feeds) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds)))
+
+
+def test_a_model_with_external_data_decomposes_into_its_own_data_file_with_the_same_logits(tmp_path, monkeypatch):
+    source = tmp_path / "in" / "tiny.onnx"
+    source_data = save_with_external_data(TINY_LLAMA, source)
+    before = sha256(source_data)
+    target = tmp_path / "out" / "x.onnx"
+    # Run from an unrelated folder: external data must be found beside the model, not here.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out, err = run(source, "-o", target)
+    assert code == 0, err
+    assert out.count("; verified, max error") == 2
+    assert folder_listing(tmp_path / "out") == {"x.onnx", "x.onnx.data"}
+    assert f"wrote {target}, {target}.data" in out
+    assert sha256(source_data) == before
+    assert folder_listing(tmp_path / "elsewhere") == set()
+
+    decomposed = onnx.load(target, load_external_data=False)
+    assert not [n.name for n in decomposed.graph.node if n.domain == "com.microsoft"]
+    locations = {e.value for t in decomposed.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"x.onnx.data"}
+    feeds = _prompt_feeds()
+    # ONNX Runtime cannot read the input itself (its axes constants are external too): the
+    # self-contained original holds the same weights.
+    expected = _run_ort(TINY_LLAMA, feeds)
+    got = _run_ort(target, feeds)
+    assert set(got) == set(expected)
+    assert float(np.abs(expected["logits"]).max()) > 0.1
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["decompose", "check"])
+def test_external_data_outside_the_models_folder_exits_2(tmp_path, mode):
+    path = write_model_with_external_cos_cache(tmp_path / "model", "../outside.data")
+    code, out, err = run(path, *(["--check"] if mode == "check" else []))
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "'../outside.data', outside the model's folder" in err
+    assert folder_listing(tmp_path / "model") == {"model.onnx"}
+
+
+# Progress bars ------------------------------------------------------------------------------
+
+
+def test_progress_bars_stay_off_when_stderr_is_not_a_terminal(tiny):
+    code, out, err = run(tiny)
+    assert code == 0
+    assert err == ""
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith(prefix) for line, prefix in zip(lines, [*GQA_NODES, "wrote "]))
+
+
+def test_a_real_process_with_piped_stderr_prints_only_the_summary_lines(tiny):
+    result = run_process(tiny.name, "--no-verify", cwd=tiny.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == GQA_NODES
+    assert lines[2] == f"wrote {tiny.with_name('tiny-llama-gqa.decomposed.onnx')}"
+    assert len(lines) == 3
