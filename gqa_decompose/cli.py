@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 
 import click
-import onnx_ir as ir
 import tqdm
 
 from gqa_decompose import model_io
@@ -163,13 +162,6 @@ def main(
 
 def _verify_nodes(model_path: pathlib.Path, options: DecomposeOptions, quiet: bool) -> dict[str, NodeVerification]:
     original = model_io.load_model(model_path)
-    # verify() copies the model through a proto, which forgets the folder external data
-    # lives in (it would be looked up relative to the working directory): read the
-    # constants the GQA nodes take (cos/sin caches) into memory first.
-    for _, node in find_gqa_nodes(original):
-        for value in node.inputs:
-            if value is not None and isinstance(value.const_value, ir.ExternalTensor):
-                (value.const_value,) = ir.external_data.convert_tensors_from_external([value.const_value])
     bar, update = _progress_bar("verifying", quiet)
     with bar:
         result = verify(original, legacy_window=options.legacy_window, progress=update)

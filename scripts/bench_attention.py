@@ -69,7 +69,7 @@ def main() -> None:
         feeds = _feeds(config, batch, query_length, past_length, total)
         sessions = {"fused": _session(fused_model, args.threads), "rewritten": _session(rewritten_model, args.threads)}
         times: dict[str, list[float]] = {key: [] for key in sessions}
-        for key, session in sessions.items():  # warm up
+        for session in sessions.values():  # warm up
             for _ in range(3):
                 session.run(None, feeds)
         for _ in range(args.repeats):

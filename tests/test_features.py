@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import onnxruntime as ort
 import pytest
-from gqa_models import GqaConfig, gqa_node, make_gqa_model
+from gqa_models import GqaConfig, make_gqa_model
 from test_grid import assert_matches_ort
 
 import gqa_decompose
