@@ -62,21 +62,23 @@ def decompose(model: onnx.ModelProto, **options) -> onnx.ModelProto: ...
 def decompose(model: ir.Model, **options) -> ir.Model: ...
 
 
-def decompose(model, *, legacy_window: bool = False, check: bool = True):
+def decompose(model, *, check: bool = True, **options):
     """Rewrite every com.microsoft.GroupQueryAttention node into standard ONNX ops.
 
     Args:
         model: an ``onnx.ModelProto`` (left untouched; a new ModelProto is
             returned) or an ``onnx_ir.Model`` (rewritten in place and returned).
-        legacy_window: read ``local_window_size`` as ONNX Runtime <= 1.23 did
-            (W + 1 visible keys).
         check: run the ONNX checker on the result.
+        options: fields of :class:`DecomposeOptions`: ``legacy_window=True``
+            reads ``local_window_size`` as ONNX Runtime <= 1.23 did (W + 1
+            visible keys); ``static_kv_cache=True`` promises a max-length KV
+            buffer (one cache copy less per layer and step).
 
     Raises:
         GqaDecomposeError: a node is malformed or uses a feature that cannot be
             reproduced exactly; the message names the node.
     """
-    options = DecomposeOptions(legacy_window=legacy_window)
+    options = DecomposeOptions(**options)
     if isinstance(model, onnx.ModelProto):
         ir_model = ir.serde.deserialize_model(model)
         rewrite(ir_model, options, check=check)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -122,6 +123,16 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     help="Read local_window_size W as ONNX Runtime <= 1.23 did (W + 1 visible keys) "
     "for models exported for those releases. Default: W keys (ORT >= 1.24).",
 )
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["auto", "static", "any"]),
+    default="auto",
+    show_default=True,
+    help="'static': promise past is always a max-length buffer (T <= past length), which "
+    "saves one copy of the cache per layer and step; a growing cache then fails at run time. "
+    "'any': growing or static, decided at run time. 'auto': static when a genai_config.json "
+    "beside MODEL sets past_present_share_buffer, else any.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; only the summary lines.")
 @click.version_option(package_name="gqa-decompose")
 def main(
@@ -131,6 +142,7 @@ def main(
     report_path: pathlib.Path | None,
     check: bool,
     legacy_window: bool,
+    kv_cache: str,
     quiet: bool,
 ) -> None:
     """Rewrite com.microsoft.GroupQueryAttention nodes of MODEL into standard ONNX ops.
@@ -141,8 +153,19 @@ def main(
     synthesized inputs (first prompt, ragged decode, chunked prefill), and the
     model is written only if every node matches.
     """
-    options = DecomposeOptions(legacy_window=legacy_window)
-    report: dict = {"model": str(model), "mode": "check" if check else "decompose", "nodes": []}
+    static_kv_cache = kv_cache == "static" or (
+        kv_cache == "auto" and model_io.genai_shares_kv_buffer(model)
+    )
+    if kv_cache == "auto" and static_kv_cache:
+        click.echo("note: genai_config.json shares past/present buffers: assuming a static KV buffer "
+                   "(--kv-cache any to keep the growing-cache path)")
+    options = DecomposeOptions(legacy_window=legacy_window, static_kv_cache=static_kv_cache)
+    report: dict = {
+        "model": str(model),
+        "mode": "check" if check else "decompose",
+        "options": dataclasses.asdict(options),
+        "nodes": [],
+    }
     try:
         if check:
             code = _run_check(model, options, not no_verify, quiet, report)
@@ -164,7 +187,7 @@ def _verify_nodes(model_path: pathlib.Path, options: DecomposeOptions, quiet: bo
     original = model_io.load_model(model_path)
     bar, update = _progress_bar("verifying", quiet)
     with bar:
-        result = verify(original, legacy_window=options.legacy_window, progress=update)
+        result = verify(original, progress=update, **dataclasses.asdict(options))
     return {node.name: node for node in result.nodes}
 
 

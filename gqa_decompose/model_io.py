@@ -9,6 +9,7 @@ half-written model and the input's own files are never opened for writing.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -19,13 +20,30 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 
-__all__ = ["default_output_path", "external_tensors", "load_model", "save_model"]
+__all__ = ["default_output_path", "genai_shares_kv_buffer", "external_tensors", "load_model", "save_model"]
 
 
 def default_output_path(model_path: str | os.PathLike) -> pathlib.Path:
     """``<stem>.decomposed.onnx`` beside the model."""
     path = pathlib.Path(model_path)
     return path.with_name(f"{path.stem}.decomposed.onnx")
+
+
+def genai_shares_kv_buffer(model_path: str | os.PathLike) -> bool:
+    """True when an onnxruntime-genai ``genai_config.json`` beside the model runs it with
+    ``past_present_share_buffer``: past is then always a max-length (static) buffer."""
+    path = pathlib.Path(model_path).absolute()
+    config_path = path.parent / "genai_config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return False
+    decoder_file = config.get("model", {}).get("decoder", {}).get("filename")
+    if decoder_file is not None and decoder_file != path.name:
+        return False
+    return bool(config.get("search", {}).get("past_present_share_buffer", False))
 
 
 def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:

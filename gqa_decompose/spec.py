@@ -66,9 +66,21 @@ class DecomposeOptions:
         legacy_window: read ``local_window_size`` W as ONNX Runtime <= 1.23 did
             (W + 1 visible keys) instead of the current meaning (W keys).
             For models exported for an old ONNX Runtime.
+        static_kv_cache: promise that past is always a max-length buffer
+            (T <= P); see ``STATIC_KV_CACHE_DOC``. A growing cache then fails
+            at run time (ScatterND index out of range) instead of computing
+            anything wrong.
     """
 
     legacy_window: bool = False
+    static_kv_cache: bool = False
+
+
+STATIC_KV_CACHE_DOC = (
+    "the model always runs with a max-length KV buffer (total_sequence_length <= past length, "
+    "as onnxruntime-genai's past_present_share_buffer does): present is written straight into "
+    "a copy of past, saving one copy of the cache per layer and step"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +111,7 @@ class GqaSpec:
     has_position_ids: bool
     qk_output: int
     causal: bool
+    static_kv_cache: bool  # promised T <= P: present has exactly P rows
     present_used: bool  # present_key/present_value exist and someone reads them
     output_qk_used: bool
 
@@ -112,7 +125,7 @@ class GqaSpec:
         if self.kv_empty:
             names.append("shared KV (empty key/value)")
         elif self.has_past:
-            names.append("past KV")
+            names.append("static KV buffer" if self.static_kv_cache else "past KV")
         if self.do_rotary:
             layout = "interleaved" if self.rotary_interleaved else "half"
             names.append(f"rotary ({layout})")
@@ -406,6 +419,7 @@ def parse_gqa_node(
         has_position_ids=position_ids is not None,
         qk_output=qk_output,
         causal=causal_attr == 1,
+        static_kv_cache=options.static_kv_cache and has_past,
         present_used=present_used,
         output_qk_used=bool(qk_output) and _output_used(node, OUTPUT_QK, graph_outputs),
     )

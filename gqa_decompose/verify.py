@@ -230,7 +230,7 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         options: list[tuple[str, int | None]] = []
         kv_rows = 0 if spec.kv_empty else query_length
         growing_past = total - kv_rows
-        if growing and not spec.kv_empty and (past_dim is None or not isinstance(past_dim, int) or past_dim == growing_past):
+        if growing and not spec.kv_empty and not spec.static_kv_cache and (past_dim is None or not isinstance(past_dim, int) or past_dim == growing_past):
             options.append((", growing cache", growing_past))
         static_past = _fixed(past_dim, total + 3)
         if static_past >= total:
@@ -411,7 +411,10 @@ def verify_node_model(
         used_outputs = [i for i, v in enumerate(node.outputs) if v is not None and v.name]
     oracle_outputs = sorted(set(used_outputs) | ({gqa.PRESENT_KEY, gqa.PRESENT_VALUE} if spec.has_past else set()))
     oracle = extract_node_model(node, opset, ir_version, outputs=oracle_outputs)
-    candidate = decompose(extract_node_model(node, opset, ir_version, outputs=used_outputs), legacy_window=bool(options and options.legacy_window))
+    candidate = decompose(
+        extract_node_model(node, opset, ir_version, outputs=used_outputs),
+        **dataclasses.asdict(options or DecomposeOptions()),
+    )
     feed_names = {i: name for i, name in enumerate(oracle.graph.node[0].input) if name}
     feed_names = {i: n for i, n in feed_names.items() if n not in {t.name for t in oracle.graph.initializer}}
     atol, rtol = TOLERANCES[spec.dtype]
@@ -459,14 +462,15 @@ def verify(
     original: onnx.ModelProto | ir.Model,
     decomposed: onnx.ModelProto | ir.Model | None = None,
     *,
-    legacy_window: bool = False,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    **options,
 ) -> VerificationReport:
     """Check each GQA node of ``original`` against its expansion on ONNX Runtime CPU.
 
     ``original`` is not modified (an ``onnx_ir.Model`` is copied first). When
     ``decomposed`` is given, it must hold no GroupQueryAttention node.
+    ``options`` are the :class:`DecomposeOptions` the model was decomposed with.
     """
     if isinstance(original, onnx.ModelProto):
         model = ir.serde.deserialize_model(original)
@@ -474,7 +478,7 @@ def verify(
         model = original.clone()  # tensors are shared, so external data stays where it is
     InferGqaTypesPass()(model)
     opset = model.opset_imports.get("", 17)
-    options = DecomposeOptions(legacy_window=legacy_window)
+    decompose_options = DecomposeOptions(**options)
     found = find_gqa_nodes(model)
     nodes = []
     for index, (container, node) in enumerate(found):
@@ -486,7 +490,9 @@ def verify(
         ]
         if gqa.OUTPUT not in used:
             used.insert(0, gqa.OUTPUT)
-        nodes.append(verify_node_model(node, opset, model.ir_version, options, used_outputs=used, seed=seed))
+        nodes.append(verify_node_model(
+                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed
+            ))
         if progress is not None:
             progress(index + 1, len(found))
     leftover: tuple[str, ...] = ()

@@ -1,6 +1,7 @@
 """Speed of the rewritten attention against the fused GQA kernel, on ONNX Runtime CPU.
 
-Prints, for a few Llama-shaped layers and phases, the median time of the fused
+Prints, for a few Llama-shaped layers and phases (growing cache and, with
+``static_kv_cache``, a max-length buffer), the median time of the fused
 com.microsoft.GroupQueryAttention node and of its decomposition, and the ratio
 rewritten / fused, all measured in this one process, alternating runs so both
 see the same machine state.
@@ -25,8 +26,12 @@ from gqa_models import GqaConfig, make_gqa_model  # noqa: E402
 
 import gqa_decompose  # noqa: E402
 
+LLAMA_8B = GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096)
+
+# name, config, batch, S, P, T; P >= T is a static (max-length) buffer, P = T - S a growing cache.
 CASES = [
-    # name, config, batch, S, P (growing: P = T - S), T
+    ("8B-like decode, static buffer 2048, T=1024", LLAMA_8B, 1, 1, 2048, 1024),
+
     ("8B-like decode T=1024", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 1, 1, 1023, 1024),
     ("8B-like decode T=4096", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 1, 1, 4095, 4096),
     ("8B-like decode batch 4 T=1024", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 4, 1, 1023, 1024),
@@ -45,7 +50,7 @@ def _feeds(config: GqaConfig, batch: int, query_length: int, past_length: int, t
         "query": rng.standard_normal((batch, query_length, hidden)).astype(dtype),
         "past_key": rng.standard_normal(past_shape).astype(dtype),
         "past_value": rng.standard_normal(past_shape).astype(dtype),
-        "seqlens_k": np.full((batch,), total - 1, np.int32),
+        "seqlens_k": np.full((batch,), total - 1, np.int32),  # every row full
         "total_sequence_length": np.array(total, np.int32),
     }
 
@@ -65,7 +70,8 @@ def main() -> None:
     print(f"{'case':42s} {'fused ms':>9s} {'rewritten ms':>13s} {'ratio':>6s}")
     for name, config, batch, query_length, past_length, total in CASES:
         fused_model = make_gqa_model(config)
-        rewritten_model = gqa_decompose.decompose(fused_model)
+        static = past_length >= total
+        rewritten_model = gqa_decompose.decompose(fused_model, static_kv_cache=static)
         feeds = _feeds(config, batch, query_length, past_length, total)
         sessions = {"fused": _session(fused_model, args.threads), "rewritten": _session(rewritten_model, args.threads)}
         times: dict[str, list[float]] = {key: [] for key in sessions}

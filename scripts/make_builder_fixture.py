@@ -1,17 +1,29 @@
-"""Make the real-producer fixture ``models/builder-tiny-llama/``.
+"""Make the real-producer fixtures ``models/builder-<name>/``.
 
-A tiny random-weight Hugging Face Llama checkpoint (with a tiny tokenizer trained here on a few strings) is fed to
-onnxruntime-genai's model builder (fp32, CPU EP), and its ``model.onnx`` and ``genai_config.json`` are copied into the
-repository. The script then runs the ONNX model with ONNX Runtime (prefill + one decode step) against the torch model
-and saves the torch logits as ``reference.npz``, and writes ``PROVENANCE.md``. Nothing is downloaded: the config,
-weights and tokenizer are all made locally. Output is deterministic (same model.onnx bytes on every run).
+A tiny random-weight Hugging Face checkpoint (with a tiny tokenizer trained here on a few strings) is fed to
+onnxruntime-genai's model builder, and its ``model.onnx`` and ``genai_config.json`` are copied into the repository.
+The script then runs the ONNX model with ONNX Runtime (prefill + one decode step) against the torch model and saves
+the torch logits as ``reference.npz``, and writes ``PROVENANCE.md``. Nothing is downloaded: the config, weights and
+tokenizer are all made locally. Output is deterministic (same model.onnx bytes on every run).
 
-Run it with a separate venv that has the builder and its torch / transformers (see PROVENANCE.md next to the model):
+One fixture per architecture name (``--arch``, default ``llama``; ``--arch all`` makes every one):
+
+    llama          builder-tiny-llama       plain Llama, fp32, CPU EP (packed QKV, do_rotary=1)
+    qwen2          builder-qwen2            Qwen2: QKV bias
+    phi3           builder-phi3             Phi-3: Hkv = H, partial rotary (factor 0.5), LongRoPE (If node)
+    qwen2-sliding  builder-qwen2-sliding    Qwen2, layer 1 sliding_attention with window 4 -> local_window_size=4
+                                            (built with windowed_kv_cache=false: max-length caches)
+    qwen2-ring     builder-qwen2-ring       the same checkpoint with the builder's default windowed KV cache
+                                            (sliding_window_cache=1, a window-sized past for the sliding layer)
+    gemma2         builder-gemma2           Gemma 2: attention softcap, query_pre_attn_scalar scale, sliding window
+    llama-fp16     builder-llama-fp16       the tiny Llama built with ``-p fp16 -e cpu`` (fp16 GQA)
+
+Run it with a separate venv that has the builder and its torch / transformers (see PROVENANCE.md next to a model):
 
     python3 -m venv /work/venv-builder
     /work/venv-builder/bin/pip install torch==2.13.0          # CPU build; never plain `torch`
     /work/venv-builder/bin/pip install "transformers==5.23.*" onnxruntime-genai==0.18.0 onnx onnx-ir "onnxruntime>=1.31,<1.32"
-    /work/venv-builder/bin/python scripts/make_builder_fixture.py
+    /work/venv-builder/bin/python scripts/make_builder_fixture.py --arch all
 
 The builder always saves weights as external data (``model.onnx.data``, threshold 0, no option to turn that off); this
 script loads that back and saves one self-contained ``model.onnx`` instead. The builder writes IR version 10; the
@@ -21,6 +33,7 @@ script lowers it only if a future builder writes something newer than ORT 1.31 r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata as md
 import json
 import os
@@ -31,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "models" / "builder-tiny-llama"
+MODELS = REPO / "models"
 
 SEED = 0
 MAX_IR_VERSION = 10  # ORT 1.31 reads newer ones too, but 10 is what the builder writes and every ORT >= 1.16 reads
@@ -45,7 +58,8 @@ TRAINING_TEXT = [
     "a small test sentence with some words in it",
 ]
 # The builder takes every nn.Linear whose out_features == vocab_size for the LM head, so the vocab must differ from
-# every projection width (hidden 64, kv 32, intermediate 128); otherwise q/o/down_proj are each also built as one.
+# every projection width (hidden 64, kv 32, intermediate 128, and the packed qkv / gate_up widths);
+# otherwise those projections are each also built as one. make_checkpoint checks every nn.Linear of the model.
 TOKENIZER_VOCAB_SIZE = 96
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 PROMPT = "hello world the quick fox"
@@ -69,7 +83,161 @@ CONFIG = dict(
     initializer_range=0.2,
 )
 
-BUILDER_ARGS = ["-p", "fp32", "-e", "cpu"]
+
+LLAMA_INTRO = [
+    "A real-producer GroupQueryAttention fixture: a tiny **random-weight** Llama made locally and converted by",
+    "onnxruntime-genai's model builder (fp32, CPU EP). The logits mean nothing; the graph is what the builder",
+    "writes for a Llama-family model on the CPU EP: packed QKV into GroupQueryAttention with `do_rotary=1`,",
+    "`SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization`, and `past_present_share_buffer: true`.",
+]
+_COMMON_TAIL = [
+    "The rest is what the builder writes on the CPU EP: packed QKV into GroupQueryAttention with `do_rotary=1`,",
+    "`SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization`, and `past_present_share_buffer: true`.",
+]
+# Qwen2 always has q/k/v biases and no attention_bias / mlp_bias switches.
+QWEN2_CONFIG = {k: v for k, v in CONFIG.items() if k not in ("attention_bias", "mlp_bias")}
+QWEN2_SLIDING_CONFIG = dict(
+    QWEN2_CONFIG,
+    use_sliding_window=True,
+    sliding_window=4,
+    max_window_layers=1,  # layer_types = [full_attention, sliding_attention]: one node of each kind
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """One fixture: a Hugging Face config class and values, and the builder options."""
+
+    folder: str
+    config_class: str
+    config: dict
+    intro: list[str]
+    builder_args: tuple[str, ...] = ("-p", "fp32", "-e", "cpu")
+    extra_options: tuple[str, ...] = ()  # KEY=VALUE for --extra_options
+    torch_atol: float = 1e-4  # max |ORT - torch| on logits the script accepts
+    notes: tuple[str, ...] = ()  # extra PROVENANCE lines
+
+
+ARCHS = {
+    "llama": Arch("builder-tiny-llama", "LlamaConfig", CONFIG, LLAMA_INTRO),
+    "qwen2": Arch(
+        "builder-qwen2",
+        "Qwen2Config",
+        QWEN2_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: a tiny **random-weight** Qwen2 made locally and converted by",
+            "onnxruntime-genai's model builder (fp32, CPU EP). The logits mean nothing. What it exercises: Qwen2's",
+            "q/k/v projection biases, which the builder packs into one bias Add before GroupQueryAttention.",
+            *_COMMON_TAIL,
+        ],
+    ),
+    "phi3": Arch(
+        "builder-phi3",
+        "Phi3Config",
+        dict(
+            hidden_size=64,
+            # Head size 32: ORT's GQA wants the cos/sin cache width (rotary_dim / 2) to be a multiple of 8, so
+            # partial rotary with factor 0.5 needs rotary_dim 16 of a head of 32.
+            num_attention_heads=2,
+            num_key_value_heads=2,  # Hkv = H, as in Phi-3 mini
+            intermediate_size=128,
+            num_hidden_layers=2,
+            max_position_embeddings=128,
+            original_max_position_embeddings=64,  # != max_position_embeddings: the builder's LongRoPE model
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+            tie_word_embeddings=False,
+            initializer_range=0.2,
+            rope_parameters=dict(
+                rope_type="longrope",
+                type="longrope",  # builder 0.18 reads rope_parameters["type"] for the mscale policy
+                rope_theta=10000.0,
+                partial_rotary_factor=0.5,  # rotary on 16 of the 32 head dims (Phi-4-mini uses 0.75)
+                short_factor=[1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0, 2.5],  # rotary_dim / 2 entries
+                long_factor=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+            ),
+        ),
+        [
+            "A real-producer GroupQueryAttention fixture: a tiny **random-weight** Phi-3 made locally and converted by",
+            "onnxruntime-genai's model builder (fp32, CPU EP). The logits mean nothing. What it exercises:",
+            "`kv_num_heads == num_heads`, partial rotary (`partial_rotary_factor=0.5`: cos/sin caches of width 8 for a",
+            "head size of 32) and LongRoPE (`max_position_embeddings != original_max_position_embeddings`), for which",
+            "the builder picks the short- or long-factor cos/sin cache with an `If` node, so the GQA node's cos/sin",
+            "inputs come out of an `If`.",
+            *_COMMON_TAIL,
+        ],
+    ),
+    "qwen2-sliding": Arch(
+        "builder-qwen2-sliding",
+        "Qwen2Config",
+        QWEN2_SLIDING_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: a tiny **random-weight** Qwen2 with sliding-window attention",
+            "made locally and converted by onnxruntime-genai's model builder (fp32, CPU EP). The logits mean nothing.",
+            "What it exercises: `local_window_size=4` on layer 1 (`sliding_attention`) and `-1` on layer 0",
+            "(`full_attention`), with q/k/v biases. Built with `windowed_kv_cache=false`, so both layers have",
+            "max-length caches (the builder's default window-sized cache is `builder-qwen2-ring`).",
+            *_COMMON_TAIL,
+        ],
+        extra_options=("windowed_kv_cache=false",),
+    ),
+    "qwen2-ring": Arch(
+        "builder-qwen2-ring",
+        "Qwen2Config",
+        QWEN2_SLIDING_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the same tiny **random-weight** sliding-window Qwen2 as",
+            "`builder-qwen2-sliding`, converted with the builder's defaults (fp32, CPU EP). The logits mean nothing.",
+            "What it exercises: the builder's windowed KV cache, on by default for sliding layers on the CPU EP:",
+            "layer 1's GroupQueryAttention has `sliding_window_cache=1` and `local_window_size=4`, and its past/present",
+            "are window-sized ring buffers (genai_config.json has a `sliding_window` section).",
+            *_COMMON_TAIL,
+        ],
+    ),
+    "gemma2": Arch(
+        "builder-gemma2",
+        "Gemma2Config",
+        dict(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=32,  # scale 32**-0.5, not head_dim**-0.5
+            attn_logit_softcapping=5.0,  # small enough to bend scores of std ~2.5
+            final_logit_softcapping=30.0,
+            sliding_window=4,  # layer_types default: [sliding_attention, full_attention]
+            initializer_range=0.2,
+        ),
+        [
+            "A real-producer GroupQueryAttention fixture: a tiny **random-weight** Gemma 2 made locally and converted",
+            "by onnxruntime-genai's model builder (fp32, CPU EP). The logits mean nothing. What it exercises:",
+            "`softcap` (attn_logit_softcapping), a custom `scale` (query_pre_attn_scalar**-0.5) and `local_window_size`",
+            "on the sliding layer (built with `windowed_kv_cache=false`: max-length caches).",
+            *_COMMON_TAIL,
+        ],
+        extra_options=("windowed_kv_cache=false",),
+    ),
+    "llama-fp16": Arch(
+        "builder-llama-fp16",
+        "LlamaConfig",
+        CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the tiny **random-weight** Llama of `builder-tiny-llama`",
+            "converted by onnxruntime-genai's model builder with `-p fp16 -e cpu`. The logits mean nothing. What it",
+            "exercises: float16 GroupQueryAttention (float16 weights, activations, logits and KV cache).",
+            *_COMMON_TAIL,
+        ],
+        builder_args=("-p", "fp16", "-e", "cuda"),
+        torch_atol=5e-2,
+        notes=("The torch reference is float32; the fp16 model is checked against it with a looser tolerance.",),
+    ),
+}
 
 
 def make_tokenizer():
@@ -90,38 +258,52 @@ def make_tokenizer():
     )
 
 
-def make_checkpoint(hf_dir: Path) -> dict:
+def make_checkpoint(arch: Arch, hf_dir: Path) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     tokenizer = make_tokenizer()
     vocab_size = len(tokenizer)
     if vocab_size < 32:
         raise SystemExit(f"tiny tokenizer has only {vocab_size} tokens; add training text")
-    widths = {CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["num_key_value_heads"] * CONFIG["head_dim"],
-              CONFIG["num_attention_heads"] * CONFIG["head_dim"]}
-    if vocab_size in widths:
-        raise SystemExit(f"vocab_size {vocab_size} equals a projection width {sorted(widths)}; the builder would "
-                         "mistake that projection for the LM head")
 
-    cfg_kwargs = dict(CONFIG)
+    cfg_kwargs = dict(arch.config)
     cfg_kwargs.update(
         vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlamaConfig(**cfg_kwargs)
+    config = getattr(transformers, arch.config_class)(**cfg_kwargs)
 
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
+    # HF initializes Linear biases to zero, and the builder drops an all-zero bias (Qwen2's q/k/v biases would
+    # vanish), so give every bias random values like the weights'. Llama has none: its weights are unchanged.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, arch.config["initializer_range"])
+    widths = {m.out_features for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+    if vocab_size in widths:
+        raise SystemExit(f"vocab_size {vocab_size} equals a projection width {sorted(widths)}; the builder would "
+                         "mistake that projection for the LM head")
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     return json.loads((hf_dir / "config.json").read_text())
 
 
-def run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path) -> list[str]:
+def builder_options(arch: Arch) -> list[str]:
+    options = list(arch.builder_args)
+    if arch.extra_options:
+        options += ["--extra_options", *arch.extra_options]
+    return options
+
+
+def run_builder(arch: Arch, hf_dir: Path, out_dir: Path, cache_dir: Path) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -130,10 +312,12 @@ def run_builder(hf_dir: Path, out_dir: Path, cache_dir: Path) -> list[str]:
         str(hf_dir),
         "-o",
         str(out_dir),
-        *BUILDER_ARGS,
+        *arch.builder_args,
         "-c",
         str(cache_dir),
     ]
+    if arch.extra_options:
+        cmd += ["--extra_options", *arch.extra_options]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return cmd
@@ -168,7 +352,20 @@ def copy_outputs(out_dir: Path, dest: Path) -> dict:
     return notes
 
 
-def check_against_torch(hf_dir: Path, dest: Path) -> dict:
+def _past_feed(inp, config: dict):
+    """An empty past for one graph input: [1, kv_heads, 0, head_size], read from the input's shape (dims that are
+    symbolic there come from the HF config)."""
+    import numpy as np
+
+    dims = inp.shape
+    kv_heads = dims[1] if isinstance(dims[1], int) else config["num_key_value_heads"]
+    head_size = dims[3] if isinstance(dims[3], int) else config.get("head_dim") or (
+        config["hidden_size"] // config["num_attention_heads"])
+    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[inp.type]
+    return np.zeros((1, kv_heads, 0, head_size), dtype=dtype)
+
+
+def check_against_torch(arch: Arch, hf_dir: Path, dest: Path, config: dict) -> dict:
     """Run the fixture with ORT (prefill, then one decode step feeding present back as past) and compare its logits
     with the Hugging Face torch model's. Saves the prompt and the torch logits as ``reference.npz``."""
     import numpy as np
@@ -186,32 +383,29 @@ def check_against_torch(hf_dir: Path, dest: Path) -> dict:
     decode = full[-1:]
 
     sess = ort.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
-    n_layers, kv_heads, head_dim = CONFIG["num_hidden_layers"], CONFIG["num_key_value_heads"], CONFIG["head_dim"]
-    feeds = {
-        "input_ids": np.array([ids], dtype=np.int64),
-        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-    }
-    for i in range(n_layers):
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+    inputs = {i.name: i for i in sess.get_inputs()}
+    past_names = [name for name in inputs if name.startswith("past_key_values.")]
+
+    def feeds_for(step_ids, total, past):
+        feeds = {"input_ids": np.array([step_ids], dtype=np.int64),
+                 "attention_mask": np.ones((1, total), dtype=np.int64), **past}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None]
+        return feeds
+
     out_names = [o.name for o in sess.get_outputs()]
-    outs = dict(zip(out_names, sess.run(None, feeds)))
-    ort_prefill = outs["logits"][0]
-    feeds = {
-        "input_ids": np.array([[next_id]], dtype=np.int64),
-        "attention_mask": np.ones((1, len(ids) + 1), dtype=np.int64),
-    }
-    for i in range(n_layers):
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = outs[f"present.{i}.{kv}"]
-    ort_decode = sess.run(["logits"], feeds)[0][0]
+    past = {name: _past_feed(inputs[name], config) for name in past_names}
+    outs = dict(zip(out_names, sess.run(None, feeds_for(ids, len(ids), past))))
+    ort_prefill = outs["logits"][0].astype(np.float32)
+    past = {name: outs[name.replace("past_key_values", "present")] for name in past_names}
+    ort_decode = sess.run(["logits"], feeds_for([next_id], len(ids) + 1, past))[0][0].astype(np.float32)
 
     diffs = {
         "prefill": float(np.abs(ort_prefill - prefill).max()),
         "decode": float(np.abs(ort_decode - decode).max()),
     }
     print(f"max |ORT - torch| logits: {diffs}")
-    if max(diffs.values()) > 1e-4:
+    if max(diffs.values()) > arch.torch_atol:
         raise SystemExit(f"builder model does not match the torch model: {diffs}")
     np.savez(
         dest / "reference.npz",
@@ -223,27 +417,56 @@ def check_against_torch(hf_dir: Path, dest: Path) -> dict:
     return {"ids": ids, "next_id": next_id, "diffs": diffs}
 
 
-def write_provenance(dest: Path, cfg: dict, cmd: list[str], notes: dict, check: dict) -> None:
+def gqa_attributes(dest: Path) -> list[str]:
+    """One line per GroupQueryAttention node: its non-default-looking attributes."""
+    import onnx
+
+    model = onnx.load(str(dest / "model.onnx"))
+    lines = []
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            shown = ", ".join(f"{k}={round(v, 6) if isinstance(v, float) else v}" for k, v in sorted(attrs.items()))
+            lines.append(f"- `{node.name}`: {shown}")
+    return lines
+
+
+def write_provenance(arch: Arch, dest: Path, cfg: dict, cmd: list[str], notes: dict, check: dict) -> None:
     versions = {
         name: md.version(name)
         for name in ("torch", "transformers", "tokenizers", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir")
     }
-    shown_cmd = ["python", "-m", "onnxruntime_genai.models.builder", "-i", "HF_DIR", "-o", "OUT", *BUILDER_ARGS,
+    shown_cmd = ["python", "-m", "onnxruntime_genai.models.builder", "-i", "HF_DIR", "-o", "OUT", *arch.builder_args,
                  "-c", "CACHE_DIR"]
+    if arch.extra_options:
+        shown_cmd += ["--extra_options", *arch.extra_options]
     ir_line = f"- IR version written by the builder: {notes['builder_ir_version']}"
     if "ir_patched_to" in notes:
         ir_line += f"; patched down to {notes['ir_patched_to']} by the script"
     else:
         ir_line += " (kept as is)"
+    if arch.folder == ARCHS["llama"].folder:
+        config_source = [
+            f"The checkpoint's `config.json` as `save_pretrained` wrote it (`{arch.config_class}` with the values in the script's",
+            "`CONFIG`, `vocab_size` = the tiny tokenizer's size, and its bos/eos/pad ids):",
+        ]
+        regenerate = "Made by `scripts/make_builder_fixture.py` (run it with the builder venv below to regenerate)."
+        gqa_section = []
+    else:
+        name = next(k for k, v in ARCHS.items() if v is arch)
+        config_source = [
+            f"The checkpoint's `config.json` as `save_pretrained` wrote it (`{arch.config_class}` with the values in the",
+            f"script's `ARCHS[{name!r}].config`, `vocab_size` = the tiny tokenizer's size, and its bos/eos/pad ids):",
+        ]
+        regenerate = (f"Made by `scripts/make_builder_fixture.py --arch {name}` (run it with the builder venv below to"
+                      " regenerate).")
+        gqa_section = ["## GroupQueryAttention nodes", "", *gqa_attributes(dest), ""]
     lines = [
-        "# builder-tiny-llama",
+        f"# {arch.folder}",
         "",
-        "A real-producer GroupQueryAttention fixture: a tiny **random-weight** Llama made locally and converted by",
-        "onnxruntime-genai's model builder (fp32, CPU EP). The logits mean nothing; the graph is what the builder",
-        "writes for a Llama-family model on the CPU EP: packed QKV into GroupQueryAttention with `do_rotary=1`,",
-        "`SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization`, and `past_present_share_buffer: true`.",
+        *arch.intro,
         "",
-        "Made by `scripts/make_builder_fixture.py` (run it with the builder venv below to regenerate).",
+        regenerate,
         "",
         "## Versions",
         "",
@@ -252,15 +475,14 @@ def write_provenance(dest: Path, cfg: dict, cmd: list[str], notes: dict, check: 
         "",
         "## Hugging Face config",
         "",
-        "The checkpoint's `config.json` as `save_pretrained` wrote it (`LlamaConfig` with the values in the script's",
-        "`CONFIG`, `vocab_size` = the tiny tokenizer's size, and its bos/eos/pad ids):",
+        *config_source,
         "",
         "```json",
         json.dumps(cfg, indent=2, sort_keys=True),
         "```",
         "",
         f"Weights: `torch.manual_seed({SEED})` then `AutoModelForCausalLM.from_config(config)`, float32, with",
-        f"`initializer_range={CONFIG['initializer_range']}` (not HF's 0.02) so attention is far from uniform.",
+        f"`initializer_range={arch.config['initializer_range']}` (not HF's 0.02) so attention is far from uniform.",
         f"Tokenizer: `tokenizers` BPE (vocab_size={TOKENIZER_VOCAB_SIZE}, whitespace pre-tokenizer, specials"
         f" {', '.join(SPECIAL_TOKENS)}) trained on {len(TRAINING_TEXT)} short strings, wrapped in"
         " `PreTrainedTokenizerFast` and saved beside the weights (the builder needs one; its files are not kept here).",
@@ -271,6 +493,7 @@ def write_provenance(dest: Path, cfg: dict, cmd: list[str], notes: dict, check: 
         " ".join(shown_cmd),
         "```",
         "",
+        *gqa_section,
         "## Post-processing by the script",
         "",
         "- The builder always writes weights to `model.onnx.data`; the script reloads them and saves a single",
@@ -288,32 +511,46 @@ def write_provenance(dest: Path, cfg: dict, cmd: list[str], notes: dict, check: 
         "against them with ORT CPU (prefill with empty past `[1, kv_heads, 0, head_dim]`, then one decode step with",
         f"present fed back as past): max |diff| prefill {check['diffs']['prefill']:.2e},"
         f" decode {check['diffs']['decode']:.2e}.",
+        *arch.notes,
         "",
     ]
     (dest / "PROVENANCE.md").write_text("\n".join(lines))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="destination folder (default: %(default)s)")
-    ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary checkpoint and builder output")
-    args = ap.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="builder-tiny-llama-"))
+def make_fixture(arch: Arch, out: Path, keep_tmp: bool) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f"{arch.folder}-"))
     try:
         hf_dir, out_dir, cache_dir = tmp / "hf", tmp / "out", tmp / "cache"
-        cfg = make_checkpoint(hf_dir)
-        cmd = run_builder(hf_dir, out_dir, cache_dir)
-        notes = copy_outputs(out_dir, args.out)
-        check = check_against_torch(hf_dir, args.out)
-        write_provenance(args.out, cfg, cmd, notes, check)
-        for p in sorted(args.out.iterdir()):
+        cfg = make_checkpoint(arch, hf_dir)
+        cmd = run_builder(arch, hf_dir, out_dir, cache_dir)
+        notes = copy_outputs(out_dir, out)
+        check = check_against_torch(arch, hf_dir, out, cfg)
+        write_provenance(arch, out, cfg, cmd, notes, check)
+        for p in sorted(out.iterdir()):
             print(f"{p.relative_to(REPO) if p.is_relative_to(REPO) else p}: {p.stat().st_size} bytes")
     finally:
-        if args.keep_tmp:
+        if keep_tmp:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="llama", choices=[*ARCHS, "all"],
+                    help="which fixture to make (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="destination folder (default: models/<the arch's folder>; not with --arch all)")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary checkpoint and builder output")
+    args = ap.parse_args()
+    if args.arch == "all":
+        if args.out is not None:
+            ap.error("--out cannot be used with --arch all")
+        for arch in ARCHS.values():
+            make_fixture(arch, MODELS / arch.folder, args.keep_tmp)
+    else:
+        arch = ARCHS[args.arch]
+        make_fixture(arch, args.out or MODELS / arch.folder, args.keep_tmp)
 
 
 if __name__ == "__main__":

@@ -138,11 +138,11 @@ def test_verification_catches_a_plain_concat_kv_update(monkeypatch):
     """Concatenating new K/V after the past is wrong for ragged batches (semantics §3-4)."""
     from gqa_decompose.expansion import gqa as expansion
 
-    def concat_update(op, shared, info, past, new, kv_num_heads):
+    def concat_update(op, shared, info, past, new, kv_num_heads, static_buffer=False):
         return op.op("Concat", past, new, axis=2)
 
     monkeypatch.setattr(expansion, "write_new_rows", concat_update)
-    monkeypatch.setattr(expansion, "present_length", lambda shared, info, past: info.total_length)
+    monkeypatch.setattr(expansion, "present_length", lambda shared, info, past, static=False: info.total_length)
     report = verify(make_gqa_model(GqaConfig()))
     failing = {r.phase.name for r in report.nodes[0].results if not r.passed}
     assert "decode, growing cache" in failing  # ragged rows

@@ -78,6 +78,30 @@ def _bsnh_to_bnsh(op: OpBuilder, value: ir.Value) -> ir.Value:
     return op.op("Transpose", value, perm=[0, 2, 1, 3])
 
 
+def _longest_rows(
+    op: OpBuilder, shared: SharedSubgraphs, info, keys: ir.Value, values: ir.Value
+):
+    """Keys and values cut to the rows any batch row can see, max_b t_b, and that length.
+
+    A static buffer holds P rows of which only t_b are valid; attending over
+    the rest would cost as much as the whole buffer at every step.
+    """
+
+    def build(builder: OpBuilder) -> ir.Value:
+        return builder.op("ReduceMax", info.total_lengths_B, keepdims=0)
+
+    longest = shared.get(("longest_row", info), build)
+    end_1 = op.to_vector(longest)
+    return op.slice(keys, 0, end_1, axis=2), op.slice(values, 0, end_1, axis=2), longest
+
+
+def _fit_columns(op: OpBuilder, x: ir.Value, width: ir.Value, new_width: ir.Value) -> ir.Value:
+    """The last axis of ``x`` (``width`` columns) cut or zero-padded to ``new_width``."""
+    missing = op.op("Max", op.op("Sub", new_width, width), op.int_scalar(0))
+    pads = op.op("Concat", op.ints([0] * 7), op.to_vector(missing), axis=0)
+    return op.slice(op.op("Pad", x, pads), 0, op.to_vector(new_width), axis=3)
+
+
 def expand_gqa(
     op: OpBuilder, shared: SharedSubgraphs, node: ir.Node, spec: gqa.GqaSpec
 ) -> ExpandedNode:
@@ -117,7 +141,11 @@ def expand_gqa(
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
     query_length_key = dim_key(node.inputs[gqa.QUERY], 1)
     attend_over_present = (
-        spec.present_used or spec.has_attention_bias or spec.qk_output or not spec.has_past
+        spec.present_used
+        or spec.has_attention_bias
+        or spec.qk_output
+        or spec.static_kv_cache
+        or not spec.has_past
     )
     present_key = present_value = None
     keys_are_positions = True  # key column j holds position j
@@ -126,22 +154,27 @@ def expand_gqa(
         values = present_value = _bsnh_to_bnsh(op, value_BSNH)
         key_length, key_length_key = info.query_length, ("query_length", query_length_key)
     elif spec.kv_empty:
-        keys, values = past_key, past_value
         if spec.present_used:
             present_key = op.op("Identity", past_key)
             present_value = op.op("Identity", past_value)
-        key_length, key_length_key = op.dim(past_key, 2), ("past_length", dim_key(past_key, 2))
+        keys, values, key_length = _longest_rows(op, shared, info, past_key, past_value)
+        key_length_key = ("longest_row", info)
     elif attend_over_present:
         new_key_BNSH = _bsnh_to_bnsh(op, key_BSNH)
         new_value_BNSH = _bsnh_to_bnsh(op, value_BSNH)
+        static = spec.static_kv_cache
         keys = present_key = write_new_rows(
-            op, shared, info, past_key, new_key_BNSH, spec.kv_num_heads
+            op, shared, info, past_key, new_key_BNSH, spec.kv_num_heads, static
         )
         values = present_value = write_new_rows(
-            op, shared, info, past_value, new_value_BNSH, spec.kv_num_heads
+            op, shared, info, past_value, new_value_BNSH, spec.kv_num_heads, static
         )
-        key_length = present_length(shared, info, past_key)
-        key_length_key = ("present_length", info, dim_key(past_key, 2))
+        if static:
+            keys, values, key_length = _longest_rows(op, shared, info, keys, values)
+            key_length_key = ("longest_row", info)
+        else:
+            key_length = present_length(shared, info, past_key)
+            key_length_key = ("present_length", info, dim_key(past_key, 2), False)
     else:
         keys_are_positions = False
         keys = op.op("Concat", past_key, _bsnh_to_bnsh(op, key_BSNH), axis=2)
@@ -160,10 +193,8 @@ def expand_gqa(
     bias_BNSK = None
     bias = _input(node, gqa.ATTENTION_BIAS)
     if bias is not None:
-        # Bias columns are absolute key positions 0..T-1; present may hold more rows.
-        extra_columns = op.op("Sub", key_length, info.total_length)
-        pads = op.op("Concat", op.ints([0] * 7), op.to_vector(extra_columns), axis=0)
-        bias_BNSK = op.op("Pad", _to_float(op, bias, spec), pads)
+        # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
+        bias_BNSK = _fit_columns(op, _to_float(op, bias, spec), info.total_length, key_length)
     attention = attend(
         op,
         query_BNSH,
@@ -187,6 +218,6 @@ def expand_gqa(
     if spec.output_qk_used:
         chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
         # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
-        output_qk = _from_float(op, op.slice(chosen, 0, op.to_vector(info.total_length), 3), spec)
+        output_qk = _from_float(op, _fit_columns(op, chosen, key_length, info.total_length), spec)
 
     return ExpandedNode((output, present_key, present_value, output_qk))

@@ -26,12 +26,14 @@ __all__ = ["present_length", "scatter_indices", "write_new_rows"]
 
 
 def present_length(
-    shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value
+    shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, static_buffer: bool = False
 ) -> ir.Value:
     """Lp = max(P, T) as a 0-D int64: P for a static buffer, T = P + S for a growing one."""
-    key = ("present_length", info, dim_key(past, 2))
+    key = ("present_length", info, dim_key(past, 2), static_buffer)
 
     def build(op: OpBuilder) -> ir.Value:
+        if static_buffer:
+            return op.dim(past, 2)
         return op.op("Max", op.dim(past, 2), info.total_length)
 
     return shared.get(key, build)
@@ -76,8 +78,16 @@ def write_new_rows(
     past_BNPH: ir.Value,
     new_BNSH: ir.Value,
     kv_num_heads: int,
+    static_buffer: bool = False,
 ) -> ir.Value:
-    """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b."""
+    """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b.
+
+    With ``static_buffer`` (T <= P promised) the new rows go straight into
+    past: ScatterND's one copy is the only one.
+    """
+    indices = scatter_indices(shared, info, kv_num_heads)
+    if static_buffer:
+        return op.op("ScatterND", past_BNPH, indices, new_BNSH)
     rows_to_add = op.op(
         "Max",
         op.op("Sub", present_length(shared, info, past_BNPH), op.dim(past_BNPH, 2)),
@@ -85,4 +95,4 @@ def write_new_rows(
     )
     pads = op.op("Concat", op.ints([0] * 6), op.to_vector(rows_to_add), op.ints([0]), axis=0)
     base_BNLH = op.op("Pad", past_BNPH, pads)
-    return op.op("ScatterND", base_BNLH, scatter_indices(shared, info, kv_num_heads), new_BNSH)
+    return op.op("ScatterND", base_BNLH, indices, new_BNSH)

@@ -1,0 +1,85 @@
+"""The static-KV-buffer promise (--kv-cache static): one cache copy less, exact on static buffers, loud otherwise."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from gqa_models import GqaConfig, gqa_node, make_gqa_model
+from test_structure import MODELS
+
+import gqa_decompose
+from gqa_decompose.cli import main
+from gqa_decompose.spec import DecomposeOptions
+from gqa_decompose.verify import verify_node_model
+
+CONFIGS = {
+    "plain": GqaConfig(),
+    "packed_rotary": GqaConfig(packed=True, rotary="half"),
+    "interleaved_fp16": GqaConfig(rotary="interleaved", dtype="float16"),
+    "window_bias": GqaConfig(local_window_size=2, attention_bias="full"),
+    "qk_output_sink": GqaConfig(qk_output=2, head_sink=True),
+    "no_present": GqaConfig(present=False, rotary="half"),
+    "kv_empty": GqaConfig(kv_empty=True),
+}
+
+
+@pytest.mark.parametrize("static_dims", [False, True])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_static_kv_cache_matches_ort_on_static_buffers(name, static_dims):
+    config = dataclasses.replace(CONFIGS[name], static_dims=static_dims)
+    model = make_gqa_model(config)
+    _, node = gqa_node(model)
+    result = verify_node_model(node, config.opset, model.ir_version, DecomposeOptions(static_kv_cache=True))
+    assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
+    assert all("static buffer" in r.phase.name for r in result.results)
+
+
+def test_static_kv_cache_writes_into_past_without_padding():
+    model = make_gqa_model(GqaConfig(rotary="half"))
+    default_ops = [n.op_type for n in gqa_decompose.decompose(model).graph.node]
+    static_ops = [n.op_type for n in gqa_decompose.decompose(model, static_kv_cache=True).graph.node]
+    assert default_ops.count("Pad") == 2
+    assert "Pad" not in static_ops and static_ops.count("ScatterND") == 2
+
+
+def test_static_kv_cache_fails_loudly_on_a_growing_cache():
+    model = gqa_decompose.decompose(make_gqa_model(GqaConfig()), static_kv_cache=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {
+        "query": rng.standard_normal((1, 1, 64)).astype(np.float32),
+        "key": rng.standard_normal((1, 1, 32)).astype(np.float32),
+        "value": rng.standard_normal((1, 1, 32)).astype(np.float32),
+        "past_key": rng.standard_normal((1, 2, 6, 16)).astype(np.float32),
+        "past_value": rng.standard_normal((1, 2, 6, 16)).astype(np.float32),
+        "seqlens_k": np.array([6], np.int32),
+        "total_sequence_length": np.array(7, np.int32),  # T = P + 1: growing
+    }
+    with pytest.raises(Exception, match="ScatterND"):
+        session.run(None, feeds)
+
+
+@pytest.mark.parametrize("kv_cache,expect_pad", [("auto", False), ("any", True), ("static", False)])
+def test_kv_cache_auto_follows_genai_share_buffer(tmp_path, kv_cache, expect_pad):
+    folder = tmp_path / "genai"
+    shutil.copytree(MODELS / "builder-tiny-llama", folder)
+    output = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, [str(folder / "model.onnx"), "-o", str(output), "--kv-cache", kv_cache, "-q"])
+    assert result.exit_code == 0, result.output
+    ops = {node.op_type for node in onnx.load(output).graph.node}
+    assert ("Pad" in ops) == expect_pad
+    assert ("static KV buffer" in result.output) == (not expect_pad)
+
+
+def test_kv_cache_auto_without_genai_config_keeps_the_growing_path(tmp_path):
+    model_path = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "tiny-llama-gqa.onnx", model_path)
+    result = CliRunner().invoke(main, [str(model_path), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Pad" in {n.op_type for n in onnx.load(tmp_path / "m.decomposed.onnx").graph.node}
