@@ -133,6 +133,13 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "'any': growing or static, decided at run time. 'auto': static when a genai_config.json "
     "beside MODEL sets past_present_share_buffer, else any.",
 )
+@click.option(
+    "--reuse-data",
+    is_flag=True,
+    help="Let the output refer to the input's external-data file instead of writing its own "
+    "copy of the weights (seconds instead of minutes for multi-GB models). The output must be "
+    "in the input's folder, and depends on that file.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; only the summary lines.")
 @click.version_option(package_name="gqa-decompose")
 def main(
@@ -143,6 +150,7 @@ def main(
     check: bool,
     legacy_window: bool,
     kv_cache: str,
+    reuse_data: bool,
     quiet: bool,
 ) -> None:
     """Rewrite com.microsoft.GroupQueryAttention nodes of MODEL into standard ONNX ops.
@@ -170,7 +178,7 @@ def main(
         if check:
             code = _run_check(model, options, not no_verify, quiet, report)
         else:
-            code = _run_decompose(model, output, options, not no_verify, quiet, report)
+            code = _run_decompose(model, output, options, not no_verify, quiet, report, reuse_data)
     except (GqaDecomposeError, OSError) as error:  # OSError: an output path that cannot be written
         report["error"] = str(error)
         report["exit_code"] = EXIT_BAD_INPUT
@@ -198,6 +206,7 @@ def _run_decompose(
     run_verify: bool,
     quiet: bool,
     report: dict,
+    reuse_data: bool = False,
 ) -> int:
     target = (output or model_io.default_output_path(model_path)).absolute()
     if model_path.exists() and target.resolve() == model_path.resolve():
@@ -240,7 +249,9 @@ def _run_decompose(
         return EXIT_FAILED
     bar, update = _progress_bar("saving tensors", quiet)
     with bar:
-        written = model_io.save_model(model, target, external_data=had_external_data, progress=update)
+        written = model_io.save_model(
+            model, target, external_data=had_external_data, reuse_input_data=reuse_data, progress=update
+        )
     report["output"] = str(target)
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
     return EXIT_OK

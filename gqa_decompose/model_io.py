@@ -120,14 +120,25 @@ def save_model(
     path: str | os.PathLike,
     *,
     external_data: bool,
+    reuse_input_data: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[pathlib.Path]:
     """Write ``model`` to ``path`` atomically; returns the files written.
 
     With ``external_data``, weights go to ``<name>.data`` beside the model,
-    streamed tensor by tensor from the input's data file.
+    streamed tensor by tensor from the input's data file. With
+    ``reuse_input_data`` the output instead refers to the input's own data
+    file (no weight is copied); the output must then be in the input's folder.
     """
     target = pathlib.Path(path).absolute()
+    if reuse_input_data:
+        for tensor in external_tensors(model):
+            if pathlib.Path(tensor.base_dir).resolve() != target.parent.resolve():
+                raise GqaDecomposeError(
+                    "reusing the input's external data needs the output in the input's folder "
+                    f"({pathlib.Path(tensor.base_dir).resolve()})"
+                )
+        external_data = False
     data_name = f"{target.name}.data" if external_data else None
     sources = model.meta.get(_SOURCE_FILES, frozenset())
     for written in (target, target.parent / data_name if data_name else None):

@@ -458,6 +458,19 @@ def verify_node_model(
     return NodeVerification(spec.node_name, tuple(results))
 
 
+def _node_signature(node: ir.Node, used_outputs: Sequence[int]) -> tuple:
+    """What the one-node model of ``node`` depends on; equal signatures verify alike."""
+    attributes = tuple(sorted((name, repr(attr.value)) for name, attr in node.attributes.items()))
+    inputs = []
+    for value in node.inputs:
+        if value is None:
+            inputs.append(None)
+            continue
+        constant = ir.convenience.get_const_tensor(value)
+        inputs.append((value.dtype, str(value.shape), id(constant) if constant is not None else None))
+    return attributes, tuple(inputs), tuple(used_outputs)
+
+
 def verify(
     original: onnx.ModelProto | ir.Model,
     decomposed: onnx.ModelProto | ir.Model | None = None,
@@ -481,6 +494,7 @@ def verify(
     decompose_options = DecomposeOptions(**options)
     found = find_gqa_nodes(model)
     nodes = []
+    verified: dict[tuple, NodeVerification] = {}
     for index, (container, node) in enumerate(found):
         graph_outputs = frozenset(container.outputs)
         used = [
@@ -490,9 +504,16 @@ def verify(
         ]
         if gqa.OUTPUT not in used:
             used.insert(0, gqa.OUTPUT)
-        nodes.append(verify_node_model(
+        signature = _node_signature(node, used)
+        if signature in verified:
+            # Same attributes, input types, shapes and constants: the same one-node model.
+            nodes.append(dataclasses.replace(verified[signature], name=node.name or verified[signature].name))
+        else:
+            result = verify_node_model(
                 node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed
-            ))
+            )
+            verified[signature] = result
+            nodes.append(result)
         if progress is not None:
             progress(index + 1, len(found))
     leftover: tuple[str, ...] = ()

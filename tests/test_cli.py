@@ -442,6 +442,32 @@ def test_a_model_with_external_data_decomposes_into_its_own_data_file_with_the_s
         np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=1e-4, err_msg=name)
 
 
+def test_reuse_data_writes_only_the_graph_and_refers_to_the_inputs_weights(tmp_path):
+    source = tmp_path / "tiny.onnx"
+    source_data = save_with_external_data(TINY_LLAMA, source)
+    before = sha256(source_data)
+    code, out, err = run(source, "--reuse-data")
+    assert code == 0, err
+    target = tmp_path / "tiny.decomposed.onnx"
+    assert folder_listing(tmp_path) == {"tiny.onnx", source_data.name, target.name}
+    decomposed = onnx.load(target, load_external_data=False)
+    locations = {e.value for t in decomposed.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {source_data.name}
+    assert sha256(source_data) == before
+    feeds = _prompt_feeds()
+    expected, got = _run_ort(TINY_LLAMA, feeds), _run_ort(target, feeds)
+    np.testing.assert_allclose(got["logits"], expected["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_reuse_data_into_another_folder_exits_2(tmp_path):
+    source = tmp_path / "tiny.onnx"
+    save_with_external_data(TINY_LLAMA, source)
+    code, out, err = run(source, "--reuse-data", "-o", tmp_path / "sub" / "x.onnx")
+    assert code == 2
+    assert "needs the output in the input's folder" in err
+    assert not (tmp_path / "sub" / "x.onnx").exists()
+
+
 @pytest.mark.parametrize("mode", ["decompose", "check"])
 def test_external_data_outside_the_models_folder_exits_2(tmp_path, mode):
     path = write_model_with_external_cos_cache(tmp_path / "model", "../outside.data")
