@@ -109,16 +109,6 @@ def test_refusal_of_a_later_node_leaves_the_model_untouched():
     assert [node.op_type for node in ir_model.graph] == before
 
 
-def test_bfloat16_is_decomposed_but_reported_unverifiable():
-    model = make_gqa_model(GqaConfig(dtype="bfloat16", rotary="half"))
-    decomposed = gqa_decompose.decompose(model)
-    onnx.checker.check_model(decomposed, full_check=True)
-    casts = [n for n in decomposed.graph.node if n.op_type == "Cast"]
-    assert any(a.i == onnx.TensorProto.FLOAT for n in casts for a in n.attribute)
-    report = verify(model)
-    assert report.nodes[0].skipped and "bfloat16" in report.nodes[0].skipped
-
-
 def test_verification_catches_a_wrong_expansion(monkeypatch):
     """The verifier is only worth something if a wrong rewrite fails it."""
     from gqa_decompose.expansion import gqa as expansion
