@@ -57,6 +57,7 @@ def _verification_json(result: NodeVerification | None) -> dict | None:
     return {
         "passed": result.passed,
         "skipped": result.skipped,
+        "refused": result.refused,
         "max_error": result.max_error,
         "phases": [
             {
@@ -73,6 +74,8 @@ def _verification_json(result: NodeVerification | None) -> dict | None:
 def _verification_text(result: NodeVerification | None) -> str:
     if result is None:
         return "not verified"
+    if result.refused:
+        return f"refused ({result.refused})"
     if result.skipped:
         return f"not verified ({result.skipped})"
     status = "verified" if result.passed else "VERIFICATION FAILED"
@@ -270,7 +273,7 @@ def _run_check(
     InferGqaTypesPass()(model)
     checks = check_nodes(model, options)
     decomposable = [c for c in checks if c.refusal is None]
-    verifications = _verify_nodes(model_path, options, quiet) if run_verify and decomposable and len(decomposable) == len(checks) else {}
+    verifications = _verify_nodes(model_path, options, quiet) if run_verify and decomposable else {}
     portable = True
     for entry in checks:
         verification = verifications.get(entry.name)

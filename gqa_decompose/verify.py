@@ -86,11 +86,17 @@ class PhaseResult:
 class NodeVerification:
     name: str
     results: tuple[PhaseResult, ...]
-    skipped: str | None = None
+    skipped: str | None = None  # why no phase could run (not a failure)
+    refused: str | None = None  # the node cannot be decomposed (a failure)
 
     @property
     def passed(self) -> bool:
-        return self.skipped is None and bool(self.results) and all(r.passed for r in self.results)
+        return (
+            self.refused is None
+            and self.skipped is None
+            and bool(self.results)
+            and all(r.passed for r in self.results)
+        )
 
     @property
     def max_error(self) -> float | None:
@@ -105,7 +111,9 @@ class VerificationReport:
 
     @property
     def passed(self) -> bool:
-        return not self.leftover_gqa_nodes and all(n.passed or n.skipped for n in self.nodes)
+        return not self.leftover_gqa_nodes and all(
+            n.passed or (n.skipped and not n.refused) for n in self.nodes
+        )
 
     @property
     def max_error(self) -> float | None:
@@ -478,6 +486,14 @@ def verify_node_model(
     return NodeVerification(spec.node_name, tuple(results))
 
 
+def _refusal(node: ir.Node, options: DecomposeOptions, graph_outputs: frozenset[ir.Value]) -> str | None:
+    try:
+        parse_gqa_node(node, options, graph_outputs)
+    except GqaDecomposeError as error:
+        return error.reason
+    return None
+
+
 def _node_signature(node: ir.Node, used_outputs: Sequence[int]) -> tuple:
     """What the one-node model of ``node`` depends on; equal signatures verify alike."""
     attributes = tuple(sorted((name, repr(attr.value)) for name, attr in node.attributes.items()))
@@ -525,7 +541,10 @@ def verify(
         if gqa.OUTPUT not in used:
             used.insert(0, gqa.OUTPUT)
         signature = _node_signature(node, used)
-        if signature in verified:
+        refusal = _refusal(node, decompose_options, graph_outputs)
+        if refusal is not None:
+            nodes.append(NodeVerification(node.name or "<unnamed GroupQueryAttention>", (), refused=refusal))
+        elif signature in verified:
             # Same attributes, input types, shapes and constants: the same one-node model.
             nodes.append(dataclasses.replace(verified[signature], name=node.name or verified[signature].name))
         else:

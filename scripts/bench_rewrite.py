@@ -13,7 +13,6 @@ prints wall time, the child's peak RSS, and the size of the data file written.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import resource
 import subprocess

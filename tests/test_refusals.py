@@ -147,3 +147,9 @@ def test_verification_catches_an_off_by_one_window(monkeypatch, window):
     assert report_ok.passed
     report_legacy = verify(model, legacy_window=True)
     assert not report_legacy.passed
+
+
+def test_verify_reports_a_refused_node_instead_of_raising():
+    report = verify(make_gqa_model(GqaConfig(extra_attributes=(("sliding_window_cache", 1),), local_window_size=2)))
+    assert not report.passed
+    assert "sliding_window_cache" in report.nodes[0].refused
