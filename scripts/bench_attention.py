@@ -1,5 +1,8 @@
 """Speed of the rewritten attention against the fused GQA kernel, on ONNX Runtime CPU.
 
+Timings on a shared 2-core machine are noisy: the median ratio and the ratio
+of the fastest runs are both printed; trust them when they agree.
+
 Prints, for a few Llama-shaped layers and phases (growing cache and, with
 ``static_kv_cache``, a max-length buffer), the median time of the fused
 com.microsoft.GroupQueryAttention node and of its decomposition, and the ratio
@@ -67,7 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, median of {args.repeats} runs")
-    print(f"{'case':42s} {'fused ms':>9s} {'rewritten ms':>13s} {'ratio':>6s}")
+    print(f"{'case':42s} {'fused ms':>9s} {'rewritten ms':>13s} {'ratio':>6s} {'min ratio':>9s}")
     for name, config, batch, query_length, past_length, total in CASES:
         fused_model = make_gqa_model(config)
         static = past_length >= total
@@ -85,7 +88,8 @@ def main() -> None:
                 times[key].append(time.perf_counter() - start)
         fused = statistics.median(times["fused"]) * 1e3
         rewritten = statistics.median(times["rewritten"]) * 1e3
-        print(f"{name:42s} {fused:9.3f} {rewritten:13.3f} {rewritten / fused:6.2f}")
+        best_ratio = min(times["rewritten"]) / min(times["fused"])
+        print(f"{name:42s} {fused:9.3f} {rewritten:13.3f} {rewritten / fused:6.2f} {best_ratio:9.2f}")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ def test_bfloat16_is_computed_in_fp32():
     decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(dtype="bfloat16")))
     producers = {o: n for n in decomposed.graph.node for o in n.output}
     softmax = next(n for n in decomposed.graph.node if n.op_type == "Softmax")
-    # Where(mask, scores, -inf) in fp32 feeds the softmax; the scores come from a float MatMul.
+    # scores + mask bias in fp32 feed the softmax; the scores come from a float MatMul.
     matmuls = [n for n in decomposed.graph.node if n.op_type == "MatMul"]
     casts_to_float = [n for n in decomposed.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT]
-    assert producers[softmax.input[0]].op_type == "Where"
+    assert producers[softmax.input[0]].op_type == "Add"
     assert len(matmuls) == 2 and len(casts_to_float) >= 3
 
 

@@ -9,7 +9,7 @@ S query length, K key columns, H head size. All fp32.
     keys  [B, Nkv, K, H] --Transpose--> [B, Nkv, H, K]
     scores = MatMul(query, keysT) * scale               [B, Nkv, G*S, K]  -> view [B, N, S, K]
     softcap: c * tanh(x / c)             bias: + attention_bias (after softcap)
-    masked = Where(visible, x, -inf)     probs = Softmax(masked)  (smooth: extra sink column)
+    masked = x + mask_bias (0 / -inf)    probs = Softmax(masked)  (smooth: extra sink column)
     out = MatMul(probs [B, Nkv, G*S, K], values [B, Nkv, K, H])   -> [B, S, N*H]
 
 No KV head is ever repeated: each group's G query heads become G*S rows of
@@ -59,6 +59,7 @@ def attend(
     keys_BNkvKH: ir.Value,
     values_BNkvKH: ir.Value,
     visible_B1SK: ir.Value,
+    mask_bias_B1SK: ir.Value,
     *,
     num_heads: int,
     kv_num_heads: int,
@@ -81,7 +82,7 @@ def attend(
         scores_BNSK = op.op("Mul", capped, op.float_scalar(softcap))
     if bias_BNSK is not None:
         scores_BNSK = op.op("Add", scores_BNSK, bias_BNSK)
-    masked_BNSK = op.op("Where", visible_B1SK, scores_BNSK, op.float_scalar(float("-inf")))
+    masked_BNSK = op.op("Add", scores_BNSK, mask_bias_B1SK)
     if smooth_softmax:
         probs_BNSK = _softmax_with_sink(op, masked_BNSK, head_sink_N, num_heads)
     else:

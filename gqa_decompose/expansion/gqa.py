@@ -28,6 +28,7 @@ from gqa_decompose.expansion.kv_cache import present_length, write_new_rows
 from gqa_decompose.expansion.mask import (
     concat_key_positions,
     dense_key_positions,
+    mask_bias,
     visibility_mask,
 )
 from gqa_decompose.expansion.rotary import apply_rotary, build_rotary_tables
@@ -201,6 +202,7 @@ def expand_gqa(
         _to_float(op, keys, spec),
         _to_float(op, values, spec),
         visible_B1SK,
+        mask_bias(shared, visible_B1SK),
         num_heads=spec.num_heads,
         kv_num_heads=spec.kv_num_heads,
         head_size=spec.head_size,

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
 
-__all__ = ["concat_key_positions", "dense_key_positions", "visibility_mask"]
+__all__ = ["concat_key_positions", "dense_key_positions", "mask_bias", "visibility_mask"]
 
 # Larger than any real position, so an unused past row is never visible.
 _NEVER_VISIBLE = 2**62
@@ -101,3 +101,17 @@ def visibility_mask(
         return visible
 
     return shared.get(("visibility", info, key_positions, window, causal), build)
+
+
+def mask_bias(shared: SharedSubgraphs, visible_B1SK: ir.Value) -> ir.Value:
+    """fp32 [B, 1, S, K]: 0 where visible, -inf elsewhere, added to every layer's scores.
+
+    An Add of a shared bias costs less per layer than a Where on the scores.
+    """
+
+    def build(op: OpBuilder) -> ir.Value:
+        return op.op(
+            "Where", visible_B1SK, op.float_scalar(0.0), op.float_scalar(float("-inf"))
+        )
+
+    return shared.get(("mask_bias", visible_B1SK), build)
