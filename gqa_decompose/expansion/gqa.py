@@ -50,19 +50,31 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
 
 
-def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec):
-    """q [B,S,N,H], k [B,S,Nkv,H], v [B,S,Nkv,H] in the model's type."""
+def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None):
+    """q [B,S,N,H], k [B,S,Nkv,H], v [B,S,Nkv,H] in the model's type, q and k rotated by ``rotate``.
+
+    Packed QKV rotates its Q and K heads in one pass, before they are split apart.
+    """
     query = node.inputs[gqa.QUERY]
     heads, kv_heads, head_size = spec.num_heads, spec.kv_num_heads, spec.head_size
     if spec.packed_qkv:
         qkv_BSnH = op.op("Reshape", query, op.ints([0, 0, heads + 2 * kv_heads, head_size]))
-        return op.op_multi(
-            "Split", qkv_BSnH, op.ints([heads, kv_heads, kv_heads]), axis=2, num_outputs=3
+        if rotate is None:
+            return op.op_multi(
+                "Split", qkv_BSnH, op.ints([heads, kv_heads, kv_heads]), axis=2, num_outputs=3
+            )
+        qk_BSnH, value_BSNH = op.op_multi(
+            "Split", qkv_BSnH, op.ints([heads + kv_heads, kv_heads]), axis=2, num_outputs=2
         )
-    query_BSNH = op.op("Reshape", query, op.ints([0, 0, heads, head_size]))
+        query_BSNH, key_BSNH = op.op_multi(
+            "Split", rotate(qk_BSnH), op.ints([heads, kv_heads]), axis=2, num_outputs=2
+        )
+        return query_BSNH, key_BSNH, value_BSNH
+    rotate = rotate or (lambda x: x)
+    query_BSNH = rotate(op.op("Reshape", query, op.ints([0, 0, heads, head_size])))
     if spec.kv_empty:
         return query_BSNH, None, None
-    key_BSNH = op.op("Reshape", node.inputs[gqa.KEY], op.ints([0, 0, kv_heads, head_size]))
+    key_BSNH = rotate(op.op("Reshape", node.inputs[gqa.KEY], op.ints([0, 0, kv_heads, head_size])))
     value_BSNH = op.op("Reshape", node.inputs[gqa.VALUE], op.ints([0, 0, kv_heads, head_size]))
     return query_BSNH, key_BSNH, value_BSNH
 
@@ -114,9 +126,9 @@ def expand_gqa(
         node.inputs[gqa.QUERY],
         always_first_prompt=not spec.has_past,
     )
-    query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec)
 
     # 1. Rotary on q and the new k, in fp32; both rounded to the model's type, as ORT does.
+    rotate = None
     if spec.do_rotary:
         tables = build_rotary_tables(
             shared,
@@ -133,9 +145,7 @@ def expand_gqa(
             )
             return _from_float(op, rotated, spec)
 
-        query_BSNH = rotate(query_BSNH)
-        if key_BSNH is not None:
-            key_BSNH = rotate(key_BSNH)
+    query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate)
     query_BNSH = _to_float(op, _bsnh_to_bnsh(op, query_BSNH), spec)
 
     # 2. Keys and values attention reads, and present when someone reads it.

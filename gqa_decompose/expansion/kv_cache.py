@@ -39,6 +39,20 @@ def present_length(
     return shared.get(key, build)
 
 
+def _growth_pads(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) -> ir.Value:
+    """Pad's pads growing past's row axis to Lp: max(T - P, 0) rows at the end."""
+
+    def build(op: OpBuilder) -> ir.Value:
+        rows_to_add = op.op(
+            "Max",
+            op.op("Sub", present_length(shared, info, past), op.dim(past, 2)),
+            op.int_scalar(0),
+        )
+        return op.op("Concat", op.ints([0] * 6), op.to_vector(rows_to_add), op.ints([0]), axis=0)
+
+    return shared.get(("growth_pads", info, dim_key(past, 2)), build)
+
+
 def scatter_indices(
     shared: SharedSubgraphs, info: SequenceInfo, kv_num_heads: int
 ) -> ir.Value:
@@ -88,11 +102,5 @@ def write_new_rows(
     indices = scatter_indices(shared, info, kv_num_heads)
     if static_buffer:
         return op.op("ScatterND", past_BNPH, indices, new_BNSH)
-    rows_to_add = op.op(
-        "Max",
-        op.op("Sub", present_length(shared, info, past_BNPH), op.dim(past_BNPH, 2)),
-        op.int_scalar(0),
-    )
-    pads = op.op("Concat", op.ints([0] * 6), op.to_vector(rows_to_add), op.ints([0]), axis=0)
-    base_BNLH = op.op("Pad", past_BNPH, pads)
+    base_BNLH = op.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH))
     return op.op("ScatterND", base_BNLH, indices, new_BNSH)
