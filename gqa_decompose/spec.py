@@ -112,6 +112,7 @@ class GqaSpec:
     qk_output: int
     causal: bool
     static_kv_cache: bool  # promised T <= P: present has exactly P rows
+    sliding_window_cache: bool  # past/present hold the last tokens only (semantics §12)
     present_used: bool  # present_key/present_value exist and someone reads them
     output_qk_used: bool
 
@@ -124,6 +125,8 @@ class GqaSpec:
         names = ["packed QKV" if self.packed_qkv else "separate QKV"]
         if self.kv_empty:
             names.append("shared KV (empty key/value)")
+        elif self.sliding_window_cache:
+            names.append("sliding-window KV cache")
         elif self.has_past:
             names.append("static KV buffer" if self.static_kv_cache else "past KV")
         if self.do_rotary:
@@ -216,8 +219,6 @@ def parse_gqa_node(
     v_quant = _attr(node, "v_quant_type", "NONE")
     if k_quant != "NONE" or v_quant != "NONE" or int(_attr(node, "kv_cache_bit_width", 0)):
         raise refuse("quantized KV cache (k_quant_type/v_quant_type/kv_cache_bit_width) is not supported")
-    if int(_attr(node, "sliding_window_cache", 0)):
-        raise refuse("sliding_window_cache=1 (windowed ring-buffer KV cache) is not supported")
     for index, label in ((K_SCALE, "k_scale"), (V_SCALE, "v_scale")):
         if _input(node, index) is not None:
             raise refuse(f"input '{label}' (quantized KV cache) is not supported")
@@ -390,6 +391,23 @@ def parse_gqa_node(
     if output_qk_given and not qk_output and _output_used(node, OUTPUT_QK, graph_outputs):
         raise refuse("output_qk is read but qk_output=0: ONNX Runtime fills it with garbage")
 
+    sliding_window_cache = int(_attr(node, "sliding_window_cache", 0)) == 1
+    if sliding_window_cache:
+        window_attribute = int(_attr(node, "local_window_size", -1))
+        if window_attribute <= 0:
+            raise refuse("sliding_window_cache=1 requires local_window_size > 0")
+        if not has_past:
+            raise refuse("sliding_window_cache=1 requires past_key and past_value")
+        if kv_empty:
+            raise refuse("sliding_window_cache=1 is not supported with empty key/value (shared KV)")
+        if qk_output:
+            raise refuse("qk_output is not implemented with sliding_window_cache=1 (ORT CPU rejects it too)")
+        if options.legacy_window:
+            raise refuse("--legacy-window contradicts sliding_window_cache=1, which only ORT >= 1.29 knows")
+        capacity = _dims(past_key)[2]
+        if isinstance(capacity, int) and capacity < window_attribute:
+            raise refuse(f"KV cache capacity {capacity} is smaller than local_window_size {window_attribute}")
+
     present_key_given = len(node.outputs) > PRESENT_KEY and node.outputs[PRESENT_KEY].name != ""
     present_value_given = len(node.outputs) > PRESENT_VALUE and node.outputs[PRESENT_VALUE].name != ""
     if present_key_given != present_value_given:
@@ -419,7 +437,8 @@ def parse_gqa_node(
         has_position_ids=position_ids is not None,
         qk_output=qk_output,
         causal=causal_attr == 1,
-        static_kv_cache=options.static_kv_cache and has_past,
+        static_kv_cache=options.static_kv_cache and has_past and not sliding_window_cache,
+        sliding_window_cache=sliding_window_cache,
         present_used=present_used,
         output_qk_used=bool(qk_output) and _output_used(node, OUTPUT_QK, graph_outputs),
     )

@@ -269,6 +269,9 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         static_total = (_dims(bias) or [None] * 4)[3]
         static_total = static_total if isinstance(static_total, int) else None
 
+    if spec.sliding_window_cache:
+        return _sliding_cache_phases(spec, batch_dim, query_dim, past_dim, positions_limit)
+
     phases = []
     for name, batch, query_length, total, lengths in candidates:
         if positions_limit is not None and total + 3 > positions_limit:
@@ -278,6 +281,25 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         for suffix, past_length in past_options(query_length, total, growing=True):
             phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))
     return phases
+
+
+def _sliding_cache_phases(spec: GqaSpec, batch_dim, query_dim, past_dim, positions_limit) -> list[Phase]:
+    """Phases of a windowed cache: past is always the full capacity C; no right padding
+    (ORT requires t_b >= S); lengths beyond C so the cache has dropped tokens."""
+    capacity = _fixed(past_dim, spec.local_window_size + 2)
+    batch = _fixed(batch_dim, 2)
+    candidates = []
+    prompt = _fixed(query_dim, 5)
+    candidates.append(Phase("first prompt, windowed cache", batch, prompt, capacity, prompt, (prompt,) * batch))
+    if not isinstance(query_dim, int) or query_dim == 1:
+        total = capacity + 5
+        candidates.append(Phase("decode, windowed cache", batch, 1, capacity, total, _ragged(batch, total, 1)))
+    if not isinstance(batch_dim, int) or batch_dim == 1:
+        for chunk in sorted({_fixed(query_dim, 3), _fixed(query_dim, capacity + 2)}):
+            if chunk > 1:
+                total = chunk + capacity + 3
+                candidates.append(Phase(f"chunked prefill of {chunk}, windowed cache", 1, chunk, capacity, total, (total,)))
+    return [p for p in candidates if positions_limit is None or p.total_length + 3 <= positions_limit]
 
 
 def _shaped(dims, sizes: dict[int, int], default_rank: int) -> tuple[int, ...]:
@@ -374,6 +396,14 @@ def synthesize_inputs(
 # Comparison ----------------------------------------------------------------------------------
 
 
+def _windowed_rows(length: int, capacity: int, spec: GqaSpec) -> int:
+    """L(t_b): rows of a windowed cache that hold tokens (semantics doc §12)."""
+    if length <= capacity:
+        return length
+    gap = capacity - spec.local_window_size + 1
+    return length - gap * math.ceil((length - capacity) / gap)
+
+
 def _defined_elements(
     output_index: int, array: np.ndarray, spec: GqaSpec, phase: Phase
 ) -> list[np.ndarray]:
@@ -384,7 +414,8 @@ def _defined_elements(
         if output_index == gqa.OUTPUT:
             parts.append(array[b, :rows])
         elif output_index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
-            parts.append(array[b, :, :length])
+            kept = _windowed_rows(length, array.shape[2], spec) if spec.sliding_window_cache else length
+            parts.append(array[b, :, :kept])
         elif output_index == gqa.OUTPUT_QK:
             parts.append(array[b, :, :rows, :length])
     return parts

@@ -144,3 +144,38 @@ def test_output_qk_columns_beyond_t_b_are_zero():
 def test_kv_empty_long_static_past():
     config = GqaConfig(kv_empty=True, rotary="half", local_window_size=3)
     assert_matches_ort(config, [Phase("decode, static buffer", 2, 1, 16, 12, (12, 5))])
+
+
+def _windowed(window: int, **fields) -> GqaConfig:
+    return GqaConfig(local_window_size=window, extra_attributes=(("sliding_window_cache", 1),), **fields)
+
+
+WINDOWED_CACHE = {
+    "window1": _windowed(1),
+    "window3_rotary": _windowed(3, rotary="half"),
+    "window4_packed_interleaved": _windowed(4, packed=True, rotary="interleaved"),
+    "window2_bias": _windowed(2, attention_bias="full"),
+    "window2_bias_broadcast": _windowed(2, attention_bias="broadcast"),
+    "window3_softcap_sink": _windowed(3, softcap=1.5, head_sink=True),
+    "window2_position_ids": _windowed(2, rotary="half", position_ids=True),
+    "window3_no_present": _windowed(3, present=False),
+    "window3_static_capacity_8": _windowed(3, static_dims=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feature", list(WINDOWED_CACHE))
+def test_windowed_cache_matches_ort(feature, dtype):
+    """sliding_window_cache=1 (semantics §12): the cache keeps the latest tokens; lengths beyond capacity."""
+    config = dataclasses.replace(WINDOWED_CACHE[feature], dtype=dtype)
+    assert_matches_ort(config)
+
+
+@pytest.mark.parametrize("capacity,window", [(4, 4), (6, 2), (9, 3)])
+def test_windowed_cache_capacities(capacity, window):
+    # Gap G' = C - W + 1 decides how many tokens drop at a time.
+    phases = [
+        Phase("decode, windowed cache", 3, 1, capacity, capacity + 7, (capacity + 7, capacity + 2, 3)),
+        Phase("chunked prefill, windowed cache", 1, capacity + 3, capacity, 2 * capacity + 5, (2 * capacity + 5,)),
+    ]
+    assert_matches_ort(_windowed(window, rotary="half"), phases)

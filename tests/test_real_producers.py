@@ -17,11 +17,10 @@ SimplifiedLayerNormalization, which is fine.
 
 from __future__ import annotations
 
-import re
-
 import functools
 import math
 import pathlib
+import re
 
 import numpy as np
 import onnx
@@ -43,9 +42,7 @@ PARITY_TOLERANCE = {
 TORCH_TOLERANCE = {onnx.TensorProto.FLOAT: 1e-4, onnx.TensorProto.FLOAT16: 5e-2}
 
 # Fixtures whose decomposition is refused by design (README "refused" table), with the reason it must name.
-REFUSED = {
-    "builder-qwen2-ring": "sliding_window_cache=1",
-}
+REFUSED: dict[str, str] = {}
 
 
 # Model facts -------------------------------------------------------------------------------------------------
@@ -249,17 +246,33 @@ def test_every_refusal_is_a_fixture():
 # (c) whole-model parity ------------------------------------------------------------------------------------------
 
 
-def _cache_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """(kv heads, head size) for each past input: heads from the graph input, head size from its layer's GQA
-    node (the input's last dim is the symbolic ``kv_cache_dim`` in builder graphs)."""
+def _cache_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int, int]]:
+    """(kv heads, head size, first past rows) for each past input: heads from the graph input, head size from
+    its layer's GQA node (the input's last dim is the symbolic ``kv_cache_dim`` in builder graphs). A windowed
+    cache (sliding_window_cache=1) starts full-size (capacity W, as onnxruntime-genai allocates it), a growing
+    one empty."""
     by_past = {node.input[3]: node for node in _gqa_nodes(model)}
     shapes = {}
     for name in _past_names(model):
         node = by_past.get(name) or next(n for n in _gqa_nodes(model) if n.input[4] == name)
         dims = next(i for i in model.graph.input if i.name == name).type.tensor_type.shape.dim
-        heads = dims[1].dim_value or _attributes(node)["kv_num_heads"]
-        shapes[name] = (heads, _head_size(node, model))
+        attributes = _attributes(node)
+        heads = dims[1].dim_value or attributes["kv_num_heads"]
+        rows = attributes["local_window_size"] if attributes.get("sliding_window_cache") else 0
+        shapes[name] = (heads, _head_size(node, model), rows)
     return shapes
+
+
+def _windowed_rows(length: int, capacity: int, window: int) -> int:
+    """L(t_b): rows of a windowed cache that hold tokens (semantics doc §12)."""
+    if length <= capacity:
+        return length
+    gap = capacity - window + 1
+    return length - gap * math.ceil((length - capacity) / gap)
+
+
+def _has_windowed_cache(model: onnx.ModelProto) -> bool:
+    return any(_attributes(node).get("sliding_window_cache") for node in _gqa_nodes(model))
 
 
 def _generate(model: onnx.ModelProto, cache_shapes, prompt_ids, prompt_mask, steps: int, seed: int = 0):
@@ -269,7 +282,7 @@ def _generate(model: onnx.ModelProto, cache_shapes, prompt_ids, prompt_mask, ste
     dtype = helper.tensor_dtype_to_np_dtype(_float_type(model))
     input_names = {i.name for i in model.graph.input}
     batch = prompt_ids.shape[0]
-    past = {name: np.zeros((batch, h, 0, d), dtype) for name, (h, d) in cache_shapes.items()}
+    past = {name: np.zeros((batch, h, rows, d), dtype) for name, (h, d, rows) in cache_shapes.items()}
     rng = np.random.default_rng(seed)
     ids, mask = prompt_ids, prompt_mask
     history = []
@@ -286,8 +299,10 @@ def _generate(model: onnx.ModelProto, cache_shapes, prompt_ids, prompt_mask, ste
     return history
 
 
-def _compare(expected_history, got_history, logits_atol, present_atol):
-    """Max errors on the elements ORT defines: logits of valid query rows, present rows < each row's length."""
+def _compare(expected_history, got_history, logits_atol, present_atol, windows=None):
+    """Max errors on the elements ORT defines: logits of valid query rows, present rows < each row's length
+    (of a windowed cache: rows < L(length), ``windows`` maps its present names to W)."""
+    windows = windows or {}
     worst_logits = worst_present = 0.0
     for step, ((feeds, expected), (_, got)) in enumerate(zip(expected_history, got_history, strict=True)):
         lengths = feeds["attention_mask"].sum(axis=1)
@@ -298,7 +313,10 @@ def _compare(expected_history, got_history, logits_atol, present_atol):
             worst_logits = max(worst_logits, float(diff.max()))
             for name in expected:
                 if name.startswith("present"):
-                    diff = np.abs(expected[name][b, :, :length].astype(np.float64) - got[name][b, :, :length])
+                    rows = length
+                    if name in windows:
+                        rows = _windowed_rows(length, expected[name].shape[2], windows[name])
+                    diff = np.abs(expected[name][b, :, :rows].astype(np.float64) - got[name][b, :, :rows])
                     worst_present = max(worst_present, float(diff.max()))
     assert worst_logits <= logits_atol and worst_present <= present_atol, (worst_logits, worst_present)
     return worst_logits, worst_present
@@ -318,11 +336,20 @@ def test_whole_model_matches_original(folder, prompt_length):
     rng = np.random.default_rng(5)
     prompt_ids = rng.integers(0, 64, (2, prompt_length)).astype(np.int64)
     prompt_mask = np.ones((2, prompt_length), np.int64)
-    prompt_mask[1, prompt_length - 2 :] = 0  # right-padded row
+    windowed = _has_windowed_cache(_original(folder))
+    if not windowed:  # ORT rejects right padding with a windowed cache (t_b >= S)
+        prompt_mask[1, prompt_length - 2 :] = 0  # right-padded row
     shapes = _cache_shapes(_original(folder))
-    expected = _generate(_original(folder), shapes, prompt_ids, prompt_mask, steps=2)
-    got = _generate(_decomposed(folder), shapes, prompt_ids, prompt_mask, steps=2)
-    _compare(expected, got, *PARITY_TOLERANCE[_float_type(_original(folder))])
+    steps = 4 if windowed else 2  # a windowed cache must wrap (total length > capacity)
+    expected = _generate(_original(folder), shapes, prompt_ids, prompt_mask, steps=steps)
+    got = _generate(_decomposed(folder), shapes, prompt_ids, prompt_mask, steps=steps)
+    windows = {
+        node.output[1].replace("key", kind): _attributes(node)["local_window_size"]
+        for node in _gqa_nodes(_original(folder))
+        if _attributes(node).get("sliding_window_cache")
+        for kind in ("key", "value")
+    }
+    _compare(expected, got, *PARITY_TOLERANCE[_float_type(_original(folder))], windows=windows)
 
 
 # (d) torch logits ------------------------------------------------------------------------------------------------
@@ -346,7 +373,7 @@ def _generate_reference(model, cache_shapes, reference):
     dtype = helper.tensor_dtype_to_np_dtype(_float_type(model))
     input_ids = reference["input_ids"]
     length = input_ids.shape[1]
-    past = {name: np.zeros((1, h, 0, d), dtype) for name, (h, d) in cache_shapes.items()}
+    past = {name: np.zeros((1, h, rows, d), dtype) for name, (h, d, rows) in cache_shapes.items()}
     feeds = {"input_ids": input_ids, "attention_mask": np.ones((1, length), np.int64), **past}
     prefill = _run(session, feeds)
     presents = {name: prefill[name.replace("past_key_values", "present")] for name in past}

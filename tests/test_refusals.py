@@ -25,7 +25,6 @@ def _with_extra_input(model: onnx.ModelProto, index: int, name: str, dims) -> on
 REFUSED = {
     "unknown attribute": (GqaConfig(extra_attributes=(("kv_share_buffer", 1),)), "unknown attribute"),
     "quantized cache": (GqaConfig(extra_attributes=(("k_quant_type", "PER_TENSOR"), ("v_quant_type", "PER_TENSOR"), ("kv_cache_bit_width", 8))), "quantized KV cache"),
-    "sliding window cache": (GqaConfig(local_window_size=4, extra_attributes=(("sliding_window_cache", 1),)), "sliding_window_cache"),
     "heads not divisible": (GqaConfig(num_heads=6, kv_num_heads=4), "not a multiple of kv_num_heads"),
     "qk_output out of range": (GqaConfig(extra_attributes=(("qk_output", 3),)), "qk_output must be 0, 1 or 2"),
     "causal with window": (GqaConfig(causal=0, local_window_size=2), "local_window_size must be -1 when causal is 0"),
@@ -150,6 +149,21 @@ def test_verification_catches_an_off_by_one_window(monkeypatch, window):
 
 
 def test_verify_reports_a_refused_node_instead_of_raising():
-    report = verify(make_gqa_model(GqaConfig(extra_attributes=(("sliding_window_cache", 1),), local_window_size=2)))
+    report = verify(make_gqa_model(GqaConfig(extra_attributes=(("kv_cache_bit_width", 8),))))
     assert not report.passed
-    assert "sliding_window_cache" in report.nodes[0].refused
+    assert "quantized KV cache" in report.nodes[0].refused
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (GqaConfig(extra_attributes=(("sliding_window_cache", 1),)), "requires local_window_size > 0"),
+        (GqaConfig(past=False, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),)), "requires past_key"),
+        (GqaConfig(kv_empty=True, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),)), "shared KV"),
+        (GqaConfig(qk_output=1, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),)), "qk_output"),
+        (GqaConfig(static_dims=True, local_window_size=9, extra_attributes=(("sliding_window_cache", 1),)), "capacity 8"),
+    ],
+)
+def test_invalid_windowed_cache_is_refused(config, message):
+    with pytest.raises(GqaDecomposeError, match=message):
+        gqa_decompose.decompose(make_gqa_model(config))

@@ -33,6 +33,7 @@ from gqa_decompose.expansion.mask import (
 )
 from gqa_decompose.expansion.rotary import apply_rotary, build_rotary_tables
 from gqa_decompose.expansion.sequence import SharedSubgraphs, build_sequence_info, dim_key
+from gqa_decompose.expansion.sliding_cache import present_columns, sliding_key_positions
 
 __all__ = ["ExpandedNode", "expand_gqa"]
 
@@ -108,6 +109,27 @@ def _longest_rows(
     return op.slice(keys, 0, end_1, axis=2), op.slice(values, 0, end_1, axis=2), longest
 
 
+def _gather_columns(op: OpBuilder, info, bias: ir.Value, key_positions: ir.Value) -> ir.Value:
+    """bias[b', n', s, kpos[b, k]] for every key column k, [B, N or 1, S, K].
+
+    Positions that are never visible are clamped to a valid column; the mask hides them.
+    """
+    last_column = op.op("Sub", info.total_length, op.int_scalar(1))
+    positions_B11K = op.op("Min", key_positions, last_column)
+    bias_shape = op.op("Shape", bias)
+    full_shape = op.op(
+        "Concat", info.batch_size_1, op.slice(bias_shape, 1, 4, axis=0), axis=0
+    )
+    bias_full = op.op("Expand", bias, full_shape)
+    index_shape = op.op(
+        "Concat",
+        op.slice(full_shape, 0, 3, axis=0),
+        op.slice(op.op("Shape", key_positions), 3, 4, axis=0),
+        axis=0,
+    )
+    return op.op("GatherElements", bias_full, op.op("Expand", positions_B11K, index_shape), axis=3)
+
+
 def _fit_columns(op: OpBuilder, x: ir.Value, width: ir.Value, new_width: ir.Value) -> ir.Value:
     """The last axis of ``x`` (``width`` columns) cut or zero-padded to ``new_width``."""
     missing = op.op("Max", op.op("Sub", new_width, width), op.int_scalar(0))
@@ -151,7 +173,7 @@ def expand_gqa(
     # 2. Keys and values attention reads, and present when someone reads it.
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
     query_length_key = dim_key(node.inputs[gqa.QUERY], 1)
-    attend_over_present = (
+    attend_over_present = not spec.sliding_window_cache and (
         spec.present_used
         or spec.has_attention_bias
         or spec.qk_output
@@ -170,6 +192,16 @@ def expand_gqa(
             present_value = op.op("Identity", past_value)
         keys, values, key_length = _longest_rows(op, shared, info, past_key, past_value)
         key_length_key = ("longest_row", info)
+    elif spec.sliding_window_cache:
+        keys_are_positions = False
+        new_key_BNSH = _bsnh_to_bnsh(op, key_BSNH)
+        new_value_BNSH = _bsnh_to_bnsh(op, value_BSNH)
+        keys = op.op("Concat", past_key, new_key_BNSH, axis=2)
+        values = op.op("Concat", past_value, new_value_BNSH, axis=2)
+        if spec.present_used:
+            columns = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
+            present_key = op.op("GatherND", keys, columns, batch_dims=2)
+            present_value = op.op("GatherND", values, columns, batch_dims=2)
     elif attend_over_present:
         new_key_BNSH = _bsnh_to_bnsh(op, key_BSNH)
         new_value_BNSH = _bsnh_to_bnsh(op, value_BSNH)
@@ -194,6 +226,8 @@ def expand_gqa(
     # 3. The shared mask.
     if keys_are_positions:
         key_positions = dense_key_positions(shared, key_length, key_length_key)
+    elif spec.sliding_window_cache:
+        key_positions = sliding_key_positions(shared, info, past_key, spec.local_window_size)
     else:
         key_positions = concat_key_positions(shared, info, past_key)
     visible_B1SK = visibility_mask(
@@ -203,7 +237,10 @@ def expand_gqa(
     # 4. Attention in fp32.
     bias_BNSK = None
     bias = _input(node, gqa.ATTENTION_BIAS)
-    if bias is not None:
+    if bias is not None and not keys_are_positions:
+        # Bias columns are absolute key positions; pick each key column's.
+        bias_BNSK = _gather_columns(op, info, _to_float(op, bias, spec), key_positions)
+    elif bias is not None:
         # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
         bias_BNSK = _fit_columns(op, _to_float(op, bias, spec), info.total_length, key_length)
     attention = attend(
