@@ -240,6 +240,8 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.decomposed = []
         found = find_gqa_nodes(model)
+        if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
+            InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
         specs = [
             parse_gqa_node(node, self.options, _graph_outputs(container))
             for container, node in found

@@ -164,6 +164,11 @@ def test_ir_model_is_rewritten_in_place_and_pass_runs_in_a_pass_manager():
     assert manager(other).modified
     assert not any(node.domain == "com.microsoft" for node in other.graph)
 
+    # Alone, on a model whose second layer is untyped (ONNX inference stops at the first GQA).
+    tiny = ir.serde.deserialize_model(onnx.load(TINY_LLAMA))
+    assert ir.passes.PassManager([gqa_decompose.DecomposeGqaPass()])(tiny).modified
+    assert not any(node.domain == "com.microsoft" for node in tiny.graph)
+
 
 def _wrap_in_if(model: onnx.ModelProto) -> onnx.ModelProto:
     """The GQA node moves into both branches of an If on a bool graph input."""
