@@ -199,12 +199,18 @@ def _type_gqa_outputs(node: ir.Node) -> bool:
         ir.Shape([batch, kv_num_heads, unknown, head_size]),
         ir.Shape([batch, num_heads, sequence, unknown]),
     ]
+    past = node.inputs[3] if len(node.inputs) > 3 else None
+    cache_dtype = past.dtype if past is not None and past.dtype is not None else query.dtype
+    if cache_dtype == ir.DataType.UINT8:  # int4 cache: two values a byte
+        for index in (1, 2):
+            shapes[index] = ir.Shape([batch, kv_num_heads, unknown, head_size // 2])
+    dtypes = [query.dtype, cache_dtype, cache_dtype, query.dtype]
     changed = False
-    for output, shape in zip(node.outputs, shapes):
+    for output, shape, dtype in zip(node.outputs, shapes, dtypes):
         if output is None or not output.name:
             continue
         if output.type is None:
-            output.type = ir.TensorType(query.dtype)
+            output.type = ir.TensorType(dtype)
             changed = True
         if output.shape is None:
             output.shape = shape

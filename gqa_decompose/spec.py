@@ -113,6 +113,8 @@ class GqaSpec:
     causal: bool
     static_kv_cache: bool  # promised T <= P: present has exactly P rows
     sliding_window_cache: bool  # past/present hold the last tokens only (semantics §12)
+    kv_quant: str | None  # None, "PER_TENSOR" or "PER_CHANNEL" (semantics §13)
+    kv_bits: int  # 8 (int8 cache) or 4 (two nibbles per uint8); 0 when not quantized
     present_used: bool  # present_key/present_value exist and someone reads them
     output_qk_used: bool
 
@@ -129,6 +131,8 @@ class GqaSpec:
             names.append("sliding-window KV cache")
         elif self.has_past:
             names.append("static KV buffer" if self.static_kv_cache else "past KV")
+        if self.kv_quant:
+            names.append(f"int{self.kv_bits} {self.kv_quant.lower().replace('_', '-')} KV cache")
         if self.do_rotary:
             layout = "interleaved" if self.rotary_interleaved else "half"
             names.append(f"rotary ({layout})")
@@ -217,11 +221,25 @@ def parse_gqa_node(
 
     k_quant = _attr(node, "k_quant_type", "NONE")
     v_quant = _attr(node, "v_quant_type", "NONE")
-    if k_quant != "NONE" or v_quant != "NONE" or int(_attr(node, "kv_cache_bit_width", 0)):
-        raise refuse("quantized KV cache (k_quant_type/v_quant_type/kv_cache_bit_width) is not supported")
+    kv_bits = int(_attr(node, "kv_cache_bit_width", 0))
+    for label, quant in (("k_quant_type", k_quant), ("v_quant_type", v_quant)):
+        if quant not in ("NONE", "PER_TENSOR", "PER_CHANNEL"):
+            raise refuse(f"{label} '{quant}' is not NONE, PER_TENSOR or PER_CHANNEL")
+    if k_quant != v_quant:
+        raise refuse(f"k_quant_type {k_quant} != v_quant_type {v_quant} (ORT CPU requires them equal)")
+    kv_quant = None if k_quant == "NONE" else k_quant
+    if kv_quant is None and kv_bits:
+        raise refuse(f"kv_cache_bit_width must be 0 when the cache is not quantized, got {kv_bits}")
+    if kv_quant is not None and kv_bits not in (4, 8):
+        raise refuse(f"kv_cache_bit_width must be 4 or 8 for a quantized cache, got {kv_bits}")
     for index, label in ((K_SCALE, "k_scale"), (V_SCALE, "v_scale")):
-        if _input(node, index) is not None:
-            raise refuse(f"input '{label}' (quantized KV cache) is not supported")
+        given = _input(node, index)
+        if kv_quant is None and given is not None:
+            raise refuse(f"input '{label}' is given but the KV cache is not quantized")
+        if kv_quant is not None and given is None:
+            raise refuse(f"input '{label}' must be provided when {label[0]}_quant_type is {kv_quant}")
+        if given is not None and given.dtype not in (ir.DataType.FLOAT, None):
+            raise refuse(f"input '{label}' must be float, got {given.dtype}")
     for index, label in ((Q_NORM_WEIGHT, "q_norm_weight"), (K_NORM_WEIGHT, "k_norm_weight")):
         if _input(node, index) is not None:
             raise refuse(
@@ -296,11 +314,13 @@ def parse_gqa_node(
             past_dims = _dims(past)
             if past_dims is None or len(past_dims) != 4:
                 raise refuse(f"{label} must have a known rank-4 shape (B, Nkv, P, H), got {past_dims}")
-            if past.dtype != dtype:
-                raise refuse(f"{label} type {past.dtype} differs from query type {dtype} (quantized cache?)")
+            cache_dtype = {None: dtype, 8: ir.DataType.INT8, 4: ir.DataType.UINT8}[kv_bits or None]
+            if past.dtype != cache_dtype:
+                raise refuse(f"{label} type {past.dtype} is not the cache type {cache_dtype}")
+            cache_width = head_size // 2 if kv_bits == 4 else head_size
             if any(
                 isinstance(got, int) and got != expected
-                for got, expected in ((past_dims[1], kv_num_heads), (past_dims[3], head_size))
+                for got, expected in ((past_dims[1], kv_num_heads), (past_dims[3], cache_width))
             ):
                 raise refuse(
                     f"{label} shape {past_dims} does not match kv_num_heads={kv_num_heads}, "
@@ -308,6 +328,9 @@ def parse_gqa_node(
                 )
     if kv_empty and not has_past:
         raise refuse("empty key/value (shared KV) requires a past")
+    if kv_quant is not None and not has_past:
+        # ORT types present as T without a quantized past and its kernel then fails (§13).
+        raise refuse("a quantized KV cache needs a past_key/past_value of the quantized type, even empty")
 
     for index, label in ((SEQLENS_K, "seqlens_k"), (TOTAL_SEQUENCE_LENGTH, "total_sequence_length")):
         given = _input(node, index)
@@ -404,6 +427,8 @@ def parse_gqa_node(
             raise refuse("qk_output is not implemented with sliding_window_cache=1 (ORT CPU rejects it too)")
         if options.legacy_window:
             raise refuse("--legacy-window contradicts sliding_window_cache=1, which only ORT >= 1.29 knows")
+        if kv_bits == 4 and head_size % 32:
+            raise refuse(f"a 4-bit windowed KV cache needs head_size % 32 == 0, got {head_size} (ORT rejects it too)")
         capacity = _dims(past_key)[2]
         if isinstance(capacity, int) and capacity < window_attribute:
             raise refuse(f"KV cache capacity {capacity} is smaller than local_window_size {window_attribute}")
@@ -439,6 +464,8 @@ def parse_gqa_node(
         causal=causal_attr == 1,
         static_kv_cache=options.static_kv_cache and has_past and not sliding_window_cache,
         sliding_window_cache=sliding_window_cache,
+        kv_quant=kv_quant,
+        kv_bits=kv_bits,
         present_used=present_used,
         output_qk_used=bool(qk_output) and _output_used(node, OUTPUT_QK, graph_outputs),
     )

@@ -122,7 +122,8 @@ class VerificationReport:
 
 
 _INPUT_RANKS = {gqa.QUERY: 3, gqa.KEY: 3, gqa.VALUE: 3, gqa.PAST_KEY: 4, gqa.PAST_VALUE: 4,
-                gqa.COS_CACHE: 2, gqa.SIN_CACHE: 2, gqa.POSITION_IDS: 2, gqa.ATTENTION_BIAS: 4}
+                gqa.COS_CACHE: 2, gqa.SIN_CACHE: 2, gqa.POSITION_IDS: 2, gqa.ATTENTION_BIAS: 4,
+                gqa.K_SCALE: 1, gqa.V_SCALE: 1}
 
 # Extraction --------------------------------------------------------------------------------
 
@@ -195,8 +196,13 @@ def extract_node_model(
     proto.input.extend(input_names)
     del proto.output[:]
     proto.output.extend(output_names)
+    past = node.inputs[gqa.PAST_KEY] if len(node.inputs) > gqa.PAST_KEY else None
+    cache_dtype = past.dtype if past is not None and past.dtype is not None else node_dtype
+    output_dtypes = [node_dtype, cache_dtype, cache_dtype, node_dtype]
     graph_outputs = [
-        helper.make_tensor_value_info(name, retype(node_dtype), None) for name in output_names if name
+        helper.make_tensor_value_info(name, retype(output_dtypes[i]), None)
+        for i, name in enumerate(output_names)
+        if name
     ]
     graph = helper.make_graph(
         [proto], "gqa_node", list(graph_inputs.values()), graph_outputs, list(initializers.values())
@@ -343,9 +349,21 @@ def synthesize_inputs(
         put(gqa.KEY, normal(batch, kv_length, kv_hidden))
         put(gqa.VALUE, normal(batch, kv_length, kv_hidden))
     if phase.past_length is not None:
-        past_shape = (batch, spec.kv_num_heads, phase.past_length, spec.head_size)
-        put(gqa.PAST_KEY, normal(*past_shape))
-        put(gqa.PAST_VALUE, normal(*past_shape))
+        cache_width = spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size
+        past_shape = (batch, spec.kv_num_heads, phase.past_length, cache_width)
+        for index in (gqa.PAST_KEY, gqa.PAST_VALUE):
+            if spec.kv_bits == 8:
+                put(index, rng.integers(-128, 128, past_shape).astype(np.int8))
+            elif spec.kv_bits == 4:
+                put(index, rng.integers(0, 256, past_shape).astype(np.uint8))
+            else:
+                put(index, normal(*past_shape))
+    if spec.kv_quant is not None:
+        scale_size = kv_hidden if spec.kv_quant == "PER_CHANNEL" else 1
+        for index in (gqa.K_SCALE, gqa.V_SCALE):
+            dims = _dims(node.inputs[index])
+            shape = _shaped(dims, {0: scale_size}, 1) if dims else (scale_size,)
+            put(index, rng.uniform(0.01, 0.05, shape).astype(np.float32))
     seqlens = np.array(phase.total_lengths, dtype=np.int32) - 1
     seqlens_dims = _dims(node.inputs[gqa.SEQLENS_K])
     if seqlens_dims is not None and len(seqlens_dims) == 2:
@@ -419,6 +437,12 @@ def _defined_elements(
         elif output_index == gqa.OUTPUT_QK:
             parts.append(array[b, :, :rows, :length])
     return parts
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., H/2] int4 cache -> its levels [..., H], element 2i from the low nibble."""
+    levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).astype(np.int16) - 8
+    return levels.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def _run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -497,6 +521,8 @@ def verify_node_model(
                 passed, failure = False, f"{label} shape {have.shape} != {want.shape}"
                 continue
             worst = 0.0
+            if spec.kv_bits == 4 and index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
+                want, have = _nibbles(want), _nibbles(have)
             for want_part, have_part in zip(
                 _defined_elements(index, want.astype(np.float32), spec, phase),
                 _defined_elements(index, have.astype(np.float32), spec, phase),

@@ -40,6 +40,8 @@ class GqaConfig:
     positions: int = 64  # cos/sin cache rows
     extra_attributes: tuple[tuple[str, object], ...] = ()
     opset: int = 21
+    kv_quant: str | None = None  # PER_TENSOR | PER_CHANNEL
+    kv_bits: int = 8  # with kv_quant: 8 (int8 cache) or 4 (uint8, two values a byte)
 
 
 def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") -> onnx.ModelProto:
@@ -51,7 +53,7 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
     else:
         batch, seq, past, total = "batch", "sequence", "past_sequence", "total_sequence"
     inputs, initializers = [], []
-    names = [""] * 12
+    names = [""] * 14
 
     def add_input(index: int, label: str, elem_type: int, dims) -> None:
         inputs.append(helper.make_tensor_value_info(label, elem_type, dims))
@@ -63,9 +65,13 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
         kv_length = 0 if config.kv_empty else seq
         add_input(1, "key", elem, [batch, kv_length, nkv * h])
         add_input(2, "value", elem, [batch, kv_length, nkv * h])
+    cache_elem, cache_width = elem, h
+    if config.kv_quant:
+        cache_elem = TensorProto.INT8 if config.kv_bits == 8 else TensorProto.UINT8
+        cache_width = h if config.kv_bits == 8 else h // 2
     if config.past:
-        add_input(3, "past_key", elem, [batch, nkv, past, h])
-        add_input(4, "past_value", elem, [batch, nkv, past, h])
+        add_input(3, "past_key", cache_elem, [batch, nkv, past, cache_width])
+        add_input(4, "past_value", cache_elem, [batch, nkv, past, cache_width])
     add_input(5, "seqlens_k", TensorProto.INT32, [batch])
     add_input(6, "total_sequence_length", TensorProto.INT32, [])
     if config.rotary != "off":
@@ -87,6 +93,10 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
         add_input(10, "attention_bias", elem, [1, 1, seq, total])
     if config.head_sink:
         add_input(11, "head_sink", elem, [n])
+    if config.kv_quant:
+        scale_size = nkv * h if config.kv_quant == "PER_CHANNEL" else 1
+        add_input(12, "k_scale", TensorProto.FLOAT, [scale_size])
+        add_input(13, "v_scale", TensorProto.FLOAT, [scale_size])
     while names and names[-1] == "":
         names.pop()
 
@@ -106,15 +116,17 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
         attributes["qk_output"] = config.qk_output
     if config.causal is not None:
         attributes["causal"] = config.causal
+    if config.kv_quant:
+        attributes.update(k_quant_type=config.kv_quant, v_quant_type=config.kv_quant, kv_cache_bit_width=config.kv_bits)
     attributes.update(dict(config.extra_attributes))
 
     outputs = [helper.make_tensor_value_info("output", elem, [batch, seq, n * h])]
     output_names = ["output"]
     if config.present:
-        present_dims = [batch, nkv, None, h]
+        present_dims = [batch, nkv, None, cache_width]
         outputs += [
-            helper.make_tensor_value_info("present_key", elem, present_dims),
-            helper.make_tensor_value_info("present_value", elem, present_dims),
+            helper.make_tensor_value_info("present_key", cache_elem, present_dims),
+            helper.make_tensor_value_info("present_value", cache_elem, present_dims),
         ]
         output_names += ["present_key", "present_value"]
     if config.qk_output:

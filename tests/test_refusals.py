@@ -24,7 +24,7 @@ def _with_extra_input(model: onnx.ModelProto, index: int, name: str, dims) -> on
 
 REFUSED = {
     "unknown attribute": (GqaConfig(extra_attributes=(("kv_share_buffer", 1),)), "unknown attribute"),
-    "quantized cache": (GqaConfig(extra_attributes=(("k_quant_type", "PER_TENSOR"), ("v_quant_type", "PER_TENSOR"), ("kv_cache_bit_width", 8))), "quantized KV cache"),
+    "quantized cache without scales": (GqaConfig(extra_attributes=(("k_quant_type", "PER_TENSOR"), ("v_quant_type", "PER_TENSOR"), ("kv_cache_bit_width", 8))), "k_scale' must be provided"),
     "heads not divisible": (GqaConfig(num_heads=6, kv_num_heads=4), "not a multiple of kv_num_heads"),
     "qk_output out of range": (GqaConfig(extra_attributes=(("qk_output", 3),)), "qk_output must be 0, 1 or 2"),
     "causal with window": (GqaConfig(causal=0, local_window_size=2), "local_window_size must be -1 when causal is 0"),
@@ -47,6 +47,7 @@ def test_refused_with_node_name_and_feature(case):
 @pytest.mark.parametrize(
     "index,label,dims",
     [(12, "k_scale", [1]), (13, "v_scale", [1]), (14, "q_norm_weight", [16]), (15, "k_norm_weight", [16])],
+    ids=["k_scale without quantization", "v_scale without quantization", "q_norm_weight", "k_norm_weight"],
 )
 def test_refused_inputs(index, label, dims):
     model = _with_extra_input(make_gqa_model(GqaConfig()), index, label, dims)
@@ -149,9 +150,9 @@ def test_verification_catches_an_off_by_one_window(monkeypatch, window):
 
 
 def test_verify_reports_a_refused_node_instead_of_raising():
-    report = verify(make_gqa_model(GqaConfig(extra_attributes=(("kv_cache_bit_width", 8),))))
+    report = verify(make_gqa_model(GqaConfig(extra_attributes=(("kv_share_buffer", 1),))))
     assert not report.passed
-    assert "quantized KV cache" in report.nodes[0].refused
+    assert "unknown attribute" in report.nodes[0].refused
 
 
 @pytest.mark.parametrize(

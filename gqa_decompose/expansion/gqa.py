@@ -31,6 +31,7 @@ from gqa_decompose.expansion.mask import (
     mask_bias,
     visibility_mask,
 )
+from gqa_decompose.expansion.quantized_cache import dequantize, quantize
 from gqa_decompose.expansion.rotary import apply_rotary, build_rotary_tables
 from gqa_decompose.expansion.sequence import SharedSubgraphs, build_sequence_info, dim_key
 from gqa_decompose.expansion.sliding_cache import present_columns, sliding_key_positions
@@ -90,6 +91,23 @@ def _from_float(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
 
 def _bsnh_to_bnsh(op: OpBuilder, value: ir.Value) -> ir.Value:
     return op.op("Transpose", value, perm=[0, 2, 1, 3])
+
+
+def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: int):
+    """(encode, decode): new rows in the model's type -> the cache's type -> fp32 for attention."""
+    if spec.kv_quant is None:
+        return (lambda x: x), (lambda x: _to_float(op, x, spec))
+    layout = dict(
+        per_channel=spec.kv_quant == "PER_CHANNEL",
+        bits=spec.kv_bits,
+        kv_num_heads=spec.kv_num_heads,
+        head_size=spec.head_size,
+    )
+    scale = node.inputs[scale_index]
+    return (
+        lambda x: quantize(op, _to_float(op, x, spec), scale, **layout),
+        lambda q: dequantize(op, q, scale, **layout),
+    )
 
 
 def _longest_rows(
@@ -170,8 +188,13 @@ def expand_gqa(
     query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate)
     query_BNSH = _to_float(op, _bsnh_to_bnsh(op, query_BSNH), spec)
 
-    # 2. Keys and values attention reads, and present when someone reads it.
+    # 2. Keys and values attention reads, and present when someone reads it, in the cache's type.
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
+    encode_key, decode_key = _cache_codec(op, node, spec, gqa.K_SCALE)
+    encode_value, decode_value = _cache_codec(op, node, spec, gqa.V_SCALE)
+    if key_BSNH is not None:
+        new_key_BNSH = encode_key(_bsnh_to_bnsh(op, key_BSNH))
+        new_value_BNSH = encode_value(_bsnh_to_bnsh(op, value_BSNH))
     query_length_key = dim_key(node.inputs[gqa.QUERY], 1)
     attend_over_present = not spec.sliding_window_cache and (
         spec.present_used
@@ -183,8 +206,8 @@ def expand_gqa(
     present_key = present_value = None
     keys_are_positions = True  # key column j holds position j
     if not spec.has_past:
-        keys = present_key = _bsnh_to_bnsh(op, key_BSNH)
-        values = present_value = _bsnh_to_bnsh(op, value_BSNH)
+        keys = present_key = new_key_BNSH
+        values = present_value = new_value_BNSH
         key_length, key_length_key = info.query_length, ("query_length", query_length_key)
     elif spec.kv_empty:
         if spec.present_used:
@@ -194,8 +217,6 @@ def expand_gqa(
         key_length_key = ("longest_row", info)
     elif spec.sliding_window_cache:
         keys_are_positions = False
-        new_key_BNSH = _bsnh_to_bnsh(op, key_BSNH)
-        new_value_BNSH = _bsnh_to_bnsh(op, value_BSNH)
         keys = op.op("Concat", past_key, new_key_BNSH, axis=2)
         values = op.op("Concat", past_value, new_value_BNSH, axis=2)
         if spec.present_used:
@@ -203,8 +224,6 @@ def expand_gqa(
             present_key = op.op("GatherND", keys, columns, batch_dims=2)
             present_value = op.op("GatherND", values, columns, batch_dims=2)
     elif attend_over_present:
-        new_key_BNSH = _bsnh_to_bnsh(op, key_BSNH)
-        new_value_BNSH = _bsnh_to_bnsh(op, value_BSNH)
         static = spec.static_kv_cache
         keys = present_key = write_new_rows(
             op, shared, info, past_key, new_key_BNSH, spec.kv_num_heads, static
@@ -220,8 +239,8 @@ def expand_gqa(
             key_length_key = ("present_length", info, dim_key(past_key, 2), False)
     else:
         keys_are_positions = False
-        keys = op.op("Concat", past_key, _bsnh_to_bnsh(op, key_BSNH), axis=2)
-        values = op.op("Concat", past_value, _bsnh_to_bnsh(op, value_BSNH), axis=2)
+        keys = op.op("Concat", past_key, new_key_BNSH, axis=2)
+        values = op.op("Concat", past_value, new_value_BNSH, axis=2)
 
     # 3. The shared mask.
     if keys_are_positions:
@@ -246,8 +265,8 @@ def expand_gqa(
     attention = attend(
         op,
         query_BNSH,
-        _to_float(op, keys, spec),
-        _to_float(op, values, spec),
+        decode_key(keys),
+        decode_value(values),
         visible_B1SK,
         mask_bias(shared, visible_B1SK),
         num_heads=spec.num_heads,
