@@ -100,8 +100,9 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=pathlib.Path),
-    help="Where to write the rewritten model. Default: <MODEL stem>.decomposed.onnx beside MODEL.",
+    type=str,
+    help="Where to write the rewritten model: a file, or a folder (existing, or ending in '/') "
+    "to write <MODEL stem>.decomposed.onnx into. Default: beside MODEL.",
 )
 @click.option(
     "--no-verify",
@@ -147,7 +148,7 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
 @click.version_option(package_name="gqa-decompose")
 def main(
     model: pathlib.Path,
-    output: pathlib.Path | None,
+    output: str | None,
     no_verify: bool,
     report_path: pathlib.Path | None,
     check: bool,
@@ -202,16 +203,26 @@ def _verify_nodes(model_path: pathlib.Path, options: DecomposeOptions, quiet: bo
     return {node.name: node for node in result.nodes}
 
 
+def _output_path(model_path: pathlib.Path, output: str | None) -> pathlib.Path:
+    default = model_io.default_output_path(model_path)
+    if not output:
+        return default.absolute()
+    path = pathlib.Path(output)
+    if output.endswith(("/", "\\")) or path.is_dir():
+        return (path / default.name).absolute()
+    return path.absolute()
+
+
 def _run_decompose(
     model_path: pathlib.Path,
-    output: pathlib.Path | None,
+    output: str | None,
     options: DecomposeOptions,
     run_verify: bool,
     quiet: bool,
     report: dict,
     reuse_data: bool = False,
 ) -> int:
-    target = (output or model_io.default_output_path(model_path)).absolute()
+    target = _output_path(model_path, output)
     if model_path.exists() and target.resolve() == model_path.resolve():
         raise GqaDecomposeError("the output path is the input model; the input is never overwritten")
     model = model_io.load_model(model_path)

@@ -325,6 +325,28 @@ def _causal_limits(spec: GqaSpec, phase: Phase) -> np.ndarray:
     return np.minimum(offsets[:, None] + rows[None, :] + 1, lengths[:, None])
 
 
+def _rotary_half_hint(cos_cache: ir.Value) -> int | None:
+    """cos_cache.shape[1] when its shape is symbolic but an If picks between constant tables.
+
+    Phi-3's LongRoPE picks the short or long factor table with an If; the builder
+    declares the result's width symbolically, so without this hint verification would
+    synthesize full-width tables and never exercise partial rotary.
+    """
+    producer = cos_cache.producer()
+    if producer is None or producer.op_type != "If":
+        return None
+    index = list(producer.outputs).index(cos_cache)
+    widths = set()
+    for attr in producer.attributes.values():
+        if attr.type != ir.AttributeType.GRAPH:
+            continue
+        tensor = ir.convenience.get_const_tensor(attr.value.outputs[index])
+        if tensor is None or len(tensor.shape) != 2:
+            return None
+        widths.add(tensor.shape[1])
+    return widths.pop() if len(widths) == 1 else None
+
+
 def synthesize_inputs(
     node: ir.Node, spec: GqaSpec, phase: Phase, rng: np.random.Generator, feed_names: dict[int, str]
 ) -> dict[str, np.ndarray]:
@@ -376,7 +398,7 @@ def synthesize_inputs(
     positions_limit = max(total + 3, 16)
     if gqa.COS_CACHE in feed_names:
         cos_dims = _dims(node.inputs[gqa.COS_CACHE])
-        half = spec.rotary_half or spec.head_size // 2
+        half = spec.rotary_half or _rotary_half_hint(node.inputs[gqa.COS_CACHE]) or spec.head_size // 2
         shape = _shaped(cos_dims, {0: positions_limit, 1: half}, 2)
         angles = rng.uniform(-math.pi, math.pi, shape)
         put(gqa.COS_CACHE, np.cos(angles).astype(np.float32).astype(dtype))

@@ -499,3 +499,16 @@ def test_a_real_process_with_piped_stderr_prints_only_the_summary_lines(tiny):
     assert [line.split(":")[0] for line in lines[:2]] == GQA_NODES
     assert lines[2] == f"wrote {tiny.with_name('tiny-llama-gqa.decomposed.onnx')}"
     assert len(lines) == 3
+
+
+@pytest.mark.parametrize("spelling", ["existing", "trailing slash"])
+def test_an_output_folder_receives_the_default_file_name(tiny, tmp_path, spelling):
+    folder = tmp_path / "out"
+    if spelling == "existing":
+        folder.mkdir()
+        argument = str(folder)
+    else:
+        argument = f"{folder}/"
+    code, out, err = run(tiny, "-o", argument, "--no-verify")
+    assert code == 0, err
+    assert folder_listing(folder) == {f"{tiny.stem}.decomposed.onnx"}

@@ -389,3 +389,16 @@ def test_fixtures_are_small():
     for folder in FIXTURES:
         assert (MODELS / folder / "model.onnx").stat().st_size < 1 << 20, folder
 
+
+
+def test_phi3_node_verification_exercises_partial_rotary():
+    # The builder declares the LongRoPE If output's width symbolically ('head_dim / 2' = 16) while the
+    # tables are 8 wide: verification must synthesize 8-wide tables, or partial rotary goes untested.
+    import onnx_ir as ir
+
+    from gqa_decompose.passes import find_gqa_nodes
+    from gqa_decompose.verify import _rotary_half_hint
+
+    model = ir.serde.deserialize_model(_original("builder-phi3"))
+    for _, node in find_gqa_nodes(model):
+        assert _rotary_half_hint(node.inputs[7]) == 8
