@@ -111,7 +111,63 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
             modified |= progress
             if not progress:
                 break
+        if any(_untyped_query(node) for node in gqa_nodes):
+            modified |= _ort_symbolic_inference(model)
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _untyped_query(node: ir.Node) -> bool:
+    query = node.inputs[0]
+    return query is not None and (query.dtype is None or query.shape is None)
+
+
+def _ort_symbolic_inference(model: ir.Model) -> bool:
+    """Type values with ONNX Runtime's symbolic shape inference, which knows its contrib ops.
+
+    ONNX's own inference stops at ops it does not know (SkipLayerNormalization,
+    a builder's SimplifiedLayerNormalization, ...) when the model carries no
+    value_info. Large and external initializers become typed graph inputs
+    first, so no weight is read. Only values without a type are filled in.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return False
+    proto = ir.serde.serialize_model(model)
+    inputs = {value.name for value in proto.graph.input}
+    kept = []
+    for tensor in proto.graph.initializer:
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        if external or tensor.ByteSize() > 1024:
+            if tensor.name not in inputs:
+                proto.graph.input.append(
+                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                )
+        else:
+            kept.append(tensor)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.CRITICAL)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+    except Exception:  # partial typing is still useful; the spec refuses what stays unknown
+        return False
+    if inferred is None:
+        return False
+    by_name = {info.name: info for info in inferred.graph.value_info}
+    changed = False
+    for node in model.graph:
+        for value in node.outputs:
+            info = by_name.get(value.name)
+            if info is None or (value.type is not None and value.shape is not None):
+                continue
+            typed = ir.serde.deserialize_value_info_proto(info, None)
+            if value.type is None:
+                value.type = typed.type
+            if value.shape is None:
+                value.shape = typed.shape
+            changed = True
+    return changed
 
 
 def _type_function_body(model: ir.Model, function: ir.Function) -> bool:
