@@ -1,18 +1,20 @@
 """One GroupQueryAttention node as standard ONNX ops.
 
 Dimension legend: B batch, S query length, N query heads, Nkv KV heads,
-H head size, P past rows, Lp present rows, D = N*H.
+H head size, P past rows, Lp present rows, K key columns, D = N*H.
 
 The story, top-down::
 
     query (packed [B, S, (N+2Nkv)H] or [B, S, D]) -> q [B,S,N,H], k/v [B,S,Nkv,H]
-    fp32; rotary on q and k; k rounded back to the model's type (it goes into present)
-    present = past with new rows scattered at c_b        (or the new rows when there is no past)
-    visible = the shared causal/window mask             [B, 1, S, Lp]
-    output  = attend(q, present_key, present_value)     cast back once to the model's type
+    fp32 rotary on q and k, rounded back to the model's type (k goes into present)
+    new rows -> the cache's type (the model's, or int8/int4 quantized)
+    present  = past with the new rows scattered at c_b    (no past: the new rows)
+    visible  = the shared causal/window mask over each key column's position   [B, 1, S, K]
+    output   = attend(q, keys, values) in fp32, cast back once to the model's type
 
-Layers whose present nobody reads skip the scatter and attend over
-Concat(past, new) with a mask that knows each column's position.
+Which columns attention reads depends on the cache (see ``_key_columns``):
+present rows, the longest row of a static buffer, or Concat(past, new) for a
+windowed cache and for layers whose present nobody reads.
 """
 
 from __future__ import annotations
@@ -91,6 +93,79 @@ def _from_float(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
 
 def _bsnh_to_bnsh(op: OpBuilder, value: ir.Value) -> ir.Value:
     return op.op("Transpose", value, perm=[0, 2, 1, 3])
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeyColumns:
+    """What attention reads: keys/values [B, Nkv, K, H or packed] in the cache's type."""
+
+    keys: ir.Value
+    values: ir.Value
+    positions: ir.Value  # absolute position of each key column, int64 [B or 1, 1, 1, K]
+    length: ir.Value | None  # K when column j holds position j; None otherwise
+    present_key: ir.Value | None
+    present_value: ir.Value | None
+
+
+def _key_columns(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    new_rows: tuple[ir.Value, ir.Value] | None,
+) -> _KeyColumns:
+    """Choose how present is built and which columns attention reads (semantics doc §3-4, §11-12).
+
+    * no past: the new rows are present and the keys;
+    * shared KV (empty key/value): the past rows any batch row can see;
+    * windowed cache: Concat(past, new), present gathered from the latest positions;
+    * present read (or needed for bias/qk_output), or a static buffer: present with the
+      new rows scattered at c_b; a static buffer is then cut to the longest row;
+    * nobody reads present: Concat(past, new) with each column's position; no KV write.
+    """
+    past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
+    if not spec.has_past:
+        new_key, new_value = new_rows
+        length = info.query_length
+        positions = dense_key_positions(shared, length, ("query_length", dim_key(node.inputs[gqa.QUERY], 1)))
+        return _KeyColumns(new_key, new_value, positions, length, new_key, new_value)
+    if spec.kv_empty:
+        present_key = present_value = None
+        if spec.present_used:
+            present_key = op.op("Identity", past_key)
+            present_value = op.op("Identity", past_value)
+        keys, values, length = _longest_rows(op, shared, info, past_key, past_value)
+        positions = dense_key_positions(shared, length, ("longest_row", info))
+        return _KeyColumns(keys, values, positions, length, present_key, present_value)
+    new_key, new_value = new_rows
+    if spec.sliding_window_cache:
+        keys = op.op("Concat", past_key, new_key, axis=2)
+        values = op.op("Concat", past_value, new_value, axis=2)
+        present_key = present_value = None
+        if spec.present_used:
+            rows = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
+            present_key = op.op("GatherND", keys, rows, batch_dims=2)
+            present_value = op.op("GatherND", values, rows, batch_dims=2)
+        positions = sliding_key_positions(shared, info, past_key, spec.local_window_size)
+        return _KeyColumns(keys, values, positions, None, present_key, present_value)
+    if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache:
+        static = spec.static_kv_cache
+        present_key = write_new_rows(op, shared, info, past_key, new_key, spec.kv_num_heads, static)
+        present_value = write_new_rows(op, shared, info, past_value, new_value, spec.kv_num_heads, static)
+        if static:
+            keys, values, length = _longest_rows(op, shared, info, present_key, present_value)
+            length_key = ("longest_row", info)
+        else:
+            keys, values = present_key, present_value
+            length = present_length(shared, info, past_key)
+            length_key = ("present_length", info, dim_key(past_key, 2), False)
+        positions = dense_key_positions(shared, length, length_key)
+        return _KeyColumns(keys, values, positions, length, present_key, present_value)
+    keys = op.op("Concat", past_key, new_key, axis=2)
+    values = op.op("Concat", past_value, new_value, axis=2)
+    positions = concat_key_positions(shared, info, past_key)
+    return _KeyColumns(keys, values, positions, None, None, None)
 
 
 def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: int):
@@ -188,85 +263,36 @@ def expand_gqa(
     query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate)
     query_BNSH = _to_float(op, _bsnh_to_bnsh(op, query_BSNH), spec)
 
-    # 2. Keys and values attention reads, and present when someone reads it, in the cache's type.
-    past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
+    # 2. The new rows in the cache's type; the key columns attention reads; present.
     encode_key, decode_key = _cache_codec(op, node, spec, gqa.K_SCALE)
     encode_value, decode_value = _cache_codec(op, node, spec, gqa.V_SCALE)
+    new_rows = None
     if key_BSNH is not None:
-        new_key_BNSH = encode_key(_bsnh_to_bnsh(op, key_BSNH))
-        new_value_BNSH = encode_value(_bsnh_to_bnsh(op, value_BSNH))
-    query_length_key = dim_key(node.inputs[gqa.QUERY], 1)
-    attend_over_present = not spec.sliding_window_cache and (
-        spec.present_used
-        or spec.has_attention_bias
-        or spec.qk_output
-        or spec.static_kv_cache
-        or not spec.has_past
-    )
-    present_key = present_value = None
-    keys_are_positions = True  # key column j holds position j
-    if not spec.has_past:
-        keys = present_key = new_key_BNSH
-        values = present_value = new_value_BNSH
-        key_length, key_length_key = info.query_length, ("query_length", query_length_key)
-    elif spec.kv_empty:
-        if spec.present_used:
-            present_key = op.op("Identity", past_key)
-            present_value = op.op("Identity", past_value)
-        keys, values, key_length = _longest_rows(op, shared, info, past_key, past_value)
-        key_length_key = ("longest_row", info)
-    elif spec.sliding_window_cache:
-        keys_are_positions = False
-        keys = op.op("Concat", past_key, new_key_BNSH, axis=2)
-        values = op.op("Concat", past_value, new_value_BNSH, axis=2)
-        if spec.present_used:
-            columns = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
-            present_key = op.op("GatherND", keys, columns, batch_dims=2)
-            present_value = op.op("GatherND", values, columns, batch_dims=2)
-    elif attend_over_present:
-        static = spec.static_kv_cache
-        keys = present_key = write_new_rows(
-            op, shared, info, past_key, new_key_BNSH, spec.kv_num_heads, static
+        new_rows = (
+            encode_key(_bsnh_to_bnsh(op, key_BSNH)),
+            encode_value(_bsnh_to_bnsh(op, value_BSNH)),
         )
-        values = present_value = write_new_rows(
-            op, shared, info, past_value, new_value_BNSH, spec.kv_num_heads, static
-        )
-        if static:
-            keys, values, key_length = _longest_rows(op, shared, info, keys, values)
-            key_length_key = ("longest_row", info)
-        else:
-            key_length = present_length(shared, info, past_key)
-            key_length_key = ("present_length", info, dim_key(past_key, 2), False)
-    else:
-        keys_are_positions = False
-        keys = op.op("Concat", past_key, new_key_BNSH, axis=2)
-        values = op.op("Concat", past_value, new_value_BNSH, axis=2)
+    columns = _key_columns(op, shared, info, node, spec, new_rows)
 
     # 3. The shared mask.
-    if keys_are_positions:
-        key_positions = dense_key_positions(shared, key_length, key_length_key)
-    elif spec.sliding_window_cache:
-        key_positions = sliding_key_positions(shared, info, past_key, spec.local_window_size)
-    else:
-        key_positions = concat_key_positions(shared, info, past_key)
     visible_B1SK = visibility_mask(
-        shared, info, key_positions, spec.local_window_size, spec.causal
+        shared, info, columns.positions, spec.local_window_size, spec.causal
     )
 
     # 4. Attention in fp32.
     bias_BNSK = None
     bias = _input(node, gqa.ATTENTION_BIAS)
-    if bias is not None and not keys_are_positions:
+    if bias is not None and columns.length is None:
         # Bias columns are absolute key positions; pick each key column's.
-        bias_BNSK = _gather_columns(op, info, _to_float(op, bias, spec), key_positions)
+        bias_BNSK = _gather_columns(op, info, _to_float(op, bias, spec), columns.positions)
     elif bias is not None:
         # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
-        bias_BNSK = _fit_columns(op, _to_float(op, bias, spec), info.total_length, key_length)
+        bias_BNSK = _fit_columns(op, _to_float(op, bias, spec), info.total_length, columns.length)
     attention = attend(
         op,
         query_BNSH,
-        decode_key(keys),
-        decode_value(values),
+        decode_key(columns.keys),
+        decode_value(columns.values),
         visible_B1SK,
         mask_bias(shared, visible_B1SK),
         num_heads=spec.num_heads,
@@ -286,6 +312,6 @@ def expand_gqa(
     if spec.output_qk_used:
         chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
         # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
-        output_qk = _from_float(op, _fit_columns(op, chosen, key_length, info.total_length), spec)
+        output_qk = _from_float(op, _fit_columns(op, chosen, columns.length, info.total_length), spec)
 
-    return ExpandedNode((output, present_key, present_value, output_qk))
+    return ExpandedNode((output, columns.present_key, columns.present_value, output_qk))
