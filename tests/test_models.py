@@ -127,3 +127,28 @@ def test_builder_model_matches_torch_logits_after_decomposition():
         {"input_ids": reference["next_id"], "attention_mask": np.ones((1, length + 1), np.int64), **presents},
     )
     np.testing.assert_allclose(decode["logits"], reference["decode_logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_cache", ["any", "static"])
+def test_decomposed_model_runs_on_onnx_reference(kv_cache):
+    """The point of the rewrite: a runtime without ORT's contrib ops runs it (here onnx.reference)."""
+    from onnx.reference import ReferenceEvaluator
+
+    original = onnx.load(TINY_LLAMA)
+    decomposed = gqa_decompose.decompose(original, static_kv_cache=kv_cache == "static")
+    rng = np.random.default_rng(11)
+    past_rows = 8 if kv_cache == "static" else 0
+    feeds = {
+        "input_ids": rng.integers(0, 64, (2, 5)).astype(np.int64),
+        "attention_mask": np.array([[1] * 5, [1, 1, 1, 0, 0]], np.int64),
+        **{name: np.zeros((2, 2, past_rows, 16), np.float32) for name in _past_inputs(original)},
+    }
+    expected = _run(_session(original), feeds)
+    evaluator = ReferenceEvaluator(decomposed)
+    got = dict(zip(evaluator.output_names, evaluator.run(None, feeds)))
+    np.testing.assert_allclose(got["logits"][0], expected["logits"][0], atol=1e-4)
+    np.testing.assert_allclose(got["logits"][1, :3], expected["logits"][1, :3], atol=1e-4)
+    for name in expected:
+        if name.startswith("present"):
+            np.testing.assert_allclose(got[name][0, :, :5], expected[name][0, :, :5], atol=1e-5)
+            np.testing.assert_allclose(got[name][1, :, :3], expected[name][1, :, :3], atol=1e-5)
