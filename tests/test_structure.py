@@ -250,3 +250,22 @@ def test_a_model_without_value_info_is_typed_by_ort_symbolic_inference():
     decomposed = gqa_decompose.decompose(model)
     assert not any(node.op_type == "GroupQueryAttention" for node in decomposed.graph.node)
     assert gqa_decompose.verify(model, decomposed).passed
+
+
+@pytest.mark.parametrize("opset", [13, 17, 24])
+@pytest.mark.parametrize(
+    "config",
+    [
+        GqaConfig(local_window_size=2, extra_attributes=(("sliding_window_cache", 1),), attention_bias="full"),
+        GqaConfig(kv_quant="PER_CHANNEL", kv_bits=4, rotary="interleaved", qk_output=2),
+        GqaConfig(kv_empty=True, causal=0, smooth_softmax=1),
+    ],
+    ids=["windowed-cache-bias", "int4-cache-qk-output", "kv-empty-causal0"],
+)
+def test_later_features_are_valid_at_low_and_high_opsets(opset, config):
+    import dataclasses
+
+    config = dataclasses.replace(config, opset=opset)
+    decomposed = gqa_decompose.decompose(make_gqa_model(config))
+    onnx.checker.check_model(decomposed, full_check=True)
+    assert_matches_ort(config)
