@@ -66,6 +66,9 @@ class DecomposeOptions:
         legacy_window: read ``local_window_size`` W as ONNX Runtime <= 1.23 did
             (W + 1 visible keys) instead of the current meaning (W keys).
             For models exported for an old ONNX Runtime.
+        native_precision: compute fp16/bf16 attention in that type instead of
+            fp32 (ORT's CPU kernel computes in fp32): fewer casts, results within
+            a few fp16/bf16 ulps of ORT instead of matching its rounding.
         static_kv_cache: promise that past is always a max-length buffer
             (T <= P); see ``STATIC_KV_CACHE_DOC``. A growing cache then fails
             at run time (ScatterND index out of range) instead of computing
@@ -74,6 +77,7 @@ class DecomposeOptions:
 
     legacy_window: bool = False
     static_kv_cache: bool = False
+    native_precision: bool = False
 
 
 STATIC_KV_CACHE_DOC = (
@@ -93,6 +97,7 @@ class GqaSpec:
 
     node_name: str
     dtype: ir.DataType
+    compute_dtype: ir.DataType  # fp32, or the model's type with native_precision
     num_heads: int
     kv_num_heads: int
     head_size: int
@@ -153,6 +158,8 @@ class GqaSpec:
         if self.qk_output:
             names.append(f"qk_output={self.qk_output}")
         names.append(self.dtype.name.lower())
+        if self.compute_dtype != ir.DataType.FLOAT:
+            names.append(f"computed in {self.compute_dtype.name.lower()}")
         return names
 
 
@@ -444,6 +451,7 @@ def parse_gqa_node(
     return GqaSpec(
         node_name=name,
         dtype=dtype,
+        compute_dtype=dtype if options.native_precision else ir.DataType.FLOAT,
         num_heads=num_heads,
         kv_num_heads=kv_num_heads,
         head_size=head_size,

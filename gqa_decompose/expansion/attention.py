@@ -1,7 +1,7 @@
 """Scaled dot-product attention with grouped KV heads folded into the GEMM rows (semantics doc §6).
 
 Dimension legend: B batch, N query heads, Nkv KV heads, G = N / Nkv,
-S query length, K key columns, H head size. All fp32.
+S query length, K key columns, H head size. All in the compute type (fp32 by default).
 
 ::
 
@@ -30,22 +30,22 @@ __all__ = ["AttentionResult", "attend"]
 
 @dataclasses.dataclass(frozen=True)
 class AttentionResult:
-    output_BSD: ir.Value  # fp32 [B, S, N*H]
-    scores_BNSK: ir.Value  # fp32 scores after scale, softcap and bias, masked entries 0
-    probs_BNSK: ir.Value  # fp32 probabilities
+    output_BSD: ir.Value  # [B, S, N*H]
+    scores_BNSK: ir.Value  # scores after scale, softcap and bias, masked entries 0
+    probs_BNSK: ir.Value  # probabilities
 
 
 def _softmax_with_sink(
-    op: OpBuilder, masked_BNSK: ir.Value, sink_N: ir.Value | None, num_heads: int
+    op: OpBuilder, masked_BNSK: ir.Value, sink_N: ir.Value | None, num_heads: int, dtype: ir.DataType
 ) -> ir.Value:
     """Softmax with one extra logit (the sink, or 0) in the denominator only."""
     shape_BNS = op.slice(op.op("Shape", masked_BNSK), 0, 3, axis=0)
     sink_shape = op.op("Concat", shape_BNS, op.ints([1]), axis=0)
     if sink_N is None:
-        sink_BNS1 = op.op("Expand", op.float_scalar(0.0), sink_shape)
+        sink_BNS1 = op.op("Expand", op.float_scalar(0.0, dtype), sink_shape)
     else:
-        if sink_N.dtype != ir.DataType.FLOAT:
-            sink_N = op.cast(sink_N, ir.DataType.FLOAT)
+        if sink_N.dtype != dtype:
+            sink_N = op.cast(sink_N, dtype)
         sink_1N11 = op.op("Reshape", sink_N, op.ints([1, num_heads, 1, 1]))
         sink_BNS1 = op.op("Expand", sink_1N11, sink_shape)
     with_sink = op.op("Concat", masked_BNSK, sink_BNS1, axis=3)
@@ -71,26 +71,27 @@ def attend(
     head_sink_N: ir.Value | None,
     may_mask_whole_rows: bool,
     want_scores: bool,
+    dtype: ir.DataType = ir.DataType.FLOAT,
 ) -> AttentionResult:
     query_BNkvGSH = op.op("Reshape", query_BNSH, op.ints([0, kv_num_heads, -1, head_size]))
     keys_BNkvHK = op.op("Transpose", keys_BNkvKH, perm=[0, 1, 3, 2])
     products = op.op("MatMul", query_BNkvGSH, keys_BNkvHK)
-    scores_BNkvGSK = op.op("Mul", products, op.float_scalar(scale))
+    scores_BNkvGSK = op.op("Mul", products, op.float_scalar(scale, dtype))
     scores_BNSK = op.op("Reshape", scores_BNkvGSK, op.ints([0, num_heads, -1, 0]))
     if softcap > 0:
-        capped = op.op("Tanh", op.op("Div", scores_BNSK, op.float_scalar(softcap)))
-        scores_BNSK = op.op("Mul", capped, op.float_scalar(softcap))
+        capped = op.op("Tanh", op.op("Div", scores_BNSK, op.float_scalar(softcap, dtype)))
+        scores_BNSK = op.op("Mul", capped, op.float_scalar(softcap, dtype))
     if bias_BNSK is not None:
         scores_BNSK = op.op("Add", scores_BNSK, bias_BNSK)
     masked_BNSK = op.op("Add", scores_BNSK, mask_bias_B1SK)
     if smooth_softmax:
-        probs_BNSK = _softmax_with_sink(op, masked_BNSK, head_sink_N, num_heads)
+        probs_BNSK = _softmax_with_sink(op, masked_BNSK, head_sink_N, num_heads, dtype)
     else:
         probs_BNSK = op.op("Softmax", masked_BNSK, axis=-1)
         if may_mask_whole_rows:
             # A row with no finite score gives NaN; ONNX Runtime's fp32 kernel gives 0.
             probs_BNSK = op.op(
-                "Where", op.op("IsNaN", probs_BNSK), op.float_scalar(0.0), probs_BNSK
+                "Where", op.op("IsNaN", probs_BNSK), op.float_scalar(0.0, dtype), probs_BNSK
             )
     probs_BNkvGSK = op.op("Reshape", probs_BNSK, op.ints([0, kv_num_heads, -1, 0]))
     attended_BNkvGSH = op.op("MatMul", probs_BNkvGSK, values_BNkvKH)
@@ -99,5 +100,5 @@ def attend(
     output_BSD = op.op("Reshape", attended_BSNH, op.ints([0, 0, num_heads * head_size]))
     scores_out = None
     if want_scores:
-        scores_out = op.op("Where", visible_B1SK, scores_BNSK, op.float_scalar(0.0))
+        scores_out = op.op("Where", visible_B1SK, scores_BNSK, op.float_scalar(0.0, dtype))
     return AttentionResult(output_BSD, scores_out, probs_BNSK)

@@ -83,12 +83,13 @@ def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None):
     return query_BSNH, key_BSNH, value_BSNH
 
 
-def _to_float(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
-    return value if spec.dtype == _FLOAT else op.cast(value, _FLOAT)
+def _to_compute(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
+    """A value of the model's type in the compute type (fp32 unless native precision)."""
+    return value if spec.dtype == spec.compute_dtype else op.cast(value, spec.compute_dtype)
 
 
-def _from_float(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
-    return value if spec.dtype == _FLOAT else op.cast(value, spec.dtype)
+def _from_compute(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
+    return value if spec.dtype == spec.compute_dtype else op.cast(value, spec.dtype)
 
 
 def _bsnh_to_bnsh(op: OpBuilder, value: ir.Value) -> ir.Value:
@@ -171,7 +172,7 @@ def _key_columns(
 def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: int):
     """(encode, decode): new rows in the model's type -> the cache's type -> fp32 for attention."""
     if spec.kv_quant is None:
-        return (lambda x: x), (lambda x: _to_float(op, x, spec))
+        return (lambda x: x), (lambda x: _to_compute(op, x, spec))
     layout = dict(
         per_channel=spec.kv_quant == "PER_CHANNEL",
         bits=spec.kv_bits,
@@ -179,9 +180,16 @@ def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: i
         head_size=spec.head_size,
     )
     scale = node.inputs[scale_index]
+    # Quantization math is fp32 whatever the compute type, as in ORT's kernel.
+    def to_fp32(x: ir.Value) -> ir.Value:
+        return x if spec.dtype == _FLOAT else op.cast(x, _FLOAT)
+
+    def fp32_to_compute(x: ir.Value) -> ir.Value:
+        return x if spec.compute_dtype == _FLOAT else op.cast(x, spec.compute_dtype)
+
     return (
-        lambda x: quantize(op, _to_float(op, x, spec), scale, **layout),
-        lambda q: dequantize(op, q, scale, **layout),
+        lambda x: quantize(op, to_fp32(x), scale, **layout),
+        lambda q: fp32_to_compute(dequantize(op, q, scale, **layout)),
     )
 
 
@@ -242,7 +250,7 @@ def expand_gqa(
         always_first_prompt=not spec.has_past,
     )
 
-    # 1. Rotary on q and the new k, in fp32; both rounded to the model's type, as ORT does.
+    # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
     rotate = None
     if spec.do_rotary:
         tables = build_rotary_tables(
@@ -252,16 +260,17 @@ def expand_gqa(
             node.inputs[gqa.SIN_CACHE],
             _input(node, gqa.POSITION_IDS),
             spec.rotary_half,
+            spec.compute_dtype,
         )
 
         def rotate(x_BSnH: ir.Value) -> ir.Value:
             rotated = apply_rotary(
-                op, _to_float(op, x_BSnH, spec), tables, spec.head_size, spec.rotary_interleaved
+                op, _to_compute(op, x_BSnH, spec), tables, spec.head_size, spec.rotary_interleaved
             )
-            return _from_float(op, rotated, spec)
+            return _from_compute(op, rotated, spec)
 
     query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate)
-    query_BNSH = _to_float(op, _bsnh_to_bnsh(op, query_BSNH), spec)
+    query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec)
 
     # 2. The new rows in the cache's type; the key columns attention reads; present.
     encode_key, decode_key = _cache_codec(op, node, spec, gqa.K_SCALE)
@@ -279,22 +288,22 @@ def expand_gqa(
         shared, info, columns.positions, spec.local_window_size, spec.causal
     )
 
-    # 4. Attention in fp32.
+    # 4. Attention in the compute type (fp32 unless native precision).
     bias_BNSK = None
     bias = _input(node, gqa.ATTENTION_BIAS)
     if bias is not None and columns.length is None:
         # Bias columns are absolute key positions; pick each key column's.
-        bias_BNSK = _gather_columns(op, info, _to_float(op, bias, spec), columns.positions)
+        bias_BNSK = _gather_columns(op, info, _to_compute(op, bias, spec), columns.positions)
     elif bias is not None:
         # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
-        bias_BNSK = _fit_columns(op, _to_float(op, bias, spec), info.total_length, columns.length)
+        bias_BNSK = _fit_columns(op, _to_compute(op, bias, spec), info.total_length, columns.length)
     attention = attend(
         op,
         query_BNSH,
         decode_key(columns.keys),
         decode_value(columns.values),
         visible_B1SK,
-        mask_bias(shared, visible_B1SK),
+        mask_bias(shared, visible_B1SK, spec.compute_dtype),
         num_heads=spec.num_heads,
         kv_num_heads=spec.kv_num_heads,
         head_size=spec.head_size,
@@ -305,13 +314,14 @@ def expand_gqa(
         head_sink_N=_input(node, gqa.HEAD_SINK),
         may_mask_whole_rows=bias is not None or spec.local_window_size == 0,
         want_scores=spec.qk_output == 1,
+        dtype=spec.compute_dtype,
     )
-    output = _from_float(op, attention.output_BSD, spec)
+    output = _from_compute(op, attention.output_BSD, spec)
 
     output_qk = None
     if spec.output_qk_used:
         chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
         # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
-        output_qk = _from_float(op, _fit_columns(op, chosen, columns.length, info.total_length), spec)
+        output_qk = _from_compute(op, _fit_columns(op, chosen, columns.length, info.total_length), spec)
 
     return ExpandedNode((output, columns.present_key, columns.present_value, output_qk))

@@ -103,15 +103,17 @@ def visibility_mask(
     return shared.get(("visibility", info, key_positions, window, causal), build)
 
 
-def mask_bias(shared: SharedSubgraphs, visible_B1SK: ir.Value) -> ir.Value:
-    """fp32 [B, 1, S, K]: 0 where visible, -inf elsewhere, added to every layer's scores.
+def mask_bias(
+    shared: SharedSubgraphs, visible_B1SK: ir.Value, dtype: ir.DataType = ir.DataType.FLOAT
+) -> ir.Value:
+    """[B, 1, S, K] of ``dtype``: 0 where visible, -inf elsewhere, added to every layer's scores.
 
     An Add of a shared bias costs less per layer than a Where on the scores.
     """
 
     def build(op: OpBuilder) -> ir.Value:
         return op.op(
-            "Where", visible_B1SK, op.float_scalar(0.0), op.float_scalar(float("-inf"))
+            "Where", visible_B1SK, op.float_scalar(0.0, dtype), op.float_scalar(float("-inf"), dtype)
         )
 
-    return shared.get(("mask_bias", visible_B1SK), build)
+    return shared.get(("mask_bias", visible_B1SK, dtype), build)

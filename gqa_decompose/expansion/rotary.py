@@ -33,7 +33,7 @@ __all__ = ["RotaryTables", "apply_rotary", "build_rotary_tables"]
 
 @dataclasses.dataclass(frozen=True)
 class RotaryTables:
-    """cos/sin gathered at each token's position, fp32, shape [B or 1, S, 1, R/2]."""
+    """cos/sin gathered at each token's position in the compute type, [B or 1, S, 1, R/2]."""
 
     cos_BS1R: ir.Value
     sin_BS1R: ir.Value
@@ -73,16 +73,17 @@ def build_rotary_tables(
     sin_cache: ir.Value,
     position_ids: ir.Value | None,
     half: int | None,
+    dtype: ir.DataType = ir.DataType.FLOAT,
 ) -> RotaryTables:
-    key = ("rotary", info, cos_cache, sin_cache, position_ids)
+    key = ("rotary", info, cos_cache, sin_cache, position_ids, dtype)
 
     def build(op: OpBuilder) -> RotaryTables:
         positions_BS = _positions_BS(op, info, position_ids)
 
         def table(cache: ir.Value) -> ir.Value:
             gathered_BSR = op.op("Gather", cache, positions_BS, axis=0)
-            if cache.dtype != ir.DataType.FLOAT:
-                gathered_BSR = op.cast(gathered_BSR, ir.DataType.FLOAT)
+            if cache.dtype != dtype:
+                gathered_BSR = op.cast(gathered_BSR, dtype)
             return op.unsqueeze(gathered_BSR, [2])
 
         if half is not None:
@@ -101,7 +102,7 @@ def apply_rotary(
     head_size: int,
     interleaved: bool,
 ) -> ir.Value:
-    """Rotate the first R dims of every head of an fp32 [B, S, n, H] tensor."""
+    """Rotate the first R dims of every head of a [B, S, n, H] tensor (the tables' type)."""
     partial = tables.half is None or 2 * tables.half != head_size
     rotary_dims_1 = op.op("Mul", tables.half_1, op.ints([2]))
     rotated_part = op.slice(x_BSnH, 0, rotary_dims_1, axis=3) if partial else x_BSnH
