@@ -41,6 +41,7 @@ CASES = [
     ("8B-like prompt S=512", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 1, 512, 0, 512),
     ("small decode T=256 (N=8, Nkv=2, H=64)", GqaConfig(num_heads=8, kv_num_heads=2, head_size=64, packed=True, rotary="half", positions=1024), 1, 1, 255, 256),
     ("fp16 8B-like decode T=1024", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096, dtype="float16"), 1, 1, 1023, 1024),
+    ("fp16 ... --native-precision", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096, dtype="float16"), 1, 1, 1023, 1024),
 ]
 
 
@@ -74,7 +75,9 @@ def main() -> None:
     for name, config, batch, query_length, past_length, total in CASES:
         fused_model = make_gqa_model(config)
         static = past_length >= total
-        rewritten_model = gqa_decompose.decompose(fused_model, static_kv_cache=static)
+        rewritten_model = gqa_decompose.decompose(
+            fused_model, static_kv_cache=static, native_precision="native-precision" in name
+        )
         feeds = _feeds(config, batch, query_length, past_length, total)
         sessions = {"fused": _session(fused_model, args.threads), "rewritten": _session(rewritten_model, args.threads)}
         times: dict[str, list[float]] = {key: [] for key in sessions}
