@@ -5,7 +5,7 @@ the main graph, in subgraphs (If/Loop bodies) and in model-local functions.
 ``build_pipeline`` wraps it with onnx-ir's own passes: common-subexpression
 elimination (merges the per-layer constants and anything two layers compute
 alike), unused-node and unused-opset removal (drops the com.microsoft import
-when nothing else uses it), topological sort, shape inference and a checker
+when nothing else uses it), topological sort, unique names, shape inference and a checker
 that checks the whole model when every op is standard, and otherwise only the
 nodes we emitted (a builder's own ORT-only ops in the default domain would
 fail the checker before any rewrite).
@@ -431,6 +431,9 @@ def build_pipeline(
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),
         common_passes.TopologicalSortPass(),
+        # Expansion names derive from GQA node names, which models do not always keep
+        # unique, and every graph's shared subgraph is "gqa_shared/...": values must stay SSA.
+        common_passes.NameFixPass(),
     ]
     if infer_shapes:
         passes.append(_QuietShapeInferencePass())

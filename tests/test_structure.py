@@ -269,3 +269,32 @@ def test_later_features_are_valid_at_low_and_high_opsets(opset, config):
     decomposed = gqa_decompose.decompose(make_gqa_model(config))
     onnx.checker.check_model(decomposed, full_check=True)
     assert_matches_ort(config)
+
+
+def test_gqa_in_the_main_graph_and_a_subgraph_with_one_name_stays_ssa():
+    config = GqaConfig(past=False, present=False)
+    inner = make_gqa_model(config)
+    gqa = inner.graph.node[0]
+    branch_node = onnx.NodeProto.FromString(gqa.SerializeToString())  # same node name
+    branch_node.output[0] = "branch_output"
+    then_graph = helper.make_graph([branch_node], "then", [], [helper.make_tensor_value_info("branch_output", TensorProto.FLOAT, None)])
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["output"], ["else_output"])], "else", [],
+        [helper.make_tensor_value_info("else_output", TensorProto.FLOAT, None)],
+    )
+    if_node = helper.make_node("If", ["flag"], ["y"], then_branch=then_graph, else_branch=else_graph, name="if")
+    graph = helper.make_graph(
+        [gqa, if_node], "main",
+        [*inner.graph.input, helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=list(inner.opset_import), ir_version=IR_VERSION)
+    decomposed = gqa_decompose.decompose(model)
+    onnx.checker.check_model(decomposed, full_check=True)
+    names = [o for n in decomposed.graph.node for o in n.output]
+    names += [o for n in decomposed.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for m in a.g.node for o in m.output]
+    assert len(names) == len(set(names))
+    feeds = _single_prompt_feeds(config)
+    for flag in (True, False):
+        feeds["flag"] = np.array(flag)
+        np.testing.assert_allclose(_run(decomposed, feeds)[0][0], _run(model, feeds)[0][0], atol=1e-5)
