@@ -24,7 +24,6 @@ import onnx_ir.passes.common as common_passes
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
 from gqa_decompose.spec import (
-    GQA_DOMAIN,
     DecomposeOptions,
     GqaSpec,
     is_gqa_node,
@@ -45,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 # Unsqueeze/Split/Squeeze with axes as inputs and Softmax over one axis.
 MIN_OPSET = 13
-EXPANSION_PREFIX_ATTR = "gqa_decompose.from"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,9 +438,3 @@ def build_pipeline(
     if check:
         passes.append(CheckEmittedPass(emitted_prefixes))
     return ir.passes.PassManager(passes)
-
-
-def gqa_domain_still_used(model: ir.Model) -> bool:
-    return any(
-        node.domain == GQA_DOMAIN for node in ir.traversal.RecursiveGraphIterator(model.graph)
-    )

@@ -70,7 +70,8 @@ class DecomposeOptions:
             fp32 (ORT's CPU kernel computes in fp32): fewer casts, results within
             a few fp16/bf16 ulps of ORT instead of matching its rounding.
         static_kv_cache: promise that past is always a max-length buffer
-            (T <= P); see ``STATIC_KV_CACHE_DOC``. A growing cache then fails
+            (T <= P), as onnxruntime-genai's past_present_share_buffer gives it:
+            one cache copy less per layer and step. A growing cache then fails
             at run time (ScatterND index out of range) instead of computing
             anything wrong.
     """
@@ -78,13 +79,6 @@ class DecomposeOptions:
     legacy_window: bool = False
     static_kv_cache: bool = False
     native_precision: bool = False
-
-
-STATIC_KV_CACHE_DOC = (
-    "the model always runs with a max-length KV buffer (total_sequence_length <= past length, "
-    "as onnxruntime-genai's past_present_share_buffer does): present is written straight into "
-    "a copy of past, saving one copy of the cache per layer and step"
-)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,9 +67,6 @@ class OpBuilder:
         """A 0-D floating-point constant of ``dtype``."""
         return self.op("Constant", value=ir.tensor(value, dtype=dtype))
 
-    def bool_scalar(self, value: bool) -> ir.Value:
-        return self.op("Constant", value=ir.tensor(np.array(value, dtype=np.bool_)))
-
     # Shape helpers -------------------------------------------------------------------------
 
     def dim(self, value: ir.Value, axis: int) -> ir.Value:
