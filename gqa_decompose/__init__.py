@@ -12,8 +12,8 @@ Public API::
 from gqa_decompose.api import check_nodes, decompose, decompose_file, rewrite
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import DecomposeGqaPass, InferGqaTypesPass, build_pipeline
-from gqa_decompose.verify import verify
 from gqa_decompose.spec import DecomposeOptions, GqaSpec
+from gqa_decompose.verify import verify
 
 __all__ = [
     "DecomposeGqaPass",

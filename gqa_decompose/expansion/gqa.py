@@ -35,7 +35,11 @@ from gqa_decompose.expansion.mask import (
 )
 from gqa_decompose.expansion.quantized_cache import dequantize, quantize
 from gqa_decompose.expansion.rotary import apply_rotary, build_rotary_tables
-from gqa_decompose.expansion.sequence import SharedSubgraphs, build_sequence_info, dim_key
+from gqa_decompose.expansion.sequence import (
+    SharedSubgraphs,
+    build_sequence_info,
+    dim_key,
+)
 from gqa_decompose.expansion.sliding_cache import present_columns, sliding_key_positions
 
 __all__ = ["ExpandedNode", "expand_gqa"]

@@ -1,0 +1,109 @@
+"""The pass that replaces every GroupQueryAttention node with standard ONNX ops."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
+from gqa_decompose.passes.graph_queries import (
+    default_opset,
+    find_gqa_nodes,
+    graph_outputs,
+    scope_name,
+)
+from gqa_decompose.passes.infer_types import InferGqaTypesPass
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
+
+__all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
+
+# Unsqueeze/Split/Squeeze with axes as inputs and Softmax over one axis.
+MIN_OPSET = 13
+
+
+@dataclasses.dataclass(frozen=True)
+class DecomposedNode:
+    """What happened to one GQA node."""
+
+    name: str
+    scope: str  # "main graph", "subgraph <name>", "function <domain>::<name>"
+    spec: GqaSpec
+    new_node_count: int
+
+
+
+
+class DecomposeGqaPass(ir.passes.InPlacePass):
+    """Replace every com.microsoft.GroupQueryAttention node with standard ONNX ops.
+
+    All nodes are parsed (and any refusal raised) before the model is touched,
+    so a refused model is left as it was. ``decomposed`` lists what was done.
+    """
+
+    def __init__(
+        self,
+        options: DecomposeOptions | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.options = options or DecomposeOptions()
+        self.progress = progress
+        self.decomposed: list[DecomposedNode] = []
+
+    def requires(self, model: ir.Model) -> None:
+        opset = default_opset(model)
+        if find_gqa_nodes(model) and opset < MIN_OPSET:
+            raise GqaDecomposeError(
+                f"the model's default-domain opset is {opset}; the expansion needs >= {MIN_OPSET}. "
+                "Convert it first (onnx.version_converter)."
+            )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.decomposed = []
+        found = find_gqa_nodes(model)
+        if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
+            InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
+        specs = [
+            parse_gqa_node(node, self.options, graph_outputs(container))
+            for container, node in found
+        ]
+        shared_by_container: dict[int, SharedSubgraphs] = {}
+        for index, ((container, node), spec) in enumerate(zip(found, specs)):
+            if isinstance(container, ir.Function) and "" not in container.opset_imports:
+                container.opset_imports[""] = default_opset(model)
+            shared = shared_by_container.setdefault(id(container), SharedSubgraphs())
+            count = self._replace(container, node, spec, shared, index)
+            self.decomposed.append(DecomposedNode(spec.node_name, scope_name(model, container), spec, count))
+            if self.progress is not None:
+                self.progress(index + 1, len(found))
+        return ir.passes.PassResult(model, modified=bool(found))
+
+    @staticmethod
+    def _replace(
+        container: ir.Graph | ir.Function,
+        node: ir.Node,
+        spec: GqaSpec,
+        shared: SharedSubgraphs,
+        index: int,
+    ) -> int:
+        op = OpBuilder(node.name or f"GroupQueryAttention_{index}")
+        expanded = expand_gqa(op, shared, node, spec)
+        new_nodes = shared.take_nodes() + op.take_nodes()
+        outputs_of_container = graph_outputs(container)
+        for position, old in enumerate(node.outputs):
+            if old is None or (not old.uses() and old not in outputs_of_container):
+                continue
+            new = expanded.outputs[position] if position < len(expanded.outputs) else None
+            if new is None:
+                raise GqaDecomposeError(f"output {position} ('{old.name}') is read but not produced", spec.node_name)
+            new.type = old.type if old.type is not None else new.type
+            new.shape = old.shape if old.shape is not None else new.shape
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            old_name, old.name = old.name, None
+            new.name = old_name
+        container.insert_before(node, new_nodes)
+        container.remove(node, safe=True)
+        return len(new_nodes)
