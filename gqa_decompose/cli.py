@@ -129,13 +129,15 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
 )
 @click.option(
     "--kv-cache",
-    type=click.Choice(["auto", "static", "any"]),
+    type=click.Choice(["auto", "static", "growing", "any"]),
     default="auto",
     show_default=True,
-    help="'static': promise past is always a max-length buffer (T <= past length), which "
-    "saves one copy of the cache per layer and step; a growing cache then fails at run time. "
-    "'any': growing or static, decided at run time. 'auto': static when a genai_config.json "
-    "beside MODEL sets past_present_share_buffer, else any.",
+    help="'static': promise past is always a max-length buffer (T <= past length). "
+    "'growing': promise past grows by the new rows (T = past + new) and batch rows are "
+    "aligned after the first prompt (batch 1, or equal lengths). Either saves one copy of the "
+    "cache per layer and step; a run that breaks the promise fails instead of computing "
+    "anything wrong. 'any': growing or static, ragged or not, decided at run time. 'auto': "
+    "static when a genai_config.json beside MODEL sets past_present_share_buffer, else any.",
 )
 @click.option(
     "--native-precision",
@@ -179,7 +181,10 @@ def main(
         click.echo("note: genai_config.json shares past/present buffers: assuming a static KV buffer "
                    "(--kv-cache any to keep the growing-cache path)")
     options = DecomposeOptions(
-        legacy_window=legacy_window, static_kv_cache=static_kv_cache, native_precision=native_precision
+        legacy_window=legacy_window,
+        static_kv_cache=static_kv_cache,
+        growing_kv_cache=kv_cache == "growing",
+        native_precision=native_precision,
     )
     report: dict = {
         "model": str(model),

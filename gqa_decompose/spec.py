@@ -74,11 +74,20 @@ class DecomposeOptions:
             one cache copy less per layer and step. A growing cache then fails
             at run time (ScatterND index out of range) instead of computing
             anything wrong.
+        growing_kv_cache: promise that past grows by the new rows (T = P + S)
+            and every batch row is as long as the longest after a first prompt
+            (batch 1, or equal lengths): present is then Concat(past, new), one
+            copy. A run that breaks the promise fails (a guarded Reshape).
     """
 
     legacy_window: bool = False
     static_kv_cache: bool = False
+    growing_kv_cache: bool = False
     native_precision: bool = False
+
+    def __post_init__(self) -> None:
+        if self.static_kv_cache and self.growing_kv_cache:
+            raise GqaDecomposeError("static_kv_cache and growing_kv_cache promise opposite things")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +120,7 @@ class GqaSpec:
     qk_output: int
     causal: bool
     static_kv_cache: bool  # promised T <= P: present has exactly P rows
+    growing_kv_cache: bool  # promised T = P + S with aligned rows: present = Concat(past, new)
     sliding_window_cache: bool  # past/present hold the last tokens only (semantics §12)
     kv_quant: str | None  # None, "PER_TENSOR" or "PER_CHANNEL" (semantics §13)
     kv_bits: int  # 8 (int8 cache) or 4 (two nibbles per uint8); 0 when not quantized
@@ -129,7 +139,12 @@ class GqaSpec:
         elif self.sliding_window_cache:
             names.append("sliding-window KV cache")
         elif self.has_past:
-            names.append("static KV buffer" if self.static_kv_cache else "past KV")
+            if self.static_kv_cache:
+                names.append("static KV buffer")
+            elif self.growing_kv_cache:
+                names.append("growing KV cache")
+            else:
+                names.append("past KV")
         if self.kv_quant:
             names.append(f"int{self.kv_bits} {self.kv_quant.lower().replace('_', '-')} KV cache")
         if self.do_rotary:
@@ -465,6 +480,7 @@ def parse_gqa_node(
         qk_output=qk_output,
         causal=causal_attr == 1,
         static_kv_cache=options.static_kv_cache and has_past and not sliding_window_cache,
+        growing_kv_cache=options.growing_kv_cache and has_past and not sliding_window_cache and not kv_empty,
         sliding_window_cache=sliding_window_cache,
         kv_quant=kv_quant,
         kv_bits=kv_bits,

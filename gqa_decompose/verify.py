@@ -255,7 +255,7 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         if growing and not spec.kv_empty and not spec.static_kv_cache and (past_dim is None or not isinstance(past_dim, int) or past_dim == growing_past):
             options.append((", growing cache", growing_past))
         static_past = _fixed(past_dim, total + 3)
-        if static_past >= total:
+        if static_past >= total and not spec.growing_kv_cache:
             options.append((", static buffer", static_past))
         return options
 
@@ -267,7 +267,9 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     # Token generation with a ragged past.
     if query_dim in (None, 1) or not isinstance(query_dim, int):
         total = 7
-        candidates.append(("decode", batch, 1, total, _ragged(batch, total, 1)))
+        # The growing-cache promise includes aligned rows: no ragged decode.
+        lengths = (total,) * batch if spec.growing_kv_cache else _ragged(batch, total, 1)
+        candidates.append(("decode", batch, 1, total, lengths))
     # Chunked prefill: ORT needs batch 1.
     chunk = _fixed(query_dim, 3)
     if chunk > 1 and (not isinstance(batch_dim, int) or batch_dim == 1):

@@ -30,18 +30,23 @@ from gqa_models import GqaConfig, make_gqa_model  # noqa: E402
 import gqa_decompose  # noqa: E402
 
 LLAMA_8B = GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096)
+LLAMA_8B_FP16 = GqaConfig(
+    num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096, dtype="float16"
+)
+SMALL = GqaConfig(num_heads=8, kv_num_heads=2, head_size=64, packed=True, rotary="half", positions=1024)
 
 # name, config, batch, S, P, T; P >= T is a static (max-length) buffer, P = T - S a growing cache.
 CASES = [
-    ("8B-like decode, static buffer 2048, T=1024", LLAMA_8B, 1, 1, 2048, 1024),
-
-    ("8B-like decode T=1024", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 1, 1, 1023, 1024),
-    ("8B-like decode T=4096", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 1, 1, 4095, 4096),
-    ("8B-like decode batch 4 T=1024", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 4, 1, 1023, 1024),
-    ("8B-like prompt S=512", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096), 1, 512, 0, 512),
-    ("small decode T=256 (N=8, Nkv=2, H=64)", GqaConfig(num_heads=8, kv_num_heads=2, head_size=64, packed=True, rotary="half", positions=1024), 1, 1, 255, 256),
-    ("fp16 8B-like decode T=1024", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096, dtype="float16"), 1, 1, 1023, 1024),
-    ("fp16 ... --native-precision", GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=4096, dtype="float16"), 1, 1, 1023, 1024),
+    ("8B decode, static buffer 2048, T=1024", LLAMA_8B, 1, 1, 2048, 1024),
+    ("8B decode T=1024", LLAMA_8B, 1, 1, 1023, 1024),
+    ("8B decode T=1024, --kv-cache growing", LLAMA_8B, 1, 1, 1023, 1024),
+    ("8B decode T=4096", LLAMA_8B, 1, 1, 4095, 4096),
+    ("8B decode T=4096, --kv-cache growing", LLAMA_8B, 1, 1, 4095, 4096),
+    ("8B decode batch 4 T=1024", LLAMA_8B, 4, 1, 1023, 1024),
+    ("8B prompt S=512", LLAMA_8B, 1, 512, 0, 512),
+    ("small decode T=256 (N=8, Nkv=2, H=64)", SMALL, 1, 1, 255, 256),
+    ("fp16 8B decode T=1024", LLAMA_8B_FP16, 1, 1, 1023, 1024),
+    ("fp16 8B decode T=1024, --native-precision", LLAMA_8B_FP16, 1, 1, 1023, 1024),
 ]
 
 
@@ -76,7 +81,10 @@ def main() -> None:
         fused_model = make_gqa_model(config)
         static = past_length >= total
         rewritten_model = gqa_decompose.decompose(
-            fused_model, static_kv_cache=static, native_precision="native-precision" in name
+            fused_model,
+            static_kv_cache=static,
+            growing_kv_cache="--kv-cache growing" in name,
+            native_precision="native-precision" in name,
         )
         feeds = _feeds(config, batch, query_length, past_length, total)
         sessions = {"fused": _session(fused_model, args.threads), "rewritten": _session(rewritten_model, args.threads)}

@@ -83,3 +83,74 @@ def test_kv_cache_auto_without_genai_config_keeps_the_growing_path(tmp_path):
     result = CliRunner().invoke(main, [str(model_path), "-q"])
     assert result.exit_code == 0, result.output
     assert "Pad" in {n.op_type for n in onnx.load(tmp_path / "m.decomposed.onnx").graph.node}
+
+
+# The growing-cache promise (--kv-cache growing) ---------------------------------------------------
+
+GROWING = {
+    "plain": GqaConfig(),
+    "packed_rotary_fp16": GqaConfig(packed=True, rotary="half", dtype="float16"),
+    "window_bias": GqaConfig(local_window_size=2, attention_bias="full"),
+    "no_present": GqaConfig(present=False, rotary="interleaved"),
+    "int4_cache": GqaConfig(kv_quant="PER_CHANNEL", kv_bits=4),
+}
+
+
+@pytest.mark.parametrize("name", list(GROWING))
+def test_growing_kv_cache_matches_ort_on_aligned_rows(name):
+    model = make_gqa_model(GROWING[name])
+    _, node = gqa_node(model)
+    result = verify_node_model(node, 21, model.ir_version, DecomposeOptions(growing_kv_cache=True))
+    assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
+    assert {r.phase.name for r in result.results} == {
+        "first prompt, growing cache", "decode, growing cache", "chunked prefill, growing cache"
+    }
+
+
+def test_growing_kv_cache_appends_without_scatter_or_pad():
+    decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(rotary="half")), growing_kv_cache=True)
+    ops = [node.op_type for node in decomposed.graph.node]
+    assert "ScatterND" not in ops and "Pad" not in ops
+
+
+def _decode_feeds(past_rows: int, seqlens, total: int):
+    rng = np.random.default_rng(0)
+    batch = len(seqlens)
+    return {
+        "query": rng.standard_normal((batch, 1, 64)).astype(np.float32),
+        "key": rng.standard_normal((batch, 1, 32)).astype(np.float32),
+        "value": rng.standard_normal((batch, 1, 32)).astype(np.float32),
+        "past_key": rng.standard_normal((batch, 2, past_rows, 16)).astype(np.float32),
+        "past_value": rng.standard_normal((batch, 2, past_rows, 16)).astype(np.float32),
+        "seqlens_k": np.array(seqlens, np.int32),
+        "total_sequence_length": np.array(total, np.int32),
+    }
+
+
+@pytest.mark.parametrize(
+    "past_rows,seqlens,total",
+    [(6, [6, 4], 7), (10, [6, 6], 7)],
+    ids=["ragged rows", "static buffer"],
+)
+def test_growing_kv_cache_fails_loudly_when_the_promise_is_broken(past_rows, seqlens, total):
+    model = gqa_decompose.decompose(make_gqa_model(GqaConfig()), growing_kv_cache=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    aligned = _decode_feeds(6, [6, 6], 7)
+    session.run(None, aligned)  # the promise kept: runs
+    with pytest.raises(Exception, match="Reshape"):
+        session.run(None, _decode_feeds(past_rows, seqlens, total))
+
+
+def test_static_and_growing_promises_exclude_each_other():
+    with pytest.raises(gqa_decompose.GqaDecomposeError, match="opposite"):
+        DecomposeOptions(static_kv_cache=True, growing_kv_cache=True)
+
+
+def test_cli_kv_cache_growing(tmp_path):
+    model_path = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "tiny-llama-gqa.onnx", model_path)
+    result = CliRunner().invoke(main, [str(model_path), "-q", "--kv-cache", "growing"])
+    assert result.exit_code == 0, result.output
+    assert "growing KV cache" in result.output
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.decomposed.onnx").graph.node}
+    assert "ScatterND" not in ops

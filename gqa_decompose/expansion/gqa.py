@@ -26,7 +26,7 @@ import onnx_ir as ir
 from gqa_decompose import spec as gqa
 from gqa_decompose.expansion.attention import attend
 from gqa_decompose.expansion.builder import OpBuilder
-from gqa_decompose.expansion.kv_cache import present_length, write_new_rows
+from gqa_decompose.expansion.kv_cache import append_aligned_rows, present_length, write_new_rows
 from gqa_decompose.expansion.mask import (
     concat_key_positions,
     dense_key_positions,
@@ -127,6 +127,7 @@ def _key_columns(
     * windowed cache: Concat(past, new), present gathered from the latest positions;
     * present read (or needed for bias/qk_output), or a static buffer: present with the
       new rows scattered at c_b; a static buffer is then cut to the longest row;
+    * growing-cache promise: present = Concat(past, new), guarded;
     * nobody reads present: Concat(past, new) with each column's position; no KV write.
     """
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
@@ -154,6 +155,12 @@ def _key_columns(
             present_value = op.op("GatherND", values, rows, batch_dims=2)
         positions = sliding_key_positions(shared, info, past_key, spec.local_window_size)
         return _KeyColumns(keys, values, positions, None, present_key, present_value)
+    if spec.growing_kv_cache:
+        present_key = append_aligned_rows(op, shared, info, past_key, new_key)
+        present_value = append_aligned_rows(op, shared, info, past_value, new_value)
+        length = present_length(shared, info, past_key)
+        positions = dense_key_positions(shared, length, ("present_length", info, dim_key(past_key, 2), False))
+        return _KeyColumns(present_key, present_value, positions, length, present_key, present_value)
     if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache:
         static = spec.static_kv_cache
         present_key = write_new_rows(op, shared, info, past_key, new_key, spec.kv_num_heads, static)

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
 
-__all__ = ["present_length", "scatter_indices", "write_new_rows"]
+__all__ = ["append_aligned_rows", "present_length", "scatter_indices", "write_new_rows"]
 
 
 def present_length(
@@ -104,3 +104,34 @@ def write_new_rows(
         return op.op("ScatterND", past_BNPH, indices, new_BNSH)
     base_BNLH = op.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH))
     return op.op("ScatterND", base_BNLH, indices, new_BNSH)
+
+
+def _aligned_guard(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) -> ir.Value:
+    """bool: T == P + S and every row's new rows start at P (c_b == P for all b)."""
+
+    def build(op: OpBuilder) -> ir.Value:
+        past_length = op.dim(past, 2)
+        grows = op.op("Equal", info.total_length, op.op("Add", past_length, info.query_length))
+        rows_at_end = op.op("Equal", info.offsets_B, past_length)
+        all_rows_at_end = op.op(
+            "Equal",
+            op.op("ReduceMin", op.cast(rows_at_end, ir.DataType.INT64), keepdims=0),
+            op.int_scalar(1),
+        )
+        return op.op("And", grows, all_rows_at_end)
+
+    return shared.get(("aligned_guard", info, dim_key(past, 2)), build)
+
+
+def append_aligned_rows(
+    op: OpBuilder, shared: SharedSubgraphs, info: SequenceInfo, past_BNPH: ir.Value, new_BNSH: ir.Value
+) -> ir.Value:
+    """present = Concat(past, new) under the growing-cache promise: one copy of the cache.
+
+    Exact only when every row's new rows go at P; otherwise the guard turns the
+    new rows' Reshape target into [-1, -1, -1, -1], which every runtime rejects,
+    so a broken promise fails loudly instead of writing rows at the wrong place.
+    """
+    guard = _aligned_guard(shared, info, past_BNPH)
+    target = op.op("Where", guard, op.op("Shape", new_BNSH), op.ints([-1, -1, -1, -1]))
+    return op.op("Concat", past_BNPH, op.op("Reshape", new_BNSH, target), axis=2)
