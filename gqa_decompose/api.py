@@ -72,7 +72,9 @@ def decompose(model, *, check: bool = True, **options):
         options: fields of :class:`DecomposeOptions`: ``legacy_window=True``
             reads ``local_window_size`` as ONNX Runtime <= 1.23 did (W + 1
             visible keys); ``static_kv_cache=True`` promises a max-length KV
-            buffer (one cache copy less per layer and step).
+            buffer, ``growing_kv_cache=True`` a cache that grows with aligned
+            rows (either: one cache copy less per layer and step);
+            ``native_precision=True`` computes fp16/bf16 attention natively.
 
     Raises:
         GqaDecomposeError: a node is malformed or uses a feature that cannot be
