@@ -562,7 +562,8 @@ def verify_node_model(
                 if want_part.size == 0:
                     continue
                 both_inf = np.isinf(want_part) & (want_part == have_part)
-                difference = np.where(both_inf, 0.0, np.abs(want_part - have_part))
+                with np.errstate(invalid="ignore"):  # inf - inf where both are -inf
+                    difference = np.where(both_inf, 0.0, np.abs(want_part - have_part))
                 difference = np.where(np.isnan(difference), np.inf, difference)
                 worst = max(worst, float(difference.max()))
                 if np.any(difference > atol + rtol * np.abs(np.nan_to_num(want_part))):
