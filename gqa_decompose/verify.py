@@ -246,13 +246,17 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         if cos_dims and isinstance(cos_dims[0], int):
             positions_limit = cos_dims[0]
 
-    def past_options(query_length: int, total: int, growing: bool) -> list[tuple[str, int | None]]:
+    if spec.sliding_window_cache:
+        return _sliding_cache_phases(spec, batch_dim, query_dim, past_dim, positions_limit)
+
+    def past_options(query_length: int, total: int) -> list[tuple[str, int | None]]:
+        """(name suffix, past rows) for a growing cache and a static buffer, as the node allows."""
         if not spec.has_past:
             return [("", None)] if total == query_length else []
         options: list[tuple[str, int | None]] = []
-        kv_rows = 0 if spec.kv_empty else query_length
-        growing_past = total - kv_rows
-        if growing and not spec.kv_empty and not spec.static_kv_cache and (past_dim is None or not isinstance(past_dim, int) or past_dim == growing_past):
+        growing_past = total - query_length
+        growing_fits = not isinstance(past_dim, int) or past_dim == growing_past
+        if not spec.kv_empty and not spec.static_kv_cache and growing_fits:
             options.append((", growing cache", growing_past))
         static_past = _fixed(past_dim, total + 3)
         if static_past >= total and not spec.growing_kv_cache:
@@ -265,7 +269,7 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     query_length = _fixed(query_dim, 5)
     candidates.append(("first prompt", batch, query_length, query_length, _ragged(batch, query_length, 1)))
     # Token generation with a ragged past.
-    if query_dim in (None, 1) or not isinstance(query_dim, int):
+    if not isinstance(query_dim, int) or query_dim == 1:
         total = 7
         # The growing-cache promise includes aligned rows: no ragged decode.
         lengths = (total,) * batch if spec.growing_kv_cache else _ragged(batch, total, 1)
@@ -276,14 +280,10 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         total = chunk + 4
         candidates.append(("chunked prefill", 1, chunk, total, (total,)))
 
-    static_total = None
+    # A static bias width fixes T.
     bias = node.inputs[gqa.ATTENTION_BIAS] if len(node.inputs) > gqa.ATTENTION_BIAS else None
-    if bias is not None and (_dims(bias) or [None] * 4)[3] is not None:
-        static_total = (_dims(bias) or [None] * 4)[3]
-        static_total = static_total if isinstance(static_total, int) else None
-
-    if spec.sliding_window_cache:
-        return _sliding_cache_phases(spec, batch_dim, query_dim, past_dim, positions_limit)
+    bias_width = (_dims(bias) or [None] * 4)[3] if bias is not None else None
+    static_total = bias_width if isinstance(bias_width, int) else None
 
     phases = []
     for name, batch, query_length, total, lengths in candidates:
@@ -291,7 +291,7 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
             continue
         if static_total is not None and static_total != total:
             continue
-        for suffix, past_length in past_options(query_length, total, growing=True):
+        for suffix, past_length in past_options(query_length, total):
             phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))
     return phases
 
