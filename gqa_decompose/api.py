@@ -106,13 +106,13 @@ def decompose_file(
     """
     source = pathlib.Path(model_path).absolute()
     target = pathlib.Path(output_path).absolute() if output_path else model_io.default_output_path(source)
-    if target.resolve() == source.resolve():
-        raise GqaDecomposeError("the output path is the input model; the input is never overwritten")
     model = model_io.load_model(source)
+    external_data = bool(model_io.external_tensors(model))
+    model_io.check_output_path(model, target, external_data=external_data)
     decomposed = rewrite(model, options)
     if not decomposed:
         return None, []
-    model_io.save_model(model, target, external_data=bool(model_io.external_tensors(model)))
+    model_io.save_model(model, target, external_data=external_data)
     return target, decomposed
 
 
@@ -128,9 +128,9 @@ class NodeCheck:
 def check_nodes(model: ir.Model, options: DecomposeOptions | None = None) -> list[NodeCheck]:
     """Parse every GQA node without rewriting anything."""
     results = []
-    for container, node in find_gqa_nodes(model):
+    for _, node in find_gqa_nodes(model):
         try:
-            spec = parse_gqa_node(node, options, frozenset(container.outputs))
+            spec = parse_gqa_node(node, options)
             results.append(NodeCheck(spec.node_name, spec, None))
         except GqaDecomposeError as error:
             results.append(NodeCheck(error.node_name or node.name, None, error.reason))

@@ -9,12 +9,13 @@ import sys
 from collections.abc import Callable
 
 import click
+import onnx_ir as ir
 import tqdm
 
 from gqa_decompose import model_io
 from gqa_decompose.api import check_nodes, foreign_ops, rewrite
 from gqa_decompose.errors import GqaDecomposeError
-from gqa_decompose.passes import find_gqa_nodes
+from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.spec import DecomposeOptions
 from gqa_decompose.verify import NodeVerification, verify
 
@@ -209,8 +210,8 @@ def main(
     sys.exit(code)
 
 
-def _verify_nodes(model_path: pathlib.Path, options: DecomposeOptions, quiet: bool) -> dict[str, NodeVerification]:
-    original = model_io.load_model(model_path)
+def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) -> dict[str, NodeVerification]:
+    """verify() works on a copy: ``original`` is left as it is."""
     bar, update = _progress_bar("verifying", quiet)
     with bar:
         result = verify(original, progress=update, **dataclasses.asdict(options))
@@ -237,10 +238,10 @@ def _run_decompose(
     reuse_data: bool = False,
 ) -> int:
     target = _output_path(model_path, output)
-    if model_path.exists() and target.resolve() == model_path.resolve():
-        raise GqaDecomposeError("the output path is the input model; the input is never overwritten")
     model = model_io.load_model(model_path)
     had_external_data = bool(model_io.external_tensors(model))
+    model_io.check_output_path(model, target, external_data=had_external_data, reuse_input_data=reuse_data)
+    original = model.clone() if run_verify else None  # tensors shared: no second load, no weights read
     bar, update = _progress_bar("decomposing", quiet)
     with bar:
         decomposed = rewrite(model, options, progress=update)
@@ -248,7 +249,7 @@ def _run_decompose(
         click.echo(f"{model_path}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written")
         report["output"] = None
         return EXIT_OK
-    verifications = _verify_nodes(model_path, options, quiet) if run_verify else {}
+    verifications = _verify_nodes(original, options, quiet) if run_verify else {}
     failed = False
     for entry in decomposed:
         verification = verifications.get(entry.name)
@@ -293,12 +294,10 @@ def _run_check(
     report: dict,
 ) -> int:
     model = model_io.load_model(model_path)
-    from gqa_decompose.passes import InferGqaTypesPass
-
     InferGqaTypesPass()(model)
     checks = check_nodes(model, options)
     decomposable = [c for c in checks if c.refusal is None]
-    verifications = _verify_nodes(model_path, options, quiet) if run_verify and decomposable else {}
+    verifications = _verify_nodes(model, options, quiet) if run_verify and decomposable else {}
     portable = True
     for entry in checks:
         verification = verifications.get(entry.name)

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 
-__all__ = ["default_output_path", "genai_shares_kv_buffer", "external_tensors", "load_model", "save_model"]
+__all__ = ["check_output_path", "default_output_path", "genai_shares_kv_buffer", "external_tensors", "load_model", "save_model"]
 
 
 def default_output_path(model_path: str | os.PathLike) -> pathlib.Path:
@@ -115,6 +115,35 @@ def _load_small_external_tensors(model: ir.Model) -> None:
                 (value.const_value,) = ir.external_data.convert_tensors_from_external([tensor])
 
 
+def check_output_path(
+    model: ir.Model, path: str | os.PathLike, *, external_data: bool, reuse_input_data: bool = False
+) -> None:
+    """Refuse an output that would replace a file the model was loaded from.
+
+    ``save_model`` runs this itself; callers run it right after loading too, so
+    a bad path fails before any rewrite or verification work.
+    """
+    target = pathlib.Path(path).absolute()
+    sources = model.meta.get(_SOURCE_FILES, frozenset())
+    if target.resolve() in sources:
+        raise GqaDecomposeError(
+            f"the output path is the input model's own file {target}; "
+            "a file of the input model is never overwritten"
+        )
+    if reuse_input_data:
+        for tensor in external_tensors(model):
+            if pathlib.Path(tensor.base_dir).resolve() != target.parent.resolve():
+                raise GqaDecomposeError(
+                    "reusing the input's external data needs the output in the input's folder "
+                    f"({pathlib.Path(tensor.base_dir).resolve()})"
+                )
+    elif external_data and (target.parent / f"{target.name}.data").resolve() in sources:
+        raise GqaDecomposeError(
+            f"writing {target} would replace {target}.data, a file of the input model; "
+            "choose another output path"
+        )
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -131,21 +160,10 @@ def save_model(
     file (no weight is copied); the output must then be in the input's folder.
     """
     target = pathlib.Path(path).absolute()
+    check_output_path(model, target, external_data=external_data, reuse_input_data=reuse_input_data)
     if reuse_input_data:
-        for tensor in external_tensors(model):
-            if pathlib.Path(tensor.base_dir).resolve() != target.parent.resolve():
-                raise GqaDecomposeError(
-                    "reusing the input's external data needs the output in the input's folder "
-                    f"({pathlib.Path(tensor.base_dir).resolve()})"
-                )
         external_data = False
     data_name = f"{target.name}.data" if external_data else None
-    sources = model.meta.get(_SOURCE_FILES, frozenset())
-    for written in (target, target.parent / data_name if data_name else None):
-        if written is not None and written.resolve() in sources:
-            raise GqaDecomposeError(
-                f"writing {target} would replace {written}, a file of the input model; choose another output path"
-            )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

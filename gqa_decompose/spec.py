@@ -22,6 +22,7 @@ __all__ = [
     "DecomposeOptions",
     "GqaSpec",
     "is_gqa_node",
+    "output_is_read",
     "parse_gqa_node",
 ]
 
@@ -180,13 +181,14 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
 
 
-def _output_used(node: ir.Node, index: int, graph_outputs: frozenset[ir.Value]) -> bool:
+def output_is_read(node: ir.Node, index: int) -> bool:
+    """Whether output ``index`` exists and a node or its graph's (or function's) outputs read it."""
     if index >= len(node.outputs):
         return False
     value = node.outputs[index]
     if value is None or value.name == "":
         return False
-    return bool(value.uses()) or value in graph_outputs or value.is_graph_output()
+    return bool(value.uses()) or value.is_graph_output()
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
@@ -207,11 +209,7 @@ def _dims(value: ir.Value | None) -> tuple[int | str | None, ...] | None:
     return tuple(d if isinstance(d, int) else d.value for d in value.shape)
 
 
-def parse_gqa_node(
-    node: ir.Node,
-    options: DecomposeOptions | None = None,
-    graph_outputs: frozenset[ir.Value] = frozenset(),
-) -> GqaSpec:
+def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> GqaSpec:
     """Validate a GroupQueryAttention node and describe it as a :class:`GqaSpec`.
 
     Raises:
@@ -427,7 +425,7 @@ def parse_gqa_node(
     output_qk_given = len(node.outputs) > OUTPUT_QK and node.outputs[OUTPUT_QK].name != ""
     if qk_output and not output_qk_given:
         raise refuse("qk_output is set but the output_qk output is not provided")
-    if output_qk_given and not qk_output and _output_used(node, OUTPUT_QK, graph_outputs):
+    if output_qk_given and not qk_output and output_is_read(node, OUTPUT_QK):
         raise refuse("output_qk is read but qk_output=0: ONNX Runtime fills it with garbage")
 
     sliding_window_cache = int(_attr(node, "sliding_window_cache", 0)) == 1
@@ -453,9 +451,7 @@ def parse_gqa_node(
     present_value_given = len(node.outputs) > PRESENT_VALUE and node.outputs[PRESENT_VALUE].name != ""
     if present_key_given != present_value_given:
         raise refuse("present_key and present_value must be both provided or both omitted")
-    present_used = _output_used(node, PRESENT_KEY, graph_outputs) or _output_used(
-        node, PRESENT_VALUE, graph_outputs
-    )
+    present_used = output_is_read(node, PRESENT_KEY) or output_is_read(node, PRESENT_VALUE)
 
     return GqaSpec(
         node_name=name,
@@ -485,5 +481,5 @@ def parse_gqa_node(
         kv_quant=kv_quant,
         kv_bits=kv_bits,
         present_used=present_used,
-        output_qk_used=bool(qk_output) and _output_used(node, OUTPUT_QK, graph_outputs),
+        output_qk_used=bool(qk_output) and output_is_read(node, OUTPUT_QK),
     )

@@ -28,7 +28,7 @@ from onnx import helper
 from gqa_decompose import spec as gqa
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node
 
 __all__ = [
     "NodeVerification",
@@ -576,9 +576,9 @@ def verify_node_model(
     return NodeVerification(spec.node_name, tuple(results))
 
 
-def _refusal(node: ir.Node, options: DecomposeOptions, graph_outputs: frozenset[ir.Value]) -> str | None:
+def _refusal(node: ir.Node, options: DecomposeOptions) -> str | None:
     try:
-        parse_gqa_node(node, options, graph_outputs)
+        parse_gqa_node(node, options)
     except GqaDecomposeError as error:
         return error.reason
     return None
@@ -621,17 +621,12 @@ def verify(
     found = find_gqa_nodes(model)
     nodes = []
     verified: dict[tuple, NodeVerification] = {}
-    for index, (container, node) in enumerate(found):
-        graph_outputs = frozenset(container.outputs)
-        used = [
-            i
-            for i, value in enumerate(node.outputs)
-            if value is not None and value.name and (value.uses() or value in graph_outputs)
-        ]
+    for index, (_, node) in enumerate(found):
+        used = [i for i in range(len(node.outputs)) if output_is_read(node, i)]
         if gqa.OUTPUT not in used:
             used.insert(0, gqa.OUTPUT)
         signature = _node_signature(node, used)
-        refusal = _refusal(node, decompose_options, graph_outputs)
+        refusal = _refusal(node, decompose_options)
         if refusal is not None:
             nodes.append(NodeVerification(node.name or "<unnamed GroupQueryAttention>", (), refused=refusal))
         elif signature in verified:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import onnx
 import pytest
 from gqa_models import GqaConfig, make_gqa_model
+from test_refusals import use_plain_concat_kv_update
 
 import gqa_decompose
 from gqa_decompose.verify import verify
@@ -42,12 +43,6 @@ def test_bfloat16_is_computed_in_fp32():
 
 
 def test_bfloat16_verification_catches_a_plain_concat_kv_update(monkeypatch):
-    from gqa_decompose.expansion import gqa as expansion
-
-    def concat_update(op, shared, info, past, new, kv_num_heads, static_buffer=False):
-        return op.op("Concat", past, new, axis=2)
-
-    monkeypatch.setattr(expansion, "write_new_rows", concat_update)
-    monkeypatch.setattr(expansion, "present_length", lambda shared, info, past, static=False: info.total_length)
+    use_plain_concat_kv_update(monkeypatch)
     report = verify(make_gqa_model(GqaConfig(dtype="bfloat16")))
     assert not report.passed

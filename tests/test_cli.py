@@ -18,6 +18,7 @@ from gqa_models import GqaConfig, make_gqa_model
 from onnx import helper
 from test_model_io import (
     TINY_LLAMA,
+    _failing_save,
     folder_listing,
     save_with_external_data,
     sha256,
@@ -368,14 +369,6 @@ def test_the_input_model_and_its_data_file_are_unchanged(tmp_path, mode):
 # Atomic writes ------------------------------------------------------------------------------
 
 
-def _failing_save(model, path, external_data=None, **kwargs):
-    path = pathlib.Path(path)
-    if external_data is not None:
-        (path.parent / external_data).write_bytes(b"\0" * 100)
-    path.write_bytes(b"\x08\x0a partial")
-    raise OSError(28, "No space left on device")
-
-
 def test_a_save_failing_midway_exits_2_and_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     source = tmp_path / "in" / "tiny.onnx"
     save_with_external_data(TINY_LLAMA, source)
@@ -512,3 +505,16 @@ def test_an_output_folder_receives_the_default_file_name(tiny, tmp_path, spellin
     code, out, err = run(tiny, "-o", argument, "--no-verify")
     assert code == 0, err
     assert folder_listing(folder) == {f"{tiny.stem}.decomposed.onnx"}
+
+
+def test_an_output_over_an_input_file_is_refused_before_any_rewrite(tmp_path, monkeypatch):
+    source = tmp_path / "a.onnx"
+    save_with_external_data(TINY_LLAMA, source, location="b.onnx.data")
+
+    def no_rewrite(*args, **kwargs):
+        raise AssertionError("the rewrite ran before the output path was checked")
+
+    monkeypatch.setattr("gqa_decompose.cli.rewrite", no_rewrite)
+    code, _, err = run(source, "-o", tmp_path / "b.onnx", "-q")
+    assert code == 2
+    assert "a file of the input model" in err

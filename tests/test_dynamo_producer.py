@@ -22,8 +22,8 @@ import pathlib
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 from test_models import _run, _session
+from test_real_producers import _attributes, _gqa_nodes, _producers
 
 import gqa_decompose
 
@@ -46,18 +46,6 @@ def _original() -> onnx.ModelProto:
 @functools.cache
 def _decomposed() -> onnx.ModelProto:
     return gqa_decompose.decompose(_original())
-
-
-def _gqa_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
-
-
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in model.graph.node for out in node.output}
 
 
 def _ancestors(model: onnx.ModelProto, name: str) -> tuple[set[str], set[str]]:

@@ -124,8 +124,8 @@ def test_verification_catches_a_wrong_expansion(monkeypatch):
     assert not report.passed
 
 
-def test_verification_catches_a_plain_concat_kv_update(monkeypatch):
-    """Concatenating new K/V after the past is wrong for ragged batches (semantics §3-4)."""
+def use_plain_concat_kv_update(monkeypatch) -> None:
+    """Sabotage: append the new K/V after the past, as a naive rewrite would."""
     from gqa_decompose.expansion import gqa as expansion
 
     def concat_update(op, shared, info, past, new, kv_num_heads, static_buffer=False):
@@ -133,6 +133,11 @@ def test_verification_catches_a_plain_concat_kv_update(monkeypatch):
 
     monkeypatch.setattr(expansion, "write_new_rows", concat_update)
     monkeypatch.setattr(expansion, "present_length", lambda shared, info, past, static=False: info.total_length)
+
+
+def test_verification_catches_a_plain_concat_kv_update(monkeypatch):
+    """Concatenating new K/V after the past is wrong for ragged batches (semantics §3-4)."""
+    use_plain_concat_kv_update(monkeypatch)
     report = verify(make_gqa_model(GqaConfig()))
     failing = {r.phase.name for r in report.nodes[0].results if not r.passed}
     assert "decode, growing cache" in failing  # ragged rows

@@ -26,7 +26,11 @@ import onnx_ir as ir
 from gqa_decompose import spec as gqa
 from gqa_decompose.expansion.attention import attend
 from gqa_decompose.expansion.builder import OpBuilder
-from gqa_decompose.expansion.kv_cache import append_aligned_rows, present_length, write_new_rows
+from gqa_decompose.expansion.kv_cache import (
+    append_aligned_rows,
+    present_length,
+    write_new_rows,
+)
 from gqa_decompose.expansion.mask import (
     concat_key_positions,
     dense_key_positions,

@@ -40,12 +40,17 @@ def dense_key_positions(
 
 
 def concat_key_positions(
-    shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value
+    shared: SharedSubgraphs,
+    info: SequenceInfo,
+    past: ir.Value,
+    past_kept_B: ir.Value | None = None,
 ) -> ir.Value:
     """Positions of the columns of Concat(past, new), int64 [B, 1, 1, P + S].
 
-    Past column j holds position j when j < c_b (and is never visible
-    otherwise); new column P + i holds position c_b + i.
+    Past rows [0, k_b) hold the k_b tokens just before c_b, positions
+    c_b - k_b .. c_b - 1 (other past rows are never visible); new column P + i
+    holds position c_b + i. k_b = c_b for an ordinary cache (past row j is
+    position j); a windowed cache passes its own count of kept rows.
     """
 
     def build(op: OpBuilder) -> ir.Value:
@@ -58,10 +63,16 @@ def concat_key_positions(
         )
         columns_11K = op.unsqueeze(columns_K, [0, 1])
         offsets_B11 = op.unsqueeze(info.offsets_B, [1, 2])
+        if past_kept_B is None:
+            kept_B11, held_positions = offsets_B11, columns_11K
+        else:
+            kept_B11 = op.unsqueeze(past_kept_B, [1, 2])
+            first_held_B11 = op.op("Sub", offsets_B11, kept_B11)
+            held_positions = op.op("Add", first_held_B11, columns_11K)
         past_positions = op.op(
             "Where",
-            op.op("Less", columns_11K, offsets_B11),
-            columns_11K,
+            op.op("Less", columns_11K, kept_B11),
+            held_positions,
             op.int_scalar(_NEVER_VISIBLE),
         )
         new_positions = op.op("Add", offsets_B11, op.op("Sub", columns_11K, past_length))
@@ -70,7 +81,7 @@ def concat_key_positions(
         )
         return op.unsqueeze(positions_B1K, [1])
 
-    return shared.get(("concat_key_positions", info, dim_key(past, 2)), build)
+    return shared.get(("concat_key_positions", info, dim_key(past, 2), past_kept_B), build)
 
 
 def visibility_mask(

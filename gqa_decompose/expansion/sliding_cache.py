@@ -22,12 +22,10 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.mask import concat_key_positions
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
 
 __all__ = ["present_columns", "sliding_key_positions"]
-
-_NEVER_VISIBLE = 2**62
-
 
 def _kept(op: OpBuilder, lengths_B: ir.Value, capacity: ir.Value, gap: ir.Value) -> ir.Value:
     """L(x) for each x in ``lengths_B``: how many of the latest x tokens the cache holds."""
@@ -59,34 +57,8 @@ def sliding_key_positions(
     shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, window: int
 ) -> ir.Value:
     """Absolute positions of the columns of Concat(past, new), int64 [B, 1, 1, C + S]."""
-    capacity, past_kept_B, _ = _layout(shared, info, past, window)
-
-    def build(op: OpBuilder) -> ir.Value:
-        columns_11K = op.unsqueeze(
-            op.op(
-                "Range",
-                op.int_scalar(0),
-                op.op("Add", capacity, info.query_length),
-                op.int_scalar(1),
-            ),
-            [0, 1],
-        )
-        offsets_B11 = op.unsqueeze(info.offsets_B, [1, 2])
-        past_kept_B11 = op.unsqueeze(past_kept_B, [1, 2])
-        first_held_B11 = op.op("Sub", offsets_B11, past_kept_B11)
-        past_positions = op.op(
-            "Where",
-            op.op("Less", columns_11K, past_kept_B11),
-            op.op("Add", first_held_B11, columns_11K),
-            op.int_scalar(_NEVER_VISIBLE),
-        )
-        new_positions = op.op("Add", offsets_B11, op.op("Sub", columns_11K, capacity))
-        positions_B1K = op.op(
-            "Where", op.op("Less", columns_11K, capacity), past_positions, new_positions
-        )
-        return op.unsqueeze(positions_B1K, [1])
-
-    return shared.get(("sliding_key_positions", info, dim_key(past, 2), window), build)
+    _, past_kept_B, _ = _layout(shared, info, past, window)
+    return concat_key_positions(shared, info, past, past_kept_B)
 
 
 def present_columns(

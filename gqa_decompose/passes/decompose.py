@@ -9,14 +9,9 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
-from gqa_decompose.passes.graph_queries import (
-    default_opset,
-    find_gqa_nodes,
-    graph_outputs,
-    scope_name,
-)
+from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
 from gqa_decompose.passes.infer_types import InferGqaTypesPass
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node
 
 __all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
 
@@ -66,10 +61,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         found = find_gqa_nodes(model)
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
-        specs = [
-            parse_gqa_node(node, self.options, graph_outputs(container))
-            for container, node in found
-        ]
+        specs = [parse_gqa_node(node, self.options) for _, node in found]
         shared_by_container: dict[int, SharedSubgraphs] = {}
         for index, ((container, node), spec) in enumerate(zip(found, specs)):
             if isinstance(container, ir.Function) and "" not in container.opset_imports:
@@ -92,9 +84,8 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         op = OpBuilder(node.name or f"GroupQueryAttention_{index}")
         expanded = expand_gqa(op, shared, node, spec)
         new_nodes = shared.take_nodes() + op.take_nodes()
-        outputs_of_container = graph_outputs(container)
         for position, old in enumerate(node.outputs):
-            if old is None or (not old.uses() and old not in outputs_of_container):
+            if not output_is_read(node, position):
                 continue
             new = expanded.outputs[position] if position < len(expanded.outputs) else None
             if new is None:

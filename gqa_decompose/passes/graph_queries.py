@@ -8,7 +8,7 @@ import onnx_ir as ir
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.spec import is_gqa_node
 
-__all__ = ["default_opset", "find_gqa_nodes", "graph_outputs", "non_standard_nodes", "scope_name"]
+__all__ = ["default_opset", "find_gqa_nodes", "non_standard_nodes", "scope_name"]
 
 
 def scope_name(model: ir.Model, container: ir.Graph | ir.Function) -> str:
@@ -36,12 +36,6 @@ def default_opset(model: ir.Model) -> int:
     if version is None:
         raise GqaDecomposeError("the model imports no default-domain (ai.onnx) opset")
     return version
-
-
-def graph_outputs(container: ir.Graph | ir.Function) -> frozenset[ir.Value]:
-    return frozenset(container.outputs)
-
-
 
 
 def _is_standard(node: ir.Node, opset: int) -> bool:

@@ -80,20 +80,7 @@ def _ort_symbolic_inference(model: ir.Model) -> bool:
         return False
     if inferred is None:
         return False
-    by_name = {info.name: info for info in inferred.graph.value_info}
-    changed = False
-    for node in model.graph:
-        for value in node.outputs:
-            info = by_name.get(value.name)
-            if info is None or (value.type is not None and value.shape is not None):
-                continue
-            typed = ir.serde.deserialize_value_info_proto(info, None)
-            if value.type is None:
-                value.type = typed.type
-            if value.shape is None:
-                value.shape = typed.shape
-            changed = True
-    return changed
+    return _fill_untyped(model.graph, inferred.graph)
 
 
 def _type_function_body(model: ir.Model, function: ir.Function) -> bool:
@@ -137,15 +124,23 @@ def _type_function_body(model: ir.Model, function: ir.Function) -> bool:
         inferred = onnx.shape_inference.infer_shapes(probe)
     except Exception:  # a partial typing is still useful; the spec refuses what stays unknown
         return False
-    by_name = {info.name: info for info in inferred.graph.value_info}
+    return _fill_untyped(function, inferred.graph)
+
+
+def _fill_untyped(container: ir.Graph | ir.Function, inferred: onnx.GraphProto) -> bool:
+    """Give node outputs of ``container`` the type or shape ``inferred`` found, where they lack one."""
+    by_name = {info.name: info for info in inferred.value_info}
     changed = False
-    for node in function:
+    for node in container:
         for value in node.outputs:
             info = by_name.get(value.name)
-            if info is None or value.type is not None:
+            if info is None or (value.type is not None and value.shape is not None):
                 continue
             typed = ir.serde.deserialize_value_info_proto(info, None)
-            value.type, value.shape = typed.type, typed.shape
+            if value.type is None:
+                value.type = typed.type
+            if value.shape is None:
+                value.shape = typed.shape
             changed = True
     return changed
 
