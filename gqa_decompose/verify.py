@@ -507,8 +507,13 @@ def verify_node_model(
     used_outputs: Sequence[int] | None = None,
     phases: Sequence[Phase] | None = None,
     seed: int = 0,
+    runtime: str | None = None,
 ) -> NodeVerification:
-    """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits)."""
+    """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits).
+
+    ``runtime`` names the runtime the expansion runs on (see :mod:`gqa_decompose.runtimes`;
+    default ONNX Runtime CPU); the fused node always runs on ONNX Runtime CPU.
+    """
     from gqa_decompose.api import decompose
 
     spec = parse_gqa_node(node, options)
@@ -530,19 +535,27 @@ def verify_node_model(
     else:
         atol, rtol = TOLERANCES[spec.dtype]
     rng = np.random.default_rng(seed)
+    run_candidate, runtime_label = _candidate_runner(candidate, runtime)
     results = []
     for phase in phases if phases is not None else phases_for(node, spec):
         feeds = synthesize_inputs(node, spec, phase, rng, feed_names)
         try:
             if bfloat16:
                 expected = dict(zip(oracle_outputs, _run(oracle, _as_float32(feeds))))
-                got = dict(zip(used_outputs, _run_reference(candidate, feeds)))
             else:
                 expected = dict(zip(oracle_outputs, _run(oracle, feeds)))
-                got = dict(zip(used_outputs, _run(candidate, feeds)))
         except Exception as error:  # an ORT failure is a verification failure, not a crash
             message = str(error).splitlines()[0]
             results.append(PhaseResult(phase, {}, False, f"ONNX Runtime failed: {message}"))
+            continue
+        try:
+            if bfloat16 and runtime is None:
+                got = dict(zip(used_outputs, _run_reference(candidate, feeds)))
+            else:
+                got = dict(zip(used_outputs, run_candidate(feeds)))
+        except Exception as error:  # a runtime's failure is a verification failure, not a crash
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            results.append(PhaseResult(phase, {}, False, f"{runtime_label} failed: {message}"))
             continue
         errors: dict[str, float] = {}
         passed, failure = True, None
@@ -576,6 +589,28 @@ def verify_node_model(
     return NodeVerification(spec.node_name, tuple(results))
 
 
+def _candidate_runner(
+    candidate: onnx.ModelProto, runtime: str | None
+) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], str]:
+    """Runs the expansion on ``runtime`` (loaded once, on first use); and the runtime's label."""
+    if runtime is None:
+        return (lambda feeds: _run(candidate, feeds)), "ONNX Runtime"
+    from gqa_decompose import runtimes
+
+    chosen = runtimes.get_runtime(runtime)
+    sessions: list = []
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not sessions:  # a load failure is reported by each phase, like a run failure
+            sessions.append(chosen.load(candidate))
+        session = sessions[0]
+        wanted = {i.name for i in candidate.graph.input}
+        outputs = session.run({k: v for k, v in feeds.items() if k in wanted})
+        return [outputs[o.name] for o in candidate.graph.output]
+
+    return run, runtime
+
+
 def _refusal(node: ir.Node, options: DecomposeOptions) -> str | None:
     try:
         parse_gqa_node(node, options)
@@ -603,6 +638,7 @@ def verify(
     *,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    runtime: str | None = None,
     **options,
 ) -> VerificationReport:
     """Check each GQA node of ``original`` against its expansion on ONNX Runtime CPU.
@@ -610,6 +646,8 @@ def verify(
     ``original`` is not modified (an ``onnx_ir.Model`` is copied first). When
     ``decomposed`` is given, it must hold no GroupQueryAttention node.
     ``options`` are the :class:`DecomposeOptions` the model was decomposed with.
+    ``runtime`` runs each expansion on another runtime (:mod:`gqa_decompose.runtimes`)
+    instead of ONNX Runtime CPU; the fused node is always run on ONNX Runtime CPU.
     """
     if isinstance(original, onnx.ModelProto):
         model = ir.serde.deserialize_model(original)
@@ -634,7 +672,8 @@ def verify(
             nodes.append(dataclasses.replace(verified[signature], name=node.name or verified[signature].name))
         else:
             result = verify_node_model(
-                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed
+                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed,
+                runtime=runtime,
             )
             verified[signature] = result
             nodes.append(result)

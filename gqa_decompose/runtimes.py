@@ -1,0 +1,252 @@
+"""Run a model on another runtime: "load this model, run these feeds, give me the outputs".
+
+One small adapter per runtime, so tests, ``--check --runtime`` and
+``scripts/portability_table.py`` ask every runtime the same question::
+
+    session = get_runtime("openvino").load(model)      # ModelProto or path
+    outputs = session.run({"query": q, ...})            # {output name: ndarray}
+
+Runtimes are imported when first used: a runtime that is not installed gives a
+:class:`GqaDecomposeError` naming the package to install, never an ImportError.
+
+* ``onnxruntime``: ONNX Runtime, CPU execution provider (the oracle's runtime).
+* ``reference``: ``onnx.reference.ReferenceEvaluator``, the ONNX spec's own
+  semantics in numpy (slow: keep the inputs small).
+* ``openvino``: OpenVINO, CPU plugin, with ``INFERENCE_PRECISION_HINT=f32``.
+  On CPUs with AMX or AVX512-BF16 its default is bf16 for every float32 model,
+  which is a precision choice of the deployment, not a property of the model;
+  the adapter asks for f32 so results are comparable with ONNX Runtime.
+* ``tract``: Sonos' tract (the ``tract`` Python bindings). tract types a model
+  once from its input shapes; the adapter strips value_info and specializes the
+  model to each run's input shapes (one compiled model per shape set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from gqa_decompose.errors import GqaDecomposeError
+
+__all__ = ["RUNTIMES", "Runtime", "Session", "available_runtimes", "get_runtime"]
+
+ModelSource = onnx.ModelProto | str | os.PathLike
+
+
+class Session:
+    """A loaded model: ``run(feeds)`` returns every graph output by name."""
+
+    def __init__(self, output_names: list[str], run: Callable[[dict[str, np.ndarray]], list[np.ndarray]]):
+        self.output_names = output_names
+        self._run = run
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self._run(dict(feeds))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """One runtime: its name, the package it needs, and how to load a model on it."""
+
+    name: str
+    package: str  # what to pip install
+    description: str
+    _module: str
+    _load: Callable[[onnx.ModelProto], Session]
+
+    def version(self) -> str:
+        """The installed version (raises GqaDecomposeError when not installed)."""
+        _import(self)
+        from importlib import metadata
+
+        return metadata.version(self.package)
+
+    def load(self, model: ModelSource) -> Session:
+        """Load ``model`` (a ModelProto or a path; external data next to the path is used)."""
+        _import(self)
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx.load(os.fspath(model))
+        return self._load(model)
+
+
+def _import(runtime: Runtime):
+    try:
+        return importlib.import_module(runtime._module)
+    except ImportError as error:
+        raise GqaDecomposeError(
+            f"runtime '{runtime.name}' is not available: {error} (pip install {runtime.package})"
+        ) from None
+
+
+def _output_names(model: onnx.ModelProto) -> list[str]:
+    return [output.name for output in model.graph.output]
+
+
+def _input_names(model: onnx.ModelProto) -> list[str]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def _only(feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """The feeds the model takes: an input missing from ``feeds`` is an error of the caller."""
+    missing = [name for name in names if name not in feeds]
+    if missing:
+        raise GqaDecomposeError(f"no feed for the model's input(s) {', '.join(missing)}")
+    return {name: feeds[name] for name in names}
+
+
+# ONNX Runtime --------------------------------------------------------------------------------
+
+
+def _load_onnxruntime(model: onnx.ModelProto) -> Session:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    return Session(outputs, lambda feeds: session.run(outputs, _only(feeds, inputs)))
+
+
+# onnx.reference --------------------------------------------------------------------------------
+
+
+def _load_reference(model: onnx.ModelProto) -> Session:
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(model)
+    inputs = list(evaluator.input_names)
+    outputs = list(evaluator.output_names)
+    return Session(outputs, lambda feeds: evaluator.run(None, _only(feeds, inputs)))
+
+
+# OpenVINO -------------------------------------------------------------------------------------
+
+
+def _load_openvino(model: onnx.ModelProto) -> Session:
+    import openvino as ov
+
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as folder:  # read_model reads ONNX from a file
+        path = pathlib.Path(folder) / "model.onnx"
+        onnx.save(model, path)
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    inputs = _input_names(model)
+    outputs = _output_names(model)
+    request = compiled.create_infer_request()
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = request.infer(_only(feeds, inputs))
+        # Copy: the request reuses its output buffers on the next run.
+        return [np.array(result[compiled.output(name)]) for name in outputs]
+
+    return Session(outputs, run)
+
+
+# tract ----------------------------------------------------------------------------------------
+
+_TRACT_TYPES = {
+    np.dtype(np.float32): "f32",
+    np.dtype(np.float16): "f16",
+    np.dtype(np.float64): "f64",
+    np.dtype(np.int64): "i64",
+    np.dtype(np.int32): "i32",
+    np.dtype(np.int8): "i8",
+    np.dtype(np.uint8): "u8",
+    np.dtype(np.bool_): "bool",
+}
+
+
+def _load_tract(model: onnx.ModelProto) -> Session:
+    import tract
+
+    # tract unifies value_info with the facts it infers; symbolic value_info dims
+    # then clash with the concrete input shapes each run is specialized to.
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    del stripped.graph.value_info[:]
+    for output in stripped.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    inputs = _input_names(model)
+    outputs = _output_names(model)
+    folder = tempfile.TemporaryDirectory()
+    path = pathlib.Path(folder.name) / "model.onnx"
+    onnx.save(stripped, path)
+    compiled: dict[tuple, object] = {}
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return specialized_run(feeds)
+        except tract.TractError as error:
+            raise RuntimeError(_tract_message(error)) from None
+
+    def specialized_run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        arrays = [np.ascontiguousarray(a) for a in _only(feeds, inputs).values()]
+        signature = tuple((a.shape, a.dtype) for a in arrays)
+        if signature not in compiled:
+            context = tract.onnx()
+            inference_model = context.load(str(path))
+            for index, array in enumerate(arrays):
+                fact = ",".join([*(str(d) for d in array.shape), _TRACT_TYPES[array.dtype]])
+                inference_model.set_input_fact(index, fact)
+            typed = inference_model.into_model()
+            # Keep every object alive: tract's symbols live in the model's scope.
+            compiled[signature] = (context, inference_model, typed, typed.into_runnable())
+        runnable = compiled[signature][3]
+        return [tensor.to_numpy() for tensor in runnable.run(arrays)]
+
+    session = Session(outputs, run)
+    session._folder = folder  # the file lives as long as the session
+    return session
+
+
+def _tract_message(error: Exception) -> str:
+    """tract's error chain on one line, without its Rust backtrace."""
+    text = str(error).split("Stack backtrace")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "Caused by:"]
+    return ": ".join(line.split(": ", 1)[1] if line[:1].isdigit() and ": " in line else line for line in lines)
+
+
+RUNTIMES: dict[str, Runtime] = {
+    runtime.name: runtime
+    for runtime in (
+        Runtime("onnxruntime", "onnxruntime", "ONNX Runtime, CPU execution provider", "onnxruntime",
+                _load_onnxruntime),
+        Runtime("reference", "onnx", "onnx.reference.ReferenceEvaluator (the ONNX spec in numpy)",
+                "onnx.reference", _load_reference),
+        Runtime("openvino", "openvino", "OpenVINO, CPU plugin, f32 inference precision", "openvino",
+                _load_openvino),
+        Runtime("tract", "tract", "tract (Sonos), Python bindings, specialized to the input shapes", "tract",
+                _load_tract),
+    )
+}
+
+
+def get_runtime(name: str) -> Runtime:
+    """The runtime called ``name`` (one of :data:`RUNTIMES`); not imported yet."""
+    try:
+        return RUNTIMES[name]
+    except KeyError:
+        raise GqaDecomposeError(
+            f"unknown runtime '{name}' (choose from {', '.join(RUNTIMES)})"
+        ) from None
+
+
+def available_runtimes() -> list[str]:
+    """Names of the runtimes that can be imported here."""
+    found = []
+    for name, runtime in RUNTIMES.items():
+        try:
+            _import(runtime)
+        except GqaDecomposeError:
+            continue
+        found.append(name)
+    return found
