@@ -35,7 +35,15 @@ import onnx
 
 from gqa_decompose.errors import GqaDecomposeError
 
-__all__ = ["RUNTIMES", "Runtime", "Session", "available_runtimes", "get_runtime"]
+__all__ = [
+    "RUNTIMES",
+    "Runtime",
+    "Session",
+    "available_runtimes",
+    "get_runtime",
+    "length_as_shape",
+    "total_length_from_shape",
+]
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 
@@ -228,6 +236,49 @@ RUNTIMES: dict[str, Runtime] = {
                 _load_tract),
     )
 }
+
+
+TOTAL_LENGTH_SHAPE_SUFFIX = "__length_as_shape"
+
+
+def total_length_from_shape(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose int32 input ``input_name`` (T, 0-D or [1]) is read from a shape.
+
+    The input is replaced by ``<input_name>__length_as_shape`` of shape [T] (uint8,
+    contents ignored) and ``Cast(Shape(...))``, which is how real producers feed
+    GroupQueryAttention's ``total_sequence_length`` (the builder: the attention
+    mask's width). Runtimes that type a model from its input shapes (tract) can
+    then derive every shape from the inputs'. Feed it with :func:`length_as_shape`.
+    """
+    from onnx import helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    index = next(i for i, value in enumerate(graph.input) if value.name == input_name)
+    rank = len(graph.input[index].type.tensor_type.shape.dim)
+    shaped_name = input_name + TOTAL_LENGTH_SHAPE_SUFFIX
+    graph.input[index].CopyFrom(helper.make_tensor_value_info(shaped_name, onnx.TensorProto.UINT8, ["T"]))
+    shape_name, cast_name = f"{input_name}__shape", f"{input_name}__shape_int32"
+    nodes = [
+        helper.make_node("Shape", [shaped_name], [shape_name]),
+        helper.make_node("Cast", [shape_name], [cast_name if rank == 0 else input_name], to=onnx.TensorProto.INT32),
+    ]
+    if rank == 0:
+        axes = helper.make_tensor(f"{input_name}__axes", onnx.TensorProto.INT64, [1], [0])
+        graph.initializer.append(axes)
+        nodes.append(helper.make_node("Squeeze", [cast_name, axes.name], [input_name]))
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    return copy
+
+
+def length_as_shape(feeds: Mapping[str, np.ndarray], input_name: str) -> dict[str, np.ndarray]:
+    """``feeds`` for a model made by :func:`total_length_from_shape`."""
+    converted = dict(feeds)
+    length = int(np.asarray(converted.pop(input_name)).reshape(-1)[0])
+    converted[input_name + TOTAL_LENGTH_SHAPE_SUFFIX] = np.zeros(length, np.uint8)
+    return converted
 
 
 def get_runtime(name: str) -> Runtime:

@@ -508,11 +508,15 @@ def verify_node_model(
     phases: Sequence[Phase] | None = None,
     seed: int = 0,
     runtime: str | None = None,
+    total_length_from_shape: bool = False,
 ) -> NodeVerification:
     """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits).
 
     ``runtime`` names the runtime the expansion runs on (see :mod:`gqa_decompose.runtimes`;
-    default ONNX Runtime CPU); the fused node always runs on ONNX Runtime CPU.
+    default ONNX Runtime CPU); the fused node always runs on ONNX Runtime CPU. With
+    ``total_length_from_shape`` the expansion reads ``total_sequence_length`` from an
+    input's shape, as real producers feed it (for runtimes that need every shape to
+    follow from the input shapes).
     """
     from gqa_decompose.api import decompose
 
@@ -535,7 +539,8 @@ def verify_node_model(
     else:
         atol, rtol = TOLERANCES[spec.dtype]
     rng = np.random.default_rng(seed)
-    run_candidate, runtime_label = _candidate_runner(candidate, runtime)
+    total_length_input = feed_names.get(gqa.TOTAL_SEQUENCE_LENGTH) if total_length_from_shape else None
+    run_candidate, runtime_label = _candidate_runner(candidate, runtime, total_length_input)
     results = []
     for phase in phases if phases is not None else phases_for(node, spec):
         feeds = synthesize_inputs(node, spec, phase, rng, feed_names)
@@ -590,25 +595,34 @@ def verify_node_model(
 
 
 def _candidate_runner(
-    candidate: onnx.ModelProto, runtime: str | None
+    candidate: onnx.ModelProto, runtime: str | None, total_length_input: str | None = None
 ) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], str]:
-    """Runs the expansion on ``runtime`` (loaded once, on first use); and the runtime's label."""
-    if runtime is None:
+    """Runs the expansion on ``runtime`` (loaded once, on first use); and the runtime's label.
+
+    ``total_length_input``: the input whose value is read from a shape instead
+    (:func:`gqa_decompose.runtimes.total_length_from_shape`).
+    """
+    if runtime is None and total_length_input is None:
         return (lambda feeds: _run(candidate, feeds)), "ONNX Runtime"
     from gqa_decompose import runtimes
 
-    chosen = runtimes.get_runtime(runtime)
+    chosen = runtimes.get_runtime(runtime or "onnxruntime")
+    model = candidate
+    if total_length_input is not None:
+        model = runtimes.total_length_from_shape(candidate, total_length_input)
     sessions: list = []
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if total_length_input is not None:
+            feeds = runtimes.length_as_shape(feeds, total_length_input)
         if not sessions:  # a load failure is reported by each phase, like a run failure
-            sessions.append(chosen.load(candidate))
+            sessions.append(chosen.load(model))
         session = sessions[0]
-        wanted = {i.name for i in candidate.graph.input}
+        wanted = {i.name for i in model.graph.input}
         outputs = session.run({k: v for k, v in feeds.items() if k in wanted})
-        return [outputs[o.name] for o in candidate.graph.output]
+        return [outputs[o.name] for o in model.graph.output]
 
-    return run, runtime
+    return run, chosen.name
 
 
 def _refusal(node: ir.Node, options: DecomposeOptions) -> str | None:
