@@ -1,0 +1,140 @@
+"""Portability proven: rewritten models run on runtimes other than ONNX Runtime and match
+ORT CPU's fused GroupQueryAttention there.
+
+Runtimes: onnx.reference (the spec's semantics), OpenVINO CPU (f32 precision) and
+tract; cases and the whole-model run are in portability_cases.py. A runtime that
+is not installed is skipped (the test extras install all three).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from gqa_models import GqaConfig, gqa_node, make_gqa_model
+from portability_cases import (
+    CASES,
+    KNOWN_FAILURES,
+    PORTABLE_RUNTIMES,
+    TINY_LLAMA,
+    failures,
+    run_case,
+    run_whole_model,
+)
+
+import gqa_decompose
+from gqa_decompose import runtimes
+from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.verify import verify_node_model
+
+
+def _require(runtime: str) -> None:
+    if runtime not in runtimes.available_runtimes():
+        pytest.skip(f"{runtime} is not installed")
+
+
+def _cell(runtime, case):
+    known = KNOWN_FAILURES.get((runtime, case.id))
+    marks = [pytest.mark.xfail(reason=known, strict=True)] if known else []
+    return pytest.param(runtime, case, marks=marks, id=f"{runtime}-{case.id}")
+
+
+CELLS = [
+    _cell(runtime, case)
+    for runtime in PORTABLE_RUNTIMES
+    for case in CASES
+    if not (runtime == "reference" and case.slow)
+]
+
+
+@pytest.mark.parametrize("runtime,case", CELLS)
+def test_rewritten_node_matches_ort_on_runtime(runtime, case):
+    _require(runtime)
+    result = run_case(case, runtime)
+    assert result.results, "no phase ran"
+    assert not failures(result), failures(result)
+
+
+@pytest.mark.parametrize("cache", ["growing", "static"])
+@pytest.mark.parametrize("runtime", PORTABLE_RUNTIMES)
+def test_whole_model_generation_matches_ort_on_runtime(runtime, cache):
+    _require(runtime)
+    assert run_whole_model(runtime, cache) < 1e-4
+
+
+# The adapters themselves ----------------------------------------------------------------------
+
+
+def test_unknown_runtime_is_a_clear_error():
+    with pytest.raises(GqaDecomposeError, match="unknown runtime 'tflite'.*onnxruntime, reference"):
+        runtimes.get_runtime("tflite")
+
+
+def test_missing_runtime_names_the_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    monkeypatch.delitem(__import__("sys").modules, "openvino", raising=False)
+    with pytest.raises(GqaDecomposeError, match=r"runtime 'openvino' is not available.*pip install openvino"):
+        runtimes.get_runtime("openvino").load(onnx.load(TINY_LLAMA))
+    assert "openvino" not in runtimes.available_runtimes()
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", *PORTABLE_RUNTIMES])
+def test_session_runs_a_path_and_returns_outputs_by_name(runtime, tmp_path):
+    _require(runtime)
+    model = gqa_decompose.decompose(onnx.load(TINY_LLAMA))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    feeds = {
+        "input_ids": np.array([[3, 5, 7]], np.int64),
+        "attention_mask": np.ones((1, 3), np.int64),
+        **{i.name: np.zeros((1, 2, 0, 16), np.float32) for i in model.graph.input if i.name.startswith("past")},
+    }
+    outputs = runtimes.get_runtime(runtime).load(path).run(feeds)
+    assert list(outputs) == [o.name for o in model.graph.output]
+    assert outputs["logits"].shape == (1, 3, 64)
+    assert outputs["present.0.key"].shape == (1, 2, 3, 16)
+
+
+def test_missing_feed_is_a_clear_error():
+    session = runtimes.get_runtime("reference").load(gqa_decompose.decompose(onnx.load(TINY_LLAMA)))
+    with pytest.raises(GqaDecomposeError, match="no feed for the model's input.*attention_mask"):
+        session.run({"input_ids": np.zeros((1, 1), np.int64)})
+
+
+def test_openvino_runs_in_f32_not_its_bf16_default():
+    """On AMX/AVX512-BF16 CPUs OpenVINO's default is bf16 (errors ~1e-2 on the tiny Llama)."""
+    _require("openvino")
+    for cache in ("growing",):
+        assert run_whole_model("openvino", cache, steps=0) < 1e-5
+
+
+def test_tract_needs_total_sequence_length_from_a_shape():
+    """tract 0.23 types a model from its input shapes: a total_sequence_length fed as a
+    value sizes the present cache (Pad's pads) from data, which tract refuses. Real
+    producers derive it from the attention mask's shape; then tract runs the rewrite.
+    If tract learns data-dependent pads, this test fails: update the README's table."""
+    _require("tract")
+    model = make_gqa_model(GqaConfig(rotary="half"))
+    _, node = gqa_node(model)
+    as_value = verify_node_model(node, 21, model.ir_version, runtime="tract")
+    assert not as_value.passed
+    assert all("Expect padding to be constant" in r.failure for r in as_value.results), failures(as_value)
+    from_shape = verify_node_model(node, 21, model.ir_version, runtime="tract", total_length_from_shape=True)
+    assert from_shape.passed, failures(from_shape)
+
+
+def test_total_length_from_shape_is_exact_on_onnxruntime():
+    """The test harness's rewiring of total_sequence_length changes nothing on ORT."""
+    model = make_gqa_model(GqaConfig(rotary="interleaved", packed=True, local_window_size=3))
+    _, node = gqa_node(model)
+    result = verify_node_model(node, 21, model.ir_version, runtime="onnxruntime", total_length_from_shape=True)
+    assert result.passed and len(result.results) >= 4, failures(result)
