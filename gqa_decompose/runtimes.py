@@ -68,6 +68,10 @@ class Runtime:
     description: str
     _module: str
     _load: Callable[[onnx.ModelProto], Session]
+    # Types the model once from its input shapes: every shape must follow from the
+    # inputs' shapes, so GQA's total_sequence_length has to come from a shape (as
+    # real producers feed it: the attention mask's width), not be a free input.
+    shapes_from_input_shapes: bool = False
 
     def version(self) -> str:
         """The installed version (raises GqaDecomposeError when not installed)."""
@@ -233,7 +237,7 @@ RUNTIMES: dict[str, Runtime] = {
         Runtime("openvino", "openvino", "OpenVINO, CPU plugin, f32 inference precision", "openvino",
                 _load_openvino),
         Runtime("tract", "tract", "tract (Sonos), Python bindings, specialized to the input shapes", "tract",
-                _load_tract),
+                _load_tract, shapes_from_input_shapes=True),
     )
 }
 

@@ -653,6 +653,7 @@ def verify(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     runtime: str | None = None,
+    total_length_from_shape: bool = False,
     **options,
 ) -> VerificationReport:
     """Check each GQA node of ``original`` against its expansion on ONNX Runtime CPU.
@@ -662,6 +663,7 @@ def verify(
     ``options`` are the :class:`DecomposeOptions` the model was decomposed with.
     ``runtime`` runs each expansion on another runtime (:mod:`gqa_decompose.runtimes`)
     instead of ONNX Runtime CPU; the fused node is always run on ONNX Runtime CPU.
+    ``total_length_from_shape``: see :func:`verify_node_model`.
     """
     if isinstance(original, onnx.ModelProto):
         model = ir.serde.deserialize_model(original)
@@ -687,7 +689,7 @@ def verify(
         else:
             result = verify_node_model(
                 node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed,
-                runtime=runtime,
+                runtime=runtime, total_length_from_shape=total_length_from_shape,
             )
             verified[signature] = result
             nodes.append(result)

@@ -12,7 +12,7 @@ runtime (rewritten).
 
 tract types a model from its input shapes, so on tract the one-node models read
 ``total_sequence_length`` from an input's shape, as real producers feed it
-(``TOTAL_LENGTH_FROM_SHAPE``).
+(``Runtime.shapes_from_input_shapes``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ TINY_LLAMA = MODELS / "tiny-llama-gqa.onnx"
 
 # Runtimes other than ORT that the rewritten models must run on.
 PORTABLE_RUNTIMES = ("reference", "openvino", "tract")
-TOTAL_LENGTH_FROM_SHAPE = {"tract"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +128,7 @@ def run_case(case: Case, runtime: str, target: str | None = None) -> NodeVerific
         model.ir_version,
         case_options(case, target),
         runtime=runtime,
-        total_length_from_shape=runtime in TOTAL_LENGTH_FROM_SHAPE,
+        total_length_from_shape=runtimes.get_runtime(runtime).shapes_from_input_shapes,
     )
 
 
@@ -170,7 +169,7 @@ def generate(session: runtimes.Session, model: onnx.ModelProto, steps: int, stat
     if static_length:
         mask[:, :prompt] = prompt_mask
     history = []
-    for step in range(steps + 1):
+    for _ in range(steps + 1):
         outputs = session.run(feeds)
         history.append((feeds, outputs))
         presents = {name: outputs[name.replace("past_key_values", "present")] for name in past_names}

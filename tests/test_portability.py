@@ -13,6 +13,7 @@ import onnx
 import pytest
 from gqa_models import GqaConfig, gqa_node, make_gqa_model
 from portability_cases import (
+    MODELS as MODELS_DIR,
     CASES,
     KNOWN_FAILURES,
     PORTABLE_RUNTIMES,
@@ -138,3 +139,90 @@ def test_total_length_from_shape_is_exact_on_onnxruntime():
     _, node = gqa_node(model)
     result = verify_node_model(node, 21, model.ir_version, runtime="onnxruntime", total_length_from_shape=True)
     assert result.passed and len(result.results) >= 4, failures(result)
+
+
+# gqa-decompose --check --runtime ---------------------------------------------------------------
+
+
+def _cli(*args) -> tuple[int, str, str]:
+    from click.testing import CliRunner
+
+    from gqa_decompose.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_check_runtime_runs_the_rewritten_model_there(tmp_path):
+    _require("openvino")
+    report_path = tmp_path / "report.json"
+    code, out, _ = _cli(TINY_LLAMA, "--check", "--runtime", "openvino", "--runtime", "reference", "-q",
+                        "--report", report_path)
+    assert code == 0, out
+    version = runtimes.get_runtime("openvino").version()
+    assert f"/model/layers.0/attn/GroupQueryAttention: on openvino {version}: verified" in out
+    assert f"openvino {version}: the rewritten model runs a prompt" in out
+    assert f"runs on reference {onnx.__version__} once decomposed" in out
+    import json
+
+    report = json.loads(report_path.read_text())
+    assert [(r["runtime"], r["passed"]) for r in report["runtimes"]] == [("openvino", True), ("reference", True)]
+    assert report["runtimes"][0]["model"]["max_errors"]["logits"] < 1e-4
+    assert not list(tmp_path.glob("*.onnx")), "--check writes no model"
+
+
+def test_cli_check_runtime_reports_what_fails(tmp_path):
+    """A free total_sequence_length input sizes the cache from data: tract refuses the
+    whole model (its nodes pass when T comes from a shape, as in real models)."""
+    _require("tract")
+    path = tmp_path / "node.onnx"
+    onnx.save(make_gqa_model(GqaConfig(rotary="half")), path)
+    code, out, _ = _cli(path, "--check", "--runtime", "tract", "-q")
+    assert code == 1, out
+    assert "attn/GroupQueryAttention: on tract" in out and "verified, max error" in out
+    assert "the rewritten model FAILS: fails to run a prompt: " in out
+    assert "Expect padding to be constant" in out
+    assert "does NOT run on tract" in out
+
+
+def test_cli_check_runtime_reports_ops_a_runtime_lacks():
+    """The builder's ORT-only ops (SimplifiedLayerNormalization, ...) stop onnx.reference."""
+    code, out, _ = _cli(MODELS_DIR / "builder-tiny-llama" / "model.onnx", "--check", "--no-verify",
+                        "--runtime", "reference", "-q")
+    assert code == 1
+    assert "the rewritten model FAILS: does not load: " in out
+    assert "SimplifiedLayerNormalization" in out
+
+
+def test_cli_runtime_on_onnxruntime_passes_when_ops_remain():
+    """ORT itself runs the builder's contrib ops: the rewritten model runs there."""
+    code, out, _ = _cli(MODELS_DIR / "builder-tiny-llama" / "model.onnx", "--check", "--no-verify",
+                        "--runtime", "onnxruntime", "-q")
+    assert code == 1  # still not portable: other non-standard ops remain
+    assert "runs on onnxruntime" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--check", "--runtime", "tflite"], "unknown runtime 'tflite'"),
+        (["--runtime", "reference"], "--runtime needs --check"),
+    ],
+)
+def test_cli_bad_runtime_arguments_exit_2(args, message):
+    code, out, err = _cli(TINY_LLAMA, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_unavailable_runtime_fails_the_check(monkeypatch):
+    def unavailable(runtime):
+        raise GqaDecomposeError(f"runtime '{runtime.name}' is not available: no module (pip install x)")
+
+    monkeypatch.setattr(runtimes, "_import", unavailable)
+    code, out, _ = _cli(TINY_LLAMA, "--check", "--no-verify", "--runtime", "openvino", "-q")
+    assert code == 1
+    assert "openvino: NOT AVAILABLE: runtime 'openvino' is not available" in out
