@@ -27,6 +27,7 @@ import dataclasses
 import importlib
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 
@@ -150,17 +151,31 @@ def _load_openvino(model: onnx.ModelProto) -> Session:
     with tempfile.TemporaryDirectory() as folder:  # read_model reads ONNX from a file
         path = pathlib.Path(folder) / "model.onnx"
         onnx.save(model, path)
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        try:
+            compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        except RuntimeError as error:
+            raise RuntimeError(_openvino_message(error)) from None
     inputs = _input_names(model)
     outputs = _output_names(model)
     request = compiled.create_infer_request()
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        result = request.infer(_only(feeds, inputs))
+        try:
+            result = request.infer(_only(feeds, inputs))
+        except RuntimeError as error:
+            raise RuntimeError(_openvino_message(error)) from None
         # Copy: the request reuses its output buffers on the next run.
         return [np.array(result[compiled.output(name)]) for name in outputs]
 
     return Session(outputs, run)
+
+
+def _openvino_message(error: Exception) -> str:
+    """OpenVINO's nested 'Exception from <source file>' chain as one line of what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Exception from ")]
+    text = " ".join(lines) or type(error).__name__
+    return re.sub(r"Check '.*?' failed at \S+:\d+:\s*", "", text)
 
 
 # tract ----------------------------------------------------------------------------------------

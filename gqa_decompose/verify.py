@@ -509,6 +509,7 @@ def verify_node_model(
     seed: int = 0,
     runtime: str | None = None,
     total_length_from_shape: bool = False,
+    fused_on_runtime: bool = False,
 ) -> NodeVerification:
     """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits).
 
@@ -516,7 +517,8 @@ def verify_node_model(
     default ONNX Runtime CPU); the fused node always runs on ONNX Runtime CPU. With
     ``total_length_from_shape`` the expansion reads ``total_sequence_length`` from an
     input's shape, as real producers feed it (for runtimes that need every shape to
-    follow from the input shapes).
+    follow from the input shapes). With ``fused_on_runtime`` the GQA node itself, not
+    its expansion, runs on ``runtime``: does the runtime implement GroupQueryAttention?
     """
     from gqa_decompose.api import decompose
 
@@ -528,10 +530,9 @@ def verify_node_model(
     oracle = extract_node_model(
         node, opset, ir_version, outputs=oracle_outputs, as_dtype=ir.DataType.FLOAT if bfloat16 else None
     )
-    candidate = decompose(
-        extract_node_model(node, opset, ir_version, outputs=used_outputs),
-        **dataclasses.asdict(options or DecomposeOptions()),
-    )
+    candidate = extract_node_model(node, opset, ir_version, outputs=used_outputs)
+    if not fused_on_runtime:
+        candidate = decompose(candidate, **dataclasses.asdict(options or DecomposeOptions()))
     feed_names = {i: name for i, name in enumerate(oracle.graph.node[0].input) if name}
     feed_names = {i: n for i, n in feed_names.items() if n not in {t.name for t in oracle.graph.initializer}}
     if spec.compute_dtype != ir.DataType.FLOAT:

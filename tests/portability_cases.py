@@ -104,22 +104,26 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 }
 
 
-def targets() -> list[str | None]:
-    """Decomposition targets to run: the primitive one (None: the default), and
-    "attention" once DecomposeOptions has a ``target`` field."""
+PRIMITIVES = "primitives"  # the default target
+FUSED = "none (fused GQA)"  # no rewrite: does the runtime run GroupQueryAttention itself?
+
+
+def targets() -> list[str]:
+    """Decomposition targets: the primitive one, and "attention" once DecomposeOptions
+    has a ``target`` field."""
     fields = {f.name for f in dataclasses.fields(DecomposeOptions)}
-    return [None, "attention"] if "target" in fields else [None]
+    return [PRIMITIVES, "attention"] if "target" in fields else [PRIMITIVES]
 
 
-def case_options(case: Case, target: str | None = None) -> DecomposeOptions:
+def case_options(case: Case, target: str = PRIMITIVES) -> DecomposeOptions:
     options = dict(case.options)
-    if target is not None:
+    if target not in (PRIMITIVES, FUSED):
         options["target"] = target
     return DecomposeOptions(**options)
 
 
-def run_case(case: Case, runtime: str, target: str | None = None) -> NodeVerification:
-    """``case``'s expansion on ``runtime`` against ORT CPU's fused node."""
+def run_case(case: Case, runtime: str, target: str = PRIMITIVES) -> NodeVerification:
+    """``case``'s expansion (or with FUSED the node itself) on ``runtime`` against ORT CPU's fused node."""
     model = make_gqa_model(case.config)
     _, node = gqa_node(model)
     return verify_node_model(
@@ -129,6 +133,7 @@ def run_case(case: Case, runtime: str, target: str | None = None) -> NodeVerific
         case_options(case, target),
         runtime=runtime,
         total_length_from_shape=runtimes.get_runtime(runtime).shapes_from_input_shapes,
+        fused_on_runtime=target == FUSED,
     )
 
 
@@ -205,11 +210,14 @@ def compare_generations(expected, got) -> float:
     return worst
 
 
-def run_whole_model(runtime: str, cache: str, target: str | None = None, steps: int = 3) -> float:
+def run_whole_model(runtime: str, cache: str, target: str = PRIMITIVES, steps: int = 3) -> float:
     """Max error of the rewritten tiny Llama on ``runtime`` against the fused one on ORT."""
     original = onnx.load(TINY_LLAMA)
-    options = dataclasses.asdict(case_options(Case("", "", GqaConfig()), target))
-    decomposed = gqa_decompose.decompose(original, **options)
+    if target == FUSED:
+        decomposed = original
+    else:
+        options = dataclasses.asdict(case_options(Case("", "", GqaConfig()), target))
+        decomposed = gqa_decompose.decompose(original, **options)
     static_length = 16 if cache == "static" else None
     expected = generate(runtimes.get_runtime("onnxruntime").load(original), original, steps, static_length)
     got = generate(runtimes.get_runtime(runtime).load(decomposed), decomposed, steps, static_length)
