@@ -85,6 +85,8 @@ CASES: tuple[Case, ...] = (
     _case("windowed cache", "sliding-window-cache", local_window_size=3, extra_attributes=_SLIDING),
     _case("quantized cache", "int8-per-channel", kv_quant="PER_CHANNEL", kv_bits=8, rotary="half"),
     _case("quantized cache", "int4-per-tensor", slow=True, kv_quant="PER_TENSOR", kv_bits=4),
+    _case("q/k norm", "opset-23-rmsnorm", qk_norm="qk", rotary="half", opset=23),
+    _case("q/k norm", "opset-21-primitives", qk_norm="qk", packed=True, rotary="interleaved"),
 )
 
 
