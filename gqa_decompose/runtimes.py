@@ -175,6 +175,10 @@ def _openvino_message(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines()]
     lines = [line for line in lines if line and not line.startswith("Exception from ")]
     text = " ".join(lines) or type(error).__name__
+    if "Failed operations detailed log" in text and "OpConversionFailure: " in text:
+        # The op's own reason comes last, after the frontend's summary of what failed.
+        reason = text.rsplit("OpConversionFailure: ", 1)[1].split(" Summary:")[0]
+        return f"conversion failed: {reason}"
     return re.sub(r"Check '.*?' failed at \S+:\d+:\s*", "", text)
 
 

@@ -64,19 +64,24 @@ def _case_cell(runtime: str, target: str, group: str, notes: Footnotes) -> str:
     phases = passed = 0
     worst = 0.0
     first_failure = None
+    failed_cases = []
     for case in (c for c in CASES if c.group == group):
         result = run_case(case, runtime, target)
         problems = failures(result)
         phases += max(len(result.results), 1)
         passed += sum(r.passed for r in result.results)
         worst = max(worst, result.max_error or 0.0)
+        if problems:
+            failed_cases.append(case.name)
         if problems and first_failure is None:
             phase, message = problems[0].split(": ", 1) if ": " in problems[0] else ("", problems[0])
             # A wrong value says in which phase; a refusal reads the same in every phase.
             first_failure = f"{message} ({case.name}, {phase})" if "differs" in message else message
     if first_failure is None:
         return f"pass ({phases} runs, max err {worst:.0e})"
-    return f"**FAIL** {phases - passed}/{phases} runs {notes.mark(runtime, first_failure)}"
+    count = sum(c.group == group for c in CASES)
+    which = "all cases" if len(failed_cases) == count else ", ".join(failed_cases)
+    return f"**FAIL** {phases - passed}/{phases} runs ({which}) {notes.mark(runtime, first_failure)}"
 
 
 def _model_cell(runtime: str, target: str, cache: str, notes: Footnotes) -> str:
@@ -113,7 +118,7 @@ def build_table(log=print) -> str:
             log(f"  {group}")
             cells = [_case_cell(runtime, target, group, notes) for runtime in chosen]
             count = sum(case.group == group for case in CASES)
-            lines.append(f"| {group} ({count} cases) | " + " | ".join(cells) + " |")
+            lines.append(f"| {group} ({count} case{'s' if count > 1 else ''}) | " + " | ".join(cells) + " |")
         for cache, label in WHOLE_MODEL.items():
             log(f"  {label}")
             cells = [_model_cell(runtime, target, cache, notes) for runtime in chosen]
