@@ -52,9 +52,15 @@ ModelSource = onnx.ModelProto | str | os.PathLike
 class Session:
     """A loaded model: ``run(feeds)`` returns every graph output by name."""
 
-    def __init__(self, output_names: list[str], run: Callable[[dict[str, np.ndarray]], list[np.ndarray]]):
+    def __init__(
+        self,
+        output_names: list[str],
+        run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+        keep_alive: object = None,
+    ):
         self.output_names = output_names
         self._run = run
+        self._keep_alive = keep_alive  # e.g. the temporary folder of a runtime that reads files
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self._run(dict(feeds))))
@@ -234,9 +240,7 @@ def _load_tract(model: onnx.ModelProto) -> Session:
         runnable = compiled[signature][3]
         return [tensor.to_numpy() for tensor in runnable.run(arrays)]
 
-    session = Session(outputs, run)
-    session._folder = folder  # the file lives as long as the session
-    return session
+    return Session(outputs, run, keep_alive=folder)  # the file lives as long as the session
 
 
 def _tract_message(error: Exception) -> str:
