@@ -37,11 +37,12 @@ Examples:
 Exit codes:
   0  success (with --check: the model is portable once decomposed)
   1  verification against ONNX Runtime failed (nothing is written), or with
-     --check: a node is refused, fails verification, or other non-standard ops remain
+     --check: a node is refused, fails verification, or other non-standard ops remain,
+     or the rewritten model fails on a --runtime
   2  bad input: unreadable or malformed model, a refused node, bad paths
 
-Weights are never loaded into memory: external data is streamed into
-<OUTPUT>.data. The output appears atomically; the input is never modified.
+Weights are never loaded into memory (but for --runtime, which runs the model):
+external data is streamed into <OUTPUT>.data. The output appears atomically; the input is never modified.
 """
 
 
