@@ -103,6 +103,43 @@ QWEN2_SLIDING_CONFIG = dict(
     max_window_layers=1,  # layer_types = [full_attention, sliding_attention]: one node of each kind
 )
 
+# Mistral slides on every layer in Hugging Face; builder 0.18 reads the window per layer from `layer_types` only
+# (absent, every layer is full), so give it. transformers warns ("Detected Mistral model with layer_types") but keeps
+# the all-sliding behaviour.
+MISTRAL_CONFIG = dict(
+    {k: v for k, v in CONFIG.items() if k not in ("attention_bias", "mlp_bias")},
+    sliding_window=4,
+    layer_types=["sliding_attention", "sliding_attention"],
+)
+QWEN3_CONFIG = dict(QWEN2_CONFIG)  # head_dim 16: q_norm / k_norm over 16 values
+GPT_OSS_CONFIG = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,  # layer_types default: [sliding_attention, full_attention]
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5,
+    "sliding_window": 4,
+    "attention_bias": True,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.2,
+    # YaRN as in gpt-oss, scaled down: the builder asserts 0 < low < high < head_dim/2 - 1 for the ramp, which
+    # with head_dim 16 needs beta_fast * 2 pi below original_max_position_embeddings (gpt-oss has 32 and 4096).
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "beta_fast": 4.0,
+        "beta_slow": 1.0,
+        "original_max_position_embeddings": 32,
+        "truncate": False,
+    },
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
@@ -114,10 +151,18 @@ class Arch:
     intro: list[str]
     builder_args: tuple[str, ...] = ("-p", "fp32", "-e", "cpu")
     extra_options: tuple[str, ...] = ()  # KEY=VALUE for --extra_options
-    torch_atol: float = 1e-4  # max |ORT - torch| on logits the script accepts
+    # max |ORT - torch| on logits the script accepts; None: the torch model is no reference (int4 weights), so the
+    # script reports the difference and saves no reference.npz
+    torch_atol: float | None = 1e-4
     # Run the ONNX side of the torch check through onnxruntime-genai's generator instead of a plain ORT session
     # (for graphs whose caches need the runtime's buffer management, e.g. the windowed KV cache).
     check_with_genai: bool = False
+    # False when ORT CPU cannot run the builder's graph (e.g. fused q/k norm in GroupQueryAttention): the script then
+    # saves the torch logits without comparing the ONNX model with them.
+    runs_on_ort_cpu: bool = True
+    # (parameter-name suffix, std): parameters drawn again from N(0, std) after HF's init, for features HF initializes
+    # too small to see (gpt-oss's attention sinks).
+    reinit: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = ()  # extra PROVENANCE lines
 
 
@@ -253,6 +298,124 @@ ARCHS = {
         torch_atol=5e-2,
         notes=("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it."),
     ),
+    "llama-int4": Arch(
+        "builder-llama-int4",
+        "LlamaConfig",
+        CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the tiny **random-weight** Llama of `builder-tiny-llama`",
+            "converted by onnxruntime-genai's model builder with `-p int4 -e cpu`. The logits mean nothing. What it",
+            "exercises: int4 weight-only quantization: every projection is a contrib `MatMulNBits` (block size 32),",
+            "so the packed QKV input of GroupQueryAttention comes out of `MatMulNBits`; activations, GQA and the KV",
+            "cache stay float32 on the CPU EP. `MatMulNBits` is an ORT-only op and remains after the rewrite (the",
+            "`--check` gate lists it as non-standard).",
+            *_COMMON_TAIL,
+        ],
+        builder_args=("-p", "int4", "-e", "cpu"),
+        torch_atol=None,
+    ),
+    "llama-dml": Arch(
+        "builder-llama-dml",
+        "LlamaConfig",
+        CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the tiny **random-weight** Llama of `builder-tiny-llama`",
+            "converted by onnxruntime-genai's model builder with `-p fp16 -e dml` (DirectML). The logits mean nothing.",
+            "What it exercises: the DirectML form of GroupQueryAttention: three separate Q/K/V `MatMul`s, a contrib",
+            "`RotaryEmbedding` on Q and on K before the node (`do_rotary=0`, no cos/sin inputs on GQA), a",
+            "`position_ids` graph input, float16 throughout, `past_present_share_buffer: true`. (The builder makes",
+            "GroupQueryAttention on DML only for fp16; `-p fp32 -e dml` gives contrib `Attention` instead.) The graph",
+            "uses no DML-only op and runs on ORT CPU; its genai_config.json names the dml provider.",
+        ],
+        builder_args=("-p", "fp16", "-e", "dml"),
+        torch_atol=5e-2,
+        notes=("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it."),
+    ),
+    "mistral": Arch(
+        "builder-mistral",
+        "MistralConfig",
+        MISTRAL_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: a tiny **random-weight** Mistral (sliding window 4 on every",
+            "layer) made locally and converted by onnxruntime-genai's model builder (fp32, CPU EP) with its defaults.",
+            "The logits mean nothing. What it exercises: an all-local model: both GroupQueryAttention nodes have",
+            "`local_window_size=4` and `sliding_window_cache=1`, so every past/present is a window-sized ring buffer",
+            "(genai_config.json's `sliding_window.layers` = [0, 1]) and no layer has a max-length cache.",
+            "`layer_types` is given as `sliding_attention` on both layers: without it builder 0.18 treats every layer",
+            "as full attention (`local_window_size=-1`) although Hugging Face's Mistral slides on all of them.",
+            *_COMMON_TAIL,
+        ],
+        check_with_genai=True,
+        notes=("", "Its windowed caches need onnxruntime-genai's buffer management, so the script ran the ONNX side of",
+               "the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring)."),
+    ),
+    "mistral-webgpu": Arch(
+        "builder-mistral-webgpu",
+        "MistralConfig",
+        MISTRAL_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the tiny **random-weight** Mistral of `builder-mistral`",
+            "converted by onnxruntime-genai's model builder with `-p fp16 -e webgpu --extra_options",
+            "enable_webgpu_graph=true`. The logits mean nothing. What it exercises: the WebGPU graph-capture form of",
+            "the lengths: `attention_mask` → Cast(int32) → ReduceSum → Sub(1) = `seqlens_k` and ReduceMax(ReduceSum)",
+            "= `total_sequence_length` (no Shape op), float16, and `local_window_size=4` on both layers with",
+            "max-length caches (the builder makes windowed caches only for cpu/cuda). The plain webgpu fp16 graph is",
+            "the cuda one (`builder-llama-fp16`) and webgpu fp32 (`use_webgpu_fp32=true`) the cpu one, so neither is",
+            "kept. The graph runs on ORT CPU; its genai_config.json names the webgpu provider.",
+        ],
+        builder_args=("-p", "fp16", "-e", "webgpu"),
+        extra_options=("enable_webgpu_graph=true",),
+        torch_atol=5e-2,
+        notes=("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it."),
+    ),
+    "gpt-oss": Arch(
+        "builder-gpt-oss",
+        "GptOssConfig",
+        GPT_OSS_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: a tiny **random-weight** gpt-oss (4 experts, 2 per token)",
+            "made locally and converted by onnxruntime-genai's model builder (fp32, CPU EP) with its defaults. The",
+            "logits mean nothing. What it exercises: attention sinks (GQA's `head_sink` input, one value per head),",
+            "sliding/full alternation (layer 0 `local_window_size=4` with `sliding_window_cache=1`, a window-sized",
+            "ring cache; layer 1 full with a max-length cache), q/k/v biases and YaRN cos/sin caches. Its MLP is a",
+            "contrib `MoE` (ORT-only; it remains after the rewrite).",
+            *_COMMON_TAIL,
+        ],
+        check_with_genai=True,
+        reinit=(("self_attn.sinks", 2.0),),
+        notes=("", "HF initializes the sinks with std `initializer_range`; the script redraws them with std 2 so that",
+               "the sink takes a visible share of the softmax.",
+               "", "Its windowed cache needs onnxruntime-genai's buffer management, so the script ran the ONNX side",
+               "of the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring)."),
+    ),
+    "qwen3": Arch(
+        "builder-qwen3",
+        "Qwen3Config",
+        QWEN3_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: a tiny **random-weight** Qwen3 made locally and converted by",
+            "onnxruntime-genai's model builder (fp32, CPU EP). The logits mean nothing. What it exercises: Qwen3's",
+            "q/k RMS norm as the builder writes it for the CPU EP: the packed QKV MatMul is split, Q and K each go",
+            "through Reshape → SimplifiedLayerNormalization → Reshape, and GroupQueryAttention gets separate Q/K/V",
+            "with `do_rotary=1` (rotary after the norm, inside the node).",
+            "`SkipSimplifiedLayerNormalization` and `past_present_share_buffer: true` as on every CPU build.",
+        ],
+    ),
+    "qwen3-webgpu": Arch(
+        "builder-qwen3-webgpu",
+        "Qwen3Config",
+        QWEN3_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the tiny **random-weight** Qwen3 of `builder-qwen3`",
+            "converted by onnxruntime-genai's model builder with `-p fp16 -e webgpu`. The logits mean nothing. What it",
+            "exercises: fused q/k norm: GroupQueryAttention gets packed QKV, `do_rotary=1`, the `q_norm_weight` /",
+            "`k_norm_weight` inputs and a `qk_norm_epsilon` attribute (the builder fuses them on cuda and webgpu).",
+            "ONNX Runtime CPU has no kernel for that form, so the model does not run on ORT CPU: the script saved",
+            "the torch logits without an ONNX check.",
+        ],
+        builder_args=("-p", "fp16", "-e", "webgpu"),
+        runs_on_ort_cpu=False,
+    ),
 }
 
 
@@ -302,6 +465,10 @@ def make_checkpoint(arch: Arch, hf_dir: Path) -> dict:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0.0, arch.config["initializer_range"])
+        for name, parameter in model.named_parameters():
+            for suffix, std in arch.reinit:
+                if name.endswith(suffix):
+                    parameter.normal_(0.0, std)
     widths = {m.out_features for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
     if vocab_size in widths:
@@ -397,18 +564,22 @@ def check_against_torch(arch: Arch, hf_dir: Path, dest: Path, config: dict) -> d
         full = model(torch.tensor([ids + [next_id]])).logits[0].numpy()
     decode = full[-1:]
 
-    if arch.check_with_genai:
-        ort_prefill, ort_decode = _run_genai(dest, ids, next_id)
+    if not arch.runs_on_ort_cpu:
+        diffs = None
     else:
-        ort_prefill, ort_decode = _run_ort(dest, ids, next_id, config)
-
-    diffs = {
-        "prefill": float(np.abs(ort_prefill - prefill).max()),
-        "decode": float(np.abs(ort_decode - decode).max()),
-    }
-    print(f"max |ORT - torch| logits: {diffs}")
-    if max(diffs.values()) > arch.torch_atol:
-        raise SystemExit(f"builder model does not match the torch model: {diffs}")
+        if arch.check_with_genai:
+            ort_prefill, ort_decode = _run_genai(dest, ids, next_id)
+        else:
+            ort_prefill, ort_decode = _run_ort(dest, ids, next_id, config)
+        diffs = {
+            "prefill": float(np.abs(ort_prefill - prefill).max()),
+            "decode": float(np.abs(ort_decode - decode).max()),
+        }
+        print(f"max |ORT - torch| logits: {diffs}")
+        if arch.torch_atol is not None and max(diffs.values()) > arch.torch_atol:
+            raise SystemExit(f"builder model does not match the torch model: {diffs}")
+    if arch.torch_atol is None:
+        return {"ids": ids, "next_id": next_id, "diffs": diffs, "reference": False}
     np.savez(
         dest / "reference.npz",
         input_ids=np.array([ids], dtype=np.int64),
@@ -416,7 +587,7 @@ def check_against_torch(arch: Arch, hf_dir: Path, dest: Path, config: dict) -> d
         prefill_logits=prefill[None].astype(np.float32),
         decode_logits=decode[None].astype(np.float32),
     )
-    return {"ids": ids, "next_id": next_id, "diffs": diffs}
+    return {"ids": ids, "next_id": next_id, "diffs": diffs, "reference": True}
 
 
 def _run_genai(dest: Path, ids: list[int], next_id: int):
@@ -424,7 +595,13 @@ def _run_genai(dest: Path, ids: list[int], next_id: int):
     import numpy as np
     import onnxruntime_genai as og
 
-    model = og.Model(str(dest))
+    # A copy whose genai_config.json asks for the CPU provider (the fixture's may name cuda, dml or webgpu).
+    folder = Path(tempfile.mkdtemp(prefix="genai-check-"))
+    shutil.copy(dest / "model.onnx", folder / "model.onnx")
+    genai = json.loads((dest / "genai_config.json").read_text())
+    genai["model"]["decoder"]["session_options"]["provider_options"] = []
+    (folder / "genai_config.json").write_text(json.dumps(genai))
+    model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + 8)
     generator = og.Generator(model, params)
@@ -432,6 +609,8 @@ def _run_genai(dest: Path, ids: list[int], next_id: int):
     prefill = np.array(generator.get_output("logits"))[0].astype(np.float32)
     generator.append_tokens(np.array([[next_id]], dtype=np.int32))
     decode = np.array(generator.get_output("logits"))[0].astype(np.float32)
+    del generator, model
+    shutil.rmtree(folder, ignore_errors=True)
     return prefill, decode
 
 
@@ -546,18 +725,41 @@ def write_provenance(arch: Arch, dest: Path, cfg: dict, cmd: list[str], notes: d
         "- `genai_config.json` is copied unchanged (re-indented); the tokenizer files are not kept, so",
         "  `onnxruntime_genai.Model` can load the folder but `og.Tokenizer` cannot: feed token ids directly.",
         "",
-        "## reference.npz",
-        "",
-        f"The Hugging Face torch model's logits for the prompt `<s> {PROMPT}` (token ids {check['ids']}):",
-        "`input_ids` [1, S], `prefill_logits` [1, S, vocab]; then greedy `next_id` [1, 1] and `decode_logits` [1, 1, vocab]",
-        "(logits of the next step, from the torch model run on the whole S+1 tokens). The script checked the ONNX model",
-        "against them with ORT CPU (prefill with empty past `[1, kv_heads, 0, head_dim]`, then one decode step with",
-        f"present fed back as past): max |diff| prefill {check['diffs']['prefill']:.2e},"
-        f" decode {check['diffs']['decode']:.2e}.",
+        *_reference_lines(arch, check),
         *arch.notes,
         "",
     ]
     (dest / "PROVENANCE.md").write_text("\n".join(lines))
+
+
+def _reference_lines(arch: Arch, check: dict) -> list[str]:
+    if not check["reference"]:
+        return [
+            "## No reference.npz",
+            "",
+            "The int4 weights are not the checkpoint's, so the float32 torch model is no reference: on the prompt",
+            f"`<s> {PROMPT}` the ONNX model's logits are {check['diffs']['prefill']:.2g} (prefill) and"
+            f" {check['diffs']['decode']:.2g} (decode) away from it. The tests compare the rewrite with the original",
+            "ONNX model only.",
+        ]
+    return [
+        "## reference.npz",
+        "",
+        f"The Hugging Face torch model's logits for the prompt `<s> {PROMPT}` (token ids {check['ids']}):",
+        "`input_ids` [1, S], `prefill_logits` [1, S, vocab]; then greedy `next_id` [1, 1] and `decode_logits`",
+        "[1, 1, vocab] (logits of the next step, from the torch model run on the whole S+1 tokens).",
+        *_check_lines(arch, check),
+    ]
+
+
+def _check_lines(arch: Arch, check: dict) -> list[str]:
+    if check["diffs"] is None:
+        return ["ORT CPU cannot run this graph, so the script did not compare the ONNX model with them."]
+    runner = ("onnxruntime-genai's generator on CPU (prompt, then one token)" if arch.check_with_genai else
+              "ORT CPU (prefill with empty past `[1, kv_heads, 0, head_dim]`, then one decode step with present fed"
+              " back as past)")
+    return [f"The script checked the ONNX model against them with {runner}: max |diff| prefill"
+            f" {check['diffs']['prefill']:.2e}, decode {check['diffs']['decode']:.2e}."]
 
 
 def make_fixture(arch: Arch, out: Path, keep_tmp: bool) -> None:
