@@ -151,6 +151,7 @@ FORMS = {
     "builder-llama-int4": Form("cpu", "int4/fp32", "packed", "do_rotary", _FULL2, _MAX2),
     "builder-llama-dml": Form("dml", "fp16", "separate", "RotaryEmbedding", _FULL2, _MAX2),
     "builder-mistral": Form("cpu", "fp32", "packed", "do_rotary", (4, 4), ("ring", "ring")),
+    "builder-mistral-fp16": Form("cuda", "fp16", "packed", "do_rotary", (4, 4), ("ring", "ring")),
     "builder-mistral-webgpu": Form("webgpu", "fp16", "packed", "do_rotary", (4, 4), _MAX2, total_length="ReduceMax"),
     "builder-gpt-oss": Form("cpu", "fp32", "packed", "do_rotary", (4, -1), ("ring", "max-length"), head_sink=True),
     "builder-qwen3": Form("cpu", "fp32", "separate", "do_rotary", _FULL2, _MAX2, qk_norm="explicit"),
