@@ -111,6 +111,27 @@ MISTRAL_CONFIG = dict(
     sliding_window=4,
     layer_types=["sliding_attention", "sliding_attention"],
 )
+# Gemma 3 text in transformers 4.57's terms (builder 0.11.4 needs transformers 4.x): rope_theta for full layers,
+# rope_local_base_freq for sliding ones. Builder 0.11.4 ignores layer_types and hard-codes Gemma 3's pattern (five
+# sliding layers, then a full one), so the model needs six layers to have a full one; HF's default layer_types for
+# six layers is the same pattern. intermediate_size 64 keeps six layers small.
+GEMMA3_CONFIG = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 64,
+    "num_hidden_layers": 6,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 32,
+    "sliding_window": 4,
+    "rope_theta": 10000.0,
+    "rope_local_base_freq": 1000.0,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.2,
+}
 QWEN3_CONFIG = dict(QWEN2_CONFIG)  # head_dim 16: q_norm / k_norm over 16 values
 GPT_OSS_CONFIG = {
     "hidden_size": 64,
@@ -405,6 +426,25 @@ ARCHS = {
                "the sink takes a visible share of the softmax.",
                "", "Its windowed cache needs onnxruntime-genai's buffer management, so the script ran the ONNX side",
                "of the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring)."),
+    ),
+    "gemma3": Arch(
+        "builder-gemma3",
+        "Gemma3TextConfig",
+        GEMMA3_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: a tiny **random-weight** Gemma 3 (text) made locally and",
+            "converted by onnxruntime-genai's model builder **0.11.4 under transformers 4.57** (fp32, CPU EP): builder",
+            "0.18 cannot read a transformers-5 Gemma 3 config (`KeyError: 'rope_type'`, the per-layer-type",
+            "`rope_parameters`). The logits mean nothing. What it exercises: explicit q/k RMS norm before",
+            "GroupQueryAttention (separate Q/K/V, `do_rotary=1`), a custom `scale` (query_pre_attn_scalar**-0.5),",
+            "sliding/full alternation with a different rotary base per kind (layers 0-4 `local_window_size=4` with",
+            "`cos_cache_local`/`sin_cache_local`, theta 1000; layer 5 full with the global caches, theta 10000).",
+            "Built with `windowed_kv_cache=false` (max-length caches).",
+            *_COMMON_TAIL[1:],
+        ],
+        extra_options=("windowed_kv_cache=false",),
+        notes=("", "Run with the second venv: `/work/venv-builder011/bin/python scripts/make_builder_fixture.py --arch",
+               "gemma3` (torch 2.13 CPU, transformers 4.57, onnxruntime-genai 0.11.4)."),
     ),
     "qwen3": Arch(
         "builder-qwen3",

@@ -154,6 +154,9 @@ FORMS = {
     "builder-mistral-fp16": Form("cuda", "fp16", "packed", "do_rotary", (4, 4), ("ring", "ring")),
     "builder-mistral-webgpu": Form("webgpu", "fp16", "packed", "do_rotary", (4, 4), _MAX2, total_length="ReduceMax"),
     "builder-gpt-oss": Form("cpu", "fp32", "packed", "do_rotary", (4, -1), ("ring", "max-length"), head_sink=True),
+    "builder-gemma3": Form(
+        "cpu", "fp32", "separate", "do_rotary", (4, 4, 4, 4, 4, -1), ("max-length",) * 6, qk_norm="explicit"
+    ),
     "builder-qwen3": Form("cpu", "fp32", "separate", "do_rotary", _FULL2, _MAX2, qk_norm="explicit"),
     "builder-qwen3-webgpu": Form("webgpu", "fp16", "separate", "do_rotary", _FULL2, _MAX2, qk_norm="fused"),
 }
@@ -241,10 +244,19 @@ def _head_sink_values(model, nodes, folder):
         assert sink.shape == (_attributes(node)["num_heads"],) and np.abs(sink).max() > 1, sink
 
 
+def _rotary_base_per_kind(model, nodes, folder):
+    """Gemma 3: sliding layers read one cos/sin cache (local theta), full layers another (global theta)."""
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    caches = {_attributes(n)["local_window_size"] > 0: (n.input[7], n.input[8]) for n in nodes}
+    assert len({caches[True], caches[False]}) == 2, caches
+    assert not np.allclose(initializers[caches[True][0]], initializers[caches[False][0]])
+
+
 EXTRA_CHECKS = {
     "builder-qwen2": (_qkv_bias,),
     "builder-phi3": (_phi3,),
     "builder-gemma2": (_custom_scale,),
+    "builder-gemma3": (_custom_scale, _rotary_base_per_kind),
     "builder-gpt-oss": (_qkv_bias, _head_sink_values),
 }
 
