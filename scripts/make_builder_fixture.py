@@ -6,7 +6,8 @@ The script then runs the ONNX model with ONNX Runtime (prefill + one decode step
 the torch logits as ``reference.npz``, and writes ``PROVENANCE.md``. Nothing is downloaded: the config, weights and
 tokenizer are all made locally. Output is deterministic (same model.onnx bytes on every run).
 
-One fixture per architecture name (``--arch``, default ``llama``; ``--arch all`` makes every one):
+One fixture per GQA form (``--arch``, default ``llama``; ``--arch all`` makes every one; README "Sample models"
+has the table of forms):
 
     llama          builder-tiny-llama       plain Llama, fp32, CPU EP (packed QKV, do_rotary=1)
     qwen2          builder-qwen2            Qwen2: QKV bias
@@ -17,13 +18,30 @@ One fixture per architecture name (``--arch``, default ``llama``; ``--arch all``
                                             (sliding_window_cache=1, a window-sized past for the sliding layer)
     gemma2         builder-gemma2           Gemma 2: attention softcap, query_pre_attn_scalar scale, sliding window
     llama-fp16     builder-llama-fp16       the tiny Llama built with ``-p fp16 -e cuda`` (fp16 GQA; runs on ORT CPU)
+    llama-int4     builder-llama-int4       ``-p int4 -e cpu``: MatMulNBits weights, fp32 GQA (no torch reference)
+    llama-dml      builder-llama-dml        ``-p fp16 -e dml``: separate Q/K/V, contrib RotaryEmbedding, position_ids
+    mistral        builder-mistral          Mistral, window 4 on both layers: ring caches everywhere
+    mistral-fp16   builder-mistral-fp16     the same, ``-p fp16 -e cuda``: fp16 ring caches
+    mistral-webgpu builder-mistral-webgpu   ``-p fp16 -e webgpu`` with enable_webgpu_graph: ReduceMax total length
+    gpt-oss        builder-gpt-oss          gpt-oss: head sink, sliding/full with a ring cache, YaRN, MoE
+    gemma3         builder-gemma3           Gemma 3 (builder 0.11.4, see below): explicit q/k norm, local/global rotary
+    qwen3          builder-qwen3            Qwen3: explicit q/k norm, separate Q/K/V into GQA
+    qwen3-webgpu   builder-qwen3-webgpu     ``-p fp16 -e webgpu``: fused q/k norm inputs (refused; no ORT CPU kernel)
 
 Run it with a separate venv that has the builder and its torch / transformers (see PROVENANCE.md next to a model):
 
     python3 -m venv /work/venv-builder
     /work/venv-builder/bin/pip install torch==2.13.0          # CPU build; never plain `torch`
     /work/venv-builder/bin/pip install "transformers==5.23.*" onnxruntime-genai==0.18.0 onnx onnx-ir "onnxruntime>=1.31,<1.32"
-    /work/venv-builder/bin/python scripts/make_builder_fixture.py --arch all
+    /work/venv-builder/bin/python scripts/make_builder_fixture.py --arch all   # all made with 0.18
+
+Builder 0.18 cannot read a transformers-5 Gemma 3 config (``KeyError: 'rope_type'``), so ``--arch gemma3`` runs
+with builder 0.11.4 under transformers 4.57 (``--arch all`` skips it):
+
+    python3 -m venv /work/venv-builder011                 # or reuse a venv with torch 2.13 + transformers 4.57
+    /work/venv-builder011/bin/pip install torch==2.13.0 "transformers==4.57.*" onnx "onnxruntime>=1.31,<1.32"
+    /work/venv-builder011/bin/pip install --no-deps onnxruntime-genai==0.11.4
+    /work/venv-builder011/bin/python scripts/make_builder_fixture.py --arch gemma3
 
 The builder always saves weights as external data (``model.onnx.data``, threshold 0, no option to turn that off); this
 script loads that back and saves one self-contained ``model.onnx`` instead. The builder writes IR version 10; the
@@ -185,6 +203,7 @@ class Arch:
     # too small to see (gpt-oss's attention sinks).
     reinit: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = ()  # extra PROVENANCE lines
+    builder_version: str = "0.18.0"  # the onnxruntime-genai version the fixture is made with (--arch all skips others)
 
 
 ARCHS = {
@@ -443,6 +462,7 @@ ARCHS = {
             *_COMMON_TAIL[1:],
         ],
         extra_options=("windowed_kv_cache=false",),
+        builder_version="0.11.4",
         notes=("", "Run with the second venv: `/work/venv-builder011/bin/python scripts/make_builder_fixture.py --arch",
                "gemma3` (torch 2.13 CPU, transformers 4.57, onnxruntime-genai 0.11.4)."),
     ),
@@ -850,7 +870,10 @@ def main() -> None:
         if args.out is not None:
             ap.error("--out cannot be used with --arch all")
         for arch in ARCHS.values():
-            make_fixture(arch, MODELS / arch.folder, args.keep_tmp)
+            if md.version("onnxruntime-genai") == arch.builder_version:
+                make_fixture(arch, MODELS / arch.folder, args.keep_tmp)
+            else:
+                print(f"skipping {arch.folder}: it needs onnxruntime-genai {arch.builder_version}")
     else:
         arch = ARCHS[args.arch]
         make_fixture(arch, args.out or MODELS / arch.folder, args.keep_tmp)
