@@ -26,7 +26,7 @@ has the table of forms):
     gpt-oss        builder-gpt-oss          gpt-oss: head sink, sliding/full with a ring cache, YaRN, MoE
     gemma3         builder-gemma3           Gemma 3 (builder 0.11.4, see below): explicit q/k norm, local/global rotary
     qwen3          builder-qwen3            Qwen3: explicit q/k norm, separate Q/K/V into GQA
-    qwen3-webgpu   builder-qwen3-webgpu     ``-p fp16 -e webgpu``: fused q/k norm inputs (refused; no ORT CPU kernel)
+    qwen3-webgpu   builder-qwen3-webgpu     ``-p fp16 -e webgpu``: fused q/k norm inputs (no ORT CPU kernel)
 
 Run it with a separate venv that has the builder and its torch / transformers (see PROVENANCE.md next to a model):
 

@@ -17,6 +17,7 @@ SimplifiedLayerNormalization, which is fine.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -44,10 +45,7 @@ PARITY_TOLERANCE = {
 TORCH_TOLERANCE = {onnx.TensorProto.FLOAT: 1e-4, onnx.TensorProto.FLOAT16: 5e-2}
 
 # Fixtures whose decomposition is refused by design (README "refused" table), with the reason it must name.
-REFUSED: dict[str, str] = {
-    # GQA with fused q/k norm (the builder's cuda/webgpu form for Qwen3): no ORT CPU kernel to verify against.
-    "builder-qwen3-webgpu": r"'q_norm_weight' \(fused q/k norm\) is not supported",
-}
+REFUSED: dict[str, str] = {}
 
 
 # Model facts -------------------------------------------------------------------------------------------------
@@ -357,6 +355,48 @@ def _cache_shapes(folder: str) -> dict[str, tuple[int, int, int]]:
     return shapes
 
 
+Q_NORM_WEIGHT, K_NORM_WEIGHT = 14, 15
+
+
+@functools.cache
+def _ort_runnable(folder: str) -> onnx.ModelProto:
+    """The original model, or, when its GQA nodes take fused q/k norm weights (no ORT CPU kernel), the same model
+    spelled the way the builder writes q/k norm for the CPU EP (builder-qwen3): Q and K each go through
+    Reshape [.., heads, head_size] -> SimplifiedLayerNormalization -> Reshape before a GQA node without the weights."""
+    model = _original(folder)
+    if not any(len(n.input) > K_NORM_WEIGHT and n.input[Q_NORM_WEIGHT] for n in _gqa_nodes(model)):
+        return model
+    model = copy.deepcopy(model)
+    head_size = _head_size(folder)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > K_NORM_WEIGHT and node.input[Q_NORM_WEIGHT]:
+            attributes = _attributes(node)
+            assert node.input[1], "packed QKV with fused q/k norm: not in any fixture"
+            for index, weight, heads in ((0, Q_NORM_WEIGHT, "num_heads"), (1, K_NORM_WEIGHT, "kv_num_heads")):
+                prefix = f"{node.name}/unfused_norm_{index}"
+                heads_shape = onnx.numpy_helper.from_array(
+                    np.array([0, 0, attributes[heads], head_size], np.int64), f"{prefix}/heads_shape")
+                flat_shape = onnx.numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{prefix}/flat_shape")
+                model.graph.initializer.extend([heads_shape, flat_shape])
+                nodes += [
+                    helper.make_node("Reshape", [node.input[index], heads_shape.name], [f"{prefix}/heads"]),
+                    helper.make_node("SimplifiedLayerNormalization", [f"{prefix}/heads", node.input[weight]],
+                                     [f"{prefix}/normed"], axis=-1, epsilon=attributes["qk_norm_epsilon"],
+                                     stash_type=1),
+                    helper.make_node("Reshape", [f"{prefix}/normed", flat_shape.name], [f"{prefix}/flat"]),
+                ]
+                node.input[index] = f"{prefix}/flat"
+            node.input[Q_NORM_WEIGHT] = node.input[K_NORM_WEIGHT] = ""
+            for attribute in list(node.attribute):
+                if attribute.name == "qk_norm_epsilon":
+                    node.attribute.remove(attribute)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 def _windowed_rows(length: int, capacity: int, window: int) -> int:
     """L(t_b): rows of a windowed cache that hold tokens (semantics doc §12)."""
     if length <= capacity:
@@ -435,7 +475,7 @@ def test_whole_model_matches_original(folder, prompt_length):
         prompt_mask[1, prompt_length - 2 :] = 0  # right-padded row
     shapes = _cache_shapes(folder)
     steps = 4 if windowed else 2  # a windowed cache must wrap (total length > capacity)
-    expected = _generate(_original(folder), shapes, prompt_ids, prompt_mask, steps=steps)
+    expected = _generate(_ort_runnable(folder), shapes, prompt_ids, prompt_mask, steps=steps)
     got = _generate(_decomposed(folder), shapes, prompt_ids, prompt_mask, steps=steps)
     windows = {
         node.output[1].replace("key", kind): _attributes(node)["local_window_size"]
