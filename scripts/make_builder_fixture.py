@@ -24,6 +24,7 @@ has the table of forms):
     mistral-fp16   builder-mistral-fp16     the same, ``-p fp16 -e cuda``: fp16 ring caches
     mistral-webgpu builder-mistral-webgpu   ``-p fp16 -e webgpu`` with enable_webgpu_graph: ReduceMax total length
     gpt-oss        builder-gpt-oss          gpt-oss: head sink, sliding/full with a ring cache, YaRN, MoE
+    gpt-oss-fp16   builder-gpt-oss-fp16     the same, ``-p fp16 -e cuda``: head sink with an fp16 ring cache
     gemma3         builder-gemma3           Gemma 3 (builder 0.11.4, see below): explicit q/k norm, local/global rotary
     qwen3          builder-qwen3            Qwen3: explicit q/k norm, separate Q/K/V into GQA
     qwen3-webgpu   builder-qwen3-webgpu     ``-p fp16 -e webgpu``: fused q/k norm inputs (no ORT CPU kernel)
@@ -445,6 +446,26 @@ ARCHS = {
                "the sink takes a visible share of the softmax.",
                "", "Its windowed cache needs onnxruntime-genai's buffer management, so the script ran the ONNX side",
                "of the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring)."),
+    ),
+    "gpt-oss-fp16": Arch(
+        "builder-gpt-oss-fp16",
+        "GptOssConfig",
+        GPT_OSS_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the tiny **random-weight** gpt-oss of `builder-gpt-oss`",
+            "converted by onnxruntime-genai's model builder with `-p fp16 -e cuda`. The logits mean nothing. What it",
+            "exercises: attention sinks with a float16 windowed (ring) cache: layer 0 `local_window_size=4`,",
+            "`sliding_window_cache=1` and `head_sink`, layer 1 full with `head_sink`, all float16. The graph (with the",
+            "contrib `MoE` in float16) runs on ORT CPU; its genai_config.json names the cuda provider.",
+        ],
+        builder_args=("-p", "fp16", "-e", "cuda"),
+        torch_atol=5e-2,
+        check_with_genai=True,
+        reinit=(("self_attn.sinks", 2.0),),
+        notes=("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it. Sinks redrawn",
+               "with std 2 as in builder-gpt-oss. The ONNX side of the check ran through",
+               "`onnxruntime_genai.Generator` on a copy of the folder whose genai_config.json asks for the CPU",
+               "provider."),
     ),
     "gemma3": Arch(
         "builder-gemma3",

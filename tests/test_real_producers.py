@@ -152,6 +152,9 @@ FORMS = {
     "builder-mistral-fp16": Form("cuda", "fp16", "packed", "do_rotary", (4, 4), ("ring", "ring")),
     "builder-mistral-webgpu": Form("webgpu", "fp16", "packed", "do_rotary", (4, 4), _MAX2, total_length="ReduceMax"),
     "builder-gpt-oss": Form("cpu", "fp32", "packed", "do_rotary", (4, -1), ("ring", "max-length"), head_sink=True),
+    "builder-gpt-oss-fp16": Form(
+        "cuda", "fp16", "packed", "do_rotary", (4, -1), ("ring", "max-length"), head_sink=True
+    ),
     "builder-gemma3": Form(
         "cpu", "fp32", "separate", "do_rotary", (4, 4, 4, 4, 4, -1), ("max-length",) * 6, qk_norm="explicit"
     ),
@@ -256,6 +259,7 @@ EXTRA_CHECKS = {
     "builder-gemma2": (_custom_scale,),
     "builder-gemma3": (_custom_scale, _rotary_base_per_kind),
     "builder-gpt-oss": (_qkv_bias, _head_sink_values),
+    "builder-gpt-oss-fp16": (_qkv_bias, _head_sink_values),
 }
 
 
