@@ -5,14 +5,17 @@ For each fixture:
 
 * the decomposition runs and leaves no GroupQueryAttention (or, for a fixture listed in ``REFUSED``, refuses with
   the documented reason);
-* ``gqa_decompose.verify`` passes node by node, and the nodes really carry the GQA feature the fixture is for
-  (``FORMS``, ``EXTRA_CHECKS``);
+* ``gqa_decompose.verify`` passes node by node, and the nodes have the GQA form the fixture is for (``FORMS``:
+  EP, precision, packed or separate QKV, rotary, windows, cache kind, softcap, head sink, q/k norm, how the
+  total length is computed; ``EXTRA_CHECKS`` for a closer look at some);
 * the whole decomposed model matches the original on ONNX Runtime for a right-padded batch-2 prompt and two
-  decode steps with a growing cache (past shapes read from the graph and the GQA nodes);
+  decode steps with a growing cache (a batch-2 prompt and four steps that wrap the ring for windowed caches; past
+  shapes from the graph, the GQA nodes and genai_config.json);
 * where ``reference.npz`` holds the torch logits, the decomposed model reproduces them.
 
 Comparisons are ORT (original) against ORT (decomposed): the builder graphs keep ORT-only ops such as
-SimplifiedLayerNormalization, which is fine.
+SimplifiedLayerNormalization, which is fine. ORT CPU cannot run GQA with fused q/k norm, so for such a fixture the
+"original" is the builder's CPU spelling of the same graph (``_ort_runnable``).
 """
 
 from __future__ import annotations
