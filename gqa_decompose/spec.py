@@ -19,11 +19,15 @@ from gqa_decompose.errors import GqaDecomposeError
 __all__ = [
     "GQA_DOMAIN",
     "GQA_OP_TYPE",
+    "ATTENTION_MIN_OPSET",
+    "TARGETS",
     "DecomposeOptions",
     "GqaSpec",
+    "attention_target_obstacle",
     "is_gqa_node",
     "output_is_read",
     "parse_gqa_node",
+    "resolve_target",
 ]
 
 GQA_DOMAIN = "com.microsoft"
@@ -58,6 +62,10 @@ _KNOWN_ATTRIBUTES = frozenset(
 )
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
+TARGETS = ("primitives", "attention")
+# The standard Attention op (and RotaryEmbedding) first exist in opset 23.
+ATTENTION_MIN_OPSET = 23
+
 
 @dataclasses.dataclass(frozen=True)
 class DecomposeOptions:
@@ -79,16 +87,27 @@ class DecomposeOptions:
             and every batch row is as long as the longest after a first prompt
             (batch 1, or equal lengths): present is then Concat(past, new), one
             copy. A run that breaks the promise fails (a guarded Reshape).
+        target: ``"primitives"`` (MatMul/Softmax/...) or ``"attention"``: one
+            standard ``Attention`` op (opset >= 23) per node, with rotary as
+            RotaryEmbedding-23 and, at opset 24, the cache written by
+            TensorScatter. A node the Attention op cannot express exactly falls
+            back to primitives (see :func:`attention_target_obstacle`).
+        strict_target: refuse (GqaDecomposeError) a node that would fall back
+            instead of decomposing it into primitives.
     """
 
     legacy_window: bool = False
     static_kv_cache: bool = False
     growing_kv_cache: bool = False
     native_precision: bool = False
+    target: str = "primitives"
+    strict_target: bool = False
 
     def __post_init__(self) -> None:
         if self.static_kv_cache and self.growing_kv_cache:
             raise GqaDecomposeError("static_kv_cache and growing_kv_cache promise opposite things")
+        if self.target not in TARGETS:
+            raise GqaDecomposeError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,3 +502,37 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         present_used=present_used,
         output_qk_used=bool(qk_output) and output_is_read(node, OUTPUT_QK),
     )
+
+
+def attention_target_obstacle(spec: GqaSpec, opset: int) -> str | None:
+    """Why ``spec`` cannot become a standard Attention op at ``opset`` exactly; None if it can.
+
+    The model's opset is never raised: a newer opset import changes the meaning of
+    the model's other ops (onnx.version_converter's job, with its own caveats).
+    """
+    if opset < ATTENTION_MIN_OPSET:
+        return (
+            f"the model's opset is {opset}; the Attention op needs >= {ATTENTION_MIN_OPSET} "
+            "(convert the model with onnx.version_converter first)"
+        )
+    if spec.has_head_sink:
+        return "head_sink: Attention's softmax has no sink logit"
+    if spec.smooth_softmax:
+        return "smooth_softmax: Attention's softmax has no extra 1 in the denominator"
+    return None
+
+
+def resolve_target(spec: GqaSpec, options: DecomposeOptions, opset: int) -> tuple[str, str | None]:
+    """(target used, why it differs from the one asked for) for one node.
+
+    Raises:
+        GqaDecomposeError: ``strict_target`` is set and the node would fall back.
+    """
+    if options.target == "primitives":
+        return "primitives", None
+    obstacle = attention_target_obstacle(spec, opset)
+    if obstacle is None:
+        return "attention", None
+    if options.strict_target:
+        raise GqaDecomposeError(f"cannot target the Attention op: {obstacle}", spec.node_name)
+    return "primitives", obstacle

@@ -9,9 +9,10 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
+from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
 from gqa_decompose.passes.infer_types import InferGqaTypesPass
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
 
@@ -27,8 +28,15 @@ class DecomposedNode:
     scope: str  # "main graph", "subgraph <name>", "function <domain>::<name>"
     spec: GqaSpec
     new_node_count: int
+    target: str = "primitives"  # what the node became: "primitives" or "attention"
+    fallback: str | None = None  # why it is not the target asked for
 
 
+def container_opset(model: ir.Model, container: ir.Graph | ir.Function) -> int:
+    """The default-domain opset the expansion's ops take in ``container``."""
+    if isinstance(container, ir.Function) and "" in container.opset_imports:
+        return container.opset_imports[""]
+    return default_opset(model)
 
 
 class DecomposeGqaPass(ir.passes.InPlacePass):
@@ -62,13 +70,19 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
         specs = [parse_gqa_node(node, self.options) for _, node in found]
+        opsets = [container_opset(model, container) for container, _ in found]
+        targets = [resolve_target(spec, self.options, opset) for spec, opset in zip(specs, opsets)]
         shared_by_container: dict[int, SharedSubgraphs] = {}
         for index, ((container, node), spec) in enumerate(zip(found, specs)):
             if isinstance(container, ir.Function) and "" not in container.opset_imports:
                 container.opset_imports[""] = default_opset(model)
             shared = shared_by_container.setdefault(id(container), SharedSubgraphs())
-            count = self._replace(container, node, spec, shared, index)
-            self.decomposed.append(DecomposedNode(spec.node_name, scope_name(model, container), spec, count))
+            target, fallback = targets[index]
+            lowering = Lowering.for_target(target, opsets[index])
+            count = self._replace(container, node, spec, shared, index, lowering)
+            self.decomposed.append(
+                DecomposedNode(spec.node_name, scope_name(model, container), spec, count, target, fallback)
+            )
             if self.progress is not None:
                 self.progress(index + 1, len(found))
         return ir.passes.PassResult(model, modified=bool(found))
@@ -80,9 +94,10 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         spec: GqaSpec,
         shared: SharedSubgraphs,
         index: int,
+        lowering: Lowering,
     ) -> int:
         op = OpBuilder(node.name or f"GroupQueryAttention_{index}")
-        expanded = expand_gqa(op, shared, node, spec)
+        expanded = expand_gqa(op, shared, node, spec, lowering)
         new_nodes = shared.take_nodes() + op.take_nodes()
         for position, old in enumerate(node.outputs):
             if not output_is_read(node, position):
