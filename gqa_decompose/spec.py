@@ -515,10 +515,6 @@ def attention_target_obstacle(spec: GqaSpec, opset: int) -> str | None:
             f"the model's opset is {opset}; the Attention op needs >= {ATTENTION_MIN_OPSET} "
             "(convert the model with onnx.version_converter first)"
         )
-    if spec.has_head_sink:
-        return "head_sink: Attention's softmax has no sink logit"
-    if spec.smooth_softmax:
-        return "smooth_softmax: Attention's softmax has no extra 1 in the denominator"
     return None
 
 

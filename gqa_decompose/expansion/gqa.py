@@ -342,22 +342,54 @@ def _expand_causal_op(
     return ExpandedNode((output, present_key, present_value, None))
 
 
+def _append_zero_row(op: OpBuilder, x_BNkvKH: ir.Value) -> ir.Value:
+    """[B, Nkv, K + 1, H]: one more row of zeros."""
+    shape = op.op("Shape", x_BNkvKH)
+    row_shape = op.op("Concat", op.slice(shape, 0, 2, axis=0), op.ints([1]), op.slice(shape, 3, 4, axis=0), axis=0)
+    zeros = op.op("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=x_BNkvKH.dtype))
+    return op.op("Concat", x_BNkvKH, zeros, axis=2)
+
+
+def _append_sink_column(op: OpBuilder, mask_BnSK: ir.Value, sink_N: ir.Value | None, spec: gqa.GqaSpec) -> ir.Value:
+    """[B, N, S, K + 1]: the float mask with the head's sink logit (or 0) as its last column."""
+    dtype = spec.compute_dtype
+    if sink_N is None:
+        sink_1N11 = op.op("Expand", op.float_scalar(0.0, dtype), op.ints([1, spec.num_heads, 1, 1]))
+    else:
+        sink_1N11 = op.op("Reshape", sink_N if sink_N.dtype == dtype else op.cast(sink_N, dtype),
+                          op.ints([1, spec.num_heads, 1, 1]))
+    heads_shape = op.op("Concat", op.ints([1, spec.num_heads]), op.ints([1, 1]), axis=0)
+    mask_BNSK = op.op("Expand", mask_BnSK, op.op("Max", op.op("Shape", mask_BnSK), heads_shape))
+    shape = op.op("Shape", mask_BNSK)
+    column_shape = op.op("Concat", op.slice(shape, 0, 3, axis=0), op.ints([1]), axis=0)
+    return op.op("Concat", mask_BNSK, op.op("Expand", sink_1N11, column_shape), axis=3)
+
+
 def _attend_with_op(
     op: OpBuilder,
     shared: SharedSubgraphs,
+    info,
     spec: gqa.GqaSpec,
     query_BNSH: ir.Value,
     keys_BNkvKH: ir.Value,
     values_BNkvKH: ir.Value,
+    columns_length: ir.Value | None,
     visible_B1SK: ir.Value,
     bias_BNSK: ir.Value | None,
+    sink_N: ir.Value | None,
 ) -> tuple[ir.Value, ir.Value | None]:
-    """(output [B, S, N*H], output_qk before column fitting) from one Attention op.
+    """(output [B, S, N*H], output_qk [B, N, S, T]) from one Attention op.
 
     The mask is the shared bool visibility (True = attend), or, with an attention
     bias, bias + the shared 0/-inf bias: softcap comes before it in both ops.
     qk_output=1 (scores after softcap and bias, masked entries 0) is mode 2 with
     the masked entries zeroed; qk_output=2 (probabilities) is mode 3.
+
+    Smooth softmax and head sinks add one logit to each softmax denominator. The
+    op has none, so one more key column is appended: a zero key (score
+    softcap(scale * 0) = 0) whose mask entry is the head's sink (0 for smooth
+    softmax) and a zero value (adds nothing to the output); its column is cut
+    from output_qk. Costs one copy of the key columns.
     """
     attn_mask = visible_B1SK
     if not spec.causal:
@@ -367,6 +399,12 @@ def _attend_with_op(
         attn_mask = op.op("Expand", attn_mask, rows)
     if bias_BNSK is not None:
         attn_mask = op.op("Add", bias_BNSK, mask_bias(shared, attn_mask, spec.compute_dtype))
+    elif spec.smooth_softmax:
+        attn_mask = mask_bias(shared, attn_mask, spec.compute_dtype)
+    if spec.smooth_softmax:
+        keys_BNkvKH = _append_zero_row(op, keys_BNkvKH)
+        values_BNkvKH = _append_zero_row(op, values_BNkvKH)
+        attn_mask = _append_sink_column(op, attn_mask, sink_N, spec)
     qk_mode = None
     if spec.output_qk_used:
         qk_mode = QK_AFTER_MASK if spec.qk_output == 1 else QK_AFTER_SOFTMAX
@@ -383,10 +421,17 @@ def _attend_with_op(
         is_causal=False,
         qk_mode=qk_mode,
     )
-    qk = attention.qk_BNSK
-    if qk is not None and spec.qk_output == 1:
-        qk = op.op("Where", visible_B1SK, qk, op.float_scalar(0.0, spec.compute_dtype))
-    return attention.output_BSD, qk
+    if attention.qk_BNSK is None:
+        return attention.output_BSD, None
+    # Cut to T columns first (K >= T; a sink column sits at K, so it goes too). ORT 1.31's
+    # shape inference declares qk_matmul_output's last axis 0 when K's length is symbolic,
+    # so any broadcast with a statically known mask fails; T comes from data, which it
+    # cannot infer.
+    qk_BNST = _fit_columns(op, attention.qk_BNSK, columns_length, info.total_length)
+    if spec.qk_output == 1:
+        visible_B1ST = op.slice(visible_B1SK, 0, op.to_vector(info.total_length), axis=3)
+        qk_BNST = op.op("Where", visible_B1ST, qk_BNST, op.float_scalar(0.0, spec.compute_dtype))
+    return attention.output_BSD, qk_BNST
 
 
 def expand_gqa(
@@ -474,15 +519,18 @@ def expand_gqa(
         # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
         bias_BNSK = _fit_columns(op, _to_compute(op, bias, spec), info.total_length, columns.length)
     if lowering.attention_op:
-        output_BSD, chosen_qk = _attend_with_op(
+        output_BSD, output_qk = _attend_with_op(
             op,
             shared,
+            info,
             spec,
             query_BNSH,
             decode_key(columns.keys),
             decode_value(columns.values),
+            columns.length,
             visible_B1SK,
             bias_BNSK,
+            _input(node, gqa.HEAD_SINK),
         )
     else:
         attention = attend(
@@ -505,12 +553,13 @@ def expand_gqa(
             dtype=spec.compute_dtype,
         )
         output_BSD = attention.output_BSD
-        chosen_qk = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
+        output_qk = None
+        if spec.output_qk_used:
+            chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
+            # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
+            output_qk = _fit_columns(op, chosen, columns.length, info.total_length)
     output = _from_compute(op, output_BSD, spec)
-
-    output_qk = None
-    if spec.output_qk_used:
-        # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
-        output_qk = _from_compute(op, _fit_columns(op, chosen_qk, columns.length, info.total_length), spec)
+    if output_qk is not None:
+        output_qk = _from_compute(op, output_qk, spec)
 
     return ExpandedNode((output, columns.present_key, columns.present_value, output_qk))
