@@ -28,7 +28,7 @@ from onnx import helper
 from gqa_decompose import spec as gqa
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = [
     "NodeVerification",
@@ -93,6 +93,8 @@ class NodeVerification:
     results: tuple[PhaseResult, ...]
     skipped: str | None = None  # why no phase could run (not a failure)
     refused: str | None = None  # the node cannot be decomposed (a failure)
+    target: str = "primitives"  # what the expansion verified was: "primitives" or "attention"
+    fallback: str | None = None  # why it is not the target asked for
 
     @property
     def passed(self) -> bool:
@@ -512,6 +514,7 @@ def verify_node_model(
     from gqa_decompose.api import decompose
 
     spec = parse_gqa_node(node, options)
+    target, fallback = resolve_target(spec, options or DecomposeOptions(), opset)
     bfloat16 = spec.dtype == ir.DataType.BFLOAT16
     if used_outputs is None:
         used_outputs = [i for i, v in enumerate(node.outputs) if v is not None and v.name]
@@ -572,13 +575,15 @@ def verify_node_model(
             errors[label] = worst
         results.append(PhaseResult(phase, errors, passed, failure))
     if not results:
-        return NodeVerification(spec.node_name, (), skipped="no phase fits the node's static shapes")
-    return NodeVerification(spec.node_name, tuple(results))
+        return NodeVerification(
+            spec.node_name, (), skipped="no phase fits the node's static shapes", target=target, fallback=fallback
+        )
+    return NodeVerification(spec.node_name, tuple(results), target=target, fallback=fallback)
 
 
-def _refusal(node: ir.Node, options: DecomposeOptions) -> str | None:
+def _refusal(node: ir.Node, options: DecomposeOptions, opset: int) -> str | None:
     try:
-        parse_gqa_node(node, options)
+        resolve_target(parse_gqa_node(node, options), options, opset)
     except GqaDecomposeError as error:
         return error.reason
     return None
@@ -626,7 +631,7 @@ def verify(
         if gqa.OUTPUT not in used:
             used.insert(0, gqa.OUTPUT)
         signature = _node_signature(node, used)
-        refusal = _refusal(node, decompose_options)
+        refusal = _refusal(node, decompose_options, opset)
         if refusal is not None:
             nodes.append(NodeVerification(node.name or "<unnamed GroupQueryAttention>", (), refused=refusal))
         elif signature in verified:
