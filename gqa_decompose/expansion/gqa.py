@@ -291,7 +291,8 @@ def _causal_op_suffices(spec: gqa.GqaSpec) -> bool:
     No past: every row's queries are a first prompt (c_b = 0, top-left causal) and a
     valid query s < t_b sees only keys <= s < t_b. Growing-cache promise: c_b = P for
     every row (guarded), so the op's Concat(past, new) is present and its bottom-right
-    causal (offset P) is GQA's. A window, a quantized cache or qk_output need the mask.
+    causal (offset P) is GQA's. A window, a quantized cache or qk_output need the mask;
+    a layer whose present nobody reads attends over Concat(past, new) with the mask.
     """
     return (
         spec.causal
@@ -299,7 +300,8 @@ def _causal_op_suffices(spec: gqa.GqaSpec) -> bool:
         and not spec.qk_output
         and spec.kv_quant is None
         and not spec.smooth_softmax
-        and (not spec.has_past or spec.growing_kv_cache)
+        # The op takes past and present together (ORT rejects past without present).
+        and (not spec.has_past or (spec.growing_kv_cache and spec.present_used))
     )
 
 
@@ -342,11 +344,11 @@ def _expand_causal_op(
     return ExpandedNode((output, present_key, present_value, None))
 
 
-def _append_zero_row(op: OpBuilder, x_BNkvKH: ir.Value) -> ir.Value:
-    """[B, Nkv, K + 1, H]: one more row of zeros."""
+def _append_zero_row(op: OpBuilder, x_BNkvKH: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """[B, Nkv, K + 1, H]: one more row of zeros (``dtype`` is x's type)."""
     shape = op.op("Shape", x_BNkvKH)
     row_shape = op.op("Concat", op.slice(shape, 0, 2, axis=0), op.ints([1]), op.slice(shape, 3, 4, axis=0), axis=0)
-    zeros = op.op("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=x_BNkvKH.dtype))
+    zeros = op.op("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=dtype))
     return op.op("Concat", x_BNkvKH, zeros, axis=2)
 
 
@@ -402,8 +404,8 @@ def _attend_with_op(
     elif spec.smooth_softmax:
         attn_mask = mask_bias(shared, attn_mask, spec.compute_dtype)
     if spec.smooth_softmax:
-        keys_BNkvKH = _append_zero_row(op, keys_BNkvKH)
-        values_BNkvKH = _append_zero_row(op, values_BNkvKH)
+        keys_BNkvKH = _append_zero_row(op, keys_BNkvKH, spec.compute_dtype)
+        values_BNkvKH = _append_zero_row(op, values_BNkvKH, spec.compute_dtype)
         attn_mask = _append_sink_column(op, attn_mask, sink_N, spec)
     qk_mode = None
     if spec.output_qk_used:
