@@ -137,7 +137,7 @@ def check_nodes(model: ir.Model, options: DecomposeOptions | None = None) -> lis
     options = options or DecomposeOptions()
     results = []
     found = find_gqa_nodes(model)
-    opset = default_opset(model) if found else 0
+    opset = default_opset(model) if found and options.target != "primitives" else 0
     for _, node in found:
         try:
             spec = parse_gqa_node(node, options)

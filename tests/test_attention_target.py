@@ -276,3 +276,27 @@ def test_the_rewritten_model_runs_a_prompt_and_decode_steps_like_the_fused_node(
         got = ours.run(None, {**feeds, "past_key": past_ours[0], "past_value": past_ours[1]})
         np.testing.assert_allclose(got[0], expected[0], atol=1e-5, err_msg=f"step {step}")
         past_fused, past_ours = (expected[1], expected[2]), (got[1], got[2])
+
+
+def test_verification_of_the_attention_target_catches_a_plain_concat_kv_update(monkeypatch):
+    from test_refusals import use_plain_concat_kv_update
+
+    use_plain_concat_kv_update(monkeypatch)
+    report = verify(make_gqa_model(GqaConfig(opset=24)), target="attention")
+    assert report.nodes[0].target == "attention"
+    failing = {r.phase.name for r in report.nodes[0].results if not r.passed}
+    assert "decode, growing cache" in failing and "first prompt, static buffer" in failing
+
+
+def test_verification_of_the_attention_target_catches_a_lost_is_causal(monkeypatch):
+    # The no-past path has no mask: causality is the op's is_causal alone.
+    from gqa_decompose.expansion import gqa as expansion
+
+    original = expansion.attention_op
+
+    def without_causality(*args, **kwargs):
+        return original(*args, **{**kwargs, "is_causal": False})
+
+    monkeypatch.setattr(expansion, "attention_op", without_causality)
+    report = verify(make_gqa_model(GqaConfig(past=False, opset=24)), target="attention")
+    assert not report.passed
