@@ -21,7 +21,7 @@ from gqa_decompose.passes import (
     find_gqa_nodes,
     non_standard_nodes,
 )
-from gqa_decompose.passes.graph_queries import default_opset
+from gqa_decompose.passes.raise_opset import attention_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolve_target
 
 __all__ = ["NodeCheck", "check_nodes", "decompose", "decompose_file", "rewrite"]
@@ -137,11 +137,11 @@ def check_nodes(model: ir.Model, options: DecomposeOptions | None = None) -> lis
     options = options or DecomposeOptions()
     results = []
     found = find_gqa_nodes(model)
-    opset = default_opset(model) if found and options.target != "primitives" else 0
+    opset, raise_obstacle = attention_opset(model, options) if found and options.target != "primitives" else (0, None)
     for _, node in found:
         try:
             spec = parse_gqa_node(node, options)
-            target, fallback = resolve_target(spec, options, opset)
+            target, fallback = resolve_target(spec, options, opset, raise_obstacle)
             results.append(NodeCheck(spec.node_name, spec, None, target, fallback))
         except GqaDecomposeError as error:
             results.append(NodeCheck(error.node_name or node.name, None, error.reason))

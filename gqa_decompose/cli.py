@@ -174,6 +174,12 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     help="With --target attention: refuse (exit 2) a node that would fall back to primitives.",
 )
 @click.option(
+    "--raise-opset",
+    is_flag=True,
+    help="With --target attention: raise a model's default-domain opset from 20-22 to 23 (where "
+    "Attention exists) when no op the model uses changes meaning; otherwise its nodes fall back.",
+)
+@click.option(
     "--reuse-data",
     is_flag=True,
     help="Let the output refer to the input's external-data file instead of writing its own "
@@ -193,6 +199,7 @@ def main(
     native_precision: bool,
     target: str,
     strict_target: bool,
+    raise_opset: bool,
     reuse_data: bool,
     quiet: bool,
 ) -> None:
@@ -217,6 +224,7 @@ def main(
         native_precision=native_precision,
         target=target,
         strict_target=strict_target,
+        raise_opset=raise_opset,
     )
     report: dict = {
         "model": str(model),
@@ -273,9 +281,14 @@ def _run_decompose(
     had_external_data = bool(model_io.external_tensors(model))
     model_io.check_output_path(model, target, external_data=had_external_data, reuse_input_data=reuse_data)
     original = model.clone() if run_verify else None  # tensors shared: no second load, no weights read
+    opset_before = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     bar, update = _progress_bar("decomposing", quiet)
     with bar:
         decomposed = rewrite(model, options, progress=update)
+    opset_after = model.opset_imports.get("", opset_before)
+    if opset_after != opset_before:
+        report["raised_opset"] = [opset_before, opset_after]
+        click.echo(f"note: default-domain opset raised from {opset_before} to {opset_after} (--raise-opset)")
     if not decomposed:
         click.echo(f"{model_path}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written")
         report["output"] = None

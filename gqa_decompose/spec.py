@@ -94,6 +94,9 @@ class DecomposeOptions:
             back to primitives (see :func:`attention_target_obstacle`).
         strict_target: refuse (GqaDecomposeError) a node that would fall back
             instead of decomposing it into primitives.
+        raise_opset: with the attention target, raise a model's default-domain
+            opset import from 20-22 to 23 when no op the model uses changes
+            meaning (see ``passes/raise_opset.py``); otherwise its nodes fall back.
     """
 
     legacy_window: bool = False
@@ -102,6 +105,7 @@ class DecomposeOptions:
     native_precision: bool = False
     target: str = "primitives"
     strict_target: bool = False
+    raise_opset: bool = False
 
     def __post_init__(self) -> None:
         if self.static_kv_cache and self.growing_kv_cache:
@@ -504,21 +508,23 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
     )
 
 
-def attention_target_obstacle(spec: GqaSpec, opset: int) -> str | None:
+def attention_target_obstacle(spec: GqaSpec, opset: int, raise_obstacle: str | None = None) -> str | None:
     """Why ``spec`` cannot become a standard Attention op at ``opset`` exactly; None if it can.
 
-    The model's opset is never raised: a newer opset import changes the meaning of
-    the model's other ops (onnx.version_converter's job, with its own caveats).
+    The model's opset is raised only on request (``raise_opset``) and only when no
+    other op changes meaning; ``raise_obstacle`` says why it was not.
     """
     if opset < ATTENTION_MIN_OPSET:
-        return (
-            f"the model's opset is {opset}; the Attention op needs >= {ATTENTION_MIN_OPSET} "
-            "(convert the model with onnx.version_converter first)"
-        )
+        reason = f"the model's opset is {opset}; the Attention op needs >= {ATTENTION_MIN_OPSET}"
+        if raise_obstacle is not None:
+            return f"{reason}, and raising it could change the model: {raise_obstacle}"
+        return f"{reason} (--raise-opset raises it when no other op changes meaning)"
     return None
 
 
-def resolve_target(spec: GqaSpec, options: DecomposeOptions, opset: int) -> tuple[str, str | None]:
+def resolve_target(
+    spec: GqaSpec, options: DecomposeOptions, opset: int, raise_obstacle: str | None = None
+) -> tuple[str, str | None]:
     """(target used, why it differs from the one asked for) for one node.
 
     Raises:
@@ -526,7 +532,7 @@ def resolve_target(spec: GqaSpec, options: DecomposeOptions, opset: int) -> tupl
     """
     if options.target == "primitives":
         return "primitives", None
-    obstacle = attention_target_obstacle(spec, opset)
+    obstacle = attention_target_obstacle(spec, opset, raise_obstacle)
     if obstacle is None:
         return "attention", None
     if options.strict_target:

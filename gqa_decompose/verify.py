@@ -28,6 +28,7 @@ from onnx import helper
 from gqa_decompose import spec as gqa
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
+from gqa_decompose.passes.raise_opset import attention_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = [
@@ -509,12 +510,13 @@ def verify_node_model(
     used_outputs: Sequence[int] | None = None,
     phases: Sequence[Phase] | None = None,
     seed: int = 0,
+    raise_obstacle: str | None = None,
 ) -> NodeVerification:
     """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits)."""
     from gqa_decompose.api import decompose
 
     spec = parse_gqa_node(node, options)
-    target, fallback = resolve_target(spec, options or DecomposeOptions(), opset)
+    target, fallback = resolve_target(spec, options or DecomposeOptions(), opset, raise_obstacle)
     bfloat16 = spec.dtype == ir.DataType.BFLOAT16
     if used_outputs is None:
         used_outputs = [i for i, v in enumerate(node.outputs) if v is not None and v.name]
@@ -581,9 +583,9 @@ def verify_node_model(
     return NodeVerification(spec.node_name, tuple(results), target=target, fallback=fallback)
 
 
-def _refusal(node: ir.Node, options: DecomposeOptions, opset: int) -> str | None:
+def _refusal(node: ir.Node, options: DecomposeOptions, opset: int, raise_obstacle: str | None) -> str | None:
     try:
-        resolve_target(parse_gqa_node(node, options), options, opset)
+        resolve_target(parse_gqa_node(node, options), options, opset, raise_obstacle)
     except GqaDecomposeError as error:
         return error.reason
     return None
@@ -621,8 +623,10 @@ def verify(
     else:
         model = original.clone()  # tensors are shared, so external data stays where it is
     InferGqaTypesPass()(model)
-    opset = model.opset_imports.get("", 17)
     decompose_options = DecomposeOptions(**options)
+    # The one-node models hold only the GQA node, so they take the opset the rewrite gives the model.
+    opset, raise_obstacle = attention_opset(model, decompose_options)
+    opset = opset or 17
     found = find_gqa_nodes(model)
     nodes = []
     verified: dict[tuple, NodeVerification] = {}
@@ -631,7 +635,7 @@ def verify(
         if gqa.OUTPUT not in used:
             used.insert(0, gqa.OUTPUT)
         signature = _node_signature(node, used)
-        refusal = _refusal(node, decompose_options, opset)
+        refusal = _refusal(node, decompose_options, opset, raise_obstacle)
         if refusal is not None:
             nodes.append(NodeVerification(node.name or "<unnamed GroupQueryAttention>", (), refused=refusal))
         elif signature in verified:
@@ -639,7 +643,8 @@ def verify(
             nodes.append(dataclasses.replace(verified[signature], name=node.name or verified[signature].name))
         else:
             result = verify_node_model(
-                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed
+                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed,
+                raise_obstacle=raise_obstacle,
             )
             verified[signature] = result
             nodes.append(result)

@@ -300,3 +300,95 @@ def test_verification_of_the_attention_target_catches_a_lost_is_causal(monkeypat
     monkeypatch.setattr(expansion, "attention_op", without_causality)
     report = verify(make_gqa_model(GqaConfig(past=False, opset=24)), target="attention")
     assert not report.passed
+
+
+# Raising the opset (--raise-opset) ----------------------------------------------------------------
+
+
+def _with_extra_node(config: GqaConfig, node: onnx.NodeProto, inputs, initializers=()) -> onnx.ModelProto:
+    """The GQA model plus one unrelated node (its output becomes a graph output)."""
+    model = make_gqa_model(config)
+    model.graph.node.append(node)
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(initializers)
+    shape = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]  # y has x's shape
+    model.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, shape))
+    return model
+
+
+@pytest.mark.parametrize("opset", [20, 21, 22])
+def test_raise_opset_raises_20_to_22_to_23_when_no_op_changes_meaning(opset):
+    model = make_gqa_model(GqaConfig(rotary="half", opset=opset))
+    decomposed = gqa_decompose.decompose(model, target="attention", raise_opset=True)
+    assert {o.domain: o.version for o in decomposed.opset_import}[""] == 23
+    assert "Attention" in _ops(decomposed)
+    report = verify(model, target="attention", raise_opset=True, strict_target=True)
+    assert report.passed and report.nodes[0].target == "attention"
+
+
+def test_raise_opset_refuses_a_model_whose_group_normalization_changes_meaning():
+    from gqa_decompose.passes.raise_opset import opset_raise_obstacle
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 3])
+    weights = [onnx.numpy_helper.from_array(np.ones(2, np.float32), name) for name in ("gn_scale", "gn_bias")]
+    node = onnx.helper.make_node("GroupNormalization", ["x", "gn_scale", "gn_bias"], ["y"], num_groups=2, name="gn")
+    model = onnx_ir_model_from(_with_extra_node(GqaConfig(opset=20), node, [x], weights))
+    assert opset_raise_obstacle(model) == "GroupNormalization-21 changed meaning (node 'gn')"
+    assert opset_raise_obstacle(onnx_ir_model(GqaConfig(opset=20))) is None
+
+
+def test_raise_opset_refuses_opsets_below_20():
+    decomposed = gqa_decompose.rewrite(
+        onnx_ir_model(GqaConfig(opset=19)), DecomposeOptions(target="attention", raise_opset=True)
+    )
+    assert decomposed[0].target == "primitives" and "below 20" in decomposed[0].fallback
+
+
+def test_raise_opset_accepts_ort_only_ops_onnx_runtime_defines_once():
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    weight = onnx.numpy_helper.from_array(np.ones(4, np.float32), "norm_weight")
+    node = onnx.helper.make_node("SimplifiedLayerNormalization", ["x", "norm_weight"], ["y"], name="norm")
+    model = _with_extra_node(GqaConfig(opset=21), node, [x], [weight])
+    decomposed = gqa_decompose.decompose(model, target="attention", raise_opset=True)
+    assert {o.domain: o.version for o in decomposed.opset_import}[""] == 23
+
+
+def test_without_raise_opset_the_fallback_reason_points_to_it():
+    decomposed = gqa_decompose.rewrite(onnx_ir_model(GqaConfig(opset=22)), DecomposeOptions(target="attention"))
+    assert "--raise-opset" in decomposed[0].fallback
+
+
+def onnx_ir_model_from(model: onnx.ModelProto):
+    import onnx_ir as ir
+
+    return ir.serde.deserialize_model(model)
+
+
+BUILDER_FIXTURES = sorted(p.parent.name for p in MODELS.glob("builder-*/model.onnx"))
+
+
+@pytest.mark.parametrize("folder", BUILDER_FIXTURES)
+def test_real_producer_models_generate_like_the_original_as_attention_ops(folder):
+    """Each builder fixture (opset 22) raised to 23: a prompt (one right-padded row) and decode steps."""
+    import test_real_producers as producers
+
+    original = onnx.load(MODELS / folder / "model.onnx")
+    rewritten = gqa_decompose.decompose(original, target="attention", raise_opset=True, strict_target=True)
+    assert _ops(rewritten).count("Attention") == len(producers._gqa_nodes(original))
+    rng = np.random.default_rng(5)
+    prompt_ids = rng.integers(0, 64, (2, 6)).astype(np.int64)
+    prompt_mask = np.ones((2, 6), np.int64)
+    windowed = producers._has_windowed_cache(original)
+    if not windowed:
+        prompt_mask[1, 4:] = 0
+    shapes = producers._cache_shapes(original)
+    steps = 4 if windowed else 2
+    expected = producers._generate(original, shapes, prompt_ids, prompt_mask, steps=steps)
+    got = producers._generate(rewritten, shapes, prompt_ids, prompt_mask, steps=steps)
+    windows = {
+        node.output[1].replace("key", kind): producers._attributes(node)["local_window_size"]
+        for node in producers._gqa_nodes(original)
+        if producers._attributes(node).get("sliding_window_cache")
+        for kind in ("key", "value")
+    }
+    producers._compare(expected, got, *producers.PARITY_TOLERANCE[producers._float_type(original)], windows=windows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import onnx_ir as ir
@@ -12,9 +13,12 @@ from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
 from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
 from gqa_decompose.passes.infer_types import InferGqaTypesPass
+from gqa_decompose.passes.raise_opset import attention_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
+
+logger = logging.getLogger("gqa_decompose")
 
 # Unsqueeze/Split/Squeeze with axes as inputs and Softmax over one axis.
 MIN_OPSET = 13
@@ -32,11 +36,11 @@ class DecomposedNode:
     fallback: str | None = None  # why it is not the target asked for
 
 
-def container_opset(model: ir.Model, container: ir.Graph | ir.Function) -> int:
+def container_opset(model: ir.Model, container: ir.Graph | ir.Function, model_opset: int | None = None) -> int:
     """The default-domain opset the expansion's ops take in ``container``."""
     if isinstance(container, ir.Function) and "" in container.opset_imports:
         return container.opset_imports[""]
-    return default_opset(model)
+    return default_opset(model) if model_opset is None else model_opset
 
 
 class DecomposeGqaPass(ir.passes.InPlacePass):
@@ -55,6 +59,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         self.options = options or DecomposeOptions()
         self.progress = progress
         self.decomposed: list[DecomposedNode] = []
+        self.raised_opset: tuple[int, int] | None = None  # (from, to) when raise_opset raised it
 
     def requires(self, model: ir.Model) -> None:
         opset = default_opset(model)
@@ -66,12 +71,21 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.decomposed = []
+        self.raised_opset = None
         found = find_gqa_nodes(model)
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
         specs = [parse_gqa_node(node, self.options) for _, node in found]
-        opsets = [container_opset(model, container) for container, _ in found]
-        targets = [resolve_target(spec, self.options, opset) for spec, opset in zip(specs, opsets)]
+        model_opset, raise_obstacle = attention_opset(model, self.options)
+        opsets = [container_opset(model, container, model_opset) for container, _ in found]
+        targets = [
+            resolve_target(spec, self.options, opset, raise_obstacle) for spec, opset in zip(specs, opsets)
+        ]
+        if model_opset != default_opset(model):
+            logger.info("default-domain opset raised from %d to %d", default_opset(model), model_opset)
+            self.raised_opset = (default_opset(model), model_opset)
+            model.opset_imports[""] = model_opset
+            model.opset_imports.pop("ai.onnx", None)
         shared_by_container: dict[int, SharedSubgraphs] = {}
         for index, ((container, node), spec) in enumerate(zip(found, specs)):
             if isinstance(container, ir.Function) and "" not in container.opset_imports:
