@@ -79,11 +79,18 @@ def test_windowed_cache_matches_ort(feature):
     matches_ort_as_attention(dataclasses.replace(WINDOWED_CACHE[feature], opset=24))
 
 
-@pytest.mark.parametrize("variant", ["plain", "packed_rotary", "fp16", "window_bias", "kv_empty", "windowed_cache"])
+@pytest.mark.parametrize(
+    "variant,dtype",
+    [("plain", "float32"), ("packed_rotary", "float16"), ("interleaved", "float16"), ("window_bias", "float32"),
+     ("kv_empty", "float32"), ("windowed_cache", "float32"), ("static_dims_sink", "float16")],
+)
 @pytest.mark.parametrize("bits,layout", LAYOUTS, ids=[f"int{b}-{q.lower()}" for b, q in LAYOUTS])
-def test_quantized_cache_matches_ort(variant, bits, layout):
-    config = dataclasses.replace(VARIANTS[variant], kv_quant=layout, kv_bits=bits, opset=24)
-    matches_ort_as_attention(config)
+def test_quantized_cache_matches_ort(variant, dtype, bits, layout):
+    config = dataclasses.replace(VARIANTS[variant], kv_quant=layout, kv_bits=bits, dtype=dtype, opset=24)
+    result = assert_matches_ort(config, None, ATTENTION)
+    assert result.target == "attention"
+    for phase in result.results:  # present codes exact
+        assert phase.max_errors.get("present_key", 0) == 0 and phase.max_errors.get("present_value", 0) == 0
 
 
 @pytest.mark.parametrize("opset", [23, 24])
@@ -392,3 +399,14 @@ def test_real_producer_models_generate_like_the_original_as_attention_ops(folder
         for kind in ("key", "value")
     }
     producers._compare(expected, got, *producers.PARITY_TOLERANCE[producers._float_type(original)], windows=windows)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [GqaConfig(qk_norm="qk", rotary="half", opset=24),
+     GqaConfig(qk_norm="qk", rotary="interleaved", packed=True, dtype="float16", opset=23),
+     GqaConfig(qk_norm="qk", rotary="half", head_sink=True, local_window_size=3, opset=24)],
+    ids=["qk_norm", "qk_norm_packed_fp16", "qk_norm_sink_window"],
+)
+def test_qk_norm_then_rotary_embedding_op_matches_ort(config):
+    matches_ort_as_attention(config)

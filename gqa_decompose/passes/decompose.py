@@ -93,7 +93,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             shared = shared_by_container.setdefault(id(container), SharedSubgraphs())
             target, fallback = targets[index]
             lowering = Lowering.for_target(target, opsets[index])
-            count = self._replace(container, node, spec, shared, index, lowering)
+            count = self._replace(container, node, spec, shared, index, opsets[index], lowering)
             self.decomposed.append(
                 DecomposedNode(spec.node_name, scope_name(model, container), spec, count, target, fallback)
             )
@@ -108,9 +108,10 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         spec: GqaSpec,
         shared: SharedSubgraphs,
         index: int,
+        opset: int,
         lowering: Lowering,
     ) -> int:
-        op = OpBuilder(node.name or f"GroupQueryAttention_{index}")
+        op = OpBuilder(node.name or f"GroupQueryAttention_{index}", opset)
         expanded = expand_gqa(op, shared, node, spec, lowering)
         new_nodes = shared.take_nodes() + op.take_nodes()
         for position, old in enumerate(node.outputs):
