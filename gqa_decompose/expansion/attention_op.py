@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
 
-__all__ = ["AttentionOpResult", "attention_op"]
+__all__ = ["AttentionOpResult", "attention_op", "with_sink_column"]
 
 # qk_matmul_output_mode values (Attention-23).
 QK_AFTER_MASK = 2
@@ -96,3 +96,41 @@ def attention_op(
     present_value = results[2] if past is not None else None
     qk = results[3] if qk_mode is not None else None
     return AttentionOpResult(output_BSD, qk, present_key, present_value)
+
+
+def with_sink_column(
+    op: OpBuilder,
+    keys_BNkvKH: ir.Value,
+    values_BNkvKH: ir.Value,
+    mask_BnSK: ir.Value,
+    sink_N: ir.Value | None,
+    num_heads: int,
+    dtype: ir.DataType,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Keys, values and float mask with one more column that carries a softmax sink.
+
+    Smooth softmax and head sinks add one logit to each softmax denominator; the op
+    has none. The extra column has a zero key (score softcap(scale * 0) = 0), a mask
+    entry equal to the head's sink (0 for smooth softmax) and a zero value (adds
+    nothing to the output): exactly GQA's extra logit. Costs one copy of the key and
+    value columns. Keys/values and the mask are of ``dtype``.
+    """
+
+    def append_zero_row(x_BNkvKH: ir.Value) -> ir.Value:
+        shape = op.op("Shape", x_BNkvKH)
+        row_shape = op.op(
+            "Concat", op.slice(shape, 0, 2, axis=0), op.ints([1]), op.slice(shape, 3, 4, axis=0), axis=0
+        )
+        zeros = op.op("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=dtype))
+        return op.op("Concat", x_BNkvKH, zeros, axis=2)
+
+    if sink_N is None:
+        sink_1N11 = op.op("Expand", op.float_scalar(0.0, dtype), op.ints([1, num_heads, 1, 1]))
+    else:
+        sink = sink_N if sink_N.dtype == dtype else op.cast(sink_N, dtype)
+        sink_1N11 = op.op("Reshape", sink, op.ints([1, num_heads, 1, 1]))
+    # The mask may broadcast over heads ([B, 1, S, K]); the sink column differs per head.
+    mask_BNSK = op.op("Expand", mask_BnSK, op.op("Max", op.op("Shape", mask_BnSK), op.ints([1, num_heads, 1, 1])))
+    column_shape = op.op("Concat", op.slice(op.op("Shape", mask_BNSK), 0, 3, axis=0), op.ints([1]), axis=0)
+    mask_with_sink = op.op("Concat", mask_BNSK, op.op("Expand", sink_1N11, column_shape), axis=3)
+    return append_zero_row(keys_BNkvKH), append_zero_row(values_BNkvKH), mask_with_sink

@@ -30,7 +30,12 @@ import onnx_ir as ir
 
 from gqa_decompose import spec as gqa
 from gqa_decompose.expansion.attention import attend
-from gqa_decompose.expansion.attention_op import QK_AFTER_MASK, QK_AFTER_SOFTMAX, attention_op
+from gqa_decompose.expansion.attention_op import (
+    QK_AFTER_MASK,
+    QK_AFTER_SOFTMAX,
+    attention_op,
+    with_sink_column,
+)
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.kv_cache import (
     append_aligned_rows,
@@ -360,29 +365,6 @@ def _expand_causal_op(
     return ExpandedNode((output, present_key, present_value, None))
 
 
-def _append_zero_row(op: OpBuilder, x_BNkvKH: ir.Value, dtype: ir.DataType) -> ir.Value:
-    """[B, Nkv, K + 1, H]: one more row of zeros (``dtype`` is x's type)."""
-    shape = op.op("Shape", x_BNkvKH)
-    row_shape = op.op("Concat", op.slice(shape, 0, 2, axis=0), op.ints([1]), op.slice(shape, 3, 4, axis=0), axis=0)
-    zeros = op.op("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=dtype))
-    return op.op("Concat", x_BNkvKH, zeros, axis=2)
-
-
-def _append_sink_column(op: OpBuilder, mask_BnSK: ir.Value, sink_N: ir.Value | None, spec: gqa.GqaSpec) -> ir.Value:
-    """[B, N, S, K + 1]: the float mask with the head's sink logit (or 0) as its last column."""
-    dtype = spec.compute_dtype
-    if sink_N is None:
-        sink_1N11 = op.op("Expand", op.float_scalar(0.0, dtype), op.ints([1, spec.num_heads, 1, 1]))
-    else:
-        sink_1N11 = op.op("Reshape", sink_N if sink_N.dtype == dtype else op.cast(sink_N, dtype),
-                          op.ints([1, spec.num_heads, 1, 1]))
-    heads_shape = op.op("Concat", op.ints([1, spec.num_heads]), op.ints([1, 1]), axis=0)
-    mask_BNSK = op.op("Expand", mask_BnSK, op.op("Max", op.op("Shape", mask_BnSK), heads_shape))
-    shape = op.op("Shape", mask_BNSK)
-    column_shape = op.op("Concat", op.slice(shape, 0, 3, axis=0), op.ints([1]), axis=0)
-    return op.op("Concat", mask_BNSK, op.op("Expand", sink_1N11, column_shape), axis=3)
-
-
 def _attend_with_op(
     op: OpBuilder,
     shared: SharedSubgraphs,
@@ -403,11 +385,8 @@ def _attend_with_op(
     qk_output=1 (scores after softcap and bias, masked entries 0) is mode 2 with
     the masked entries zeroed; qk_output=2 (probabilities) is mode 3.
 
-    Smooth softmax and head sinks add one logit to each softmax denominator. The
-    op has none, so one more key column is appended: a zero key (score
-    softcap(scale * 0) = 0) whose mask entry is the head's sink (0 for smooth
-    softmax) and a zero value (adds nothing to the output); its column is cut
-    from output_qk. Costs one copy of the key columns.
+    Smooth softmax and head sinks get one more key column (:func:`with_sink_column`),
+    cut from output_qk.
     """
     attn_mask = visible_B1SK
     if not spec.causal:
@@ -420,9 +399,9 @@ def _attend_with_op(
     elif spec.smooth_softmax:
         attn_mask = mask_bias(shared, attn_mask, spec.compute_dtype)
     if spec.smooth_softmax:
-        keys_BNkvKH = _append_zero_row(op, keys_BNkvKH, spec.compute_dtype)
-        values_BNkvKH = _append_zero_row(op, values_BNkvKH, spec.compute_dtype)
-        attn_mask = _append_sink_column(op, attn_mask, sink_N, spec)
+        keys_BNkvKH, values_BNkvKH, attn_mask = with_sink_column(
+            op, keys_BNkvKH, values_BNkvKH, attn_mask, sink_N, spec.num_heads, spec.compute_dtype
+        )
     qk_mode = None
     if spec.output_qk_used:
         qk_mode = QK_AFTER_MASK if spec.qk_output == 1 else QK_AFTER_SOFTMAX
