@@ -410,3 +410,46 @@ def test_real_producer_models_generate_like_the_original_as_attention_ops(folder
 )
 def test_qk_norm_then_rotary_embedding_op_matches_ort(config):
     matches_ort_as_attention(config)
+
+
+def test_gqa_inside_if_branches_becomes_attention_ops():
+    from test_structure import _run, _single_prompt_feeds, _wrap_in_if
+
+    config = GqaConfig(past=False, rotary="half", present=False, local_window_size=2, opset=24)
+    model = _wrap_in_if(make_gqa_model(config))
+    decomposed = gqa_decompose.decompose(model, target="attention", strict_target=True)
+    branches = [attr.g for attr in decomposed.graph.node[0].attribute]
+    assert all([node.op_type for node in g.node].count("Attention") == 1 for g in branches)
+    feeds = _single_prompt_feeds(config)
+    for flag in (True, False):
+        feeds["flag"] = np.array(flag)
+        expected, got = _run(model, feeds)[0], _run(decomposed, feeds)[0]
+        np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
+        np.testing.assert_allclose(got[1, :2], expected[1, :2], atol=1e-5)
+
+
+def test_gqa_inside_a_model_local_function_becomes_an_attention_op():
+    from onnx import helper
+    from test_structure import IR_VERSION, _run, _single_prompt_feeds
+
+    config = GqaConfig(past=False, present=False)
+    inner = make_gqa_model(config)
+    gqa = inner.graph.node[0]
+    inputs = [name for name in gqa.input if name]
+    function = helper.make_function(
+        "local", "Attention", inputs, ["output"], [gqa],
+        opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid("com.microsoft", 1)],
+    )
+    call = helper.make_node("Attention", inputs, ["output"], domain="local", name="call")
+    graph = helper.make_graph([call], "main", list(inner.graph.input), list(inner.graph.output))
+    model = helper.make_model(
+        graph, functions=[function], ir_version=IR_VERSION,
+        opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid("com.microsoft", 1),
+                       helper.make_opsetid("local", 1)],
+    )
+    decomposed_nodes = gqa_decompose.rewrite(onnx_ir_model_from(model), DecomposeOptions(target="attention"))
+    assert decomposed_nodes[0].target == "attention" and decomposed_nodes[0].scope == "function local::Attention"
+    decomposed = gqa_decompose.decompose(model, target="attention")
+    feeds = _single_prompt_feeds(config)
+    expected, got = _run(model, feeds)[0], _run(decomposed, feeds)[0]
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
