@@ -453,3 +453,40 @@ def test_gqa_inside_a_model_local_function_becomes_an_attention_op():
     feeds = _single_prompt_feeds(config)
     expected, got = _run(model, feeds)[0], _run(decomposed, feeds)[0]
     np.testing.assert_allclose(got[0], expected[0], atol=1e-5)
+
+
+def test_raise_opset_raises_the_functions_import_with_the_models():
+    from onnx import helper
+    from test_structure import IR_VERSION, _run, _single_prompt_feeds
+
+    config = GqaConfig(past=False, present=False)
+    inner = make_gqa_model(config)
+    gqa = inner.graph.node[0]
+    inputs = [name for name in gqa.input if name]
+    function = helper.make_function(
+        "local", "Attention", inputs, ["output"], [gqa],
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+    )
+    call = helper.make_node("Attention", inputs, ["output"], domain="local", name="call")
+    graph = helper.make_graph([call], "main", list(inner.graph.input), list(inner.graph.output))
+    model = helper.make_model(
+        graph, functions=[function], ir_version=IR_VERSION,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
+                       helper.make_opsetid("local", 1)],
+    )
+    decomposed = gqa_decompose.decompose(model, target="attention", raise_opset=True, strict_target=True)
+    assert {o.domain: o.version for o in decomposed.functions[0].opset_import}[""] == 23
+    assert "Attention" in [node.op_type for node in decomposed.functions[0].node]
+    feeds = _single_prompt_feeds(config)
+    np.testing.assert_allclose(_run(decomposed, feeds)[0][0], _run(model, feeds)[0][0], atol=1e-5)
+
+
+def test_a_model_without_gqa_keeps_its_opset_even_with_raise_opset():
+    import onnx_ir as ir
+
+    from gqa_decompose.passes import DecomposeGqaPass
+
+    model = ir.serde.deserialize_model(make_gqa_model(GqaConfig(opset=21)))
+    model.graph.remove(list(model.graph), safe=False)
+    DecomposeGqaPass(DecomposeOptions(target="attention", raise_opset=True))(model)
+    assert model.opset_imports[""] == 21

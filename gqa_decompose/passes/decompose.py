@@ -13,7 +13,7 @@ from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
 from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
 from gqa_decompose.passes.infer_types import InferGqaTypesPass
-from gqa_decompose.passes.raise_opset import attention_opset
+from gqa_decompose.passes.raise_opset import attention_opset, raise_default_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
@@ -37,10 +37,13 @@ class DecomposedNode:
 
 
 def container_opset(model: ir.Model, container: ir.Graph | ir.Function, model_opset: int | None = None) -> int:
-    """The default-domain opset the expansion's ops take in ``container``."""
+    """The default-domain opset the expansion's ops take in ``container`` (``model_opset``: the
+    model's when it is being raised; a function's own import is raised with it)."""
+    if model_opset is not None:
+        return model_opset
     if isinstance(container, ir.Function) and "" in container.opset_imports:
         return container.opset_imports[""]
-    return default_opset(model) if model_opset is None else model_opset
+    return default_opset(model)
 
 
 class DecomposeGqaPass(ir.passes.InPlacePass):
@@ -77,15 +80,15 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
         specs = [parse_gqa_node(node, self.options) for _, node in found]
         model_opset, raise_obstacle = attention_opset(model, self.options)
-        opsets = [container_opset(model, container, model_opset) for container, _ in found]
+        raised = model_opset if found and model_opset != default_opset(model) else None
+        opsets = [container_opset(model, container, raised) for container, _ in found]
         targets = [
             resolve_target(spec, self.options, opset, raise_obstacle) for spec, opset in zip(specs, opsets)
         ]
-        if model_opset != default_opset(model):
+        if raised is not None:
             logger.info("default-domain opset raised from %d to %d", default_opset(model), model_opset)
             self.raised_opset = (default_opset(model), model_opset)
-            model.opset_imports[""] = model_opset
-            model.opset_imports.pop("ai.onnx", None)
+            raise_default_opset(model, model_opset)
         shared_by_container: dict[int, SharedSubgraphs] = {}
         for index, ((container, node), spec) in enumerate(zip(found, specs)):
             if isinstance(container, ir.Function) and "" not in container.opset_imports:

@@ -27,7 +27,13 @@ import onnx_ir as ir
 
 from gqa_decompose.spec import ATTENTION_MIN_OPSET, DecomposeOptions
 
-__all__ = ["ATTENTION_OPSET", "MIN_RAISABLE_OPSET", "attention_opset", "opset_raise_obstacle"]
+__all__ = [
+    "ATTENTION_OPSET",
+    "MIN_RAISABLE_OPSET",
+    "attention_opset",
+    "opset_raise_obstacle",
+    "raise_default_opset",
+]
 
 ATTENTION_OPSET = ATTENTION_MIN_OPSET
 MIN_RAISABLE_OPSET = 20
@@ -96,9 +102,8 @@ def opset_raise_obstacle(model: ir.Model, new: int = ATTENTION_OPSET) -> str | N
     if old < MIN_RAISABLE_OPSET:
         return f"opset {old} is below {MIN_RAISABLE_OPSET}: too many ops changed since"
     nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for function in model.functions.values():
-        if "" not in function.opset_imports:  # reads the model's import
-            nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    for function in model.functions.values():  # their import must equal the model's: raised too
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
     for node in nodes:
         if node.domain not in ("", "ai.onnx"):
             continue
@@ -119,3 +124,13 @@ def attention_opset(model: ir.Model, options: DecomposeOptions) -> tuple[int, st
         return old, None
     obstacle = opset_raise_obstacle(model)
     return (old, obstacle) if obstacle is not None else (ATTENTION_OPSET, None)
+
+
+def raise_default_opset(model: ir.Model, new: int) -> None:
+    """Set the default-domain import of ``model`` and of its functions to ``new``."""
+    model.opset_imports.pop("ai.onnx", None)
+    model.opset_imports[""] = new
+    for function in model.functions.values():
+        function.opset_imports.pop("ai.onnx", None)
+        if "" in function.opset_imports:
+            function.opset_imports[""] = new
