@@ -49,6 +49,7 @@ __all__ = [
     "OutputError",
     "StepResult",
     "load_feeds",
+    "read_genai_config",
     "verify_model",
 ]
 
@@ -180,9 +181,11 @@ def _output_kind(name: str) -> str:
 # Reading the model -----------------------------------------------------------------------------------------
 
 
-def _genai_config(model_path: pathlib.Path | None) -> dict:
+def read_genai_config(model_path: str | os.PathLike | None) -> dict:
+    """onnxruntime-genai's genai_config.json beside ``model_path`` when it describes that file; else {}."""
     if model_path is None:
         return {}
+    model_path = pathlib.Path(model_path).absolute()
     path = model_path.parent / "genai_config.json"
     try:
         config = json.loads(path.read_text())
@@ -585,7 +588,7 @@ def verify_model(
     elif genai_config is not None:
         config = json.loads(pathlib.Path(genai_config).read_text())
     else:
-        config = _genai_config(path)
+        config = read_genai_config(path)
     if isinstance(feeds, (str, os.PathLike)):
         feeds = load_feeds(feeds)
     feeds = dict(feeds or {})
