@@ -245,3 +245,8 @@ def test_the_original_is_left_unmodified():
     before = ir.serde.serialize_model(model).SerializeToString()
     verify_model(model, steps=1)
     assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_a_qk_norm_model_is_skipped_with_the_reason():
+    result = verify_model(make_gqa_model(GqaConfig(qk_norm="qk")))
+    assert not result.passed and "q_norm_weight / k_norm_weight" in result.skipped
