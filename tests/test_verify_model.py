@@ -250,3 +250,18 @@ def test_the_original_is_left_unmodified():
 def test_a_qk_norm_model_is_skipped_with_the_reason():
     result = verify_model(make_gqa_model(GqaConfig(qk_norm="qk")))
     assert not result.passed and "q_norm_weight / k_norm_weight" in result.skipped
+
+
+def test_a_model_with_external_data_is_verified_without_moving_its_weights(tmp_path):
+    from test_model_io import save_with_external_data
+
+    from gqa_decompose.api import rewrite
+
+    source = tmp_path / "in" / "model.onnx"
+    save_with_external_data(TINY_LLAMA, source)
+    original = model_io.load_model(source)
+    rewritten = original.clone()
+    rewrite(rewritten)  # in memory: its weights still point at the input's data file
+    result = verify_model(original, rewritten, steps=2)
+    _assert_passed(result, 2, steps=2)
+    assert sorted(p.name for p in source.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
