@@ -14,7 +14,8 @@ Choices, to stay near a minute on a loaded 2-core CI machine:
   other tests' children in the same worker.
 * The 4.2 GB output is loaded by ONNX Runtime (which maps external data instead of reading it) with graph
   optimizations off (constant folding would touch every weight) and runs one prompt step; the checker runs
-  on the path (its large-model mode). Time: rewrite ~11 s CPU, ORT load ~5-14 s.
+  on the path (its large-model mode). Time: rewrite ~2 s CPU, ORT load ~5-19 s
+  (the wall times of a loaded machine).
 
 Marked ``scale``: it runs by default (CI included); ``-m "not scale"`` skips it locally.
 """
