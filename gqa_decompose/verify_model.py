@@ -481,6 +481,58 @@ def _prepare_for_ort(model: ir.Model) -> list[str]:
     return [f"{changed} MatMulNBits nodes compared at accuracy_level 1 (int8 activations amplify rounding)"] if changed else []
 
 
+def _normalize_qk_outside(model: ir.Model, specs: dict[str, GqaSpec]) -> int:
+    """Move each GQA node's q/k norm (§16) out of the node, as verify.normalized_oracle_model does for one
+    node: the Q (K) heads go through ONNX Runtime's SimplifiedLayerNormalization, then GQA without the
+    weights, which ORT CPU runs. Returns how many nodes changed."""
+    changed = 0
+    for container, node in find_gqa_nodes(model):
+        spec = specs.get(node.name)
+        if spec is not None and (spec.q_norm or spec.k_norm):
+            container.insert_before(node, _qk_norm_nodes(node, spec))
+            changed += 1
+    return changed
+
+
+def _qk_norm_nodes(node: ir.Node, spec: GqaSpec) -> list[ir.Node]:
+    """Rewire ``node`` to read normalized Q/K heads without norm weights; returns the nodes that normalize."""
+    new_nodes: list[ir.Node] = []
+
+    def add(op: str, inputs: list, outputs: int = 1, **attributes) -> ir.Node:
+        new_nodes.append(ir.node(op, inputs, attributes=attributes, num_outputs=outputs))
+        return new_nodes[-1]
+
+    def constant(dims: list[int]) -> ir.Value:
+        return add("Constant", [], value=ir.tensor(np.array(dims, np.int64))).outputs[0]
+
+    def norm(heads: ir.Value, weight: ir.Value | None) -> ir.Value:
+        if weight is None:
+            return heads
+        return add("SimplifiedLayerNormalization", [heads, weight], axis=-1, epsilon=spec.qk_norm_epsilon,
+                   stash_type=1).outputs[0]
+
+    def weight(index: int) -> ir.Value | None:
+        return node.inputs[index] if len(node.inputs) > index else None
+
+    n, nkv, h = spec.num_heads, spec.kv_num_heads, spec.head_size
+    q_weight, k_weight = weight(gqa.Q_NORM_WEIGHT), weight(gqa.K_NORM_WEIGHT)
+    if spec.packed_qkv:
+        heads = add("Reshape", [node.inputs[gqa.QUERY], constant([0, 0, n + 2 * nkv, h])]).outputs[0]
+        q, k, v = add("Split", [heads, constant([n, nkv, nkv])], outputs=3, axis=2).outputs
+        merged = add("Concat", [norm(q, q_weight), norm(k, k_weight), v], axis=2).outputs[0]
+        node.replace_input_with(gqa.QUERY, add("Reshape", [merged, constant([0, 0, (n + 2 * nkv) * h])]).outputs[0])
+    else:
+        for index, norm_weight, count in ((gqa.QUERY, q_weight, n), (gqa.KEY, None if spec.kv_empty else k_weight, nkv)):
+            if norm_weight is not None:
+                heads = add("Reshape", [node.inputs[index], constant([0, 0, count, h])]).outputs[0]
+                flat = add("Reshape", [norm(heads, norm_weight), constant([0, 0, count * h])]).outputs[0]
+                node.replace_input_with(index, flat)
+    for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
+        if len(node.inputs) > index:
+            node.replace_input_with(index, None)
+    return new_nodes
+
+
 def _session(model: ir.Model):
     import onnxruntime as ort
 
@@ -602,10 +654,6 @@ def verify_model(
     if ir.DataType.BFLOAT16 in dtypes:
         return ModelVerification(0, 0, "none", (0.0, 0.0), (),
                                  skipped="ONNX Runtime CPU has no bfloat16 GroupQueryAttention kernel")
-    if any(spec.q_norm or spec.k_norm for spec in specs.values()):
-        return ModelVerification(0, 0, "none", (0.0, 0.0), (), skipped="ONNX Runtime CPU rejects "
-                                 "q_norm_weight / k_norm_weight, so the original cannot run (node-level "
-                                 "verification covers them)")
     dtype = ir.DataType.FLOAT16 if ir.DataType.FLOAT16 in dtypes else ir.DataType.FLOAT
     tolerance = MODEL_TOLERANCES[dtype]
     if decompose_options.native_precision:
@@ -621,6 +669,10 @@ def verify_model(
         raise GqaDecomposeError(f"fed inputs the model does not have: {', '.join(sorted(unknown))}")
     notes = _prepare_for_ort(model)
     _prepare_for_ort(rewritten)
+    normalized = _normalize_qk_outside(model, specs)
+    if normalized:
+        notes.append(f"{normalized} GQA nodes with q/k norm weights (which ORT CPU rejects) run in the original "
+                     "as ORT's SimplifiedLayerNormalization on the heads, then GQA without the weights")
     if plan.padded:
         notes.append("right-padded batch: row b is 2*b tokens shorter")
     elif plan.batch > 1 and any(c.window is not None for c in plan.caches):

@@ -247,21 +247,39 @@ def test_the_original_is_left_unmodified():
     assert ir.serde.serialize_model(model).SerializeToString() == before
 
 
-def test_a_qk_norm_model_is_skipped_with_the_reason():
-    result = verify_model(make_gqa_model(GqaConfig(qk_norm="qk")))
-    assert not result.passed and "q_norm_weight / k_norm_weight" in result.skipped
+def _with_qk_norm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The tiny llama with q_norm_weight / k_norm_weight on every GQA node (head size 16)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    rng = np.random.default_rng(3)
+    for index, node in enumerate(n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
+        names = [f"q_norm_{index}", f"k_norm_{index}"]
+        for name in names:
+            weight = (1 + 0.5 * rng.standard_normal(16)).astype(np.float32)
+            model.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
+        inputs = list(node.input) + [""] * (14 - len(node.input)) + names
+        del node.input[:]
+        node.input.extend(inputs)
+    return model
 
 
-def test_a_model_with_external_data_is_verified_without_moving_its_weights(tmp_path):
-    from test_model_io import save_with_external_data
+@pytest.mark.parametrize("path", [TINY_LLAMA, MODELS / "dynamo-tiny-llama" / "model.onnx"],
+                         ids=["packed QKV", "separate QKV"])
+def test_q_k_norm_nodes_are_verified_against_ort_normalizing_the_heads_first(path, monkeypatch):
+    # ORT CPU rejects q_norm_weight / k_norm_weight: the original runs with the norm moved out of the node.
+    model = _with_qk_norm(onnx.load(path))
+    result = verify_model(model, steps=2)
+    assert result.passed, result.summary()
+    assert any("q/k norm" in note for note in result.notes)
+    # A wrong epsilon in the expansion is caught.
+    import dataclasses
 
-    from gqa_decompose.api import rewrite
+    import gqa_decompose.passes.decompose as decompose_module
 
-    source = tmp_path / "in" / "model.onnx"
-    save_with_external_data(TINY_LLAMA, source)
-    original = model_io.load_model(source)
-    rewritten = original.clone()
-    rewrite(rewritten)  # in memory: its weights still point at the input's data file
-    result = verify_model(original, rewritten, steps=2)
-    _assert_passed(result, 2, steps=2)
-    assert sorted(p.name for p in source.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    parse = decompose_module.parse_gqa_node
+
+    def wrong_epsilon(node, options=None):
+        return dataclasses.replace(parse(node, options), qk_norm_epsilon=0.5)
+
+    monkeypatch.setattr(decompose_module, "parse_gqa_node", wrong_epsilon)
+    result = verify_model(model, steps=1)
+    assert not result.passed
