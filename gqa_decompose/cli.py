@@ -17,6 +17,7 @@ import tqdm
 from gqa_decompose import model_io
 from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.passes import InferGqaTypesPass
 from gqa_decompose.report import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -27,8 +28,11 @@ from gqa_decompose.report import (
     check,
     opsets,
     ops_left,
+    node_verification_json,
     report_json,
 )
+from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
+from gqa_decompose.runtimes import get_runtime
 from gqa_decompose.spec import DecomposeOptions
 from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
@@ -43,18 +47,21 @@ Examples:
   gqa-decompose model.onnx --check --verify all --report report.json
                                              the CI gate: every node and a prompt + 4
                                              decode steps of the whole model
+  gqa-decompose model.onnx --check --runtime openvino --runtime tract
+                                             ... and run the rewritten model on those runtimes
 
 \b
 Exit codes:
   0  success (with --check: the model is portable once decomposed)
   1  verification against ONNX Runtime failed (nothing is written), or with
      --check: a node is refused, fails verification (node or model level),
-     or other non-standard ops remain
+     or other non-standard ops remain, or the rewritten model fails on a --runtime
   2  bad input: unreadable or malformed model, a refused node, bad paths, a
      model that cannot be driven for --verify model (see --dim, --inputs)
 
-Weights are never loaded into memory: external data is streamed into
-<OUTPUT>.data. The output appears atomically; the input is never modified.
+Weights are never loaded into memory (but for --runtime and --verify model, which
+run the model): external data is streamed into <OUTPUT>.data. The output appears
+atomically; the input is never modified.
 """
 
 
@@ -79,7 +86,8 @@ def _verification_text(result: NodeVerification | None) -> str:
     status = "verified" if result.passed else "VERIFICATION FAILED"
     failures = [f"{r.phase.name}: {r.failure}" for r in result.results if not r.passed]
     detail = f"; {'; '.join(failures)}" if failures else ""
-    return f"{status}, max error {result.max_error:.2g} over {len(result.results)} phases{detail}"
+    error = f"max error {result.max_error:.2g}" if result.max_error is not None else "no phase ran"
+    return f"{status}, {error} over {len(result.results)} phases{detail}"
 
 
 def _phase_lines(result: NodeVerification | None) -> list[str]:
@@ -175,6 +183,16 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "and list every other non-standard op. Exit 1 when the model is not portable.",
 )
 @click.option(
+    "--runtime",
+    "runtime_names",
+    multiple=True,
+    metavar="NAME",
+    help="With --check: also run the rewritten model (in memory) on runtime NAME, one of "
+    "onnxruntime, reference (onnx.reference), openvino, tract; repeatable. Each GQA node's "
+    "expansion runs there against ORT CPU's fused node, and the whole model runs a prompt "
+    "with synthesized inputs against the original on ORT CPU. Exit 1 if anything fails.",
+)
+@click.option(
     "--legacy-window",
     is_flag=True,
     help="Read local_window_size W as ONNX Runtime <= 1.23 did (W + 1 visible keys) "
@@ -219,6 +237,7 @@ def main(
     inputs_path: pathlib.Path | None,
     report_path: pathlib.Path | None,
     check: bool,
+    runtime_names: tuple[str, ...],
     legacy_window: bool,
     kv_cache: str,
     native_precision: bool,
@@ -261,8 +280,12 @@ def main(
     result = CheckResult(str(model), "check" if check else "decompose", options, verify_mode)
     started = time.perf_counter()
     try:
+        if runtime_names and not check:
+            raise GqaDecomposeError("--runtime needs --check (it runs the rewritten model in memory)")
+        for name in runtime_names:
+            get_runtime(name)  # an unknown name is bad input, before any work
         if check:
-            result = _run_check(run, options)
+            result = _run_check(run, options, runtime_names)
         else:
             _run_decompose(run, output, options, result, reuse_data)
     except (GqaDecomposeError, OSError) as error:  # OSError: an output path that cannot be written
@@ -443,7 +466,7 @@ def _run_decompose(
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def _run_check(run: _Run, options: DecomposeOptions) -> CheckResult:
+def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, ...] = ()) -> CheckResult:
     result = check(
         run.model_path,
         verify_mode=run.verify_mode,
@@ -475,4 +498,51 @@ def _run_check(run: _Run, options: DecomposeOptions) -> CheckResult:
         click.echo("no com.microsoft.GroupQueryAttention node")
     verdict = "portable" if result.portable else "NOT portable"
     click.echo(f"{run.model_path}: {verdict} once decomposed")
+    if runtime_names:
+        if any(entry.status == "refused" for entry in result.nodes):
+            click.echo("not run on any runtime: a node is refused")
+            result.runtimes.append({"runtime": None, "version": None, "passed": False,
+                                    "error": "not run: a node is refused"})
+        else:
+            model = model_io.load_model(run.model_path)
+            InferGqaTypesPass()(model)
+            result.runtimes.extend(_run_on_runtimes(run.model_path, model, options, run.nodes, runtime_names))
+        if not result.portable:
+            result.exit_code = EXIT_FAILED
     return result
+
+
+def _run_on_runtimes(
+    model_path: pathlib.Path,
+    model: ir.Model,
+    options: DecomposeOptions,
+    verify_nodes: bool,
+    runtime_names: tuple[str, ...],
+) -> list[dict]:
+    """Runs the rewritten model on each runtime; prints what fails; returns the report's entries."""
+    entries = []
+    for name in dict.fromkeys(runtime_names):
+        result = check_runtime(model, name, options, verify_nodes=verify_nodes)
+        label = f"{name} {result.version}" if result.version else name
+        entry = {"runtime": name, "version": result.version, "passed": result.passed}
+        entries.append(entry)
+        if result.unavailable:
+            click.echo(f"{name}: NOT AVAILABLE: {result.unavailable}")
+            entry["error"] = result.unavailable
+            continue
+        entry["nodes"] = []
+        for node in result.nodes.nodes if result.nodes is not None else ():
+            click.echo(f"{node.name}: on {label}: {_verification_text(node)}")
+            entry["nodes"].append({"name": node.name, "verification": node_verification_json(node)})
+        model_run = result.model
+        if model_run.passed:
+            click.echo(
+                f"{label}: the rewritten model runs a prompt (batch 1, {PROMPT_LENGTH} tokens), "
+                f"max error {model_run.max_error or 0.0:.2g} against the original on ONNX Runtime"
+            )
+        else:
+            click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}")
+        entry["model"] = {"passed": model_run.passed, "max_errors": model_run.max_errors,
+                          "failure": model_run.failure}
+        click.echo(f"{model_path}: {'runs' if result.passed else 'does NOT run'} on {label} once decomposed")
+    return entries

@@ -28,7 +28,7 @@ from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
 
 __all__ = ["REPORT_SCHEMA", "REPORT_SCHEMA_VERSION", "VERIFY_MODES", "CheckResult", "NodeEntry", "check",
-           "ops_left", "report_json"]
+           "node_verification_json", "ops_left", "report_json"]
 
 REPORT_SCHEMA = "gqa-decompose-report"
 REPORT_SCHEMA_VERSION = 1
@@ -73,6 +73,7 @@ class CheckResult:
     output: str | None = None
     error: str | None = None
     exit_code: int | None = None
+    runtimes: list[dict] = dataclasses.field(default_factory=list)  # --check --runtime: one entry each
 
     @property
     def non_standard_ops(self) -> list[str]:
@@ -91,8 +92,10 @@ class CheckResult:
 
     @property
     def portable(self) -> bool:
-        """The CI gate: every GQA node decomposable and verified, and no non-standard op left."""
-        return self.error is None and self.verified and not self.ops_left
+        """The CI gate: every GQA node decomposable and verified, no non-standard op left, and the rewritten
+        model running on every runtime asked for."""
+        runs = all(entry.get("passed") for entry in self.runtimes)
+        return self.error is None and self.verified and not self.ops_left and runs
 
 
 def ops_left(model: ir.Model, *, keep_gqa: set[str] | None = None) -> dict[str, dict[str, int]]:
@@ -233,7 +236,7 @@ def _config_json(spec: GqaSpec | None) -> dict | None:
     }
 
 
-def _node_verification_json(result: NodeVerification | None) -> dict:
+def node_verification_json(result: NodeVerification | None) -> dict:
     if result is None:
         return {"status": "not_run", "reason": None, "max_error": None, "phases": []}
     if result.refused:
@@ -332,9 +335,10 @@ def report_json(result: CheckResult, version: str) -> dict:
                 "config": _config_json(node.spec),
                 "features": node.spec.features() if node.spec else [],
                 "new_nodes": node.new_nodes,
-                "verification": _node_verification_json(node.verification),
+                "verification": node_verification_json(node.verification),
             }
             for node in result.nodes
         ],
         "model_verification": _model_verification_json(result.model_verification, result.verify),
+        "runtimes": result.runtimes,
     }

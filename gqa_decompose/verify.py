@@ -578,8 +578,19 @@ def verify_node_model(
     used_outputs: Sequence[int] | None = None,
     phases: Sequence[Phase] | None = None,
     seed: int = 0,
+    runtime: str | None = None,
+    total_length_from_shape: bool = False,
+    fused_on_runtime: bool = False,
 ) -> NodeVerification:
-    """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits)."""
+    """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits).
+
+    ``runtime`` names the runtime the expansion runs on (see :mod:`gqa_decompose.runtimes`;
+    default ONNX Runtime CPU); the fused node always runs on ONNX Runtime CPU. With
+    ``total_length_from_shape`` the expansion reads ``total_sequence_length`` from an
+    input's shape, as real producers feed it (for runtimes that need every shape to
+    follow from the input shapes). With ``fused_on_runtime`` the GQA node itself, not
+    its expansion, runs on ``runtime``: does the runtime implement GroupQueryAttention?
+    """
     from gqa_decompose.api import decompose
 
     spec = parse_gqa_node(node, options)
@@ -594,28 +605,36 @@ def verify_node_model(
     feed_names = {i: n for i, n in feed_names.items() if n not in {t.name for t in oracle.graph.initializer}}
     if any(_input_given(node, index) for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT)):
         oracle = normalized_oracle_model(oracle, spec)
-    candidate = decompose(
-        extract_node_model(node, opset, ir_version, outputs=used_outputs),
-        **dataclasses.asdict(options or DecomposeOptions()),
-    )
+    candidate = extract_node_model(node, opset, ir_version, outputs=used_outputs)
+    if not fused_on_runtime:
+        candidate = decompose(candidate, **dataclasses.asdict(options or DecomposeOptions()))
     if spec.compute_dtype != ir.DataType.FLOAT:
         atol, rtol = NATIVE_PRECISION_TOLERANCES[spec.dtype]
     else:
         atol, rtol = TOLERANCES[spec.dtype]
     rng = np.random.default_rng(seed)
+    total_length_input = feed_names.get(gqa.TOTAL_SEQUENCE_LENGTH) if total_length_from_shape else None
+    run_candidate, runtime_label = _candidate_runner(candidate, runtime, total_length_input)
     results = []
     for phase in phases if phases is not None else phases_for(node, spec):
         feeds = synthesize_inputs(node, spec, phase, rng, feed_names)
         try:
             if bfloat16:
                 expected = dict(zip(oracle_outputs, _run(oracle, _as_float32(feeds))))
-                got = dict(zip(used_outputs, _run_reference(candidate, feeds)))
             else:
                 expected = dict(zip(oracle_outputs, _run(oracle, feeds)))
-                got = dict(zip(used_outputs, _run(candidate, feeds)))
         except Exception as error:  # an ORT failure is a verification failure, not a crash
             message = str(error).splitlines()[0]
             results.append(PhaseResult(phase, {}, False, f"ONNX Runtime failed: {message}"))
+            continue
+        try:
+            if bfloat16 and runtime is None:
+                got = dict(zip(used_outputs, _run_reference(candidate, feeds)))
+            else:
+                got = dict(zip(used_outputs, run_candidate(feeds)))
+        except Exception as error:  # a runtime's failure is a verification failure, not a crash
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            results.append(PhaseResult(phase, {}, False, f"{runtime_label} failed: {message}"))
             continue
         errors: dict[str, float] = {}
         passed, failure = True, None
@@ -649,6 +668,37 @@ def verify_node_model(
     return NodeVerification(spec.node_name, tuple(results))
 
 
+def _candidate_runner(
+    candidate: onnx.ModelProto, runtime: str | None, total_length_input: str | None = None
+) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], str]:
+    """Runs the expansion on ``runtime`` (loaded once, on first use); and the runtime's label.
+
+    ``total_length_input``: the input whose value is read from a shape instead
+    (:func:`gqa_decompose.runtimes.total_length_from_shape`).
+    """
+    if runtime is None and total_length_input is None:
+        return (lambda feeds: _run(candidate, feeds)), "ONNX Runtime"
+    from gqa_decompose import runtimes
+
+    chosen = runtimes.get_runtime(runtime or "onnxruntime")
+    model = candidate
+    if total_length_input is not None:
+        model = runtimes.total_length_from_shape(candidate, total_length_input)
+    sessions: list = []
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if total_length_input is not None:
+            feeds = runtimes.length_as_shape(feeds, total_length_input)
+        if not sessions:  # a load failure is reported by each phase, like a run failure
+            sessions.append(chosen.load(model))
+        session = sessions[0]
+        wanted = {i.name for i in model.graph.input}
+        outputs = session.run({k: v for k, v in feeds.items() if k in wanted})
+        return [outputs[o.name] for o in model.graph.output]
+
+    return run, chosen.name
+
+
 def _refusal(node: ir.Node, options: DecomposeOptions) -> str | None:
     try:
         parse_gqa_node(node, options)
@@ -676,6 +726,8 @@ def verify(
     *,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    runtime: str | None = None,
+    total_length_from_shape: bool = False,
     **options,
 ) -> VerificationReport:
     """Check each GQA node of ``original`` against its expansion on ONNX Runtime CPU.
@@ -683,6 +735,9 @@ def verify(
     ``original`` is not modified (an ``onnx_ir.Model`` is copied first). When
     ``decomposed`` is given, it must hold no GroupQueryAttention node.
     ``options`` are the :class:`DecomposeOptions` the model was decomposed with.
+    ``runtime`` runs each expansion on another runtime (:mod:`gqa_decompose.runtimes`)
+    instead of ONNX Runtime CPU; the fused node is always run on ONNX Runtime CPU.
+    ``total_length_from_shape``: see :func:`verify_node_model`.
     """
     if isinstance(original, onnx.ModelProto):
         model = ir.serde.deserialize_model(original)
@@ -707,7 +762,8 @@ def verify(
             nodes.append(dataclasses.replace(verified[signature], name=node.name or verified[signature].name))
         else:
             result = verify_node_model(
-                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed
+                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed,
+                runtime=runtime, total_length_from_shape=total_length_from_shape,
             )
             verified[signature] = result
             nodes.append(result)

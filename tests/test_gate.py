@@ -42,7 +42,7 @@ TOP_LEVEL = {
     "schema": str, "schema_version": int, "tool_version": str, "model": str, "mode": str, "status": str,
     "exit_code": int, "error": (str, type(None)), "portable": bool, "output": (str, type(None)),
     "options": dict, "opsets": dict, "ops_left": dict, "non_standard_ops": list, "timings": dict,
-    "nodes": list, "model_verification": dict,
+    "nodes": list, "model_verification": dict, "runtimes": list,
 }
 NODE = {
     "name": str, "scope": str, "status": str, "reason": (str, type(None)), "config": (dict, type(None)),
