@@ -310,3 +310,14 @@ def test_check_api_on_a_builder_model_is_verified_but_not_portable():
 def test_check_api_rejects_an_unknown_verify_mode():
     with pytest.raises(ValueError, match="verify_mode"):
         gqa_decompose.check(TINY_LLAMA, verify_mode="everything")
+
+
+def test_check_with_a_runtime_reports_it_in_the_schema(tiny):
+    report_path = tiny.parent / "report.json"
+    code, out, err = run(tiny, "--check", "--runtime", "reference", "--verify", "model", "--steps", "1",
+                         "--report", report_path)
+    assert code == 0, out + err
+    report = _report(report_path)
+    (entry,) = report["runtimes"]
+    assert entry["runtime"] == "reference" and entry["passed"] is True and entry["model"]["passed"] is True
+    assert report["status"] == "portable" and report["model_verification"]["status"] == "passed"
