@@ -10,8 +10,8 @@ Choices, to stay near a minute on a loaded 2-core CI machine:
   is what is measured, and copying 4.2 GB of zeros is a disk benchmark (90-140 s here). The copy path's memory
   is tested on a 0.5 GB model instead, which already exceeds the memory bound, so a copy that held the
   weights would fail the bound.
-* Peak RSS is the child's own (``os.wait4`` returns its rusage), not RUSAGE_CHILDREN, which would include
-  other tests' children in the same worker.
+* Peak RSS is the child's own VmHWM, reported as it exits: ru_maxrss (RUSAGE_CHILDREN or os.wait4) would
+  include other tests' children, and even the forking worker's size (Linux carries it over at exec).
 * The 4.2 GB output is loaded by ONNX Runtime (which maps external data instead of reading it) with graph
   optimizations off (constant folding would touch every weight) and runs one prompt step; the checker runs
   on the path (its large-model mode). Time: rewrite ~2 s CPU, ORT load ~5-19 s
@@ -22,7 +22,6 @@ Marked ``scale``: it runs by default (CI included); ``-m "not scale"`` skips it 
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -56,16 +55,32 @@ print("ok")
 """
 
 
+# The child reports its own peak RSS (VmHWM of its address space) as it exits. Not ru_maxrss: at exec,
+# Linux carries the forked copy's high-water mark over, so a child of a big pytest worker "peaks" at the
+# worker's size before it has done anything.
+_PEAK_RSS_HOOK = """
+import atexit, sys
+def _report_peak():
+    with open('/proc/self/status') as status:
+        peak = next(line.split()[1] for line in status if line.startswith('VmHWM:'))
+    sys.stderr.write(f'\\npeak-rss-kib {peak}\\n')
+atexit.register(_report_peak)
+"""
+
+
 def _run_measured(*args: str) -> tuple[subprocess.CompletedProcess, float]:
-    """Run a child to completion; returns its result and its own peak RSS in MB."""
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    stdout, stderr = process.stdout.read(), process.stderr.read()
-    process.stdout.close()
-    process.stderr.close()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    return result, usage.ru_maxrss / 1024  # KiB on Linux
+    """Run ``python -m gqa_decompose ARGS`` (or ``-c CODE ARGS``) to completion; returns its result and its
+    own peak RSS in MB."""
+    if args[0] == "-m":
+        code = f"import runpy\nrunpy.run_module({args[1]!r}, run_name='__main__')"
+        rest = args[2:]
+    else:
+        code, rest = args[1], args[2:]
+    result = subprocess.run([sys.executable, "-c", _PEAK_RSS_HOOK + code, *rest], capture_output=True, text=True)
+    lines = result.stderr.splitlines()
+    peak = next(int(line.split()[1]) for line in reversed(lines) if line.startswith("peak-rss-kib "))
+    result.stderr = "\n".join(line for line in lines if not line.startswith("peak-rss-kib "))
+    return result, peak / 1024
 
 
 def _gqa_count(path: pathlib.Path) -> int:
