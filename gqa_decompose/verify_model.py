@@ -395,14 +395,14 @@ def _plan(
     windowed = any(c.window is not None for c in caches)
     padded = batch > 1 and not windowed and not options.growing_kv_cache and bool(caches)
     buffers = [c.capacity for c in caches if c.window is None and c.capacity is not None]
-    if not caches:
-        layout = "no KV cache"
-    elif buffers:
-        layout = f"static buffer of {max(buffers)} rows"
-    else:
-        layout = "growing cache"
+    parts = []
+    if buffers:
+        parts.append(f"static buffer of {max(buffers)} rows")
+    elif any(c.window is None for c in caches):
+        parts.append("growing cache")
     if windowed:
-        layout += ", windowed ring"
+        parts.append("windowed ring")
+    layout = ", ".join(parts) or "no KV cache"
     vocab = _vocab_size(model, config, ids or "", logits)
     return _Plan(
         ids=ids,
