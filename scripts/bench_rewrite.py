@@ -20,8 +20,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import onnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -29,31 +27,15 @@ import make_tiny_llama as tiny  # noqa: E402
 
 
 def build_sparse_model(folder: pathlib.Path, args) -> pathlib.Path:
-    tiny.HIDDEN, tiny.NUM_LAYERS = args.hidden, args.layers
-    tiny.NUM_HEADS, tiny.KV_NUM_HEADS = args.heads, args.kv_heads
-    tiny.HEAD_SIZE = args.hidden // args.heads
-    tiny.INTERMEDIATE, tiny.VOCAB, tiny.MAX_POSITIONS = args.intermediate, args.vocab, 4096
-    data_name = "model.onnx.data"
-    offset = 0
-
-    def external_weight(self, name: str, shape: tuple[int, ...]) -> str:
-        nonlocal offset
-        tensor = onnx.TensorProto(name=name, dims=list(shape), data_type=onnx.TensorProto.FLOAT)
-        length = int(np.prod(shape)) * 4
-        for key, value in (("location", data_name), ("offset", offset), ("length", length)):
-            tensor.external_data.add(key=key, value=str(value))
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        self.initializers.append(tensor)
-        offset += length
-        return name
-
-    tiny.GraphBuilder.weight = external_weight
-    model = tiny.build_model()
-    path = folder / "model.onnx"
-    onnx.save(model, path)
-    with open(folder / data_name, "wb") as data:
-        data.truncate(offset)  # sparse: reads as zeros, takes no disk
-    return path
+    return tiny.write_sparse_model(
+        folder,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        vocab=args.vocab,
+    )
 
 
 def run(command: list[str]) -> tuple[float, float]:
