@@ -443,6 +443,8 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
             raise refuse("--legacy-window contradicts sliding_window_cache=1, which only ORT >= 1.29 knows")
         if kv_bits == 4 and head_size % 32:
             raise refuse(f"a 4-bit windowed KV cache needs head_size % 32 == 0, got {head_size} (ORT rejects it too)")
+        if kv_bits == 8 and head_size % 16:
+            raise refuse(f"an 8-bit windowed KV cache needs head_size % 16 == 0, got {head_size} (ORT rejects it too)")
         capacity = _dims(past_key)[2]
         if isinstance(capacity, int) and capacity < window_attribute:
             raise refuse(f"KV cache capacity {capacity} is smaller than local_window_size {window_attribute}")

@@ -232,13 +232,32 @@ def _ragged(batch: int, longest: int, shortest: int) -> tuple[int, ...]:
     return tuple(max(shortest, longest - 2 * b) for b in range(batch))
 
 
+def _static_dim(node: ir.Node, positions: Sequence[tuple[int, int]]) -> int | str | None:
+    """The size of a dimension several inputs share: the first static one among
+    ``(input, axis)`` positions, else the first one's symbol (a shape may be partial)."""
+    found: list[int | str | None] = []
+    for index, axis in positions:
+        value = node.inputs[index] if index < len(node.inputs) else None
+        dims = _dims(value) if value is not None else None
+        if dims is not None and axis < len(dims):
+            found.append(dims[axis])
+    static = [d for d in found if isinstance(d, int)]
+    if static:
+        return static[0]
+    return found[0] if found else None
+
+
 def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     """The phases a node's static shapes admit, with small sizes for symbolic dims."""
-    query_dims = _dims(node.inputs[gqa.QUERY]) or [None, None, None]
-    batch_dim, query_dim = query_dims[0], query_dims[1]
+    batch_dim = _static_dim(node, [(gqa.QUERY, 0), (gqa.KEY, 0), (gqa.VALUE, 0), (gqa.PAST_KEY, 0),
+                                   (gqa.PAST_VALUE, 0), (gqa.POSITION_IDS, 0)])
+    query_positions = [(gqa.QUERY, 1), (gqa.ATTENTION_BIAS, 2)]
+    if not spec.kv_empty:
+        query_positions += [(gqa.KEY, 1), (gqa.VALUE, 1)]
+    query_dim = _static_dim(node, query_positions)
     past_dim = None
     if spec.has_past:
-        past_dim = (_dims(node.inputs[gqa.PAST_KEY]) or [None] * 4)[2]
+        past_dim = _static_dim(node, [(gqa.PAST_KEY, 2), (gqa.PAST_VALUE, 2)])
     positions_limit = None
     cos = node.inputs[gqa.COS_CACHE] if len(node.inputs) > gqa.COS_CACHE else None
     if cos is not None:

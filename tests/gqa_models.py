@@ -42,13 +42,18 @@ class GqaConfig:
     opset: int = 21
     kv_quant: str | None = None  # PER_TENSOR | PER_CHANNEL
     kv_bits: int = 8  # with kv_quant: 8 (int8 cache) or 4 (uint8, two values a byte)
+    # (B, S, P, T) of the graph inputs, each an int (static) or None (symbolic); overrides static_dims
+    sizes: tuple[int | None, int | None, int | None, int | None] | None = None
 
 
 def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") -> onnx.ModelProto:
     """A model holding one GQA node whose inputs are graph inputs (cos/sin are initializers)."""
     n, nkv, h = config.num_heads, config.kv_num_heads, config.head_size
     elem = _ELEM[config.dtype]
-    if config.static_dims:
+    if config.sizes is not None:
+        symbols = ("batch", "sequence", "past_sequence", "total_sequence")
+        batch, seq, past, total = (symbol if size is None else size for size, symbol in zip(config.sizes, symbols))
+    elif config.static_dims:
         batch, seq, past, total = 2, 5, 8, 5
     else:
         batch, seq, past, total = "batch", "sequence", "past_sequence", "total_sequence"
