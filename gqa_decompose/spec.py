@@ -226,6 +226,9 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
     if unknown:
         raise refuse(f"unknown attribute(s) {unknown}; ONNX Runtime 1.31 rejects them too")
 
+    for required in ("num_heads", "kv_num_heads"):
+        if required not in node.attributes:
+            raise refuse(f"required attribute '{required}' is missing")
     num_heads = int(_attr(node, "num_heads", 0))
     kv_num_heads = int(_attr(node, "kv_num_heads", 0))
     if num_heads <= 0 or kv_num_heads <= 0:
