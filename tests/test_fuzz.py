@@ -177,6 +177,23 @@ def cases(draw, cache_forms: tuple[str, ...]) -> Case:
     )
 
 
+@st.composite
+def models(draw, cache_forms: tuple[str, ...]) -> tuple[Case, ...]:
+    """One layer, or (one draw in four) two layers with the same sizes and cache promise
+    but their own attributes, sharing seqlens_k and total_sequence_length."""
+    first = draw(cases(cache_forms))
+    if draw(st.integers(0, 3)):
+        return (first,)
+    second = draw(cases(cache_forms))
+    second = dataclasses.replace(
+        second,
+        config=dataclasses.replace(second.config, sizes=first.config.sizes),
+        kv_cache=first.kv_cache,
+        defect=None,
+    )
+    return (first, second)
+
+
 # Invalid or contradictory changes to a drawn model; each must be refused or still match ORT.
 DEFECTS = (
     "num_heads not a multiple of kv_num_heads",
@@ -340,19 +357,50 @@ def _oracle_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with present_key/present_value requested: ORT ignores the past without them (§19.3)."""
     oracle = onnx.ModelProto()
     oracle.CopyFrom(model)
-    node = next(n for n in oracle.graph.node if n.op_type == "GroupQueryAttention")
-    outputs = list(node.output) + [""] * (3 - len(node.output))
     graph_outputs = {o.name for o in oracle.graph.output}
-    for index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
-        if not outputs[index]:
-            outputs[index] = f"oracle_{OUTPUT_NAMES[index]}"
-        if outputs[index] not in graph_outputs:
-            oracle.graph.output.append(onnx.ValueInfoProto(name=outputs[index]))
-    del node.output[:]
-    node.output.extend(outputs)
+    for position, node in enumerate(oracle.graph.node):
+        if node.op_type != "GroupQueryAttention":
+            continue
+        outputs = list(node.output) + [""] * (3 - len(node.output))
+        for index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
+            if not outputs[index]:
+                outputs[index] = f"oracle{position}_{OUTPUT_NAMES[index]}"
+            if outputs[index] not in graph_outputs:
+                oracle.graph.output.append(onnx.ValueInfoProto(name=outputs[index]))
+        del node.output[:]
+        node.output.extend(outputs)
     for value in oracle.graph.output:  # the oracle's outputs are typed by ORT itself
         value.ClearField("type")
     return oracle
+
+
+def merge_layers(models: list[onnx.ModelProto]) -> onnx.ModelProto:
+    """One model holding every model's nodes, as layers sharing seqlens_k and total_sequence_length
+    (so the tool builds their masks and positions once); layer i's other names get an ``l<i>.`` prefix."""
+    shared = {"seqlens_k", "total_sequence_length"}
+    merged = onnx.ModelProto()
+    merged.CopyFrom(models[0])
+    for layer, model in enumerate(models[1:], start=1):
+
+        def rename(name: str, prefix: str = f"l{layer}.") -> str:
+            return name if not name or name in shared else prefix + name
+
+        for node in model.graph.node:
+            node.name = rename(node.name)
+            node.input[:] = [rename(n) for n in node.input]
+            node.output[:] = [rename(n) for n in node.output]
+            merged.graph.node.append(node)
+        for tensor in model.graph.initializer:
+            tensor.name = rename(tensor.name)
+            merged.graph.initializer.append(tensor)
+        for value in model.graph.input:
+            if value.name not in shared:
+                value.name = rename(value.name)
+                merged.graph.input.append(value)
+        for value in model.graph.output:
+            value.name = rename(value.name)
+            merged.graph.output.append(value)
+    return merged
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -361,87 +409,103 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def check_against_ort(case: Case, seed: int = 0) -> str:
-    """Decompose the drawn model and compare it with ORT; returns what happened, raises on a mismatch."""
-    model = build_model(case)
+def check_against_ort(layers: Case | tuple[Case, ...], seed: int = 0) -> str:
+    """Decompose the drawn model and compare it with ORT; returns what happened, raises on a mismatch.
+
+    Several cases make one model of several layers; the first case's options apply to all.
+    """
+    layers = (layers,) if isinstance(layers, Case) else layers
+    options = layers[0].options
+    model = merge_layers([build_model(case) for case in layers])
     note(f"model:\n{onnx.printer.to_text(model.graph)}")
     try:
-        decomposed = decompose(model, **dataclasses.asdict(case.options))
+        decomposed = decompose(model, **dataclasses.asdict(options))
     except GqaDecomposeError as error:
         assert "\n" not in str(error), "a refusal is one line"
         return f"refused: {error.reason}"
+    assert not [n for n in decomposed.graph.node if n.domain not in ("", "ai.onnx")]
 
     typed = ir.serde.deserialize_model(model)
     InferGqaTypesPass()(typed)
-    (_, node), = find_gqa_nodes(typed)
-    spec = parse_gqa_node(node, case.options)
-    assert spec.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+    nodes = [node for _, node in find_gqa_nodes(typed)]
+    specs = [parse_gqa_node(node, options) for node in nodes]
     initializers = {t.name for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
-    feed_names = {}
-    for index, name in enumerate(model.graph.node[-1].input):
-        if not name or name in initializers:
-            continue
-        producer = producers.get(name)
-        feed_names[index] = producer.input[0] if producer is not None else name
-    if spec.compute_dtype != ir.DataType.FLOAT:
-        atol, rtol = NATIVE_PRECISION_TOLERANCES[spec.dtype]
-    else:
-        atol, rtol = TOLERANCES[spec.dtype]
+    protos = {n.name: n for n in model.graph.node if n.op_type == "GroupQueryAttention"}
+    graph_outputs = {o.name for o in model.graph.output}
+    feed_names, compared = [], []
+    for node in nodes:
+        proto = protos[node.name]
+        names = {}
+        for index, name in enumerate(proto.input):
+            if name and name not in initializers:
+                producer = producers.get(name)
+                names[index] = producer.input[0] if producer is not None else name
+        feed_names.append(names)
+        compared.append({index: name for index, name in enumerate(proto.output) if name in graph_outputs})
 
-    gqa_proto = model.graph.node[-1]
-    compared = {
-        index: name for index, name in enumerate(gqa_proto.output)
-        if name and name in {o.name for o in model.graph.output}
-    }
+    # Phases every layer admits (they share seqlens_k and total_sequence_length).
+    phases = phases_for(nodes[0], specs[0])
+    for node, spec in zip(nodes[1:], specs[1:]):
+        phases = [phase for phase in phases if phase in phases_for(node, spec)]
+
     oracle = _oracle_model(model)
     oracle_outputs = [o.name for o in oracle.graph.output]
     expected_session = _session(oracle)
     got_session = _session(decomposed)
     got_outputs = [o.name for o in got_session.get_outputs()]
     rng = np.random.default_rng(seed)
-    phases = phases_for(node, spec)
     for phase in phases:
-        feeds = synthesize_inputs(node, spec, phase, rng, feed_names)
+        feeds = {}
+        for node, spec, names in zip(nodes, specs, feed_names):
+            feeds.update(synthesize_inputs(node, spec, phase, rng, names))
         expected = dict(zip(oracle_outputs, expected_session.run(oracle_outputs, feeds)))
         got = dict(zip(got_outputs, got_session.run(got_outputs, feeds)))
-        for index, name in compared.items():
-            want, have = expected[name], got[name]
-            assert want.shape == have.shape, (phase, name, have.shape, want.shape)
-            if spec.kv_bits == 4 and index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
-                want, have = _nibbles(want), _nibbles(have)
-            for want_part, have_part in zip(
-                _defined_elements(index, want.astype(np.float32), spec, phase),
-                _defined_elements(index, have.astype(np.float32), spec, phase),
-            ):
-                same_inf = np.isinf(want_part) & (want_part == have_part)
-                with np.errstate(invalid="ignore"):
-                    difference = np.where(same_inf, 0.0, np.abs(want_part - have_part))
-                difference = np.where(np.isnan(difference), np.inf, difference)
-                bound = atol + rtol * np.abs(np.nan_to_num(want_part))
-                assert not np.any(difference > bound), (
-                    f"{phase.name}: {OUTPUT_NAMES[index]} differs by {float(difference.max()):.3g}"
-                )
+        for spec, outputs in zip(specs, compared):
+            assert spec.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+            if spec.compute_dtype != ir.DataType.FLOAT:
+                atol, rtol = NATIVE_PRECISION_TOLERANCES[spec.dtype]
+            else:
+                atol, rtol = TOLERANCES[spec.dtype]
+            for index, name in outputs.items():
+                want, have = expected[name], got[name]
+                assert want.shape == have.shape, (phase, name, have.shape, want.shape)
+                if spec.kv_bits == 4 and index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
+                    want, have = _nibbles(want), _nibbles(have)
+                for want_part, have_part in zip(
+                    _defined_elements(index, want.astype(np.float32), spec, phase),
+                    _defined_elements(index, have.astype(np.float32), spec, phase),
+                ):
+                    same_inf = np.isinf(want_part) & (want_part == have_part)
+                    with np.errstate(invalid="ignore"):
+                        difference = np.where(same_inf, 0.0, np.abs(want_part - have_part))
+                    difference = np.where(np.isnan(difference), np.inf, difference)
+                    bound = atol + rtol * np.abs(np.nan_to_num(want_part))
+                    assert not np.any(difference > bound), (
+                        f"{phase.name}: {name} differs by {float(difference.max()):.3g}"
+                    )
     return f"matched ORT over {len(phases)} phases" if phases else "no phase fits"
 
 
 # The properties -------------------------------------------------------------------------------
 
 
-def _property(case: Case) -> None:
-    outcome = check_against_ort(case)
+def _property(layers: tuple[Case, ...]) -> None:
+    outcome = check_against_ort(layers)
     note(outcome)
-    if outcome.startswith("refused") and case.defect is None and case.annotations != "partial":
+    valid = all(case.defect is None and case.annotations != "partial" for case in layers)
+    if outcome.startswith("refused") and valid:
         event(f"valid model {outcome}")  # the statistics show these: each should be a known limit
     else:
         event(outcome.split(":")[0] if outcome.startswith("refused") else outcome)
+    event(f"{len(layers)} layer(s)")
 
 
 def _family_test(cache_forms: tuple[str, ...]):
     @PROFILE
-    @given(case=cases(cache_forms))
-    def test(case: Case) -> None:
-        _property(case)
+    @given(layers=models(cache_forms))
+    def test(layers: tuple[Case, ...]) -> None:
+        _property(layers)
 
     return test
 
@@ -456,13 +520,13 @@ test_fuzz_quantized_caches = _family_test(("quantized",))
 # Failing examples the fuzzer found, kept as regressions (phases=explicit: only these run).
 @settings(PROFILE, phases=[Phase.explicit])
 @example(  # verify picked batch 2 from query's unknown batch while key's batch was 1
-    case=Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, sizes=(1, 1, 1, None)),
-              annotations="partial", cleared_dims=(("query", 0),))
+    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, sizes=(1, 1, 1, None)),
+                 annotations="partial", cleared_dims=(("query", 0),)),)
 )
 @example(  # ORT wants head_size % 16 for an 8-bit windowed cache: now refused
-    case=Case(GqaConfig(head_size=8, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),),
-                        kv_quant="PER_TENSOR", kv_bits=8))
+    layers=(Case(GqaConfig(head_size=8, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),),
+                           kv_quant="PER_TENSOR", kv_bits=8)),)
 )
-@given(case=cases(CACHE_FORMS))
-def test_fuzz_regressions(case: Case) -> None:
-    _property(case)
+@given(layers=models(CACHE_FORMS))
+def test_fuzz_regressions(layers: tuple[Case, ...]) -> None:
+    _property(layers)
