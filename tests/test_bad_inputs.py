@@ -249,6 +249,12 @@ def output_replacing_the_inputs_data_file(folder):
     return path, ["-o", folder / "b.onnx"], "would replace .*b.onnx.data, a file of the input model"
 
 
+def output_is_a_link_to_the_input(folder):
+    path = save(gqa_model(), folder / "m.onnx")
+    (folder / "link.onnx").symlink_to(path)
+    return path, ["-o", folder / "link.onnx"], "the output path is the input model's own file"
+
+
 def model_is_a_folder(folder):
     (folder / "model.onnx").mkdir()
     return folder / "model.onnx", [], "model.onnx is a folder, not a model file"
@@ -280,6 +286,7 @@ CORPUS = [
     output_folder_is_a_file,
     output_equal_to_input,
     output_replacing_the_inputs_data_file,
+    output_is_a_link_to_the_input,
     model_is_a_folder,
 ]
 
