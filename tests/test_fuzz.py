@@ -37,6 +37,7 @@ import onnxruntime as ort
 from gqa_models import GqaConfig, make_gqa_model
 from hypothesis import HealthCheck, Phase, event, example, given, note, settings
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
 from onnx import helper
 
 from gqa_decompose import decompose
@@ -60,7 +61,10 @@ _COMMON = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 settings.register_profile("ci", max_examples=70, derandomize=True, **_COMMON)
-settings.register_profile("long", max_examples=1500, derandomize=False, **_COMMON)
+# The long profile keeps failing examples in .hypothesis/ so a rerun replays them first.
+settings.register_profile(
+    "long", max_examples=1500, derandomize=False, **{**_COMMON, "database": DirectoryBasedExampleDatabase(".hypothesis")}
+)
 PROFILE = settings.get_profile(os.environ.get("GQA_FUZZ_PROFILE", "ci"))
 if "GQA_FUZZ_EXAMPLES" in os.environ:
     PROFILE = settings(PROFILE, max_examples=int(os.environ["GQA_FUZZ_EXAMPLES"]))
