@@ -448,11 +448,13 @@ def synthesize_inputs(
         shape = _shaped(dims, {0: batch, 1: heads, 2: query_length, 3: total}, 4)
         bias = rng.standard_normal(shape).astype(np.float32)
         bias[rng.random(shape) < 0.15] = -np.inf
-        # Keep the newest visible key finite so no valid row is masked entirely.
+        # Keep the newest visible key of every batch row finite so no valid row is masked
+        # entirely (ORT's kernels disagree there: 0 or NaN). A bias broadcast over the batch
+        # (dim 0 = 1) serves every row, whose newest keys differ when causal = 0.
         limits = _causal_limits(spec, phase)
-        for b in range(shape[0]):
+        for b in range(batch):
             for s in range(query_length):
-                bias[b, :, s, limits[min(b, batch - 1), s] - 1] = rng.standard_normal()
+                bias[min(b, shape[0] - 1), :, s, limits[b, s] - 1] = rng.standard_normal()
         put(gqa.ATTENTION_BIAS, bias.astype(dtype))
     if gqa.HEAD_SINK in feed_names:
         put(gqa.HEAD_SINK, normal(heads))
