@@ -452,6 +452,25 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         if isinstance(capacity, int) and capacity < window_attribute:
             raise refuse(f"KV cache capacity {capacity} is smaller than local_window_size {window_attribute}")
 
+    # Declared output shapes must agree with what the node writes: the rewrite's ops read
+    # present back, and runtimes trust a graph output's declared shape for the ops that use it.
+    cache_width = head_size // 2 if kv_bits == 4 else head_size
+    expected_dims = {
+        OUTPUT: ("output", {2: num_heads * head_size}, 3),
+        PRESENT_KEY: ("present_key", {1: kv_num_heads, 3: cache_width}, 4),
+        PRESENT_VALUE: ("present_value", {1: kv_num_heads, 3: cache_width}, 4),
+        OUTPUT_QK: ("output_qk", {1: num_heads}, 4),
+    }
+    for index, (label, sizes, rank) in expected_dims.items():
+        if index >= len(node.outputs) or node.outputs[index] is None:
+            continue
+        declared = _dims(node.outputs[index])
+        if declared is None:
+            continue
+        if len(declared) != rank or any(isinstance(declared[a], int) and declared[a] != n for a, n in sizes.items()):
+            wanted = ", ".join(str(sizes.get(a, "?")) for a in range(rank))
+            raise refuse(f"output '{label}' is declared {list(declared)} but the node writes ({wanted})")
+
     present_key_given = len(node.outputs) > PRESENT_KEY and node.outputs[PRESENT_KEY].name != ""
     present_value_given = len(node.outputs) > PRESENT_VALUE and node.outputs[PRESENT_VALUE].name != ""
     if present_key_given != present_value_given:

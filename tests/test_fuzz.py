@@ -35,7 +35,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from gqa_models import GqaConfig, make_gqa_model
-from hypothesis import HealthCheck, Phase, event, example, given, note, settings
+from hypothesis import HealthCheck, event, example, given, note, settings
+from hypothesis import Phase as HypothesisPhase
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 from onnx import helper
@@ -47,10 +48,12 @@ from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.spec import DecomposeOptions, parse_gqa_node
 from gqa_decompose.verify import (
     NATIVE_PRECISION_TOLERANCES,
+    Phase,
     TOLERANCES,
     _defined_elements,
     _nibbles,
     phases_for,
+    quantization_ties_only,
     synthesize_inputs,
 )
 
@@ -473,14 +476,19 @@ def check_against_ort(layers: Case | tuple[Case, ...], seed: int = 0) -> str:
     got_session = _session(decomposed)
     got_outputs = [o.name for o in got_session.get_outputs()]
     rng = np.random.default_rng(seed)
-    for phase in phases:
+
+    def run_phase(phase: Phase) -> tuple[str | None, bool]:
+        """(the first mismatch or None, whether a quantized layer only rounded a tie the other way)."""
         feeds = {}
         for node, spec, names in zip(nodes, specs, feed_names):
             feeds.update(synthesize_inputs(node, spec, phase, rng, names))
         expected = dict(zip(oracle_outputs, expected_session.run(oracle_outputs, feeds)))
         got = dict(zip(got_outputs, got_session.run(got_outputs, feeds)))
+        failure, ties = None, False
         for spec, outputs in zip(specs, compared):
             assert spec.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+            by_index = ({i: expected[n] for i, n in outputs.items()}, {i: got[n] for i, n in outputs.items()})
+            ties |= quantization_ties_only(*by_index, spec, phase)
             if spec.compute_dtype != ir.DataType.FLOAT:
                 atol, rtol = NATIVE_PRECISION_TOLERANCES[spec.dtype]
             else:
@@ -499,9 +507,17 @@ def check_against_ort(layers: Case | tuple[Case, ...], seed: int = 0) -> str:
                         difference = np.where(same_inf, 0.0, np.abs(want_part - have_part))
                     difference = np.where(np.isnan(difference), np.inf, difference)
                     bound = atol + rtol * np.abs(np.nan_to_num(want_part))
-                    assert not np.any(difference > bound), (
-                        f"{phase.name}: {name} differs by {float(difference.max()):.3g}"
-                    )
+                    if failure is None and np.any(difference > bound):
+                        failure = f"{phase.name}: {name} differs by {float(difference.max()):.3g}"
+        return failure, ties
+
+    for phase in phases:
+        for attempt in range(4):
+            failure, ties = run_phase(phase)
+            if failure is None or not ties:
+                break
+            note(f"{failure}: a quantization tie rounded the other way; attempt {attempt + 2} on other inputs")
+        assert failure is None, failure
     return f"matched ORT over {len(phases)} phases" if phases else "no phase fits"
 
 
@@ -536,7 +552,7 @@ test_fuzz_quantized_caches = _family_test(("quantized",))
 
 
 # Failing examples the fuzzer found, kept as regressions (phases=explicit: only these run).
-@settings(PROFILE, phases=[Phase.explicit])
+@settings(PROFILE, phases=[HypothesisPhase.explicit])
 @example(  # verify picked batch 2 from query's unknown batch while key's batch was 1
     layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, sizes=(1, 1, 1, None)),
                  annotations="partial", cleared_dims=(("query", 0),)),)
@@ -547,6 +563,25 @@ test_fuzz_quantized_caches = _family_test(("quantized",))
 )
 @example(  # verify kept a batch-broadcast bias finite only at row 0's newest key: row 1 fully masked, ORT NaN
     layers=(Case(GqaConfig(num_heads=12, kv_num_heads=3, attention_bias="heads", causal=0, kv_empty=True)),)
+)
+@example(  # an int4 level within an fp32 ulp of a rounding tie (x / scale = 2.4999995): ORT 3, we 2
+    layers=(Case(GqaConfig(num_heads=6, kv_num_heads=3, head_size=128, rotary="half", kv_quant="PER_CHANNEL", kv_bits=4)),
+            Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, causal=0, kv_quant="PER_TENSOR")))
+)
+@example(  # kv_num_heads and num_heads doubled: consistent hidden sizes, but present declared with the
+    # old head count; ORT's shape inference trusted it inside the rewrite (MatMul mismatch): now refused
+    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=64, past=False, rotary="half", rotary_dim=16),
+                 defect="kv_num_heads contradicts the hidden sizes"),)
+)
+@example(  # seqlens_k declared (?, 2): verify fed (2, 1)
+    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, rotary="half", local_window_size=1,
+                           extra_attributes=(("sliding_window_cache", 1),), kv_quant="PER_TENSOR",
+                           sizes=(2, None, None, None), seqlens_shape="1B"),
+                 annotations="partial", cleared_dims=(("seqlens_k", 0),)),)
+)
+@example(  # a (1, 1, S, T) bias in decode with window 1: the verify bug above, seen with causal=1
+    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, local_window_size=1, softcap=0.7,
+                           attention_bias="broadcast")),)
 )
 @given(layers=models(CACHE_FORMS))
 def test_fuzz_regressions(layers: tuple[Case, ...]) -> None:
