@@ -311,7 +311,11 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
                     f"{label} hidden size {kv_dims[2]} != kv_num_heads*head_size "
                     f"= {kv_num_heads * head_size} (contradictory head counts?)"
                 )
-        key_length = _dims(key)[1]
+        key_length, value_length = _dims(key)[1], _dims(value)[1]
+        if isinstance(key_length, int) and isinstance(value_length, int) and key_length != value_length:
+            raise refuse(f"key sequence length {key_length} != value sequence length {value_length}")
+        if not isinstance(key_length, int) and isinstance(value_length, int):
+            key_length = value_length  # a partial shape: value's static length tells key's
         if key_length == 0:
             kv_empty = True
         elif not (isinstance(key_length, int) or key_length == query_dims[1]):

@@ -254,6 +254,7 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     query_positions = [(gqa.QUERY, 1), (gqa.ATTENTION_BIAS, 2)]
     if not spec.kv_empty:
         query_positions += [(gqa.KEY, 1), (gqa.VALUE, 1)]
+    query_positions.append((gqa.POSITION_IDS, 1))  # >= S: a valid S when nothing else fixes it
     query_dim = _static_dim(node, query_positions)
     past_dim = None
     if spec.has_past:

@@ -583,6 +583,16 @@ test_fuzz_quantized_caches = _family_test(("quantized",))
     layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, local_window_size=1, softcap=0.7,
                            attention_bias="broadcast")),)
 )
+@example(  # query's S unknown, position_ids (B, 1): verify took S = 5 and ORT rejected position_ids
+    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, packed=True, rotary="half", position_ids=True,
+                           local_window_size=1, extra_attributes=(("sliding_window_cache", 1),),
+                           sizes=(None, 1, 1, None)),
+                 annotations="partial", cleared_dims=(("query", 0), ("query", 1))),)
+)
+@example(  # KV-shared layer whose key length is unknown but value's is 0: taken for a normal layer
+    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, kv_empty=True),
+                 annotations="partial", cleared_dims=(("key", 1),)),)
+)
 @given(layers=models(CACHE_FORMS))
 def test_fuzz_regressions(layers: tuple[Case, ...]) -> None:
     _property(layers)
