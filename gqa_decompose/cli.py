@@ -32,6 +32,7 @@ Examples:
   gqa-decompose model.onnx --check           portability check for CI, writes nothing
   gqa-decompose model.onnx --check --runtime openvino --runtime tract
                                              ... and run the rewritten model on those runtimes
+  gqa-decompose model.onnx --target attention one standard Attention op per node (opset >= 23)
 
 \b
 Exit codes:
@@ -65,6 +66,8 @@ def _verification_json(result: NodeVerification | None) -> dict | None:
         "skipped": result.skipped,
         "refused": result.refused,
         "max_error": result.max_error,
+        "target": result.target,
+        "fallback": result.fallback,
         "phases": [
             {
                 "phase": r.phase.name,
@@ -89,6 +92,15 @@ def _verification_text(result: NodeVerification | None) -> str:
     detail = f"; {'; '.join(failures)}" if failures else ""
     error = f"max error {result.max_error:.2g}" if result.max_error is not None else "no phase ran"
     return f"{status}, {error} over {len(result.results)} phases{detail}"
+
+
+def _target_text(options: DecomposeOptions, target: str, fallback: str | None) -> str:
+    """What the node became, when the user asked for the attention target."""
+    if options.target == "primitives":
+        return ""
+    if fallback is None:
+        return f" (target {target})"
+    return f" (target primitives, fallback: {fallback})"
 
 
 def _write_report(path: pathlib.Path | None, report: dict) -> bool:
@@ -163,6 +175,27 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "fewer casts for GPU runtimes; verified at a looser tolerance (fp16 1e-2, bf16 5e-2).",
 )
 @click.option(
+    "--target",
+    type=click.Choice(["primitives", "attention"]),
+    default="primitives",
+    show_default=True,
+    help="'primitives': MatMul/Softmax/... at the model's opset. 'attention': one standard "
+    "Attention op per node (model opset >= 23; RotaryEmbedding-23 for rotary, TensorScatter-24 for "
+    "the cache at opset 24), so runtimes with a fused Attention kernel use it. A node the op cannot "
+    "express exactly falls back to primitives, said on its line.",
+)
+@click.option(
+    "--strict-target",
+    is_flag=True,
+    help="With --target attention: refuse (exit 2) a node that would fall back to primitives.",
+)
+@click.option(
+    "--raise-opset",
+    is_flag=True,
+    help="With --target attention: raise a model's default-domain opset from 20-22 to 23 (where "
+    "Attention exists) when no op the model uses changes meaning; otherwise its nodes fall back.",
+)
+@click.option(
     "--reuse-data",
     is_flag=True,
     help="Let the output refer to the input's external-data file instead of writing its own "
@@ -181,6 +214,9 @@ def main(
     legacy_window: bool,
     kv_cache: str,
     native_precision: bool,
+    target: str,
+    strict_target: bool,
+    raise_opset: bool,
     reuse_data: bool,
     quiet: bool,
 ) -> None:
@@ -203,6 +239,9 @@ def main(
         static_kv_cache=static_kv_cache,
         growing_kv_cache=kv_cache == "growing",
         native_precision=native_precision,
+        target=target,
+        strict_target=strict_target,
+        raise_opset=raise_opset,
     )
     report: dict = {
         "model": str(model),
@@ -264,9 +303,14 @@ def _run_decompose(
     model_io.check_output_path(model, target, external_data=had_external_data, reuse_input_data=reuse_data)
     model_io.check_output_folder(target)
     original = model.clone() if run_verify else None  # tensors shared: no second load, no weights read
+    opset_before = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     bar, update = _progress_bar("decomposing", quiet)
     with bar:
         decomposed = rewrite(model, options, progress=update)
+    opset_after = model.opset_imports.get("", opset_before)
+    if opset_after != opset_before:
+        report["raised_opset"] = [opset_before, opset_after]
+        click.echo(f"note: default-domain opset raised from {opset_before} to {opset_after} (--raise-opset)")
     if not decomposed:
         click.echo(f"{model_path}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written")
         report["output"] = None
@@ -278,13 +322,16 @@ def _run_decompose(
         failed |= verification is not None and not verification.passed and not verification.skipped
         click.echo(
             f"{entry.name}: decomposed ({', '.join(entry.spec.features())}) into "
-            f"{entry.new_node_count} nodes; {_verification_text(verification)}"
+            f"{entry.new_node_count} nodes{_target_text(options, entry.target, entry.fallback)}; "
+            f"{_verification_text(verification)}"
         )
         report["nodes"].append(
             {
                 "name": entry.name,
                 "scope": entry.scope,
                 "status": "decomposed",
+                "target": entry.target,
+                "fallback": entry.fallback,
                 "features": entry.spec.features(),
                 "new_nodes": entry.new_node_count,
                 "verification": _verification_json(verification),
@@ -332,12 +379,15 @@ def _run_check(
         if verification is not None and not verification.passed and not verification.skipped:
             portable = False
         click.echo(
-            f"{entry.name}: decomposable ({', '.join(entry.spec.features())}); {_verification_text(verification)}"
+            f"{entry.name}: decomposable ({', '.join(entry.spec.features())})"
+            f"{_target_text(options, entry.target, entry.fallback)}; {_verification_text(verification)}"
         )
         report["nodes"].append(
             {
                 "name": entry.name,
                 "status": "decomposable",
+                "target": entry.target,
+                "fallback": entry.fallback,
                 "features": entry.spec.features(),
                 "verification": _verification_json(verification),
             }

@@ -128,7 +128,7 @@ def use_plain_concat_kv_update(monkeypatch) -> None:
     """Sabotage: append the new K/V after the past, as a naive rewrite would."""
     from gqa_decompose.expansion import gqa as expansion
 
-    def concat_update(op, shared, info, past, new, kv_num_heads, static_buffer=False):
+    def concat_update(op, shared, info, past, new, kv_num_heads, static_buffer=False, tensor_scatter=False):
         return op.op("Concat", past, new, axis=2)
 
     monkeypatch.setattr(expansion, "write_new_rows", concat_update)

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
 
-__all__ = ["append_aligned_rows", "present_length", "scatter_indices", "write_new_rows"]
+__all__ = ["append_aligned_rows", "guard_aligned_rows", "present_length", "scatter_indices", "write_new_rows"]
 
 
 def present_length(
@@ -93,16 +93,21 @@ def write_new_rows(
     new_BNSH: ir.Value,
     kv_num_heads: int,
     static_buffer: bool = False,
+    tensor_scatter: bool = False,
 ) -> ir.Value:
     """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b.
 
     With ``static_buffer`` (T <= P promised) the new rows go straight into
-    past: ScatterND's one copy is the only one.
+    past: ScatterND's one copy is the only one. With ``tensor_scatter``
+    (opset >= 24) the write is TensorScatter(base, new, write_indices=c_b), which
+    runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp.
     """
+    base_BNLH = past_BNPH
+    if not static_buffer:
+        base_BNLH = op.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH))
+    if tensor_scatter:
+        return op.op("TensorScatter", base_BNLH, new_BNSH, info.offsets_B, mode="linear")
     indices = scatter_indices(shared, info, kv_num_heads)
-    if static_buffer:
-        return op.op("ScatterND", past_BNPH, indices, new_BNSH)
-    base_BNLH = op.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH))
     return op.op("ScatterND", base_BNLH, indices, new_BNSH)
 
 
@@ -123,6 +128,16 @@ def _aligned_guard(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) 
     return shared.get(("aligned_guard", info, dim_key(past, 2)), build)
 
 
+def guard_aligned_rows(
+    op: OpBuilder, shared: SharedSubgraphs, info: SequenceInfo, past_BNPH: ir.Value, new_BNSH: ir.Value
+) -> ir.Value:
+    """``new_BNSH`` unchanged while the growing-cache promise holds; a Reshape every runtime
+    rejects otherwise, so a broken promise fails loudly instead of writing rows at P."""
+    guard = _aligned_guard(shared, info, past_BNPH)
+    target = op.op("Where", guard, op.op("Shape", new_BNSH), op.ints([-1, -1, -1, -1]))
+    return op.op("Reshape", new_BNSH, target)
+
+
 def append_aligned_rows(
     op: OpBuilder, shared: SharedSubgraphs, info: SequenceInfo, past_BNPH: ir.Value, new_BNSH: ir.Value
 ) -> ir.Value:
@@ -132,6 +147,4 @@ def append_aligned_rows(
     new rows' Reshape target into [-1, -1, -1, -1], which every runtime rejects,
     so a broken promise fails loudly instead of writing rows at the wrong place.
     """
-    guard = _aligned_guard(shared, info, past_BNPH)
-    target = op.op("Where", guard, op.op("Shape", new_BNSH), op.ints([-1, -1, -1, -1]))
-    return op.op("Concat", past_BNPH, op.op("Reshape", new_BNSH, target), axis=2)
+    return op.op("Concat", past_BNPH, guard_aligned_rows(op, shared, info, past_BNPH, new_BNSH), axis=2)
