@@ -114,6 +114,7 @@ def decompose_file(
     model = model_io.load_model(source)
     external_data = bool(model_io.external_tensors(model))
     model_io.check_output_path(model, target, external_data=external_data)
+    model_io.check_output_folder(target)
     decomposed = rewrite(model, options)
     if not decomposed:
         return None, []

@@ -142,7 +142,7 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
 
 
 @click.command(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.argument("model", type=click.Path(path_type=pathlib.Path))  # load_model checks it
 @click.option(
     "-o",
     "--output",
@@ -448,6 +448,7 @@ def _run_decompose(
     result.opsets = opsets(model)
     had_external_data = bool(model_io.external_tensors(model))
     model_io.check_output_path(model, target, external_data=had_external_data, reuse_input_data=reuse_data)
+    model_io.check_output_folder(target)
     verifying = run.verify_mode != "none"
     original = model.clone() if verifying else None  # tensors shared: no second load, no weights read
     started = time.perf_counter()

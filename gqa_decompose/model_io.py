@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 
-__all__ = ["check_output_path", "default_output_path", "genai_shares_kv_buffer", "external_tensors", "load_model", "save_model"]
+__all__ = ["check_output_folder", "check_output_path", "default_output_path", "genai_shares_kv_buffer", "external_tensors", "load_model", "save_model"]
 
 
 def default_output_path(model_path: str | os.PathLike) -> pathlib.Path:
@@ -57,6 +57,7 @@ def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
 
 
 def _check_external_paths(model: ir.Model, folder: pathlib.Path) -> None:
+    """Every external tensor lies inside the model's folder, within its data file's bytes."""
     root = folder.resolve()
     for tensor in external_tensors(model):
         location = pathlib.Path(os.fspath(tensor.location))
@@ -70,8 +71,22 @@ def _check_external_paths(model: ir.Model, folder: pathlib.Path) -> None:
             raise GqaDecomposeError(
                 f"initializer '{tensor.name}' points at external data '{location}', which does not exist"
             )
+        offset = tensor.offset or 0
+        length = tensor.length if tensor.length is not None else tensor.nbytes
+        if length != tensor.nbytes:
+            raise GqaDecomposeError(
+                f"initializer '{tensor.name}' declares {length} bytes of external data "
+                f"but its type and shape need {tensor.nbytes}"
+            )
+        size = resolved.stat().st_size
+        if offset < 0 or offset + length > size:
+            raise GqaDecomposeError(
+                f"initializer '{tensor.name}' needs bytes {offset}..{offset + length} of external data "
+                f"'{location}', which holds {size} bytes (truncated?)"
+            )
 
 
+_PROTOBUF_LIMIT = 2**31  # bytes: protobuf's hard limit on a serialized message
 _SOURCE_FILES = "gqa_decompose.source_files"  # the files load_model read the model from
 
 
@@ -83,14 +98,25 @@ def load_model(path: str | os.PathLike) -> ir.Model:
             to external data outside its folder.
     """
     model_path = pathlib.Path(path).absolute()
+    if model_path.is_dir():
+        raise GqaDecomposeError(f"{model_path} is a folder, not a model file")
     if not model_path.is_file():
         raise GqaDecomposeError(f"no such model file: {model_path}")
+    size = model_path.stat().st_size
+    if size >= _PROTOBUF_LIMIT:
+        # protobuf cannot parse a message of 2 GiB or more; do not read it into memory to find out.
+        raise GqaDecomposeError(
+            f"{model_path} is {size / 2**30:.1f} GiB: a protobuf file of 2 GiB or more cannot be "
+            "an ONNX model (store the weights as external data)"
+        )
     try:
         model = ir.load(model_path)
     except Exception as error:  # protobuf raises several unrelated types
         raise GqaDecomposeError(
             f"cannot read {model_path} as an ONNX model: {type(error).__name__}: {error}".splitlines()[0]
         ) from error
+    if model.ir_version == 0:  # any bytes that parse as a protobuf, an empty file among them
+        raise GqaDecomposeError(f"{model_path} is not an ONNX model (no ir_version; {size} bytes)")
     _check_external_paths(model, model_path.parent)
     model.meta[_SOURCE_FILES] = frozenset(
         {model_path.resolve(), *(pathlib.Path(tensor.path).resolve() for tensor in external_tensors(model))}
@@ -144,6 +170,67 @@ def check_output_path(
         )
 
 
+def check_output_folder(path: str | os.PathLike) -> None:
+    """Refuse an output whose folder cannot be written (checked before any work is done).
+
+    A missing folder is fine (``save_model`` creates it) as long as its nearest
+    existing ancestor is a writable folder. Writability is probed by creating
+    and removing a temporary folder, since permission bits do not bind root.
+    """
+    folder = pathlib.Path(path).absolute().parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GqaDecomposeError(f"cannot write the output into {folder}: {existing} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gqa-decompose-probe.", dir=existing))
+    except OSError as error:
+        raise GqaDecomposeError(
+            f"cannot write the output into {folder}: {error.strerror or error}"
+        ) from None
+
+
+_STAGING_SUFFIX = ".partial"
+
+
+def _staging_prefix(target: pathlib.Path) -> str:
+    return f".{target.name}."
+
+
+def _remove_stale_staging(target: pathlib.Path) -> None:
+    """Remove staging folders that a killed run for the same target left behind.
+
+    A staging folder is named ``.<name>.<pid>.<random>.partial``; it is stale when
+    no process with that pid is alive (a live run's folder is left alone).
+    """
+    prefix = _staging_prefix(target)
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(_STAGING_SUFFIX) and entry.is_dir()):
+            continue
+        pid_text = name[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -164,8 +251,17 @@ def save_model(
     if reuse_input_data:
         external_data = False
     data_name = f"{target.name}.data" if external_data else None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    created = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(target)
+        staging = pathlib.Path(
+            tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.", suffix=_STAGING_SUFFIX, dir=target.parent)
+        )
+    except OSError as error:
+        _remove_folders(created)
+        raise GqaDecomposeError(f"cannot write the output into {target.parent}: {error.strerror or error}") from None
+    saved = False
     try:
         callback = None
         if progress is not None:
@@ -180,6 +276,20 @@ def save_model(
             written.append(target.parent / data_name)
         os.replace(staging / target.name, target)
         written.insert(0, target)
+        saved = True
         return written
+    except OSError as error:
+        raise GqaDecomposeError(f"cannot write {target}: {error.strerror or error}") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not saved:
+            _remove_folders(created)
+
+
+def _remove_folders(folders: list[pathlib.Path]) -> None:
+    """Remove the folders save_model created (deepest first), if they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

@@ -255,6 +255,9 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
     if unknown:
         raise refuse(f"unknown attribute(s) {unknown}; ONNX Runtime 1.31 rejects them too")
 
+    for required in ("num_heads", "kv_num_heads"):
+        if required not in node.attributes:
+            raise refuse(f"required attribute '{required}' is missing")
     num_heads = int(_attr(node, "num_heads", 0))
     kv_num_heads = int(_attr(node, "kv_num_heads", 0))
     if num_heads <= 0 or kv_num_heads <= 0:
@@ -332,7 +335,11 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
                     f"{label} hidden size {kv_dims[2]} != kv_num_heads*head_size "
                     f"= {kv_num_heads * head_size} (contradictory head counts?)"
                 )
-        key_length = _dims(key)[1]
+        key_length, value_length = _dims(key)[1], _dims(value)[1]
+        if isinstance(key_length, int) and isinstance(value_length, int) and key_length != value_length:
+            raise refuse(f"key sequence length {key_length} != value sequence length {value_length}")
+        if not isinstance(key_length, int) and isinstance(value_length, int):
+            key_length = value_length  # a partial shape: value's static length tells key's
         if key_length == 0:
             kv_empty = True
         elif not (isinstance(key_length, int) or key_length == query_dims[1]):
@@ -482,9 +489,30 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
             raise refuse("--legacy-window contradicts sliding_window_cache=1, which only ORT >= 1.29 knows")
         if kv_bits == 4 and head_size % 32:
             raise refuse(f"a 4-bit windowed KV cache needs head_size % 32 == 0, got {head_size} (ORT rejects it too)")
+        if kv_bits == 8 and head_size % 16:
+            raise refuse(f"an 8-bit windowed KV cache needs head_size % 16 == 0, got {head_size} (ORT rejects it too)")
         capacity = _dims(past_key)[2]
         if isinstance(capacity, int) and capacity < window_attribute:
             raise refuse(f"KV cache capacity {capacity} is smaller than local_window_size {window_attribute}")
+
+    # Declared output shapes must agree with what the node writes: the rewrite's ops read
+    # present back, and runtimes trust a graph output's declared shape for the ops that use it.
+    cache_width = head_size // 2 if kv_bits == 4 else head_size
+    expected_dims = {
+        OUTPUT: ("output", {2: num_heads * head_size}, 3),
+        PRESENT_KEY: ("present_key", {1: kv_num_heads, 3: cache_width}, 4),
+        PRESENT_VALUE: ("present_value", {1: kv_num_heads, 3: cache_width}, 4),
+        OUTPUT_QK: ("output_qk", {1: num_heads}, 4),
+    }
+    for index, (label, sizes, rank) in expected_dims.items():
+        if index >= len(node.outputs) or node.outputs[index] is None:
+            continue
+        declared = _dims(node.outputs[index])
+        if declared is None:
+            continue
+        if len(declared) != rank or any(isinstance(declared[a], int) and declared[a] != n for a, n in sizes.items()):
+            wanted = ", ".join(str(sizes.get(a, "?")) for a in range(rank))
+            raise refuse(f"output '{label}' is declared {list(declared)} but the node writes ({wanted})")
 
     present_key_given = len(node.outputs) > PRESENT_KEY and node.outputs[PRESENT_KEY].name != ""
     present_value_given = len(node.outputs) > PRESENT_VALUE and node.outputs[PRESENT_VALUE].name != ""

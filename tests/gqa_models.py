@@ -31,7 +31,7 @@ class GqaConfig:
     softcap: float = 0.0
     smooth_softmax: int | None = None
     head_sink: bool = False
-    attention_bias: str | None = None  # None | "full" | "broadcast" (1, 1, S, T)
+    attention_bias: str | None = None  # None | "full" | "broadcast" (1, 1, S, T) | "heads" (1, N, ..) | "batch" (B, 1, ..)
     position_ids: bool = False
     qk_output: int = 0
     causal: int | None = None
@@ -42,6 +42,11 @@ class GqaConfig:
     opset: int = 21
     kv_quant: str | None = None  # PER_TENSOR | PER_CHANNEL
     kv_bits: int = 8  # with kv_quant: 8 (int8 cache) or 4 (uint8, two values a byte)
+    # (B, S, P, T) of the graph inputs, each an int (static) or None (symbolic); overrides static_dims
+    sizes: tuple[int | None, int | None, int | None, int | None] | None = None
+    seqlens_shape: str = "B"  # B | B1 | 1B: seqlens_k as (B,), (B, 1) or (1, B)
+    total_shape: str = "scalar"  # scalar | 1: total_sequence_length as () or (1,)
+    rotary_as_input: str | None = None  # None (initializers) | "static" | "symbolic": cos/sin as graph inputs
     qk_norm: str = ""  # "", "q", "k" or "qk": which of q_norm_weight / k_norm_weight are given
     qk_norm_constant: bool = True  # norm weights as initializers (as exporters emit) or graph inputs
     qk_norm_epsilon: float | None = None
@@ -51,7 +56,10 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
     """A model holding one GQA node whose inputs are graph inputs (cos/sin are initializers)."""
     n, nkv, h = config.num_heads, config.kv_num_heads, config.head_size
     elem = _ELEM[config.dtype]
-    if config.static_dims:
+    if config.sizes is not None:
+        symbols = ("batch", "sequence", "past_sequence", "total_sequence")
+        batch, seq, past, total = (symbol if size is None else size for size, symbol in zip(config.sizes, symbols))
+    elif config.static_dims:
         batch, seq, past, total = 2, 5, 8, 5
     else:
         batch, seq, past, total = "batch", "sequence", "past_sequence", "total_sequence"
@@ -75,9 +83,15 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
     if config.past:
         add_input(3, "past_key", cache_elem, [batch, nkv, past, cache_width])
         add_input(4, "past_value", cache_elem, [batch, nkv, past, cache_width])
-    add_input(5, "seqlens_k", TensorProto.INT32, [batch])
-    add_input(6, "total_sequence_length", TensorProto.INT32, [])
-    if config.rotary != "off":
+    seqlens_dims = {"B": [batch], "B1": [batch, 1], "1B": [1, batch]}[config.seqlens_shape]
+    add_input(5, "seqlens_k", TensorProto.INT32, seqlens_dims)
+    add_input(6, "total_sequence_length", TensorProto.INT32, [] if config.total_shape == "scalar" else [1])
+    if config.rotary != "off" and config.rotary_as_input:
+        half = (config.rotary_dim or h) // 2
+        dims = [config.positions, half] if config.rotary_as_input == "static" else ["positions", "rotary_half"]
+        add_input(7, "cos_cache", elem, dims)
+        add_input(8, "sin_cache", elem, dims)
+    elif config.rotary != "off":
         half = (config.rotary_dim or h) // 2
         rng = np.random.default_rng(1)
         angles = rng.uniform(-np.pi, np.pi, (config.positions, half))
@@ -94,6 +108,10 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
         add_input(10, "attention_bias", elem, [batch, n, seq, total])
     elif config.attention_bias == "broadcast":
         add_input(10, "attention_bias", elem, [1, 1, seq, total])
+    elif config.attention_bias == "heads":
+        add_input(10, "attention_bias", elem, [1, n, seq, total])
+    elif config.attention_bias == "batch":
+        add_input(10, "attention_bias", elem, [batch, 1, seq, total])
     if config.head_sink:
         add_input(11, "head_sink", elem, [n])
     if config.kv_quant:

@@ -385,7 +385,7 @@ def test_a_save_failing_midway_exits_2_and_leaves_the_folder_as_it_was(tmp_path,
     monkeypatch.setattr(model_io.ir, "save", _failing_save)
     code, _, err = run(source, "-o", out / "x.onnx", "--no-verify")
     assert code == 2
-    assert err.splitlines() == ["error: [Errno 28] No space left on device"]
+    assert err.splitlines() == [f"error: cannot write {out / 'x.onnx'}: No space left on device"]
     assert folder_listing(out) == {"x.onnx"}
     assert (out / "x.onnx").read_bytes() == b"previous model"
 

@@ -226,7 +226,7 @@ def test_a_save_failing_midway_leaves_no_output_and_no_temporary_files(tmp_path,
     out.mkdir()
     (out / "unrelated.txt").write_text("keep me")
     monkeypatch.setattr(model_io.ir, "save", _failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(GqaDecomposeError, match="cannot write .*x.onnx: No space left"):
         model_io.save_model(model, out / "x.onnx", external_data=external_data)
     assert folder_listing(out) == {"unrelated.txt"}
 
@@ -241,7 +241,7 @@ def test_a_save_failing_midway_leaves_an_existing_output_intact(tmp_path, monkey
     (out / "x.onnx").write_bytes(b"previous model")
     (out / "x.onnx.data").write_bytes(b"previous weights")
     monkeypatch.setattr(model_io.ir, "save", _failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(GqaDecomposeError, match="No space left"):
         model_io.save_model(model, out / "x.onnx", external_data=external_data)
     assert (out / "x.onnx").read_bytes() == b"previous model"
     assert (out / "x.onnx.data").read_bytes() == b"previous weights"
@@ -259,3 +259,25 @@ def test_saving_refuses_to_replace_a_file_of_the_input_model(tmp_path, output_na
         model_io.save_model(model, tmp_path / output_name, external_data=True)
     assert {path: sha256(path) for path in hashes} == hashes
     assert folder_listing(tmp_path) == {"a.onnx", "b.onnx.data"}
+
+
+def test_a_save_failing_midway_removes_the_folders_it_created(tmp_path, monkeypatch):
+    model = model_io.load_model(TINY_LLAMA)
+    monkeypatch.setattr(model_io.ir, "save", _failing_save)
+    with pytest.raises(GqaDecomposeError, match="No space left"):
+        model_io.save_model(model, tmp_path / "new" / "deeper" / "x.onnx", external_data=False)
+    assert folder_listing(tmp_path) == set()
+
+
+def test_saving_removes_staging_folders_of_dead_runs_only(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".x.onnx.{int(dead.stdout)}.abc.partial"
+    live = tmp_path / f".x.onnx.{os.getpid()}.def.partial"  # this process: alive
+    other = tmp_path / f".y.onnx.{int(dead.stdout)}.ghi.partial"  # another target's
+    for folder in (stale, live, other):
+        folder.mkdir()
+    model_io.save_model(model_io.load_model(TINY_LLAMA), tmp_path / "x.onnx", external_data=False)
+    assert folder_listing(tmp_path) == {"x.onnx", live.name, other.name}

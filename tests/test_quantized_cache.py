@@ -11,7 +11,7 @@ import itertools
 
 import onnx
 import pytest
-from gqa_models import GqaConfig, make_gqa_model
+from gqa_models import GqaConfig, gqa_node, make_gqa_model
 
 import gqa_decompose
 from gqa_decompose import GqaDecomposeError
@@ -100,3 +100,28 @@ def test_float_past_with_a_quantized_cache_is_refused():
             value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     with pytest.raises(GqaDecomposeError, match="is not the cache type"):
         gqa_decompose.decompose(model)
+
+
+def test_only_off_by_one_levels_at_a_few_elements_count_as_rounding_ties():
+    import numpy as np
+
+    from gqa_decompose.spec import parse_gqa_node
+    from gqa_decompose.verify import Phase, quantization_ties_only
+
+    _, node = gqa_node(make_gqa_model(GqaConfig(kv_quant="PER_TENSOR", kv_bits=8)))
+    spec = parse_gqa_node(node)
+    phase = Phase("decode", 1, 1, 8, 9, (9,))
+    levels = np.random.default_rng(0).integers(-100, 100, (1, 2, 9, 16)).astype(np.int8)
+    output = np.zeros((1, 1, 64), np.float32)
+
+    def ties(changed: np.ndarray) -> bool:
+        return quantization_ties_only({0: output, 1: levels, 2: levels}, {0: output, 1: changed, 2: levels}, spec, phase)
+
+    one_flip, two_steps, many_flips = levels.copy(), levels.copy(), levels.copy()
+    one_flip[0, 1, 3, 7] += 1
+    two_steps[0, 1, 3, 7] += 2
+    many_flips[0, :, :, :4] += 1
+    assert ties(one_flip)
+    assert not ties(two_steps)
+    assert not ties(many_flips)
+    assert not ties(levels)  # no flip: a failure elsewhere is a real one

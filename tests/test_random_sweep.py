@@ -1,4 +1,6 @@
-"""A seeded random sweep over feature combinations the hand-written grids do not list, against ORT CPU.
+"""A seeded random sweep over feature combinations, expanded for the Attention-op target, against ORT CPU.
+
+(The default GQA target is fuzzed with hypothesis over a larger space: tests/test_fuzz.py.)
 
 Each seed draws one valid configuration (respecting what ORT's CPU kernel accepts) from every axis
 at once: heads, head size, packing, rotary, dtype, window, softcap, sink, bias, position_ids,
@@ -17,10 +19,6 @@ from gqa_models import GqaConfig, gqa_node, make_gqa_model
 
 from gqa_decompose.spec import DecomposeOptions
 from gqa_decompose.verify import verify_node_model
-
-# GQA_SWEEP_SEEDS=600 for a longer local sweep (600 passed when this was written).
-SEEDS = range(int(os.environ.get("GQA_SWEEP_SEEDS", "150")))
-
 
 def draw(seed: int) -> tuple[GqaConfig, DecomposeOptions]:
     rng = random.Random(seed)
@@ -74,18 +72,6 @@ def draw(seed: int) -> tuple[GqaConfig, DecomposeOptions]:
         static_kv_cache=promise == "static", growing_kv_cache=promise == "growing"
     )
     return config, options
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_random_configuration_matches_ort(seed):
-    config, options = draw(seed)
-    model = make_gqa_model(config)
-    _, node = gqa_node(model)
-    result = verify_node_model(node, config.opset, model.ir_version, options, seed=seed)
-    if result.skipped:
-        pytest.skip(f"no phase fits: {config}")
-    failures = [f"{r.phase.name}: {r.failure}" for r in result.results if not r.passed]
-    assert not failures, (config, options, failures)
 
 
 # The attention target over the same draws (opset 23 or 24, strict: a fallback fails).
