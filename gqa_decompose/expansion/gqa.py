@@ -24,17 +24,21 @@ import dataclasses
 import onnx_ir as ir
 
 from gqa_decompose import spec as gqa
-from gqa_decompose.expansion.attention import attend
+from gqa_decompose.expansion.attention import ReadPlan, attend
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.kv_cache import (
     append_aligned_rows,
     present_length,
+    read_length,
+    update_cache,
     write_new_rows,
 )
 from gqa_decompose.expansion.mask import (
+    causal_row_blocks,
     concat_key_positions,
     dense_key_positions,
     mask_bias,
+    row_block_min_queries,
     visibility_mask,
 )
 from gqa_decompose.expansion.quantized_cache import dequantize, quantize
@@ -114,6 +118,8 @@ class _KeyColumns:
     length: ir.Value | None  # K when column j holds position j; None otherwise
     present_key: ir.Value | None
     present_value: ir.Value | None
+    cut: ir.Value | None = None  # 0-D bool: read only keys[:, :, :cut_end] (then K = cut end)
+    cut_end: ir.Value | None = None
 
 
 def _key_columns(
@@ -145,9 +151,9 @@ def _key_columns(
         if spec.present_used:
             present_key = op.op("Identity", past_key)
             present_value = op.op("Identity", past_value)
-        keys, values, length = _longest_rows(op, shared, info, past_key, past_value)
-        positions = dense_key_positions(shared, length, ("longest_row", info))
-        return _KeyColumns(keys, values, positions, length, present_key, present_value)
+        return _buffer_columns(
+            shared, info, past_key, past_key, past_value, present_key, present_value, ("past", dim_key(past_key, 2))
+        )
     new_key, new_value = new_rows
     if spec.sliding_window_cache:
         keys = op.op("Concat", past_key, new_key, axis=2)
@@ -166,18 +172,18 @@ def _key_columns(
         positions = dense_key_positions(shared, length, ("present_length", info, dim_key(past_key, 2), False))
         return _KeyColumns(present_key, present_value, positions, length, present_key, present_value)
     if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache:
-        static = spec.static_kv_cache
-        present_key = write_new_rows(op, shared, info, past_key, new_key, spec.kv_num_heads, static)
-        present_value = write_new_rows(op, shared, info, past_value, new_value, spec.kv_num_heads, static)
-        if static:
-            keys, values, length = _longest_rows(op, shared, info, present_key, present_value)
-            length_key = ("longest_row", info)
+        if spec.static_kv_cache:
+            present_key = write_new_rows(op, shared, info, past_key, new_key, spec.kv_num_heads, True)
+            present_value = write_new_rows(op, shared, info, past_value, new_value, spec.kv_num_heads, True)
+            rows_key = ("past", dim_key(past_key, 2))
         else:
-            keys, values = present_key, present_value
-            length = present_length(shared, info, past_key)
-            length_key = ("present_length", info, dim_key(past_key, 2), False)
-        positions = dense_key_positions(shared, length, length_key)
-        return _KeyColumns(keys, values, positions, length, present_key, present_value)
+            present_key, present_value = update_cache(
+                op, shared, info, (past_key, past_value), (new_key, new_value), spec.kv_num_heads
+            )
+            rows_key = ("present_length", dim_key(past_key, 2))
+        return _buffer_columns(
+            shared, info, past_key, present_key, present_value, present_key, present_value, rows_key
+        )
     keys = op.op("Concat", past_key, new_key, axis=2)
     values = op.op("Concat", past_value, new_value, axis=2)
     positions = concat_key_positions(shared, info, past_key)
@@ -208,21 +214,29 @@ def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: i
     )
 
 
-def _longest_rows(
-    op: OpBuilder, shared: SharedSubgraphs, info, keys: ir.Value, values: ir.Value
-):
-    """Keys and values cut to the rows any batch row can see, max_b t_b, and that length.
+def _buffer_columns(
+    shared: SharedSubgraphs,
+    info,
+    past_key: ir.Value,
+    keys: ir.Value,
+    values: ir.Value,
+    present_key: ir.Value | None,
+    present_value: ir.Value | None,
+    rows_key: tuple,
+) -> _KeyColumns:
+    """Dense key columns of a buffer that may hold more rows than any query sees.
 
-    A static buffer holds P rows of which only t_b are valid; attending over
-    the rest would cost as much as the whole buffer at every step.
+    The buffer has max(P, T) rows (P for past itself); attention reads them
+    all or, when that is much more than the longest row, a copy of that row's
+    length (chosen at run time, see :func:`read_length`).
     """
-
-    def build(builder: OpBuilder) -> ir.Value:
-        return builder.op("ReduceMax", info.total_lengths_B, keepdims=0)
-
-    longest = shared.get(("longest_row", info), build)
-    end_1 = op.to_vector(longest)
-    return op.slice(keys, 0, end_1, axis=2), op.slice(values, 0, end_1, axis=2), longest
+    if rows_key[0] == "past":
+        buffer_rows = shared.get(("past_rows", rows_key), lambda builder: builder.dim(past_key, 2))
+    else:
+        buffer_rows = present_length(shared, info, past_key)
+    cut, length, cut_end = read_length(shared, info, buffer_rows, rows_key)
+    positions = dense_key_positions(shared, length, ("read_length", info, rows_key))
+    return _KeyColumns(keys, values, positions, length, present_key, present_value, cut, cut_end)
 
 
 def _gather_columns(op: OpBuilder, info, bias: ir.Value, key_positions: ir.Value) -> ir.Value:
@@ -312,6 +326,12 @@ def expand_gqa(
     elif bias is not None:
         # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
         bias_BNSK = _fit_columns(op, _to_compute(op, bias, spec), info.total_length, columns.length)
+    plan = ReadPlan(columns.cut, columns.cut_end)
+    query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
+    long_queries_possible = not isinstance(query_length, int) or query_length >= row_block_min_queries()
+    if columns.length is not None and spec.causal and long_queries_possible:
+        use, blocks = causal_row_blocks(shared, info, columns.length)
+        plan = dataclasses.replace(plan, use_row_blocks=use, row_blocks=blocks)
     attention = attend(
         op,
         query_BNSH,
@@ -328,8 +348,10 @@ def expand_gqa(
         smooth_softmax=spec.smooth_softmax,
         head_sink_N=_input(node, gqa.HEAD_SINK),
         may_mask_whole_rows=bias is not None or spec.local_window_size == 0,
-        want_scores=spec.qk_output == 1,
+        want_scores=spec.output_qk_used and spec.qk_output == 1,
+        want_probs=spec.output_qk_used and spec.qk_output == 2,
         dtype=spec.compute_dtype,
+        plan=plan,
     )
     output = _from_compute(op, attention.output_BSD, spec)
 

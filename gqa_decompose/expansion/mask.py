@@ -21,7 +21,21 @@ import onnx_ir as ir
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
 
-__all__ = ["concat_key_positions", "dense_key_positions", "mask_bias", "visibility_mask"]
+__all__ = [
+    "ROW_BLOCKS",
+    "ROW_BLOCK_MIN_QUERIES",
+    "causal_row_blocks",
+    "row_block_min_queries",
+    "concat_key_positions",
+    "dense_key_positions",
+    "mask_bias",
+    "visibility_mask",
+]
+
+# Prefill splits the queries into this many causal row blocks once S reaches the minimum;
+# below it (and in decode) one block is cheaper than the extra ops.
+ROW_BLOCKS = 4
+ROW_BLOCK_MIN_QUERIES = 256
 
 # Larger than any real position, so an unused past row is never visible.
 _NEVER_VISIBLE = 2**62
@@ -128,3 +142,39 @@ def mask_bias(
         )
 
     return shared.get(("mask_bias", visible_B1SK, dtype), build)
+
+
+def row_block_min_queries() -> int:
+    """The shortest query block split into causal row blocks."""
+    return max(ROW_BLOCK_MIN_QUERIES, ROW_BLOCKS)
+
+
+def causal_row_blocks(
+    shared: SharedSubgraphs, info: SequenceInfo, key_length: ir.Value
+) -> tuple[ir.Value, tuple[tuple[ir.Value, ir.Value, ir.Value], ...]]:
+    """(use, blocks): whether S is long enough for row blocks, and each block's rows and key end.
+
+    For dense key columns (column j holds position j). Block i holds query rows
+    [floor(i*S/n), floor((i+1)*S/n)), never empty since S >= n when used. Row s
+    of batch row b sees no column at or after c_b + s + 1, so the block needs
+    only the columns before min(K, max_b c_b + row end). All values are 1-D [1]
+    int64 (``use`` is a 0-D bool), built once per model.
+    """
+
+    def build_rows(op: OpBuilder):
+        use = op.op("GreaterOrEqual", info.query_length, op.int_scalar(row_block_min_queries()))
+        bounds = [
+            op.to_vector(op.op("Div", op.op("Mul", info.query_length, op.int_scalar(i)), op.int_scalar(ROW_BLOCKS)))
+            for i in range(ROW_BLOCKS + 1)
+        ]
+        largest_offset_1 = op.op("ReduceMax", info.offsets_B, keepdims=1)
+        return use, bounds, largest_offset_1
+
+    use, bounds, largest_offset_1 = shared.get(("row_block_rows", info), build_rows)
+
+    def build_key_ends(op: OpBuilder):
+        key_length_1 = op.to_vector(key_length)
+        return [op.op("Min", key_length_1, op.op("Add", largest_offset_1, end)) for end in bounds[1:]]
+
+    key_ends = shared.get(("row_block_key_ends", info, key_length), build_key_ends)
+    return use, tuple(zip(bounds[:-1], bounds[1:], key_ends))
