@@ -133,12 +133,13 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     type=click.Choice(["auto", "static", "growing", "any"]),
     default="auto",
     show_default=True,
-    help="'static': promise past is always a max-length buffer (T <= past length). "
-    "'growing': promise past grows by the new rows (T = past + new) and batch rows are "
-    "aligned after the first prompt (batch 1, or equal lengths). Either saves one copy of the "
-    "cache per layer and step; a run that breaks the promise fails instead of computing "
-    "anything wrong. 'any': growing or static, ragged or not, decided at run time. 'auto': "
-    "static when a genai_config.json beside MODEL sets past_present_share_buffer, else any.",
+    help="'any': growing or static, ragged or not, decided at run time, one copy of the cache "
+    "per layer and step (two for a ragged growing batch). 'static': promise past is always a "
+    "max-length buffer (T <= past length); 'growing': promise past grows by the new rows "
+    "(T = past + new) with batch rows aligned after the first prompt. A promise emits only its "
+    "path; a run that breaks it fails instead of computing anything wrong. With 'static' or "
+    "'any', a runtime that binds present to past gets an in-place write. 'auto': "
+"static when a genai_config.json beside MODEL sets past_present_share_buffer, else any.",
 )
 @click.option(
     "--native-precision",

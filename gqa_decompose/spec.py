@@ -72,13 +72,16 @@ class DecomposeOptions:
             a few fp16/bf16 ulps of ORT instead of matching its rounding.
         static_kv_cache: promise that past is always a max-length buffer
             (T <= P), as onnxruntime-genai's past_present_share_buffer gives it:
-            one cache copy less per layer and step. A growing cache then fails
-            at run time (ScatterND index out of range) instead of computing
-            anything wrong.
+            present is ScatterND(past, new rows) without the run-time choice of
+            the default (in place when present is bound to past). A growing
+            cache then fails at run time (ScatterND index out of range) instead
+            of computing anything wrong.
         growing_kv_cache: promise that past grows by the new rows (T = P + S)
             and every batch row is as long as the longest after a first prompt
-            (batch 1, or equal lengths): present is then Concat(past, new), one
-            copy. A run that breaks the promise fails (a guarded Reshape).
+            (batch 1, or equal lengths): present is then Concat(past, new)
+            without the run-time choice. A run that breaks the promise fails (a
+            guarded Reshape). Without either promise the cache form is chosen
+            at run time, one copy except for a ragged growing batch.
     """
 
     legacy_window: bool = False

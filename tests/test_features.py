@@ -200,12 +200,11 @@ def _prompt_phases(past_rows: int) -> list[Phase]:
     ]
 
 
-@pytest.fixture(params=[4, 3], ids=["4 blocks", "3 blocks"])
+@pytest.fixture(params=[((4, 4),), ((8, 3), (4, 2))], ids=["4 blocks", "3 or 2 blocks"])
 def small_row_blocks(request, monkeypatch):
     from gqa_decompose.expansion import mask
 
-    monkeypatch.setattr(mask, "ROW_BLOCKS", request.param)
-    monkeypatch.setattr(mask, "ROW_BLOCK_MIN_QUERIES", 4)
+    monkeypatch.setattr(mask, "ROW_BLOCK_TIERS", request.param)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from test_grid import assert_matches_ort
 
 import gqa_decompose
-from gqa_decompose.expansion.mask import ROW_BLOCKS, row_block_min_queries
+from gqa_decompose.expansion.mask import ROW_BLOCK_TIERS, row_block_min_queries
 
 MODELS = pathlib.Path(__file__).parent.parent / "models"
 TINY_LLAMA = MODELS / "tiny-llama-gqa.onnx"
@@ -81,8 +81,8 @@ def test_grouped_query_heads_are_folded_into_gemm_rows(tiny_llama_decomposed):
         if node.op_type == "MatMul" and producers.get(node.input[1]) is not None
         and producers[node.input[1]].op_type == "Transpose"
     ]
-    # Per layer: one per causal row block, one each for the whole and the cut buffer.
-    assert len(score_matmuls) == 2 * (ROW_BLOCKS + 2)
+    # Per layer: one per causal row block of each tier, one each for the whole and the cut buffer.
+    assert len(score_matmuls) == 2 * (sum(blocks for _, blocks in ROW_BLOCK_TIERS) + 2)
     for matmul in score_matmuls:
         transpose = producers[matmul.input[1]]
         assert list(transpose.attribute[0].ints) == [0, 1, 3, 2]
@@ -312,11 +312,12 @@ def _softmax_count(graph: onnx.GraphProto) -> int:
 
 
 def _row_block_ifs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """If nodes choosing between causal row blocks (then) and one full-width block (else)."""
+    """If nodes choosing causal row blocks (then) over fewer blocks or one full-width block (else)."""
+    producers = _producers(model)
     return [
         node
         for node in all_nodes(model.graph)
-        if node.op_type == "If" and _softmax_count(node.attribute[0].g) == ROW_BLOCKS
+        if node.op_type == "If" and producers[node.input[0]].op_type == "GreaterOrEqual"
     ]
 
 
@@ -324,20 +325,23 @@ def _row_block_ifs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def test_long_prompts_use_causal_row_blocks_and_decode_does_not(kv_cache):
     options = {"static": {"static_kv_cache": True}, "growing": {"growing_kv_cache": True}}.get(kv_cache, {})
     decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(rotary="half")), **options)
-    (choice,) = _row_block_ifs(decomposed)
+    choices = _row_block_ifs(decomposed)
+    assert len(choices) == len(ROW_BLOCK_TIERS)
     producers = _producers(decomposed)
-    condition = producers[choice.input[0]]
-    assert condition.op_type == "GreaterOrEqual"  # S >= the minimum, decided at run time
     constants = {n.output[0]: n for n in decomposed.graph.node if n.op_type == "Constant"}
-    threshold = onnx.numpy_helper.to_array(constants[condition.input[1]].attribute[0].t)
-    assert threshold == row_block_min_queries()
-    then_branch, else_branch = choice.attribute[0].g, choice.attribute[1].g
-    # Each block slices its queries and the keys it can see; decode's branch has no block.
-    then_slices = [n for n in then_branch.node if n.op_type == "Slice"]
-    assert len(then_slices) >= 4 * ROW_BLOCKS
-    assert [n.op_type for n in then_branch.node].count("Concat") == ROW_BLOCKS * 2 + 1
-    # decode: one attention, or two behind a cut of a long buffer (a max-length buffer)
-    assert _softmax_count(else_branch) == (1 if kv_cache == "growing" else 2)
+    thresholds = []
+    for choice, (_, blocks) in zip(choices, ROW_BLOCK_TIERS):
+        condition = producers[choice.input[0]]  # S >= the tier's minimum, decided at run time
+        thresholds.append(int(onnx.numpy_helper.to_array(constants[condition.input[1]].attribute[0].t)))
+        then_branch = choice.attribute[0].g
+        # Each block slices its queries, the keys and values it can see, and the mask rows.
+        assert [n.op_type for n in then_branch.node].count("Softmax") == blocks
+        assert [n.op_type for n in then_branch.node].count("Slice") >= 4 * blocks
+    assert thresholds == sorted(thresholds, reverse=True) and thresholds[-1] == row_block_min_queries()
+    # Below the last tier (decode): one attention, or two behind a cut of a long buffer.
+    decode_branch = choices[-1].attribute[1].g
+    assert _softmax_count(decode_branch) == (1 if kv_cache == "growing" else 2)
+    assert "GreaterOrEqual" not in {producers[n.input[0]].op_type for n in all_nodes(decode_branch) if n.op_type == "If"}
 
 
 def test_short_static_queries_and_output_qk_get_no_row_blocks():

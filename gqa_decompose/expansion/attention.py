@@ -15,11 +15,24 @@ S query length, K key columns, H head size. All in the compute type (fp32 by def
 No KV head is ever repeated: each group's G query heads become G*S rows of
 one GEMM against its shared KV head, and the key Transpose feeds the MatMul
 directly so ONNX Runtime fuses it with the scale into one FusedMatMul.
+
+Which key columns are read is chosen at run time (:class:`ReadPlan`), each
+choice an If whose branches hold the whole attention (a large tensor passed
+through a branch would be copied):
+
+* S >= the row-block minimum (a long prompt): causal row blocks, block i
+  attending only to the columns its last row can see, so the masked upper
+  triangle is not computed; shorter S (decode) takes the other branch and
+  pays nothing but the If;
+* a buffer holding more than twice the rows any query sees (a max-length
+  buffer early in generation): a copy of the first max_b t_b rows instead
+  of attending over the whole buffer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import onnx_ir as ir
 
@@ -62,15 +75,15 @@ class ReadPlan:
             query can see (a max-length buffer early in generation); attention
             then reads a copy of the first ``cut_end`` rows instead of them all.
         cut_end: 1-D int64 [1], the key columns read when ``cut``.
-        use_row_blocks: 0-D bool, or None: True for long query blocks (prefill).
-        row_blocks: (row start, row end, key end) per causal row block, each
-            1-D int64 [1]: rows [start, end) see no key column at or after key end.
+        row_block_tiers: (use, blocks) per tier, longest first: ``use`` (0-D
+            bool) is True when S reaches the tier; each block is (row start,
+            row end, key end), 1-D int64 [1]: rows [start, end) see no key
+            column at or after key end.
     """
 
     cut: ir.Value | None = None
     cut_end: ir.Value | None = None
-    use_row_blocks: ir.Value | None = None
-    row_blocks: tuple[tuple[ir.Value, ir.Value, ir.Value], ...] = ()
+    row_block_tiers: tuple[tuple[ir.Value, tuple[tuple[ir.Value, ir.Value, ir.Value], ...]], ...] = ()
 
 
 def _attend_dense(
@@ -216,19 +229,26 @@ def attend(
 
         return builder.if_else(plan.cut, cut, lambda inner: dense(inner, keys_BNkvKH, values_BNkvKH))
 
-    if plan.use_row_blocks is None or want_scores or want_probs:
-        results = list(full_width(op))
-    else:
+    def row_blocks(tiers) -> Callable[[OpBuilder], list[ir.Value]]:
+        """The first tier S reaches splits into its blocks; below every tier, one block."""
+        if not tiers:
+            return full_width
+        (use, blocks), lower = tiers[0], tiers[1:]
 
-        def blocks(builder: OpBuilder) -> list[ir.Value]:
+        def split(builder: OpBuilder) -> list[ir.Value]:
             return [
                 _attend_row_blocks(
                     builder, query_BNSH, keys_BNkvKH, values_BNkvKH, mask_bias_B1SK, bias_BNSK,
-                    plan.row_blocks, **options,
+                    blocks, **options,
                 )
             ]
 
-        results = list(op.if_else(plan.use_row_blocks, blocks, full_width))
+        return lambda builder: list(builder.if_else(use, split, row_blocks(lower)))
+
+    if want_scores or want_probs:
+        results = list(full_width(op))
+    else:
+        results = list(row_blocks(plan.row_block_tiers)(op))
     output = results.pop(0)
     scores = results.pop(0) if want_scores else None
     probs = results.pop(0) if want_probs else None

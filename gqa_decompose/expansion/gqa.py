@@ -8,13 +8,16 @@ The story, top-down::
     query (packed [B, S, (N+2Nkv)H] or [B, S, D]) -> q [B,S,N,H], k/v [B,S,Nkv,H]
     fp32 rotary on q and k, rounded back to the model's type (k goes into present)
     new rows -> the cache's type (the model's, or int8/int4 quantized)
-    present  = past with the new rows scattered at c_b    (no past: the new rows)
+    present  = past with the new rows at c_b: Concat, ScatterND into past, or Pad + ScatterND,
+               chosen at run time unless promised    (no past: the new rows)
     visible  = the shared causal/window mask over each key column's position   [B, 1, S, K]
-    output   = attend(q, keys, values) in fp32, cast back once to the model's type
+    output   = attend(q, keys, values) in fp32, cast back once to the model's type;
+               causal row blocks for long prompts, a cut of long buffers (run-time Ifs)
 
 Which columns attention reads depends on the cache (see ``_key_columns``):
-present rows, the longest row of a static buffer, or Concat(past, new) for a
-windowed cache and for layers whose present nobody reads.
+present rows (all, or those of the longest row when a buffer holds many more),
+or Concat(past, new) for a windowed cache and for layers whose present nobody
+reads.
 """
 
 from __future__ import annotations
@@ -133,11 +136,12 @@ def _key_columns(
     """Choose how present is built and which columns attention reads (semantics doc §3-4, §11-12).
 
     * no past: the new rows are present and the keys;
-    * shared KV (empty key/value): the past rows any batch row can see;
+    * shared KV (empty key/value): the past rows (cut at run time to the longest row);
     * windowed cache: Concat(past, new), present gathered from the latest positions;
-    * present read (or needed for bias/qk_output), or a static buffer: present with the
-      new rows scattered at c_b; a static buffer is then cut to the longest row;
     * growing-cache promise: present = Concat(past, new), guarded;
+    * present read (or needed for bias/qk_output), or a static buffer: present with the
+      new rows at c_b (chosen at run time, or ScatterND into past under the static
+      promise); attention reads it whole or cut to the longest row (run time);
     * nobody reads present: Concat(past, new) with each column's position; no KV write.
     """
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
@@ -330,8 +334,7 @@ def expand_gqa(
     query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
     long_queries_possible = not isinstance(query_length, int) or query_length >= row_block_min_queries()
     if columns.length is not None and spec.causal and long_queries_possible:
-        use, blocks = causal_row_blocks(shared, info, columns.length)
-        plan = dataclasses.replace(plan, use_row_blocks=use, row_blocks=blocks)
+        plan = dataclasses.replace(plan, row_block_tiers=causal_row_blocks(shared, info, columns.length))
     attention = attend(
         op,
         query_BNSH,

@@ -10,7 +10,10 @@ Lp = max(P, T) present rows, c_b the first new row of batch row b
     present = ScatterND(base, (b, n, c_b + s), new)  new: [B, Nkv, S, H]
 
 A plain Concat(past, new) is wrong for ragged batches and static buffers: the
-new rows of row b go at c_b, never at P. Rows >= t_b keep whatever the base
+new rows of row b go at c_b, never at P. Without a promise about the cache,
+:func:`update_cache` picks one copy at run time: Concat when every row's new
+rows go at P, ScatterND straight into past when T <= P (in place for a
+runtime that binds present to past), Pad + ScatterND otherwise. Rows >= t_b keep whatever the base
 held; no later step reads them (ONNX Runtime zeroes them, or keeps them when
 present and past share one buffer).
 """

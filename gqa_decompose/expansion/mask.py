@@ -22,8 +22,7 @@ from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
 
 __all__ = [
-    "ROW_BLOCKS",
-    "ROW_BLOCK_MIN_QUERIES",
+    "ROW_BLOCK_TIERS",
     "causal_row_blocks",
     "row_block_min_queries",
     "concat_key_positions",
@@ -32,10 +31,10 @@ __all__ = [
     "visibility_mask",
 ]
 
-# Prefill splits the queries into this many causal row blocks once S reaches the minimum;
-# below it (and in decode) one block is cheaper than the extra ops.
-ROW_BLOCKS = 4
-ROW_BLOCK_MIN_QUERIES = 256
+# (minimum S, blocks), longest first: a prompt of S queries is split into the blocks of the
+# first tier it reaches. More blocks skip more of the masked triangle ((n - 1) / 2n of it)
+# but cost more ops; below the last tier (and in decode) one block is cheapest.
+ROW_BLOCK_TIERS = ((1024, 16), (128, 4))
 
 # Larger than any real position, so an unused past row is never visible.
 _NEVER_VISIBLE = 2**62
@@ -146,35 +145,43 @@ def mask_bias(
 
 def row_block_min_queries() -> int:
     """The shortest query block split into causal row blocks."""
-    return max(ROW_BLOCK_MIN_QUERIES, ROW_BLOCKS)
+    return min(max(minimum, blocks) for minimum, blocks in ROW_BLOCK_TIERS)
+
+
+RowBlock = tuple[ir.Value, ir.Value, ir.Value]
 
 
 def causal_row_blocks(
     shared: SharedSubgraphs, info: SequenceInfo, key_length: ir.Value
-) -> tuple[ir.Value, tuple[tuple[ir.Value, ir.Value, ir.Value], ...]]:
-    """(use, blocks): whether S is long enough for row blocks, and each block's rows and key end.
+) -> tuple[tuple[ir.Value, tuple[RowBlock, ...]], ...]:
+    """Per tier of :data:`ROW_BLOCK_TIERS`: (use, blocks), ``use`` = S reaches the tier.
 
-    For dense key columns (column j holds position j). Block i holds query rows
-    [floor(i*S/n), floor((i+1)*S/n)), never empty since S >= n when used. Row s
-    of batch row b sees no column at or after c_b + s + 1, so the block needs
-    only the columns before min(K, max_b c_b + row end). All values are 1-D [1]
-    int64 (``use`` is a 0-D bool), built once per model.
+    For dense key columns (column j holds position j). Block i of n holds query
+    rows [floor(i*S/n), floor((i+1)*S/n)), never empty since S >= n when used.
+    Row s of batch row b sees no column at or after c_b + s + 1, so the block
+    needs only the columns before min(K, max_b c_b + row end). Rows and key
+    ends are 1-D [1] int64, ``use`` a 0-D bool; all built once per model.
     """
+    largest_offset_1 = shared.get(
+        ("largest_offset", info), lambda op: op.op("ReduceMax", info.offsets_B, keepdims=1)
+    )
+    tiers = []
+    for minimum, count in ROW_BLOCK_TIERS:
 
-    def build_rows(op: OpBuilder):
-        use = op.op("GreaterOrEqual", info.query_length, op.int_scalar(row_block_min_queries()))
-        bounds = [
-            op.to_vector(op.op("Div", op.op("Mul", info.query_length, op.int_scalar(i)), op.int_scalar(ROW_BLOCKS)))
-            for i in range(ROW_BLOCKS + 1)
-        ]
-        largest_offset_1 = op.op("ReduceMax", info.offsets_B, keepdims=1)
-        return use, bounds, largest_offset_1
+        def build_rows(op: OpBuilder, minimum=minimum, count=count):
+            use = op.op("GreaterOrEqual", info.query_length, op.int_scalar(max(minimum, count)))
+            bounds = [
+                op.to_vector(op.op("Div", op.op("Mul", info.query_length, op.int_scalar(i)), op.int_scalar(count)))
+                for i in range(count + 1)
+            ]
+            return use, bounds
 
-    use, bounds, largest_offset_1 = shared.get(("row_block_rows", info), build_rows)
+        use, bounds = shared.get(("row_block_rows", info, minimum, count), build_rows)
 
-    def build_key_ends(op: OpBuilder):
-        key_length_1 = op.to_vector(key_length)
-        return [op.op("Min", key_length_1, op.op("Add", largest_offset_1, end)) for end in bounds[1:]]
+        def build_key_ends(op: OpBuilder, bounds=bounds):
+            key_length_1 = op.to_vector(key_length)
+            return [op.op("Min", key_length_1, op.op("Add", largest_offset_1, end)) for end in bounds[1:]]
 
-    key_ends = shared.get(("row_block_key_ends", info, key_length), build_key_ends)
-    return use, tuple(zip(bounds[:-1], bounds[1:], key_ends))
+        key_ends = shared.get(("row_block_key_ends", info, key_length, minimum, count), build_key_ends)
+        tiers.append((use, tuple(zip(bounds[:-1], bounds[1:], key_ends))))
+    return tuple(tiers)
