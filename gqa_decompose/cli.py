@@ -16,6 +16,8 @@ from gqa_decompose import model_io
 from gqa_decompose.api import check_nodes, foreign_ops, rewrite
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
+from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
+from gqa_decompose.runtimes import get_runtime
 from gqa_decompose.spec import DecomposeOptions
 from gqa_decompose.verify import NodeVerification, verify
 
@@ -28,16 +30,19 @@ Examples:
   gqa-decompose model.onnx                   writes model.decomposed.onnx, verified
   gqa-decompose model.onnx -o out/model.onnx --report report.json
   gqa-decompose model.onnx --check           portability check for CI, writes nothing
+  gqa-decompose model.onnx --check --runtime openvino --runtime tract
+                                             ... and run the rewritten model on those runtimes
 
 \b
 Exit codes:
   0  success (with --check: the model is portable once decomposed)
   1  verification against ONNX Runtime failed (nothing is written), or with
-     --check: a node is refused, fails verification, or other non-standard ops remain
+     --check: a node is refused, fails verification, or other non-standard ops remain,
+     or the rewritten model fails on a --runtime
   2  bad input: unreadable or malformed model, a refused node, bad paths
 
-Weights are never loaded into memory: external data is streamed into
-<OUTPUT>.data. The output appears atomically; the input is never modified.
+Weights are never loaded into memory (but for --runtime, which runs the model):
+external data is streamed into <OUTPUT>.data. The output appears atomically; the input is never modified.
 """
 
 
@@ -82,7 +87,8 @@ def _verification_text(result: NodeVerification | None) -> str:
     status = "verified" if result.passed else "VERIFICATION FAILED"
     failures = [f"{r.phase.name}: {r.failure}" for r in result.results if not r.passed]
     detail = f"; {'; '.join(failures)}" if failures else ""
-    return f"{status}, max error {result.max_error:.2g} over {len(result.results)} phases{detail}"
+    error = f"max error {result.max_error:.2g}" if result.max_error is not None else "no phase ran"
+    return f"{status}, {error} over {len(result.results)} phases{detail}"
 
 
 def _write_report(path: pathlib.Path | None, report: dict) -> bool:
@@ -121,6 +127,16 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     is_flag=True,
     help="Write no model: report whether each GQA node can be decomposed (and verify it), "
     "and list every other non-standard op. Exit 1 when the model is not portable.",
+)
+@click.option(
+    "--runtime",
+    "runtime_names",
+    multiple=True,
+    metavar="NAME",
+    help="With --check: also run the rewritten model (in memory) on runtime NAME, one of "
+    "onnxruntime, reference (onnx.reference), openvino, tract; repeatable. Each GQA node's "
+    "expansion runs there against ORT CPU's fused node, and the whole model runs a prompt "
+    "with synthesized inputs against the original on ORT CPU. Exit 1 if anything fails.",
 )
 @click.option(
     "--legacy-window",
@@ -162,6 +178,7 @@ def main(
     no_verify: bool,
     report_path: pathlib.Path | None,
     check: bool,
+    runtime_names: tuple[str, ...],
     legacy_window: bool,
     kv_cache: str,
     native_precision: bool,
@@ -195,8 +212,12 @@ def main(
         "nodes": [],
     }
     try:
+        if runtime_names and not check:
+            raise GqaDecomposeError("--runtime needs --check (it runs the rewritten model in memory)")
+        for name in runtime_names:
+            get_runtime(name)  # an unknown name is bad input, before any work
         if check:
-            code = _run_check(model, options, not no_verify, quiet, report)
+            code = _run_check(model, options, not no_verify, quiet, report, runtime_names)
         else:
             code = _run_decompose(model, output, options, not no_verify, quiet, report, reuse_data)
     except (GqaDecomposeError, OSError) as error:  # OSError: an output path that cannot be written
@@ -293,6 +314,7 @@ def _run_check(
     run_verify: bool,
     quiet: bool,
     report: dict,
+    runtime_names: tuple[str, ...] = (),
 ) -> int:
     model = model_io.load_model(model_path)
     InferGqaTypesPass()(model)
@@ -329,4 +351,51 @@ def _run_check(
         click.echo("no com.microsoft.GroupQueryAttention node")
     verdict = "portable" if report["portable"] else "NOT portable"
     click.echo(f"{model_path}: {verdict} once decomposed")
-    return EXIT_OK if report["portable"] else EXIT_FAILED
+    runs_everywhere = True
+    if runtime_names:
+        if any(entry.refusal is not None for entry in checks):
+            click.echo("not run on any runtime: a node is refused")
+            runs_everywhere = False
+        else:
+            runs_everywhere = _run_on_runtimes(model_path, model, options, run_verify, runtime_names, report)
+    return EXIT_OK if report["portable"] and runs_everywhere else EXIT_FAILED
+
+
+def _run_on_runtimes(
+    model_path: pathlib.Path,
+    model: ir.Model,
+    options: DecomposeOptions,
+    run_verify: bool,
+    runtime_names: tuple[str, ...],
+    report: dict,
+) -> bool:
+    """Runs the rewritten model on each runtime; prints what fails; True if nothing does."""
+    report["runtimes"] = []
+    all_passed = True
+    for name in dict.fromkeys(runtime_names):
+        result = check_runtime(model, name, options, verify_nodes=run_verify)
+        all_passed &= result.passed
+        label = f"{name} {result.version}" if result.version else name
+        entry = {"runtime": name, "version": result.version, "passed": result.passed}
+        if result.unavailable:
+            click.echo(f"{name}: NOT AVAILABLE: {result.unavailable}")
+            entry["error"] = result.unavailable
+            report["runtimes"].append(entry)
+            continue
+        entry["nodes"] = []
+        for node in result.nodes.nodes if result.nodes is not None else ():
+            click.echo(f"{node.name}: on {label}: {_verification_text(node)}")
+            entry["nodes"].append({"name": node.name, "verification": _verification_json(node)})
+        model_run = result.model
+        if model_run.passed:
+            click.echo(
+                f"{label}: the rewritten model runs a prompt (batch 1, {PROMPT_LENGTH} tokens), "
+                f"max error {model_run.max_error or 0.0:.2g} against the original on ONNX Runtime"
+            )
+        else:
+            click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}")
+        entry["model"] = {"passed": model_run.passed, "max_errors": model_run.max_errors,
+                          "failure": model_run.failure}
+        report["runtimes"].append(entry)
+        click.echo(f"{model_path}: {'runs' if result.passed else 'does NOT run'} on {label} once decomposed")
+    return all_passed

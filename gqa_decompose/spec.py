@@ -130,6 +130,9 @@ class GqaSpec:
     kv_bits: int  # 8 (int8 cache) or 4 (two nibbles per uint8); 0 when not quantized
     present_used: bool  # present_key/present_value exist and someone reads them
     output_qk_used: bool
+    q_norm: bool = False  # q_norm_weight given: per-head RMS norm of Q before rotary (§16)
+    k_norm: bool = False  # k_norm_weight given: the same for the new K
+    qk_norm_epsilon: float = 1e-6
 
     @property
     def group_size(self) -> int:
@@ -151,6 +154,9 @@ class GqaSpec:
                 names.append("past KV")
         if self.kv_quant:
             names.append(f"int{self.kv_bits} {self.kv_quant.lower().replace('_', '-')} KV cache")
+        if self.q_norm or self.k_norm:
+            normed = "/".join(name for name, on in (("q", self.q_norm), ("k", self.k_norm)) if on)
+            names.append(f"{normed} RMS norm")
         if self.do_rotary:
             layout = "interleaved" if self.rotary_interleaved else "half"
             names.append(f"rotary ({layout})")
@@ -257,11 +263,6 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
             raise refuse(f"input '{label}' must be provided when {label[0]}_quant_type is {kv_quant}")
         if given is not None and given.dtype not in (ir.DataType.FLOAT, None):
             raise refuse(f"input '{label}' must be float, got {given.dtype}")
-    for index, label in ((Q_NORM_WEIGHT, "q_norm_weight"), (K_NORM_WEIGHT, "k_norm_weight")):
-        if _input(node, index) is not None:
-            raise refuse(
-                f"input '{label}' (fused q/k norm) is not supported; ONNX Runtime CPU rejects it too"
-            )
     if len(node.inputs) > 16:
         raise refuse(f"has {len(node.inputs)} inputs; the op defines 16")
     if len(node.outputs) > 4:
@@ -409,6 +410,21 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         ):
             raise refuse(f"head_sink must have shape ({num_heads},), got {sink_dims}")
 
+    for index, label in ((Q_NORM_WEIGHT, "q_norm_weight"), (K_NORM_WEIGHT, "k_norm_weight")):
+        norm_weight = _input(node, index)
+        if norm_weight is None:
+            continue
+        norm_dims = _dims(norm_weight)
+        if norm_dims is not None and (
+            len(norm_dims) != 1 or (isinstance(norm_dims[0], int) and norm_dims[0] != head_size)
+        ):
+            raise refuse(f"{label} must have shape ({head_size},) (one weight per head dimension), got {norm_dims}")
+        if norm_weight.dtype not in (dtype, None):
+            raise refuse(f"{label} type {norm_weight.dtype} differs from query type {dtype}")
+    qk_norm_epsilon = float(_attr(node, "qk_norm_epsilon", 1e-6))
+    if not qk_norm_epsilon > 0.0:
+        raise refuse(f"qk_norm_epsilon must be > 0, got {qk_norm_epsilon}")
+
     scale = float(_attr(node, "scale", 0.0))
     if scale == 0.0:
         scale = 1.0 / math.sqrt(head_size)
@@ -485,4 +501,7 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         kv_bits=kv_bits,
         present_used=present_used,
         output_qk_used=bool(qk_output) and output_is_read(node, OUTPUT_QK),
+        q_norm=_input(node, Q_NORM_WEIGHT) is not None,
+        k_norm=_input(node, K_NORM_WEIGHT) is not None and not kv_empty,
+        qk_norm_epsilon=qk_norm_epsilon,
     )

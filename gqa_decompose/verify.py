@@ -15,6 +15,7 @@ Tolerances are absolute plus relative: fp32 1e-5 + 1e-5*|x|, fp16 2e-3 + 1e-3*|x
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -129,7 +130,7 @@ class VerificationReport:
 
 _INPUT_RANKS = {gqa.QUERY: 3, gqa.KEY: 3, gqa.VALUE: 3, gqa.PAST_KEY: 4, gqa.PAST_VALUE: 4,
                 gqa.COS_CACHE: 2, gqa.SIN_CACHE: 2, gqa.POSITION_IDS: 2, gqa.ATTENTION_BIAS: 4,
-                gqa.K_SCALE: 1, gqa.V_SCALE: 1}
+                gqa.K_SCALE: 1, gqa.V_SCALE: 1, gqa.Q_NORM_WEIGHT: 1, gqa.K_NORM_WEIGHT: 1}
 
 # Extraction --------------------------------------------------------------------------------
 
@@ -219,6 +220,74 @@ def extract_node_model(
         ir_version=ir_version,
     )
     return model
+
+
+def _input_given(node: ir.Node, index: int) -> bool:
+    return index < len(node.inputs) and node.inputs[index] is not None
+
+
+def normalized_oracle_model(oracle: onnx.ModelProto, spec: GqaSpec) -> onnx.ModelProto:
+    """The oracle of a node with q/k norm weights, which ORT's GQA kernel rejects (§16).
+
+    The same node without the weights, its Q (and K) heads first normalized by
+    ONNX Runtime's own RMS normalization op (SimplifiedLayerNormalization, fp32
+    inside, rounded to the node's type), as the issue defining the feature says.
+    """
+    oracle = copy.deepcopy(oracle)
+    graph = oracle.graph
+    gqa_proto = graph.node[0]
+    inputs = list(gqa_proto.input) + [""] * (16 - len(gqa_proto.input))
+    heads, kv_heads, head_size = spec.num_heads, spec.kv_num_heads, spec.head_size
+    nodes: list[onnx.NodeProto] = []
+    constants: list[onnx.TensorProto] = []
+
+    def shape_constant(name: str, dims: list[int]) -> str:
+        constants.append(onnx.numpy_helper.from_array(np.array(dims, dtype=np.int64), name=name))
+        return name
+
+    def norm(x: str, weight: str, tag: str) -> str:
+        nodes.append(helper.make_node(
+            "SimplifiedLayerNormalization", [x, weight], [f"{tag}_normed"],
+            axis=-1, epsilon=spec.qk_norm_epsilon, stash_type=1,
+        ))
+        return f"{tag}_normed"
+
+    q_weight, k_weight = inputs[gqa.Q_NORM_WEIGHT], inputs[gqa.K_NORM_WEIGHT]
+    if spec.packed_qkv:
+        total_heads = heads + 2 * kv_heads
+        shape_in = shape_constant("qkv_heads_shape", [0, 0, total_heads, head_size])
+        nodes.append(helper.make_node("Reshape", [inputs[gqa.QUERY], shape_in], ["qkv_heads"]))
+        split = shape_constant("qkv_split", [heads, kv_heads, kv_heads])
+        nodes.append(helper.make_node("Split", ["qkv_heads", split], ["q_heads", "k_heads", "v_heads"], axis=2))
+        q = norm("q_heads", q_weight, "q") if q_weight else "q_heads"
+        k = norm("k_heads", k_weight, "k") if k_weight else "k_heads"
+        nodes.append(helper.make_node("Concat", [q, k, "v_heads"], ["qkv_normed_heads"], axis=2))
+        shape_out = shape_constant("qkv_shape", [0, 0, total_heads * head_size])
+        nodes.append(helper.make_node("Reshape", ["qkv_normed_heads", shape_out], ["qkv_normed"]))
+        inputs[gqa.QUERY] = "qkv_normed"
+    else:
+        for index, weight, count, tag in (
+            (gqa.QUERY, q_weight, heads, "q"),
+            (gqa.KEY, k_weight if not spec.kv_empty else "", kv_heads, "k"),
+        ):
+            if not weight:
+                continue
+            shape_in = shape_constant(f"{tag}_heads_shape", [0, 0, count, head_size])
+            nodes.append(helper.make_node("Reshape", [inputs[index], shape_in], [f"{tag}_heads"]))
+            normed = norm(f"{tag}_heads", weight, tag)
+            shape_out = shape_constant(f"{tag}_shape", [0, 0, count * head_size])
+            nodes.append(helper.make_node("Reshape", [normed, shape_out], [f"{tag}_flat_normed"]))
+            inputs[index] = f"{tag}_flat_normed"
+    inputs[gqa.Q_NORM_WEIGHT] = inputs[gqa.K_NORM_WEIGHT] = ""
+    while inputs and inputs[-1] == "":
+        inputs.pop()
+    del gqa_proto.input[:]
+    gqa_proto.input.extend(inputs)
+    gqa_node = copy.deepcopy(gqa_proto)
+    del graph.node[:]
+    graph.node.extend([*nodes, gqa_node])
+    graph.initializer.extend(constants)
+    return oracle
 
 
 # Phases and inputs ---------------------------------------------------------------------------
@@ -445,6 +514,8 @@ def synthesize_inputs(
         put(gqa.ATTENTION_BIAS, bias.astype(dtype))
     if gqa.HEAD_SINK in feed_names:
         put(gqa.HEAD_SINK, normal(heads))
+    for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
+        put(index, (1.0 + 0.5 * rng.standard_normal(spec.head_size)).astype(np.float32).astype(dtype))
     return feeds
 
 
@@ -515,8 +586,19 @@ def verify_node_model(
     used_outputs: Sequence[int] | None = None,
     phases: Sequence[Phase] | None = None,
     seed: int = 0,
+    runtime: str | None = None,
+    total_length_from_shape: bool = False,
+    fused_on_runtime: bool = False,
 ) -> NodeVerification:
-    """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits)."""
+    """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits).
+
+    ``runtime`` names the runtime the expansion runs on (see :mod:`gqa_decompose.runtimes`;
+    default ONNX Runtime CPU); the fused node always runs on ONNX Runtime CPU. With
+    ``total_length_from_shape`` the expansion reads ``total_sequence_length`` from an
+    input's shape, as real producers feed it (for runtimes that need every shape to
+    follow from the input shapes). With ``fused_on_runtime`` the GQA node itself, not
+    its expansion, runs on ``runtime``: does the runtime implement GroupQueryAttention?
+    """
     from gqa_decompose.api import decompose
 
     spec = parse_gqa_node(node, options)
@@ -527,30 +609,40 @@ def verify_node_model(
     oracle = extract_node_model(
         node, opset, ir_version, outputs=oracle_outputs, as_dtype=ir.DataType.FLOAT if bfloat16 else None
     )
-    candidate = decompose(
-        extract_node_model(node, opset, ir_version, outputs=used_outputs),
-        **dataclasses.asdict(options or DecomposeOptions()),
-    )
     feed_names = {i: name for i, name in enumerate(oracle.graph.node[0].input) if name}
     feed_names = {i: n for i, n in feed_names.items() if n not in {t.name for t in oracle.graph.initializer}}
+    if any(_input_given(node, index) for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT)):
+        oracle = normalized_oracle_model(oracle, spec)
+    candidate = extract_node_model(node, opset, ir_version, outputs=used_outputs)
+    if not fused_on_runtime:
+        candidate = decompose(candidate, **dataclasses.asdict(options or DecomposeOptions()))
     if spec.compute_dtype != ir.DataType.FLOAT:
         atol, rtol = NATIVE_PRECISION_TOLERANCES[spec.dtype]
     else:
         atol, rtol = TOLERANCES[spec.dtype]
     rng = np.random.default_rng(seed)
+    total_length_input = feed_names.get(gqa.TOTAL_SEQUENCE_LENGTH) if total_length_from_shape else None
+    run_candidate, runtime_label = _candidate_runner(candidate, runtime, total_length_input)
     results = []
     for phase in phases if phases is not None else phases_for(node, spec):
         feeds = synthesize_inputs(node, spec, phase, rng, feed_names)
         try:
             if bfloat16:
                 expected = dict(zip(oracle_outputs, _run(oracle, _as_float32(feeds))))
-                got = dict(zip(used_outputs, _run_reference(candidate, feeds)))
             else:
                 expected = dict(zip(oracle_outputs, _run(oracle, feeds)))
-                got = dict(zip(used_outputs, _run(candidate, feeds)))
         except Exception as error:  # an ORT failure is a verification failure, not a crash
             message = str(error).splitlines()[0]
             results.append(PhaseResult(phase, {}, False, f"ONNX Runtime failed: {message}"))
+            continue
+        try:
+            if bfloat16 and runtime is None:
+                got = dict(zip(used_outputs, _run_reference(candidate, feeds)))
+            else:
+                got = dict(zip(used_outputs, run_candidate(feeds)))
+        except Exception as error:  # a runtime's failure is a verification failure, not a crash
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            results.append(PhaseResult(phase, {}, False, f"{runtime_label} failed: {message}"))
             continue
         errors: dict[str, float] = {}
         passed, failure = True, None
@@ -584,6 +676,37 @@ def verify_node_model(
     return NodeVerification(spec.node_name, tuple(results))
 
 
+def _candidate_runner(
+    candidate: onnx.ModelProto, runtime: str | None, total_length_input: str | None = None
+) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], str]:
+    """Runs the expansion on ``runtime`` (loaded once, on first use); and the runtime's label.
+
+    ``total_length_input``: the input whose value is read from a shape instead
+    (:func:`gqa_decompose.runtimes.total_length_from_shape`).
+    """
+    if runtime is None and total_length_input is None:
+        return (lambda feeds: _run(candidate, feeds)), "ONNX Runtime"
+    from gqa_decompose import runtimes
+
+    chosen = runtimes.get_runtime(runtime or "onnxruntime")
+    model = candidate
+    if total_length_input is not None:
+        model = runtimes.total_length_from_shape(candidate, total_length_input)
+    sessions: list = []
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if total_length_input is not None:
+            feeds = runtimes.length_as_shape(feeds, total_length_input)
+        if not sessions:  # a load failure is reported by each phase, like a run failure
+            sessions.append(chosen.load(model))
+        session = sessions[0]
+        wanted = {i.name for i in model.graph.input}
+        outputs = session.run({k: v for k, v in feeds.items() if k in wanted})
+        return [outputs[o.name] for o in model.graph.output]
+
+    return run, chosen.name
+
+
 def _refusal(node: ir.Node, options: DecomposeOptions) -> str | None:
     try:
         parse_gqa_node(node, options)
@@ -611,6 +734,8 @@ def verify(
     *,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    runtime: str | None = None,
+    total_length_from_shape: bool = False,
     **options,
 ) -> VerificationReport:
     """Check each GQA node of ``original`` against its expansion on ONNX Runtime CPU.
@@ -618,6 +743,9 @@ def verify(
     ``original`` is not modified (an ``onnx_ir.Model`` is copied first). When
     ``decomposed`` is given, it must hold no GroupQueryAttention node.
     ``options`` are the :class:`DecomposeOptions` the model was decomposed with.
+    ``runtime`` runs each expansion on another runtime (:mod:`gqa_decompose.runtimes`)
+    instead of ONNX Runtime CPU; the fused node is always run on ONNX Runtime CPU.
+    ``total_length_from_shape``: see :func:`verify_node_model`.
     """
     if isinstance(original, onnx.ModelProto):
         model = ir.serde.deserialize_model(original)
@@ -642,7 +770,8 @@ def verify(
             nodes.append(dataclasses.replace(verified[signature], name=node.name or verified[signature].name))
         else:
             result = verify_node_model(
-                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed
+                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed,
+                runtime=runtime, total_length_from_shape=total_length_from_shape,
             )
             verified[signature] = result
             nodes.append(result)

@@ -58,9 +58,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genai-python", required=True, help="a Python with onnxruntime_genai")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("fixtures", nargs="*", help="fixture folder names (default: every models/builder-*)")
     args = parser.parse_args()
     worst_overall = 0.0
-    for source in sorted((REPO / "models").glob("builder-*/model.onnx")):
+    sources = sorted((REPO / "models").glob("builder-*/model.onnx"))
+    if args.fixtures:
+        sources = [REPO / "models" / name / "model.onnx" for name in args.fixtures]
+    for source in sources:
         folder = pathlib.Path(tempfile.mkdtemp(prefix="gqa-genai-"))
         config = json.loads((source.parent / "genai_config.json").read_text())
         config["model"]["decoder"]["session_options"]["provider_options"] = []  # CPU

@@ -42,6 +42,9 @@ class GqaConfig:
     opset: int = 21
     kv_quant: str | None = None  # PER_TENSOR | PER_CHANNEL
     kv_bits: int = 8  # with kv_quant: 8 (int8 cache) or 4 (uint8, two values a byte)
+    qk_norm: str = ""  # "", "q", "k" or "qk": which of q_norm_weight / k_norm_weight are given
+    qk_norm_constant: bool = True  # norm weights as initializers (as exporters emit) or graph inputs
+    qk_norm_epsilon: float | None = None
 
 
 def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") -> onnx.ModelProto:
@@ -53,7 +56,7 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
     else:
         batch, seq, past, total = "batch", "sequence", "past_sequence", "total_sequence"
     inputs, initializers = [], []
-    names = [""] * 14
+    names = [""] * 16
 
     def add_input(index: int, label: str, elem_type: int, dims) -> None:
         inputs.append(helper.make_tensor_value_info(label, elem_type, dims))
@@ -97,6 +100,19 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
         scale_size = nkv * h if config.kv_quant == "PER_CHANNEL" else 1
         add_input(12, "k_scale", TensorProto.FLOAT, [scale_size])
         add_input(13, "v_scale", TensorProto.FLOAT, [scale_size])
+    for index, which in ((14, "q"), (15, "k")):
+        if which not in config.qk_norm:
+            continue
+        label = f"{which}_norm_weight"
+        names[index] = label
+        if not config.qk_norm_constant:
+            add_input(index, label, elem, [h])
+            continue
+        weight = 1.0 + 0.5 * np.random.default_rng(index).standard_normal(h)
+        if config.dtype == "bfloat16":
+            initializers.append(helper.make_tensor(label, elem, [h], weight.astype(np.float32)))
+        else:
+            initializers.append(onnx.numpy_helper.from_array(weight.astype(_NP[config.dtype]), label))
     while names and names[-1] == "":
         names.pop()
 
@@ -118,6 +134,8 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
         attributes["causal"] = config.causal
     if config.kv_quant:
         attributes.update(k_quant_type=config.kv_quant, v_quant_type=config.kv_quant, kv_cache_bit_width=config.kv_bits)
+    if config.qk_norm_epsilon is not None:
+        attributes["qk_norm_epsilon"] = config.qk_norm_epsilon
     attributes.update(dict(config.extra_attributes))
 
     outputs = [helper.make_tensor_value_info("output", elem, [batch, seq, n * h])]

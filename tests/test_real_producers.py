@@ -5,19 +5,25 @@ For each fixture:
 
 * the decomposition runs and leaves no GroupQueryAttention (or, for a fixture listed in ``REFUSED``, refuses with
   the documented reason);
-* ``gqa_decompose.verify`` passes node by node, and the nodes really carry the GQA feature the fixture is for
-  (``FEATURES``);
+* ``gqa_decompose.verify`` passes node by node, and the nodes have the GQA form the fixture is for (``FORMS``:
+  EP, precision, packed or separate QKV, rotary, windows, cache kind, softcap, head sink, q/k norm, how the
+  total length is computed; ``EXTRA_CHECKS`` for a closer look at some);
 * the whole decomposed model matches the original on ONNX Runtime for a right-padded batch-2 prompt and two
-  decode steps with a growing cache (past shapes read from the graph and the GQA nodes);
+  decode steps with a growing cache (a batch-2 prompt and four steps that wrap the ring for windowed caches; past
+  shapes from the graph, the GQA nodes and genai_config.json);
 * where ``reference.npz`` holds the torch logits, the decomposed model reproduces them.
 
 Comparisons are ORT (original) against ORT (decomposed): the builder graphs keep ORT-only ops such as
-SimplifiedLayerNormalization, which is fine.
+SimplifiedLayerNormalization, which is fine. ORT CPU cannot run GQA with fused q/k norm, so for such a fixture the
+"original" is the builder's CPU spelling of the same graph (``_ort_runnable``).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import json
 import math
 import pathlib
 import re
@@ -70,18 +76,15 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in model.graph.node for out in node.output}
 
 
-def _head_size(node: onnx.NodeProto, model: onnx.ModelProto) -> int:
-    """Packed QKV width / (N + 2 Nkv), the width taken from the QKV MatMul's weight."""
-    attrs = _attributes(node)
-    producers = _producers(model)
-    initializers = {i.name: i for i in model.graph.initializer}
-    name = node.input[0]
-    while name not in initializers:  # walk back through the bias Add to the MatMul and its weight
-        producer = producers[name]
-        weights = [i for i in producer.input if i in initializers and len(initializers[i].dims) == 2]
-        name = weights[0] if weights else producer.input[0]
-    width = initializers[name].dims[-1]
-    return width // (attrs["num_heads"] + 2 * attrs["kv_num_heads"])
+@functools.cache
+def _genai_config(folder: str) -> dict:
+    return json.loads((MODELS / folder / "genai_config.json").read_text())
+
+
+def _head_size(folder: str) -> int:
+    """The head size the runtime allocates caches with (genai_config.json): the graph declares the past's last dim
+    as the symbolic ``kv_cache_dim``, and Q/K/V may be packed, separate or come out of MatMulNBits."""
+    return _genai_config(folder)["model"]["decoder"]["head_size"]
 
 
 def _if_branch_cos_widths(model: onnx.ModelProto, cos_name: str) -> list[int] | None:
@@ -116,16 +119,107 @@ def _past_layer(name: str) -> int:
     return int(name.split(".")[1])
 
 
-# What each fixture is for: a check on its GQA nodes' attributes (and the graph around them).
+# What each fixture is for: its GQA form, read from the graph and genai_config.json, must be the one listed in FORMS
+# (README "Sample models" lists the same), and a few forms get a closer look (EXTRA_CHECKS).
 
 
-def _plain(model, nodes):
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """How a builder fixture's GroupQueryAttention nodes look. Tuples have one entry per GQA node."""
+
+    ep: str  # execution provider named in genai_config.json ("cpu" when none)
+    precision: str  # KV cache / activation float type, "int4/" prefixed when weights are MatMulNBits
+    qkv: str  # "packed" (one QKV input) or "separate"
+    rotary: str  # "do_rotary" (fused), "RotaryEmbedding" (contrib op before GQA)
+    windows: tuple[int, ...]  # local_window_size
+    cache: tuple[str, ...]  # "max-length" (past_present_share_buffer) or "ring" (sliding_window_cache=1)
+    softcap: bool = False
+    head_sink: bool = False
+    qk_norm: str = "none"  # "explicit" (SimplifiedLayerNormalization before GQA) or "fused" (q/k_norm_weight)
+    total_length: str = "Shape"  # what total_sequence_length is computed from: "Shape" or "ReduceMax"
+
+
+_FULL2 = (-1, -1)
+_MAX2 = ("max-length", "max-length")
+FORMS = {
+    "builder-tiny-llama": Form("cpu", "fp32", "packed", "do_rotary", _FULL2, _MAX2),
+    "builder-qwen2": Form("cpu", "fp32", "packed", "do_rotary", _FULL2, _MAX2),
+    "builder-phi3": Form("cpu", "fp32", "packed", "do_rotary", _FULL2, _MAX2),
+    "builder-qwen2-sliding": Form("cpu", "fp32", "packed", "do_rotary", (-1, 4), _MAX2),
+    "builder-qwen2-ring": Form("cpu", "fp32", "packed", "do_rotary", (-1, 4), ("max-length", "ring")),
+    "builder-gemma2": Form("cpu", "fp32", "packed", "do_rotary", (4, -1), _MAX2, softcap=True),
+    "builder-llama-fp16": Form("cuda", "fp16", "packed", "do_rotary", _FULL2, _MAX2),
+    "builder-llama-int4": Form("cpu", "int4/fp32", "packed", "do_rotary", _FULL2, _MAX2),
+    "builder-llama-dml": Form("dml", "fp16", "separate", "RotaryEmbedding", _FULL2, _MAX2),
+    "builder-mistral": Form("cpu", "fp32", "packed", "do_rotary", (4, 4), ("ring", "ring")),
+    "builder-mistral-fp16": Form("cuda", "fp16", "packed", "do_rotary", (4, 4), ("ring", "ring")),
+    "builder-mistral-webgpu": Form("webgpu", "fp16", "packed", "do_rotary", (4, 4), _MAX2, total_length="ReduceMax"),
+    "builder-gpt-oss": Form("cpu", "fp32", "packed", "do_rotary", (4, -1), ("ring", "max-length"), head_sink=True),
+    "builder-gpt-oss-fp16": Form(
+        "cuda", "fp16", "packed", "do_rotary", (4, -1), ("ring", "max-length"), head_sink=True
+    ),
+    "builder-gemma3": Form(
+        "cpu", "fp32", "separate", "do_rotary", (4, 4, 4, 4, 4, -1), ("max-length",) * 6, qk_norm="explicit"
+    ),
+    "builder-qwen3": Form("cpu", "fp32", "separate", "do_rotary", _FULL2, _MAX2, qk_norm="explicit"),
+    "builder-qwen3-webgpu": Form("webgpu", "fp16", "separate", "do_rotary", _FULL2, _MAX2, qk_norm="fused"),
+}
+
+
+def _walk_back(model: onnx.ModelProto, name: str, through: set[str]) -> onnx.NodeProto | None:
+    """The first producer of ``name`` whose op type is not in ``through``."""
+    producers = _producers(model)
+    node = producers.get(name)
+    while node is not None and node.op_type in through:
+        node = producers.get(node.input[0])
+    return node
+
+
+def _form(folder: str) -> Form:
+    model = _original(folder)
+    nodes = _gqa_nodes(model)
     attrs = [_attributes(n) for n in nodes]
-    assert all(a["do_rotary"] == 1 and a.get("local_window_size", -1) < 0 for a in attrs)
-    assert all(not a.get("softcap") for a in attrs)
+    session = _genai_config(folder)["model"]["decoder"]["session_options"]
+    providers = [name for options in session.get("provider_options", []) for name in options]
+    float_name = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}[_float_type(model)]
+    quantized = any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    share_buffer = _genai_config(folder)["search"]["past_present_share_buffer"]
+
+    def one(values: set[str]) -> str:
+        assert len(values) == 1, values  # every layer has the same form here
+        return values.pop()
+
+    def rotary(node, attributes):
+        if attributes["do_rotary"]:
+            return "do_rotary"
+        producer = _producers(model).get(node.input[0])
+        return producer.op_type if producer is not None and producer.domain == "com.microsoft" else "none"
+
+    def qk_norm(node):
+        if len(node.input) > 15 and node.input[14] and node.input[15]:  # q_norm_weight, k_norm_weight
+            return "fused"
+        producer = _walk_back(model, node.input[0], {"Reshape", "RotaryEmbedding"})
+        return "explicit" if producer is not None and producer.op_type == "SimplifiedLayerNormalization" else "none"
+
+    total_length = _walk_back(model, nodes[0].input[6], {"Cast"})
+    if total_length.op_type == "Gather":
+        total_length = _walk_back(model, total_length.input[0], set())
+    return Form(
+        ep=one(set(providers[:1]) or {"cpu"}),
+        precision=f"int4/{float_name}" if quantized else float_name,
+        qkv=one({"separate" if n.input[1] else "packed" for n in nodes}),
+        rotary=one({rotary(n, a) for n, a in zip(nodes, attrs)}),
+        windows=tuple(a.get("local_window_size", -1) for a in attrs),
+        cache=tuple("ring" if a.get("sliding_window_cache") else "max-length" if share_buffer else "growing"
+                    for a in attrs),
+        softcap=any(a.get("softcap", 0) > 0 for a in attrs),
+        head_sink=any(len(n.input) > 11 and bool(n.input[11]) for n in nodes),
+        qk_norm=one({qk_norm(n) for n in nodes}),
+        total_length=total_length.op_type,
+    )
 
 
-def _qkv_bias(model, nodes):
+def _qkv_bias(model, nodes, folder):
     producers = _producers(model)
     initializers = {i.name for i in model.graph.initializer}
     for node in nodes:
@@ -133,47 +227,42 @@ def _qkv_bias(model, nodes):
         assert add.op_type == "Add" and any(i in initializers for i in add.input), f"{node.name}: no QKV bias Add"
 
 
-def _phi3(model, nodes):
+def _phi3(model, nodes, folder):
     for node in nodes:
         attrs = _attributes(node)
         assert attrs["num_heads"] == attrs["kv_num_heads"]
         widths = _if_branch_cos_widths(model, node.input[7])
         assert widths, f"{node.name}: cos_cache does not come from an If node"
-        head_size = _head_size(node, model)
-        assert all(2 * w < head_size for w in widths), (widths, head_size)  # partial rotary
+        assert all(2 * w < _head_size(folder) for w in widths), (widths, _head_size(folder))  # partial rotary
 
 
-def _sliding(model, nodes):
-    windows = [_attributes(n).get("local_window_size", -1) for n in nodes]
-    assert 4 in windows and any(w < 0 for w in windows), windows  # one windowed layer, one full layer
-    assert not any(_attributes(n).get("sliding_window_cache", 0) for n in nodes)
-
-
-def _ring(model, nodes):
-    ringed = [n for n in nodes if _attributes(n).get("sliding_window_cache", 0)]
-    assert ringed and all(_attributes(n)["local_window_size"] > 0 for n in ringed)
-
-
-def _gemma2(model, nodes):
+def _custom_scale(model, nodes, folder):
     for node in nodes:
-        attrs = _attributes(node)
-        assert attrs["softcap"] > 0
-        assert not math.isclose(attrs["scale"], _head_size(node, model) ** -0.5)
-    assert any(_attributes(n)["local_window_size"] > 0 for n in nodes)
+        assert not math.isclose(_attributes(node)["scale"], _head_size(folder) ** -0.5)
 
 
-def _fp16(model, nodes):
-    assert _float_type(model) == onnx.TensorProto.FLOAT16
+def _head_sink_values(model, nodes, folder):
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in nodes:
+        sink = initializers[node.input[11]]
+        assert sink.shape == (_attributes(node)["num_heads"],) and np.abs(sink).max() > 1, sink
 
 
-FEATURES = {
-    "builder-tiny-llama": _plain,
-    "builder-qwen2": _qkv_bias,
-    "builder-phi3": _phi3,
-    "builder-qwen2-sliding": _sliding,
-    "builder-qwen2-ring": _ring,
-    "builder-gemma2": _gemma2,
-    "builder-llama-fp16": _fp16,
+def _rotary_base_per_kind(model, nodes, folder):
+    """Gemma 3: sliding layers read one cos/sin cache (local theta), full layers another (global theta)."""
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    caches = {_attributes(n)["local_window_size"] > 0: (n.input[7], n.input[8]) for n in nodes}
+    assert len({caches[True], caches[False]}) == 2, caches
+    assert not np.allclose(initializers[caches[True][0]], initializers[caches[False][0]])
+
+
+EXTRA_CHECKS = {
+    "builder-qwen2": (_qkv_bias,),
+    "builder-phi3": (_phi3,),
+    "builder-gemma2": (_custom_scale,),
+    "builder-gemma3": (_custom_scale, _rotary_base_per_kind),
+    "builder-gpt-oss": (_qkv_bias, _head_sink_values),
+    "builder-gpt-oss-fp16": (_qkv_bias, _head_sink_values),
 }
 
 
@@ -208,17 +297,26 @@ def _subgraphs(graph: onnx.GraphProto):
 
 
 @pytest.mark.parametrize("folder", FIXTURES)
-def test_fixture_has_its_feature(folder, record_property):
+def test_fixture_has_its_form(folder, record_property):
     model = _original(folder)
     nodes = _gqa_nodes(model)
     assert nodes, "no GroupQueryAttention node"
-    summary = {n.name: {**_attributes(n), "head_size": _head_size(n, model)} for n in nodes}
-    record_property("gqa_attributes", summary)
-    print(f"\n{folder}:")  # shown with -s / -rP
-    for name, attrs in summary.items():
-        print(f"  {name}: {attrs}")
-    assert folder in FEATURES, f"say in FEATURES what {folder} is a fixture for"
-    FEATURES[folder](model, nodes)
+    form = _form(folder)
+    record_property("gqa_form", dataclasses.asdict(form))
+    print(f"\n{folder}: {form}")  # shown with -s / -rP
+    assert folder in FORMS, f"say in FORMS which GQA form {folder} is a fixture for"
+    assert form == FORMS[folder]
+    for check in EXTRA_CHECKS.get(folder, ()):
+        check(model, nodes, folder)
+
+
+def test_fixture_forms_are_distinct():
+    """One fixture per form: two fixtures with the same form (and no extra check) would be duplicates."""
+    seen = {}
+    for folder, form in FORMS.items():
+        key = (form, EXTRA_CHECKS.get(folder))
+        assert key not in seen, (folder, seen.get(key))
+        seen[key] = folder
 
 
 @pytest.mark.parametrize("folder", FIXTURES)
@@ -246,11 +344,12 @@ def test_every_refusal_is_a_fixture():
 # (c) whole-model parity ------------------------------------------------------------------------------------------
 
 
-def _cache_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int, int]]:
+def _cache_shapes(folder: str) -> dict[str, tuple[int, int, int]]:
     """(kv heads, head size, first past rows) for each past input: heads from the graph input, head size from
-    its layer's GQA node (the input's last dim is the symbolic ``kv_cache_dim`` in builder graphs). A windowed
+    genai_config.json (the input's last dim is the symbolic ``kv_cache_dim`` in builder graphs). A windowed
     cache (sliding_window_cache=1) starts full-size (capacity W, as onnxruntime-genai allocates it), a growing
     one empty."""
+    model = _original(folder)
     by_past = {node.input[3]: node for node in _gqa_nodes(model)}
     shapes = {}
     for name in _past_names(model):
@@ -259,8 +358,50 @@ def _cache_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int, int]]:
         attributes = _attributes(node)
         heads = dims[1].dim_value or attributes["kv_num_heads"]
         rows = attributes["local_window_size"] if attributes.get("sliding_window_cache") else 0
-        shapes[name] = (heads, _head_size(node, model), rows)
+        shapes[name] = (heads, _head_size(folder), rows)
     return shapes
+
+
+Q_NORM_WEIGHT, K_NORM_WEIGHT = 14, 15
+
+
+@functools.cache
+def _ort_runnable(folder: str) -> onnx.ModelProto:
+    """The original model, or, when its GQA nodes take fused q/k norm weights (no ORT CPU kernel), the same model
+    spelled the way the builder writes q/k norm for the CPU EP (builder-qwen3): Q and K each go through
+    Reshape [.., heads, head_size] -> SimplifiedLayerNormalization -> Reshape before a GQA node without the weights."""
+    model = _original(folder)
+    if not any(len(n.input) > K_NORM_WEIGHT and n.input[Q_NORM_WEIGHT] for n in _gqa_nodes(model)):
+        return model
+    model = copy.deepcopy(model)
+    head_size = _head_size(folder)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > K_NORM_WEIGHT and node.input[Q_NORM_WEIGHT]:
+            attributes = _attributes(node)
+            assert node.input[1], "packed QKV with fused q/k norm: not in any fixture"
+            for index, weight, heads in ((0, Q_NORM_WEIGHT, "num_heads"), (1, K_NORM_WEIGHT, "kv_num_heads")):
+                prefix = f"{node.name}/unfused_norm_{index}"
+                heads_shape = onnx.numpy_helper.from_array(
+                    np.array([0, 0, attributes[heads], head_size], np.int64), f"{prefix}/heads_shape")
+                flat_shape = onnx.numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{prefix}/flat_shape")
+                model.graph.initializer.extend([heads_shape, flat_shape])
+                nodes += [
+                    helper.make_node("Reshape", [node.input[index], heads_shape.name], [f"{prefix}/heads"]),
+                    helper.make_node("SimplifiedLayerNormalization", [f"{prefix}/heads", node.input[weight]],
+                                     [f"{prefix}/normed"], axis=-1, epsilon=attributes["qk_norm_epsilon"],
+                                     stash_type=1),
+                    helper.make_node("Reshape", [f"{prefix}/normed", flat_shape.name], [f"{prefix}/flat"]),
+                ]
+                node.input[index] = f"{prefix}/flat"
+            node.input[Q_NORM_WEIGHT] = node.input[K_NORM_WEIGHT] = ""
+            for attribute in list(node.attribute):
+                if attribute.name == "qk_norm_epsilon":
+                    node.attribute.remove(attribute)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def _windowed_rows(length: int, capacity: int, window: int) -> int:
@@ -339,9 +480,9 @@ def test_whole_model_matches_original(folder, prompt_length):
     windowed = _has_windowed_cache(_original(folder))
     if not windowed:  # ORT rejects right padding with a windowed cache (t_b >= S)
         prompt_mask[1, prompt_length - 2 :] = 0  # right-padded row
-    shapes = _cache_shapes(_original(folder))
+    shapes = _cache_shapes(folder)
     steps = 4 if windowed else 2  # a windowed cache must wrap (total length > capacity)
-    expected = _generate(_original(folder), shapes, prompt_ids, prompt_mask, steps=steps)
+    expected = _generate(_ort_runnable(folder), shapes, prompt_ids, prompt_mask, steps=steps)
     got = _generate(_decomposed(folder), shapes, prompt_ids, prompt_mask, steps=steps)
     windows = {
         node.output[1].replace("key", kind): _attributes(node)["local_window_size"]
@@ -361,7 +502,7 @@ def test_decomposed_matches_torch_logits(folder):
     reference = np.load(MODELS / folder / "reference.npz")
     decomposed = _decomposed(folder)
     atol = TORCH_TOLERANCE[_float_type(decomposed)]
-    history = _generate_reference(decomposed, _cache_shapes(_original(folder)), reference)
+    history = _generate_reference(decomposed, _cache_shapes(folder), reference)
     (_, prefill), (_, decode) = history
     np.testing.assert_allclose(prefill["logits"].astype(np.float32), reference["prefill_logits"], atol=atol)
     np.testing.assert_allclose(decode["logits"].astype(np.float32), reference["decode_logits"], atol=atol)
@@ -374,7 +515,10 @@ def _generate_reference(model, cache_shapes, reference):
     input_ids = reference["input_ids"]
     length = input_ids.shape[1]
     past = {name: np.zeros((1, h, rows, d), dtype) for name, (h, d, rows) in cache_shapes.items()}
+    positions = any(i.name == "position_ids" for i in model.graph.input)  # a separate RotaryEmbedding reads them
     feeds = {"input_ids": input_ids, "attention_mask": np.ones((1, length), np.int64), **past}
+    if positions:
+        feeds["position_ids"] = np.arange(length, dtype=np.int64)[None]
     prefill = _run(session, feeds)
     presents = {name: prefill[name.replace("past_key_values", "present")] for name in past}
     decode_feeds = {
@@ -382,6 +526,8 @@ def _generate_reference(model, cache_shapes, reference):
         "attention_mask": np.ones((1, length + 1), np.int64),
         **presents,
     }
+    if positions:
+        decode_feeds["position_ids"] = np.array([[length]], np.int64)
     return [(feeds, prefill), (decode_feeds, _run(session, decode_feeds))]
 
 

@@ -46,8 +46,8 @@ def test_refused_with_node_name_and_feature(case):
 
 @pytest.mark.parametrize(
     "index,label,dims",
-    [(12, "k_scale", [1]), (13, "v_scale", [1]), (14, "q_norm_weight", [16]), (15, "k_norm_weight", [16])],
-    ids=["k_scale without quantization", "v_scale without quantization", "q_norm_weight", "k_norm_weight"],
+    [(12, "k_scale", [1]), (13, "v_scale", [1])],
+    ids=["k_scale without quantization", "v_scale without quantization"],
 )
 def test_refused_inputs(index, label, dims):
     model = _with_extra_input(make_gqa_model(GqaConfig()), index, label, dims)

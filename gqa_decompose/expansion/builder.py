@@ -20,8 +20,11 @@ __all__ = ["OpBuilder"]
 class OpBuilder:
     """Creates nodes for one naming scope (one GQA node, or the shared scope)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, opset: int | None = None) -> None:
         self.prefix = prefix
+        # The default-domain opset the nodes land in, for ops whose form changed
+        # across opsets; None when unknown (only forms valid in every opset >= 13).
+        self.opset = opset
         self._tape = ir_tape.Tape()
         self._counter = 0
         self._taken = 0
@@ -124,6 +127,12 @@ class OpBuilder:
         starts = start if isinstance(start, ir.Value) else self.ints([start])
         ends = end if isinstance(end, ir.Value) else self.ints([end])
         return self.op("Slice", value, starts, ends, self.ints([axis]))
+
+    def reduce_mean_last_axis(self, value: ir.Value) -> ir.Value:
+        """ReduceMean over the last axis, keeping it (axes moved from attribute to input in opset 18)."""
+        if self.opset is not None and self.opset >= 18:
+            return self.op("ReduceMean", value, self.ints([-1]), keepdims=1)
+        return self.op("ReduceMean", value, axes=[-1], keepdims=1)
 
     def cast(self, value: ir.Value, dtype: ir.DataType) -> ir.Value:
         return self.op("Cast", value, to=dtype)

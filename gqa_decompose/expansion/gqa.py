@@ -6,6 +6,7 @@ H head size, P past rows, Lp present rows, K key columns, D = N*H.
 The story, top-down::
 
     query (packed [B, S, (N+2Nkv)H] or [B, S, D]) -> q [B,S,N,H], k/v [B,S,Nkv,H]
+    per-head RMS norm of q and k when q_norm_weight / k_norm_weight are given
     fp32 rotary on q and k, rounded back to the model's type (k goes into present)
     new rows -> the cache's type (the model's, or int8/int4 quantized)
     present  = past with the new rows at c_b: Concat, ScatterND into past, or Pad + ScatterND,
@@ -44,6 +45,7 @@ from gqa_decompose.expansion.mask import (
     row_block_min_queries,
     visibility_mask,
 )
+from gqa_decompose.expansion.qk_norm import rms_normalize_heads
 from gqa_decompose.expansion.quantized_cache import dequantize, quantize
 from gqa_decompose.expansion.rotary import apply_rotary, build_rotary_tables
 from gqa_decompose.expansion.sequence import (
@@ -70,18 +72,31 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
 
 
 def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None):
-    """q [B,S,N,H], k [B,S,Nkv,H], v [B,S,Nkv,H] in the model's type, q and k rotated by ``rotate``.
+    """q [B,S,N,H], k [B,S,Nkv,H], v [B,S,Nkv,H] in the model's type, q and k normalized
+    (when norm weights are given) and then rotated by ``rotate``.
 
-    Packed QKV rotates its Q and K heads in one pass, before they are split apart.
+    Packed QKV rotates its Q and K heads in one pass, before they are split apart,
+    unless they are normalized first (each with its own weight).
     """
     query = node.inputs[gqa.QUERY]
     heads, kv_heads, head_size = spec.num_heads, spec.kv_num_heads, spec.head_size
+
+    def normalize(x_BSnH: ir.Value, weight_index: int, enabled: bool) -> ir.Value:
+        if not enabled:
+            return x_BSnH
+        weight_H = node.inputs[weight_index]
+        return rms_normalize_heads(op, x_BSnH, weight_H, spec.qk_norm_epsilon, spec.dtype)
+
     if spec.packed_qkv:
         qkv_BSnH = op.op("Reshape", query, op.ints([0, 0, heads + 2 * kv_heads, head_size]))
-        if rotate is None:
-            return op.op_multi(
+        if rotate is None or spec.q_norm or spec.k_norm:
+            query_BSNH, key_BSNH, value_BSNH = op.op_multi(
                 "Split", qkv_BSnH, op.ints([heads, kv_heads, kv_heads]), axis=2, num_outputs=3
             )
+            rotate = rotate or (lambda x: x)
+            query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm))
+            key_BSNH = rotate(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm))
+            return query_BSNH, key_BSNH, value_BSNH
         qk_BSnH, value_BSNH = op.op_multi(
             "Split", qkv_BSnH, op.ints([heads + kv_heads, kv_heads]), axis=2, num_outputs=2
         )
@@ -90,10 +105,12 @@ def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None):
         )
         return query_BSNH, key_BSNH, value_BSNH
     rotate = rotate or (lambda x: x)
-    query_BSNH = rotate(op.op("Reshape", query, op.ints([0, 0, heads, head_size])))
+    query_BSNH = op.op("Reshape", query, op.ints([0, 0, heads, head_size]))
+    query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm))
     if spec.kv_empty:
         return query_BSNH, None, None
-    key_BSNH = rotate(op.op("Reshape", node.inputs[gqa.KEY], op.ints([0, 0, kv_heads, head_size])))
+    key_BSNH = op.op("Reshape", node.inputs[gqa.KEY], op.ints([0, 0, kv_heads, head_size]))
+    key_BSNH = rotate(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm))
     value_BSNH = op.op("Reshape", node.inputs[gqa.VALUE], op.ints([0, 0, kv_heads, head_size]))
     return query_BSNH, key_BSNH, value_BSNH
 

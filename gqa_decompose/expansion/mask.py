@@ -36,8 +36,11 @@ __all__ = [
 # but cost more ops; below the last tier (and in decode) one block is cheapest.
 ROW_BLOCK_TIERS = ((1024, 16), (128, 4))
 
-# Larger than any real position, so an unused past row is never visible.
-_NEVER_VISIBLE = 2**62
+# Larger than any real position, so an unused past row is never visible: positions
+# and lengths are int32 in GQA (t_b = seqlens_k + 1 <= 2**31, and a key at 2**31 - 1
+# would need a 2**31-row cache). Not 2**62: tract 0.23 narrows this Where's int64
+# result to int32 when the other branch derives from shapes, and 2**62 became 0.
+_NEVER_VISIBLE = 2**31 - 1
 
 
 def dense_key_positions(

@@ -67,7 +67,10 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             if isinstance(container, ir.Function) and "" not in container.opset_imports:
                 container.opset_imports[""] = default_opset(model)
             shared = shared_by_container.setdefault(id(container), SharedSubgraphs())
-            count = self._replace(container, node, spec, shared, index)
+            opset = container.opset_imports.get("", default_opset(model)) if isinstance(
+                container, ir.Function
+            ) else default_opset(model)
+            count = self._replace(container, node, spec, shared, index, opset)
             self.decomposed.append(DecomposedNode(spec.node_name, scope_name(model, container), spec, count))
             if self.progress is not None:
                 self.progress(index + 1, len(found))
@@ -80,8 +83,9 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         spec: GqaSpec,
         shared: SharedSubgraphs,
         index: int,
+        opset: int,
     ) -> int:
-        op = OpBuilder(node.name or f"GroupQueryAttention_{index}")
+        op = OpBuilder(node.name or f"GroupQueryAttention_{index}", opset)
         expanded = expand_gqa(op, shared, node, spec)
         new_nodes = shared.take_nodes() + op.take_nodes()
         for position, old in enumerate(node.outputs):

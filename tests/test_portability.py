@@ -1,0 +1,270 @@
+"""Portability proven: rewritten models run on runtimes other than ONNX Runtime and match
+ORT CPU's fused GroupQueryAttention there.
+
+Runtimes: onnx.reference (the spec's semantics), OpenVINO CPU (f32 precision) and
+tract; cases and the whole-model run are in portability_cases.py. A runtime that
+is not installed is skipped (the test extras install all three).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from gqa_models import GqaConfig, gqa_node, make_gqa_model
+from portability_cases import (
+    MODELS as MODELS_DIR,
+    CASES,
+    KNOWN_FAILURES,
+    PORTABLE_RUNTIMES,
+    PRIMITIVES,
+    TINY_LLAMA,
+    failures,
+    run_case,
+    run_whole_model,
+    targets,
+)
+
+import gqa_decompose
+from gqa_decompose import runtimes
+from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.verify import verify_node_model
+
+
+def _require(runtime: str) -> None:
+    if runtime not in runtimes.available_runtimes():
+        pytest.skip(f"{runtime} is not installed")
+
+
+def _cell(runtime, case):
+    known = KNOWN_FAILURES.get((runtime, case.id))
+    marks = [pytest.mark.xfail(reason=known, strict=True)] if known else []
+    return pytest.param(runtime, case, marks=marks, id=f"{runtime}-{case.id}")
+
+
+CELLS = [
+    _cell(runtime, case)
+    for runtime in PORTABLE_RUNTIMES
+    for case in CASES
+    if not (runtime == "reference" and case.slow)
+]
+
+
+@pytest.mark.parametrize("runtime,case", CELLS)
+def test_rewritten_node_matches_ort_on_runtime(runtime, case):
+    _require(runtime)
+    result = run_case(case, runtime)
+    assert result.results, "no phase ran"
+    assert not failures(result), failures(result)
+
+
+@pytest.mark.parametrize("cache", ["growing", "static"])
+@pytest.mark.parametrize("runtime", PORTABLE_RUNTIMES)
+def test_whole_model_generation_matches_ort_on_runtime(runtime, cache):
+    _require(runtime)
+    assert run_whole_model(runtime, cache) < 1e-4
+
+
+# The adapters themselves ----------------------------------------------------------------------
+
+
+def test_unknown_runtime_is_a_clear_error():
+    with pytest.raises(GqaDecomposeError, match="unknown runtime 'tflite'.*onnxruntime, reference"):
+        runtimes.get_runtime("tflite")
+
+
+def test_missing_runtime_names_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # None in sys.modules: "import openvino" fails
+    with pytest.raises(GqaDecomposeError, match=r"runtime 'openvino' is not available.*pip install openvino"):
+        runtimes.get_runtime("openvino").load(onnx.load(TINY_LLAMA))
+    assert "openvino" not in runtimes.available_runtimes()
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", *PORTABLE_RUNTIMES])
+def test_session_runs_a_path_and_returns_outputs_by_name(runtime, tmp_path):
+    _require(runtime)
+    model = gqa_decompose.decompose(onnx.load(TINY_LLAMA))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    feeds = {
+        "input_ids": np.array([[3, 5, 7]], np.int64),
+        "attention_mask": np.ones((1, 3), np.int64),
+        **{i.name: np.zeros((1, 2, 0, 16), np.float32) for i in model.graph.input if i.name.startswith("past")},
+    }
+    outputs = runtimes.get_runtime(runtime).load(path).run(feeds)
+    assert list(outputs) == [o.name for o in model.graph.output]
+    assert outputs["logits"].shape == (1, 3, 64)
+    assert outputs["present.0.key"].shape == (1, 2, 3, 16)
+
+
+def test_missing_feed_is_a_clear_error():
+    session = runtimes.get_runtime("reference").load(gqa_decompose.decompose(onnx.load(TINY_LLAMA)))
+    with pytest.raises(GqaDecomposeError, match="no feed for the model's input.*attention_mask"):
+        session.run({"input_ids": np.zeros((1, 1), np.int64)})
+
+
+def test_openvino_runs_in_f32_not_its_bf16_default():
+    """On AMX/AVX512-BF16 CPUs OpenVINO's default is bf16 (errors ~1e-2 on the tiny Llama)."""
+    _require("openvino")
+    for cache in ("growing",):
+        assert run_whole_model("openvino", cache, steps=0) < 1e-5
+
+
+def test_tract_needs_total_sequence_length_from_a_shape():
+    """tract 0.23 types a model from its input shapes: a total_sequence_length fed as a
+    value sizes the present cache (Pad's pads) from data, which tract refuses. Real
+    producers derive it from the attention mask's shape; then tract runs the rewrite.
+    If tract learns data-dependent pads, this test fails: update the README's table."""
+    _require("tract")
+    model = make_gqa_model(GqaConfig(rotary="half"))
+    _, node = gqa_node(model)
+    as_value = verify_node_model(node, 21, model.ir_version, runtime="tract")
+    assert not as_value.passed
+    assert all("Expect padding to be constant" in r.failure for r in as_value.results), failures(as_value)
+    from_shape = verify_node_model(node, 21, model.ir_version, runtime="tract", total_length_from_shape=True)
+    assert from_shape.passed, failures(from_shape)
+
+
+def test_total_length_from_shape_is_exact_on_onnxruntime():
+    """The test harness's rewiring of total_sequence_length changes nothing on ORT."""
+    model = make_gqa_model(GqaConfig(rotary="interleaved", packed=True, local_window_size=3))
+    _, node = gqa_node(model)
+    result = verify_node_model(node, 21, model.ir_version, runtime="onnxruntime", total_length_from_shape=True)
+    assert result.passed and len(result.results) >= 4, failures(result)
+
+
+# gqa-decompose --check --runtime ---------------------------------------------------------------
+
+
+def _cli(*args) -> tuple[int, str, str]:
+    from click.testing import CliRunner
+
+    from gqa_decompose.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_check_runtime_runs_the_rewritten_model_there(tmp_path):
+    _require("openvino")
+    report_path = tmp_path / "report.json"
+    code, out, _ = _cli(TINY_LLAMA, "--check", "--runtime", "openvino", "--runtime", "reference", "-q",
+                        "--report", report_path)
+    assert code == 0, out
+    version = runtimes.get_runtime("openvino").version()
+    assert f"/model/layers.0/attn/GroupQueryAttention: on openvino {version}: verified" in out
+    assert f"openvino {version}: the rewritten model runs a prompt" in out
+    assert f"runs on reference {onnx.__version__} once decomposed" in out
+    import json
+
+    report = json.loads(report_path.read_text())
+    assert [(r["runtime"], r["passed"]) for r in report["runtimes"]] == [("openvino", True), ("reference", True)]
+    assert report["runtimes"][0]["model"]["max_errors"]["logits"] < 1e-4
+    assert not list(tmp_path.glob("*.onnx")), "--check writes no model"
+
+
+def test_cli_check_runtime_reports_what_fails(tmp_path):
+    """A free total_sequence_length input sizes the cache from data: tract refuses the
+    whole model (its nodes pass when T comes from a shape, as in real models)."""
+    _require("tract")
+    path = tmp_path / "node.onnx"
+    onnx.save(make_gqa_model(GqaConfig(rotary="half")), path)
+    code, out, _ = _cli(path, "--check", "--runtime", "tract", "-q")
+    assert code == 1, out
+    assert "attn/GroupQueryAttention: on tract" in out and "verified, max error" in out
+    assert "the rewritten model FAILS: fails to run a prompt: " in out
+    assert "Expect padding to be constant" in out
+    assert "does NOT run on tract" in out
+
+
+def test_cli_check_runtime_reports_ops_a_runtime_lacks():
+    """The builder's ORT-only ops (SimplifiedLayerNormalization, ...) stop onnx.reference."""
+    code, out, _ = _cli(MODELS_DIR / "builder-tiny-llama" / "model.onnx", "--check", "--no-verify",
+                        "--runtime", "reference", "-q")
+    assert code == 1
+    assert "the rewritten model FAILS: does not load: " in out
+    assert "SimplifiedLayerNormalization" in out
+
+
+def test_cli_runtime_on_onnxruntime_passes_when_ops_remain():
+    """ORT itself runs the builder's contrib ops: the rewritten model runs there."""
+    code, out, _ = _cli(MODELS_DIR / "builder-tiny-llama" / "model.onnx", "--check", "--no-verify",
+                        "--runtime", "onnxruntime", "-q")
+    assert code == 1  # still not portable: other non-standard ops remain
+    assert "runs on onnxruntime" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--check", "--runtime", "tflite"], "unknown runtime 'tflite'"),
+        (["--runtime", "reference"], "--runtime needs --check"),
+    ],
+)
+def test_cli_bad_runtime_arguments_exit_2(args, message):
+    code, out, err = _cli(TINY_LLAMA, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_unavailable_runtime_fails_the_check(monkeypatch):
+    def unavailable(runtime):
+        raise GqaDecomposeError(f"runtime '{runtime.name}' is not available: no module (pip install x)")
+
+    monkeypatch.setattr(runtimes, "_import", unavailable)
+    code, out, _ = _cli(TINY_LLAMA, "--check", "--no-verify", "--runtime", "openvino", "-q")
+    assert code == 1
+    assert "openvino: NOT AVAILABLE: runtime 'openvino' is not available" in out
+
+
+def test_cli_check_runtime_reads_external_weights(tmp_path):
+    """The runtime needs the weights: external data is loaded for the run (never for the check)."""
+    from test_model_io import save_with_external_data
+
+    path = tmp_path / "external" / "model.onnx"
+    data = save_with_external_data(TINY_LLAMA, path)
+    before = data.read_bytes()
+    code, out, _ = _cli(path, "--check", "--no-verify", "--runtime", "reference", "-q")
+    assert code == 0, out
+    assert "the rewritten model runs a prompt" in out
+    assert data.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+# The table --------------------------------------------------------------------------------------
+
+
+def test_readme_table_is_generated_and_covers_every_group():
+    """A new case group or runtime needs `python scripts/portability_table.py` to be run."""
+    readme = (MODELS_DIR.parent / "README.md").read_text()
+    table = readme.split("<!-- portability:begin -->", 1)[1].split("<!-- portability:end -->", 1)[0]
+    assert table.lstrip().startswith("Generated by `python scripts/portability_table.py`")
+    for runtime in ("onnxruntime", *PORTABLE_RUNTIMES):
+        assert f"{runtime} {runtimes.get_runtime(runtime).version()}" in table or runtime not in (
+            runtimes.available_runtimes()
+        )
+    for target in targets():
+        assert f"**target: {target}**" in table
+    for group in {case.group for case in CASES}:
+        count = sum(case.group == group for case in CASES)
+        assert f"| {group} ({count} case" in table, group
+
+
+def test_table_includes_the_attention_target_once_options_have_it(monkeypatch):
+    import dataclasses
+
+    import portability_cases
+
+    @dataclasses.dataclass(frozen=True)
+    class WithTarget:
+        target: str = "primitives"
+
+    monkeypatch.setattr(portability_cases, "DecomposeOptions", WithTarget)
+    assert portability_cases.targets() == [PRIMITIVES, "attention"]
+    assert portability_cases.case_options(CASES[0], "attention") == WithTarget(target="attention")
+    assert portability_cases.case_options(CASES[0], PRIMITIVES) == WithTarget()
