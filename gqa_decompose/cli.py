@@ -149,8 +149,8 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     type=click.Choice(["auto", "static", "growing", "any"]),
     default="auto",
     show_default=True,
-    help="'any': growing or static, ragged or not, decided at run time, one copy of the cache "
-    "per layer and step (two for a ragged growing batch). 'static': promise past is always a "
+    help="'any': growing or static, ragged or not, decided at run time (two copies of the cache "
+    "per layer and step; one with --fast-paths except for a ragged growing batch). 'static': promise past is always a "
     "max-length buffer (T <= past length); 'growing': promise past grows by the new rows "
     "(T = past + new) with batch rows aligned after the first prompt. A promise emits only its "
     "path; a run that breaks it fails instead of computing anything wrong. With 'static' or "
@@ -162,6 +162,13 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     is_flag=True,
     help="Compute fp16/bf16 attention in fp16/bf16 instead of fp32 (ORT's CPU kernel uses fp32): "
     "fewer casts for GPU runtimes; verified at a looser tolerance (fp16 1e-2, bf16 5e-2).",
+)
+@click.option(
+    "--fast-paths",
+    is_flag=True,
+    help="Emit If nodes choosing at run time what ONNX Runtime runs fastest: causal row blocks "
+    "for long prompts, a copy of the visible rows of a long buffer, a one-copy cache update "
+    "without a --kv-cache promise. For ONNX Runtime and OpenVINO; tract cannot run them.",
 )
 @click.option(
     "--reuse-data",
@@ -182,6 +189,7 @@ def main(
     legacy_window: bool,
     kv_cache: str,
     native_precision: bool,
+    fast_paths: bool,
     reuse_data: bool,
     quiet: bool,
 ) -> None:
@@ -204,6 +212,7 @@ def main(
         static_kv_cache=static_kv_cache,
         growing_kv_cache=kv_cache == "growing",
         native_precision=native_precision,
+        fast_paths=fast_paths,
     )
     report: dict = {
         "model": str(model),

@@ -354,7 +354,7 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
 
     # A prompt long enough for causal row blocks.
     long_prompt = row_block_min_queries()
-    if spec.causal and not isinstance(query_dim, int) and not isinstance(past_dim, int):
+    if spec.fast_paths and spec.causal and not isinstance(query_dim, int) and not isinstance(past_dim, int):
         candidates.append(("long first prompt", 1, long_prompt, long_prompt, (long_prompt,)))
 
     # A static bias width fixes T.

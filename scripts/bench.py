@@ -1,7 +1,7 @@
 """Speed of the rewritten attention against ONNX Runtime's fused GroupQueryAttention kernel (CPU).
 
 One process, one single-layer model per head shape, decomposed with the tool
-itself in every cache form it emits. For each case (head shape x phase x
+itself in every cache form it emits (with --fast-paths unless --no-fast-paths). For each case (head shape x phase x
 length) every variant gets a warm-up, then the variants run in interleaved
 rounds (the order rotates from round to round), so all of them see the same
 machine state. Reported: the median time of each variant, and each variant's
@@ -133,7 +133,7 @@ def bench_case(shape: str, phase: str, length: int, args) -> dict:
     for name, options, shared_buffer in REWRITES:
         if args.variant and name not in args.variant:
             continue
-        rewritten = gqa_decompose.decompose(fused, **options)
+        rewritten = gqa_decompose.decompose(fused, fast_paths=not args.no_fast_paths, **options)
         past_rows = max_length if shared_buffer else separate_past
         if name == "static-steps":
             past_rows = (length // BUFFER_STEP + 1) * BUFFER_STEP
@@ -262,6 +262,8 @@ def main() -> None:
                         help="only these rewrites (the fused variants always run)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, --quick 5)")
     parser.add_argument("--round-ms", type=float, help="time per variant per round (default 30, --quick 10)")
+    parser.add_argument("--no-fast-paths", action="store_true",
+                        help="time the default (straight-line) rewrite instead of --fast-paths")
     parser.add_argument("--max-length", type=int, default=4096, help="rows of the shared buffers")
     parser.add_argument("--layers", type=int, default=32, help="layers of the rewrite benchmark's model")
     parser.add_argument("--write", action="store_true", help="rewrite phase: also write the model (disk-bound)")
@@ -274,7 +276,8 @@ def main() -> None:
 
     info = machine()
     print(f"{info['cpu']}, {info['nproc']} cores, onnxruntime {info['onnxruntime']}, "
-          f"{args.threads} thread(s), {args.rounds} rounds, shared buffers of {args.max_length} rows")
+          f"{args.threads} thread(s), {args.rounds} rounds, shared buffers of {args.max_length} rows, "
+          f"rewrites {'without' if args.no_fast_paths else 'with'} --fast-paths")
     # First, while this process is small: a child's peak RSS counts the parent's pages at fork.
     rewrite = bench_rewrite(args) if "rewrite" in phases else None
     cases = []
@@ -290,6 +293,7 @@ def main() -> None:
         print_cases(cases)
     if args.json:
         report = {"machine": info, "threads": args.threads, "rounds": args.rounds,
+                  "fast_paths": not args.no_fast_paths,
                   "max_length": args.max_length, "cases": cases, "rewrite": rewrite}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -154,3 +154,25 @@ def test_cli_kv_cache_growing(tmp_path):
     assert "growing KV cache" in result.output
     ops = {n.op_type for n in onnx.load(tmp_path / "m.decomposed.onnx").graph.node}
     assert "ScatterND" not in ops
+
+
+# --fast-paths: the same contract through run-time Ifs -----------------------------------------
+
+
+@pytest.mark.parametrize("kv_cache", ["any", "static", "growing"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fast_paths_match_ort_in_every_phase(name, kv_cache):
+    """Every branch: Concat / ScatterND into past / Pad + ScatterND, whole or cut buffer, row blocks."""
+    config = CONFIGS[name]
+    if kv_cache == "growing" and config.kv_empty:
+        pytest.skip("a KV-shared layer has no growing cache")
+    model = make_gqa_model(config)
+    _, node = gqa_node(model)
+    options = DecomposeOptions(
+        fast_paths=True, static_kv_cache=kv_cache == "static", growing_kv_cache=kv_cache == "growing"
+    )
+    result = verify_node_model(node, config.opset, model.ir_version, options)
+    assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
+    if kv_cache == "any" and not config.kv_empty:
+        names = {r.phase.name for r in result.results}
+        assert {"decode, growing cache", "decode, static buffer", "first prompt, growing cache"} <= names

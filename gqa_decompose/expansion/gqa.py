@@ -32,6 +32,7 @@ from gqa_decompose.expansion.attention import ReadPlan, attend
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.kv_cache import (
     append_aligned_rows,
+    longest_row,
     present_length,
     read_length,
     update_cache,
@@ -162,6 +163,9 @@ def _key_columns(
     * nobody reads present: Concat(past, new) with each column's position; no KV write.
     """
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
+    # output_qk is a diagnostic: its scores come from one path over the whole buffer
+    # (OpenVINO 2025 mis-shapes an If output whose width differs between branches).
+    may_cut = spec.fast_paths and not spec.output_qk_used
     if not spec.has_past:
         new_key, new_value = new_rows
         length = info.query_length
@@ -173,7 +177,8 @@ def _key_columns(
             present_key = op.op("Identity", past_key)
             present_value = op.op("Identity", past_value)
         return _buffer_columns(
-            shared, info, past_key, past_key, past_value, present_key, present_value, ("past", dim_key(past_key, 2))
+            op, shared, info, past_key, past_key, past_value, present_key, present_value,
+            ("past", dim_key(past_key, 2)), may_cut,
         )
     new_key, new_value = new_rows
     if spec.sliding_window_cache:
@@ -199,11 +204,12 @@ def _key_columns(
             rows_key = ("past", dim_key(past_key, 2))
         else:
             present_key, present_value = update_cache(
-                op, shared, info, (past_key, past_value), (new_key, new_value), spec.kv_num_heads
+                op, shared, info, (past_key, past_value), (new_key, new_value), spec.kv_num_heads,
+                spec.fast_paths,
             )
             rows_key = ("present_length", dim_key(past_key, 2))
         return _buffer_columns(
-            shared, info, past_key, present_key, present_value, present_key, present_value, rows_key
+            op, shared, info, past_key, present_key, present_value, present_key, present_value, rows_key, may_cut
         )
     keys = op.op("Concat", past_key, new_key, axis=2)
     values = op.op("Concat", past_value, new_value, axis=2)
@@ -236,6 +242,7 @@ def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: i
 
 
 def _buffer_columns(
+    op: OpBuilder,
     shared: SharedSubgraphs,
     info,
     past_key: ir.Value,
@@ -244,17 +251,28 @@ def _buffer_columns(
     present_key: ir.Value | None,
     present_value: ir.Value | None,
     rows_key: tuple,
+    may_cut: bool,
 ) -> _KeyColumns:
     """Dense key columns of a buffer that may hold more rows than any query sees.
 
     The buffer has max(P, T) rows (P for past itself); attention reads them
-    all or, when that is much more than the longest row, a copy of that row's
-    length (chosen at run time, see :func:`read_length`).
+    all or, when that is much more than the longest row and ``may_cut``, a
+    copy of that row's length (chosen at run time, see :func:`read_length`).
     """
     if rows_key[0] == "past":
         buffer_rows = shared.get(("past_rows", rows_key), lambda builder: builder.dim(past_key, 2))
     else:
         buffer_rows = present_length(shared, info, past_key)
+    if not may_cut:
+        if rows_key[0] == "past":
+            # Past itself (a static buffer): only the longest row's rows, always.
+            longest = longest_row(shared, info)
+            end_1 = op.to_vector(longest)
+            keys, values = op.slice(keys, 0, end_1, axis=2), op.slice(values, 0, end_1, axis=2)
+            positions = dense_key_positions(shared, longest, ("longest_row", info))
+            return _KeyColumns(keys, values, positions, longest, present_key, present_value)
+        positions = dense_key_positions(shared, buffer_rows, ("buffer_rows", info, rows_key))
+        return _KeyColumns(keys, values, positions, buffer_rows, present_key, present_value)
     cut, length, cut_end = read_length(shared, info, buffer_rows, rows_key)
     positions = dense_key_positions(shared, length, ("read_length", info, rows_key))
     return _KeyColumns(keys, values, positions, length, present_key, present_value, cut, cut_end)
@@ -350,7 +368,7 @@ def expand_gqa(
     plan = ReadPlan(columns.cut, columns.cut_end)
     query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
     long_queries_possible = not isinstance(query_length, int) or query_length >= row_block_min_queries()
-    if columns.length is not None and spec.causal and long_queries_possible:
+    if spec.fast_paths and columns.length is not None and spec.causal and long_queries_possible:
         plan = dataclasses.replace(plan, row_block_tiers=causal_row_blocks(shared, info, columns.length))
     attention = attend(
         op,

@@ -27,6 +27,7 @@ from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_
 
 __all__ = [
     "append_aligned_rows",
+    "longest_row",
     "present_length",
     "read_length",
     "scatter_indices",
@@ -154,10 +155,12 @@ def update_cache(
     past_BNPH: tuple[ir.Value, ir.Value],
     new_BNSH: tuple[ir.Value, ir.Value],
     kv_num_heads: int,
+    fast_paths: bool = False,
 ) -> tuple[ir.Value, ir.Value]:
-    """Present keys and values without a promise about the cache: one copy whatever it is.
+    """Present keys and values without a promise about the cache.
 
-    Chosen at run time (one If per layer):
+    Without ``fast_paths``: past padded to max(P, T) rows, then scattered (two
+    copies, straight-line). With it, one copy chosen at run time (one If per layer):
 
     * rows aligned at P (T = P + S, a growing cache): Concat(past, new);
     * T <= P (a max-length buffer): new rows scattered straight into past; a
@@ -166,6 +169,11 @@ def update_cache(
     """
     past_key, past_value = past_BNPH
     new_key, new_value = new_BNSH
+    if not fast_paths:
+        return (
+            write_new_rows(op, shared, info, past_key, new_key, kv_num_heads),
+            write_new_rows(op, shared, info, past_value, new_value, kv_num_heads),
+        )
 
     def fits_in_past(builder: OpBuilder) -> ir.Value:
         return builder.op("LessOrEqual", info.total_length, builder.dim(past_key, 2))
