@@ -176,3 +176,19 @@ def test_fast_paths_match_ort_in_every_phase(name, kv_cache):
     if kv_cache == "any" and not config.kv_empty:
         names = {r.phase.name for r in result.results}
         assert {"decode, growing cache", "decode, static buffer", "first prompt, growing cache"} <= names
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GqaConfig(kv_quant="PER_CHANNEL", kv_bits=8, rotary="half"),
+        GqaConfig(kv_quant="PER_TENSOR", kv_bits=4),
+        GqaConfig(local_window_size=2, extra_attributes=(("sliding_window_cache", 1),)),
+        GqaConfig(dtype="bfloat16", rotary="half"),
+        GqaConfig(past=False, packed=True),
+    ],
+    ids=["int8", "int4", "windowed", "bfloat16", "no-past"],
+)
+def test_fast_paths_with_other_caches_and_types(config):
+    report = gqa_decompose.verify(make_gqa_model(config), fast_paths=True)
+    assert report.passed, [r.failure for r in report.nodes[0].results]
