@@ -21,7 +21,8 @@ from gqa_decompose.passes import (
     find_gqa_nodes,
     non_standard_nodes,
 )
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
+from gqa_decompose.passes.raise_opset import attention_opset
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolve_target
 
 __all__ = ["NodeCheck", "check_nodes", "decompose", "decompose_file", "rewrite"]
 
@@ -74,7 +75,11 @@ def decompose(model, *, check: bool = True, **options):
             visible keys); ``static_kv_cache=True`` promises a max-length KV
             buffer, ``growing_kv_cache=True`` a cache that grows with aligned
             rows (either: one cache copy less per layer and step);
-            ``native_precision=True`` computes fp16/bf16 attention natively.
+            ``native_precision=True`` computes fp16/bf16 attention natively;
+            ``target="attention"`` emits one standard Attention op per node
+            (opset >= 23; other nodes fall back to primitives, reported in
+            the returned pass's ``decomposed`` / the verify report), and
+            ``strict_target=True`` refuses a node that would fall back.
 
     Raises:
         GqaDecomposeError: a node is malformed or uses a feature that cannot be
@@ -123,15 +128,21 @@ class NodeCheck:
     name: str
     spec: GqaSpec | None
     refusal: str | None
+    target: str = "primitives"  # what the node would become
+    fallback: str | None = None  # why it is not the target asked for
 
 
 def check_nodes(model: ir.Model, options: DecomposeOptions | None = None) -> list[NodeCheck]:
     """Parse every GQA node without rewriting anything."""
+    options = options or DecomposeOptions()
     results = []
-    for _, node in find_gqa_nodes(model):
+    found = find_gqa_nodes(model)
+    opset, raise_obstacle = attention_opset(model, options) if found and options.target != "primitives" else (0, None)
+    for _, node in found:
         try:
             spec = parse_gqa_node(node, options)
-            results.append(NodeCheck(spec.node_name, spec, None))
+            target, fallback = resolve_target(spec, options, opset, raise_obstacle)
+            results.append(NodeCheck(spec.node_name, spec, None, target, fallback))
         except GqaDecomposeError as error:
             results.append(NodeCheck(error.node_name or node.name, None, error.reason))
     return results

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import pathlib
 import sys
+import time
 from collections.abc import Callable
 
 import click
@@ -13,36 +15,54 @@ import onnx_ir as ir
 import tqdm
 
 from gqa_decompose import model_io
-from gqa_decompose.api import check_nodes, foreign_ops, rewrite
+from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
-from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
+from gqa_decompose.passes import InferGqaTypesPass
+from gqa_decompose.report import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    VERIFY_MODES,
+    CheckResult,
+    NodeEntry,
+    check,
+    opsets,
+    ops_left,
+    node_verification_json,
+    report_json,
+)
 from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
 from gqa_decompose.runtimes import get_runtime
 from gqa_decompose.spec import DecomposeOptions
 from gqa_decompose.verify import NodeVerification, verify
+from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
 
 __all__ = ["main"]
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 _EPILOG = """\b
 Examples:
   gqa-decompose model.onnx                   writes model.decomposed.onnx, verified
   gqa-decompose model.onnx -o out/model.onnx --report report.json
   gqa-decompose model.onnx --check           portability check for CI, writes nothing
+  gqa-decompose model.onnx --check --verify all --report report.json
+                                             the CI gate: every node and a prompt + 4
+                                             decode steps of the whole model
   gqa-decompose model.onnx --check --runtime openvino --runtime tract
                                              ... and run the rewritten model on those runtimes
+  gqa-decompose model.onnx --target attention one standard Attention op per node (opset >= 23)
 
 \b
 Exit codes:
   0  success (with --check: the model is portable once decomposed)
   1  verification against ONNX Runtime failed (nothing is written), or with
-     --check: a node is refused, fails verification, or other non-standard ops remain,
-     or the rewritten model fails on a --runtime
-  2  bad input: unreadable or malformed model, a refused node, bad paths
+     --check: a node is refused, fails verification (node or model level),
+     or other non-standard ops remain, or the rewritten model fails on a --runtime
+  2  bad input: unreadable or malformed model, a refused node, bad paths, a
+     model that cannot be driven for --verify model (see --dim, --inputs)
 
-Weights are never loaded into memory (but for --runtime, which runs the model):
-external data is streamed into <OUTPUT>.data. The output appears atomically; the input is never modified.
+Weights are never loaded into memory (but for --runtime and --verify model, which
+run the model): external data is streamed into <OUTPUT>.data. The output appears
+atomically; the input is never modified.
 """
 
 
@@ -57,26 +77,6 @@ def _progress_bar(description: str, quiet: bool) -> tuple[tqdm.tqdm, Callable[[i
     return bar, update
 
 
-def _verification_json(result: NodeVerification | None) -> dict | None:
-    if result is None:
-        return None
-    return {
-        "passed": result.passed,
-        "skipped": result.skipped,
-        "refused": result.refused,
-        "max_error": result.max_error,
-        "phases": [
-            {
-                "phase": r.phase.name,
-                "passed": r.passed,
-                "max_errors": r.max_errors,
-                "failure": r.failure,
-            }
-            for r in result.results
-        ],
-    }
-
-
 def _verification_text(result: NodeVerification | None) -> str:
     if result is None:
         return "not verified"
@@ -89,6 +89,45 @@ def _verification_text(result: NodeVerification | None) -> str:
     detail = f"; {'; '.join(failures)}" if failures else ""
     error = f"max error {result.max_error:.2g}" if result.max_error is not None else "no phase ran"
     return f"{status}, {error} over {len(result.results)} phases{detail}"
+
+
+def _target_text(options: DecomposeOptions, target: str, fallback: str | None) -> str:
+    """What the node became, when the user asked for the attention target."""
+    if options.target == "primitives":
+        return ""
+    if fallback is None:
+        return f" (target {target})"
+    return f" (target primitives, fallback: {fallback})"
+
+
+def _phase_lines(result: NodeVerification | None) -> list[str]:
+    """-v: one line per verified phase."""
+    if result is None:
+        return []
+    return [
+        f"    {r.phase.name} (B={r.phase.batch}, S={r.phase.query_length}, T={r.phase.total_length}): "
+        + ", ".join(f"{k} {v:.2g}" for k, v in r.max_errors.items())
+        + ("" if r.passed else f"  FAILED: {r.failure}")
+        for r in result.results
+    ]
+
+
+def _step_lines(result: ModelVerification) -> list[str]:
+    """-v: one line per model-level step."""
+    lines = [f"  note: {note}" for note in result.notes]
+    for step in result.steps:
+        kinds: dict[str, float] = {}
+        for error in step.outputs:
+            kind = "logits" if error.name == "logits" else "present" if error.name.startswith("present") else error.name
+            kinds[kind] = max(kinds.get(kind, 0.0), error.max_abs)
+        tokens = ""
+        if step.expected_tokens is not None:
+            tokens = f", tokens {list(step.expected_tokens)} / {list(step.got_tokens or ())}"
+        detail = ", ".join(f"{k} {v:.2g}" for k, v in kinds.items())
+        failed = "" if step.passed else f"  FAILED: {step.failure or 'out of tolerance'}"
+        lines.append(f"  step {step.step} ({step.kind}, S={step.query_length}, t={list(step.total_lengths)}): "
+                     f"{detail}{tokens}{failed}")
+    return lines
 
 
 def _write_report(path: pathlib.Path | None, report: dict) -> bool:
@@ -112,9 +151,34 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "to write <MODEL stem>.decomposed.onnx into. Default: beside MODEL.",
 )
 @click.option(
-    "--no-verify",
-    is_flag=True,
-    help="Skip the node-by-node comparison with ONNX Runtime CPU (on by default).",
+    "--verify",
+    "verify_mode",
+    type=click.Choice(VERIFY_MODES),
+    default="nodes",
+    show_default=True,
+    help="What to compare with ONNX Runtime CPU before writing: 'nodes' each GQA node alone on synthesized "
+    "inputs (every phase); 'model' the whole model, a prompt and --steps decode steps with present fed back "
+    "as past; 'all' both; 'none' nothing.",
+)
+@click.option("--no-verify", is_flag=True, help="Same as --verify none.")
+@click.option("--steps", type=click.IntRange(0), default=4, show_default=True,
+              help="Model-level verification: decode steps after the prompt.")
+@click.option("--batch", type=click.IntRange(1), help="Model-level verification: batch size (default 2, "
+              "right-padded rows; or the batch of --inputs).")
+@click.option(
+    "--dim",
+    "dims",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Model-level verification: the size of a symbolic dim, e.g. sequence_length=16 (prompt length) or "
+    "past_sequence_length=512 (static buffer rows). Repeatable.",
+)
+@click.option(
+    "--inputs",
+    "inputs_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=pathlib.Path),
+    help="Model-level verification: an .npz of the prompt's inputs by name (input_ids, attention_mask, ...); "
+    "the others are synthesized.",
 )
 @click.option(
     "--report",
@@ -171,6 +235,27 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "without a --kv-cache promise. For ONNX Runtime and OpenVINO; tract cannot run them.",
 )
 @click.option(
+    "--target",
+    type=click.Choice(["primitives", "attention"]),
+    default="primitives",
+    show_default=True,
+    help="'primitives': MatMul/Softmax/... at the model's opset. 'attention': one standard "
+    "Attention op per node (model opset >= 23; RotaryEmbedding-23 for rotary, TensorScatter-24 for "
+    "the cache at opset 24), so runtimes with a fused Attention kernel use it. A node the op cannot "
+    "express exactly falls back to primitives, said on its line.",
+)
+@click.option(
+    "--strict-target",
+    is_flag=True,
+    help="With --target attention: refuse (exit 2) a node that would fall back to primitives.",
+)
+@click.option(
+    "--raise-opset",
+    is_flag=True,
+    help="With --target attention: raise a model's default-domain opset from 20-22 to 23 (where "
+    "Attention exists) when no op the model uses changes meaning; otherwise its nodes fall back.",
+)
+@click.option(
     "--reuse-data",
     is_flag=True,
     help="Let the output refer to the input's external-data file instead of writing its own "
@@ -178,11 +263,17 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "in the input's folder, and depends on that file.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; only the summary lines.")
+@click.option("-v", "--verbose", is_flag=True, help="Also per-phase and per-step errors, notes and timings.")
 @click.version_option(package_name="gqa-decompose")
 def main(
     model: pathlib.Path,
     output: str | None,
+    verify_mode: str,
     no_verify: bool,
+    steps: int,
+    batch: int | None,
+    dims: tuple[str, ...],
+    inputs_path: pathlib.Path | None,
     report_path: pathlib.Path | None,
     check: bool,
     runtime_names: tuple[str, ...],
@@ -190,8 +281,12 @@ def main(
     kv_cache: str,
     native_precision: bool,
     fast_paths: bool,
+    target: str,
+    strict_target: bool,
+    raise_opset: bool,
     reuse_data: bool,
     quiet: bool,
+    verbose: bool,
 ) -> None:
     """Rewrite com.microsoft.GroupQueryAttention nodes of MODEL into standard ONNX ops.
 
@@ -201,6 +296,8 @@ def main(
     synthesized inputs (first prompt, ragged decode, chunked prefill), and the
     model is written only if every node matches.
     """
+    if no_verify:
+        verify_mode = "none"
     static_kv_cache = kv_cache == "static" or (
         kv_cache == "auto" and model_io.genai_shares_kv_buffer(model)
     )
@@ -213,40 +310,119 @@ def main(
         growing_kv_cache=kv_cache == "growing",
         native_precision=native_precision,
         fast_paths=fast_paths,
+        target=target,
+        strict_target=strict_target,
+        raise_opset=raise_opset,
     )
-    report: dict = {
-        "model": str(model),
-        "mode": "check" if check else "decompose",
-        "options": dataclasses.asdict(options),
-        "nodes": [],
-    }
+    run = _Run(
+        model_path=model,
+        verify_mode=verify_mode,
+        steps=steps,
+        batch=batch,
+        dims=_parse_dims(dims),
+        inputs_path=inputs_path,
+        quiet=quiet,
+        verbose=verbose,
+    )
+    result = CheckResult(str(model), "check" if check else "decompose", options, verify_mode)
+    started = time.perf_counter()
     try:
         if runtime_names and not check:
             raise GqaDecomposeError("--runtime needs --check (it runs the rewritten model in memory)")
         for name in runtime_names:
             get_runtime(name)  # an unknown name is bad input, before any work
         if check:
-            code = _run_check(model, options, not no_verify, quiet, report, runtime_names)
+            result = _run_check(run, options, runtime_names)
         else:
-            code = _run_decompose(model, output, options, not no_verify, quiet, report, reuse_data)
+            _run_decompose(run, output, options, result, reuse_data)
     except (GqaDecomposeError, OSError) as error:  # OSError: an output path that cannot be written
-        report["error"] = str(error)
-        report["exit_code"] = EXIT_BAD_INPUT
-        _write_report(report_path, report)
+        result.error = str(error)
+        result.exit_code = EXIT_BAD_INPUT
+        result.output = None
         click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    report["exit_code"] = code
-    if not _write_report(report_path, report):
+    result.timings["total"] = time.perf_counter() - started
+    if verbose:
+        click.echo("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
+    code = result.exit_code
+    if report_path is not None and not _write_report(report_path, report_json(result, _version())):
         code = EXIT_BAD_INPUT
     sys.exit(code)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("gqa-decompose")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _parse_dims(dims: tuple[str, ...]) -> dict[str, int]:
+    parsed = {}
+    for item in dims:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit():
+            raise click.BadParameter(f"expected NAME=VALUE with a whole number, got {item!r}", param_hint="--dim")
+        parsed[name.strip()] = int(value)
+    return parsed
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the command line asked for, besides the rewrite's options."""
+
+    model_path: pathlib.Path
+    verify_mode: str
+    steps: int
+    batch: int | None
+    dims: dict[str, int]
+    inputs_path: pathlib.Path | None
+    quiet: bool
+    verbose: bool
+    bars: dict = dataclasses.field(default_factory=dict)  # progress bars by kind of work
+
+    @property
+    def nodes(self) -> bool:
+        return self.verify_mode in ("nodes", "all")
+
+    @property
+    def whole_model(self) -> bool:
+        return self.verify_mode in ("model", "all")
+
+    def progress(self, what: str, done: int, total: int) -> None:
+        """check()'s progress callback: one bar per kind of work, created on first use."""
+        if what not in self.bars:
+            self.bars[what] = _progress_bar(f"verifying {what}", self.quiet)
+        bar, update = self.bars[what]
+        update(done, total)
+        if done == total:
+            bar.close()
+
+
 def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) -> dict[str, NodeVerification]:
     """verify() works on a copy: ``original`` is left as it is."""
-    bar, update = _progress_bar("verifying", quiet)
+    bar, update = _progress_bar("verifying nodes", quiet)
     with bar:
         result = verify(original, progress=update, **dataclasses.asdict(options))
     return {node.name: node for node in result.nodes}
+
+
+def _verify_whole_model(
+    run: _Run, original: ir.Model, rewritten: ir.Model, options: DecomposeOptions
+) -> ModelVerification:
+    bar, update = _progress_bar("verifying model", run.quiet)
+    bar.unit = "step"
+    with bar:
+        return verify_model(
+            original,
+            rewritten,
+            steps=run.steps,
+            batch=run.batch,
+            dims=run.dims,
+            feeds=run.inputs_path,
+            genai_config=read_genai_config(run.model_path),
+            progress=update,
+            **dataclasses.asdict(options),
+        )
 
 
 def _output_path(model_path: pathlib.Path, output: str | None) -> pathlib.Path:
@@ -259,142 +435,158 @@ def _output_path(model_path: pathlib.Path, output: str | None) -> pathlib.Path:
     return path.absolute()
 
 
+def _echo_model_verification(run: _Run, result: ModelVerification | None) -> None:
+    if result is None:
+        return
+    click.echo(result.summary())
+    if run.verbose:
+        for line in _step_lines(result):
+            click.echo(line)
+
+
 def _run_decompose(
-    model_path: pathlib.Path,
+    run: _Run,
     output: str | None,
     options: DecomposeOptions,
-    run_verify: bool,
-    quiet: bool,
-    report: dict,
+    result: CheckResult,
     reuse_data: bool = False,
-) -> int:
-    target = _output_path(model_path, output)
-    model = model_io.load_model(model_path)
+) -> None:
+    target = _output_path(run.model_path, output)
+    started = time.perf_counter()
+    model = model_io.load_model(run.model_path)
+    result.timings["load"] = time.perf_counter() - started
+    result.opsets = opsets(model)
     had_external_data = bool(model_io.external_tensors(model))
     model_io.check_output_path(model, target, external_data=had_external_data, reuse_input_data=reuse_data)
-    original = model.clone() if run_verify else None  # tensors shared: no second load, no weights read
-    bar, update = _progress_bar("decomposing", quiet)
+    verifying = run.verify_mode != "none"
+    original = model.clone() if verifying else None  # tensors shared: no second load, no weights read
+    started = time.perf_counter()
+    bar, update = _progress_bar("decomposing", run.quiet)
+    opset_before = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     with bar:
         decomposed = rewrite(model, options, progress=update)
+    result.timings["rewrite"] = time.perf_counter() - started
+    opset_after = model.opset_imports.get("", opset_before)
+    if opset_after != opset_before:
+        result.raised_opset = (opset_before, opset_after)
+        click.echo(f"note: default-domain opset raised from {opset_before} to {opset_after} (--raise-opset)")
     if not decomposed:
-        click.echo(f"{model_path}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written")
-        report["output"] = None
-        return EXIT_OK
-    verifications = _verify_nodes(original, options, quiet) if run_verify else {}
-    failed = False
+        click.echo(f"{run.model_path}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written")
+        result.ops_left = ops_left(model)
+        result.exit_code = EXIT_OK
+        return
+    verifications = {}
+    if run.nodes:
+        started = time.perf_counter()
+        verifications = _verify_nodes(original, options, run.quiet)
+        result.timings["verify_nodes"] = time.perf_counter() - started
     for entry in decomposed:
         verification = verifications.get(entry.name)
-        failed |= verification is not None and not verification.passed and not verification.skipped
+        node = NodeEntry(entry.name, entry.scope, "decomposed", entry.spec, new_nodes=entry.new_node_count,
+                         verification=verification, target=entry.target, fallback=entry.fallback)
+        result.nodes.append(node)
         click.echo(
             f"{entry.name}: decomposed ({', '.join(entry.spec.features())}) into "
-            f"{entry.new_node_count} nodes; {_verification_text(verification)}"
+            f"{entry.new_node_count} nodes{_target_text(options, entry.target, entry.fallback)}; "
+            f"{_verification_text(verification)}"
         )
-        report["nodes"].append(
-            {
-                "name": entry.name,
-                "scope": entry.scope,
-                "status": "decomposed",
-                "features": entry.spec.features(),
-                "new_nodes": entry.new_node_count,
-                "verification": _verification_json(verification),
-            }
-        )
-    remaining = foreign_ops(model)
-    report["non_standard_ops"] = remaining
+        if run.verbose:
+            for line in _phase_lines(verification):
+                click.echo(line)
+    if run.whole_model:
+        started = time.perf_counter()
+        result.model_verification = _verify_whole_model(run, original, model, options)
+        result.timings["verify_model"] = time.perf_counter() - started
+        _echo_model_verification(run, result.model_verification)
+    result.ops_left = ops_left(model)
+    remaining = result.non_standard_ops
     if remaining:
         click.echo(f"note: the model still holds non-standard ops: {', '.join(remaining)}")
-    if failed:
-        report["output"] = None
+    if not result.verified:
+        result.exit_code = EXIT_FAILED
         click.echo("error: verification failed; nothing written", err=True)
-        return EXIT_FAILED
-    bar, update = _progress_bar("saving tensors", quiet)
+        return
+    started = time.perf_counter()
+    bar, update = _progress_bar("saving tensors", run.quiet)
+    bar.unit = "tensor"
     with bar:
         written = model_io.save_model(
             model, target, external_data=had_external_data, reuse_input_data=reuse_data, progress=update
         )
-    report["output"] = str(target)
+    result.timings["save"] = time.perf_counter() - started
+    result.output = str(target)
+    result.exit_code = EXIT_OK
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
-    return EXIT_OK
 
 
-def _run_check(
-    model_path: pathlib.Path,
-    options: DecomposeOptions,
-    run_verify: bool,
-    quiet: bool,
-    report: dict,
-    runtime_names: tuple[str, ...] = (),
-) -> int:
-    model = model_io.load_model(model_path)
-    InferGqaTypesPass()(model)
-    checks = check_nodes(model, options)
-    decomposable = [c for c in checks if c.refusal is None]
-    verifications = _verify_nodes(model, options, quiet) if run_verify and decomposable else {}
-    portable = True
-    for entry in checks:
-        verification = verifications.get(entry.name)
-        if entry.refusal is not None:
-            portable = False
-            click.echo(f"{entry.name}: REFUSED: {entry.refusal}")
-            report["nodes"].append({"name": entry.name, "status": "refused", "reason": entry.refusal})
+def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, ...] = ()) -> CheckResult:
+    result = check(
+        run.model_path,
+        verify_mode=run.verify_mode,
+        steps=run.steps,
+        batch=run.batch,
+        dims=run.dims,
+        feeds=run.inputs_path,
+        progress=run.progress,
+        **dataclasses.asdict(options),
+    )
+    for entry in result.nodes:
+        if entry.status == "refused":
+            click.echo(f"{entry.name}: REFUSED: {entry.reason}")
             continue
-        if verification is not None and not verification.passed and not verification.skipped:
-            portable = False
         click.echo(
-            f"{entry.name}: decomposable ({', '.join(entry.spec.features())}); {_verification_text(verification)}"
+            f"{entry.name}: decomposable ({', '.join(entry.spec.features())})"
+            f"{_target_text(options, entry.target, entry.fallback)}; {_verification_text(entry.verification)}"
         )
-        report["nodes"].append(
-            {
-                "name": entry.name,
-                "status": "decomposable",
-                "features": entry.spec.features(),
-                "verification": _verification_json(verification),
-            }
-        )
-    remaining = foreign_ops(model)
-    report["non_standard_ops"] = remaining
-    report["portable"] = portable and not remaining
+        if run.verbose:
+            for line in _phase_lines(entry.verification):
+                click.echo(line)
+    if run.whole_model and result.model_verification is None and any(n.status == "refused" for n in result.nodes):
+        click.echo("model not verified (a node is refused)")
+    _echo_model_verification(run, result.model_verification)
+    remaining = result.non_standard_ops
     if remaining:
         click.echo(f"non-standard ops besides GroupQueryAttention: {', '.join(remaining)}")
-    if not find_gqa_nodes(model):
+    if not result.nodes:
         click.echo("no com.microsoft.GroupQueryAttention node")
-    verdict = "portable" if report["portable"] else "NOT portable"
-    click.echo(f"{model_path}: {verdict} once decomposed")
-    runs_everywhere = True
+    verdict = "portable" if result.portable else "NOT portable"
+    click.echo(f"{run.model_path}: {verdict} once decomposed")
     if runtime_names:
-        if any(entry.refusal is not None for entry in checks):
+        if any(entry.status == "refused" for entry in result.nodes):
             click.echo("not run on any runtime: a node is refused")
-            runs_everywhere = False
+            result.runtimes.append({"runtime": None, "version": None, "passed": False,
+                                    "error": "not run: a node is refused"})
         else:
-            runs_everywhere = _run_on_runtimes(model_path, model, options, run_verify, runtime_names, report)
-    return EXIT_OK if report["portable"] and runs_everywhere else EXIT_FAILED
+            model = model_io.load_model(run.model_path)
+            InferGqaTypesPass()(model)
+            result.runtimes.extend(_run_on_runtimes(run.model_path, model, options, run.nodes, runtime_names))
+        if not result.portable:
+            result.exit_code = EXIT_FAILED
+    return result
 
 
 def _run_on_runtimes(
     model_path: pathlib.Path,
     model: ir.Model,
     options: DecomposeOptions,
-    run_verify: bool,
+    verify_nodes: bool,
     runtime_names: tuple[str, ...],
-    report: dict,
-) -> bool:
-    """Runs the rewritten model on each runtime; prints what fails; True if nothing does."""
-    report["runtimes"] = []
-    all_passed = True
+) -> list[dict]:
+    """Runs the rewritten model on each runtime; prints what fails; returns the report's entries."""
+    entries = []
     for name in dict.fromkeys(runtime_names):
-        result = check_runtime(model, name, options, verify_nodes=run_verify)
-        all_passed &= result.passed
+        result = check_runtime(model, name, options, verify_nodes=verify_nodes)
         label = f"{name} {result.version}" if result.version else name
         entry = {"runtime": name, "version": result.version, "passed": result.passed}
+        entries.append(entry)
         if result.unavailable:
             click.echo(f"{name}: NOT AVAILABLE: {result.unavailable}")
             entry["error"] = result.unavailable
-            report["runtimes"].append(entry)
             continue
         entry["nodes"] = []
         for node in result.nodes.nodes if result.nodes is not None else ():
             click.echo(f"{node.name}: on {label}: {_verification_text(node)}")
-            entry["nodes"].append({"name": node.name, "verification": _verification_json(node)})
+            entry["nodes"].append({"name": node.name, "verification": node_verification_json(node)})
         model_run = result.model
         if model_run.passed:
             click.echo(
@@ -405,6 +597,5 @@ def _run_on_runtimes(
             click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}")
         entry["model"] = {"passed": model_run.passed, "max_errors": model_run.max_errors,
                           "failure": model_run.failure}
-        report["runtimes"].append(entry)
         click.echo(f"{model_path}: {'runs' if result.passed else 'does NOT run'} on {label} once decomposed")
-    return all_passed
+    return entries

@@ -19,11 +19,15 @@ from gqa_decompose.errors import GqaDecomposeError
 __all__ = [
     "GQA_DOMAIN",
     "GQA_OP_TYPE",
+    "ATTENTION_MIN_OPSET",
+    "TARGETS",
     "DecomposeOptions",
     "GqaSpec",
+    "attention_target_obstacle",
     "is_gqa_node",
     "output_is_read",
     "parse_gqa_node",
+    "resolve_target",
 ]
 
 GQA_DOMAIN = "com.microsoft"
@@ -58,6 +62,10 @@ _KNOWN_ATTRIBUTES = frozenset(
 )
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
+TARGETS = ("primitives", "attention")
+# The standard Attention op (and RotaryEmbedding) first exist in opset 23.
+ATTENTION_MIN_OPSET = 23
+
 
 @dataclasses.dataclass(frozen=True)
 class DecomposeOptions:
@@ -87,7 +95,18 @@ class DecomposeOptions:
             buffer instead of attending over all of it, and, without a
             promise, a one-copy cache update (Concat, or ScatterND straight
             into past). Runtimes that type both branches of an If alike
-            (tract) cannot run them; OpenVINO and ONNX Runtime can.
+            (tract) cannot run them; OpenVINO and ONNX Runtime can. Primitives
+            target only.
+        target: ``"primitives"`` (MatMul/Softmax/...) or ``"attention"``: one
+            standard ``Attention`` op (opset >= 23) per node, with rotary as
+            RotaryEmbedding-23 and, at opset 24, the cache written by
+            TensorScatter. A node the Attention op cannot express exactly falls
+            back to primitives (see :func:`attention_target_obstacle`).
+        strict_target: refuse (GqaDecomposeError) a node that would fall back
+            instead of decomposing it into primitives.
+        raise_opset: with the attention target, raise a model's default-domain
+            opset import from 20-22 to 23 when no op the model uses changes
+            meaning (see ``passes/raise_opset.py``); otherwise its nodes fall back.
     """
 
     legacy_window: bool = False
@@ -95,10 +114,15 @@ class DecomposeOptions:
     growing_kv_cache: bool = False
     native_precision: bool = False
     fast_paths: bool = False
+    target: str = "primitives"
+    strict_target: bool = False
+    raise_opset: bool = False
 
     def __post_init__(self) -> None:
         if self.static_kv_cache and self.growing_kv_cache:
             raise GqaDecomposeError("static_kv_cache and growing_kv_cache promise opposite things")
+        if self.target not in TARGETS:
+            raise GqaDecomposeError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -514,3 +538,35 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         k_norm=_input(node, K_NORM_WEIGHT) is not None and not kv_empty,
         qk_norm_epsilon=qk_norm_epsilon,
     )
+
+
+def attention_target_obstacle(spec: GqaSpec, opset: int, raise_obstacle: str | None = None) -> str | None:
+    """Why ``spec`` cannot become a standard Attention op at ``opset`` exactly; None if it can.
+
+    The model's opset is raised only on request (``raise_opset``) and only when no
+    other op changes meaning; ``raise_obstacle`` says why it was not.
+    """
+    if opset < ATTENTION_MIN_OPSET:
+        reason = f"the model's opset is {opset}; the Attention op needs >= {ATTENTION_MIN_OPSET}"
+        if raise_obstacle is not None:
+            return f"{reason}, and raising it could change the model: {raise_obstacle}"
+        return f"{reason} (--raise-opset raises it when no other op changes meaning)"
+    return None
+
+
+def resolve_target(
+    spec: GqaSpec, options: DecomposeOptions, opset: int, raise_obstacle: str | None = None
+) -> tuple[str, str | None]:
+    """(target used, why it differs from the one asked for) for one node.
+
+    Raises:
+        GqaDecomposeError: ``strict_target`` is set and the node would fall back.
+    """
+    if options.target == "primitives":
+        return "primitives", None
+    obstacle = attention_target_obstacle(spec, opset, raise_obstacle)
+    if obstacle is None:
+        return "attention", None
+    if options.strict_target:
+        raise GqaDecomposeError(f"cannot target the Attention op: {obstacle}", spec.node_name)
+    return "primitives", obstacle

@@ -30,7 +30,8 @@ from gqa_decompose import spec as gqa
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.mask import row_block_min_queries
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node
+from gqa_decompose.passes.raise_opset import attention_opset
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = [
     "NodeVerification",
@@ -95,6 +96,8 @@ class NodeVerification:
     results: tuple[PhaseResult, ...]
     skipped: str | None = None  # why no phase could run (not a failure)
     refused: str | None = None  # the node cannot be decomposed (a failure)
+    target: str = "primitives"  # what the expansion verified was: "primitives" or "attention"
+    fallback: str | None = None  # why it is not the target asked for
 
     @property
     def passed(self) -> bool:
@@ -589,6 +592,7 @@ def verify_node_model(
     runtime: str | None = None,
     total_length_from_shape: bool = False,
     fused_on_runtime: bool = False,
+    raise_obstacle: str | None = None,
 ) -> NodeVerification:
     """Compare ``node`` on ORT CPU with its expansion, over ``phases`` (default: all it admits).
 
@@ -602,6 +606,7 @@ def verify_node_model(
     from gqa_decompose.api import decompose
 
     spec = parse_gqa_node(node, options)
+    target, fallback = resolve_target(spec, options or DecomposeOptions(), opset, raise_obstacle)
     bfloat16 = spec.dtype == ir.DataType.BFLOAT16
     if used_outputs is None:
         used_outputs = [i for i, v in enumerate(node.outputs) if v is not None and v.name]
@@ -672,8 +677,10 @@ def verify_node_model(
             errors[label] = worst
         results.append(PhaseResult(phase, errors, passed, failure))
     if not results:
-        return NodeVerification(spec.node_name, (), skipped="no phase fits the node's static shapes")
-    return NodeVerification(spec.node_name, tuple(results))
+        return NodeVerification(
+            spec.node_name, (), skipped="no phase fits the node's static shapes", target=target, fallback=fallback
+        )
+    return NodeVerification(spec.node_name, tuple(results), target=target, fallback=fallback)
 
 
 def _candidate_runner(
@@ -707,9 +714,9 @@ def _candidate_runner(
     return run, chosen.name
 
 
-def _refusal(node: ir.Node, options: DecomposeOptions) -> str | None:
+def _refusal(node: ir.Node, options: DecomposeOptions, opset: int, raise_obstacle: str | None) -> str | None:
     try:
-        parse_gqa_node(node, options)
+        resolve_target(parse_gqa_node(node, options), options, opset, raise_obstacle)
     except GqaDecomposeError as error:
         return error.reason
     return None
@@ -752,8 +759,10 @@ def verify(
     else:
         model = original.clone()  # tensors are shared, so external data stays where it is
     InferGqaTypesPass()(model)
-    opset = model.opset_imports.get("", 17)
     decompose_options = DecomposeOptions(**options)
+    # The one-node models hold only the GQA node, so they take the opset the rewrite gives the model.
+    opset, raise_obstacle = attention_opset(model, decompose_options)
+    opset = opset or 17
     found = find_gqa_nodes(model)
     nodes = []
     verified: dict[tuple, NodeVerification] = {}
@@ -762,7 +771,7 @@ def verify(
         if gqa.OUTPUT not in used:
             used.insert(0, gqa.OUTPUT)
         signature = _node_signature(node, used)
-        refusal = _refusal(node, decompose_options)
+        refusal = _refusal(node, decompose_options, opset, raise_obstacle)
         if refusal is not None:
             nodes.append(NodeVerification(node.name or "<unnamed GroupQueryAttention>", (), refused=refusal))
         elif signature in verified:
@@ -772,6 +781,7 @@ def verify(
             result = verify_node_model(
                 node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed,
                 runtime=runtime, total_length_from_shape=total_length_from_shape,
+                raise_obstacle=raise_obstacle,
             )
             verified[signature] = result
             nodes.append(result)

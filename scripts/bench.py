@@ -184,36 +184,6 @@ def print_cases(cases: list[dict]) -> None:
 # The 32-layer rewrite -----------------------------------------------------------------------
 
 
-def build_sparse_model(folder: pathlib.Path, layers: int, hidden: int, heads: int, kv_heads: int) -> pathlib.Path:
-    """scripts/make_tiny_llama.py's graph at Llama size; weights in a sparse external file (no disk)."""
-    import make_tiny_llama as tiny
-
-    tiny.HIDDEN, tiny.NUM_LAYERS = hidden, layers
-    tiny.NUM_HEADS, tiny.KV_NUM_HEADS = heads, kv_heads
-    tiny.HEAD_SIZE = hidden // heads
-    tiny.INTERMEDIATE, tiny.VOCAB, tiny.MAX_POSITIONS = 8192, 32000, 4096
-    data_name = "model.onnx.data"
-    offset = 0
-
-    def external_weight(self, name: str, shape: tuple[int, ...]) -> str:
-        nonlocal offset
-        tensor = onnx.TensorProto(name=name, dims=list(shape), data_type=onnx.TensorProto.FLOAT)
-        length = int(np.prod(shape)) * 4
-        for key, value in (("location", data_name), ("offset", offset), ("length", length)):
-            tensor.external_data.add(key=key, value=str(value))
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        self.initializers.append(tensor)
-        offset += length
-        return name
-
-    tiny.GraphBuilder.weight = external_weight
-    path = folder / "model.onnx"
-    onnx.save(tiny.build_model(), path)
-    with open(folder / data_name, "wb") as data:
-        data.truncate(offset)
-    return path
-
-
 def _run_cli(arguments: list[str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS (MB, the largest child so far) and exit code of one CLI run."""
     start = time.perf_counter()
@@ -225,7 +195,11 @@ def _run_cli(arguments: list[str]) -> tuple[float, float, int]:
 def bench_rewrite(args) -> dict:
     folder = pathlib.Path(tempfile.mkdtemp(prefix="gqa-bench-"))
     try:
-        model_path = build_sparse_model(folder, args.layers, 3072, 24, 8)
+        import make_tiny_llama as tiny
+
+        model_path = tiny.write_sparse_model(
+            folder, layers=args.layers, hidden=3072, heads=24, kv_heads=8, intermediate=8192, vocab=32000
+        )
         weights_gb = (folder / "model.onnx.data").stat().st_size / 1e9
         print(f"\n{args.layers}-layer model, {weights_gb:.1f} GB of weights (sparse file)")
         result = {"layers": args.layers, "weights_gb": weights_gb}

@@ -105,8 +105,8 @@ def rope_caches() -> tuple[np.ndarray, np.ndarray]:
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def build_model() -> onnx.ModelProto:
-    g = GraphBuilder(SEED)
+def build_model(g: GraphBuilder | None = None) -> onnx.ModelProto:
+    g = g or GraphBuilder(SEED)
 
     # Shared constants.
     g.add_init("/model/constants/FLOAT/2", np.array(2.0, dtype=np.float32))
@@ -201,6 +201,57 @@ def build_model() -> onnx.ModelProto:
     )
     model.ir_version = 10
     return model
+
+
+class _SparseWeights(GraphBuilder):
+    """Every weight an external tensor at the next offset of one data file; nothing is generated."""
+
+    def __init__(self, data_name: str) -> None:
+        super().__init__(SEED)
+        self.data_name, self.offset = data_name, 0
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> str:
+        tensor = onnx.TensorProto(name=name, dims=list(shape), data_type=TensorProto.FLOAT)
+        length = int(np.prod(shape)) * 4
+        for key, value in (("location", self.data_name), ("offset", self.offset), ("length", length)):
+            tensor.external_data.add(key=key, value=str(value))
+        tensor.data_location = TensorProto.EXTERNAL
+        self.initializers.append(tensor)
+        self.offset += length
+        return name
+
+
+def write_sparse_model(
+    folder: pathlib.Path,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab: int,
+    max_positions: int = 4096,
+) -> pathlib.Path:
+    """This graph at any size, its weights in a *sparse* ``model.onnx.data`` (reads as zeros, costs no disk).
+
+    For tests and benchmarks of multi-GB models: writes ``folder/model.onnx`` (a few hundred KB of graph;
+    RMSNorm weights and cos/sin tables stay inline) and returns its path.
+    """
+    global HIDDEN, NUM_LAYERS, NUM_HEADS, KV_NUM_HEADS, HEAD_SIZE, INTERMEDIATE, VOCAB, MAX_POSITIONS
+    saved = HIDDEN, NUM_LAYERS, NUM_HEADS, KV_NUM_HEADS, HEAD_SIZE, INTERMEDIATE, VOCAB, MAX_POSITIONS
+    HIDDEN, NUM_LAYERS, NUM_HEADS, KV_NUM_HEADS = hidden, layers, heads, kv_heads
+    HEAD_SIZE, INTERMEDIATE, VOCAB, MAX_POSITIONS = hidden // heads, intermediate, vocab, max_positions
+    try:
+        builder = _SparseWeights("model.onnx.data")
+        model = build_model(builder)
+    finally:
+        HIDDEN, NUM_LAYERS, NUM_HEADS, KV_NUM_HEADS, HEAD_SIZE, INTERMEDIATE, VOCAB, MAX_POSITIONS = saved
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    with open(folder / builder.data_name, "wb") as data:
+        data.truncate(builder.offset)  # a hole: no block is allocated
+    return path
 
 
 def check(model: onnx.ModelProto) -> None:

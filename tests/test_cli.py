@@ -265,7 +265,8 @@ def test_a_failed_verification_exits_1_and_writes_no_output(tiny, monkeypatch):
     report = json.loads(report_path.read_text())
     assert report["exit_code"] == 1
     assert report["output"] is None
-    assert [n["verification"]["passed"] for n in report["nodes"]] == [False, False]
+    assert [n["verification"]["status"] for n in report["nodes"]] == ["failed", "failed"]
+    assert all("output differs by" in n["verification"]["reason"] for n in report["nodes"])
 
 
 def test_check_exits_1_when_verification_fails(tiny, monkeypatch):
@@ -298,7 +299,8 @@ def test_the_report_holds_nodes_features_per_phase_errors_non_standard_ops_and_e
     assert report["exit_code"] == 0
     assert report["output"] == str(tiny.with_name("tiny-llama-gqa.decomposed.onnx"))
     assert report["non_standard_ops"] == []
-    assert "error" not in report
+    assert report["ops_left"] == {}
+    assert report["error"] is None
     assert [n["name"] for n in report["nodes"]] == GQA_NODES
     for node in report["nodes"]:
         assert node["status"] == "decomposed"
@@ -306,8 +308,8 @@ def test_the_report_holds_nodes_features_per_phase_errors_non_standard_ops_and_e
         assert {"packed QKV", "past KV", "rotary (half)"} <= set(node["features"])
         assert node["new_nodes"] > 0
         verification = node["verification"]
-        assert verification["passed"] is True
-        assert verification["skipped"] is None
+        assert verification["status"] == "passed"
+        assert verification["reason"] is None
         assert 0 <= verification["max_error"] < 1e-5
         phases = verification["phases"]
         assert {p["phase"] for p in phases} >= {"first prompt, growing cache", "decode, growing cache"}
@@ -327,7 +329,12 @@ def test_the_report_of_the_builder_model_lists_its_non_standard_ops(builder, tmp
         "ai.onnx::SimplifiedLayerNormalization",
         "com.microsoft::SkipSimplifiedLayerNormalization",
     ]
-    assert [n["verification"] for n in report["nodes"]] == [None, None]
+    assert report["ops_left"] == {
+        "ai.onnx": {"SimplifiedLayerNormalization": 1},
+        "com.microsoft": {"SkipSimplifiedLayerNormalization": 4},
+    }
+    assert [n["verification"]["status"] for n in report["nodes"]] == ["not_run", "not_run"]
+    assert report["model_verification"] == {"status": "not_run", "reason": "--verify none"}
 
 
 # Entry points ------------------------------------------------------------------------------

@@ -13,20 +13,21 @@ import itertools
 import pytest
 from gqa_models import GqaConfig, gqa_node, make_gqa_model
 
-from gqa_decompose.spec import parse_gqa_node
-from gqa_decompose.verify import Phase, phases_for, verify_node_model
+from gqa_decompose.spec import DecomposeOptions, parse_gqa_node
+from gqa_decompose.verify import NodeVerification, Phase, phases_for, verify_node_model
 
 HEAD_RATIOS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1), "gqa8": (8, 2)}
 
 
-def assert_matches_ort(config: GqaConfig, phases=None) -> None:
+def assert_matches_ort(config: GqaConfig, phases=None, options: DecomposeOptions | None = None) -> NodeVerification:
     model = make_gqa_model(config)
     ir_model, node = gqa_node(model)
-    result = verify_node_model(node, config.opset, model.ir_version, phases=phases)
+    result = verify_node_model(node, config.opset, model.ir_version, options, phases=phases)
     assert result.skipped is None, result.skipped
     assert result.results, "no phase ran"
     failures = [f"{r.phase.name}: {r.failure}" for r in result.results if not r.passed]
     assert not failures, failures
+    return result
 
 
 GRID = list(

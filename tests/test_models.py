@@ -33,83 +33,20 @@ def _past_inputs(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name.startswith("past_key_values")]
 
 
-def _generate(session, model, prompt_ids, prompt_mask, steps, static_length=None, seed=0):
-    """Prompt then ``steps`` ragged decode steps; returns each step's outputs and masks.
-
-    With ``static_length`` the cache is a max-length buffer fed back whole
-    (past_present_share_buffer), otherwise it grows by one row per step.
-    """
-    rng = np.random.default_rng(seed)
-    batch = prompt_ids.shape[0]
-    past_names = _past_inputs(model)
-    if static_length:
-        mask = np.zeros((batch, static_length), np.int64)
-        mask[:, : prompt_mask.shape[1]] = prompt_mask
-        past = {name: np.zeros((batch, 2, static_length, 16), np.float32) for name in past_names}
-        # A static buffer's first prompt has T = S: the mask covers just the prompt.
-        feeds = {"input_ids": prompt_ids, "attention_mask": prompt_mask, **past}
-    else:
-        past = {name: np.zeros((batch, 2, 0, 16), np.float32) for name in past_names}
-        feeds = {"input_ids": prompt_ids, "attention_mask": prompt_mask, **past}
-        mask = prompt_mask
-    history = []
-    outputs = _run(session, feeds)
-    history.append((feeds, outputs))
-    lengths = prompt_mask.sum(axis=1)
-    for _ in range(steps):
-        next_ids = rng.integers(0, 64, (batch, 1)).astype(np.int64)
-        if static_length:
-            presents = {name: outputs[name.replace("past_key_values", "present")] for name in past_names}
-            if presents[past_names[0]].shape[2] < static_length:
-                for name, value in presents.items():
-                    padded = np.zeros((batch, 2, static_length, 16), np.float32)
-                    padded[:, :, : value.shape[2]] = value
-                    presents[name] = padded
-            for b in range(batch):
-                mask[b, lengths[b]] = 1
-            lengths = lengths + 1
-            total = int(lengths.max())
-            feeds = {"input_ids": next_ids, "attention_mask": mask[:, :total].copy(), **presents}
-        else:
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            lengths = mask.sum(axis=1)
-            presents = {name: outputs[name.replace("past_key_values", "present")] for name in past_names}
-            feeds = {"input_ids": next_ids, "attention_mask": mask, **presents}
-        outputs = _run(session, feeds)
-        history.append((feeds, outputs))
-    return history
-
-
-def _compare(original_history, decomposed_history, atol=1e-5):
-    worst = 0.0
-    for step, ((feeds, expected), (_, got)) in enumerate(zip(original_history, decomposed_history)):
-        lengths = feeds["attention_mask"].sum(axis=1)
-        query_length = feeds["input_ids"].shape[1]
-        for b, length in enumerate(lengths):
-            rows = min(length, query_length) if step == 0 else query_length
-            difference = np.abs(expected["logits"][b, :rows] - got["logits"][b, :rows]).max()
-            worst = max(worst, difference)
-            for name in expected:
-                if name.startswith("present"):
-                    valid = expected[name][b, :, :length] - got[name][b, :, :length]
-                    worst = max(worst, np.abs(valid).max())
-    assert worst < atol, worst
-    return worst
-
-
 @pytest.mark.parametrize("model_path", [TINY_LLAMA, BUILDER], ids=["synthetic", "builder"])
 @pytest.mark.parametrize("cache", ["growing", "static"])
 def test_whole_model_generation_matches(model_path, cache):
+    """Prompt (right-padded batch of 2) then 3 decode steps, present fed back as past (gqa_decompose.verify_model)."""
     original = onnx.load(model_path)
-    decomposed = gqa_decompose.decompose(original)
+    static = cache == "static"
+    decomposed = gqa_decompose.decompose(original, static_kv_cache=static)
     assert not any(n.op_type == "GroupQueryAttention" for n in decomposed.graph.node)
-    rng = np.random.default_rng(5)
-    prompt_ids = rng.integers(0, 64, (2, 6)).astype(np.int64)
-    prompt_mask = np.array([[1] * 6, [1, 1, 1, 1, 0, 0]], np.int64)  # right-padded row
-    static_length = 16 if cache == "static" else None
-    expected = _generate(_session(original), original, prompt_ids, prompt_mask, 3, static_length)
-    got = _generate(_session(decomposed), decomposed, prompt_ids, prompt_mask, 3, static_length)
-    _compare(expected, got)
+    result = gqa_decompose.verify_model(
+        original, decomposed, steps=3, static_kv_cache=static, dims={"past_sequence_length": 16} if static else None
+    )
+    assert result.passed, result.summary()
+    assert result.cache_layout == ("static buffer of 16 rows" if static else "growing cache")
+    assert result.steps[0].total_lengths == (8, 6)
 
 
 def test_builder_model_matches_torch_logits_after_decomposition():

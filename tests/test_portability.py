@@ -255,16 +255,20 @@ def test_readme_table_is_generated_and_covers_every_group():
         assert f"| {group} ({count} case" in table, group
 
 
-def test_table_includes_the_attention_target_once_options_have_it(monkeypatch):
-    import dataclasses
-
+def test_table_includes_the_attention_target():
     import portability_cases
 
-    @dataclasses.dataclass(frozen=True)
-    class WithTarget:
-        target: str = "primitives"
-
-    monkeypatch.setattr(portability_cases, "DecomposeOptions", WithTarget)
     assert portability_cases.targets() == [PRIMITIVES, "attention"]
-    assert portability_cases.case_options(CASES[0], "attention") == WithTarget(target="attention")
-    assert portability_cases.case_options(CASES[0], PRIMITIVES) == WithTarget()
+    options = portability_cases.case_options(CASES[0], "attention")
+    assert (options.target, options.raise_opset, options.strict_target) == ("attention", True, True)
+    assert portability_cases.case_options(CASES[0], PRIMITIVES).target == PRIMITIVES
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "reference"])
+def test_attention_target_cases_run_on_runtimes_with_attention_23(runtime):
+    import portability_cases
+
+    for case in CASES[:3]:
+        result = portability_cases.run_case(case, runtime, "attention")
+        assert result.target == "attention" and result.fallback is None
+        assert not portability_cases.failures(result), (case.name, portability_cases.failures(result))

@@ -19,6 +19,11 @@ Which columns attention reads depends on the cache (see ``_key_columns``):
 present rows (all, or those of the longest row when a buffer holds many more),
 or Concat(past, new) for a windowed cache and for layers whose present nobody
 reads.
+
+With the attention target (:class:`Lowering`), rotary is RotaryEmbedding-23,
+the cache write TensorScatter-24, and attention one standard Attention op fed
+the same key columns and mask (see ``_attend_with_op``); --fast-paths applies
+to the primitives target only.
 """
 
 from __future__ import annotations
@@ -29,9 +34,16 @@ import onnx_ir as ir
 
 from gqa_decompose import spec as gqa
 from gqa_decompose.expansion.attention import ReadPlan, attend
+from gqa_decompose.expansion.attention_op import (
+    QK_AFTER_MASK,
+    QK_AFTER_SOFTMAX,
+    attention_op,
+    with_sink_column,
+)
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.kv_cache import (
     append_aligned_rows,
+    guard_aligned_rows,
     longest_row,
     present_length,
     read_length,
@@ -48,7 +60,12 @@ from gqa_decompose.expansion.mask import (
 )
 from gqa_decompose.expansion.qk_norm import rms_normalize_heads
 from gqa_decompose.expansion.quantized_cache import dequantize, quantize
-from gqa_decompose.expansion.rotary import apply_rotary, build_rotary_tables
+from gqa_decompose.expansion.rotary import (
+    apply_rotary,
+    apply_rotary_op,
+    build_rotary_op_inputs,
+    build_rotary_tables,
+)
 from gqa_decompose.expansion.sequence import (
     SharedSubgraphs,
     build_sequence_info,
@@ -56,9 +73,24 @@ from gqa_decompose.expansion.sequence import (
 )
 from gqa_decompose.expansion.sliding_cache import present_columns, sliding_key_positions
 
-__all__ = ["ExpandedNode", "expand_gqa"]
+__all__ = ["ExpandedNode", "Lowering", "expand_gqa"]
 
 _FLOAT = ir.DataType.FLOAT
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """Which standard ops one node's expansion may use (all False: primitives only)."""
+
+    attention_op: bool = False  # one Attention node (opset >= 23)
+    rotary_op: bool = False  # RotaryEmbedding-23 when the rotary width is static
+    tensor_scatter: bool = False  # TensorScatter-24 for the KV cache write
+
+    @classmethod
+    def for_target(cls, target: str, opset: int) -> Lowering:
+        if target != "attention":
+            return cls()
+        return cls(attention_op=True, rotary_op=opset >= 23, tensor_scatter=opset >= 24)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +106,7 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
 
 def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None):
     """q [B,S,N,H], k [B,S,Nkv,H], v [B,S,Nkv,H] in the model's type, q and k normalized
-    (when norm weights are given) and then rotated by ``rotate``.
+    (when norm weights are given) and then rotated by ``rotate(x_BSnH, n)``.
 
     Packed QKV rotates its Q and K heads in one pass, before they are split apart,
     unless they are normalized first (each with its own weight).
@@ -94,24 +126,24 @@ def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None):
             query_BSNH, key_BSNH, value_BSNH = op.op_multi(
                 "Split", qkv_BSnH, op.ints([heads, kv_heads, kv_heads]), axis=2, num_outputs=3
             )
-            rotate = rotate or (lambda x: x)
-            query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm))
-            key_BSNH = rotate(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm))
+            rotate = rotate or (lambda x, _heads: x)
+            query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm), heads)
+            key_BSNH = rotate(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm), kv_heads)
             return query_BSNH, key_BSNH, value_BSNH
         qk_BSnH, value_BSNH = op.op_multi(
             "Split", qkv_BSnH, op.ints([heads + kv_heads, kv_heads]), axis=2, num_outputs=2
         )
         query_BSNH, key_BSNH = op.op_multi(
-            "Split", rotate(qk_BSnH), op.ints([heads, kv_heads]), axis=2, num_outputs=2
+            "Split", rotate(qk_BSnH, heads + kv_heads), op.ints([heads, kv_heads]), axis=2, num_outputs=2
         )
         return query_BSNH, key_BSNH, value_BSNH
-    rotate = rotate or (lambda x: x)
+    rotate = rotate or (lambda x, _heads: x)
     query_BSNH = op.op("Reshape", query, op.ints([0, 0, heads, head_size]))
-    query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm))
+    query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm), heads)
     if spec.kv_empty:
         return query_BSNH, None, None
     key_BSNH = op.op("Reshape", node.inputs[gqa.KEY], op.ints([0, 0, kv_heads, head_size]))
-    key_BSNH = rotate(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm))
+    key_BSNH = rotate(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm), kv_heads)
     value_BSNH = op.op("Reshape", node.inputs[gqa.VALUE], op.ints([0, 0, kv_heads, head_size]))
     return query_BSNH, key_BSNH, value_BSNH
 
@@ -150,6 +182,8 @@ def _key_columns(
     node: ir.Node,
     spec: gqa.GqaSpec,
     new_rows: tuple[ir.Value, ir.Value] | None,
+    tensor_scatter: bool = False,
+    fast_paths: bool = False,
 ) -> _KeyColumns:
     """Choose how present is built and which columns attention reads (semantics doc §3-4, §11-12).
 
@@ -165,7 +199,7 @@ def _key_columns(
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
     # output_qk is a diagnostic: its scores come from one path over the whole buffer
     # (OpenVINO 2025 mis-shapes an If output whose width differs between branches).
-    may_cut = spec.fast_paths and not spec.output_qk_used
+    may_cut = fast_paths and not spec.output_qk_used
     if not spec.has_past:
         new_key, new_value = new_rows
         length = info.query_length
@@ -199,13 +233,17 @@ def _key_columns(
         return _KeyColumns(present_key, present_value, positions, length, present_key, present_value)
     if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache:
         if spec.static_kv_cache:
-            present_key = write_new_rows(op, shared, info, past_key, new_key, spec.kv_num_heads, True)
-            present_value = write_new_rows(op, shared, info, past_value, new_value, spec.kv_num_heads, True)
+            present_key = write_new_rows(
+                op, shared, info, past_key, new_key, spec.kv_num_heads, True, tensor_scatter
+            )
+            present_value = write_new_rows(
+                op, shared, info, past_value, new_value, spec.kv_num_heads, True, tensor_scatter
+            )
             rows_key = ("past", dim_key(past_key, 2))
         else:
             present_key, present_value = update_cache(
                 op, shared, info, (past_key, past_value), (new_key, new_value), spec.kv_num_heads,
-                spec.fast_paths,
+                fast_paths, tensor_scatter,
             )
             rows_key = ("present_length", dim_key(past_key, 2))
         return _buffer_columns(
@@ -306,10 +344,140 @@ def _fit_columns(op: OpBuilder, x: ir.Value, width: ir.Value, new_width: ir.Valu
     return op.slice(op.op("Pad", x, pads), 0, op.to_vector(new_width), axis=3)
 
 
+def _causal_op_suffices(spec: gqa.GqaSpec) -> bool:
+    """Whether Attention's own is_causal, with no visibility mask, is exact for this node.
+
+    No past: every row's queries are a first prompt (c_b = 0, top-left causal) and a
+    valid query s < t_b sees only keys <= s < t_b. Growing-cache promise: c_b = P for
+    every row (guarded), so the op's Concat(past, new) is present and its bottom-right
+    causal (offset P) is GQA's. A window, a quantized cache or qk_output need the mask;
+    a layer whose present nobody reads attends over Concat(past, new) with the mask.
+    """
+    return (
+        spec.causal
+        and spec.local_window_size < 0
+        and not spec.qk_output
+        and spec.kv_quant is None
+        and not spec.smooth_softmax
+        # The op takes past and present together (ORT rejects past without present).
+        and (not spec.has_past or (spec.growing_kv_cache and spec.present_used))
+    )
+
+
+def _expand_causal_op(
+    op: OpBuilder, shared: SharedSubgraphs, info, node: ir.Node, spec: gqa.GqaSpec,
+    query_BNSH: ir.Value, key_BSNH: ir.Value, value_BSNH: ir.Value,
+) -> ExpandedNode:
+    """One Attention with is_causal=1 and no visibility mask (see :func:`_causal_op_suffices`)."""
+    new_key, new_value = _bsnh_to_bnsh(op, key_BSNH), _bsnh_to_bnsh(op, value_BSNH)
+    past = None
+    if spec.has_past:
+        new_key = guard_aligned_rows(op, shared, info, node.inputs[gqa.PAST_KEY], new_key)
+        new_value = guard_aligned_rows(op, shared, info, node.inputs[gqa.PAST_VALUE], new_value)
+        past = (
+            _to_compute(op, node.inputs[gqa.PAST_KEY], spec),
+            _to_compute(op, node.inputs[gqa.PAST_VALUE], spec),
+        )
+    bias = _input(node, gqa.ATTENTION_BIAS)  # [.., S, T] and T is the key count on this path
+    attention = attention_op(
+        op,
+        query_BNSH,
+        _to_compute(op, new_key, spec),
+        _to_compute(op, new_value, spec),
+        None if bias is None else _to_compute(op, bias, spec),
+        num_heads=spec.num_heads,
+        head_size=spec.head_size,
+        scale=spec.scale,
+        softcap=spec.softcap,
+        is_causal=True,
+        past=past,
+    )
+    output = _from_compute(op, attention.output_BSD, spec)
+    if not spec.present_used:
+        return ExpandedNode((output, None, None, None))
+    if past is None:
+        present_key, present_value = new_key, new_value
+    else:
+        present_key = _from_compute(op, attention.present_key, spec)
+        present_value = _from_compute(op, attention.present_value, spec)
+    return ExpandedNode((output, present_key, present_value, None))
+
+
+def _attend_with_op(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    spec: gqa.GqaSpec,
+    query_BNSH: ir.Value,
+    keys_BNkvKH: ir.Value,
+    values_BNkvKH: ir.Value,
+    columns_length: ir.Value | None,
+    visible_B1SK: ir.Value,
+    bias_BNSK: ir.Value | None,
+    sink_N: ir.Value | None,
+) -> tuple[ir.Value, ir.Value | None]:
+    """(output [B, S, N*H], output_qk [B, N, S, T]) from one Attention op.
+
+    The mask is the shared bool visibility (True = attend), or, with an attention
+    bias, bias + the shared 0/-inf bias: softcap comes before it in both ops.
+    qk_output=1 (scores after softcap and bias, masked entries 0) is mode 2 with
+    the masked entries zeroed; qk_output=2 (probabilities) is mode 3.
+
+    Smooth softmax and head sinks get one more key column (:func:`with_sink_column`),
+    cut from output_qk.
+    """
+    attn_mask = visible_B1SK
+    if not spec.causal:
+        # Without causality visibility does not depend on the query row ([B, 1, 1, K]);
+        # ORT 1.31 requires the mask's query axis to be S itself, not 1.
+        rows = op.op("Concat", op.ints([1, 1]), op.to_vector(op.dim(query_BNSH, 2)), op.ints([1]), axis=0)
+        attn_mask = op.op("Expand", attn_mask, rows)
+    if bias_BNSK is not None:
+        attn_mask = op.op("Add", bias_BNSK, mask_bias(shared, attn_mask, spec.compute_dtype))
+    elif spec.smooth_softmax:
+        attn_mask = mask_bias(shared, attn_mask, spec.compute_dtype)
+    if spec.smooth_softmax:
+        keys_BNkvKH, values_BNkvKH, attn_mask = with_sink_column(
+            op, keys_BNkvKH, values_BNkvKH, attn_mask, sink_N, spec.num_heads, spec.compute_dtype
+        )
+    qk_mode = None
+    if spec.output_qk_used:
+        qk_mode = QK_AFTER_MASK if spec.qk_output == 1 else QK_AFTER_SOFTMAX
+    attention = attention_op(
+        op,
+        query_BNSH,
+        keys_BNkvKH,
+        values_BNkvKH,
+        attn_mask,
+        num_heads=spec.num_heads,
+        head_size=spec.head_size,
+        scale=spec.scale,
+        softcap=spec.softcap,
+        is_causal=False,
+        qk_mode=qk_mode,
+    )
+    if attention.qk_BNSK is None:
+        return attention.output_BSD, None
+    # Cut to T columns first (K >= T; a sink column sits at K, so it goes too). ORT 1.31's
+    # shape inference declares qk_matmul_output's last axis 0 when K's length is symbolic,
+    # so any broadcast with a statically known mask fails; T comes from data, which it
+    # cannot infer.
+    qk_BNST = _fit_columns(op, attention.qk_BNSK, columns_length, info.total_length)
+    if spec.qk_output == 1:
+        visible_B1ST = op.slice(visible_B1SK, 0, op.to_vector(info.total_length), axis=3)
+        qk_BNST = op.op("Where", visible_B1ST, qk_BNST, op.float_scalar(0.0, spec.compute_dtype))
+    return attention.output_BSD, qk_BNST
+
+
 def expand_gqa(
-    op: OpBuilder, shared: SharedSubgraphs, node: ir.Node, spec: gqa.GqaSpec
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    lowering: Lowering | None = None,
 ) -> ExpandedNode:
     """Build the standard-op subgraph of ``node``; nodes land in ``op`` and ``shared``."""
+    lowering = lowering or Lowering()
     info = build_sequence_info(
         shared,
         node.inputs[gqa.SEQLENS_K],
@@ -320,7 +488,24 @@ def expand_gqa(
 
     # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
     rotate = None
-    if spec.do_rotary:
+    if spec.do_rotary and lowering.rotary_op and spec.rotary_half is not None:
+        rotary_inputs = build_rotary_op_inputs(
+            shared,
+            info,
+            node.inputs[gqa.COS_CACHE],
+            node.inputs[gqa.SIN_CACHE],
+            _input(node, gqa.POSITION_IDS),
+            spec.rotary_half,
+            spec.compute_dtype,
+        )
+
+        def rotate(x_BSnH: ir.Value, heads: int) -> ir.Value:
+            rotated = apply_rotary_op(
+                op, _to_compute(op, x_BSnH, spec), rotary_inputs, heads, spec.head_size, spec.rotary_interleaved
+            )
+            return _from_compute(op, rotated, spec)
+
+    elif spec.do_rotary:
         tables = build_rotary_tables(
             shared,
             info,
@@ -331,7 +516,7 @@ def expand_gqa(
             spec.compute_dtype,
         )
 
-        def rotate(x_BSnH: ir.Value) -> ir.Value:
+        def rotate(x_BSnH: ir.Value, _heads: int) -> ir.Value:
             rotated = apply_rotary(
                 op, _to_compute(op, x_BSnH, spec), tables, spec.head_size, spec.rotary_interleaved
             )
@@ -339,6 +524,9 @@ def expand_gqa(
 
     query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate)
     query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec)
+
+    if lowering.attention_op and _causal_op_suffices(spec):
+        return _expand_causal_op(op, shared, info, node, spec, query_BNSH, key_BSNH, value_BSNH)
 
     # 2. The new rows in the cache's type; the key columns attention reads; present.
     encode_key, decode_key = _cache_codec(op, node, spec, gqa.K_SCALE)
@@ -349,7 +537,9 @@ def expand_gqa(
             encode_key(_bsnh_to_bnsh(op, key_BSNH)),
             encode_value(_bsnh_to_bnsh(op, value_BSNH)),
         )
-    columns = _key_columns(op, shared, info, node, spec, new_rows)
+    # The run-time Ifs of --fast-paths serve the primitives target; the Attention op is one node.
+    fast_paths = spec.fast_paths and not lowering.attention_op
+    columns = _key_columns(op, shared, info, node, spec, new_rows, lowering.tensor_scatter, fast_paths)
 
     # 3. The shared mask.
     visible_B1SK = visibility_mask(
@@ -365,38 +555,55 @@ def expand_gqa(
     elif bias is not None:
         # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
         bias_BNSK = _fit_columns(op, _to_compute(op, bias, spec), info.total_length, columns.length)
-    plan = ReadPlan(columns.cut, columns.cut_end)
-    query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
-    long_queries_possible = not isinstance(query_length, int) or query_length >= row_block_min_queries()
-    if spec.fast_paths and columns.length is not None and spec.causal and long_queries_possible:
-        plan = dataclasses.replace(plan, row_block_tiers=causal_row_blocks(shared, info, columns.length))
-    attention = attend(
-        op,
-        query_BNSH,
-        decode_key(columns.keys),
-        decode_value(columns.values),
-        visible_B1SK,
-        mask_bias(shared, visible_B1SK, spec.compute_dtype),
-        num_heads=spec.num_heads,
-        kv_num_heads=spec.kv_num_heads,
-        head_size=spec.head_size,
-        scale=spec.scale,
-        softcap=spec.softcap,
-        bias_BNSK=bias_BNSK,
-        smooth_softmax=spec.smooth_softmax,
-        head_sink_N=_input(node, gqa.HEAD_SINK),
-        may_mask_whole_rows=bias is not None or spec.local_window_size == 0,
-        want_scores=spec.output_qk_used and spec.qk_output == 1,
-        want_probs=spec.output_qk_used and spec.qk_output == 2,
-        dtype=spec.compute_dtype,
-        plan=plan,
-    )
-    output = _from_compute(op, attention.output_BSD, spec)
-
-    output_qk = None
-    if spec.output_qk_used:
-        chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
-        # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
-        output_qk = _from_compute(op, _fit_columns(op, chosen, columns.length, info.total_length), spec)
+    if lowering.attention_op:
+        output_BSD, output_qk = _attend_with_op(
+            op,
+            shared,
+            info,
+            spec,
+            query_BNSH,
+            decode_key(columns.keys),
+            decode_value(columns.values),
+            columns.length,
+            visible_B1SK,
+            bias_BNSK,
+            _input(node, gqa.HEAD_SINK),
+        )
+    else:
+        plan = ReadPlan(columns.cut, columns.cut_end)
+        query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
+        long_queries_possible = not isinstance(query_length, int) or query_length >= row_block_min_queries()
+        if fast_paths and columns.length is not None and spec.causal and long_queries_possible:
+            plan = dataclasses.replace(plan, row_block_tiers=causal_row_blocks(shared, info, columns.length))
+        attention = attend(
+            op,
+            query_BNSH,
+            decode_key(columns.keys),
+            decode_value(columns.values),
+            visible_B1SK,
+            mask_bias(shared, visible_B1SK, spec.compute_dtype),
+            num_heads=spec.num_heads,
+            kv_num_heads=spec.kv_num_heads,
+            head_size=spec.head_size,
+            scale=spec.scale,
+            softcap=spec.softcap,
+            bias_BNSK=bias_BNSK,
+            smooth_softmax=spec.smooth_softmax,
+            head_sink_N=_input(node, gqa.HEAD_SINK),
+            may_mask_whole_rows=bias is not None or spec.local_window_size == 0,
+            want_scores=spec.output_qk_used and spec.qk_output == 1,
+            want_probs=spec.output_qk_used and spec.qk_output == 2,
+            dtype=spec.compute_dtype,
+            plan=plan,
+        )
+        output_BSD = attention.output_BSD
+        output_qk = None
+        if spec.output_qk_used:
+            chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
+            # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
+            output_qk = _fit_columns(op, chosen, columns.length, info.total_length)
+    output = _from_compute(op, output_BSD, spec)
+    if output_qk is not None:
+        output_qk = _from_compute(op, output_qk, spec)
 
     return ExpandedNode((output, columns.present_key, columns.present_value, output_qk))

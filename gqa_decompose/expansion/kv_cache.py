@@ -27,6 +27,7 @@ from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_
 
 __all__ = [
     "append_aligned_rows",
+    "guard_aligned_rows",
     "longest_row",
     "present_length",
     "read_length",
@@ -104,16 +105,21 @@ def write_new_rows(
     new_BNSH: ir.Value,
     kv_num_heads: int,
     static_buffer: bool = False,
+    tensor_scatter: bool = False,
 ) -> ir.Value:
     """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b.
 
     With ``static_buffer`` (T <= P promised) the new rows go straight into
-    past: ScatterND's one copy is the only one.
+    past: ScatterND's one copy is the only one. With ``tensor_scatter``
+    (opset >= 24) the write is TensorScatter(base, new, write_indices=c_b), which
+    runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp.
     """
+    base_BNLH = past_BNPH
+    if not static_buffer:
+        base_BNLH = op.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH))
+    if tensor_scatter:
+        return op.op("TensorScatter", base_BNLH, new_BNSH, info.offsets_B, mode="linear")
     indices = scatter_indices(shared, info, kv_num_heads)
-    if static_buffer:
-        return op.op("ScatterND", past_BNPH, indices, new_BNSH)
-    base_BNLH = op.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH))
     return op.op("ScatterND", base_BNLH, indices, new_BNSH)
 
 
@@ -134,6 +140,16 @@ def _aligned_guard(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) 
     return shared.get(("aligned_guard", info, dim_key(past, 2)), build)
 
 
+def guard_aligned_rows(
+    op: OpBuilder, shared: SharedSubgraphs, info: SequenceInfo, past_BNPH: ir.Value, new_BNSH: ir.Value
+) -> ir.Value:
+    """``new_BNSH`` unchanged while the growing-cache promise holds; a Reshape every runtime
+    rejects otherwise, so a broken promise fails loudly instead of writing rows at P."""
+    guard = _aligned_guard(shared, info, past_BNPH)
+    target = op.op("Where", guard, op.op("Shape", new_BNSH), op.ints([-1, -1, -1, -1]))
+    return op.op("Reshape", new_BNSH, target)
+
+
 def append_aligned_rows(
     op: OpBuilder, shared: SharedSubgraphs, info: SequenceInfo, past_BNPH: ir.Value, new_BNSH: ir.Value
 ) -> ir.Value:
@@ -143,9 +159,7 @@ def append_aligned_rows(
     new rows' Reshape target into [-1, -1, -1, -1], which every runtime rejects,
     so a broken promise fails loudly instead of writing rows at the wrong place.
     """
-    guard = _aligned_guard(shared, info, past_BNPH)
-    target = op.op("Where", guard, op.op("Shape", new_BNSH), op.ints([-1, -1, -1, -1]))
-    return op.op("Concat", past_BNPH, op.op("Reshape", new_BNSH, target), axis=2)
+    return op.op("Concat", past_BNPH, guard_aligned_rows(op, shared, info, past_BNPH, new_BNSH), axis=2)
 
 
 def update_cache(
@@ -156,6 +170,7 @@ def update_cache(
     new_BNSH: tuple[ir.Value, ir.Value],
     kv_num_heads: int,
     fast_paths: bool = False,
+    tensor_scatter: bool = False,
 ) -> tuple[ir.Value, ir.Value]:
     """Present keys and values without a promise about the cache.
 
@@ -171,8 +186,8 @@ def update_cache(
     new_key, new_value = new_BNSH
     if not fast_paths:
         return (
-            write_new_rows(op, shared, info, past_key, new_key, kv_num_heads),
-            write_new_rows(op, shared, info, past_value, new_value, kv_num_heads),
+            write_new_rows(op, shared, info, past_key, new_key, kv_num_heads, False, tensor_scatter),
+            write_new_rows(op, shared, info, past_value, new_value, kv_num_heads, False, tensor_scatter),
         )
 
     def fits_in_past(builder: OpBuilder) -> ir.Value:

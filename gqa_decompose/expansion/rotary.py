@@ -28,7 +28,14 @@ import onnx_ir as ir
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs
 
-__all__ = ["RotaryTables", "apply_rotary", "build_rotary_tables"]
+__all__ = [
+    "RotaryOpInputs",
+    "RotaryTables",
+    "apply_rotary",
+    "apply_rotary_op",
+    "build_rotary_op_inputs",
+    "build_rotary_tables",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,3 +133,58 @@ def apply_rotary(
         return rotated
     untouched = op.slice(x_BSnH, rotary_dims_1, head_size, axis=3)
     return op.op("Concat", rotated, untouched, axis=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryOpInputs:
+    """What RotaryEmbedding-23 needs besides X: tables in the compute type and positions [B, S]."""
+
+    cos_cache: ir.Value
+    sin_cache: ir.Value
+    positions_BS: ir.Value
+    half: int  # R/2, static: it becomes the rotary_embedding_dim attribute
+
+
+def build_rotary_op_inputs(
+    shared: SharedSubgraphs,
+    info: SequenceInfo,
+    cos_cache: ir.Value,
+    sin_cache: ir.Value,
+    position_ids: ir.Value | None,
+    half: int,
+    dtype: ir.DataType = ir.DataType.FLOAT,
+) -> RotaryOpInputs:
+    """Shared by every layer: the tables cast once, the positions of :func:`_positions_BS`."""
+    key = ("rotary_op", info, cos_cache, sin_cache, position_ids, dtype)
+
+    def build(op: OpBuilder) -> RotaryOpInputs:
+        positions = _positions_BS(op, info, position_ids)
+        # A first prompt's positions are [1, S]; the op wants [B, S].
+        shape = op.op("Concat", info.batch_size_1, op.to_vector(info.query_length), axis=0)
+        positions_BS = op.op("Expand", positions, shape)
+
+        def table(cache: ir.Value) -> ir.Value:
+            return cache if cache.dtype == dtype else op.cast(cache, dtype)
+
+        return RotaryOpInputs(table(cos_cache), table(sin_cache), positions_BS, half)
+
+    return shared.get(key, build)
+
+
+def apply_rotary_op(
+    op: OpBuilder,
+    x_BSnH: ir.Value,
+    inputs: RotaryOpInputs,
+    heads: int,
+    head_size: int,
+    interleaved: bool,
+) -> ir.Value:
+    """RotaryEmbedding-23 on a [B, S, n, H] tensor of the tables' type (3-D form, num_heads = n)."""
+    x_BSD = op.op("Reshape", x_BSnH, op.ints([0, 0, heads * head_size]))
+    attributes = {"num_heads": heads, "interleaved": int(interleaved)}
+    if 2 * inputs.half != head_size:
+        attributes["rotary_embedding_dim"] = 2 * inputs.half
+    rotated_BSD = op.op(
+        "RotaryEmbedding", x_BSD, inputs.cos_cache, inputs.sin_cache, inputs.positions_BS, **attributes
+    )
+    return op.op("Reshape", rotated_BSD, op.ints([0, 0, heads, head_size]))

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
+from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
 from gqa_decompose.passes.infer_types import InferGqaTypesPass
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node
+from gqa_decompose.passes.raise_opset import attention_opset, raise_default_opset
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
+
+logger = logging.getLogger("gqa_decompose")
 
 # Unsqueeze/Split/Squeeze with axes as inputs and Softmax over one axis.
 MIN_OPSET = 13
@@ -27,8 +32,18 @@ class DecomposedNode:
     scope: str  # "main graph", "subgraph <name>", "function <domain>::<name>"
     spec: GqaSpec
     new_node_count: int
+    target: str = "primitives"  # what the node became: "primitives" or "attention"
+    fallback: str | None = None  # why it is not the target asked for
 
 
+def container_opset(model: ir.Model, container: ir.Graph | ir.Function, model_opset: int | None = None) -> int:
+    """The default-domain opset the expansion's ops take in ``container`` (``model_opset``: the
+    model's when it is being raised; a function's own import is raised with it)."""
+    if model_opset is not None:
+        return model_opset
+    if isinstance(container, ir.Function) and "" in container.opset_imports:
+        return container.opset_imports[""]
+    return default_opset(model)
 
 
 class DecomposeGqaPass(ir.passes.InPlacePass):
@@ -47,6 +62,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         self.options = options or DecomposeOptions()
         self.progress = progress
         self.decomposed: list[DecomposedNode] = []
+        self.raised_opset: tuple[int, int] | None = None  # (from, to) when raise_opset raised it
 
     def requires(self, model: ir.Model) -> None:
         opset = default_opset(model)
@@ -58,20 +74,32 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.decomposed = []
+        self.raised_opset = None
         found = find_gqa_nodes(model)
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
         specs = [parse_gqa_node(node, self.options) for _, node in found]
+        model_opset, raise_obstacle = attention_opset(model, self.options)
+        raised = model_opset if found and model_opset != default_opset(model) else None
+        opsets = [container_opset(model, container, raised) for container, _ in found]
+        targets = [
+            resolve_target(spec, self.options, opset, raise_obstacle) for spec, opset in zip(specs, opsets)
+        ]
+        if raised is not None:
+            logger.info("default-domain opset raised from %d to %d", default_opset(model), model_opset)
+            self.raised_opset = (default_opset(model), model_opset)
+            raise_default_opset(model, model_opset)
         shared_by_container: dict[int, SharedSubgraphs] = {}
         for index, ((container, node), spec) in enumerate(zip(found, specs)):
             if isinstance(container, ir.Function) and "" not in container.opset_imports:
                 container.opset_imports[""] = default_opset(model)
             shared = shared_by_container.setdefault(id(container), SharedSubgraphs())
-            opset = container.opset_imports.get("", default_opset(model)) if isinstance(
-                container, ir.Function
-            ) else default_opset(model)
-            count = self._replace(container, node, spec, shared, index, opset)
-            self.decomposed.append(DecomposedNode(spec.node_name, scope_name(model, container), spec, count))
+            target, fallback = targets[index]
+            lowering = Lowering.for_target(target, opsets[index])
+            count = self._replace(container, node, spec, shared, index, opsets[index], lowering)
+            self.decomposed.append(
+                DecomposedNode(spec.node_name, scope_name(model, container), spec, count, target, fallback)
+            )
             if self.progress is not None:
                 self.progress(index + 1, len(found))
         return ir.passes.PassResult(model, modified=bool(found))
@@ -84,9 +112,10 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         shared: SharedSubgraphs,
         index: int,
         opset: int,
+        lowering: Lowering,
     ) -> int:
         op = OpBuilder(node.name or f"GroupQueryAttention_{index}", opset)
-        expanded = expand_gqa(op, shared, node, spec)
+        expanded = expand_gqa(op, shared, node, spec, lowering)
         new_nodes = shared.take_nodes() + op.take_nodes()
         for position, old in enumerate(node.outputs):
             if not output_is_read(node, position):

@@ -3,7 +3,9 @@ bodies typed from their call sites, and ONNX Runtime's symbolic inference as a f
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
@@ -19,8 +21,11 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
     """ONNX shape inference, taught what a GQA node outputs.
 
     ONNX's inference does not know com.microsoft ops, so everything after the
-    first GQA layer stays untyped. Each round types the outputs of every GQA
-    node whose query is typed, then infers again, until nothing changes.
+    first GQA layer would stay untyped: while it runs, a GQA schema whose
+    inference function types the outputs from the query is registered, so one
+    round types every layer. Each further round types the outputs of every GQA
+    node whose query is typed (where ONNX's inference could not), then infers
+    again, until nothing changes.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -30,7 +35,8 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
         for function in {id(c): c for c, _ in found if isinstance(c, ir.Function)}.values():
             modified |= _type_function_body(model, function)
         for _ in range(len(gqa_nodes) + 1):
-            quiet_shape_inference(model)
+            with _gqa_schema_registered():
+                quiet_shape_inference(model)
             progress = False
             for node in gqa_nodes:
                 progress |= _type_gqa_outputs(node)
@@ -40,6 +46,80 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
         if any(_untyped_query(node) for node in gqa_nodes):
             modified |= _ort_symbolic_inference(model)
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _infer_gqa_outputs(context: onnx.shape_inference.InferenceContext) -> None:
+    """ONNX inference function: GQA output types and shapes from the query (as ``_type_gqa_outputs``)."""
+    query = context.get_input_type(0)
+    if query is None or not query.tensor_type.HasField("shape"):
+        return
+    dims = query.tensor_type.shape.dim
+    num_heads, kv_num_heads = context.get_attribute("num_heads"), context.get_attribute("kv_num_heads")
+    if len(dims) != 3 or not dims[2].HasField("dim_value") or num_heads is None or kv_num_heads is None:
+        return
+    num_heads, kv_num_heads = num_heads.i, kv_num_heads.i
+    if num_heads <= 0 or kv_num_heads <= 0:
+        return
+    packed = context.get_num_inputs() < 2 or not context.has_input(1)
+    head_size = dims[2].dim_value // (num_heads + 2 * kv_num_heads if packed else num_heads)
+    dtype = cache_dtype = query.tensor_type.elem_type
+    past = context.get_input_type(3) if context.get_num_inputs() > 3 and context.has_input(3) else None
+    if past is not None and past.tensor_type.elem_type:
+        cache_dtype = past.tensor_type.elem_type
+    cache_width = head_size // 2 if cache_dtype == onnx.TensorProto.UINT8 else head_size  # int4: 2 a byte
+    batch, sequence = dims[0], dims[1]
+
+    def tensor_type(elem_type: int, shape: list) -> onnx.TypeProto:
+        type_proto = onnx.TypeProto()
+        type_proto.tensor_type.elem_type = elem_type
+        for dim in shape:
+            entry = type_proto.tensor_type.shape.dim.add()
+            if isinstance(dim, onnx.TensorShapeProto.Dimension):
+                entry.CopyFrom(dim)
+            elif dim is not None:
+                entry.dim_value = dim
+        return type_proto
+
+    outputs = [
+        tensor_type(dtype, [batch, sequence, num_heads * head_size]),
+        tensor_type(cache_dtype, [batch, kv_num_heads, None, cache_width]),
+        tensor_type(cache_dtype, [batch, kv_num_heads, None, cache_width]),
+        tensor_type(dtype, [batch, num_heads, sequence, None]),
+    ]
+    for index, output in enumerate(outputs[: context.get_num_outputs()]):
+        if context.has_output(index):
+            context.set_output_type(index, output)
+
+
+_TENSOR_TYPES = ("float", "float16", "bfloat16", "double", "int8", "uint8", "int16", "uint16", "int32", "int64",
+                 "bool")
+
+
+@contextlib.contextmanager
+def _gqa_schema_registered() -> Iterator[None]:
+    """com.microsoft::GroupQueryAttention in ONNX's schema registry, with ``_infer_gqa_outputs``, for the
+    duration of one shape inference; nothing is registered when a schema is already there."""
+    if onnx.defs.has("GroupQueryAttention", "com.microsoft"):
+        yield
+        return
+    # Any number of inputs and outputs of any tensor type: strict-mode inference must accept every GQA form.
+    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+    schema = onnx.defs.OpSchema(
+        "GroupQueryAttention",
+        "com.microsoft",
+        1,
+        inputs=[onnx.defs.OpSchema.FormalParameter("inputs", "T", param_option=variadic, is_homogeneous=False,
+                                                   min_arity=0)],
+        outputs=[onnx.defs.OpSchema.FormalParameter("outputs", "T", param_option=variadic, is_homogeneous=False,
+                                                    min_arity=0)],
+        type_constraints=[("T", [f"tensor({t})" for t in _TENSOR_TYPES], "any tensor")],
+    )
+    schema.set_type_and_shape_inference_function(_infer_gqa_outputs)
+    onnx.defs.register_schema(schema)
+    try:
+        yield
+    finally:
+        onnx.defs.deregister_schema("GroupQueryAttention", 1, "com.microsoft")
 
 
 def _untyped_query(node: ir.Node) -> bool:

@@ -1,0 +1,358 @@
+"""The CI gate and its JSON report: :func:`check` and :func:`report_json` (schema version 1, see README).
+
+``check`` answers "is this model portable once decomposed?": every GQA node parses into a spec (or is
+refused with a reason), is verified node by node and/or as a whole model against ONNX Runtime CPU, and no
+other non-standard op remains. The CLI's ``--check`` and ``--report`` are thin layers over this module.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pathlib
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from gqa_decompose import model_io
+from gqa_decompose.api import rewrite
+from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, non_standard_nodes
+from gqa_decompose.passes.graph_queries import scope_name
+from gqa_decompose.passes.raise_opset import attention_opset
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolve_target
+from gqa_decompose.verify import NodeVerification, verify
+from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
+
+__all__ = ["REPORT_SCHEMA", "REPORT_SCHEMA_VERSION", "VERIFY_MODES", "CheckResult", "NodeEntry", "check",
+           "node_verification_json", "ops_left", "report_json"]
+
+REPORT_SCHEMA = "gqa-decompose-report"
+REPORT_SCHEMA_VERSION = 1
+VERIFY_MODES = ("none", "nodes", "model", "all")
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeEntry:
+    """One GQA node: what became of it and how it verified."""
+
+    name: str
+    scope: str
+    status: str  # "decomposed" (rewritten), "decomposable" (--check) or "refused"
+    spec: GqaSpec | None
+    reason: str | None = None  # why it was refused
+    new_nodes: int | None = None  # nodes it became (decompose mode)
+    verification: NodeVerification | None = None
+    target: str | None = None  # what it becomes: "primitives" or "attention" (None when refused)
+    fallback: str | None = None  # why it is not the target asked for
+
+    @property
+    def passed(self) -> bool:
+        """Not refused, and its node-level verification (when run) did not fail."""
+        if self.status == "refused":
+            return False
+        v = self.verification
+        return v is None or v.passed or (v.skipped is not None and v.refused is None)
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """Everything a run found out; :func:`report_json` turns it into the JSON report."""
+
+    model: str
+    mode: str  # "check" or "decompose"
+    options: DecomposeOptions
+    verify: str  # one of VERIFY_MODES
+    nodes: list[NodeEntry] = dataclasses.field(default_factory=list)
+    opsets: dict[str, int] = dataclasses.field(default_factory=dict)
+    ops_left: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    model_verification: ModelVerification | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    output: str | None = None
+    error: str | None = None
+    exit_code: int | None = None
+    runtimes: list[dict] = dataclasses.field(default_factory=list)  # --check --runtime: one entry each
+    raised_opset: tuple[int, int] | None = None  # (before, after) with --raise-opset
+
+    @property
+    def non_standard_ops(self) -> list[str]:
+        """Sorted ``domain::op_type`` of what is left that a plain ONNX runtime would not know."""
+        return sorted(f"{domain}::{op}" for domain, ops in self.ops_left.items() for op in ops)
+
+    @property
+    def verified(self) -> bool:
+        """No node refused or failing, and the model-level run (when asked and not skipped) passed."""
+        model_ok = (
+            self.model_verification is None
+            or self.model_verification.skipped is not None
+            or self.model_verification.passed
+        )
+        return all(node.passed for node in self.nodes) and model_ok
+
+    @property
+    def portable(self) -> bool:
+        """The CI gate: every GQA node decomposable and verified, no non-standard op left, and the rewritten
+        model running on every runtime asked for."""
+        runs = all(entry.get("passed") for entry in self.runtimes)
+        return self.error is None and self.verified and not self.ops_left and runs
+
+
+def ops_left(model: ir.Model, *, keep_gqa: set[str] | None = None) -> dict[str, dict[str, int]]:
+    """Non-standard ops by domain (``ai.onnx`` for the default one) with their counts.
+
+    GroupQueryAttention nodes are left out (they are being decomposed), except those named in ``keep_gqa``.
+    """
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for node in non_standard_nodes(model):
+        if node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention":
+            if keep_gqa is None or node.name not in keep_gqa:
+                continue
+        counts[node.domain or "ai.onnx"][node.op_type] += 1
+    return {domain: dict(sorted(ops.items())) for domain, ops in sorted(counts.items())}
+
+
+def opsets(model: ir.Model) -> dict[str, int]:
+    return {domain or "ai.onnx": version for domain, version in sorted(model.opset_imports.items())}
+
+
+def check(
+    model: str | os.PathLike | onnx.ModelProto | ir.Model,
+    *,
+    verify_mode: str = "nodes",
+    steps: int = 4,
+    batch: int | None = None,
+    dims: Mapping[str, int] | None = None,
+    feeds: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    **options,
+) -> CheckResult:
+    """Whether ``model`` is portable once decomposed; nothing is written.
+
+    Args:
+        model: a path (weights stay on disk; a ``genai_config.json`` beside it is read), a ModelProto or an
+            onnx_ir.Model (not modified).
+        verify_mode: "nodes" (each GQA node against ORT CPU), "model" (a prompt and ``steps`` decode steps of
+            the whole model, see :func:`gqa_decompose.verify_model`), "all" (both) or "none".
+        steps, batch, dims, feeds: the model-level run's settings (:func:`gqa_decompose.verify_model`).
+        progress: called with (what, done, total) as nodes and steps are verified.
+        options: fields of :class:`DecomposeOptions`.
+
+    Returns:
+        A :class:`CheckResult`; ``result.portable`` is the gate.
+
+    Raises:
+        GqaDecomposeError: the model cannot be read, or cannot be driven for model-level verification.
+    """
+    if verify_mode not in VERIFY_MODES:
+        raise ValueError(f"verify_mode must be one of {VERIFY_MODES}, got {verify_mode!r}")
+    decompose_options = DecomposeOptions(**options)
+    started = time.perf_counter()
+    path = None
+    if isinstance(model, ir.Model):
+        loaded = model.clone()
+    elif isinstance(model, onnx.ModelProto):
+        loaded = ir.serde.deserialize_model(model)
+    else:
+        path = pathlib.Path(model).absolute()
+        loaded = model_io.load_model(path)
+    result = CheckResult(str(path) if path else "<in memory>", "check", decompose_options, verify_mode)
+    result.timings["load"] = time.perf_counter() - started
+    InferGqaTypesPass()(loaded)
+    refused = set()
+    found = find_gqa_nodes(loaded)
+    opset, raise_obstacle = (0, None)
+    if found and decompose_options.target != "primitives":
+        opset, raise_obstacle = attention_opset(loaded, decompose_options)
+    for container, node in found:
+        scope = scope_name(loaded, container)
+        try:
+            spec = parse_gqa_node(node, decompose_options)
+            target, fallback = resolve_target(spec, decompose_options, opset, raise_obstacle)
+            result.nodes.append(
+                NodeEntry(spec.node_name, scope, "decomposable", spec, target=target, fallback=fallback)
+            )
+        except GqaDecomposeError as error:
+            refused.add(node.name)
+            result.nodes.append(NodeEntry(error.node_name or node.name, scope, "refused", None, error.reason))
+    result.opsets = opsets(loaded)
+    result.ops_left = ops_left(loaded, keep_gqa=refused)
+    decomposable = [n for n in result.nodes if n.status == "decomposable"]
+    if verify_mode in ("nodes", "all") and decomposable:
+        started = time.perf_counter()
+        report = verify(loaded, progress=_tagged(progress, "nodes"), **dataclasses.asdict(decompose_options))
+        by_name = {n.name: n for n in report.nodes}
+        result.nodes = [dataclasses.replace(n, verification=by_name.get(n.name)) for n in result.nodes]
+        result.timings["verify_nodes"] = time.perf_counter() - started
+    if verify_mode in ("model", "all") and decomposable and not refused:
+        started = time.perf_counter()
+        rewritten = loaded.clone()
+        rewrite(rewritten, decompose_options)
+        result.timings["rewrite"] = time.perf_counter() - started
+        started = time.perf_counter()
+        result.model_verification = verify_model(
+            loaded,
+            rewritten,
+            steps=steps,
+            batch=batch,
+            dims=dims,
+            feeds=feeds,
+            genai_config=read_genai_config(path),
+            progress=_tagged(progress, "model"),
+            **dataclasses.asdict(decompose_options),
+        )
+        result.timings["verify_model"] = time.perf_counter() - started
+    result.exit_code = EXIT_OK if result.portable else EXIT_FAILED
+    return result
+
+
+def _tagged(progress: Callable[[str, int, int], None] | None, what: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(what, done, total)
+
+
+# JSON ----------------------------------------------------------------------------------------------------
+
+
+def _finite(value: float | None) -> float | None | str:
+    """JSON has no inf/NaN: they become the strings "inf" / "nan"."""
+    if value is None or np.isfinite(value):
+        return value
+    return "nan" if np.isnan(value) else "inf"
+
+
+def _config_json(spec: GqaSpec | None) -> dict | None:
+    if spec is None:
+        return None
+    return {
+        "num_heads": spec.num_heads,
+        "kv_num_heads": spec.kv_num_heads,
+        "head_size": spec.head_size,
+        "dtype": spec.dtype.name.lower(),
+        "packed_qkv": spec.packed_qkv,
+        "past": spec.has_past,
+        "rotary": ("interleaved" if spec.rotary_interleaved else "half") if spec.do_rotary else None,
+        "local_window_size": spec.local_window_size if spec.local_window_size >= 0 else None,
+        "softcap": spec.softcap if spec.softcap > 0 else None,
+        "kv_cache": (
+            "windowed" if spec.sliding_window_cache else "static" if spec.static_kv_cache
+            else "growing" if spec.growing_kv_cache else "any"
+        ),
+        "features": spec.features(),
+    }
+
+
+def node_verification_json(result: NodeVerification | None) -> dict:
+    if result is None:
+        return {"status": "not_run", "reason": None, "max_error": None, "phases": []}
+    if result.refused:
+        status, reason = "failed", result.refused
+    elif result.skipped:
+        status, reason = "skipped", result.skipped
+    else:
+        failures = [f"{r.phase.name}: {r.failure}" for r in result.results if not r.passed]
+        status, reason = ("passed", None) if result.passed else ("failed", "; ".join(failures) or None)
+    return {
+        "status": status,
+        "reason": reason,
+        "max_error": _finite(result.max_error),
+        "phases": [
+            {
+                "phase": r.phase.name,
+                "passed": r.passed,
+                "max_errors": {k: _finite(v) for k, v in r.max_errors.items()},
+                "failure": r.failure,
+            }
+            for r in result.results
+        ],
+    }
+
+
+def _model_verification_json(result: ModelVerification | None, verify_mode: str) -> dict:
+    if result is None:
+        reason = None if verify_mode in ("model", "all") else f"--verify {verify_mode}"
+        return {"status": "not_run", "reason": reason}
+    agree, compared = result.token_agreement
+    status = "skipped" if result.skipped else "passed" if result.passed else "failed"
+    return {
+        "status": status,
+        "reason": result.skipped,
+        "batch": result.batch,
+        "prompt_length": result.prompt_length,
+        "decode_steps": max(len(result.steps) - 1, 0),
+        "cache_layout": result.cache_layout,
+        "tolerance": {"atol": result.tolerance[0], "rtol": result.tolerance[1]},
+        "notes": list(result.notes),
+        "max_errors": {
+            name: {"max_abs": _finite(a), "max_rel": _finite(r)} for name, (a, r) in result.max_errors().items()
+        },
+        "max_abs_error": {kind: _finite(result.max_error(kind)) for kind in ("logits", "present", "other")},
+        "token_agreement": {"agree": agree, "compared": compared},
+        "steps": [
+            {
+                "step": s.step,
+                "kind": s.kind,
+                "query_length": s.query_length,
+                "total_lengths": list(s.total_lengths),
+                "passed": s.passed,
+                "failure": s.failure,
+                "tokens": None if s.expected_tokens is None else {
+                    "original": list(s.expected_tokens), "rewritten": list(s.got_tokens or ())},
+                "outputs": {
+                    o.name: {"max_abs": _finite(o.max_abs), "max_rel": _finite(o.max_rel), "passed": o.passed}
+                    for o in s.outputs
+                },
+            }
+            for s in result.steps
+        ],
+    }
+
+
+def report_json(result: CheckResult, version: str) -> dict:
+    """The JSON report of ``result`` (schema ``gqa-decompose-report`` version 1, documented in README)."""
+    if result.error is not None:
+        status = "error"
+    elif result.mode == "check":
+        status = "portable" if result.portable else "not_portable"
+    else:
+        status = "ok" if result.exit_code == EXIT_OK else "failed"
+    return {
+        "schema": REPORT_SCHEMA,
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "tool_version": version,
+        "model": result.model,
+        "mode": result.mode,
+        "status": status,
+        "exit_code": result.exit_code,
+        "error": result.error,
+        "portable": result.portable if result.error is None else False,
+        "output": result.output,
+        "options": {**dataclasses.asdict(result.options), "verify": result.verify},
+        "opsets": result.opsets,
+        "ops_left": result.ops_left,
+        "non_standard_ops": result.non_standard_ops,
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "raised_opset": list(result.raised_opset) if result.raised_opset else None,
+        "nodes": [
+            {
+                "name": node.name,
+                "scope": node.scope,
+                "status": node.status,
+                "reason": node.reason,
+                "config": _config_json(node.spec),
+                "features": node.spec.features() if node.spec else [],
+                "new_nodes": node.new_nodes,
+                "target": node.target,
+                "fallback": node.fallback,
+                "verification": node_verification_json(node.verification),
+            }
+            for node in result.nodes
+        ],
+        "model_verification": _model_verification_json(result.model_verification, result.verify),
+        "runtimes": result.runtimes,
+    }
