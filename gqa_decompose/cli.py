@@ -213,18 +213,26 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     type=click.Choice(["auto", "static", "growing", "any"]),
     default="auto",
     show_default=True,
-    help="'static': promise past is always a max-length buffer (T <= past length). "
-    "'growing': promise past grows by the new rows (T = past + new) and batch rows are "
-    "aligned after the first prompt (batch 1, or equal lengths). Either saves one copy of the "
-    "cache per layer and step; a run that breaks the promise fails instead of computing "
-    "anything wrong. 'any': growing or static, ragged or not, decided at run time. 'auto': "
-    "static when a genai_config.json beside MODEL sets past_present_share_buffer, else any.",
+    help="'any': growing or static, ragged or not, decided at run time (two copies of the cache "
+    "per layer and step; one with --fast-paths except for a ragged growing batch). 'static': promise past is always a "
+    "max-length buffer (T <= past length); 'growing': promise past grows by the new rows "
+    "(T = past + new) with batch rows aligned after the first prompt. A promise emits only its "
+    "path; a run that breaks it fails instead of computing anything wrong. With 'static' or "
+    "'any', a runtime that binds present to past gets an in-place write. 'auto': "
+"static when a genai_config.json beside MODEL sets past_present_share_buffer, else any.",
 )
 @click.option(
     "--native-precision",
     is_flag=True,
     help="Compute fp16/bf16 attention in fp16/bf16 instead of fp32 (ORT's CPU kernel uses fp32): "
     "fewer casts for GPU runtimes; verified at a looser tolerance (fp16 1e-2, bf16 5e-2).",
+)
+@click.option(
+    "--fast-paths",
+    is_flag=True,
+    help="Emit If nodes choosing at run time what ONNX Runtime runs fastest: causal row blocks "
+    "for long prompts, a copy of the visible rows of a long buffer, a one-copy cache update "
+    "without a --kv-cache promise. For ONNX Runtime and OpenVINO; tract cannot run them.",
 )
 @click.option(
     "--target",
@@ -272,6 +280,7 @@ def main(
     legacy_window: bool,
     kv_cache: str,
     native_precision: bool,
+    fast_paths: bool,
     target: str,
     strict_target: bool,
     raise_opset: bool,
@@ -300,6 +309,7 @@ def main(
         static_kv_cache=static_kv_cache,
         growing_kv_cache=kv_cache == "growing",
         native_precision=native_precision,
+        fast_paths=fast_paths,
         target=target,
         strict_target=strict_target,
         raise_opset=raise_opset,

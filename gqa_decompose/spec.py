@@ -80,13 +80,23 @@ class DecomposeOptions:
             a few fp16/bf16 ulps of ORT instead of matching its rounding.
         static_kv_cache: promise that past is always a max-length buffer
             (T <= P), as onnxruntime-genai's past_present_share_buffer gives it:
-            one cache copy less per layer and step. A growing cache then fails
-            at run time (ScatterND index out of range) instead of computing
-            anything wrong.
+            present is ScatterND(past, new rows) without the run-time choice of
+            the default (in place when present is bound to past). A growing
+            cache then fails at run time (ScatterND index out of range) instead
+            of computing anything wrong.
         growing_kv_cache: promise that past grows by the new rows (T = P + S)
             and every batch row is as long as the longest after a first prompt
-            (batch 1, or equal lengths): present is then Concat(past, new), one
-            copy. A run that breaks the promise fails (a guarded Reshape).
+            (batch 1, or equal lengths): present is then Concat(past, new)
+            without the run-time choice. A run that breaks the promise fails (a
+            guarded Reshape).
+        fast_paths: emit If nodes that choose at run time what ONNX Runtime
+            runs fastest: causal row blocks for long prompts (the masked upper
+            triangle is not computed), a copy of the visible rows of a long
+            buffer instead of attending over all of it, and, without a
+            promise, a one-copy cache update (Concat, or ScatterND straight
+            into past). Runtimes that type both branches of an If alike
+            (tract) cannot run them; OpenVINO and ONNX Runtime can. Primitives
+            target only.
         target: ``"primitives"`` (MatMul/Softmax/...) or ``"attention"``: one
             standard ``Attention`` op (opset >= 23) per node, with rotary as
             RotaryEmbedding-23 and, at opset 24, the cache written by
@@ -103,6 +113,7 @@ class DecomposeOptions:
     static_kv_cache: bool = False
     growing_kv_cache: bool = False
     native_precision: bool = False
+    fast_paths: bool = False
     target: str = "primitives"
     strict_target: bool = False
     raise_opset: bool = False
@@ -150,6 +161,7 @@ class GqaSpec:
     kv_bits: int  # 8 (int8 cache) or 4 (two nibbles per uint8); 0 when not quantized
     present_used: bool  # present_key/present_value exist and someone reads them
     output_qk_used: bool
+    fast_paths: bool = False  # run-time Ifs: row blocks, cut of long buffers, one-copy cache update
     q_norm: bool = False  # q_norm_weight given: per-head RMS norm of Q before rotary (§16)
     k_norm: bool = False  # k_norm_weight given: the same for the new K
     qk_norm_epsilon: float = 1e-6
@@ -524,6 +536,7 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         node_name=name,
         dtype=dtype,
         compute_dtype=dtype if options.native_precision else ir.DataType.FLOAT,
+        fast_paths=options.fast_paths,
         num_heads=num_heads,
         kv_num_heads=kv_num_heads,
         head_size=head_size,

@@ -28,6 +28,7 @@ from onnx import helper
 
 from gqa_decompose import spec as gqa
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.expansion.mask import row_block_min_queries
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.passes.raise_opset import attention_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
@@ -350,7 +351,9 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         growing_fits = not isinstance(past_dim, int) or past_dim == growing_past
         if not spec.kv_empty and not spec.static_kv_cache and growing_fits:
             options.append((", growing cache", growing_past))
-        static_past = _fixed(past_dim, total + 3)
+        # A decode step reads few rows of a long buffer (attention copies just the rows it
+        # reads); other phases read most of a short one (attention reads the whole buffer).
+        static_past = _fixed(past_dim, 3 * total if query_length == 1 else total + 3)
         if static_past >= total and not spec.growing_kv_cache:
             options.append((", static buffer", static_past))
         return options
@@ -371,6 +374,11 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     if chunk > 1 and (not isinstance(batch_dim, int) or batch_dim == 1):
         total = chunk + 4
         candidates.append(("chunked prefill", 1, chunk, total, (total,)))
+
+    # A prompt long enough for causal row blocks.
+    long_prompt = row_block_min_queries()
+    if spec.fast_paths and spec.causal and not isinstance(query_dim, int) and not isinstance(past_dim, int):
+        candidates.append(("long first prompt", 1, long_prompt, long_prompt, (long_prompt,)))
 
     # A static bias width fixes T.
     bias = node.inputs[gqa.ATTENTION_BIAS] if len(node.inputs) > gqa.ATTENTION_BIAS else None

@@ -185,3 +185,14 @@ def gqa_node(model: onnx.ModelProto) -> tuple[ir.Model, ir.Node]:
     ir_model = ir.serde.deserialize_model(model)
     node = next(n for n in ir_model.graph if n.op_type == "GroupQueryAttention")
     return ir_model, node
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of the subgraphs (If/Loop bodies) nested in it, depth first."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from all_nodes(subgraph)

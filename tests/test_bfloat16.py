@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from gqa_models import GqaConfig, make_gqa_model
+from gqa_models import GqaConfig, all_nodes, make_gqa_model
 from test_refusals import use_plain_concat_kv_update
 
 import gqa_decompose
@@ -33,13 +33,17 @@ def test_bfloat16_matches_the_fp32_kernel_at_bf16_precision(name):
 
 def test_bfloat16_is_computed_in_fp32():
     decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(dtype="bfloat16")))
-    producers = {o: n for n in decomposed.graph.node for o in n.output}
-    softmax = next(n for n in decomposed.graph.node if n.op_type == "Softmax")
-    # scores + mask bias in fp32 feed the softmax; the scores come from a float MatMul.
-    matmuls = [n for n in decomposed.graph.node if n.op_type == "MatMul"]
-    casts_to_float = [n for n in decomposed.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT]
-    assert producers[softmax.input[0]].op_type == "Add"
-    assert len(matmuls) == 2 and len(casts_to_float) >= 3
+    nodes = list(all_nodes(decomposed.graph))
+    producers = {o: n for n in nodes for o in n.output}
+    softmaxes = [n for n in nodes if n.op_type == "Softmax"]
+    # scores + mask bias in fp32 feed each softmax (one per attention path); no bf16 MatMul input.
+    casts_to_float = [n for n in nodes if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT]
+    casts_to_bf16 = [n for n in nodes if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.BFLOAT16]
+    assert softmaxes and all(producers[softmax.input[0]].op_type == "Add" for softmax in softmaxes)
+    assert len(casts_to_float) >= 3 and len(casts_to_bf16) >= 1
+    for matmul in (n for n in nodes if n.op_type == "MatMul"):
+        assert all(producers[name].op_type != "Cast" or producers[name].attribute[0].i == onnx.TensorProto.FLOAT
+                   for name in matmul.input if name in producers)
 
 
 def test_bfloat16_verification_catches_a_plain_concat_kv_update(monkeypatch):

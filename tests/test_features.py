@@ -179,3 +179,64 @@ def test_windowed_cache_capacities(capacity, window):
         Phase("chunked prefill, windowed cache", 1, capacity + 3, capacity, 2 * capacity + 5, (2 * capacity + 5,)),
     ]
     assert_matches_ort(_windowed(window, rotary="half"), phases)
+
+
+# Causal row blocks (long prompts) with the minimum lowered so small prompts take that path ------
+
+ROW_BLOCK_FEATURES = [
+    "window2", "window3", "softcap", "smooth_softmax", "head_sink", "bias_full", "bias_broadcast",
+    "position_ids", "partial_rotary_half", "kv_empty", "kv_empty_bias", "window_softcap_bias", "window_sink",
+]
+
+
+def _prompt_phases(past_rows: int) -> list[Phase]:
+    """First prompts, chunks of a growing cache and of a static buffer, S from 4 to 9."""
+    return [
+        Phase("first prompt, growing cache", 2, 6, 0, 6, (6, 4)),
+        Phase("first prompt, static buffer", 2, 9, past_rows, 9, (9, 5)),
+        Phase("chunked prefill, growing cache", 1, 5, 4, 9, (9,)),
+        Phase("chunked prefill, static buffer", 1, 7, past_rows, 11, (11,)),
+        Phase("chunked prefill of a short buffer", 1, 4, past_rows, 5, (5,)),
+    ]
+
+
+@pytest.fixture(params=[((4, 4),), ((8, 3), (4, 2))], ids=["4 blocks", "3 or 2 blocks"])
+def small_row_blocks(request, monkeypatch):
+    from gqa_decompose.expansion import mask
+
+    monkeypatch.setattr(mask, "ROW_BLOCK_TIERS", request.param)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feature", ROW_BLOCK_FEATURES)
+def test_causal_row_blocks_match_ort(small_row_blocks, feature, dtype):
+    from gqa_decompose.spec import DecomposeOptions
+    from gqa_decompose.verify import verify_node_model
+    from gqa_models import gqa_node
+
+    config = dataclasses.replace(FEATURES[feature], dtype=dtype)
+    phases = _prompt_phases(16)
+    if config.kv_empty:
+        phases = [p for p in phases if "static" in p.name]
+    model = make_gqa_model(config)
+    _, node = gqa_node(model)
+    result = verify_node_model(node, 21, model.ir_version, DecomposeOptions(fast_paths=True), phases=phases)
+    assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
+
+
+@pytest.mark.parametrize("options", [{}, {"static_kv_cache": True}, {"growing_kv_cache": True}])
+def test_causal_row_blocks_in_every_cache_form(small_row_blocks, options):
+    options = {**options, "fast_paths": True}
+    from gqa_decompose.spec import DecomposeOptions
+    from gqa_decompose.verify import verify_node_model
+    from gqa_models import gqa_node
+
+    model = make_gqa_model(GqaConfig(packed=True, rotary="half", num_heads=8, kv_num_heads=2))
+    _, node = gqa_node(model)
+    phases = [
+        p for p in _prompt_phases(40)
+        if not (options.get("static_kv_cache") and p.past_length in (0, 4))
+        and not (options.get("growing_kv_cache") and (p.past_length == 40 or p.batch > 1 and p.total_lengths[1] != p.total_length))
+    ]
+    result = verify_node_model(node, 21, model.ir_version, DecomposeOptions(**options), phases=phases)
+    assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]

@@ -127,11 +127,13 @@ def test_verification_catches_a_wrong_expansion(monkeypatch):
 def use_plain_concat_kv_update(monkeypatch) -> None:
     """Sabotage: append the new K/V after the past, as a naive rewrite would."""
     from gqa_decompose.expansion import gqa as expansion
+    from gqa_decompose.expansion import kv_cache
 
     def concat_update(op, shared, info, past, new, kv_num_heads, static_buffer=False, tensor_scatter=False):
         return op.op("Concat", past, new, axis=2)
 
     monkeypatch.setattr(expansion, "write_new_rows", concat_update)
+    monkeypatch.setattr(kv_cache, "write_new_rows", concat_update)
     monkeypatch.setattr(expansion, "present_length", lambda shared, info, past, static=False: info.total_length)
 
 

@@ -10,11 +10,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from gqa_models import IR_VERSION, GqaConfig, gqa_node, make_gqa_model
+from gqa_models import IR_VERSION, GqaConfig, all_nodes, gqa_node, make_gqa_model
 from onnx import TensorProto, helper
 from test_grid import assert_matches_ort
 
 import gqa_decompose
+from gqa_decompose.expansion.mask import ROW_BLOCK_TIERS, row_block_min_queries
 
 MODELS = pathlib.Path(__file__).parent.parent / "models"
 TINY_LLAMA = MODELS / "tiny-llama-gqa.onnx"
@@ -26,7 +27,7 @@ def tiny_llama_decomposed() -> onnx.ModelProto:
 
 
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {output: node for node in model.graph.node for output in node.output}
+    return {output: node for node in all_nodes(model.graph) for output in node.output}
 
 
 def test_no_microsoft_op_or_opset_import_is_left(tiny_llama_decomposed):
@@ -50,7 +51,7 @@ def test_both_layers_read_one_shared_mask(tiny_llama_decomposed):
     }
     assert len(mask_biases) == 1
     (mask_bias,) = mask_biases
-    score_masks = [node for node in tiny_llama_decomposed.graph.node if mask_bias in node.input]
+    score_masks = [node for node in all_nodes(tiny_llama_decomposed.graph) if mask_bias in node.input]
     assert len(score_masks) == 2
     assert all(node.op_type == "Add" and "/attn/" in node.name for node in score_masks)
     counts = collections.Counter(node.op_type for node in tiny_llama_decomposed.graph.node)
@@ -59,7 +60,7 @@ def test_both_layers_read_one_shared_mask(tiny_llama_decomposed):
 
 
 def test_kv_heads_are_never_repeated(tiny_llama_decomposed):
-    for node in tiny_llama_decomposed.graph.node:
+    for node in all_nodes(tiny_llama_decomposed.graph):
         assert node.op_type != "Tile"
         if node.op_type == "Expand":
             assert node.name.startswith("gqa_shared/"), node.name  # index tensors only
@@ -69,12 +70,12 @@ def test_grouped_query_heads_are_folded_into_gemm_rows(tiny_llama_decomposed):
     producers = _producers(tiny_llama_decomposed)
     constants = {
         node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t)
-        for node in tiny_llama_decomposed.graph.node
+        for node in all_nodes(tiny_llama_decomposed.graph)
         if node.op_type == "Constant"
     }
     score_matmuls = [
         node
-        for node in tiny_llama_decomposed.graph.node
+        for node in all_nodes(tiny_llama_decomposed.graph)
         if node.op_type == "MatMul" and producers.get(node.input[1]) is not None
         and producers[node.input[1]].op_type == "Transpose"
     ]
@@ -90,7 +91,7 @@ def test_grouped_query_heads_are_folded_into_gemm_rows(tiny_llama_decomposed):
 
 def test_new_nodes_are_named_after_the_replaced_node(tiny_llama_decomposed):
     original_names = {node.name for node in onnx.load(TINY_LLAMA).graph.node}
-    for node in tiny_llama_decomposed.graph.node:
+    for node in all_nodes(tiny_llama_decomposed.graph):
         if node.name in original_names:
             continue
         assert node.name.startswith(("/model/layers.0/attn/GroupQueryAttention/",
@@ -100,13 +101,13 @@ def test_new_nodes_are_named_after_the_replaced_node(tiny_llama_decomposed):
 def test_layer_without_present_readers_writes_no_kv():
     model = make_gqa_model(GqaConfig(present=False, rotary="half"))
     decomposed = gqa_decompose.decompose(model)
-    ops = {node.op_type for node in decomposed.graph.node}
+    ops = {node.op_type for node in all_nodes(decomposed.graph)}
     assert "ScatterND" not in ops and "Pad" not in ops
 
 
 def test_no_past_layer_writes_no_kv():
     decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(past=False)))
-    ops = {node.op_type for node in decomposed.graph.node}
+    ops = {node.op_type for node in all_nodes(decomposed.graph)}
     assert "ScatterND" not in ops
 
 
@@ -114,7 +115,7 @@ def test_present_output_read_by_nobody_gets_no_kv_ops():
     model = make_gqa_model(GqaConfig(rotary="half"))
     del model.graph.output[1:]  # present_key/present_value exist on the node but nobody reads them
     decomposed = gqa_decompose.decompose(model)
-    assert "ScatterND" not in {node.op_type for node in decomposed.graph.node}
+    assert "ScatterND" not in {node.op_type for node in all_nodes(decomposed.graph)}
 
 
 @pytest.mark.parametrize("opset", [13, 14, 17, 18, 21, 23, 24])
@@ -298,3 +299,85 @@ def test_gqa_in_the_main_graph_and_a_subgraph_with_one_name_stays_ssa():
     for flag in (True, False):
         feeds["flag"] = np.array(flag)
         np.testing.assert_allclose(_run(decomposed, feeds)[0][0], _run(model, feeds)[0][0], atol=1e-5)
+
+
+# Run-time read paths: causal row blocks for long prompts, a cut of long buffers --------------------
+
+
+def _softmax_count(graph: onnx.GraphProto) -> int:
+    return sum(node.op_type == "Softmax" for node in all_nodes(graph))
+
+
+def _row_block_ifs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """If nodes choosing causal row blocks (then) over fewer blocks or one full-width block (else)."""
+    producers = _producers(model)
+    return [
+        node
+        for node in all_nodes(model.graph)
+        if node.op_type == "If" and producers[node.input[0]].op_type == "GreaterOrEqual"
+    ]
+
+
+@pytest.mark.parametrize("kv_cache", ["any", "static", "growing"])
+def test_long_prompts_use_causal_row_blocks_and_decode_does_not(kv_cache):
+    options = {"static": {"static_kv_cache": True}, "growing": {"growing_kv_cache": True}}.get(kv_cache, {})
+    options["fast_paths"] = True
+    decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(rotary="half")), **options)
+    choices = _row_block_ifs(decomposed)
+    assert len(choices) == len(ROW_BLOCK_TIERS)
+    producers = _producers(decomposed)
+    constants = {n.output[0]: n for n in decomposed.graph.node if n.op_type == "Constant"}
+    thresholds = []
+    for choice, (_, blocks) in zip(choices, ROW_BLOCK_TIERS):
+        condition = producers[choice.input[0]]  # S >= the tier's minimum, decided at run time
+        thresholds.append(int(onnx.numpy_helper.to_array(constants[condition.input[1]].attribute[0].t)))
+        then_branch = choice.attribute[0].g
+        # Each block slices its queries, the keys and values it can see, and the mask rows.
+        assert [n.op_type for n in then_branch.node].count("Softmax") == blocks
+        assert [n.op_type for n in then_branch.node].count("Slice") >= 4 * blocks
+    assert thresholds == sorted(thresholds, reverse=True) and thresholds[-1] == row_block_min_queries()
+    # Below the last tier (decode): one attention, or two behind a cut of a long buffer.
+    decode_branch = choices[-1].attribute[1].g
+    assert _softmax_count(decode_branch) == (1 if kv_cache == "growing" else 2)
+    assert "GreaterOrEqual" not in {producers[n.input[0]].op_type for n in all_nodes(decode_branch) if n.op_type == "If"}
+
+
+def test_short_static_queries_output_qk_and_the_default_get_no_row_blocks():
+    short = gqa_decompose.decompose(make_gqa_model(GqaConfig(static_dims=True)), fast_paths=True)
+    assert not _row_block_ifs(short) and _softmax_count(short.graph) == 2  # S = 5: whole or cut buffer only
+    for qk_output in (1, 2):
+        with_scores = gqa_decompose.decompose(make_gqa_model(GqaConfig(qk_output=qk_output)), fast_paths=True)
+        assert not _row_block_ifs(with_scores) and _softmax_count(with_scores.graph) == 1
+    non_causal = gqa_decompose.decompose(make_gqa_model(GqaConfig(causal=0)), fast_paths=True)
+    assert not _row_block_ifs(non_causal)
+    # Without fast paths the graph is straight-line (runtimes such as tract cannot type an If).
+    for options in ({}, {"static_kv_cache": True}, {"growing_kv_cache": True}):
+        default = gqa_decompose.decompose(make_gqa_model(GqaConfig(rotary="half")), **options)
+        assert "If" not in {node.op_type for node in default.graph.node}
+
+
+def test_max_length_buffers_are_written_in_place_and_cut_at_run_time():
+    """present = ScatterND(past, ...): a runtime binding present to past makes it an in-place write."""
+    for options in ({}, {"static_kv_cache": True}):
+        decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(rotary="half")), fast_paths=True, **options)
+        scatters = [n for n in all_nodes(decomposed.graph) if n.op_type == "ScatterND" and n.input[0].startswith("past_")]
+        assert sorted(n.input[0] for n in scatters) == ["past_key", "past_value"]
+        cuts = [
+            n for n in all_nodes(decomposed.graph)
+            if n.op_type == "If" and _softmax_count(n.attribute[0].g) == 1 and _softmax_count(n.attribute[1].g) == 1
+        ]
+        assert cuts and all(decomposed.graph.node for _ in cuts)
+        producers = _producers(decomposed)
+        assert all(producers[n.input[0]].op_type == "Greater" for n in cuts)
+
+
+def test_fast_cache_update_is_one_concat_or_one_scatter_chosen_at_run_time():
+    decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(rotary="half")), fast_paths=True)
+    (update,) = [
+        n for n in decomposed.graph.node
+        if n.op_type == "If" and [m.op_type for m in n.attribute[0].g.node] == ["Concat", "Concat"]
+    ]
+    (scatter_choice,) = [n for n in update.attribute[1].g.node if n.op_type == "If"]
+    straight, padded = (scatter_choice.attribute[i].g for i in (0, 1))
+    assert [n.op_type for n in straight.node] == ["ScatterND", "ScatterND"]
+    assert [n.op_type for n in padded.node] == ["Pad", "ScatterND", "Pad", "ScatterND"]

@@ -15,24 +15,37 @@ S query length, K key columns, H head size. All in the compute type (fp32 by def
 No KV head is ever repeated: each group's G query heads become G*S rows of
 one GEMM against its shared KV head, and the key Transpose feeds the MatMul
 directly so ONNX Runtime fuses it with the scale into one FusedMatMul.
+
+Which key columns are read is chosen at run time (:class:`ReadPlan`), each
+choice an If whose branches hold the whole attention (a large tensor passed
+through a branch would be copied):
+
+* S >= the row-block minimum (a long prompt): causal row blocks, block i
+  attending only to the columns its last row can see, so the masked upper
+  triangle is not computed; shorter S (decode) takes the other branch and
+  pays nothing but the If;
+* a buffer holding more than twice the rows any query sees (a max-length
+  buffer early in generation): a copy of the first max_b t_b rows instead
+  of attending over the whole buffer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
 
-__all__ = ["AttentionResult", "attend"]
+__all__ = ["AttentionResult", "ReadPlan", "attend"]
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionResult:
     output_BSD: ir.Value  # [B, S, N*H]
-    scores_BNSK: ir.Value  # scores after scale, softcap and bias, masked entries 0
-    probs_BNSK: ir.Value  # probabilities
+    scores_BNSK: ir.Value | None  # scores after scale, softcap and bias, masked entries 0 (want_scores)
+    probs_BNSK: ir.Value | None  # probabilities (want_probs)
 
 
 def _softmax_with_sink(
@@ -53,26 +66,45 @@ def _softmax_with_sink(
     return op.slice(probs_with_sink, 0, -1, axis=3)
 
 
-def attend(
+@dataclasses.dataclass(frozen=True)
+class ReadPlan:
+    """Run-time choices of which key columns attention reads (all values shared per model).
+
+    Attributes:
+        cut: 0-D bool, or None: True when the keys hold many more rows than any
+            query can see (a max-length buffer early in generation); attention
+            then reads a copy of the first ``cut_end`` rows instead of them all.
+        cut_end: 1-D int64 [1], the key columns read when ``cut``.
+        row_block_tiers: (use, blocks) per tier, longest first: ``use`` (0-D
+            bool) is True when S reaches the tier; each block is (row start,
+            row end, key end), 1-D int64 [1]: rows [start, end) see no key
+            column at or after key end.
+    """
+
+    cut: ir.Value | None = None
+    cut_end: ir.Value | None = None
+    row_block_tiers: tuple[tuple[ir.Value, tuple[tuple[ir.Value, ir.Value, ir.Value], ...]], ...] = ()
+
+
+def _attend_dense(
     op: OpBuilder,
     query_BNSH: ir.Value,
     keys_BNkvKH: ir.Value,
     values_BNkvKH: ir.Value,
-    visible_B1SK: ir.Value,
     mask_bias_B1SK: ir.Value,
+    bias_BNSK: ir.Value | None,
     *,
     num_heads: int,
     kv_num_heads: int,
     head_size: int,
     scale: float,
     softcap: float,
-    bias_BNSK: ir.Value | None,
     smooth_softmax: bool,
     head_sink_N: ir.Value | None,
     may_mask_whole_rows: bool,
-    want_scores: bool,
-    dtype: ir.DataType = ir.DataType.FLOAT,
-) -> AttentionResult:
+    dtype: ir.DataType,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(output [B, S, N*H], scores [B, N, S, K] before the mask, probs [B, N, S, K])."""
     query_BNkvGSH = op.op("Reshape", query_BNSH, op.ints([0, kv_num_heads, -1, head_size]))
     keys_BNkvHK = op.op("Transpose", keys_BNkvKH, perm=[0, 1, 3, 2])
     products = op.op("MatMul", query_BNkvGSH, keys_BNkvHK)
@@ -98,7 +130,126 @@ def attend(
     attended_BNSH = op.op("Reshape", attended_BNkvGSH, op.ints([0, num_heads, -1, head_size]))
     attended_BSNH = op.op("Transpose", attended_BNSH, perm=[0, 2, 1, 3])
     output_BSD = op.op("Reshape", attended_BSNH, op.ints([0, 0, num_heads * head_size]))
-    scores_out = None
-    if want_scores:
-        scores_out = op.op("Where", visible_B1SK, scores_BNSK, op.float_scalar(0.0, dtype))
-    return AttentionResult(output_BSD, scores_out, probs_BNSK)
+    return output_BSD, scores_BNSK, probs_BNSK
+
+
+def _attend_row_blocks(
+    op: OpBuilder,
+    query_BNSH: ir.Value,
+    keys_BNkvKH: ir.Value,
+    values_BNkvKH: ir.Value,
+    mask_bias_B1SK: ir.Value,
+    bias_BNSK: ir.Value | None,
+    row_blocks: tuple[tuple[ir.Value, ir.Value, ir.Value], ...],
+    **options,
+) -> ir.Value:
+    """Causal row blocks: each block of query rows attends only to the key columns it can see.
+
+    Block i's rows see no column at or after its key end, so the columns after
+    it (the masked upper triangle of a prompt) are never computed. Softmax
+    rows are unchanged: the dropped columns had probability 0.
+    """
+    zero_1 = op.ints([0])
+    outputs = []
+    for row_start, row_end, key_end in row_blocks:
+        query = op.op("Slice", query_BNSH, row_start, row_end, op.ints([2]))
+        keys = op.op("Slice", keys_BNkvKH, zero_1, key_end, op.ints([2]))
+        values = op.op("Slice", values_BNkvKH, zero_1, key_end, op.ints([2]))
+        starts = op.op("Concat", row_start, zero_1, axis=0)
+        ends = op.op("Concat", row_end, key_end, axis=0)
+        mask = op.op("Slice", mask_bias_B1SK, starts, ends, op.ints([2, 3]))
+        bias = None
+        if bias_BNSK is not None:
+            bias = op.op("Slice", bias_BNSK, starts, ends, op.ints([2, 3]))
+        outputs.append(_attend_dense(op, query, keys, values, mask, bias, **options)[0])
+    return op.op("Concat", *outputs, axis=1)
+
+
+def attend(
+    op: OpBuilder,
+    query_BNSH: ir.Value,
+    keys_BNkvKH: ir.Value,
+    values_BNkvKH: ir.Value,
+    visible_B1SK: ir.Value,
+    mask_bias_B1SK: ir.Value,
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    head_size: int,
+    scale: float,
+    softcap: float,
+    bias_BNSK: ir.Value | None,
+    smooth_softmax: bool,
+    head_sink_N: ir.Value | None,
+    may_mask_whole_rows: bool,
+    want_scores: bool,
+    want_probs: bool = False,
+    dtype: ir.DataType = ir.DataType.FLOAT,
+    plan: ReadPlan | None = None,
+) -> AttentionResult:
+    """Attention of every query row over the key columns, chosen at run time by ``plan``.
+
+    ``keys`` may hold more rows than the mask's K columns only when ``plan.cut``
+    is given: then the mask has ``cut_end`` columns whenever ``cut`` holds.
+    Scores and probabilities (for ``output_qk``) come from the full-width path;
+    row blocks are only used when neither is wanted.
+    """
+    plan = plan or ReadPlan()
+    options = dict(
+        num_heads=num_heads,
+        kv_num_heads=kv_num_heads,
+        head_size=head_size,
+        scale=scale,
+        softcap=softcap,
+        smooth_softmax=smooth_softmax,
+        head_sink_N=head_sink_N,
+        may_mask_whole_rows=may_mask_whole_rows,
+        dtype=dtype,
+    )
+
+    def dense(builder: OpBuilder, keys: ir.Value, values: ir.Value) -> list[ir.Value]:
+        output, scores, probs = _attend_dense(
+            builder, query_BNSH, keys, values, mask_bias_B1SK, bias_BNSK, **options
+        )
+        results = [output]
+        if want_scores:
+            results.append(builder.op("Where", visible_B1SK, scores, builder.float_scalar(0.0, dtype)))
+        if want_probs:
+            results.append(probs)
+        return results
+
+    def full_width(builder: OpBuilder) -> list[ir.Value]:
+        if plan.cut is None:
+            return dense(builder, keys_BNkvKH, values_BNkvKH)
+
+        def cut(inner: OpBuilder) -> list[ir.Value]:
+            keys = inner.slice(keys_BNkvKH, 0, plan.cut_end, axis=2)
+            values = inner.slice(values_BNkvKH, 0, plan.cut_end, axis=2)
+            return dense(inner, keys, values)
+
+        return builder.if_else(plan.cut, cut, lambda inner: dense(inner, keys_BNkvKH, values_BNkvKH))
+
+    def row_blocks(tiers) -> Callable[[OpBuilder], list[ir.Value]]:
+        """The first tier S reaches splits into its blocks; below every tier, one block."""
+        if not tiers:
+            return full_width
+        (use, blocks), lower = tiers[0], tiers[1:]
+
+        def split(builder: OpBuilder) -> list[ir.Value]:
+            return [
+                _attend_row_blocks(
+                    builder, query_BNSH, keys_BNkvKH, values_BNkvKH, mask_bias_B1SK, bias_BNSK,
+                    blocks, **options,
+                )
+            ]
+
+        return lambda builder: list(builder.if_else(use, split, row_blocks(lower)))
+
+    if want_scores or want_probs:
+        results = list(full_width(op))
+    else:
+        results = list(row_blocks(plan.row_block_tiers)(op))
+    output = results.pop(0)
+    scores = results.pop(0) if want_scores else None
+    probs = results.pop(0) if want_probs else None
+    return AttentionResult(output, scores, probs)

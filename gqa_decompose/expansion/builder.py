@@ -8,7 +8,7 @@ they land in, which keeps the model's own default-domain opset.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -48,6 +48,46 @@ class OpBuilder:
             op_type, list(inputs), attributes or None, num_outputs=num_outputs
         )
         self._name(values[0].producer())
+        return values
+
+    def if_else(
+        self,
+        condition: ir.Value,
+        then_branch: Callable[[OpBuilder], Sequence[ir.Value]],
+        else_branch: Callable[[OpBuilder], Sequence[ir.Value]],
+    ) -> Sequence[ir.Value]:
+        """An If node whose branches are built by ``then_branch(op)`` / ``else_branch(op)``.
+
+        Each function gets a builder for its branch graph and returns that
+        branch's outputs (the same count); it may read any value of the
+        enclosing graphs. ONNX Runtime writes a branch's outputs straight into
+        the If's outputs (and into a buffer bound to them), so a branch costs
+        no copy, but an outer value passed through a branch is copied: build
+        the consumers of large tensors inside the branch instead.
+        """
+        self._counter += 1
+        name = f"{self.prefix}/If_{self._counter}"
+        graphs = []
+        for label, build in (("then", then_branch), ("else", else_branch)):
+            branch = OpBuilder(f"{name}/{label}")
+            outputs = list(build(branch))
+            made = {output for node in branch._tape.nodes for output in node.outputs}
+            outputs = [value if value in made else branch.op("Identity", value) for value in outputs]
+            graphs.append(ir.Graph((), outputs, nodes=branch.take_nodes(), name=f"{name}/{label}"))
+        if len(graphs[0].outputs) != len(graphs[1].outputs):
+            raise ValueError("If branches must have the same number of outputs")
+        values = self._tape.op_multi_out(
+            "If",
+            [condition],
+            {"then_branch": graphs[0], "else_branch": graphs[1]},
+            num_outputs=len(graphs[0].outputs),
+        )
+        node = values[0].producer()
+        node.name = name
+        for index, output in enumerate(values):
+            output.name = f"{name}_out_{index}"
+            # The branches agree on type; shapes may differ between them.
+            output.type = graphs[0].outputs[index].type
         return values
 
     def take_nodes(self) -> list[ir.Node]:

@@ -9,17 +9,21 @@ The story, top-down::
     per-head RMS norm of q and k when q_norm_weight / k_norm_weight are given
     fp32 rotary on q and k, rounded back to the model's type (k goes into present)
     new rows -> the cache's type (the model's, or int8/int4 quantized)
-    present  = past with the new rows scattered at c_b    (no past: the new rows)
+    present  = past with the new rows at c_b: Concat, ScatterND into past, or Pad + ScatterND,
+               chosen at run time unless promised    (no past: the new rows)
     visible  = the shared causal/window mask over each key column's position   [B, 1, S, K]
-    output   = attend(q, keys, values) in fp32, cast back once to the model's type
+    output   = attend(q, keys, values) in fp32, cast back once to the model's type;
+               causal row blocks for long prompts, a cut of long buffers (run-time Ifs)
 
 Which columns attention reads depends on the cache (see ``_key_columns``):
-present rows, the longest row of a static buffer, or Concat(past, new) for a
-windowed cache and for layers whose present nobody reads.
+present rows (all, or those of the longest row when a buffer holds many more),
+or Concat(past, new) for a windowed cache and for layers whose present nobody
+reads.
 
 With the attention target (:class:`Lowering`), rotary is RotaryEmbedding-23,
 the cache write TensorScatter-24, and attention one standard Attention op fed
-the same key columns and mask (see ``_attend_with_op``).
+the same key columns and mask (see ``_attend_with_op``); --fast-paths applies
+to the primitives target only.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import dataclasses
 import onnx_ir as ir
 
 from gqa_decompose import spec as gqa
-from gqa_decompose.expansion.attention import attend
+from gqa_decompose.expansion.attention import ReadPlan, attend
 from gqa_decompose.expansion.attention_op import (
     QK_AFTER_MASK,
     QK_AFTER_SOFTMAX,
@@ -40,13 +44,18 @@ from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.kv_cache import (
     append_aligned_rows,
     guard_aligned_rows,
+    longest_row,
     present_length,
+    read_length,
+    update_cache,
     write_new_rows,
 )
 from gqa_decompose.expansion.mask import (
+    causal_row_blocks,
     concat_key_positions,
     dense_key_positions,
     mask_bias,
+    row_block_min_queries,
     visibility_mask,
 )
 from gqa_decompose.expansion.qk_norm import rms_normalize_heads
@@ -162,6 +171,8 @@ class _KeyColumns:
     length: ir.Value | None  # K when column j holds position j; None otherwise
     present_key: ir.Value | None
     present_value: ir.Value | None
+    cut: ir.Value | None = None  # 0-D bool: read only keys[:, :, :cut_end] (then K = cut end)
+    cut_end: ir.Value | None = None
 
 
 def _key_columns(
@@ -172,18 +183,23 @@ def _key_columns(
     spec: gqa.GqaSpec,
     new_rows: tuple[ir.Value, ir.Value] | None,
     tensor_scatter: bool = False,
+    fast_paths: bool = False,
 ) -> _KeyColumns:
     """Choose how present is built and which columns attention reads (semantics doc §3-4, §11-12).
 
     * no past: the new rows are present and the keys;
-    * shared KV (empty key/value): the past rows any batch row can see;
+    * shared KV (empty key/value): the past rows (cut at run time to the longest row);
     * windowed cache: Concat(past, new), present gathered from the latest positions;
-    * present read (or needed for bias/qk_output), or a static buffer: present with the
-      new rows scattered at c_b; a static buffer is then cut to the longest row;
     * growing-cache promise: present = Concat(past, new), guarded;
+    * present read (or needed for bias/qk_output), or a static buffer: present with the
+      new rows at c_b (chosen at run time, or ScatterND into past under the static
+      promise); attention reads it whole or cut to the longest row (run time);
     * nobody reads present: Concat(past, new) with each column's position; no KV write.
     """
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
+    # output_qk is a diagnostic: its scores come from one path over the whole buffer
+    # (OpenVINO 2025 mis-shapes an If output whose width differs between branches).
+    may_cut = fast_paths and not spec.output_qk_used
     if not spec.has_past:
         new_key, new_value = new_rows
         length = info.query_length
@@ -194,9 +210,10 @@ def _key_columns(
         if spec.present_used:
             present_key = op.op("Identity", past_key)
             present_value = op.op("Identity", past_value)
-        keys, values, length = _longest_rows(op, shared, info, past_key, past_value)
-        positions = dense_key_positions(shared, length, ("longest_row", info))
-        return _KeyColumns(keys, values, positions, length, present_key, present_value)
+        return _buffer_columns(
+            op, shared, info, past_key, past_key, past_value, present_key, present_value,
+            ("past", dim_key(past_key, 2)), may_cut,
+        )
     new_key, new_value = new_rows
     if spec.sliding_window_cache:
         keys = op.op("Concat", past_key, new_key, axis=2)
@@ -215,22 +232,23 @@ def _key_columns(
         positions = dense_key_positions(shared, length, ("present_length", info, dim_key(past_key, 2), False))
         return _KeyColumns(present_key, present_value, positions, length, present_key, present_value)
     if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache:
-        static = spec.static_kv_cache
-        present_key = write_new_rows(
-            op, shared, info, past_key, new_key, spec.kv_num_heads, static, tensor_scatter
-        )
-        present_value = write_new_rows(
-            op, shared, info, past_value, new_value, spec.kv_num_heads, static, tensor_scatter
-        )
-        if static:
-            keys, values, length = _longest_rows(op, shared, info, present_key, present_value)
-            length_key = ("longest_row", info)
+        if spec.static_kv_cache:
+            present_key = write_new_rows(
+                op, shared, info, past_key, new_key, spec.kv_num_heads, True, tensor_scatter
+            )
+            present_value = write_new_rows(
+                op, shared, info, past_value, new_value, spec.kv_num_heads, True, tensor_scatter
+            )
+            rows_key = ("past", dim_key(past_key, 2))
         else:
-            keys, values = present_key, present_value
-            length = present_length(shared, info, past_key)
-            length_key = ("present_length", info, dim_key(past_key, 2), False)
-        positions = dense_key_positions(shared, length, length_key)
-        return _KeyColumns(keys, values, positions, length, present_key, present_value)
+            present_key, present_value = update_cache(
+                op, shared, info, (past_key, past_value), (new_key, new_value), spec.kv_num_heads,
+                fast_paths, tensor_scatter,
+            )
+            rows_key = ("present_length", dim_key(past_key, 2))
+        return _buffer_columns(
+            op, shared, info, past_key, present_key, present_value, present_key, present_value, rows_key, may_cut
+        )
     keys = op.op("Concat", past_key, new_key, axis=2)
     values = op.op("Concat", past_value, new_value, axis=2)
     positions = concat_key_positions(shared, info, past_key)
@@ -261,21 +279,41 @@ def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: i
     )
 
 
-def _longest_rows(
-    op: OpBuilder, shared: SharedSubgraphs, info, keys: ir.Value, values: ir.Value
-):
-    """Keys and values cut to the rows any batch row can see, max_b t_b, and that length.
+def _buffer_columns(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    past_key: ir.Value,
+    keys: ir.Value,
+    values: ir.Value,
+    present_key: ir.Value | None,
+    present_value: ir.Value | None,
+    rows_key: tuple,
+    may_cut: bool,
+) -> _KeyColumns:
+    """Dense key columns of a buffer that may hold more rows than any query sees.
 
-    A static buffer holds P rows of which only t_b are valid; attending over
-    the rest would cost as much as the whole buffer at every step.
+    The buffer has max(P, T) rows (P for past itself); attention reads them
+    all or, when that is much more than the longest row and ``may_cut``, a
+    copy of that row's length (chosen at run time, see :func:`read_length`).
     """
-
-    def build(builder: OpBuilder) -> ir.Value:
-        return builder.op("ReduceMax", info.total_lengths_B, keepdims=0)
-
-    longest = shared.get(("longest_row", info), build)
-    end_1 = op.to_vector(longest)
-    return op.slice(keys, 0, end_1, axis=2), op.slice(values, 0, end_1, axis=2), longest
+    if rows_key[0] == "past":
+        buffer_rows = shared.get(("past_rows", rows_key), lambda builder: builder.dim(past_key, 2))
+    else:
+        buffer_rows = present_length(shared, info, past_key)
+    if not may_cut:
+        if rows_key[0] == "past":
+            # Past itself (a static buffer): only the longest row's rows, always.
+            longest = longest_row(shared, info)
+            end_1 = op.to_vector(longest)
+            keys, values = op.slice(keys, 0, end_1, axis=2), op.slice(values, 0, end_1, axis=2)
+            positions = dense_key_positions(shared, longest, ("longest_row", info))
+            return _KeyColumns(keys, values, positions, longest, present_key, present_value)
+        positions = dense_key_positions(shared, buffer_rows, ("buffer_rows", info, rows_key))
+        return _KeyColumns(keys, values, positions, buffer_rows, present_key, present_value)
+    cut, length, cut_end = read_length(shared, info, buffer_rows, rows_key)
+    positions = dense_key_positions(shared, length, ("read_length", info, rows_key))
+    return _KeyColumns(keys, values, positions, length, present_key, present_value, cut, cut_end)
 
 
 def _gather_columns(op: OpBuilder, info, bias: ir.Value, key_positions: ir.Value) -> ir.Value:
@@ -499,7 +537,9 @@ def expand_gqa(
             encode_key(_bsnh_to_bnsh(op, key_BSNH)),
             encode_value(_bsnh_to_bnsh(op, value_BSNH)),
         )
-    columns = _key_columns(op, shared, info, node, spec, new_rows, lowering.tensor_scatter)
+    # The run-time Ifs of --fast-paths serve the primitives target; the Attention op is one node.
+    fast_paths = spec.fast_paths and not lowering.attention_op
+    columns = _key_columns(op, shared, info, node, spec, new_rows, lowering.tensor_scatter, fast_paths)
 
     # 3. The shared mask.
     visible_B1SK = visibility_mask(
@@ -530,6 +570,11 @@ def expand_gqa(
             _input(node, gqa.HEAD_SINK),
         )
     else:
+        plan = ReadPlan(columns.cut, columns.cut_end)
+        query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
+        long_queries_possible = not isinstance(query_length, int) or query_length >= row_block_min_queries()
+        if fast_paths and columns.length is not None and spec.causal and long_queries_possible:
+            plan = dataclasses.replace(plan, row_block_tiers=causal_row_blocks(shared, info, columns.length))
         attention = attend(
             op,
             query_BNSH,
@@ -546,8 +591,10 @@ def expand_gqa(
             smooth_softmax=spec.smooth_softmax,
             head_sink_N=_input(node, gqa.HEAD_SINK),
             may_mask_whole_rows=bias is not None or spec.local_window_size == 0,
-            want_scores=spec.qk_output == 1,
+            want_scores=spec.output_qk_used and spec.qk_output == 1,
+            want_probs=spec.output_qk_used and spec.qk_output == 2,
             dtype=spec.compute_dtype,
+            plan=plan,
         )
         output_BSD = attention.output_BSD
         output_qk = None

@@ -10,7 +10,10 @@ Lp = max(P, T) present rows, c_b the first new row of batch row b
     present = ScatterND(base, (b, n, c_b + s), new)  new: [B, Nkv, S, H]
 
 A plain Concat(past, new) is wrong for ragged batches and static buffers: the
-new rows of row b go at c_b, never at P. Rows >= t_b keep whatever the base
+new rows of row b go at c_b, never at P. Without a promise about the cache,
+:func:`update_cache` picks one copy at run time: Concat when every row's new
+rows go at P, ScatterND straight into past when T <= P (in place for a
+runtime that binds present to past), Pad + ScatterND otherwise. Rows >= t_b keep whatever the base
 held; no later step reads them (ONNX Runtime zeroes them, or keeps them when
 present and past share one buffer).
 """
@@ -22,7 +25,16 @@ import onnx_ir as ir
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
 
-__all__ = ["append_aligned_rows", "guard_aligned_rows", "present_length", "scatter_indices", "write_new_rows"]
+__all__ = [
+    "append_aligned_rows",
+    "guard_aligned_rows",
+    "longest_row",
+    "present_length",
+    "read_length",
+    "scatter_indices",
+    "update_cache",
+    "write_new_rows",
+]
 
 
 def present_length(
@@ -148,3 +160,84 @@ def append_aligned_rows(
     so a broken promise fails loudly instead of writing rows at the wrong place.
     """
     return op.op("Concat", past_BNPH, guard_aligned_rows(op, shared, info, past_BNPH, new_BNSH), axis=2)
+
+
+def update_cache(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info: SequenceInfo,
+    past_BNPH: tuple[ir.Value, ir.Value],
+    new_BNSH: tuple[ir.Value, ir.Value],
+    kv_num_heads: int,
+    fast_paths: bool = False,
+    tensor_scatter: bool = False,
+) -> tuple[ir.Value, ir.Value]:
+    """Present keys and values without a promise about the cache.
+
+    Without ``fast_paths``: past padded to max(P, T) rows, then scattered (two
+    copies, straight-line). With it, one copy chosen at run time (one If per layer):
+
+    * rows aligned at P (T = P + S, a growing cache): Concat(past, new);
+    * T <= P (a max-length buffer): new rows scattered straight into past; a
+      runtime that binds present to past makes it an in-place write;
+    * otherwise (a ragged growing batch): past padded to T rows, then scattered.
+    """
+    past_key, past_value = past_BNPH
+    new_key, new_value = new_BNSH
+    if not fast_paths:
+        return (
+            write_new_rows(op, shared, info, past_key, new_key, kv_num_heads, False, tensor_scatter),
+            write_new_rows(op, shared, info, past_value, new_value, kv_num_heads, False, tensor_scatter),
+        )
+
+    def fits_in_past(builder: OpBuilder) -> ir.Value:
+        return builder.op("LessOrEqual", info.total_length, builder.dim(past_key, 2))
+
+    fits = shared.get(("fits_in_past", info, dim_key(past_key, 2)), fits_in_past)
+
+    def concat(builder: OpBuilder) -> list[ir.Value]:
+        return [
+            builder.op("Concat", past_key, new_key, axis=2),
+            builder.op("Concat", past_value, new_value, axis=2),
+        ]
+
+    def scatter(static_buffer: bool):
+        def build(builder: OpBuilder) -> list[ir.Value]:
+            return [
+                write_new_rows(builder, shared, info, past, new, kv_num_heads, static_buffer)
+                for past, new in ((past_key, new_key), (past_value, new_value))
+            ]
+
+        return build
+
+    def scatter_either(builder: OpBuilder) -> list[ir.Value]:
+        return list(builder.if_else(fits, scatter(True), scatter(False)))
+
+    present_key, present_value = op.if_else(_aligned_guard(shared, info, past_key), concat, scatter_either)
+    return present_key, present_value
+
+
+def longest_row(shared: SharedSubgraphs, info: SequenceInfo) -> ir.Value:
+    """max_b t_b, 0-D int64: no query of this step sees a key row at or after it."""
+    return shared.get(("longest_row", info), lambda op: op.op("ReduceMax", info.total_lengths_B, keepdims=0))
+
+
+def read_length(
+    shared: SharedSubgraphs, info: SequenceInfo, buffer_rows: ir.Value, key: tuple
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(cut, K, cut end): how many rows of a buffer of ``buffer_rows`` rows attention reads.
+
+    A max-length buffer early in generation holds far more rows than any
+    query sees; attending over all of them costs the whole buffer every step,
+    while a Slice to the longest row costs a copy of that many rows. ``cut``
+    (0-D bool) chooses the copy when it reads less than half the buffer; K
+    (0-D) is the number of key columns read, ``cut end`` (1-D) the rows kept
+    when cutting.
+    """
+
+    def build(op: OpBuilder):
+        longest = longest_row(shared, info)
+        cut = op.op("Greater", buffer_rows, op.op("Mul", longest, op.int_scalar(2)))
+        return cut, op.op("Where", cut, longest, buffer_rows), op.to_vector(longest)
+
+    return shared.get(("read_length", info, key), build)

@@ -21,7 +21,20 @@ import onnx_ir as ir
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
 
-__all__ = ["concat_key_positions", "dense_key_positions", "mask_bias", "visibility_mask"]
+__all__ = [
+    "ROW_BLOCK_TIERS",
+    "causal_row_blocks",
+    "row_block_min_queries",
+    "concat_key_positions",
+    "dense_key_positions",
+    "mask_bias",
+    "visibility_mask",
+]
+
+# (minimum S, blocks), longest first: a prompt of S queries is split into the blocks of the
+# first tier it reaches. More blocks skip more of the masked triangle ((n - 1) / 2n of it)
+# but cost more ops; below the last tier (and in decode) one block is cheapest.
+ROW_BLOCK_TIERS = ((1024, 16), (128, 4))
 
 # Larger than any real position, so an unused past row is never visible: positions
 # and lengths are int32 in GQA (t_b = seqlens_k + 1 <= 2**31, and a key at 2**31 - 1
@@ -131,3 +144,47 @@ def mask_bias(
         )
 
     return shared.get(("mask_bias", visible_B1SK, dtype), build)
+
+
+def row_block_min_queries() -> int:
+    """The shortest query block split into causal row blocks."""
+    return min(max(minimum, blocks) for minimum, blocks in ROW_BLOCK_TIERS)
+
+
+RowBlock = tuple[ir.Value, ir.Value, ir.Value]
+
+
+def causal_row_blocks(
+    shared: SharedSubgraphs, info: SequenceInfo, key_length: ir.Value
+) -> tuple[tuple[ir.Value, tuple[RowBlock, ...]], ...]:
+    """Per tier of :data:`ROW_BLOCK_TIERS`: (use, blocks), ``use`` = S reaches the tier.
+
+    For dense key columns (column j holds position j). Block i of n holds query
+    rows [floor(i*S/n), floor((i+1)*S/n)), never empty since S >= n when used.
+    Row s of batch row b sees no column at or after c_b + s + 1, so the block
+    needs only the columns before min(K, max_b c_b + row end). Rows and key
+    ends are 1-D [1] int64, ``use`` a 0-D bool; all built once per model.
+    """
+    largest_offset_1 = shared.get(
+        ("largest_offset", info), lambda op: op.op("ReduceMax", info.offsets_B, keepdims=1)
+    )
+    tiers = []
+    for minimum, count in ROW_BLOCK_TIERS:
+
+        def build_rows(op: OpBuilder, minimum=minimum, count=count):
+            use = op.op("GreaterOrEqual", info.query_length, op.int_scalar(max(minimum, count)))
+            bounds = [
+                op.to_vector(op.op("Div", op.op("Mul", info.query_length, op.int_scalar(i)), op.int_scalar(count)))
+                for i in range(count + 1)
+            ]
+            return use, bounds
+
+        use, bounds = shared.get(("row_block_rows", info, minimum, count), build_rows)
+
+        def build_key_ends(op: OpBuilder, bounds=bounds):
+            key_length_1 = op.to_vector(key_length)
+            return [op.op("Min", key_length_1, op.op("Add", largest_offset_1, end)) for end in bounds[1:]]
+
+        key_ends = shared.get(("row_block_key_ends", info, key_length, minimum, count), build_key_ends)
+        tiers.append((use, tuple(zip(bounds[:-1], bounds[1:], key_ends))))
+    return tuple(tiers)
