@@ -458,7 +458,8 @@ def _run_decompose(
     result.opsets = opsets(model)
     had_external_data = bool(model_io.external_tensors(model))
     model_io.check_output_path(model, target, external_data=had_external_data, reuse_input_data=reuse_data)
-    model_io.check_output_folder(target)
+    # Only an -o that names a folder (a trailing /) asks for folders to be created.
+    model_io.check_output_folder(target, create_missing=bool(output) and output.endswith(("/", "\\")))
     verifying = run.verify_mode != "none"
     original = model.clone() if verifying else None  # tensors shared: no second load, no weights read
     started = time.perf_counter()

@@ -170,12 +170,13 @@ def check_output_path(
         )
 
 
-def check_output_folder(path: str | os.PathLike) -> None:
+def check_output_folder(path: str | os.PathLike, create_missing: bool = True) -> None:
     """Refuse an output whose folder cannot be written (checked before any work is done).
 
-    A missing folder is fine (``save_model`` creates it) as long as its nearest
-    existing ancestor is a writable folder. Writability is probed by creating
-    and removing a temporary folder, since permission bits do not bind root.
+    A missing folder is fine when ``create_missing`` (``save_model`` creates it) as
+    long as its nearest existing ancestor is a writable folder; otherwise it is
+    refused. Writability is probed by creating and removing a temporary folder,
+    since permission bits do not bind root.
     """
     folder = pathlib.Path(path).absolute().parent
     existing = folder
@@ -183,6 +184,10 @@ def check_output_folder(path: str | os.PathLike) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise GqaDecomposeError(f"cannot write the output into {folder}: {existing} is not a folder")
+    if not create_missing and existing != folder:
+        raise GqaDecomposeError(
+            f"the output folder {folder} does not exist (end -o with / to have it created)"
+        )
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".gqa-decompose-probe.", dir=existing))
     except OSError as error:

@@ -238,6 +238,11 @@ def output_folder_read_only(folder):
     )
 
 
+def output_folder_missing(folder):
+    path = save(gqa_model(), folder / "m.onnx")
+    return path, ["-o", folder / "missing" / "out.onnx"], "the output folder .*missing does not exist"
+
+
 def output_folder_is_a_file(folder):
     (folder / "blocker").write_text("a file, not a folder")
     return save(gqa_model(), folder / "m.onnx"), ["-o", folder / "blocker" / "sub" / "x.onnx"], (
@@ -291,6 +296,7 @@ CORPUS = [
     external_data_at_an_absolute_path,
     protobuf_over_2_gib,
     output_folder_read_only,
+    output_folder_missing,
     output_folder_is_a_file,
     output_equal_to_input,
     output_replacing_the_inputs_data_file,

@@ -111,6 +111,7 @@ def test_decomposing_the_tiny_llama_exits_0_and_writes_the_default_output_beside
 
 def test_decomposing_with_no_verify_exits_0_and_says_nodes_were_not_verified(tiny, tmp_path):
     target = tmp_path / "out" / "plain.onnx"
+    target.parent.mkdir()
     code, out, err = run(tiny, "-o", target, "--no-verify")
     assert code == 0, err
     assert target.is_file()
@@ -416,6 +417,7 @@ def test_a_model_with_external_data_decomposes_into_its_own_data_file_with_the_s
     source_data = save_with_external_data(TINY_LLAMA, source)
     before = sha256(source_data)
     target = tmp_path / "out" / "x.onnx"
+    target.parent.mkdir()
     # Run from an unrelated folder: external data must be found beside the model, not here.
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -525,3 +527,11 @@ def test_an_output_over_an_input_file_is_refused_before_any_rewrite(tmp_path, mo
     code, _, err = run(source, "-o", tmp_path / "b.onnx", "-q")
     assert code == 2
     assert "a file of the input model" in err
+
+
+def test_a_missing_output_folder_is_created_only_when_o_names_a_folder(tiny, tmp_path):
+    code, _, err = run(tiny, "-o", tmp_path / "missing" / "x.onnx", "--no-verify")
+    assert code == 2 and "does not exist" in err and not (tmp_path / "missing").exists()
+    code, _, err = run(tiny, "-o", f"{tmp_path / 'made'}/", "--no-verify")
+    assert code == 0, err
+    assert (tmp_path / "made" / "tiny-llama-gqa.decomposed.onnx").is_file()

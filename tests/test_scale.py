@@ -117,6 +117,7 @@ def test_copying_more_weights_than_the_memory_bound_streams_them(tmp_path):
     weights = (tmp_path / "in" / "model.onnx.data").stat().st_size
     assert weights > RSS_LIMIT_MB * 2**20 * 1.5
     output = tmp_path / "out" / "model.onnx"
+    output.parent.mkdir()
     result, peak_mb = _run_measured("-m", "gqa_decompose", str(source), "-o", str(output), "--no-verify", "-q")
     assert result.returncode == 0, result.stderr
     assert peak_mb < RSS_LIMIT_MB, f"peak RSS {peak_mb:.0f} MB while copying {weights / 1e6:.0f} MB"

@@ -47,6 +47,7 @@ def source(request, tmp_path) -> pathlib.Path:
 
 def test_two_runs_write_byte_identical_models_and_data_files(source, tmp_path):
     target = tmp_path / "out" / "x.onnx"
+    target.parent.mkdir()
     hashes = []
     for _ in range(2):
         result = run_cli(source, "-o", target, "--no-verify")
@@ -61,6 +62,7 @@ def test_two_runs_write_byte_identical_models_and_data_files(source, tmp_path):
 
 def test_decomposing_a_decomposed_model_changes_nothing(source, tmp_path):
     first = tmp_path / "out" / "x.onnx"
+    first.parent.mkdir()
     assert run_cli(source, "-o", first, "--no-verify").returncode == 0
     before = {f.name: digest(f) for f in first.parent.iterdir()}
     again = run_cli(first, "-o", tmp_path / "out" / "y.onnx")
