@@ -15,7 +15,6 @@ Tolerances are absolute plus relative: fp32 1e-5 + 1e-5*|x|, fp16 2e-3 + 1e-3*|x
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -230,67 +229,56 @@ def _input_given(node: ir.Node, index: int) -> bool:
 
 
 def normalized_oracle_model(oracle: onnx.ModelProto, spec: GqaSpec) -> onnx.ModelProto:
-    """The oracle of a node with q/k norm weights, which ORT's GQA kernel rejects (§16).
+    """The oracle of a one-node model whose node has q/k norm weights: the norm moved outside it."""
+    model = ir.serde.deserialize_model(oracle)
+    node = next(n for n in model.graph if n.op_type == gqa.GQA_OP_TYPE)
+    model.graph.insert_before(node, unfused_qk_norm_nodes(node, spec))
+    ir.passes.common.NameFixPass()(model)
+    return ir.serde.serialize_model(model)
 
-    The same node without the weights, its Q (and K) heads first normalized by
-    ONNX Runtime's own RMS normalization op (SimplifiedLayerNormalization, fp32
-    inside, rounded to the node's type), as the issue defining the feature says.
+
+def unfused_qk_norm_nodes(node: ir.Node, spec: GqaSpec) -> list[ir.Node]:
+    """Rewire ``node`` to read Q/K heads normalized outside it, without norm weights (§16).
+
+    ORT's GQA kernel rejects the weights; this spelling (the heads through ORT's own
+    SimplifiedLayerNormalization, fp32 inside, rounded to the node's type) is what ORT CPU
+    runs instead. Returns the nodes that normalize, to be inserted before ``node``.
     """
-    oracle = copy.deepcopy(oracle)
-    graph = oracle.graph
-    gqa_proto = graph.node[0]
-    inputs = list(gqa_proto.input) + [""] * (16 - len(gqa_proto.input))
-    heads, kv_heads, head_size = spec.num_heads, spec.kv_num_heads, spec.head_size
-    nodes: list[onnx.NodeProto] = []
-    constants: list[onnx.TensorProto] = []
+    new_nodes: list[ir.Node] = []
 
-    def shape_constant(name: str, dims: list[int]) -> str:
-        constants.append(onnx.numpy_helper.from_array(np.array(dims, dtype=np.int64), name=name))
-        return name
+    def add(op: str, inputs: list, outputs: int = 1, **attributes) -> ir.Node:
+        new_nodes.append(ir.node(op, inputs, attributes=attributes, num_outputs=outputs))
+        return new_nodes[-1]
 
-    def norm(x: str, weight: str, tag: str) -> str:
-        nodes.append(helper.make_node(
-            "SimplifiedLayerNormalization", [x, weight], [f"{tag}_normed"],
-            axis=-1, epsilon=spec.qk_norm_epsilon, stash_type=1,
-        ))
-        return f"{tag}_normed"
+    def constant(dims: list[int]) -> ir.Value:
+        return add("Constant", [], value=ir.tensor(np.array(dims, np.int64))).outputs[0]
 
-    q_weight, k_weight = inputs[gqa.Q_NORM_WEIGHT], inputs[gqa.K_NORM_WEIGHT]
+    def norm(heads: ir.Value, weight: ir.Value | None) -> ir.Value:
+        if weight is None:
+            return heads
+        return add("SimplifiedLayerNormalization", [heads, weight], axis=-1, epsilon=spec.qk_norm_epsilon,
+                   stash_type=1).outputs[0]
+
+    def weight(index: int) -> ir.Value | None:
+        return node.inputs[index] if len(node.inputs) > index else None
+
+    n, nkv, h = spec.num_heads, spec.kv_num_heads, spec.head_size
+    q_weight, k_weight = weight(gqa.Q_NORM_WEIGHT), weight(gqa.K_NORM_WEIGHT)
     if spec.packed_qkv:
-        total_heads = heads + 2 * kv_heads
-        shape_in = shape_constant("qkv_heads_shape", [0, 0, total_heads, head_size])
-        nodes.append(helper.make_node("Reshape", [inputs[gqa.QUERY], shape_in], ["qkv_heads"]))
-        split = shape_constant("qkv_split", [heads, kv_heads, kv_heads])
-        nodes.append(helper.make_node("Split", ["qkv_heads", split], ["q_heads", "k_heads", "v_heads"], axis=2))
-        q = norm("q_heads", q_weight, "q") if q_weight else "q_heads"
-        k = norm("k_heads", k_weight, "k") if k_weight else "k_heads"
-        nodes.append(helper.make_node("Concat", [q, k, "v_heads"], ["qkv_normed_heads"], axis=2))
-        shape_out = shape_constant("qkv_shape", [0, 0, total_heads * head_size])
-        nodes.append(helper.make_node("Reshape", ["qkv_normed_heads", shape_out], ["qkv_normed"]))
-        inputs[gqa.QUERY] = "qkv_normed"
+        heads = add("Reshape", [node.inputs[gqa.QUERY], constant([0, 0, n + 2 * nkv, h])]).outputs[0]
+        q, k, v = add("Split", [heads, constant([n, nkv, nkv])], outputs=3, axis=2).outputs
+        merged = add("Concat", [norm(q, q_weight), norm(k, k_weight), v], axis=2).outputs[0]
+        node.replace_input_with(gqa.QUERY, add("Reshape", [merged, constant([0, 0, (n + 2 * nkv) * h])]).outputs[0])
     else:
-        for index, weight, count, tag in (
-            (gqa.QUERY, q_weight, heads, "q"),
-            (gqa.KEY, k_weight if not spec.kv_empty else "", kv_heads, "k"),
-        ):
-            if not weight:
-                continue
-            shape_in = shape_constant(f"{tag}_heads_shape", [0, 0, count, head_size])
-            nodes.append(helper.make_node("Reshape", [inputs[index], shape_in], [f"{tag}_heads"]))
-            normed = norm(f"{tag}_heads", weight, tag)
-            shape_out = shape_constant(f"{tag}_shape", [0, 0, count * head_size])
-            nodes.append(helper.make_node("Reshape", [normed, shape_out], [f"{tag}_flat_normed"]))
-            inputs[index] = f"{tag}_flat_normed"
-    inputs[gqa.Q_NORM_WEIGHT] = inputs[gqa.K_NORM_WEIGHT] = ""
-    while inputs and inputs[-1] == "":
-        inputs.pop()
-    del gqa_proto.input[:]
-    gqa_proto.input.extend(inputs)
-    gqa_node = copy.deepcopy(gqa_proto)
-    del graph.node[:]
-    graph.node.extend([*nodes, gqa_node])
-    graph.initializer.extend(constants)
-    return oracle
+        for index, norm_weight, count in ((gqa.QUERY, q_weight, n), (gqa.KEY, None if spec.kv_empty else k_weight, nkv)):
+            if norm_weight is not None:
+                heads = add("Reshape", [node.inputs[index], constant([0, 0, count, h])]).outputs[0]
+                flat = add("Reshape", [norm(heads, norm_weight), constant([0, 0, count * h])]).outputs[0]
+                node.replace_input_with(index, flat)
+    for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
+        if len(node.inputs) > index:
+            node.replace_input_with(index, None)
+    return new_nodes
 
 
 # Phases and inputs ---------------------------------------------------------------------------
@@ -549,11 +537,11 @@ def synthesize_inputs(
 # Comparison ----------------------------------------------------------------------------------
 
 
-def _windowed_rows(length: int, capacity: int, spec: GqaSpec) -> int:
-    """L(t_b): rows of a windowed cache that hold tokens (semantics doc §12)."""
+def windowed_rows(length: int, capacity: int, window: int) -> int:
+    """L(t_b): rows of a windowed cache of ``capacity`` rows that hold tokens (semantics doc §12)."""
     if length <= capacity:
         return length
-    gap = capacity - spec.local_window_size + 1
+    gap = capacity - window + 1
     return length - gap * math.ceil((length - capacity) / gap)
 
 
@@ -567,7 +555,7 @@ def _defined_elements(
         if output_index == gqa.OUTPUT:
             parts.append(array[b, :rows])
         elif output_index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
-            kept = _windowed_rows(length, array.shape[2], spec) if spec.sliding_window_cache else length
+            kept = windowed_rows(length, array.shape[2], spec.local_window_size) if spec.sliding_window_cache else length
             parts.append(array[b, :, :kept])
         elif output_index == gqa.OUTPUT_QK:
             parts.append(array[b, :, :rows, :length])

@@ -41,6 +41,7 @@ from gqa_decompose import spec as gqa
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
+from gqa_decompose.verify import unfused_qk_norm_nodes, windowed_rows
 
 __all__ = [
     "MODEL_TOLERANCES",
@@ -245,14 +246,6 @@ def _vocab_size(model: ir.Model, config: dict, ids_name: str, logits: ir.Value |
     if logits is not None and logits.shape is not None and isinstance(logits.shape[-1], int):
         return logits.shape[-1]
     return 32
-
-
-def _windowed_rows(length: int, capacity: int, window: int) -> int:
-    """L(t_b): rows of a windowed cache that hold tokens (semantics doc §12)."""
-    if length <= capacity:
-        return length
-    gap = capacity - window + 1
-    return length - gap * math.ceil((length - capacity) / gap)
 
 
 _NUMPY_TYPES = {
@@ -482,55 +475,15 @@ def _prepare_for_ort(model: ir.Model) -> list[str]:
 
 
 def _normalize_qk_outside(model: ir.Model, specs: dict[str, GqaSpec]) -> int:
-    """Move each GQA node's q/k norm (§16) out of the node, as verify.normalized_oracle_model does for one
-    node: the Q (K) heads go through ONNX Runtime's SimplifiedLayerNormalization, then GQA without the
-    weights, which ORT CPU runs. Returns how many nodes changed."""
+    """Move each GQA node's q/k norm (§16) out of the node (:func:`verify.unfused_qk_norm_nodes`), so
+    ORT CPU runs the original. Returns how many nodes changed."""
     changed = 0
     for container, node in find_gqa_nodes(model):
         spec = specs.get(node.name)
         if spec is not None and (spec.q_norm or spec.k_norm):
-            container.insert_before(node, _qk_norm_nodes(node, spec))
+            container.insert_before(node, unfused_qk_norm_nodes(node, spec))
             changed += 1
     return changed
-
-
-def _qk_norm_nodes(node: ir.Node, spec: GqaSpec) -> list[ir.Node]:
-    """Rewire ``node`` to read normalized Q/K heads without norm weights; returns the nodes that normalize."""
-    new_nodes: list[ir.Node] = []
-
-    def add(op: str, inputs: list, outputs: int = 1, **attributes) -> ir.Node:
-        new_nodes.append(ir.node(op, inputs, attributes=attributes, num_outputs=outputs))
-        return new_nodes[-1]
-
-    def constant(dims: list[int]) -> ir.Value:
-        return add("Constant", [], value=ir.tensor(np.array(dims, np.int64))).outputs[0]
-
-    def norm(heads: ir.Value, weight: ir.Value | None) -> ir.Value:
-        if weight is None:
-            return heads
-        return add("SimplifiedLayerNormalization", [heads, weight], axis=-1, epsilon=spec.qk_norm_epsilon,
-                   stash_type=1).outputs[0]
-
-    def weight(index: int) -> ir.Value | None:
-        return node.inputs[index] if len(node.inputs) > index else None
-
-    n, nkv, h = spec.num_heads, spec.kv_num_heads, spec.head_size
-    q_weight, k_weight = weight(gqa.Q_NORM_WEIGHT), weight(gqa.K_NORM_WEIGHT)
-    if spec.packed_qkv:
-        heads = add("Reshape", [node.inputs[gqa.QUERY], constant([0, 0, n + 2 * nkv, h])]).outputs[0]
-        q, k, v = add("Split", [heads, constant([n, nkv, nkv])], outputs=3, axis=2).outputs
-        merged = add("Concat", [norm(q, q_weight), norm(k, k_weight), v], axis=2).outputs[0]
-        node.replace_input_with(gqa.QUERY, add("Reshape", [merged, constant([0, 0, (n + 2 * nkv) * h])]).outputs[0])
-    else:
-        for index, norm_weight, count in ((gqa.QUERY, q_weight, n), (gqa.KEY, None if spec.kv_empty else k_weight, nkv)):
-            if norm_weight is not None:
-                heads = add("Reshape", [node.inputs[index], constant([0, 0, count, h])]).outputs[0]
-                flat = add("Reshape", [norm(heads, norm_weight), constant([0, 0, count * h])]).outputs[0]
-                node.replace_input_with(index, flat)
-    for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
-        if len(node.inputs) > index:
-            node.replace_input_with(index, None)
-    return new_nodes
 
 
 def _session(model: ir.Model):
@@ -829,7 +782,7 @@ def _compare_step(
             for b, length in enumerate(lengths):
                 kept = int(length)
                 if name in windows:
-                    kept = _windowed_rows(kept, want.shape[2], windows[name])
+                    kept = windowed_rows(kept, want.shape[2], windows[name])
                 rows.append((b, slice(None), slice(0, kept)))
         elif name == plan.logits and want.ndim == 3 and want.shape[1] == query_length:
             rows = [(b, slice(0, _valid_rows(step, int(length), query_length))) for b, length in enumerate(lengths)]

@@ -15,7 +15,7 @@ import pytest
 from gqa_models import GqaConfig, make_gqa_model
 
 import gqa_decompose
-from gqa_decompose.verify import _windowed_rows
+from gqa_decompose.verify import windowed_rows
 
 TOLERANCE = {"float32": (1e-5, 1e-5), "float16": (2e-3, 1e-3)}
 
@@ -66,7 +66,7 @@ class _Runner:
         atol, rtol = TOLERANCE[config.dtype]
         failures = []
         for b, length in enumerate(self.lengths):
-            kept = _windowed_rows(int(length), self.capacity, _WindowSpec(self.window))
+            kept = windowed_rows(int(length), self.capacity, self.window)
             pairs = [("output", results["fused"][0][b], results["decomposed"][0][b])]
             for index, label in ((1, "present_key"), (2, "present_value")):
                 pairs.append((label, results["fused"][index][b, :, :kept], results["decomposed"][index][b, :, :kept]))
@@ -78,11 +78,6 @@ class _Runner:
 
     def take_row(self, b: int) -> dict[str, list[np.ndarray]]:
         return {name: [cache[b : b + 1] for cache in caches] for name, caches in self.caches.items()}
-
-
-class _WindowSpec:
-    def __init__(self, window: int) -> None:
-        self.local_window_size = window
 
 
 def _config(dtype: str, window: int, **fields) -> GqaConfig:

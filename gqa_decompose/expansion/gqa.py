@@ -488,8 +488,11 @@ def expand_gqa(
 
     # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
     rotate = None
-    if spec.do_rotary and lowering.rotary_op and spec.rotary_half is not None:
-        rotary_inputs = build_rotary_op_inputs(
+    if spec.do_rotary:
+        # RotaryEmbedding-23 needs R static (its rotary_embedding_dim attribute).
+        use_rotary_op = lowering.rotary_op and spec.rotary_half is not None
+        build = build_rotary_op_inputs if use_rotary_op else build_rotary_tables
+        tables = build(
             shared,
             info,
             node.inputs[gqa.COS_CACHE],
@@ -500,26 +503,11 @@ def expand_gqa(
         )
 
         def rotate(x_BSnH: ir.Value, heads: int) -> ir.Value:
-            rotated = apply_rotary_op(
-                op, _to_compute(op, x_BSnH, spec), rotary_inputs, heads, spec.head_size, spec.rotary_interleaved
-            )
-            return _from_compute(op, rotated, spec)
-
-    elif spec.do_rotary:
-        tables = build_rotary_tables(
-            shared,
-            info,
-            node.inputs[gqa.COS_CACHE],
-            node.inputs[gqa.SIN_CACHE],
-            _input(node, gqa.POSITION_IDS),
-            spec.rotary_half,
-            spec.compute_dtype,
-        )
-
-        def rotate(x_BSnH: ir.Value, _heads: int) -> ir.Value:
-            rotated = apply_rotary(
-                op, _to_compute(op, x_BSnH, spec), tables, spec.head_size, spec.rotary_interleaved
-            )
+            x_BSnH = _to_compute(op, x_BSnH, spec)
+            if use_rotary_op:
+                rotated = apply_rotary_op(op, x_BSnH, tables, heads, spec.head_size, spec.rotary_interleaved)
+            else:
+                rotated = apply_rotary(op, x_BSnH, tables, spec.head_size, spec.rotary_interleaved)
             return _from_compute(op, rotated, spec)
 
     query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate)
