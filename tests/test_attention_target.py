@@ -422,24 +422,10 @@ def test_gqa_inside_if_branches_becomes_attention_ops():
 
 
 def test_gqa_inside_a_model_local_function_becomes_an_attention_op():
-    from onnx import helper
-    from test_structure import IR_VERSION, _run, _single_prompt_feeds
+    from test_structure import _run, _single_prompt_feeds, _wrap_in_function
 
     config = GqaConfig(past=False, present=False)
-    inner = make_gqa_model(config)
-    gqa = inner.graph.node[0]
-    inputs = [name for name in gqa.input if name]
-    function = helper.make_function(
-        "local", "Attention", inputs, ["output"], [gqa],
-        opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid("com.microsoft", 1)],
-    )
-    call = helper.make_node("Attention", inputs, ["output"], domain="local", name="call")
-    graph = helper.make_graph([call], "main", list(inner.graph.input), list(inner.graph.output))
-    model = helper.make_model(
-        graph, functions=[function], ir_version=IR_VERSION,
-        opset_imports=[helper.make_opsetid("", 24), helper.make_opsetid("com.microsoft", 1),
-                       helper.make_opsetid("local", 1)],
-    )
+    model = _wrap_in_function(make_gqa_model(config), opset=24)
     decomposed_nodes = gqa_decompose.rewrite(onnx_ir_model_from(model), DecomposeOptions(target="attention"))
     assert decomposed_nodes[0].target == "attention" and decomposed_nodes[0].scope == "function local::Attention"
     decomposed = gqa_decompose.decompose(model, target="attention")
@@ -449,24 +435,10 @@ def test_gqa_inside_a_model_local_function_becomes_an_attention_op():
 
 
 def test_raise_opset_raises_the_functions_import_with_the_models():
-    from onnx import helper
-    from test_structure import IR_VERSION, _run, _single_prompt_feeds
+    from test_structure import _run, _single_prompt_feeds, _wrap_in_function
 
     config = GqaConfig(past=False, present=False)
-    inner = make_gqa_model(config)
-    gqa = inner.graph.node[0]
-    inputs = [name for name in gqa.input if name]
-    function = helper.make_function(
-        "local", "Attention", inputs, ["output"], [gqa],
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-    )
-    call = helper.make_node("Attention", inputs, ["output"], domain="local", name="call")
-    graph = helper.make_graph([call], "main", list(inner.graph.input), list(inner.graph.output))
-    model = helper.make_model(
-        graph, functions=[function], ir_version=IR_VERSION,
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
-                       helper.make_opsetid("local", 1)],
-    )
+    model = _wrap_in_function(make_gqa_model(config), opset=21)
     decomposed = gqa_decompose.decompose(model, target="attention", raise_opset=True, strict_target=True)
     assert {o.domain: o.version for o in decomposed.functions[0].opset_import}[""] == 23
     assert "Attention" in [node.op_type for node in decomposed.functions[0].node]

@@ -171,6 +171,21 @@ def test_ir_model_is_rewritten_in_place_and_pass_runs_in_a_pass_manager():
     assert not any(node.domain == "com.microsoft" for node in tiny.graph)
 
 
+def _wrap_in_function(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProto:
+    """The GQA node moves into a model-local function local::Attention, called once."""
+    inner = model.graph
+    gqa = inner.node[0]
+    inputs = [name for name in gqa.input if name]
+    imports = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    function = helper.make_function("local", "Attention", inputs, ["output"], [gqa], opset_imports=imports)
+    call = helper.make_node("Attention", inputs, ["output"], domain="local", name="call")
+    graph = helper.make_graph([call], "main", list(inner.input), list(inner.output))
+    return helper.make_model(
+        graph, functions=[function], ir_version=IR_VERSION,
+        opset_imports=[*imports, helper.make_opsetid("local", 1)],
+    )
+
+
 def _wrap_in_if(model: onnx.ModelProto) -> onnx.ModelProto:
     """The GQA node moves into both branches of an If on a bool graph input."""
     inner = model.graph
@@ -224,19 +239,7 @@ def test_gqa_inside_if_branches_is_decomposed():
 
 def test_gqa_inside_a_model_local_function_is_decomposed():
     config = GqaConfig(past=False, present=False)
-    inner = make_gqa_model(config)
-    gqa = inner.graph.node[0]
-    inputs = [name for name in gqa.input if name]
-    function = helper.make_function(
-        "local", "Attention", inputs, ["output"], [gqa],
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-    )
-    call = helper.make_node("Attention", inputs, ["output"], domain="local", name="call")
-    graph = helper.make_graph([call], "main", list(inner.graph.input), list(inner.graph.output))
-    model = helper.make_model(
-        graph, functions=[function], ir_version=IR_VERSION,
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("local", 1)],
-    )
+    model = _wrap_in_function(make_gqa_model(config))
     decomposed = gqa_decompose.decompose(model)
     assert all(node.domain != "com.microsoft" for f in decomposed.functions for node in f.node)
     feeds = _single_prompt_feeds(config)
