@@ -312,13 +312,22 @@ def _softmax_count(graph: onnx.GraphProto) -> int:
 
 
 def _row_block_ifs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """If nodes choosing causal row blocks (then) over fewer blocks or one full-width block (else)."""
+    """If nodes of the main graph choosing causal row blocks (then) over one full-width attention (else)."""
     producers = _producers(model)
     return [
         node
-        for node in all_nodes(model.graph)
-        if node.op_type == "If" and producers[node.input[0]].op_type == "GreaterOrEqual"
+        for node in model.graph.node
+        if node.op_type == "If"
+        and producers[node.input[0]].op_type == "GreaterOrEqual"
+        and _softmax_count(node.attribute[0].g)
     ]
+
+
+def _threshold(model: onnx.ModelProto, choice: onnx.NodeProto) -> int:
+    """The constant S is compared with by the If's condition (S >= threshold)."""
+    condition = _producers(model)[choice.input[0]]
+    constants = {n.output[0]: n for n in all_nodes(model.graph) if n.op_type == "Constant"}
+    return int(onnx.numpy_helper.to_array(constants[condition.input[1]].attribute[0].t))
 
 
 @pytest.mark.parametrize("kv_cache", ["any", "static", "growing"])
@@ -326,23 +335,55 @@ def test_long_prompts_use_causal_row_blocks_and_decode_does_not(kv_cache):
     options = {"static": {"static_kv_cache": True}, "growing": {"growing_kv_cache": True}}.get(kv_cache, {})
     options["fast_paths"] = True
     decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(rotary="half")), **options)
-    choices = _row_block_ifs(decomposed)
-    assert len(choices) == len(ROW_BLOCK_TIERS)
-    producers = _producers(decomposed)
-    constants = {n.output[0]: n for n in decomposed.graph.node if n.op_type == "Constant"}
-    thresholds = []
-    for choice, (_, blocks) in zip(choices, ROW_BLOCK_TIERS):
-        condition = producers[choice.input[0]]  # S >= the tier's minimum, decided at run time
-        thresholds.append(int(onnx.numpy_helper.to_array(constants[condition.input[1]].attribute[0].t)))
-        then_branch = choice.attribute[0].g
+    # One choice per layer, S >= the shortest tier's minimum, decided at run time.
+    (choice,) = _row_block_ifs(decomposed)
+    assert _threshold(decomposed, choice) == row_block_min_queries()
+    # A long prompt then picks the longest tier it reaches, through one nested If per further tier.
+    branch = choice.attribute[0].g
+    for index, (minimum, blocks) in enumerate(ROW_BLOCK_TIERS):
+        if index < len(ROW_BLOCK_TIERS) - 1:
+            (tier_choice,) = [n for n in branch.node if n.op_type == "If"]
+            assert _threshold(decomposed, tier_choice) == max(minimum, blocks)
+            blocks_branch, branch = tier_choice.attribute[0].g, tier_choice.attribute[1].g
+        else:
+            blocks_branch = branch
         # Each block slices its queries, the keys and values it can see, and the mask rows.
-        assert [n.op_type for n in then_branch.node].count("Softmax") == blocks
-        assert [n.op_type for n in then_branch.node].count("Slice") >= 4 * blocks
-    assert thresholds == sorted(thresholds, reverse=True) and thresholds[-1] == row_block_min_queries()
-    # Below the last tier (decode): one attention, or two behind a cut of a long buffer.
-    decode_branch = choices[-1].attribute[1].g
+        assert [n.op_type for n in blocks_branch.node].count("Softmax") == blocks
+        assert [n.op_type for n in blocks_branch.node].count("Slice") >= 4 * blocks
+    # Below the shortest tier (decode): one attention, or two behind a cut of a long buffer.
+    decode_branch = choice.attribute[1].g
     assert _softmax_count(decode_branch) == (1 if kv_cache == "growing" else 2)
+    producers = _producers(decomposed)
     assert "GreaterOrEqual" not in {producers[n.input[0]].op_type for n in all_nodes(decode_branch) if n.op_type == "If"}
+
+
+def _ops_run_in_decode(model: onnx.ModelProto) -> int:
+    """Ops a decode step runs in the main graph and the else branches of row-block Ifs (no Constants)."""
+    row_block_ifs = {node.name for node in _row_block_ifs(model)}
+
+    def count(graph: onnx.GraphProto) -> int:
+        total = 0
+        for node in graph.node:
+            if node.op_type == "Constant":
+                continue
+            total += 1
+            if node.name in row_block_ifs:
+                total += count(node.attribute[1].g)
+        return total
+
+    return count(model.graph)
+
+
+@pytest.mark.parametrize("kv_cache", ["static", "growing"])
+def test_decode_runs_few_more_ops_with_row_blocks(kv_cache):
+    """Decode pays one If per layer and a few vector ops per model for row blocks, not per-block arithmetic."""
+    options = {"static": {"static_kv_cache": True}, "growing": {"growing_kv_cache": True}}[kv_cache]
+    model = make_gqa_model(GqaConfig(rotary="half"))
+    straight = _ops_run_in_decode(gqa_decompose.decompose(model, **options))
+    with_blocks = _ops_run_in_decode(gqa_decompose.decompose(model, fast_paths=True, **options))
+    # Per model: the largest offset, K as a vector, and per tier its condition and the four
+    # vector ops of its bounds; per layer: one If (static adds the cut's If and its scalar ops).
+    assert with_blocks - straight <= 2 + 5 * len(ROW_BLOCK_TIERS) + 1 + 4, (straight, with_blocks)
 
 
 def test_short_static_queries_output_qk_and_the_default_get_no_row_blocks():

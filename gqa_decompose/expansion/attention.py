@@ -37,6 +37,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.mask import RowBlockTier
 
 __all__ = ["AttentionResult", "ReadPlan", "attend"]
 
@@ -75,15 +76,13 @@ class ReadPlan:
             query can see (a max-length buffer early in generation); attention
             then reads a copy of the first ``cut_end`` rows instead of them all.
         cut_end: 1-D int64 [1], the key columns read when ``cut``.
-        row_block_tiers: (use, blocks) per tier, longest first: ``use`` (0-D
-            bool) is True when S reaches the tier; each block is (row start,
-            row end, key end), 1-D int64 [1]: rows [start, end) see no key
-            column at or after key end.
+        row_block_tiers: causal row blocks per tier, longest first (for a
+            prompt that reaches the shortest tier).
     """
 
     cut: ir.Value | None = None
     cut_end: ir.Value | None = None
-    row_block_tiers: tuple[tuple[ir.Value, tuple[tuple[ir.Value, ir.Value, ir.Value], ...]], ...] = ()
+    row_block_tiers: tuple[RowBlockTier, ...] = ()
 
 
 def _attend_dense(
@@ -140,7 +139,7 @@ def _attend_row_blocks(
     values_BNkvKH: ir.Value,
     mask_bias_B1SK: ir.Value,
     bias_BNSK: ir.Value | None,
-    row_blocks: tuple[tuple[ir.Value, ir.Value, ir.Value], ...],
+    tier: RowBlockTier,
     **options,
 ) -> ir.Value:
     """Causal row blocks: each block of query rows attends only to the key columns it can see.
@@ -150,8 +149,11 @@ def _attend_row_blocks(
     rows are unchanged: the dropped columns had probability 0.
     """
     zero_1 = op.ints([0])
+    pieces = op.ints([1] * (tier.count + 1))
+    rows = op.op_multi("Split", tier.rows, pieces, axis=0, num_outputs=tier.count + 1)
+    key_ends = op.op_multi("Split", tier.key_ends, pieces, axis=0, num_outputs=tier.count + 1)
     outputs = []
-    for row_start, row_end, key_end in row_blocks:
+    for row_start, row_end, key_end in zip(rows[:-1], rows[1:], key_ends[1:]):
         query = op.op("Slice", query_BNSH, row_start, row_end, op.ints([2]))
         keys = op.op("Slice", keys_BNkvKH, zero_1, key_end, op.ints([2]))
         values = op.op("Slice", values_BNkvKH, zero_1, key_end, op.ints([2]))
@@ -229,26 +231,26 @@ def attend(
 
         return builder.if_else(plan.cut, cut, lambda inner: dense(inner, keys_BNkvKH, values_BNkvKH))
 
-    def row_blocks(tiers) -> Callable[[OpBuilder], list[ir.Value]]:
-        """The first tier S reaches splits into its blocks; below every tier, one block."""
-        if not tiers:
-            return full_width
-        (use, blocks), lower = tiers[0], tiers[1:]
+    def split(tier: RowBlockTier) -> Callable[[OpBuilder], list[ir.Value]]:
+        return lambda builder: [
+            _attend_row_blocks(
+                builder, query_BNSH, keys_BNkvKH, values_BNkvKH, mask_bias_B1SK, bias_BNSK,
+                tier, **options,
+            )
+        ]
 
-        def split(builder: OpBuilder) -> list[ir.Value]:
-            return [
-                _attend_row_blocks(
-                    builder, query_BNSH, keys_BNkvKH, values_BNkvKH, mask_bias_B1SK, bias_BNSK,
-                    blocks, **options,
-                )
-            ]
+    def longest_tier_reached(tiers) -> Callable[[OpBuilder], list[ir.Value]]:
+        """Tiers longest first: the first one S reaches; the last is reached (checked outside)."""
+        tier, shorter = tiers[0], tiers[1:]
+        if not shorter:
+            return split(tier)
+        return lambda builder: list(builder.if_else(tier.use, split(tier), longest_tier_reached(shorter)))
 
-        return lambda builder: list(builder.if_else(use, split, row_blocks(lower)))
-
-    if want_scores or want_probs:
+    if want_scores or want_probs or not plan.row_block_tiers:
         results = list(full_width(op))
     else:
-        results = list(row_blocks(plan.row_block_tiers)(op))
+        # Decode (S below the shortest tier) passes one If; only long prompts choose their tier.
+        results = list(op.if_else(plan.row_block_tiers[-1].use, longest_tier_reached(plan.row_block_tiers), full_width))
     output = results.pop(0)
     scores = results.pop(0) if want_scores else None
     probs = results.pop(0) if want_probs else None

@@ -16,6 +16,8 @@ of Concat(past, new), whose positions are computed by
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
@@ -23,6 +25,7 @@ from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_
 
 __all__ = [
     "ROW_BLOCK_TIERS",
+    "RowBlockTier",
     "causal_row_blocks",
     "row_block_min_queries",
     "concat_key_positions",
@@ -151,40 +154,49 @@ def row_block_min_queries() -> int:
     return min(max(minimum, blocks) for minimum, blocks in ROW_BLOCK_TIERS)
 
 
-RowBlock = tuple[ir.Value, ir.Value, ir.Value]
+@dataclasses.dataclass(frozen=True)
+class RowBlockTier:
+    """One tier of causal row blocks (values built once per model, split by each layer's branch).
+
+    Attributes:
+        use: 0-D bool, S reaches the tier.
+        count: n, the number of blocks.
+        rows: int64 [n + 1], block i holds query rows [rows[i], rows[i + 1]).
+        key_ends: int64 [n + 1], block i sees no key column at or after key_ends[i + 1].
+    """
+
+    use: ir.Value
+    count: int
+    rows: ir.Value
+    key_ends: ir.Value
 
 
 def causal_row_blocks(
     shared: SharedSubgraphs, info: SequenceInfo, key_length: ir.Value
-) -> tuple[tuple[ir.Value, tuple[RowBlock, ...]], ...]:
-    """Per tier of :data:`ROW_BLOCK_TIERS`: (use, blocks), ``use`` = S reaches the tier.
+) -> tuple[RowBlockTier, ...]:
+    """Per tier of :data:`ROW_BLOCK_TIERS`, longest first.
 
     For dense key columns (column j holds position j). Block i of n holds query
     rows [floor(i*S/n), floor((i+1)*S/n)), never empty since S >= n when used.
     Row s of batch row b sees no column at or after c_b + s + 1, so the block
-    needs only the columns before min(K, max_b c_b + row end). Rows and key
-    ends are 1-D [1] int64, ``use`` a 0-D bool; all built once per model.
+    needs only the columns before min(K, max_b c_b + row end).
+
+    Every step (decode included) runs these few vector ops once per model; the
+    Split into the 1-element starts and ends Slice takes happens in each layer's
+    row-block branch, which only long prompts run.
     """
-    largest_offset_1 = shared.get(
-        ("largest_offset", info), lambda op: op.op("ReduceMax", info.offsets_B, keepdims=1)
-    )
-    tiers = []
-    for minimum, count in ROW_BLOCK_TIERS:
 
-        def build_rows(op: OpBuilder, minimum=minimum, count=count):
+    def build(op: OpBuilder) -> tuple[RowBlockTier, ...]:
+        largest_offset_1 = op.op("ReduceMax", info.offsets_B, keepdims=1)
+        key_length_1 = op.to_vector(key_length)
+        tiers = []
+        for minimum, count in ROW_BLOCK_TIERS:
             use = op.op("GreaterOrEqual", info.query_length, op.int_scalar(max(minimum, count)))
-            bounds = [
-                op.to_vector(op.op("Div", op.op("Mul", info.query_length, op.int_scalar(i)), op.int_scalar(count)))
-                for i in range(count + 1)
-            ]
-            return use, bounds
+            rows = op.op(
+                "Div", op.op("Mul", info.query_length, op.ints(range(count + 1))), op.int_scalar(count)
+            )
+            key_ends = op.op("Min", key_length_1, op.op("Add", largest_offset_1, rows))
+            tiers.append(RowBlockTier(use, count, rows, key_ends))
+        return tuple(tiers)
 
-        use, bounds = shared.get(("row_block_rows", info, minimum, count), build_rows)
-
-        def build_key_ends(op: OpBuilder, bounds=bounds):
-            key_length_1 = op.to_vector(key_length)
-            return [op.op("Min", key_length_1, op.op("Add", largest_offset_1, end)) for end in bounds[1:]]
-
-        key_ends = shared.get(("row_block_key_ends", info, key_length, minimum, count), build_key_ends)
-        tiers.append((use, tuple(zip(bounds[:-1], bounds[1:], key_ends))))
-    return tuple(tiers)
+    return shared.get(("row_blocks", info, key_length), build)
