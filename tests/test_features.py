@@ -240,3 +240,35 @@ def test_causal_row_blocks_in_every_cache_form(small_row_blocks, options):
     ]
     result = verify_node_model(node, 21, model.ir_version, DecomposeOptions(**options), phases=phases)
     assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
+
+
+@pytest.mark.parametrize("fast_paths", [False, True], ids=["default", "fast paths"])
+@pytest.mark.parametrize("query_length", [3, 4, 9])
+def test_static_query_length_picks_its_row_blocks_without_an_if(small_row_blocks, query_length, fast_paths):
+    """S known in the graph: the tier it reaches is chosen at rewrite time, straight-line in every mode."""
+    from gqa_decompose.expansion import mask
+    from gqa_decompose.spec import DecomposeOptions
+    from gqa_decompose.verify import verify_node_model
+    from gqa_models import all_nodes, gqa_node
+
+    config = GqaConfig(packed=True, rotary="half", num_heads=8, kv_num_heads=2, sizes=(None, query_length, None, None))
+    model = make_gqa_model(config)
+    decomposed = gqa_decompose.decompose(model, fast_paths=fast_paths)
+    reached = [count for lowest, count in mask.ROW_BLOCK_TIERS if query_length >= max(lowest, count)]
+    ifs = [  # run-time choices of how attention runs (not of how the cache is written)
+        n for n in all_nodes(decomposed.graph) if n.op_type == "If"
+        and any(m.op_type == "Softmax" for branch in n.attribute for m in all_nodes(branch.g))
+    ]
+    top_level_softmaxes = [n for n in decomposed.graph.node if n.op_type == "Softmax"]
+    if reached:
+        # The reached tier's blocks, straight-line, in both modes.
+        assert not ifs and len(top_level_softmaxes) == reached[0]
+    elif fast_paths:
+        assert ifs and not top_level_softmaxes  # only the cut of a long buffer is chosen at run time
+    else:
+        assert not ifs and len(top_level_softmaxes) == 1
+    _, node = gqa_node(model)
+    result = verify_node_model(node, 21, model.ir_version, DecomposeOptions(fast_paths=fast_paths))
+    names = [r.phase.name for r in result.results]
+    assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
+    assert any("prompt" in name for name in names), names

@@ -78,11 +78,14 @@ class ReadPlan:
         cut_end: 1-D int64 [1], the key columns read when ``cut``.
         row_block_tiers: causal row blocks per tier, longest first (for a
             prompt that reaches the shortest tier).
+        row_blocks_known: S is static and reaches the one tier given: its
+            blocks are used without an If.
     """
 
     cut: ir.Value | None = None
     cut_end: ir.Value | None = None
     row_block_tiers: tuple[RowBlockTier, ...] = ()
+    row_blocks_known: bool = False
 
 
 def _attend_dense(
@@ -248,6 +251,8 @@ def attend(
 
     if want_scores or want_probs or not plan.row_block_tiers:
         results = list(full_width(op))
+    elif plan.row_blocks_known:
+        results = split(plan.row_block_tiers[0])(op)
     else:
         # Decode (S below the shortest tier) passes one If; only long prompts choose their tier.
         results = list(op.if_else(plan.row_block_tiers[-1].use, longest_tier_reached(plan.row_block_tiers), full_width))

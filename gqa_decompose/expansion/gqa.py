@@ -55,7 +55,6 @@ from gqa_decompose.expansion.mask import (
     concat_key_positions,
     dense_key_positions,
     mask_bias,
-    row_block_min_queries,
     visibility_mask,
 )
 from gqa_decompose.expansion.qk_norm import rms_normalize_heads
@@ -560,9 +559,16 @@ def expand_gqa(
     else:
         plan = ReadPlan(columns.cut, columns.cut_end)
         query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
-        long_queries_possible = not isinstance(query_length, int) or query_length >= row_block_min_queries()
-        if fast_paths and columns.length is not None and spec.causal and long_queries_possible:
-            plan = dataclasses.replace(plan, row_block_tiers=causal_row_blocks(shared, info, columns.length))
+        if columns.length is not None and spec.causal:
+            tiers = ()
+            if isinstance(query_length, int):
+                # S is known: the tier it reaches (if any) is chosen here, so no If is
+                # needed and every graph gets the blocks, --fast-paths or not.
+                tiers = causal_row_blocks(shared, info, columns.length)
+                reached = [tier for tier in tiers if query_length >= tier.minimum]
+                plan = dataclasses.replace(plan, row_block_tiers=tuple(reached[:1]), row_blocks_known=True)
+            elif fast_paths:
+                plan = dataclasses.replace(plan, row_block_tiers=causal_row_blocks(shared, info, columns.length))
         attention = attend(
             op,
             query_BNSH,

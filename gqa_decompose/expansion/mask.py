@@ -160,12 +160,14 @@ class RowBlockTier:
 
     Attributes:
         use: 0-D bool, S reaches the tier.
+        minimum: the shortest S the tier is used for (at least n).
         count: n, the number of blocks.
         rows: int64 [n + 1], block i holds query rows [rows[i], rows[i + 1]).
         key_ends: int64 [n + 1], block i sees no key column at or after key_ends[i + 1].
     """
 
     use: ir.Value
+    minimum: int
     count: int
     rows: ir.Value
     key_ends: ir.Value
@@ -190,13 +192,14 @@ def causal_row_blocks(
         largest_offset_1 = op.op("ReduceMax", info.offsets_B, keepdims=1)
         key_length_1 = op.to_vector(key_length)
         tiers = []
-        for minimum, count in ROW_BLOCK_TIERS:
-            use = op.op("GreaterOrEqual", info.query_length, op.int_scalar(max(minimum, count)))
+        for lowest, count in ROW_BLOCK_TIERS:
+            minimum = max(lowest, count)
+            use = op.op("GreaterOrEqual", info.query_length, op.int_scalar(minimum))
             rows = op.op(
                 "Div", op.op("Mul", info.query_length, op.ints(range(count + 1))), op.int_scalar(count)
             )
             key_ends = op.op("Min", key_length_1, op.op("Add", largest_offset_1, rows))
-            tiers.append(RowBlockTier(use, count, rows, key_ends))
+            tiers.append(RowBlockTier(use, minimum, count, rows, key_ends))
         return tuple(tiers)
 
     return shared.get(("row_blocks", info, key_length), build)
