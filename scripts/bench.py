@@ -31,11 +31,18 @@ writes the decomposed model with its own weights (disk-bound).
 
     python scripts/bench.py [--quick] [--threads 1] [--shape llama] [--phase decode]
                             [--rounds 15] [--max-length 4096] [--json FILE]
+                            [--target attention] [--dtype float16 [--native-precision]]
+
+``--target attention`` builds the layers at opset 24 and rewrites them into one
+standard Attention op each (ONNX Runtime's own CPU Attention kernel);
+``--dtype float16`` times fp16 layers (computed in fp32 unless
+``--native-precision``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -109,20 +116,23 @@ class Runner:
 def _feeds(config: GqaConfig, phase: str, length: int, past_rows: int) -> dict[str, np.ndarray]:
     """Inputs of one step: decode (S = 1, T = length) or a first prompt (S = T = length)."""
     rng = np.random.default_rng(0)
+    dtype = np.float16 if config.dtype == "float16" else np.float32
     query_length = 1 if phase == "decode" else length
     hidden = (config.num_heads + 2 * config.kv_num_heads) * config.head_size
     past_shape = (1, config.kv_num_heads, past_rows, config.head_size)
     return {
-        "query": rng.standard_normal((1, query_length, hidden), np.float32),
-        "past_key": rng.standard_normal(past_shape, np.float32),
-        "past_value": rng.standard_normal(past_shape, np.float32),
+        "query": rng.standard_normal((1, query_length, hidden)).astype(dtype),
+        "past_key": rng.standard_normal(past_shape).astype(dtype),
+        "past_value": rng.standard_normal(past_shape).astype(dtype),
         "seqlens_k": np.array([length - 1], np.int32),
         "total_sequence_length": np.array(length, np.int32),
     }
 
 
 def bench_case(shape: str, phase: str, length: int, args) -> dict:
-    config = SHAPES[shape]
+    config = dataclasses.replace(SHAPES[shape], dtype=args.dtype)
+    if args.target == "attention":
+        config = dataclasses.replace(config, opset=24)  # the Attention op needs opset 23+
     fused = make_gqa_model(config)
     separate_past = length - 1 if phase == "decode" else 0
     max_length = max(args.max_length, length)
@@ -133,7 +143,10 @@ def bench_case(shape: str, phase: str, length: int, args) -> dict:
     for name, options, shared_buffer in REWRITES:
         if args.variant and name not in args.variant:
             continue
-        rewritten = gqa_decompose.decompose(fused, fast_paths=not args.no_fast_paths, **options)
+        rewritten = gqa_decompose.decompose(
+            fused, fast_paths=not args.no_fast_paths, target=args.target,
+            native_precision=args.native_precision, **options,
+        )
         past_rows = max_length if shared_buffer else separate_past
         if name == "static-steps":
             past_rows = (length // BUFFER_STEP + 1) * BUFFER_STEP
@@ -238,6 +251,10 @@ def main() -> None:
     parser.add_argument("--round-ms", type=float, help="time per variant per round (default 30, --quick 10)")
     parser.add_argument("--no-fast-paths", action="store_true",
                         help="time the default (straight-line) rewrite instead of --fast-paths")
+    parser.add_argument("--target", choices=["primitives", "attention"], default="primitives",
+                        help="rewrite target; 'attention' builds opset-24 layers rewritten into Attention ops")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="model type")
+    parser.add_argument("--native-precision", action="store_true", help="fp16: compute in fp16, not fp32")
     parser.add_argument("--max-length", type=int, default=4096, help="rows of the shared buffers")
     parser.add_argument("--layers", type=int, default=32, help="layers of the rewrite benchmark's model")
     parser.add_argument("--write", action="store_true", help="rewrite phase: also write the model (disk-bound)")
@@ -251,6 +268,7 @@ def main() -> None:
     info = machine()
     print(f"{info['cpu']}, {info['nproc']} cores, onnxruntime {info['onnxruntime']}, "
           f"{args.threads} thread(s), {args.rounds} rounds, shared buffers of {args.max_length} rows, "
+          f"{args.dtype}, target {args.target}, "
           f"rewrites {'without' if args.no_fast_paths else 'with'} --fast-paths")
     # First, while this process is small: a child's peak RSS counts the parent's pages at fork.
     rewrite = bench_rewrite(args) if "rewrite" in phases else None
@@ -267,7 +285,8 @@ def main() -> None:
         print_cases(cases)
     if args.json:
         report = {"machine": info, "threads": args.threads, "rounds": args.rounds,
-                  "fast_paths": not args.no_fast_paths,
+                  "fast_paths": not args.no_fast_paths, "target": args.target, "dtype": args.dtype,
+                  "native_precision": args.native_precision,
                   "max_length": args.max_length, "cases": cases, "rewrite": rewrite}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
