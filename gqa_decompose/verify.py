@@ -366,7 +366,8 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     # A prompt long enough for causal row blocks.
     long_prompt = row_block_min_queries()
     if spec.fast_paths and spec.causal and not isinstance(query_dim, int) and not isinstance(past_dim, int):
-        candidates.append(("long first prompt", 1, long_prompt, long_prompt, (long_prompt,)))
+        long_batch = _fixed(batch_dim, 1)
+        candidates.append(("long first prompt", long_batch, long_prompt, long_prompt, (long_prompt,) * long_batch))
 
     # A static bias width fixes T.
     bias = node.inputs[gqa.ATTENTION_BIAS] if len(node.inputs) > gqa.ATTENTION_BIAS else None

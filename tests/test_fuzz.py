@@ -82,6 +82,7 @@ class Case:
     config: GqaConfig
     kv_cache: str = "any"  # any | static | growing (the CLI's --kv-cache)
     native_precision: bool = False
+    fast_paths: bool = False  # the CLI's --fast-paths: run-time Ifs (cut of long buffers, one-copy update)
     annotations: str = "full"  # full | partial | absent
     cleared_dims: tuple[tuple[str, int], ...] = ()  # (graph input, axis) made unknown with "partial"
     defect: str | None = None  # an invalid or contradictory change, see DEFECTS
@@ -92,6 +93,7 @@ class Case:
             static_kv_cache=self.kv_cache == "static",
             growing_kv_cache=self.kv_cache == "growing",
             native_precision=self.native_precision,
+            fast_paths=self.fast_paths,
         )
 
 
@@ -181,6 +183,7 @@ def cases(draw, cache_forms: tuple[str, ...]) -> Case:
         config,
         kv_cache=kv_cache,
         native_precision=dtype == "float16" and draw(st.integers(0, 3)) == 0,
+        fast_paths=draw(st.integers(0, 2)) == 0,
         annotations=annotations,
         cleared_dims=cleared,
         defect=defect,
@@ -592,6 +595,11 @@ test_fuzz_quantized_caches = _family_test(("quantized",))
 @example(  # KV-shared layer whose key length is unknown but value's is 0: taken for a normal layer
     layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, kv_empty=True),
                  annotations="partial", cleared_dims=(("key", 1),)),)
+)
+@example(  # --fast-paths with a static batch of 2: verify's long prompt had batch 1, ORT rejected it
+    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=16, rotary="half", dtype="float16", opset=13,
+                           sizes=(2, None, None, None), rotary_as_input="symbolic"),
+                 native_precision=True, fast_paths=True),)
 )
 @given(layers=models(CACHE_FORMS))
 def test_fuzz_regressions(layers: tuple[Case, ...]) -> None:

@@ -425,3 +425,17 @@ def test_fast_cache_update_is_one_concat_or_one_scatter_chosen_at_run_time():
     straight, padded = (scatter_choice.attribute[i].g for i in (0, 1))
     assert [n.op_type for n in straight.node] == ["ScatterND", "ScatterND"]
     assert [n.op_type for n in padded.node] == ["Pad", "ScatterND", "Pad", "ScatterND"]
+
+
+@pytest.mark.parametrize("kv_cache", ["any", "static"])
+def test_fp16_cache_is_cast_to_fp32_after_the_cut(kv_cache):
+    """A max-length fp16 buffer is cut to the rows read before its cast: casting it whole costs a copy of it."""
+    options = {"static": {"static_kv_cache": True}}.get(kv_cache, {})
+    decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(dtype="float16", rotary="half")), fast_paths=True, **options)
+    producers = _producers(decomposed)
+    cache = {"past_key", "past_value", "present_key", "present_value"}
+    cache |= {n.output[0] for n in all_nodes(decomposed.graph) if n.op_type == "If" and set(n.output) & cache}
+    assert not [n.name for n in decomposed.graph.node if n.op_type == "Cast" and n.input[0] in cache]
+    (cut,) = [n for n in all_nodes(decomposed.graph) if n.op_type == "If" and producers[n.input[0]].op_type == "Greater"]
+    casts = [n for n in cut.attribute[0].g.node if n.op_type == "Cast"]
+    assert len(casts) == 2 and all(producers[c.input[0]].op_type == "Slice" for c in casts)

@@ -42,6 +42,14 @@ from gqa_decompose.expansion.mask import RowBlockTier
 __all__ = ["AttentionResult", "ReadPlan", "attend"]
 
 
+# Converts keys or values from the cache's type to the compute type, building with the builder given.
+Decode = Callable[[OpBuilder, ir.Value], ir.Value]
+
+
+def _unchanged(builder: OpBuilder, value: ir.Value) -> ir.Value:
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionResult:
     output_BSD: ir.Value  # [B, S, N*H]
@@ -191,15 +199,19 @@ def attend(
     want_probs: bool = False,
     dtype: ir.DataType = ir.DataType.FLOAT,
     plan: ReadPlan | None = None,
+    decode: tuple[Decode, Decode] | None = None,
 ) -> AttentionResult:
     """Attention of every query row over the key columns, chosen at run time by ``plan``.
 
     ``keys`` may hold more rows than the mask's K columns only when ``plan.cut``
     is given: then the mask has ``cut_end`` columns whenever ``cut`` holds.
+    ``decode`` (keys, values) turns the cache's type into ``dtype`` (a cast, or a
+    dequantization); it is applied after a cut, so only the rows read are converted.
     Scores and probabilities (for ``output_qk``) come from the full-width path;
     row blocks are only used when neither is wanted.
     """
     plan = plan or ReadPlan()
+    decode_keys, decode_values = decode or (_unchanged, _unchanged)
     options = dict(
         num_heads=num_heads,
         kv_num_heads=kv_num_heads,
@@ -223,22 +235,26 @@ def attend(
             results.append(probs)
         return results
 
+    def decoded(builder: OpBuilder, keys: ir.Value, values: ir.Value) -> list[ir.Value]:
+        return dense(builder, decode_keys(builder, keys), decode_values(builder, values))
+
     def full_width(builder: OpBuilder) -> list[ir.Value]:
         if plan.cut is None:
-            return dense(builder, keys_BNkvKH, values_BNkvKH)
+            return decoded(builder, keys_BNkvKH, values_BNkvKH)
 
         def cut(inner: OpBuilder) -> list[ir.Value]:
             keys = inner.slice(keys_BNkvKH, 0, plan.cut_end, axis=2)
             values = inner.slice(values_BNkvKH, 0, plan.cut_end, axis=2)
-            return dense(inner, keys, values)
+            return decoded(inner, keys, values)
 
-        return builder.if_else(plan.cut, cut, lambda inner: dense(inner, keys_BNkvKH, values_BNkvKH))
+        return builder.if_else(plan.cut, cut, lambda inner: decoded(inner, keys_BNkvKH, values_BNkvKH))
 
     def split(tier: RowBlockTier) -> Callable[[OpBuilder], list[ir.Value]]:
+        # Blocks read overlapping prefixes of the keys: decode all of them once.
         return lambda builder: [
             _attend_row_blocks(
-                builder, query_BNSH, keys_BNkvKH, values_BNkvKH, mask_bias_B1SK, bias_BNSK,
-                tier, **options,
+                builder, query_BNSH, decode_keys(builder, keys_BNkvKH), decode_values(builder, values_BNkvKH),
+                mask_bias_B1SK, bias_BNSK, tier, **options,
             )
         ]
 

@@ -255,9 +255,14 @@ def _key_columns(
 
 
 def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: int):
-    """(encode, decode): new rows in the model's type -> the cache's type -> fp32 for attention."""
+    """(encode, decode): new rows in the model's type -> the cache's type -> the compute type.
+
+    ``encode(x)`` builds with ``op``; ``decode(builder, x)`` builds with the builder
+    given, so attention can decode inside a run-time branch, after cutting the rows
+    it reads (a cast or dequantization of a whole max-length buffer costs a copy of it).
+    """
     if spec.kv_quant is None:
-        return (lambda x: x), (lambda x: _to_compute(op, x, spec))
+        return (lambda x: x), (lambda builder, x: _to_compute(builder, x, spec))
     layout = dict(
         per_channel=spec.kv_quant == "PER_CHANNEL",
         bits=spec.kv_bits,
@@ -269,12 +274,12 @@ def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: i
     def to_fp32(x: ir.Value) -> ir.Value:
         return x if spec.dtype == _FLOAT else op.cast(x, _FLOAT)
 
-    def fp32_to_compute(x: ir.Value) -> ir.Value:
-        return x if spec.compute_dtype == _FLOAT else op.cast(x, spec.compute_dtype)
+    def fp32_to_compute(builder: OpBuilder, x: ir.Value) -> ir.Value:
+        return x if spec.compute_dtype == _FLOAT else builder.cast(x, spec.compute_dtype)
 
     return (
         lambda x: quantize(op, to_fp32(x), scale, **layout),
-        lambda q: fp32_to_compute(dequantize(op, q, scale, **layout)),
+        lambda builder, q: fp32_to_compute(builder, dequantize(builder, q, scale, **layout)),
     )
 
 
@@ -549,8 +554,8 @@ def expand_gqa(
             info,
             spec,
             query_BNSH,
-            decode_key(columns.keys),
-            decode_value(columns.values),
+            decode_key(op, columns.keys),
+            decode_value(op, columns.values),
             columns.length,
             visible_B1SK,
             bias_BNSK,
@@ -572,8 +577,8 @@ def expand_gqa(
         attention = attend(
             op,
             query_BNSH,
-            decode_key(columns.keys),
-            decode_value(columns.values),
+            columns.keys,
+            columns.values,
             visible_B1SK,
             mask_bias(shared, visible_B1SK, spec.compute_dtype),
             num_heads=spec.num_heads,
@@ -589,6 +594,7 @@ def expand_gqa(
             want_probs=spec.output_qk_used and spec.qk_output == 2,
             dtype=spec.compute_dtype,
             plan=plan,
+            decode=(decode_key, decode_value),
         )
         output_BSD = attention.output_BSD
         output_qk = None
