@@ -13,7 +13,7 @@ Public API::
     GqaDecomposeError             the one error type, carrying the node name
 """
 
-from gqa_decompose.api import check_nodes, decompose, decompose_file, rewrite
+from gqa_decompose.api import decompose, decompose_file, rewrite
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import DecomposeGqaPass, InferGqaTypesPass, build_pipeline
 from gqa_decompose.spec import DecomposeOptions, GqaSpec
@@ -31,7 +31,6 @@ __all__ = [
     "InferGqaTypesPass",
     "build_pipeline",
     "check",
-    "check_nodes",
     "decompose",
     "decompose_file",
     "report_json",

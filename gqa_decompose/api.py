@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pathlib
@@ -19,12 +18,10 @@ from gqa_decompose.passes import (
     DecomposeGqaPass,
     build_pipeline,
     find_gqa_nodes,
-    non_standard_nodes,
 )
-from gqa_decompose.passes.raise_opset import attention_opset
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolve_target
+from gqa_decompose.spec import DecomposeOptions
 
-__all__ = ["NodeCheck", "check_nodes", "decompose", "decompose_file", "rewrite"]
+__all__ = ["decompose", "decompose_file", "rewrite"]
 
 logger = logging.getLogger("gqa_decompose")
 
@@ -120,40 +117,3 @@ def decompose_file(
         return None, []
     model_io.save_model(model, target, external_data=external_data)
     return target, decomposed
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeCheck:
-    """Whether one GQA node can be decomposed, and why not."""
-
-    name: str
-    spec: GqaSpec | None
-    refusal: str | None
-    target: str = "primitives"  # what the node would become
-    fallback: str | None = None  # why it is not the target asked for
-
-
-def check_nodes(model: ir.Model, options: DecomposeOptions | None = None) -> list[NodeCheck]:
-    """Parse every GQA node without rewriting anything."""
-    options = options or DecomposeOptions()
-    results = []
-    found = find_gqa_nodes(model)
-    opset, raise_obstacle = attention_opset(model, options) if found and options.target != "primitives" else (0, None)
-    for _, node in found:
-        try:
-            spec = parse_gqa_node(node, options)
-            target, fallback = resolve_target(spec, options, opset, raise_obstacle)
-            results.append(NodeCheck(spec.node_name, spec, None, target, fallback))
-        except GqaDecomposeError as error:
-            results.append(NodeCheck(error.node_name or node.name, None, error.reason))
-    return results
-
-
-def foreign_ops(model: ir.Model) -> list[str]:
-    """Sorted ``domain::op_type`` of the non-standard ops other than GQA."""
-    names = {
-        f"{node.domain or 'ai.onnx'}::{node.op_type}"
-        for node in non_standard_nodes(model)
-        if not (node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention")
-    }
-    return sorted(names)
