@@ -14,6 +14,8 @@ import pytest
 from gqa_models import GqaConfig, gqa_node, make_gqa_model
 from portability_cases import (
     MODELS as MODELS_DIR,
+    ATTENTION_TARGET_FAILURES,
+    ATTENTION_TARGET_PASSES,
     CASES,
     KNOWN_FAILURES,
     PORTABLE_RUNTIMES,
@@ -54,6 +56,23 @@ CELLS = [
 def test_rewritten_node_matches_ort_on_runtime(runtime, case):
     _require(runtime)
     result = run_case(case, runtime)
+    assert result.results, "no phase ran"
+    assert not failures(result), failures(result)
+
+
+def _attention_cell(runtime, case):
+    passes = case.id in ATTENTION_TARGET_PASSES[runtime]
+    marks = [] if passes else [pytest.mark.xfail(reason=ATTENTION_TARGET_FAILURES[runtime], strict=True)]
+    return pytest.param(runtime, case, marks=marks, id=f"{runtime}-attention-{case.id}")
+
+
+@pytest.mark.parametrize(
+    "runtime,case", [_attention_cell(runtime, case) for runtime in ATTENTION_TARGET_PASSES for case in CASES]
+)
+def test_attention_target_on_runtime(runtime, case):
+    """Which cases the Attention target runs on OpenVINO and tract, pinned both ways."""
+    _require(runtime)
+    result = run_case(case, runtime, "attention")
     assert result.results, "no phase ran"
     assert not failures(result), failures(result)
 
