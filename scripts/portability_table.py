@@ -46,6 +46,7 @@ def _reason(message: str) -> str:
     message = re.sub(r"#\d+ ", "", message)
     message = re.sub(r'"[^"]*"', "", message)
     message = re.sub(r"'[^' ]*_\d+'", "", message)
+    message = re.sub(r"\b([A-Za-z]+)_\d+\b", r"\1", message)  # OpenVINO's run-dependent op numbers
     message = re.sub(r"\s+", " ", message).strip()
     return message[:220]
 
