@@ -292,8 +292,16 @@ def test_attention_target_cases_run_on_runtimes_with_attention_23(runtime):
         assert result.target == "attention" and result.fallback is None
         assert not portability_cases.failures(result), (case.name, portability_cases.failures(result))
 
+_TRACT_IF = (
+    "tract 0.23.9 types both branches of an If alike and refuses branches whose shapes differ "
+    "(growing: its guard's data-dependent Reshape, as without --fast-paths)"
+)
+
+
 @pytest.mark.parametrize("kv_cache", ["any", "static", "growing"])
-@pytest.mark.parametrize("runtime", ["openvino", "reference"])
+@pytest.mark.parametrize(
+    "runtime", ["openvino", "reference", pytest.param("tract", marks=pytest.mark.xfail(reason=_TRACT_IF, strict=True))]
+)
 def test_fast_paths_run_on_runtimes_with_if(runtime, kv_cache):
     """--fast-paths' If nodes (row blocks at S = 128, the cut, the one-copy update) on other runtimes."""
     from gqa_decompose.spec import DecomposeOptions
@@ -302,6 +310,9 @@ def test_fast_paths_run_on_runtimes_with_if(runtime, kv_cache):
     options = {"static": {"static_kv_cache": True}, "growing": {"growing_kv_cache": True}}.get(kv_cache, {})
     model = make_gqa_model(GqaConfig(rotary="half", packed=kv_cache == "static", positions=256))
     _, node = gqa_node(model)
-    result = verify_node_model(node, 21, model.ir_version, DecomposeOptions(fast_paths=True, **options), runtime=runtime)
+    result = verify_node_model(
+        node, 21, model.ir_version, DecomposeOptions(fast_paths=True, **options), runtime=runtime,
+        total_length_from_shape=runtimes.get_runtime(runtime).shapes_from_input_shapes,
+    )
     assert any(r.phase.name.startswith("long first prompt") for r in result.results)
     assert result.results and not failures(result), failures(result)
