@@ -217,6 +217,11 @@ def update_cache(
     return present_key, present_value
 
 
+# Attention reads a copy of the first max_b t_b rows of a buffer holding more than this many
+# times as many rows, and the whole buffer otherwise.
+CUT_RATIO = 2.0
+
+
 def longest_row(shared: SharedSubgraphs, info: SequenceInfo) -> ir.Value:
     """max_b t_b, 0-D int64: no query of this step sees a key row at or after it."""
     return shared.get(("longest_row", info), lambda op: op.op("ReduceMax", info.total_lengths_B, keepdims=0))
@@ -237,7 +242,13 @@ def read_length(
 
     def build(op: OpBuilder):
         longest = longest_row(shared, info)
-        cut = op.op("Greater", buffer_rows, op.op("Mul", longest, op.int_scalar(2)))
+        # buffer_rows > longest * CUT_RATIO, in integers: buffer_rows * den > longest * num.
+        numerator, denominator = CUT_RATIO.as_integer_ratio()
+        cut = op.op(
+            "Greater",
+            op.op("Mul", buffer_rows, op.int_scalar(denominator)),
+            op.op("Mul", longest, op.int_scalar(numerator)),
+        )
         return cut, op.op("Where", cut, longest, buffer_rows), op.to_vector(longest)
 
     return shared.get(("read_length", info, key), build)
