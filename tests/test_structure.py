@@ -439,3 +439,16 @@ def test_fp16_cache_is_cast_to_fp32_after_the_cut(kv_cache):
     (cut,) = [n for n in all_nodes(decomposed.graph) if n.op_type == "If" and producers[n.input[0]].op_type == "Greater"]
     casts = [n for n in cut.attribute[0].g.node if n.op_type == "Cast"]
     assert len(casts) == 2 and all(producers[c.input[0]].op_type == "Slice" for c in casts)
+
+
+def test_row_block_bounds_are_built_once_per_model_and_chosen_once_per_layer():
+    original = onnx.load(TINY_LLAMA)
+    layers = sum(node.op_type == "GroupQueryAttention" for node in original.graph.node)
+    decomposed = gqa_decompose.decompose(original, fast_paths=True)
+    assert len(_row_block_ifs(decomposed)) == layers > 1
+    # One condition and one bounds vector per tier for the whole model.
+    tier_conditions = [n for n in decomposed.graph.node if n.op_type == "GreaterOrEqual"]
+    assert len(tier_conditions) == len(ROW_BLOCK_TIERS)
+    assert sum(n.op_type == "Div" and n.name.startswith("gqa_shared/") for n in decomposed.graph.node) == len(
+        ROW_BLOCK_TIERS
+    )
