@@ -511,7 +511,7 @@ def expand_gqa(
             if use_rotary_op:
                 rotated = apply_rotary_op(op, x_BSnH, tables, heads, spec.head_size, spec.rotary_interleaved)
             else:
-                rotated = apply_rotary(op, x_BSnH, tables, spec.head_size, spec.rotary_interleaved)
+                rotated = apply_rotary(op, shared, x_BSnH, tables, spec.head_size, spec.rotary_interleaved)
             return _from_compute(op, rotated, spec)
 
     query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate)

@@ -102,8 +102,32 @@ def build_rotary_tables(
     return shared.get(key, build)
 
 
+def _rotation_tables(
+    shared: SharedSubgraphs, tables: RotaryTables, interleaved: bool
+) -> tuple[ir.Value, ir.Value]:
+    """(cos, sign·sin) laid out like the rotated dims, built once per model and layout.
+
+    With ``swapped`` the pair-swapped dims (x2, x1), the rotation is
+    ``x * cos + swapped * (-sin, sin)``: x1*cos + x2*(-sin) and x2*cos + x1*sin,
+    bit for bit the x1*cos - x2*sin and x1*sin + x2*cos of the definition
+    (negation is exact, and so is the order of a two-term sum).
+    """
+
+    def build(op: OpBuilder) -> tuple[ir.Value, ir.Value]:
+        cos, sin = tables.cos_BS1R, tables.sin_BS1R
+        minus_sin = op.op("Neg", sin)
+        axis = 3
+        if interleaved:
+            cos, sin, minus_sin = (op.unsqueeze(table, [4]) for table in (cos, sin, minus_sin))
+            axis = 4
+        return op.op("Concat", cos, cos, axis=axis), op.op("Concat", minus_sin, sin, axis=axis)
+
+    return shared.get(("rotation_tables", tables, interleaved), build)
+
+
 def apply_rotary(
     op: OpBuilder,
+    shared: SharedSubgraphs,
     x_BSnH: ir.Value,
     tables: RotaryTables,
     head_size: int,
@@ -113,20 +137,18 @@ def apply_rotary(
     partial = tables.half is None or 2 * tables.half != head_size
     rotary_dims_1 = op.op("Mul", tables.half_1, op.ints([2]))
     rotated_part = op.slice(x_BSnH, 0, rotary_dims_1, axis=3) if partial else x_BSnH
-    cos, sin = tables.cos_BS1R, tables.sin_BS1R
+    cos, signed_sin = _rotation_tables(shared, tables, interleaved)
     if interleaved:
-        pairs_BSnR2 = op.op("Reshape", rotated_part, op.ints([0, 0, 0, -1, 2]))
-        x1 = op.slice(pairs_BSnR2, 0, 1, axis=4)
-        x2 = op.slice(pairs_BSnR2, 1, 2, axis=4)
-        cos, sin = op.unsqueeze(cos, [4]), op.unsqueeze(sin, [4])
-        concat_axis = 4
+        rotated_part = op.op("Reshape", rotated_part, op.ints([0, 0, 0, -1, 2]))
+        x1, x2 = op.op_multi("Split", rotated_part, op.ints([1, 1]), axis=4, num_outputs=2)
+        swapped = op.op("Concat", x2, x1, axis=4)
     else:
-        x1 = op.slice(rotated_part, 0, tables.half_1, axis=3)
-        x2 = op.slice(rotated_part, tables.half_1, rotary_dims_1, axis=3)
-        concat_axis = 3
-    x1_rotated = op.op("Sub", op.op("Mul", x1, cos), op.op("Mul", x2, sin))
-    x2_rotated = op.op("Add", op.op("Mul", x1, sin), op.op("Mul", x2, cos))
-    rotated = op.op("Concat", x1_rotated, x2_rotated, axis=concat_axis)
+        halves = shared.get(
+            ("rotary_halves", tables), lambda builder: builder.op("Concat", tables.half_1, tables.half_1, axis=0)
+        )
+        x1, x2 = op.op_multi("Split", rotated_part, halves, axis=3, num_outputs=2)
+        swapped = op.op("Concat", x2, x1, axis=3)
+    rotated = op.op("Add", op.op("Mul", rotated_part, cos), op.op("Mul", swapped, signed_sin))
     if interleaved:
         rotated = op.op("Reshape", rotated, op.ints([0, 0, 0, -1]))
     if not partial:
