@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 
 import numpy as np
 import onnx
@@ -19,20 +18,6 @@ from gqa_decompose.report import REPORT_SCHEMA, REPORT_SCHEMA_VERSION
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY_LLAMA = REPO / "models" / "tiny-llama-gqa.onnx"
 BUILDER = REPO / "models" / "builder-tiny-llama"
-
-
-@pytest.fixture
-def tiny(tmp_path) -> pathlib.Path:
-    path = tmp_path / "tiny-llama-gqa.onnx"
-    shutil.copyfile(TINY_LLAMA, path)
-    return path
-
-
-@pytest.fixture
-def builder(tmp_path) -> pathlib.Path:
-    folder = tmp_path / "builder"
-    shutil.copytree(BUILDER, folder)
-    return folder / "model.onnx"
 
 
 # The report's schema (README "JSON report"): key -> type(s). A change here is a schema version change.
