@@ -109,6 +109,9 @@ LLAMA_INTRO = [
     "writes for a Llama-family model on the CPU EP: packed QKV into GroupQueryAttention with `do_rotary=1`,",
     "`SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization`, and `past_present_share_buffer: true`.",
 ]
+# PROVENANCE.md's note for fp16 models, checked against the fp32 torch reference at torch_atol=5e-2.
+_FP16_AGAINST_FP32 = ("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it.")
+
 _COMMON_TAIL = [
     "The rest is what the builder writes on the CPU EP: packed QKV into GroupQueryAttention with `do_rotary=1`,",
     "`SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization`, and `past_present_share_buffer: true`.",
@@ -337,7 +340,7 @@ ARCHS = {
         ],
         builder_args=("-p", "fp16", "-e", "cuda"),
         torch_atol=5e-2,
-        notes=("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it."),
+        notes=_FP16_AGAINST_FP32,
     ),
     "llama-int4": Arch(
         "builder-llama-int4",
@@ -370,7 +373,7 @@ ARCHS = {
         ],
         builder_args=("-p", "fp16", "-e", "dml"),
         torch_atol=5e-2,
-        notes=("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it."),
+        notes=_FP16_AGAINST_FP32,
     ),
     "mistral": Arch(
         "builder-mistral",
@@ -407,7 +410,7 @@ ARCHS = {
         builder_args=("-p", "fp16", "-e", "webgpu"),
         extra_options=("enable_webgpu_graph=true",),
         torch_atol=5e-2,
-        notes=("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it."),
+        notes=_FP16_AGAINST_FP32,
     ),
     "mistral-fp16": Arch(
         "builder-mistral-fp16",
