@@ -234,7 +234,7 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "for long prompts, a copy of the visible rows of a long buffer, a one-copy cache update "
     "without a --kv-cache promise. Decode pays one If per layer; prompts of 512+ tokens run "
     "1.6-2.8x faster on ORT CPU (README, Speed). For runtimes with If (ONNX Runtime, OpenVINO); "
-    "tract cannot run them. A static prompt length gets its row blocks without this flag.",
+    "tract cannot run them. With a static prompt length the row blocks need no If.",
 )
 @click.option(
     "--target",

@@ -316,3 +316,20 @@ def test_fast_paths_run_on_runtimes_with_if(runtime, kv_cache):
     )
     assert any(r.phase.name.startswith("long first prompt") for r in result.results)
     assert result.results and not failures(result), failures(result)
+
+
+@pytest.mark.parametrize("past", [True, False], ids=["past", "no past"])
+def test_default_graph_of_a_static_long_prompt_runs_on_tract(past):
+    """The default output of a static S >= 128 has no row blocks, and tract runs it;
+    --fast-paths' straight-line blocks (data-dependent slices) it cannot type."""
+    from gqa_decompose.spec import DecomposeOptions
+
+    _require("tract")
+    model = make_gqa_model(GqaConfig(rotary="half", positions=512, past=past, sizes=(1, 128, None, None)))
+    _, node = gqa_node(model)
+    for fast_paths in (False, True):
+        result = verify_node_model(
+            node, 21, model.ir_version, DecomposeOptions(fast_paths=fast_paths), runtime="tract",
+            total_length_from_shape=True,
+        )
+        assert result.results and bool(failures(result)) == fast_paths, failures(result)

@@ -564,16 +564,15 @@ def expand_gqa(
     else:
         plan = ReadPlan(columns.cut, columns.cut_end)
         query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
-        if columns.length is not None and spec.causal:
-            tiers = ()
+        if fast_paths and columns.length is not None and spec.causal:
+            tiers = causal_row_blocks(shared, info, columns.length)
             if isinstance(query_length, int):
-                # S is known: the tier it reaches (if any) is chosen here, so no If is
-                # needed and every graph gets the blocks, --fast-paths or not.
-                tiers = causal_row_blocks(shared, info, columns.length)
+                # S is known: the tier it reaches (if any) is chosen here, without an If.
+                # Not in the default graph: tract cannot type the blocks' data-dependent slices.
                 reached = [tier for tier in tiers if query_length >= tier.minimum]
                 plan = dataclasses.replace(plan, row_block_tiers=tuple(reached[:1]), row_blocks_known=True)
-            elif fast_paths:
-                plan = dataclasses.replace(plan, row_block_tiers=causal_row_blocks(shared, info, columns.length))
+            else:
+                plan = dataclasses.replace(plan, row_block_tiers=tiers)
         attention = attend(
             op,
             query_BNSH,
