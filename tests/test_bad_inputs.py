@@ -195,30 +195,27 @@ def external_data_truncated(folder):
     return path, [], "initializer '.*' needs bytes .* of external data 'tiny.onnx.data', which holds .* bytes"
 
 
-def external_data_length_contradicts_shape(folder):
+def _cos_cache_pointing_at(folder, location: str, length: int):
+    """A model whose cos_cache initializer's external data is ``length`` bytes of ``location``."""
     path = write_model_with_external_cos_cache(folder, "weights.data")
     model = onnx.load(path, load_external_data=False)
     cos = next(t for t in model.graph.initializer if t.name == "cos_cache")
-    point_at_external_data(cos, "weights.data", 12)
-    save(model, path)
+    point_at_external_data(cos, location, length)
+    return save(model, path)
+
+
+def external_data_length_contradicts_shape(folder):
+    path = _cos_cache_pointing_at(folder, "weights.data", 12)
     return path, [], "initializer 'cos_cache' declares 12 bytes of external data but its type and shape need"
 
 
 def external_data_escaping_the_folder(folder):
-    path = write_model_with_external_cos_cache(folder, "weights.data")
-    model = onnx.load(path, load_external_data=False)
-    cos = next(t for t in model.graph.initializer if t.name == "cos_cache")
-    point_at_external_data(cos, "../../etc/passwd", 16)
-    save(model, path)
+    path = _cos_cache_pointing_at(folder, "../../etc/passwd", 16)
     return path, [], "'../../etc/passwd', outside the model's folder"
 
 
 def external_data_at_an_absolute_path(folder):
-    path = write_model_with_external_cos_cache(folder, "weights.data")
-    model = onnx.load(path, load_external_data=False)
-    cos = next(t for t in model.graph.initializer if t.name == "cos_cache")
-    point_at_external_data(cos, "/etc/passwd", 16)
-    save(model, path)
+    path = _cos_cache_pointing_at(folder, "/etc/passwd", 16)
     return path, [], "'/etc/passwd', outside the model's folder"
 
 

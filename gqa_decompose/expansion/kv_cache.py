@@ -218,8 +218,8 @@ def update_cache(
 
 
 # Attention reads a copy of the first max_b t_b rows of a buffer holding more than this many
-# times as many rows, and the whole buffer otherwise.
-CUT_RATIO = 2.0
+# times as many rows, and the whole buffer otherwise (the crossover measured on ORT CPU).
+CUT_RATIO = 2
 
 
 def longest_row(shared: SharedSubgraphs, info: SequenceInfo) -> ir.Value:
@@ -242,13 +242,7 @@ def read_length(
 
     def build(op: OpBuilder):
         longest = longest_row(shared, info)
-        # buffer_rows > longest * CUT_RATIO, in integers: buffer_rows * den > longest * num.
-        numerator, denominator = CUT_RATIO.as_integer_ratio()
-        cut = op.op(
-            "Greater",
-            op.op("Mul", buffer_rows, op.int_scalar(denominator)),
-            op.op("Mul", longest, op.int_scalar(numerator)),
-        )
+        cut = op.op("Greater", buffer_rows, op.op("Mul", longest, op.int_scalar(CUT_RATIO)))
         return cut, op.op("Where", cut, longest, buffer_rows), op.to_vector(longest)
 
     return shared.get(("read_length", info, key), build)
