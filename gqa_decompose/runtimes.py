@@ -19,6 +19,10 @@ Runtimes are imported when first used: a runtime that is not installed gives a
 * ``tract``: Sonos' tract (the ``tract`` Python bindings). tract types a model
   once from its input shapes; the adapter strips value_info and specializes the
   model to each run's input shapes (one compiled model per shape set).
+* ``wasm`` and ``webnn``: onnxruntime-web in headless Chromium, on its wasm
+  backend or on WebNN (CPU, strict: no node may fall back to the CPU), through
+  the node harness in ``tests/browser`` (``npm install --prefix tests/browser``);
+  see :mod:`gqa_decompose.browser`.
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ class Runtime:
 
 
 def _import(runtime: Runtime):
+    if isinstance(runtime, _BrowserRuntime):  # not a Python module: node and npm packages
+        return runtime.require()
     try:
         return importlib.import_module(runtime._module)
     except ImportError as error:
@@ -250,6 +256,33 @@ def _tract_message(error: Exception) -> str:
     return ": ".join(line.split(": ", 1)[1] if line[:1].isdigit() and ": " in line else line for line in lines)
 
 
+# onnxruntime-web in Chromium ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _BrowserRuntime(Runtime):
+    """A runtime outside Python: a node harness drives Chromium (gqa_decompose.browser)."""
+
+    def require(self):
+        from gqa_decompose import browser
+
+        return browser.require_harness(self.name)
+
+    def version(self) -> str:
+        from gqa_decompose import browser
+
+        return browser.versions(self.name)
+
+
+def _browser_loader(backend: str) -> Callable[[onnx.ModelProto], Session]:
+    def load(model: onnx.ModelProto) -> Session:
+        from gqa_decompose import browser
+
+        return browser.load(model, backend, backend)
+
+    return load
+
+
 RUNTIMES: dict[str, Runtime] = {
     runtime.name: runtime
     for runtime in (
@@ -263,6 +296,17 @@ RUNTIMES: dict[str, Runtime] = {
                 _load_tract, shapes_from_input_shapes=True),
     )
 }
+RUNTIMES.update({
+    runtime.name: runtime
+    for runtime in (
+        _BrowserRuntime("wasm", "onnxruntime-web (npm)", "onnxruntime-web in headless Chromium, wasm backend",
+                        "gqa_decompose.browser", _browser_loader("wasm")),
+        # WebNN compiles for static shapes, fixed from the input shapes (freeDimensionOverrides).
+        _BrowserRuntime("webnn", "onnxruntime-web (npm)",
+                        "onnxruntime-web in headless Chromium, WebNN (CPU), no CPU fallback",
+                        "gqa_decompose.browser", _browser_loader("webnn"), shapes_from_input_shapes=True),
+    )
+})
 
 
 TOTAL_LENGTH_SHAPE_SUFFIX = "__length_as_shape"
