@@ -22,6 +22,7 @@ session per shape set).
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import pathlib
@@ -36,7 +37,7 @@ import onnx
 
 from gqa_decompose.errors import GqaDecomposeError
 
-__all__ = ["BACKENDS", "harness_folder", "require_harness", "versions", "load"]
+__all__ = ["BACKENDS", "harness_folder", "load", "read_tensors", "require_harness", "versions", "write_tensors"]
 
 BACKENDS = ("wasm", "webnn")
 _HARNESS_ENV = "GQA_DECOMPOSE_BROWSER_HARNESS"
@@ -203,19 +204,21 @@ def _name_free_dims(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def load(model: onnx.ModelProto, backend: str, runtime: str):
-    """A :class:`gqa_decompose.runtimes.Session` of ``model`` on onnxruntime-web's ``backend``."""
+def load(model: onnx.ModelProto, backend: str):
+    """A :class:`gqa_decompose.runtimes.Session` of ``model`` on onnxruntime-web's ``backend`` (wasm or webnn)."""
     from gqa_decompose.runtimes import Session, _input_names, _only, _output_names
 
-    require_harness(runtime)
+    if backend not in BACKENDS:
+        raise GqaDecomposeError(f"onnxruntime-web backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    runtime = backend  # the runtimes are named after the backends
     if backend == "webnn":
         model = _name_free_dims(model)
     folder = tempfile.TemporaryDirectory(prefix="gqa-browser-")
     path = pathlib.Path(folder.name) / "model.onnx"
     onnx.save(model, path)  # weights inline: the page fetches one file
     inputs, outputs = _input_names(model), _output_names(model)
-    harness = _shared_harness(runtime)
-    runs = iter(range(1 << 62))
+    harness = _shared_harness(runtime)  # checks the harness is installed
+    runs = itertools.count()
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = _only(feeds, inputs)

@@ -278,7 +278,7 @@ def _browser_loader(backend: str) -> Callable[[onnx.ModelProto], Session]:
     def load(model: onnx.ModelProto) -> Session:
         from gqa_decompose import browser
 
-        return browser.load(model, backend, backend)
+        return browser.load(model, backend)
 
     return load
 

@@ -22,7 +22,6 @@ where ``GQA_DECOMPOSE_REQUIRE_BROWSER=1`` (.ci/run): there a missing harness is 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import pathlib
