@@ -1,7 +1,7 @@
 // Runs ONNX models in headless Chromium through onnxruntime-web, on its wasm or WebNN backend.
 //
-// One browser per process, one page; each job loads a model (its session is cached per model
-// and free dimension overrides) and runs one set of feeds. Tensors travel as raw files:
+// One browser per process, one page per backend; each job loads a model (its session is cached
+// per model and free dimension overrides) and runs one set of feeds. Tensors travel as raw files:
 // <prefix>.json lists {name, dtype, shape, offset, nbytes}, <prefix>.bin holds the bytes
 // (little-endian, C order), for the feeds and for the outputs alike.
 //
@@ -31,7 +31,8 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ORT_DIST = path.join(HERE, "node_modules", "onnxruntime-web", "dist");
 const ORT_VERSION = JSON.parse(fs.readFileSync(path.join(ORT_DIST, "..", "package.json"), "utf8")).version;
 
-// The machine may have no network: Chromium must not try to reach anything.
+// The machine may have no network: Chromium must not try to reach anything. No sandbox: CI runs
+// as root, where Chromium refuses to start with one.
 const CHROMIUM_ARGS = [
   "--no-sandbox",
   "--enable-features=WebMachineLearningNeuralNetwork",
