@@ -213,13 +213,12 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     type=click.Choice(["auto", "static", "growing", "any"]),
     default="auto",
     show_default=True,
-    help="'any': growing or static, ragged or not, decided at run time (two copies of the cache "
-    "per layer and step; one with --fast-paths except for a ragged growing batch). 'static': promise past is always a "
-    "max-length buffer (T <= past length); 'growing': promise past grows by the new rows "
-    "(T = past + new) with batch rows aligned after the first prompt. A promise emits only its "
-    "path; a run that breaks it fails instead of computing anything wrong. With 'static' or "
-    "'any', a runtime that binds present to past gets an in-place write. 'auto': "
-"static when a genai_config.json beside MODEL sets past_present_share_buffer, else any.",
+    help="'auto' (= 'any'): growing or static, ragged or not, decided at run time (two copies of the cache "
+    "per layer and step; one with --fast-paths except for a ragged growing batch), whatever sits beside MODEL. "
+    "'static': promise past is always a max-length buffer (T <= past length, as onnxruntime-genai's "
+    "past_present_share_buffer runs it); 'growing': promise past grows by the new rows (T = past + new) with batch "
+    "rows aligned after the first prompt. A promise emits only its path; a run that breaks it fails instead of "
+    "computing anything wrong. With 'static' or 'auto', a runtime that binds present to past gets an in-place write.",
 )
 @click.option(
     "--native-precision",
@@ -300,15 +299,13 @@ def main(
     """
     if no_verify:
         verify_mode = "none"
-    static_kv_cache = kv_cache == "static" or (
-        kv_cache == "auto" and model_io.genai_shares_kv_buffer(model)
-    )
-    if kv_cache == "auto" and static_kv_cache:
-        click.echo("note: genai_config.json shares past/present buffers: assuming a static KV buffer "
-                   "(--kv-cache any to keep the growing-cache path)")
+    if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
+        # A suggestion only: the default keeps every cache form the original accepts.
+        click.echo("note: genai_config.json sets past_present_share_buffer: --kv-cache static emits only the "
+                   "static-buffer path (one cache copy less), which a growing-cache loop cannot run")
     options = DecomposeOptions(
         legacy_window=legacy_window,
-        static_kv_cache=static_kv_cache,
+        static_kv_cache=kv_cache == "static",
         growing_kv_cache=kv_cache == "growing",
         native_precision=native_precision,
         fast_paths=fast_paths,

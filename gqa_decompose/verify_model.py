@@ -39,6 +39,7 @@ import onnx_ir as ir
 
 from gqa_decompose import spec as gqa
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.model_io import read_genai_config, shares_kv_buffer
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
 from gqa_decompose.verify import unfused_qk_norm_nodes, windowed_rows
@@ -182,22 +183,6 @@ def _output_kind(name: str) -> str:
 # Reading the model -----------------------------------------------------------------------------------------
 
 
-def read_genai_config(model_path: str | os.PathLike | None) -> dict:
-    """onnxruntime-genai's genai_config.json beside ``model_path`` when it describes that file; else {}."""
-    if model_path is None:
-        return {}
-    model_path = pathlib.Path(model_path).absolute()
-    path = model_path.parent / "genai_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    decoder_file = config.get("model", {}).get("decoder", {}).get("filename")
-    if decoder_file is not None and decoder_file != model_path.name:
-        return {}
-    return config
-
-
 def _dim_names(value: ir.Value) -> list[int | str | None]:
     if value.shape is None:
         return []
@@ -333,7 +318,7 @@ def _plan(
             if isinstance(dim, str):
                 bound.setdefault(dim, size)
 
-    static = (options.static_kv_cache or _shares_buffer(config)) and not options.growing_kv_cache
+    static = (options.static_kv_cache or shares_kv_buffer(config)) and not options.growing_kv_cache
     max_length = config.get("search", {}).get("max_length")
     caches = []
     window_config = config.get("model", {}).get("decoder", {}).get("sliding_window") or {}
@@ -423,10 +408,6 @@ def _present_by_name(past: str, graph: ir.Graph) -> str | None:
         if candidate != past and candidate in outputs:
             return candidate
     return None
-
-
-def _shares_buffer(config: dict) -> bool:
-    return bool(config.get("search", {}).get("past_present_share_buffer", False))
 
 
 def _synthesize_other(value: ir.Value, dims: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
