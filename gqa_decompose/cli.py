@@ -35,7 +35,7 @@ from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
 from gqa_decompose.runtimes import get_runtime
 from gqa_decompose.spec import DecomposeOptions
 from gqa_decompose.verify import NodeVerification, verify
-from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
+from gqa_decompose.verify_model import ModelVerification, verify_model
 
 __all__ = ["main"]
 
@@ -397,12 +397,13 @@ class _Run:
             bar.close()
 
 
-def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) -> dict[str, NodeVerification]:
-    """verify() works on a copy: ``original`` is left as it is."""
+def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) -> list[NodeVerification]:
+    """One result per GQA node, in the order the pass decomposes them (node names need not be unique).
+    verify() works on a copy: ``original`` is left as it is."""
     bar, update = _progress_bar("verifying nodes", quiet)
     with bar:
         result = verify(original, progress=update, **dataclasses.asdict(options))
-    return {node.name: node for node in result.nodes}
+    return list(result.nodes)
 
 
 def _verify_whole_model(
@@ -418,7 +419,7 @@ def _verify_whole_model(
             batch=run.batch,
             dims=run.dims,
             feeds=run.inputs_path,
-            genai_config=read_genai_config(run.model_path),
+            genai_config=model_io.read_genai_config(run.model_path),
             progress=update,
             **dataclasses.asdict(options),
         )
@@ -441,6 +442,10 @@ def _echo_model_verification(run: _Run, result: ModelVerification | None) -> Non
     if run.verbose:
         for line in _step_lines(result):
             click.echo(line)
+        for other in result.also:  # the other cache forms driven
+            click.echo(f"  with a {other.cache_layout}:")
+            for line in _step_lines(other):
+                click.echo(line)
 
 
 def _run_decompose(
@@ -476,13 +481,12 @@ def _run_decompose(
         result.ops_left = ops_left(model)
         result.exit_code = EXIT_OK
         return
-    verifications = {}
+    verifications: list[NodeVerification | None] = [None] * len(decomposed)
     if run.nodes:
         started = time.perf_counter()
         verifications = _verify_nodes(original, options, run.quiet)
         result.timings["verify_nodes"] = time.perf_counter() - started
-    for entry in decomposed:
-        verification = verifications.get(entry.name)
+    for entry, verification in zip(decomposed, verifications, strict=True):
         node = NodeEntry(entry.name, entry.scope, "decomposed", entry.spec, new_nodes=entry.new_node_count,
                          verification=verification, target=entry.target, fallback=entry.fallback)
         result.nodes.append(node)

@@ -635,8 +635,7 @@ def verify_model(
     also = tuple(ModelVerification(p.batch, p.prompt_length, p.layout, tolerance, r)
                  for p, r in zip(plans[1:], results[1:]))
     # The report's notes carry the other forms' verdicts (its steps are the first form's).
-    notes += [f"also driven with a {other.cache_layout}: {'passed' if other.passed else 'FAILED'}, prompt + "
-              f"{other._figures()}" for other in also]
+    notes += [f"also driven ({'passed' if other.passed else 'FAILED'}): prompt + {other._figures()}" for other in also]
     return ModelVerification(plans[0].batch, plans[0].prompt_length, plans[0].layout, tolerance, results[0],
                              notes=tuple(notes), also=also)
 
