@@ -8,17 +8,19 @@ synthesizes a generation loop, runs it on both models in lock step and compares 
 * ``attention_mask``: right-padded rows for batch > 1 (row b is 2·b tokens shorter, at least 1), ``[B, T]``
   with T the longest row, extended by a column of ones per decode step;
 * ``position_ids``: ``cumsum(mask) - 1`` (0 on padding), the new tokens' columns;
-* ``past_key_values.*``: in the layout the model is deployed with — empty and growing (present has P + S
-  rows), or a static max-length buffer (onnxruntime-genai's ``past_present_share_buffer``, or
-  ``--kv-cache static``), or, for a ``sliding_window_cache`` layer, a ring of its capacity;
+* ``past_key_values.*``: in every cache form the declared shapes and the options admit, one loop each —
+  empty and growing (present has P + S rows), and a static max-length buffer; the one the model is deployed
+  with first (onnxruntime-genai's ``past_present_share_buffer``, ``--kv-cache static|growing``), the other
+  whatever genai_config.json says; a ``sliding_window_cache`` layer's past is a ring of its capacity in both;
 * symbolic dims: the batch, prompt length and buffer lengths above, or ``dims`` (``--dim name=value``).
 
 Feeds given by the user (``feeds``, ``--inputs feeds.npz``) replace the synthesized prompt feeds. Each decode
 step feeds one new token per row, the original model's greedy choice (both models see the same tokens), and
 each model its own present back as past. Compared, per step and output, on the elements ORT defines: logits of
 query rows s < t_b in a right-padded prompt; present rows < t_b (windowed ring: < L(t_b)); everything of other
-outputs. Errors are max |a − b| and that divided by max |expected|; an element passes when
-|a − b| <= atol + rtol·|expected|. Greedy next tokens (argmax of the last valid row) are compared too.
+outputs. Integer (quantized) presents are compared on the same rows, exactly. Errors are max |a − b| and that
+divided by max |expected|; an element passes when |a − b| <= atol + rtol·|expected| (:mod:`verify_core`).
+Greedy next tokens (argmax of the last valid row) are compared too.
 
 ORT CPU runs a step with S > 1 after a past only for batch 1, so every decode step has S = 1; and it rejects
 right padding with a windowed cache, so such models get rows of equal length.
@@ -508,16 +510,19 @@ def _prepare_for_ort(model: ir.Model) -> list[str]:
     return [f"{changed} MatMulNBits nodes compared at accuracy_level 1 (int8 activations amplify rounding)"] if changed else []
 
 
-def _normalize_qk_outside(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> int:
+def _normalize_qk_outside(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> list[str]:
     """Move each GQA node's q/k norm (§16) out of the node (:func:`verify.unfused_qk_norm_nodes`), so
-    ORT CPU runs the original. Returns how many nodes changed."""
+    ORT CPU runs the original. Returns a note on what changed."""
     changed = 0
     for container, node in find_gqa_nodes(model):
         spec = specs.get(node)
         if spec is not None and (spec.q_norm or spec.k_norm):
             container.insert_before(node, unfused_qk_norm_nodes(node, spec))
             changed += 1
-    return changed
+    if not changed:
+        return []
+    return [f"{changed} GQA nodes with q/k norm weights (which ORT CPU rejects) run in the original "
+            "as ORT's SimplifiedLayerNormalization on the heads, then GQA without the weights"]
 
 
 def load_feeds(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -587,13 +592,10 @@ def verify_model(
     feeds = dict(feeds or {})
     InferGqaTypesPass()(model)
     specs = {node: parse_gqa_node(node, decompose_options) for _, node in find_gqa_nodes(model)}
-    if not specs:
-        return ModelVerification(0, 0, "none", (0.0, 0.0), (), skipped="no GroupQueryAttention node")
-    dtypes = {spec.dtype for spec in specs.values()}
-    if ir.DataType.BFLOAT16 in dtypes:
-        return ModelVerification(0, 0, "none", (0.0, 0.0), (),
-                                 skipped="ONNX Runtime CPU has no bfloat16 GroupQueryAttention kernel")
-    tolerance = core.model_tolerance(dtypes, decompose_options.native_precision)
+    skipped = _skip_reason(specs)
+    if skipped:
+        return ModelVerification(0, 0, "none", (0.0, 0.0), (), skipped=skipped)
+    tolerance = core.model_tolerance({s.dtype for s in specs.values()}, decompose_options.native_precision)
     rewritten = _rewritten(model, decomposed, decompose_options)
     forms = [static for static in _cache_forms(config, decompose_options)
              if cache_forms is None or ("static" if static else "growing") in cache_forms]
@@ -603,41 +605,61 @@ def verify_model(
     unknown = set(feeds) - {v.name for v in model.graph.inputs}
     if unknown:
         raise GqaDecomposeError(f"fed inputs the model does not have: {', '.join(sorted(unknown))}")
-    notes = _prepare_for_ort(model) + notes
+    notes = _prepare_for_ort(model) + notes + _normalize_qk_outside(model, specs) + _batch_notes(plans[0])
     _prepare_for_ort(rewritten)
-    normalized = _normalize_qk_outside(model, specs)
-    if normalized:
-        notes.append(f"{normalized} GQA nodes with q/k norm weights (which ORT CPU rejects) run in the original "
-                     "as ORT's SimplifiedLayerNormalization on the heads, then GQA without the weights")
-    plan = plans[0]
+    first = plans[0]
+    try:
+        sessions = _sessions(model, rewritten)
+    except _RewrittenDoesNotLoad as error:  # a failed verification, not an error
+        step = StepResult(0, first.prompt_length, (), (), None, None, str(error))
+        return ModelVerification(first.batch, first.prompt_length, first.layout, tolerance, (step,), notes=tuple(notes))
+    results = []
+    for index, plan in enumerate(plans):
+        step_progress = None if progress is None else (
+            lambda step, _, done=index * (steps + 1): progress(done + step, len(plans) * (steps + 1)))
+        loop = _Loop(model, plan, feeds, np.random.default_rng(seed))
+        results.append(_drive(loop, *sessions, tolerance, steps, step_progress))
+    also = tuple(ModelVerification(p.batch, p.prompt_length, p.layout, tolerance, r)
+                 for p, r in zip(plans[1:], results[1:]))
+    # The report's notes carry the other forms' verdicts (its steps are the first form's).
+    notes += [f"also driven ({'passed' if other.passed else 'FAILED'}): prompt + {other._figures()}" for other in also]
+    return ModelVerification(first.batch, first.prompt_length, first.layout, tolerance, results[0],
+                             notes=tuple(notes), also=also)
+
+
+def _skip_reason(specs: Mapping[ir.Node, GqaSpec]) -> str | None:
+    if not specs:
+        return "no GroupQueryAttention node"
+    if any(spec.dtype == ir.DataType.BFLOAT16 for spec in specs.values()):
+        return "ONNX Runtime CPU has no bfloat16 GroupQueryAttention kernel"
+    return None
+
+
+def _batch_notes(plan: _Plan) -> list[str]:
     if plan.padded:
-        notes.append("right-padded batch: row b is 2*b tokens shorter")
-    elif plan.batch > 1 and any(c.window is not None for c in plan.caches):
-        notes.append("rows of equal length: ORT rejects right padding with a windowed KV cache")
+        return ["right-padded batch: row b is 2*b tokens shorter"]
+    if plan.batch > 1 and any(c.window is not None for c in plan.caches):
+        return ["rows of equal length: ORT rejects right padding with a windowed KV cache"]
+    return []
+
+
+class _RewrittenDoesNotLoad(Exception):
+    pass
+
+
+def _sessions(model: ir.Model, rewritten: ir.Model) -> tuple:
+    """ORT CPU sessions of the original and the rewritten model. The original failing to load is an error
+    (nothing to compare with); the rewritten one failing raises :class:`_RewrittenDoesNotLoad`."""
     try:
         original_session = core.ort_session(model)
     except Exception as error:
         raise GqaDecomposeError(
             f"ONNX Runtime CPU cannot load the original model: {core.first_line(error)}") from error
     try:
-        rewritten_session = core.ort_session(rewritten)
-    except Exception as error:  # the rewritten model does not even load: a failed verification
-        step = StepResult(0, plan.prompt_length, (), (), None, None,
-                          f"ONNX Runtime cannot load the rewritten model: {core.first_line(error)}")
-        return ModelVerification(plan.batch, plan.prompt_length, plan.layout, tolerance, (step,), notes=tuple(notes))
-    results = []
-    for index, plan in enumerate(plans):
-        done = index * (steps + 1)
-        step_progress = None if progress is None else (
-            lambda step, _, done=done: progress(done + step, len(plans) * (steps + 1)))
-        loop = _Loop(model, plan, feeds, np.random.default_rng(seed))
-        results.append(_drive(loop, original_session, rewritten_session, tolerance, steps, step_progress))
-    also = tuple(ModelVerification(p.batch, p.prompt_length, p.layout, tolerance, r)
-                 for p, r in zip(plans[1:], results[1:]))
-    # The report's notes carry the other forms' verdicts (its steps are the first form's).
-    notes += [f"also driven ({'passed' if other.passed else 'FAILED'}): prompt + {other._figures()}" for other in also]
-    return ModelVerification(plans[0].batch, plans[0].prompt_length, plans[0].layout, tolerance, results[0],
-                             notes=tuple(notes), also=also)
+        return original_session, core.ort_session(rewritten)
+    except Exception as error:
+        raise _RewrittenDoesNotLoad(
+            f"ONNX Runtime cannot load the rewritten model: {core.first_line(error)}") from error
 
 
 def _config(genai_config: str | os.PathLike | dict | None, path: pathlib.Path | None) -> dict:
