@@ -35,7 +35,7 @@ from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
 from gqa_decompose.runtimes import get_runtime
 from gqa_decompose.spec import DecomposeOptions
 from gqa_decompose.verify import NodeVerification, verify
-from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
+from gqa_decompose.verify_model import ModelVerification, verify_model
 
 __all__ = ["main"]
 
@@ -214,13 +214,12 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     type=click.Choice(["auto", "static", "growing", "any"]),
     default="auto",
     show_default=True,
-    help="'any': growing or static, ragged or not, decided at run time (two copies of the cache "
-    "per layer and step; one with --fast-paths except for a ragged growing batch). 'static': promise past is always a "
-    "max-length buffer (T <= past length); 'growing': promise past grows by the new rows "
-    "(T = past + new) with batch rows aligned after the first prompt. A promise emits only its "
-    "path; a run that breaks it fails instead of computing anything wrong. With 'static' or "
-    "'any', a runtime that binds present to past gets an in-place write. 'auto': "
-"static when a genai_config.json beside MODEL sets past_present_share_buffer, else any.",
+    help="'auto' (= 'any'): growing or static, ragged or not, decided at run time (two copies of the cache "
+    "per layer and step; one with --fast-paths except for a ragged growing batch), whatever sits beside MODEL. "
+    "'static': promise past is always a max-length buffer (T <= past length, as onnxruntime-genai's "
+    "past_present_share_buffer runs it); 'growing': promise past grows by the new rows (T = past + new) with batch "
+    "rows aligned after the first prompt. A promise emits only its path; a run that breaks it fails instead of "
+    "computing anything wrong. With 'static' or 'auto', a runtime that binds present to past gets an in-place write.",
 )
 @click.option(
     "--native-precision",
@@ -301,15 +300,13 @@ def main(
     """
     if no_verify:
         verify_mode = "none"
-    static_kv_cache = kv_cache == "static" or (
-        kv_cache == "auto" and model_io.genai_shares_kv_buffer(model)
-    )
-    if kv_cache == "auto" and static_kv_cache:
-        click.echo("note: genai_config.json shares past/present buffers: assuming a static KV buffer "
-                   "(--kv-cache any to keep the growing-cache path)")
+    if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
+        # A suggestion only: the default keeps every cache form the original accepts.
+        click.echo("note: genai_config.json sets past_present_share_buffer: --kv-cache static emits only the "
+                   "static-buffer path (one cache copy less), which a growing-cache loop cannot run")
     options = DecomposeOptions(
         legacy_window=legacy_window,
-        static_kv_cache=static_kv_cache,
+        static_kv_cache=kv_cache == "static",
         growing_kv_cache=kv_cache == "growing",
         native_precision=native_precision,
         fast_paths=fast_paths,
@@ -401,12 +398,13 @@ class _Run:
             bar.close()
 
 
-def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) -> dict[str, NodeVerification]:
-    """verify() works on a copy: ``original`` is left as it is."""
+def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) -> list[NodeVerification]:
+    """One result per GQA node, in the order the pass decomposes them (node names need not be unique).
+    verify() works on a copy: ``original`` is left as it is."""
     bar, update = _progress_bar("verifying nodes", quiet)
     with bar:
         result = verify(original, progress=update, **dataclasses.asdict(options))
-    return {node.name: node for node in result.nodes}
+    return list(result.nodes)
 
 
 def _verify_whole_model(
@@ -422,7 +420,7 @@ def _verify_whole_model(
             batch=run.batch,
             dims=run.dims,
             feeds=run.inputs_path,
-            genai_config=read_genai_config(run.model_path),
+            genai_config=model_io.read_genai_config(run.model_path),
             progress=update,
             **dataclasses.asdict(options),
         )
@@ -445,6 +443,10 @@ def _echo_model_verification(run: _Run, result: ModelVerification | None) -> Non
     if run.verbose:
         for line in _step_lines(result):
             click.echo(line)
+        for other in result.also:  # the other cache forms driven
+            click.echo(f"  with a {other.cache_layout}:")
+            for line in _step_lines(other):
+                click.echo(line)
 
 
 def _run_decompose(
@@ -480,13 +482,12 @@ def _run_decompose(
         result.ops_left = ops_left(model)
         result.exit_code = EXIT_OK
         return
-    verifications = {}
+    verifications: list[NodeVerification | None] = [None] * len(decomposed)
     if run.nodes:
         started = time.perf_counter()
         verifications = _verify_nodes(original, options, run.quiet)
         result.timings["verify_nodes"] = time.perf_counter() - started
-    for entry in decomposed:
-        verification = verifications.get(entry.name)
+    for entry, verification in zip(decomposed, verifications, strict=True):
         node = NodeEntry(entry.name, entry.scope, "decomposed", entry.spec, new_nodes=entry.new_node_count,
                          verification=verification, target=entry.target, fallback=entry.fallback)
         result.nodes.append(node)

@@ -20,7 +20,8 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 
-__all__ = ["check_output_folder", "check_output_path", "default_output_path", "genai_shares_kv_buffer", "external_tensors", "load_model", "save_model"]
+__all__ = ["check_output_folder", "check_output_path", "default_output_path", "genai_shares_kv_buffer", "external_tensors", "load_model",
+           "read_genai_config", "save_model", "shares_kv_buffer"]
 
 
 def default_output_path(model_path: str | os.PathLike) -> pathlib.Path:
@@ -29,21 +30,32 @@ def default_output_path(model_path: str | os.PathLike) -> pathlib.Path:
     return path.with_name(f"{path.stem}.decomposed.onnx")
 
 
+def read_genai_config(model_path: str | os.PathLike | None) -> dict:
+    """onnxruntime-genai's ``genai_config.json`` beside ``model_path`` when it describes that file; else {}."""
+    if model_path is None:
+        return {}
+    path = pathlib.Path(model_path).absolute()
+    try:
+        config = json.loads((path.parent / "genai_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    decoder_file = config.get("model", {}).get("decoder", {}).get("filename")
+    if decoder_file is not None and decoder_file != path.name:
+        return {}
+    return config
+
+
+def shares_kv_buffer(config: dict) -> bool:
+    """True when a genai config runs the model with ``past_present_share_buffer`` (a max-length past)."""
+    return bool(config.get("search", {}).get("past_present_share_buffer", False))
+
+
 def genai_shares_kv_buffer(model_path: str | os.PathLike) -> bool:
     """True when an onnxruntime-genai ``genai_config.json`` beside the model runs it with
     ``past_present_share_buffer``: past is then always a max-length (static) buffer."""
-    path = pathlib.Path(model_path).absolute()
-    config_path = path.parent / "genai_config.json"
-    if not config_path.is_file():
-        return False
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        return False
-    decoder_file = config.get("model", {}).get("decoder", {}).get("filename")
-    if decoder_file is not None and decoder_file != path.name:
-        return False
-    return bool(config.get("search", {}).get("past_present_share_buffer", False))
+    return shares_kv_buffer(read_genai_config(model_path))
 
 
 def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:

@@ -185,8 +185,8 @@ def check(
     if verify_mode in ("nodes", "all") and decomposable:
         started = time.perf_counter()
         report = verify(loaded, progress=_tagged(progress, "nodes"), **dataclasses.asdict(decompose_options))
-        by_name = {n.name: n for n in report.nodes}
-        result.nodes = [dataclasses.replace(n, verification=by_name.get(n.name)) for n in result.nodes]
+        # One verification per GQA node in the same (find_gqa_nodes) order: joined by position, not by name.
+        result.nodes = [dataclasses.replace(n, verification=v) for n, v in zip(result.nodes, report.nodes, strict=True)]
         result.timings["verify_nodes"] = time.perf_counter() - started
     if verify_mode in ("model", "all") and decomposable and not refused:
         started = time.perf_counter()

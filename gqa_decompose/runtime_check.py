@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from gqa_decompose import runtimes
 from gqa_decompose import spec as gqa
+from gqa_decompose import verify_core as core
 from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import find_gqa_nodes
@@ -33,11 +34,6 @@ from gqa_decompose.verify import VerificationReport, verify
 __all__ = ["ModelRun", "RuntimeCheck", "check_runtime", "synthesize_prompt_feeds"]
 
 PROMPT_LENGTH = 4
-# Whole-model tolerance, absolute + relative: errors compound over the layers.
-_MODEL_TOLERANCES = {
-    np.dtype(np.float32): (1e-4, 1e-4),
-    np.dtype(np.float16): (2e-2, 1e-2),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +151,6 @@ def synthesize_prompt_feeds(
     return feeds
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _run_model(
     original: onnx.ModelProto, decomposed: onnx.ModelProto, runtime: str, feeds: dict[str, np.ndarray]
 ) -> ModelRun:
@@ -167,15 +158,15 @@ def _run_model(
         expected = runtimes.get_runtime("onnxruntime").load(original).run(feeds)
     except Exception as error:  # not the runtime's fault: no verdict possible
         return ModelRun({}, f"the original model does not run on ONNX Runtime with synthesized inputs: "
-                            f"{_first_line(error)}")
+                            f"{core.first_line(error)}")
     try:
         session = runtimes.get_runtime(runtime).load(decomposed)
     except Exception as error:
-        return ModelRun({}, f"does not load: {_first_line(error)}")
+        return ModelRun({}, f"does not load: {core.first_line(error)}")
     try:
         got = session.run(feeds)
     except Exception as error:
-        return ModelRun({}, f"fails to run a prompt: {_first_line(error)}")
+        return ModelRun({}, f"fails to run a prompt: {core.first_line(error)}")
     errors: dict[str, float] = {}
     failure = None
     for name, want in expected.items():
@@ -183,18 +174,15 @@ def _run_model(
         if have is None or have.shape != want.shape:
             failure = failure or f"output {name}: shape {None if have is None else have.shape} != {want.shape}"
             continue
+        parts = [(...,)]
         if want.ndim == 4 and "present" in name.lower():
             # Rows past the prompt are undefined (ORT zeroes them; a static buffer keeps them).
-            want, have = want[:, :, :PROMPT_LENGTH], have[:, :, :PROMPT_LENGTH]
-        if not np.issubdtype(want.dtype, np.floating):
-            if not np.array_equal(want, have):
-                failure = failure or f"output {name} differs"
-            continue
-        difference = np.abs(want.astype(np.float64) - have.astype(np.float64))
-        errors[name] = float(np.nan_to_num(difference, nan=np.inf).max()) if difference.size else 0.0
-        atol, rtol = _MODEL_TOLERANCES.get(want.dtype, (1e-4, 1e-4))
-        if np.any(~(difference <= atol + rtol * np.abs(want.astype(np.float64)))):
-            failure = failure or f"output {name} differs from ONNX Runtime by {errors[name]:.3g}"
+            rows = core.defined_present_rows([PROMPT_LENGTH] * want.shape[0], want.shape[2])
+            parts = [(b, slice(None), slice(0, kept)) for b, kept in enumerate(rows)]
+        diff = core.compare(want, have, parts, core.model_tolerance_of(want))
+        errors[name] = diff.max_abs
+        if not diff.passed:
+            failure = failure or f"output {name} differs from ONNX Runtime by {diff.max_abs:.3g}"
     return ModelRun(errors, failure)
 
 

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from onnx import helper
 
 from gqa_decompose import spec as gqa
+from gqa_decompose import verify_core as core
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.mask import row_block_min_queries
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
@@ -44,25 +45,9 @@ __all__ = [
     "verify_node_model",
 ]
 
-TOLERANCES = {
-    ir.DataType.FLOAT: (1e-5, 1e-5),
-    ir.DataType.FLOAT16: (2e-3, 1e-3),
-    # ORT has no bfloat16 GQA kernel: the oracle is its fp32 kernel on the same
-    # (bf16-representable) inputs, and the expansion, which ORT's CPU ops cannot
-    # run in bf16 either, runs on onnx.reference. Q, K and the output are
-    # rounded to bf16 on our side only, hence a bf16-ulp tolerance.
-    ir.DataType.BFLOAT16: (2e-2, 1e-2),
-}
-# With native_precision the expansion computes in fp16/bf16 while ORT's kernel uses fp32.
-NATIVE_PRECISION_TOLERANCES = {
-    ir.DataType.FLOAT16: (1e-2, 1e-2),
-    ir.DataType.BFLOAT16: (5e-2, 2e-2),
-}
-_NUMPY_TYPES = {
-    ir.DataType.FLOAT: np.float32,
-    ir.DataType.FLOAT16: np.float16,
-    ir.DataType.BFLOAT16: ml_dtypes.bfloat16,
-}
+TOLERANCES = core.NODE_TOLERANCES
+NATIVE_PRECISION_TOLERANCES = core.NATIVE_PRECISION_NODE_TOLERANCES
+windowed_rows = core.windowed_rows  # L(t_b), re-exported: tests and verify_model's users import it from here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,10 +122,7 @@ _INPUT_RANKS = {gqa.QUERY: 3, gqa.KEY: 3, gqa.VALUE: 3, gqa.PAST_KEY: 4, gqa.PAS
 # Extraction --------------------------------------------------------------------------------
 
 
-def _dims(value: ir.Value) -> list[int | str | None] | None:
-    if value.shape is None:
-        return None
-    return [d if isinstance(d, int) else d.value for d in value.shape]
+_dims = core.dims
 
 
 def _constant_tensor(value: ir.Value) -> onnx.TensorProto | None:
@@ -447,7 +429,7 @@ def synthesize_inputs(
     node: ir.Node, spec: GqaSpec, phase: Phase, rng: np.random.Generator, feed_names: dict[int, str]
 ) -> dict[str, np.ndarray]:
     """Valid inputs for ``phase`` keyed by the one-node model's input names."""
-    dtype = _NUMPY_TYPES[spec.dtype]
+    dtype = core.NUMPY_TYPES[spec.dtype]
     batch, query_length, total = phase.batch, phase.query_length, phase.total_length
     kv_hidden = spec.kv_num_heads * spec.head_size
     heads = spec.num_heads
@@ -537,30 +519,29 @@ def synthesize_inputs(
 
 # Comparison ----------------------------------------------------------------------------------
 
+_LABELS = ("output", "present_key", "present_value", "output_qk")
 
-def windowed_rows(length: int, capacity: int, window: int) -> int:
-    """L(t_b): rows of a windowed cache of ``capacity`` rows that hold tokens (semantics doc §12)."""
-    if length <= capacity:
-        return length
-    gap = capacity - window + 1
-    return length - gap * math.ceil((length - capacity) / gap)
+
+def _defined_parts(output_index: int, shape: Sequence[int], spec: GqaSpec, phase: Phase) -> list[tuple]:
+    """The index tuples of output ``output_index`` (of ``shape``) that ONNX Runtime defines, one per batch row."""
+    queries = core.defined_query_rows(phase.total_lengths, phase.query_length, phase.first_prompt)
+    if output_index == gqa.OUTPUT:
+        return [(b, slice(0, rows)) for b, rows in enumerate(queries)]
+    if output_index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
+        window = spec.local_window_size if spec.sliding_window_cache else None
+        kept = core.defined_present_rows(phase.total_lengths, shape[2], window)
+        return [(b, slice(None), slice(0, rows)) for b, rows in enumerate(kept)]
+    if output_index == gqa.OUTPUT_QK:
+        return [(b, slice(None), slice(0, rows), slice(0, length))
+                for b, (rows, length) in enumerate(zip(queries, phase.total_lengths))]
+    return []
 
 
 def _defined_elements(
     output_index: int, array: np.ndarray, spec: GqaSpec, phase: Phase
 ) -> list[np.ndarray]:
     """The slices of ``array`` that ONNX Runtime defines, one per batch row."""
-    parts = []
-    for b, length in enumerate(phase.total_lengths):
-        rows = min(length, phase.query_length) if phase.first_prompt else phase.query_length
-        if output_index == gqa.OUTPUT:
-            parts.append(array[b, :rows])
-        elif output_index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
-            kept = windowed_rows(length, array.shape[2], spec.local_window_size) if spec.sliding_window_cache else length
-            parts.append(array[b, :, :kept])
-        elif output_index == gqa.OUTPUT_QK:
-            parts.append(array[b, :, :rows, :length])
-    return parts
+    return [array[index] for index in _defined_parts(output_index, array.shape, spec, phase)]
 
 
 def _nibbles(packed: np.ndarray) -> np.ndarray:
@@ -569,28 +550,8 @@ def _nibbles(packed: np.ndarray) -> np.ndarray:
     return levels.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def _run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from onnx.reference import ReferenceEvaluator
-
-    evaluator = ReferenceEvaluator(model)
-    wanted = set(evaluator.input_names)
-    return evaluator.run(None, {k: v for k, v in feeds.items() if k in wanted})
-
-
 def _as_float32(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in feeds.items()}
-
-
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    wanted = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in wanted})
 
 
 _TIE_RETRIES = 3  # new inputs for a quantized-cache phase that failed on rounding ties only
@@ -633,6 +594,116 @@ def quantization_ties_only(
     return 0 < flips <= max(2, elements // 1000)
 
 
+@dataclasses.dataclass(frozen=True)
+class _NodeCheck:
+    """One node's oracle (the fused node on ORT CPU) and candidate (its expansion on a runtime)."""
+
+    spec: GqaSpec
+    used_outputs: tuple[int, ...]
+    oracle_outputs: tuple[int, ...]
+    run_oracle: core.Runner
+    run_candidate: core.Runner
+    runtime_label: str
+    tolerance: tuple[float, float]
+
+    def run_phase(self, phase: Phase, feeds: dict[str, np.ndarray]) -> tuple[PhaseResult, dict, dict]:
+        """One phase on both; (result, expected, got), the last two keyed by output position."""
+        bfloat16 = self.spec.dtype == ir.DataType.BFLOAT16
+        try:
+            outputs = self.run_oracle(_as_float32(feeds) if bfloat16 else feeds)
+            expected = dict(zip(self.oracle_outputs, outputs.values()))
+        except Exception as error:  # an ORT failure is a verification failure, not a crash
+            return PhaseResult(phase, {}, False, f"ONNX Runtime failed: {core.first_line(error)}"), {}, {}
+        try:
+            got = dict(zip(self.used_outputs, self.run_candidate(feeds).values()))
+        except Exception as error:  # a runtime's failure is a verification failure, not a crash
+            return PhaseResult(phase, {}, False, f"{self.runtime_label} failed: {core.first_line(error)}"), {}, {}
+        return self.compare(phase, expected, got), expected, got
+
+    def compare(self, phase: Phase, expected: dict[int, np.ndarray], got: dict[int, np.ndarray]) -> PhaseResult:
+        errors: dict[str, float] = {}
+        passed, failure = True, None
+        for index in self.used_outputs:
+            label = _LABELS[index]
+            want, have = expected[index], got[index]
+            if want.shape != have.shape:
+                passed, failure = False, f"{label} shape {have.shape} != {want.shape}"
+                continue
+            if self.spec.kv_bits == 4 and index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
+                want, have = _nibbles(want), _nibbles(have)
+            diff = core.compare(want, have, _defined_parts(index, want.shape, self.spec, phase), self.tolerance)
+            errors[label] = diff.max_abs
+            if not diff.passed:
+                passed = False
+                failure = failure or f"{label} differs by {diff.max_abs:.3g}"
+        return PhaseResult(phase, errors, passed, failure)
+
+
+def _lazy(make: Callable[[], core.Runner]) -> core.Runner:
+    """A runner made on first use: a load failure is reported by each phase, like a run failure."""
+    made: list[core.Runner] = []
+
+    def run(feeds):
+        if not made:
+            made.append(make())
+        return made[0](feeds)
+
+    return run
+
+
+def _candidate_runner(
+    candidate: onnx.ModelProto, runtime: str | None, total_length_input: str | None, bfloat16: bool
+) -> tuple[core.Runner, str]:
+    """Runs the expansion on ``runtime`` (default ORT CPU; onnx.reference for bf16, which ORT's CPU ops
+    cannot run); and the runtime's label. ``total_length_input``: the input whose value is read from a
+    shape instead (:func:`gqa_decompose.runtimes.total_length_from_shape`)."""
+    if bfloat16 and runtime is None:
+        return _lazy(lambda: core.reference_runner(candidate)), "ONNX Runtime"
+    if runtime is None and total_length_input is None:
+        return _lazy(lambda: core.ort_runner(candidate)), "ONNX Runtime"
+    from gqa_decompose import runtimes
+
+    name = runtimes.get_runtime(runtime or "onnxruntime").name
+    if total_length_input is None:
+        return core.runtime_runner(candidate, name), name
+    run = core.runtime_runner(runtimes.total_length_from_shape(candidate, total_length_input), name)
+    return (lambda feeds: run(runtimes.length_as_shape(feeds, total_length_input))), name
+
+
+def _node_check(
+    node: ir.Node,
+    spec: GqaSpec,
+    opset: int,
+    ir_version: int,
+    options: DecomposeOptions,
+    used_outputs: Sequence[int],
+    runtime: str | None,
+    total_length_from_shape: bool,
+    fused_on_runtime: bool,
+) -> tuple[_NodeCheck, dict[int, str]]:
+    """The one-node oracle and candidate models of ``node``, and the oracle's feed names by input position."""
+    from gqa_decompose.api import decompose
+
+    bfloat16 = spec.dtype == ir.DataType.BFLOAT16
+    oracle_outputs = sorted(set(used_outputs) | ({gqa.PRESENT_KEY, gqa.PRESENT_VALUE} if spec.has_past else set()))
+    oracle = extract_node_model(
+        node, opset, ir_version, outputs=oracle_outputs, as_dtype=ir.DataType.FLOAT if bfloat16 else None
+    )
+    constants = {t.name for t in oracle.graph.initializer}
+    feed_names = {i: name for i, name in enumerate(oracle.graph.node[0].input) if name and name not in constants}
+    if any(_input_given(node, index) for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT)):
+        oracle = normalized_oracle_model(oracle, spec)
+    candidate = extract_node_model(node, opset, ir_version, outputs=used_outputs)
+    if not fused_on_runtime:
+        candidate = decompose(candidate, **dataclasses.asdict(options))
+    total_length_input = feed_names.get(gqa.TOTAL_SEQUENCE_LENGTH) if total_length_from_shape else None
+    run_candidate, label = _candidate_runner(candidate, runtime, total_length_input, bfloat16)
+    tolerance = core.node_tolerance(spec.dtype, spec.compute_dtype != ir.DataType.FLOAT)
+    check = _NodeCheck(spec, tuple(used_outputs), tuple(oracle_outputs), _lazy(lambda: core.ort_runner(oracle)),
+                       run_candidate, label, tolerance)
+    return check, feed_names
+
+
 def verify_node_model(
     node: ir.Node,
     opset: int,
@@ -656,81 +727,18 @@ def verify_node_model(
     follow from the input shapes). With ``fused_on_runtime`` the GQA node itself, not
     its expansion, runs on ``runtime``: does the runtime implement GroupQueryAttention?
     """
-    from gqa_decompose.api import decompose
-
+    options = options or DecomposeOptions()
     spec = parse_gqa_node(node, options)
-    target, fallback = resolve_target(spec, options or DecomposeOptions(), opset, raise_obstacle)
-    bfloat16 = spec.dtype == ir.DataType.BFLOAT16
+    target, fallback = resolve_target(spec, options, opset, raise_obstacle)
     if used_outputs is None:
         used_outputs = [i for i, v in enumerate(node.outputs) if v is not None and v.name]
-    oracle_outputs = sorted(set(used_outputs) | ({gqa.PRESENT_KEY, gqa.PRESENT_VALUE} if spec.has_past else set()))
-    oracle = extract_node_model(
-        node, opset, ir_version, outputs=oracle_outputs, as_dtype=ir.DataType.FLOAT if bfloat16 else None
-    )
-    feed_names = {i: name for i, name in enumerate(oracle.graph.node[0].input) if name}
-    feed_names = {i: n for i, n in feed_names.items() if n not in {t.name for t in oracle.graph.initializer}}
-    if any(_input_given(node, index) for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT)):
-        oracle = normalized_oracle_model(oracle, spec)
-    candidate = extract_node_model(node, opset, ir_version, outputs=used_outputs)
-    if not fused_on_runtime:
-        candidate = decompose(candidate, **dataclasses.asdict(options or DecomposeOptions()))
-    if spec.compute_dtype != ir.DataType.FLOAT:
-        atol, rtol = NATIVE_PRECISION_TOLERANCES[spec.dtype]
-    else:
-        atol, rtol = TOLERANCES[spec.dtype]
+    check, feed_names = _node_check(node, spec, opset, ir_version, options, used_outputs, runtime,
+                                    total_length_from_shape, fused_on_runtime)
     rng = np.random.default_rng(seed)
-    total_length_input = feed_names.get(gqa.TOTAL_SEQUENCE_LENGTH) if total_length_from_shape else None
-    run_candidate, runtime_label = _candidate_runner(candidate, runtime, total_length_input)
     results = []
-
-    def run_phase(phase: Phase, feeds: dict[str, np.ndarray]) -> tuple[PhaseResult, dict, dict]:
-        try:
-            if bfloat16:
-                expected = dict(zip(oracle_outputs, _run(oracle, _as_float32(feeds))))
-            else:
-                expected = dict(zip(oracle_outputs, _run(oracle, feeds)))
-        except Exception as error:  # an ORT failure is a verification failure, not a crash
-            message = str(error).splitlines()[0]
-            return PhaseResult(phase, {}, False, f"ONNX Runtime failed: {message}"), {}, {}
-        try:
-            if bfloat16 and runtime is None:
-                got = dict(zip(used_outputs, _run_reference(candidate, feeds)))
-            else:
-                got = dict(zip(used_outputs, run_candidate(feeds)))
-        except Exception as error:  # a runtime's failure is a verification failure, not a crash
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            return PhaseResult(phase, {}, False, f"{runtime_label} failed: {message}"), {}, {}
-        errors: dict[str, float] = {}
-        passed, failure = True, None
-        for index in used_outputs:
-            label = ("output", "present_key", "present_value", "output_qk")[index]
-            want, have = expected[index], got[index]
-            if want.shape != have.shape:
-                passed, failure = False, f"{label} shape {have.shape} != {want.shape}"
-                continue
-            worst = 0.0
-            if spec.kv_bits == 4 and index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
-                want, have = _nibbles(want), _nibbles(have)
-            for want_part, have_part in zip(
-                _defined_elements(index, want.astype(np.float32), spec, phase),
-                _defined_elements(index, have.astype(np.float32), spec, phase),
-            ):
-                if want_part.size == 0:
-                    continue
-                both_inf = np.isinf(want_part) & (want_part == have_part)
-                with np.errstate(invalid="ignore"):  # inf - inf where both are -inf
-                    difference = np.where(both_inf, 0.0, np.abs(want_part - have_part))
-                difference = np.where(np.isnan(difference), np.inf, difference)
-                worst = max(worst, float(difference.max()))
-                if np.any(difference > atol + rtol * np.abs(np.nan_to_num(want_part))):
-                    passed = False
-                    failure = failure or f"{label} differs by {worst:.3g}"
-            errors[label] = worst
-        return PhaseResult(phase, errors, passed, failure), expected, got
-
     for phase in phases if phases is not None else phases_for(node, spec):
         for _ in range(_TIE_RETRIES + 1):
-            result, expected, got = run_phase(phase, synthesize_inputs(node, spec, phase, rng, feed_names))
+            result, expected, got = check.run_phase(phase, synthesize_inputs(node, spec, phase, rng, feed_names))
             if result.passed or not quantization_ties_only(expected, got, spec, phase):
                 break
         results.append(result)
@@ -739,37 +747,6 @@ def verify_node_model(
             spec.node_name, (), skipped="no phase fits the node's static shapes", target=target, fallback=fallback
         )
     return NodeVerification(spec.node_name, tuple(results), target=target, fallback=fallback)
-
-
-def _candidate_runner(
-    candidate: onnx.ModelProto, runtime: str | None, total_length_input: str | None = None
-) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], str]:
-    """Runs the expansion on ``runtime`` (loaded once, on first use); and the runtime's label.
-
-    ``total_length_input``: the input whose value is read from a shape instead
-    (:func:`gqa_decompose.runtimes.total_length_from_shape`).
-    """
-    if runtime is None and total_length_input is None:
-        return (lambda feeds: _run(candidate, feeds)), "ONNX Runtime"
-    from gqa_decompose import runtimes
-
-    chosen = runtimes.get_runtime(runtime or "onnxruntime")
-    model = candidate
-    if total_length_input is not None:
-        model = runtimes.total_length_from_shape(candidate, total_length_input)
-    sessions: list = []
-
-    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if total_length_input is not None:
-            feeds = runtimes.length_as_shape(feeds, total_length_input)
-        if not sessions:  # a load failure is reported by each phase, like a run failure
-            sessions.append(chosen.load(model))
-        session = sessions[0]
-        wanted = {i.name for i in model.graph.input}
-        outputs = session.run({k: v for k, v in feeds.items() if k in wanted})
-        return [outputs[o.name] for o in model.graph.output]
-
-    return run, chosen.name
 
 
 def _refusal(node: ir.Node, options: DecomposeOptions, opset: int, raise_obstacle: str | None) -> str | None:

@@ -8,17 +8,19 @@ synthesizes a generation loop, runs it on both models in lock step and compares 
 * ``attention_mask``: right-padded rows for batch > 1 (row b is 2·b tokens shorter, at least 1), ``[B, T]``
   with T the longest row, extended by a column of ones per decode step;
 * ``position_ids``: ``cumsum(mask) - 1`` (0 on padding), the new tokens' columns;
-* ``past_key_values.*``: in the layout the model is deployed with — empty and growing (present has P + S
-  rows), or a static max-length buffer (onnxruntime-genai's ``past_present_share_buffer``, or
-  ``--kv-cache static``), or, for a ``sliding_window_cache`` layer, a ring of its capacity;
+* ``past_key_values.*``: in every cache form the declared shapes and the options admit, one loop each —
+  empty and growing (present has P + S rows), and a static max-length buffer; the one the model is deployed
+  with first (onnxruntime-genai's ``past_present_share_buffer``, ``--kv-cache static|growing``), the other
+  whatever genai_config.json says; a ``sliding_window_cache`` layer's past is a ring of its capacity in both;
 * symbolic dims: the batch, prompt length and buffer lengths above, or ``dims`` (``--dim name=value``).
 
 Feeds given by the user (``feeds``, ``--inputs feeds.npz``) replace the synthesized prompt feeds. Each decode
 step feeds one new token per row, the original model's greedy choice (both models see the same tokens), and
 each model its own present back as past. Compared, per step and output, on the elements ORT defines: logits of
 query rows s < t_b in a right-padded prompt; present rows < t_b (windowed ring: < L(t_b)); everything of other
-outputs. Errors are max |a − b| and that divided by max |expected|; an element passes when
-|a − b| <= atol + rtol·|expected|. Greedy next tokens (argmax of the last valid row) are compared too.
+outputs. Integer (quantized) presents are compared on the same rows, exactly. Errors are max |a − b| and that
+divided by max |expected|; an element passes when |a − b| <= atol + rtol·|expected| (:mod:`verify_core`).
+Greedy next tokens (argmax of the last valid row) are compared too.
 
 ORT CPU runs a step with S > 1 after a past only for batch 1, so every decode step has S = 1; and it rejects
 right padding with a windowed cache, so such models get rows of equal length.
@@ -28,20 +30,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from gqa_decompose import spec as gqa
+from gqa_decompose import verify_core as core
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.model_io import read_genai_config, shares_kv_buffer
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
-from gqa_decompose.verify import unfused_qk_norm_nodes, windowed_rows
+from gqa_decompose.verify import unfused_qk_norm_nodes
 
 __all__ = [
     "MODEL_TOLERANCES",
@@ -54,12 +57,8 @@ __all__ = [
     "verify_model",
 ]
 
-# (atol, rtol) by the model's float type; errors compound over layers, so looser than node-level.
-MODEL_TOLERANCES = {
-    ir.DataType.FLOAT: (1e-4, 1e-4),
-    ir.DataType.FLOAT16: (2e-2, 1e-2),
-}
-NATIVE_PRECISION_MODEL_TOLERANCES = {ir.DataType.FLOAT16: (5e-2, 2e-2)}
+MODEL_TOLERANCES = core.MODEL_TOLERANCES  # (atol, rtol) by the model's float type
+NATIVE_PRECISION_MODEL_TOLERANCES = core.NATIVE_PRECISION_MODEL_TOLERANCES
 DEFAULT_PROMPT_LENGTH = 8
 # A static buffer as long as genai's max_length, but at most this many rows unless a --dim asks for more
 # (max_length is often the model's whole context: 128k rows per layer would cost gigabytes for nothing).
@@ -127,10 +126,13 @@ class ModelVerification:
     steps: tuple[StepResult, ...]
     skipped: str | None = None  # why nothing ran (not a failure)
     notes: tuple[str, ...] = ()
+    also: tuple[ModelVerification, ...] = ()  # the same loop with the other cache forms the model admits
 
     @property
     def passed(self) -> bool:
-        return self.skipped is None and bool(self.steps) and all(s.passed for s in self.steps)
+        """This loop and every other cache form's passed."""
+        return (self.skipped is None and bool(self.steps) and all(s.passed for s in self.steps)
+                and all(other.passed for other in self.also))
 
     def max_errors(self) -> dict[str, tuple[float, float]]:
         """Output name -> (max abs, max rel) over all steps."""
@@ -153,9 +155,14 @@ class ModelVerification:
         return sum(s.tokens_agree for s in compared), sum(len(s.expected_tokens) for s in compared)
 
     def summary(self) -> str:
+        """One line: the verdict over every cache form, then each form's figures."""
         if self.skipped:
             return f"model not verified ({self.skipped})"
         status = "model verified" if self.passed else "MODEL VERIFICATION FAILED"
+        others = "".join(f"; prompt + {other._figures()}" for other in self.also)
+        return f"{status}: prompt + {self._figures()}{others}"
+
+    def _figures(self) -> str:
         agree, total = self.token_agreement
         parts = [f"{len(self.steps) - 1} decode steps, batch {self.batch}, {self.cache_layout}"]
         for kind in ("logits", "present", "other"):
@@ -165,7 +172,7 @@ class ModelVerification:
         if total:
             parts.append(f"greedy tokens {agree}/{total} agree")
         failures = [f"step {s.step}: {s.failure or _first_failed(s)}" for s in self.steps if not s.passed]
-        return f"{status}: prompt + {', '.join(parts)}" + (f"; {'; '.join(failures)}" if failures else "")
+        return ", ".join(parts) + (f"; {'; '.join(failures)}" if failures else "")
 
 
 def _first_failed(step: StepResult) -> str:
@@ -182,26 +189,8 @@ def _output_kind(name: str) -> str:
 # Reading the model -----------------------------------------------------------------------------------------
 
 
-def read_genai_config(model_path: str | os.PathLike | None) -> dict:
-    """onnxruntime-genai's genai_config.json beside ``model_path`` when it describes that file; else {}."""
-    if model_path is None:
-        return {}
-    model_path = pathlib.Path(model_path).absolute()
-    path = model_path.parent / "genai_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    decoder_file = config.get("model", {}).get("decoder", {}).get("filename")
-    if decoder_file is not None and decoder_file != model_path.name:
-        return {}
-    return config
-
-
-def _dim_names(value: ir.Value) -> list[int | str | None]:
-    if value.shape is None:
-        return []
-    return [d if isinstance(d, int) else d.value for d in value.shape]
+def _dims(value: ir.Value) -> list[int | str | None]:
+    return core.dims(value) or []
 
 
 def _trace_to_graph_input(value: ir.Value | None, graph: ir.Graph) -> ir.Value | None:
@@ -248,14 +237,6 @@ def _vocab_size(model: ir.Model, config: dict, ids_name: str, logits: ir.Value |
     return 32
 
 
-_NUMPY_TYPES = {
-    ir.DataType.FLOAT: np.float32,
-    ir.DataType.FLOAT16: np.float16,
-    ir.DataType.INT8: np.int8,
-    ir.DataType.UINT8: np.uint8,
-    ir.DataType.INT64: np.int64,
-    ir.DataType.INT32: np.int32,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,141 +259,200 @@ class _Plan:
     layout: str
 
 
-def _plan(
-    model: ir.Model,
-    specs: dict[str, GqaSpec],
-    config: dict,
-    options: DecomposeOptions,
-    batch: int | None,
-    dims: Mapping[str, int],
-    feeds: Mapping[str, np.ndarray],
-    steps: int,
-) -> _Plan:
-    graph = model.graph
-    by_name = {v.name: v for v in graph.inputs}
-    names = config.get("model", {}).get("decoder", {}).get("inputs", {})
-    output_names = config.get("model", {}).get("decoder", {}).get("outputs", {})
+@dataclasses.dataclass(frozen=True)
+class _Io:
+    """The graph inputs and output a generation loop drives (None: the model has no such input)."""
 
-    def find(key: str, default: str) -> str | None:
-        name = names.get(key, default)
-        return name if name in by_name else None
+    ids: str | None
+    mask: str | None
+    positions: str | None
+    logits: ir.Value | None
 
-    ids, mask, positions = find("input_ids", "input_ids"), find("attention_mask", "attention_mask"), None
-    positions = find("position_ids", "position_ids")
+
+def _find_io(model: ir.Model, config: dict) -> _Io:
+    """input_ids, attention_mask, position_ids and logits, by genai_config.json's names or the usual ones."""
+    decoder = config.get("model", {}).get("decoder", {})
+    names, output_names = decoder.get("inputs", {}), decoder.get("outputs", {})
+    inputs = {v.name for v in model.graph.inputs}
+
+    def find(key: str) -> str | None:
+        name = names.get(key, key)
+        return name if name in inputs else None
+
     logits_name = output_names.get("logits", "logits")
-    logits = next((v for v in graph.outputs if v.name == logits_name), None)
-    bound: dict[str, int] = dict(dims)
+    logits = next((v for v in model.graph.outputs if v.name == logits_name), None)
+    return _Io(find("input_ids"), find("attention_mask"), find("position_ids"), logits)
 
-    def np_type(name: str | None, default) -> np.dtype:
-        if name is None or by_name[name].dtype not in _NUMPY_TYPES:
-            return np.dtype(default)
-        return np.dtype(_NUMPY_TYPES[by_name[name].dtype])
 
-    # Batch and prompt length: --batch, then the user's feeds, then --dim on input_ids' dims, then defaults.
-    ids_dims = _dim_names(by_name[ids]) if ids else []
-    if ids and ids in feeds:
-        feed_batch, prompt_length = feeds[ids].shape[:2]
+def _sizes(
+    ids: ir.Value | None, feeds: Mapping[str, np.ndarray], batch: int | None, bound: dict[str, int]
+) -> tuple[int, int]:
+    """(batch, prompt length): --batch, then the user's feeds, then --dim on input_ids' dims, then defaults.
+    Binds input_ids' symbolic dims in ``bound``."""
+    ids_dims = _dims(ids) if ids is not None else []
+    if ids is not None and ids.name in feeds:
+        feed_batch, prompt_length = feeds[ids.name].shape[:2]
         batch = batch or feed_batch
         if batch != feed_batch:
-            raise GqaDecomposeError(f"--batch {batch} contradicts the fed {ids} of batch {feed_batch}")
+            raise GqaDecomposeError(f"--batch {batch} contradicts the fed {ids.name} of batch {feed_batch}")
     else:
-        prompt_length = DEFAULT_PROMPT_LENGTH
-        if len(ids_dims) > 1:
-            if isinstance(ids_dims[1], int):
-                prompt_length = ids_dims[1]
-            elif ids_dims[1] in bound:
-                prompt_length = bound[ids_dims[1]]
+        prompt_length = _dim_size(ids_dims[1], bound, DEFAULT_PROMPT_LENGTH) if len(ids_dims) > 1 else (
+            DEFAULT_PROMPT_LENGTH)
     if batch is None:
-        batch = 2
-        if ids_dims and isinstance(ids_dims[0], int):
-            batch = ids_dims[0]
-        elif ids_dims and ids_dims[0] in bound:
-            batch = bound[ids_dims[0]]
+        batch = _dim_size(ids_dims[0], bound, 2) if ids_dims else 2
     if len(ids_dims) > 1:
         for dim, size in ((ids_dims[0], batch), (ids_dims[1], prompt_length)):
             if isinstance(dim, str):
                 bound.setdefault(dim, size)
+    return batch, prompt_length
 
-    static = (options.static_kv_cache or _shares_buffer(config)) and not options.growing_kv_cache
-    max_length = config.get("search", {}).get("max_length")
-    caches = []
-    window_config = config.get("model", {}).get("decoder", {}).get("sliding_window") or {}
-    nodes_by_past: dict[str, tuple[ir.Node, GqaSpec, int]] = {}
+
+def _dim_size(dim: int | str | None, bound: Mapping[str, int], default: int) -> int:
+    if isinstance(dim, int):
+        return dim
+    return bound.get(dim, default) if dim else default
+
+
+def _past_sources(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> dict[str, tuple[ir.Node, GqaSpec, int]]:
+    """Graph input name -> (GQA node, its spec, PAST_KEY or PAST_VALUE) for each past a node reads."""
+    sources: dict[str, tuple[ir.Node, GqaSpec, int]] = {}
     for _, node in find_gqa_nodes(model):
-        spec = specs.get(node.name)
+        spec = specs.get(node)
         if spec is None or not spec.has_past:
             continue
         for index in (gqa.PAST_KEY, gqa.PAST_VALUE):
-            source = _trace_to_graph_input(node.inputs[index], graph)
+            source = _trace_to_graph_input(node.inputs[index], model.graph)
             if source is not None:
-                nodes_by_past[source.name] = (node, spec, index)
-    for value in graph.inputs:
-        if value.name not in nodes_by_past:
-            continue
-        node, spec, index = nodes_by_past[value.name]
-        present_index = gqa.PRESENT_KEY if index == gqa.PAST_KEY else gqa.PRESENT_VALUE
-        present_value = _trace_to_graph_output(
-            node.outputs[present_index] if len(node.outputs) > present_index else None, graph
+                sources[source.name] = (node, spec, index)
+    return sources
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every cache of one loop shares: the cache form and the sizes it must hold."""
+
+    static: bool
+    prompt_length: int
+    steps: int
+    max_length: int | None  # genai's search.max_length
+    window_size: int | None  # genai's sliding_window.window_size
+
+
+def _capacity(value: ir.Value, spec: GqaSpec, declared: int | None, run: _Run) -> int | None:
+    """Rows of past ``value`` in the first step: a ring's or static buffer's capacity; None: growing."""
+    rows_dim = (_dims(value) or [None] * 4)[2]
+    if spec.sliding_window_cache:
+        return max(declared or run.window_size or spec.local_window_size, spec.local_window_size)
+    needed = run.prompt_length + run.steps
+    if run.static:
+        capacity = max(declared or min(int(run.max_length or STATIC_BUFFER_CAP), STATIC_BUFFER_CAP), 1)
+        if capacity >= needed:
+            return capacity
+        if declared or (run.max_length and run.max_length < needed):
+            raise GqaDecomposeError(
+                f"a static KV buffer of {capacity} rows cannot hold a prompt of {run.prompt_length} "
+                f"and {run.steps} decode steps"
+            )
+        return needed
+    if declared:
+        raise GqaDecomposeError(
+            f"--dim {rows_dim}={declared}: past '{value.name}' grows from empty in this layout; "
+            "a past length applies to a static KV buffer (--kv-cache static)"
         )
-        present = present_value.name if present_value is not None else _present_by_name(value.name, graph)
-        past_dims = _dim_names(value) or [None] * 4
-        heads = past_dims[1] if isinstance(past_dims[1], int) else spec.kv_num_heads
-        width = past_dims[3] if isinstance(past_dims[3], int) else (
-            spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size)
-        rows_dim = past_dims[2]
-        declared = rows_dim if isinstance(rows_dim, int) else bound.get(rows_dim) if rows_dim else None
-        window = spec.local_window_size if spec.sliding_window_cache else None
-        if window is not None:
-            capacity = declared or int(window_config.get("window_size") or 0) or window
-            capacity = max(capacity, window)
-        elif static:
-            capacity = declared or min(int(max_length or STATIC_BUFFER_CAP), STATIC_BUFFER_CAP)
-            capacity = max(capacity, 1)
-            if capacity < prompt_length + steps:
-                if declared or (max_length and max_length < prompt_length + steps):
-                    raise GqaDecomposeError(
-                        f"a static KV buffer of {capacity} rows cannot hold a prompt of {prompt_length} "
-                        f"and {steps} decode steps"
-                    )
-                capacity = prompt_length + steps
-        else:
-            if declared:
-                raise GqaDecomposeError(
-                    f"--dim {rows_dim}={declared}: past '{value.name}' grows from empty in this layout; "
-                    "a past length applies to a static KV buffer (--kv-cache static)"
-                )
-            capacity = None
-        caches.append(CacheInput(value.name, present, np_type(value.name, np.float32), heads, width, capacity, window))
-        if isinstance(rows_dim, str) and capacity is not None:
-            bound.setdefault(rows_dim, capacity)
-    windowed = any(c.window is not None for c in caches)
-    padded = batch > 1 and not windowed and not options.growing_kv_cache and bool(caches)
+    return None
+
+
+def _cache_input(
+    value: ir.Value, source: tuple[ir.Node, GqaSpec, int], model: ir.Model, bound: dict[str, int], run: _Run
+) -> CacheInput:
+    """One past input in ``run``'s form; binds its symbolic row dim to the capacity."""
+    node, spec, index = source
+    present_index = gqa.PRESENT_KEY if index == gqa.PAST_KEY else gqa.PRESENT_VALUE
+    present_value = _trace_to_graph_output(
+        node.outputs[present_index] if len(node.outputs) > present_index else None, model.graph
+    )
+    present = present_value.name if present_value is not None else _present_by_name(value.name, model.graph)
+    past_dims = _dims(value) or [None] * 4
+    heads = past_dims[1] if isinstance(past_dims[1], int) else spec.kv_num_heads
+    width = past_dims[3] if isinstance(past_dims[3], int) else (
+        spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size)
+    rows_dim = past_dims[2]
+    declared = rows_dim if isinstance(rows_dim, int) else bound.get(rows_dim) if rows_dim else None
+    capacity = _capacity(value, spec, declared, run)
+    if isinstance(rows_dim, str) and capacity is not None:
+        bound.setdefault(rows_dim, capacity)
+    window = spec.local_window_size if spec.sliding_window_cache else None
+    return CacheInput(value.name, present, _numpy_type(value, np.float32), heads, width, capacity, window)
+
+
+def _layout_label(caches: Sequence[CacheInput]) -> str:
+    """"growing cache", "static buffer of N rows", "windowed ring" (joined), or "no KV cache"."""
     buffers = [c.capacity for c in caches if c.window is None and c.capacity is not None]
     parts = []
     if buffers:
         parts.append(f"static buffer of {max(buffers)} rows")
     elif any(c.window is None for c in caches):
         parts.append("growing cache")
-    if windowed:
+    if any(c.window is not None for c in caches):
         parts.append("windowed ring")
-    layout = ", ".join(parts) or "no KV cache"
-    vocab = _vocab_size(model, config, ids or "", logits)
+    return ", ".join(parts) or "no KV cache"
+
+
+def _numpy_type(value: ir.Value | None, default) -> np.dtype:
+    if value is None or value.dtype not in core.NUMPY_TYPES:
+        return np.dtype(default)
+    return np.dtype(core.NUMPY_TYPES[value.dtype])
+
+
+def _plan(
+    model: ir.Model,
+    specs: Mapping[ir.Node, GqaSpec],
+    config: dict,
+    options: DecomposeOptions,
+    batch: int | None,
+    dims: Mapping[str, int],
+    feeds: Mapping[str, np.ndarray],
+    steps: int,
+    static: bool,
+) -> _Plan:
+    """How to drive ``model``: a growing cache, or a ``static`` buffer (rings stay rings)."""
+    by_name = {v.name: v for v in model.graph.inputs}
+    io = _find_io(model, config)
+    bound: dict[str, int] = dict(dims)
+    batch, prompt_length = _sizes(by_name.get(io.ids or ""), feeds, batch, bound)
+    window_config = config.get("model", {}).get("decoder", {}).get("sliding_window") or {}
+    run = _Run(static, prompt_length, steps, config.get("search", {}).get("max_length"),
+               int(window_config.get("window_size") or 0) or None)
+    sources = _past_sources(model, specs)
+    caches = tuple(_cache_input(v, sources[v.name], model, bound, run) for v in model.graph.inputs if v.name in sources)
+    windowed = any(c.window is not None for c in caches)
     return _Plan(
-        ids=ids,
-        mask=mask,
-        positions=positions,
-        ids_dtype=np_type(ids, np.int64),
-        mask_dtype=np_type(mask, np.int64),
-        positions_dtype=np_type(positions, np.int64),
-        caches=tuple(caches),
-        logits=logits.name if logits is not None else None,
-        vocab=vocab,
+        ids=io.ids,
+        mask=io.mask,
+        positions=io.positions,
+        ids_dtype=_numpy_type(by_name.get(io.ids or ""), np.int64),
+        mask_dtype=_numpy_type(by_name.get(io.mask or ""), np.int64),
+        positions_dtype=_numpy_type(by_name.get(io.positions or ""), np.int64),
+        caches=caches,
+        logits=io.logits.name if io.logits is not None else None,
+        vocab=_vocab_size(model, config, io.ids or "", io.logits),
         batch=batch,
         prompt_length=prompt_length,
-        padded=padded,
+        padded=batch > 1 and not windowed and not options.growing_kv_cache and bool(caches),
         dims=bound,
-        layout=layout,
+        layout=_layout_label(caches),
     )
+
+
+def _cache_forms(config: dict, options: DecomposeOptions) -> list[bool]:
+    """The cache forms to drive, as ``static`` flags: the one the options promise, else both, the one
+    genai_config.json names (``past_present_share_buffer``) first."""
+    if options.growing_kv_cache:
+        return [False]
+    if options.static_kv_cache:
+        return [True]
+    first = shares_kv_buffer(config)
+    return [first, not first]
 
 
 def _present_by_name(past: str, graph: ir.Graph) -> str | None:
@@ -425,14 +465,10 @@ def _present_by_name(past: str, graph: ir.Graph) -> str | None:
     return None
 
 
-def _shares_buffer(config: dict) -> bool:
-    return bool(config.get("search", {}).get("past_present_share_buffer", False))
-
-
 def _synthesize_other(value: ir.Value, dims: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
     """An input the generation loop does not know: random values of its declared shape."""
     shape = []
-    for dim in _dim_names(value) if value.shape is not None else []:
+    for dim in _dims(value) if value.shape is not None else []:
         if isinstance(dim, int):
             shape.append(dim)
         elif dim in dims:
@@ -444,7 +480,7 @@ def _synthesize_other(value: ir.Value, dims: Mapping[str, int], rng: np.random.G
             )
     if value.shape is None:
         raise GqaDecomposeError(f"cannot synthesize input '{value.name}' of unknown shape; give it with --inputs")
-    dtype = _NUMPY_TYPES.get(value.dtype)
+    dtype = core.NUMPY_TYPES.get(value.dtype)
     if dtype is None:
         raise GqaDecomposeError(f"cannot synthesize input '{value.name}' of type {value.dtype}; give it with --inputs")
     if np.issubdtype(dtype, np.floating):
@@ -474,62 +510,19 @@ def _prepare_for_ort(model: ir.Model) -> list[str]:
     return [f"{changed} MatMulNBits nodes compared at accuracy_level 1 (int8 activations amplify rounding)"] if changed else []
 
 
-def _normalize_qk_outside(model: ir.Model, specs: dict[str, GqaSpec]) -> int:
+def _normalize_qk_outside(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> list[str]:
     """Move each GQA node's q/k norm (§16) out of the node (:func:`verify.unfused_qk_norm_nodes`), so
-    ORT CPU runs the original. Returns how many nodes changed."""
+    ORT CPU runs the original. Returns a note on what changed."""
     changed = 0
     for container, node in find_gqa_nodes(model):
-        spec = specs.get(node.name)
+        spec = specs.get(node)
         if spec is not None and (spec.q_norm or spec.k_norm):
             container.insert_before(node, unfused_qk_norm_nodes(node, spec))
             changed += 1
-    return changed
-
-
-def _session(model: ir.Model):
-    import onnxruntime as ort
-
-    proto = ir.serde.serialize_model(model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    folders = {pathlib.Path(t.base_dir) for t in _external_tensors(model)}
-    if len(folders) > 1:
-        raise GqaDecomposeError("model-level verification needs every external-data file in one folder")
-    if folders:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folders.pop()))
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
-    tensors = []
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                tensors.append(value.const_value)
-    return tensors
-
-
-def _compare(
-    name: str, expected: np.ndarray, got: np.ndarray, rows: list[slice | tuple], tolerance: tuple[float, float]
-) -> OutputError:
-    atol, rtol = tolerance
-    worst = scale = 0.0
-    passed = True
-    for index in rows:
-        want = expected[index].astype(np.float64)
-        have = got[index].astype(np.float64)
-        if want.size == 0:
-            continue
-        both_inf = np.isinf(want) & (want == have)
-        with np.errstate(invalid="ignore"):
-            difference = np.where(both_inf, 0.0, np.abs(want - have))
-        difference = np.where(np.isnan(difference), np.inf, difference)
-        finite = np.abs(np.where(np.isfinite(want), want, 0.0))
-        worst = max(worst, float(difference.max()))
-        scale = max(scale, float(finite.max()))
-        passed &= bool(np.all(difference <= atol + rtol * finite))
-    relative = worst / scale if scale > 0 else (0.0 if worst == 0 else math.inf)
-    return OutputError(name, worst, relative, passed)
+    if not changed:
+        return []
+    return [f"{changed} GQA nodes with q/k norm weights (which ORT CPU rejects) run in the original "
+            "as ORT's SimplifiedLayerNormalization on the heads, then GQA without the weights"]
 
 
 def load_feeds(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -563,9 +556,15 @@ def verify_model(
     genai_config: str | os.PathLike | dict | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    cache_forms: Sequence[str] | None = None,
     **options,
 ) -> ModelVerification:
     """Run a prompt and ``steps`` decode steps on ``original`` and ``decomposed`` (ORT CPU) and compare.
+
+    Every cache form the declared shapes and the options admit is driven: a growing cache and a static buffer
+    (the one genai_config.json's ``past_present_share_buffer`` names first; the result describes that loop,
+    and ``also`` the others). A form the shapes rule out (a bound past length, a fed past) is left out, said
+    in the notes.
 
     Args:
         original: the model with GroupQueryAttention nodes: a ModelProto, an onnx_ir.Model (not modified)
@@ -578,106 +577,178 @@ def verify_model(
         feeds: the prompt's inputs by name (or an .npz path); missing ones are synthesized.
         genai_config: onnxruntime-genai's config (a path or the parsed dict), for the vocabulary size,
             input/output names and ``past_present_share_buffer``; default: beside ``original``'s path.
+        cache_forms: drive only these of "growing" and "static" (default: every form admitted).
         options: fields of :class:`DecomposeOptions`, as the model was (or is to be) decomposed with.
 
     Raises:
         GqaDecomposeError: the original model cannot be driven (an input that cannot be synthesized, or
             ONNX Runtime rejects the original model on the synthesized feeds).
     """
-    from gqa_decompose.api import rewrite
-
     decompose_options = DecomposeOptions(**options)
     model, path = _as_ir(original)
-    if isinstance(genai_config, dict):
-        config = genai_config
-    elif genai_config is not None:
-        config = json.loads(pathlib.Path(genai_config).read_text())
-    else:
-        config = read_genai_config(path)
+    config = _config(genai_config, path)
     if isinstance(feeds, (str, os.PathLike)):
         feeds = load_feeds(feeds)
     feeds = dict(feeds or {})
     InferGqaTypesPass()(model)
-    specs: dict[str, GqaSpec] = {}
-    for _, node in find_gqa_nodes(model):
-        specs[node.name] = parse_gqa_node(node, decompose_options)
-    if not specs:
-        return ModelVerification(0, 0, "none", (0.0, 0.0), (), skipped="no GroupQueryAttention node")
-    dtypes = {spec.dtype for spec in specs.values()}
-    if ir.DataType.BFLOAT16 in dtypes:
-        return ModelVerification(0, 0, "none", (0.0, 0.0), (),
-                                 skipped="ONNX Runtime CPU has no bfloat16 GroupQueryAttention kernel")
-    dtype = ir.DataType.FLOAT16 if ir.DataType.FLOAT16 in dtypes else ir.DataType.FLOAT
-    tolerance = MODEL_TOLERANCES[dtype]
-    if decompose_options.native_precision:
-        tolerance = NATIVE_PRECISION_MODEL_TOLERANCES.get(dtype, tolerance)
-    if decomposed is None:
-        rewritten = model.clone()
-        rewrite(rewritten, decompose_options)
-    else:
-        rewritten, _ = _as_ir(decomposed)
-    plan = _plan(model, specs, config, decompose_options, batch, dict(dims or {}), feeds, steps)
+    specs = {node: parse_gqa_node(node, decompose_options) for _, node in find_gqa_nodes(model)}
+    skipped = _skip_reason(specs)
+    if skipped:
+        return ModelVerification(0, 0, "none", (0.0, 0.0), (), skipped=skipped)
+    tolerance = core.model_tolerance({s.dtype for s in specs.values()}, decompose_options.native_precision)
+    rewritten = _rewritten(model, decomposed, decompose_options)
+    forms = [static for static in _cache_forms(config, decompose_options)
+             if cache_forms is None or ("static" if static else "growing") in cache_forms]
+    if not forms:
+        raise GqaDecomposeError(f"no cache form of {list(cache_forms or [])} fits the options")
+    plans, notes = _plans(model, specs, config, decompose_options, batch, dict(dims or {}), feeds, steps, forms)
     unknown = set(feeds) - {v.name for v in model.graph.inputs}
     if unknown:
         raise GqaDecomposeError(f"fed inputs the model does not have: {', '.join(sorted(unknown))}")
-    notes = _prepare_for_ort(model)
+    notes = _prepare_for_ort(model) + notes + _normalize_qk_outside(model, specs) + _batch_notes(plans[0])
     _prepare_for_ort(rewritten)
-    normalized = _normalize_qk_outside(model, specs)
-    if normalized:
-        notes.append(f"{normalized} GQA nodes with q/k norm weights (which ORT CPU rejects) run in the original "
-                     "as ORT's SimplifiedLayerNormalization on the heads, then GQA without the weights")
+    first = plans[0]
+    try:
+        sessions = _sessions(model, rewritten)
+    except _RewrittenDoesNotLoad as error:  # a failed verification, not an error
+        step = StepResult(0, first.prompt_length, (), (), None, None, str(error))
+        return ModelVerification(first.batch, first.prompt_length, first.layout, tolerance, (step,), notes=tuple(notes))
+    results = []
+    for index, plan in enumerate(plans):
+        step_progress = None if progress is None else (
+            lambda step, _, done=index * (steps + 1): progress(done + step, len(plans) * (steps + 1)))
+        loop = _Loop(model, plan, feeds, np.random.default_rng(seed))
+        results.append(_drive(loop, *sessions, tolerance, steps, step_progress))
+    also = tuple(ModelVerification(p.batch, p.prompt_length, p.layout, tolerance, r)
+                 for p, r in zip(plans[1:], results[1:]))
+    # The report's notes carry the other forms' verdicts (its steps are the first form's).
+    notes += [f"also driven ({'passed' if other.passed else 'FAILED'}): prompt + {other._figures()}" for other in also]
+    return ModelVerification(first.batch, first.prompt_length, first.layout, tolerance, results[0],
+                             notes=tuple(notes), also=also)
+
+
+def _skip_reason(specs: Mapping[ir.Node, GqaSpec]) -> str | None:
+    if not specs:
+        return "no GroupQueryAttention node"
+    if any(spec.dtype == ir.DataType.BFLOAT16 for spec in specs.values()):
+        return "ONNX Runtime CPU has no bfloat16 GroupQueryAttention kernel"
+    return None
+
+
+def _batch_notes(plan: _Plan) -> list[str]:
     if plan.padded:
-        notes.append("right-padded batch: row b is 2*b tokens shorter")
-    elif plan.batch > 1 and any(c.window is not None for c in plan.caches):
-        notes.append("rows of equal length: ORT rejects right padding with a windowed KV cache")
-    rng = np.random.default_rng(seed)
+        return ["right-padded batch: row b is 2*b tokens shorter"]
+    if plan.batch > 1 and any(c.window is not None for c in plan.caches):
+        return ["rows of equal length: ORT rejects right padding with a windowed KV cache"]
+    return []
+
+
+class _RewrittenDoesNotLoad(Exception):
+    pass
+
+
+def _sessions(model: ir.Model, rewritten: ir.Model) -> tuple:
+    """ORT CPU sessions of the original and the rewritten model. The original failing to load is an error
+    (nothing to compare with); the rewritten one failing raises :class:`_RewrittenDoesNotLoad`."""
     try:
-        original_session = _session(model)
+        original_session = core.ort_session(model)
     except Exception as error:
-        raise GqaDecomposeError(f"ONNX Runtime CPU cannot load the original model: {_first_line(error)}") from error
+        raise GqaDecomposeError(
+            f"ONNX Runtime CPU cannot load the original model: {core.first_line(error)}") from error
     try:
-        rewritten_session = _session(rewritten)
-    except Exception as error:  # the rewritten model does not even load: a failed verification
-        step = StepResult(0, plan.prompt_length, (), (), None, None,
-                          f"ONNX Runtime cannot load the rewritten model: {_first_line(error)}")
-        return ModelVerification(plan.batch, plan.prompt_length, plan.layout, tolerance, (step,), notes=tuple(notes))
-    loop = _Loop(model, plan, feeds, rng)
+        return original_session, core.ort_session(rewritten)
+    except Exception as error:
+        raise _RewrittenDoesNotLoad(
+            f"ONNX Runtime cannot load the rewritten model: {core.first_line(error)}") from error
+
+
+def _config(genai_config: str | os.PathLike | dict | None, path: pathlib.Path | None) -> dict:
+    if isinstance(genai_config, dict):
+        return genai_config
+    if genai_config is not None:
+        return json.loads(pathlib.Path(genai_config).read_text())
+    return read_genai_config(path)
+
+
+def _rewritten(model: ir.Model, decomposed, options: DecomposeOptions) -> ir.Model:
+    from gqa_decompose.api import rewrite
+
+    if decomposed is not None:
+        return _as_ir(decomposed)[0]
+    rewritten = model.clone()
+    rewrite(rewritten, options)
+    return rewritten
+
+
+def _plans(
+    model: ir.Model,
+    specs: Mapping[ir.Node, GqaSpec],
+    config: dict,
+    options: DecomposeOptions,
+    batch: int | None,
+    dims: dict[str, int],
+    feeds: Mapping[str, np.ndarray],
+    steps: int,
+    forms: Sequence[bool],
+) -> tuple[list[_Plan], list[str]]:
+    """One plan per cache form to drive (``static`` flags), and notes on forms left out. The first form's errors
+    are raised (the user asked for it, or genai_config.json names it); another form the shapes rule out is a note."""
+    plans = [_plan(model, specs, config, options, batch, dims, feeds, steps, forms[0])]
+    notes = []
+    for static in forms[1:]:
+        label = "a static buffer" if static else "a growing cache"
+        if any(c.past in feeds for c in plans[0].caches):
+            notes.append(f"not driven with {label}: the past is fed (--inputs)")
+            continue
+        try:
+            plan = _plan(model, specs, config, options, batch, dims, feeds, steps, static)
+        except GqaDecomposeError as error:
+            notes.append(f"not driven with {label}: {error.reason}")
+            continue
+        if plan.layout != plans[0].layout:  # rings only, or no cache: one form
+            plans.append(plan)
+    return plans, notes
+
+
+def _drive(
+    loop: "_Loop",
+    original_session,
+    rewritten_session,
+    tolerance: tuple[float, float],
+    steps: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[StepResult, ...]:
+    """The prompt and ``steps`` decode steps on both sessions in lock step; stops at the rewritten model's
+    first failure to run."""
+    plan = loop.plan
     rewritten_inputs = {i.name for i in rewritten_session.get_inputs()}
     results = []
     rewritten_past = None
     for step in range(steps + 1):
         step_feeds, lengths = loop.feeds(step)
         try:
-            expected = dict(zip([o.name for o in original_session.get_outputs()],
-                                original_session.run(None, step_feeds)))
+            expected = core.run_session(original_session, step_feeds)
         except Exception as error:
             raise GqaDecomposeError(
                 f"model-level verification: ONNX Runtime CPU fails on the original model at step {step} "
-                f"({_shapes(step_feeds)}): {_first_line(error)}; "
+                f"({_shapes(step_feeds)}): {core.first_line(error)}; "
                 "bind symbolic dims with --dim or give the prompt's inputs with --inputs"
             ) from error
         rewritten_feeds = {**step_feeds, **(rewritten_past or {})}
-        rewritten_feeds = {k: v for k, v in rewritten_feeds.items() if k in rewritten_inputs}
         try:
-            got = dict(zip([o.name for o in rewritten_session.get_outputs()],
-                           rewritten_session.run(None, rewritten_feeds)))
+            got = core.run_session(rewritten_session, {k: v for k, v in rewritten_feeds.items()
+                                                       if k in rewritten_inputs})
         except Exception as error:
             results.append(StepResult(step, loop.query_length, tuple(int(t) for t in lengths), (), None, None,
-                                      f"the rewritten model fails on ONNX Runtime: {_first_line(error)}"))
+                                      f"the rewritten model fails on ONNX Runtime: {core.first_line(error)}"))
             break
-        result = _compare_step(step, plan, step_feeds, lengths, loop.query_length, expected, got, tolerance)
+        result = _compare_step(step, plan, lengths, loop.query_length, expected, got, tolerance)
         results.append(result)
         loop.advance(expected, result.expected_tokens)
         rewritten_past = {c.past: got[c.present] for c in plan.caches if c.present in got}
         if progress is not None:
             progress(step + 1, steps + 1)
-    return ModelVerification(plan.batch, plan.prompt_length, plan.layout, tolerance, tuple(results),
-                             notes=tuple(notes))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return tuple(results)
 
 
 def _shapes(feeds: Mapping[str, np.ndarray]) -> str:
@@ -758,15 +829,12 @@ class _Loop:
 def _compare_step(
     step: int,
     plan: _Plan,
-    feeds: dict[str, np.ndarray],
     lengths: np.ndarray,
     query_length: int,
     expected: dict[str, np.ndarray],
     got: dict[str, np.ndarray],
     tolerance: tuple[float, float],
 ) -> StepResult:
-    windows = {c.present: c.window for c in plan.caches if c.window is not None and c.present}
-    presents = {c.present for c in plan.caches if c.present}
     errors = []
     failure = None
     for name, want in expected.items():
@@ -777,31 +845,27 @@ def _compare_step(
         if want.shape != have.shape:
             failure = failure or f"{name} shape {list(have.shape)} != {list(want.shape)}"
             continue
-        if name in presents and want.ndim == 4:
-            rows = []
-            for b, length in enumerate(lengths):
-                kept = int(length)
-                if name in windows:
-                    kept = windowed_rows(kept, want.shape[2], windows[name])
-                rows.append((b, slice(None), slice(0, kept)))
-        elif name == plan.logits and want.ndim == 3 and want.shape[1] == query_length:
-            rows = [(b, slice(0, _valid_rows(step, int(length), query_length))) for b, length in enumerate(lengths)]
-        else:
-            rows = [(...,)]
-        if want.dtype.kind not in "fc":
-            same = np.array_equal(want, have)
-            errors.append(OutputError(name, 0.0 if same else math.inf, 0.0 if same else math.inf, same))
-            continue
-        errors.append(_compare(name, want, have, rows, tolerance))
+        diff = core.compare(want, have, _defined_parts(name, want, plan, step, lengths, query_length), tolerance)
+        errors.append(OutputError(name, diff.max_abs, diff.max_rel, diff.passed))
     expected_tokens = got_tokens = None
     if plan.logits in expected and plan.logits in got and expected[plan.logits].ndim == 3 and failure is None:
-        last = [_valid_rows(step, int(length), query_length) - 1 for length in lengths]
+        last = [rows - 1 for rows in core.defined_query_rows(lengths, query_length, step == 0)]
         expected_tokens = tuple(int(np.argmax(expected[plan.logits][b, row])) for b, row in enumerate(last))
         got_tokens = tuple(int(np.argmax(got[plan.logits][b, row])) for b, row in enumerate(last))
     return StepResult(step, query_length, tuple(int(t) for t in lengths), tuple(errors), expected_tokens,
                       got_tokens, failure)
 
 
-def _valid_rows(step: int, length: int, query_length: int) -> int:
-    """Query rows ORT defines: in a right-padded prompt s < t_b, afterwards all of them."""
-    return min(length, query_length) if step == 0 else query_length
+def _defined_parts(
+    name: str, want: np.ndarray, plan: _Plan, step: int, lengths: np.ndarray, query_length: int
+) -> list[tuple]:
+    """The index tuples of output ``name`` that ORT defines: a present's rows < t_b (ring: < L(t_b)), whatever
+    its type (quantized levels too); logits of the defined query rows; all of any other output."""
+    cache = next((c for c in plan.caches if c.present == name), None)
+    if cache is not None and want.ndim == 4:
+        rows = core.defined_present_rows(lengths, want.shape[2], cache.window)
+        return [(b, slice(None), slice(0, kept)) for b, kept in enumerate(rows)]
+    if name == plan.logits and want.ndim == 3 and want.shape[1] == query_length:
+        rows = core.defined_query_rows(lengths, query_length, step == 0)
+        return [(b, slice(0, kept)) for b, kept in enumerate(rows)]
+    return [(...,)]

@@ -208,6 +208,9 @@ class Arch:
     reinit: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = ()  # extra PROVENANCE lines
     builder_version: str = "0.18.0"  # the onnxruntime-genai version the fixture is made with (--arch all skips others)
+    # Per-layer (k, v) scales of a quantized KV cache: the script writes them as the builder's kv_cache_scale_file
+    # (calibration needs the model; a fixed scale per layer is enough for a fixture).
+    kv_cache_scales: tuple[tuple[float, float], ...] = ()
 
 
 ARCHS = {
@@ -356,6 +359,22 @@ ARCHS = {
             *_COMMON_TAIL,
         ],
         builder_args=("-p", "int4", "-e", "cpu"),
+        torch_atol=None,
+    ),
+    "llama-int8kv": Arch(
+        "builder-llama-int8kv",
+        "LlamaConfig",
+        CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the tiny **random-weight** Llama of `builder-tiny-llama`",
+            "converted by onnxruntime-genai's model builder with an int8 KV cache (`-p fp32 -e cpu --extra_options",
+            "kv_cache_quant_scheme=int8_per_tensor`). The logits mean nothing. What it exercises: int8 past/present",
+            "caches with per-tensor `k_scale` / `v_scale` initializers (`kv_cache_bit_width=8`,",
+            "`k_quant_type=v_quant_type=PER_TENSOR`); present rows past each sequence's length are undefined.",
+            *_COMMON_TAIL,
+        ],
+        extra_options=("kv_cache_quant_scheme=int8_per_tensor",),
+        kv_cache_scales=((0.05, 0.05), (0.05, 0.05)),
         torch_atol=None,
     ),
     "llama-dml": Arch(
@@ -602,10 +621,27 @@ def run_builder(arch: Arch, hf_dir: Path, out_dir: Path, cache_dir: Path) -> lis
         str(cache_dir),
     ]
     if arch.extra_options:
-        cmd += ["--extra_options", *arch.extra_options]
+        cmd += ["--extra_options", *arch.extra_options, *_scale_file_option(arch, cache_dir.parent)]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return cmd
+
+
+def _scale_file_option(arch: Arch, folder: Path | None) -> list[str]:
+    """``kv_cache_scale_file=PATH`` for an arch with a quantized KV cache (the file written into ``folder``;
+    without a folder, the name shown in PROVENANCE.md)."""
+    if not arch.kv_cache_scales:
+        return []
+    if folder is None:
+        return ["kv_cache_scale_file=kv_scales.json"]
+    path = folder / "kv_scales.json"
+    path.write_text(_scale_json(arch))
+    return [f"kv_cache_scale_file={path}"]
+
+
+def _scale_json(arch: Arch) -> str:
+    scales = {"k_scales": [k for k, _ in arch.kv_cache_scales], "v_scales": [v for _, v in arch.kv_cache_scales]}
+    return json.dumps({"scales": scales})
 
 
 def copy_outputs(out_dir: Path, dest: Path) -> dict:
@@ -646,7 +682,7 @@ def _past_feed(inp, config: dict):
     kv_heads = dims[1] if isinstance(dims[1], int) else config["num_key_value_heads"]
     head_size = dims[3] if isinstance(dims[3], int) else config.get("head_dim") or (
         config["hidden_size"] // config["num_attention_heads"])
-    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[inp.type]
+    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}[inp.type]
     return np.zeros((1, kv_heads, 0, head_size), dtype=dtype)
 
 
@@ -763,7 +799,11 @@ def write_provenance(arch: Arch, dest: Path, cfg: dict, cmd: list[str], notes: d
     shown_cmd = ["python", "-m", "onnxruntime_genai.models.builder", "-i", "HF_DIR", "-o", "OUT", *arch.builder_args,
                  "-c", "CACHE_DIR"]
     if arch.extra_options:
-        shown_cmd += ["--extra_options", *arch.extra_options]
+        shown_cmd += ["--extra_options", *arch.extra_options, *_scale_file_option(arch, None)]
+    scale_lines = []
+    if arch.kv_cache_scales:
+        scale_lines = ["`kv_scales.json`, written by the script (one fixed scale per layer, no calibration):", "",
+                       "```json", _scale_json(arch), "```", ""]
     ir_line = f"- IR version written by the builder: {notes['builder_ir_version']}"
     if "ir_patched_to" in notes:
         ir_line += f"; patched down to {notes['ir_patched_to']} by the script"
@@ -817,6 +857,7 @@ def write_provenance(arch: Arch, dest: Path, cfg: dict, cmd: list[str], notes: d
         " ".join(shown_cmd),
         "```",
         "",
+        *scale_lines,
         *gqa_section,
         "## Post-processing by the script",
         "",
@@ -839,7 +880,8 @@ def _reference_lines(arch: Arch, check: dict) -> list[str]:
         return [
             "## No reference.npz",
             "",
-            "The int4 weights are not the checkpoint's, so the float32 torch model is no reference: on the prompt",
+            ("The int8 KV cache rounds every cached key and value" if arch.kv_cache_scales else
+             "The int4 weights are not the checkpoint's") + ", so the float32 torch model is no reference: on the prompt",
             f"`<s> {PROMPT}` the ONNX model's logits are {check['diffs']['prefill']:.2g} (prefill) and"
             f" {check['diffs']['decode']:.2g} (decode) away from it. The tests compare the rewrite with the original",
             "ONNX model only.",

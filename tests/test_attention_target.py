@@ -375,16 +375,13 @@ BUILDER_FIXTURES = sorted(p.parent.name for p in MODELS.glob("builder-*/model.on
 
 @pytest.mark.parametrize("folder", BUILDER_FIXTURES)
 def test_real_producer_models_generate_like_the_original_as_attention_ops(folder):
-    """Each builder fixture (opset 20-22) raised to 23: a prompt (right-padded rows where the cache
-    allows) and decode steps, through model-level verification."""
-    from gqa_decompose import model_io
+    """Each builder fixture (opset 20-22) raised to 23 with the default cache options: a prompt (right-padded
+    rows where the cache allows) and decode steps, through model-level verification, with a growing cache and
+    a static buffer."""
     from gqa_decompose.verify_model import verify_model
 
     path = MODELS / folder / "model.onnx"
-    options = dict(
-        target="attention", raise_opset=True, strict_target=True,
-        static_kv_cache=model_io.genai_shares_kv_buffer(path),
-    )
+    options = dict(target="attention", raise_opset=True, strict_target=True)
     original = onnx.load(path)
     rewritten = gqa_decompose.decompose(original, **options)
     assert _ops(rewritten).count("Attention") == sum(n.op_type == "GroupQueryAttention" for n in original.graph.node)

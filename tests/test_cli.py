@@ -523,3 +523,26 @@ def test_a_missing_output_folder_is_created_only_when_o_names_a_folder(tiny, tmp
     code, _, err = run(tiny, "-o", f"{tmp_path / 'made'}/", "--no-verify")
     assert code == 0, err
     assert (tmp_path / "made" / "tiny-llama-gqa.decomposed.onnx").is_file()
+
+
+def test_nodes_of_the_same_name_get_their_own_verification(tmp_path):
+    """Node names need not be unique: each GQA node's line and report entry is its own node's verification
+    (a join by name gave both the last one's)."""
+    with_past = make_gqa_model(GqaConfig())
+    without_past = onnx.compose.add_prefix(make_gqa_model(GqaConfig(past=False)), "b_")
+    graph = with_past.graph
+    graph.node.extend(without_past.graph.node)
+    graph.input.extend(without_past.graph.input)
+    graph.output.extend(without_past.graph.output)
+    graph.initializer.extend(without_past.graph.initializer)
+    for node in graph.node:
+        node.name = "attn"
+    path = save_proto(with_past, tmp_path / "twins.onnx")
+    code, out, err = run(path, "--report", tmp_path / "report.json", "-q")
+    assert code == 0, err
+    phases = [len(n["verification"]["phases"]) for n in json.loads((tmp_path / "report.json").read_text())["nodes"]]
+    assert phases[0] > 1 and phases[1] == 1, phases
+    lines = [line for line in out.splitlines() if line.startswith("attn:")]
+    assert len(lines) == 2 and "over 1 phase" not in lines[0] and "over 1 phase" in lines[1], lines
+    checked = gqa_decompose.check(path, verify_mode="nodes")  # the gate joins the same way
+    assert [len(n.verification.results) for n in checked.nodes] == phases

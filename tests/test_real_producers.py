@@ -143,6 +143,7 @@ FORMS = {
     "builder-gemma2": Form("cpu", "fp32", "packed", "do_rotary", (4, -1), _MAX2, softcap=True),
     "builder-llama-fp16": Form("cuda", "fp16", "packed", "do_rotary", _FULL2, _MAX2),
     "builder-llama-int4": Form("cpu", "int4/fp32", "packed", "do_rotary", _FULL2, _MAX2),
+    "builder-llama-int8kv": Form("cpu", "int8-kv/fp32", "packed", "do_rotary", _FULL2, ("growing", "growing")),
     "builder-llama-dml": Form("dml", "fp16", "separate", "RotaryEmbedding", _FULL2, _MAX2),
     "builder-mistral": Form("cpu", "fp32", "packed", "do_rotary", (4, 4), ("ring", "ring")),
     "builder-mistral-fp16": Form("cuda", "fp16", "packed", "do_rotary", (4, 4), ("ring", "ring")),
@@ -174,7 +175,9 @@ def _form(folder: str) -> Form:
     attrs = [_attributes(n) for n in nodes]
     session = _genai_config(folder)["model"]["decoder"]["session_options"]
     providers = [name for options in session.get("provider_options", []) for name in options]
-    float_name = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}[_float_type(model)]
+    # An int8 KV cache (kv_cache_quant_scheme) around fp32 activations: "int8-kv/fp32".
+    float_name = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
+                  onnx.TensorProto.INT8: "int8-kv/fp32"}[_float_type(model)]
     quantized = any(n.op_type == "MatMulNBits" for n in model.graph.node)
     share_buffer = _genai_config(folder)["search"]["past_present_share_buffer"]
 

@@ -65,8 +65,9 @@ def test_static_kv_cache_fails_loudly_on_a_growing_cache():
         session.run(None, feeds)
 
 
-@pytest.mark.parametrize("kv_cache,expect_pad", [("auto", False), ("any", True), ("static", False)])
-def test_kv_cache_auto_follows_genai_share_buffer(tmp_path, kv_cache, expect_pad):
+@pytest.mark.parametrize("kv_cache,expect_pad", [("auto", True), ("any", True), ("static", False)])
+def test_kv_cache_auto_keeps_the_growing_path_beside_a_genai_config(tmp_path, kv_cache, expect_pad):
+    """A genai_config.json with past_present_share_buffer only adds a note; the default stays general."""
     folder = tmp_path / "genai"
     shutil.copytree(MODELS / "builder-tiny-llama", folder)
     output = tmp_path / "out.onnx"
@@ -74,7 +75,44 @@ def test_kv_cache_auto_follows_genai_share_buffer(tmp_path, kv_cache, expect_pad
     assert result.exit_code == 0, result.output
     ops = {node.op_type for node in all_nodes(onnx.load(output).graph)}
     assert ("Pad" in ops) == expect_pad
-    assert ("static KV buffer" in result.output) == (not expect_pad)
+    assert ("note: genai_config.json sets past_present_share_buffer" in result.output) == (kv_cache == "auto")
+
+
+def _growing_loop(path, decode_steps: int = 2) -> list[dict[str, np.ndarray]]:
+    """A transformers.js-style loop on ORT CPU: a first prompt of 5 tokens with an empty past, then one token
+    a step with each present fed back as past (it grows by a row). Every step's outputs, by name."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    pasts = {i.name: i for i in session.get_inputs() if i.name.startswith("past_key_values")}
+    cache_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    feeds = {name: np.zeros((1, i.shape[1], 0, 16), cache_dtype[i.type]) for name, i in pasts.items()}
+    ids = np.array([[1, 30, 33, 17, 48]], np.int64)
+    steps = []
+    for _ in range(decode_steps + 1):
+        length = (feeds.get("attention_mask", np.zeros((1, 0))).shape[1]) + ids.shape[1]
+        feeds.update(input_ids=ids, attention_mask=np.ones((1, length), np.int64))
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        steps.append(outputs)
+        feeds.update({name: outputs[name.replace("past_key_values", "present")] for name in pasts})
+        ids = outputs["logits"][:, -1:].argmax(-1).astype(np.int64)
+    return steps
+
+
+def test_default_output_of_a_genai_builder_model_runs_a_growing_cache_loop(tmp_path):
+    """The CLI's default beside genai_config.json (past_present_share_buffer: true) must still run the growing
+    loop the original runs (a static-only graph failed at the first prompt: ScatterND indices out of range)."""
+    folder = tmp_path / "genai"
+    shutil.copytree(MODELS / "builder-tiny-llama", folder)
+    result = CliRunner().invoke(main, [str(folder / "model.onnx"), "-q", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    expected, got = _growing_loop(folder / "model.onnx"), _growing_loop(folder / "model.decomposed.onnx")
+    for step, (want, have) in enumerate(zip(expected, got)):
+        assert want.keys() == have.keys()
+        for name in want:
+            assert have[name].shape == want[name].shape, (step, name)
+            np.testing.assert_allclose(have[name], want[name], atol=1e-4, rtol=1e-4, err_msg=f"step {step} {name}")
+    assert expected[-1]["present.0.key"].shape[2] == 7
 
 
 def test_kv_cache_auto_without_genai_config_keeps_the_growing_path(tmp_path):

@@ -40,9 +40,8 @@ def _decomposed(path: pathlib.Path, static: bool) -> onnx.ModelProto:
 
 
 def _run(path: pathlib.Path, **kwargs):
-    """verify_model with the options the CLI's --kv-cache auto picks for ``path``."""
-    static = model_io.genai_shares_kv_buffer(path)
-    return verify_model(path, _decomposed(path, static), static_kv_cache=static, **kwargs)
+    """verify_model with the default options (the CLI's --kv-cache auto, whatever sits beside ``path``)."""
+    return verify_model(path, _decomposed(path, False), **kwargs)
 
 
 def _assert_passed(result, batch: int, steps: int) -> None:
@@ -58,28 +57,40 @@ def _assert_passed(result, batch: int, steps: int) -> None:
     assert "logits" in errors and any(name.startswith("present") for name in errors)
 
 
+def _ring_only(result) -> bool:
+    return result.cache_layout == "windowed ring"
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("path", FIXTURES, ids=_id)
-def test_every_fixture_matches_its_original_over_a_prompt_and_four_decode_steps(path, batch):
+def test_every_fixture_matches_its_original_with_both_cache_forms_under_the_default_options(path, batch):
+    """A prompt and four decode steps with a growing cache and with a static buffer, whatever genai_config.json
+    says (the one it names comes first): the default output accepts both, as the original does."""
     result = _run(path, batch=batch)
     _assert_passed(result, batch, steps=4)
-    expected_layout = "static buffer" if model_io.genai_shares_kv_buffer(path) else "growing cache"
-    assert result.cache_layout.startswith(expected_layout) or result.cache_layout == "windowed ring"
-    lengths = result.steps[0].total_lengths
-    if batch == 2 and "windowed ring" not in result.cache_layout:
-        assert lengths[1] < lengths[0], "batch 2 must be right-padded"
+    expected_first = "static buffer" if model_io.genai_shares_kv_buffer(path) else "growing cache"
+    assert result.cache_layout.startswith(expected_first) or _ring_only(result)
+    layouts = [result.cache_layout, *(other.cache_layout for other in result.also)]
+    if not _ring_only(result):
+        assert {layout.split(" of ")[0].split(",")[0] for layout in layouts} == {"growing cache", "static buffer"}
+    for other in result.also:
+        _assert_passed(other, batch, steps=4)
+    for form in (result, *result.also):
+        lengths = form.steps[0].total_lengths
+        if batch == 2 and "windowed ring" not in form.cache_layout:
+            assert lengths[1] < lengths[0], "batch 2 must be right-padded"
     print(f"\n{_id(path)} batch {batch}: {result.summary()}")
 
 
-@pytest.mark.parametrize(
-    "path", [p for p in FIXTURES if model_io.genai_shares_kv_buffer(p)], ids=_id
-)
-def test_builder_fixtures_decomposed_for_any_cache_also_match_with_a_growing_cache(path):
-    # Without genai_config.json the same graph is driven with a growing cache (present = P + S rows).
-    decomposed = _decomposed(path, False)
-    result = verify_model(path, decomposed, genai_config={}, batch=2)
-    _assert_passed(result, 2, steps=4)
-    assert result.cache_layout.startswith("growing cache") or result.cache_layout == "windowed ring"
+def test_a_static_only_graph_fails_default_verification_beside_a_share_buffer_genai_config():
+    """genai_config.json names a static buffer; verification with the default options (which promise every
+    cache form) must still drive a growing cache, where a static-only rewrite crashes at the first prompt."""
+    result = verify_model(BUILDER, _decomposed(BUILDER, True), steps=1)
+    assert not result.passed
+    assert result.cache_layout.startswith("static buffer") and all(s.passed for s in result.steps)
+    (growing,) = result.also
+    assert growing.cache_layout == "growing cache" and "ScatterND" in growing.steps[0].failure
+    assert any(note.startswith("also driven (FAILED)") and "growing cache" in note for note in result.notes)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
@@ -140,11 +151,12 @@ def _corrupted(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
 def test_errors_are_measured_on_the_rows_ort_defines_only():
     decomposed = _decomposed(TINY_LLAMA, False)
     # Garbage in the padded rows of the prompt (logits of padded queries, present rows >= t_b): still equal.
-    result = verify_model(TINY_LLAMA, _corrupted(decomposed, "padding"), batch=2, steps=0)
+    # (The corruption lines the mask up with a growing cache's present only.)
+    result = verify_model(TINY_LLAMA, _corrupted(decomposed, "padding"), batch=2, steps=0, cache_forms=["growing"])
     assert result.passed, result.summary()
     assert result.steps[0].total_lengths == (8, 6)
     # The same garbage in rows that hold tokens: caught in both outputs.
-    result = verify_model(TINY_LLAMA, _corrupted(decomposed, "tokens"), batch=2, steps=0)
+    result = verify_model(TINY_LLAMA, _corrupted(decomposed, "tokens"), batch=2, steps=0, cache_forms=["growing"])
     failed = {o.name for o in result.steps[0].outputs if not o.passed}
     assert failed == {"logits", "present.0.key"}
 
