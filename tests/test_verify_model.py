@@ -26,6 +26,11 @@ MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 FIXTURES = sorted(
     p for p in [*MODELS.glob("*/model.onnx"), *MODELS.glob("*.onnx")] if not p.name.endswith(".decomposed.onnx")
 )
+# Fixtures the package cannot rewrite yet (strict: the mark must come off when it can), by folder.
+KNOWN_FAILURES = {
+    "dynamo-qwen3": "issue 13 item 5: the query of GQA comes out of an untyped SimplifiedLayerNormalization "
+                    "(\"query type None is not float, float16 or bfloat16\")",
+}
 TINY_LLAMA = MODELS / "tiny-llama-gqa.onnx"
 BUILDER = MODELS / "builder-tiny-llama" / "model.onnx"
 
@@ -58,8 +63,13 @@ def _assert_passed(result, batch: int, steps: int) -> None:
     assert "logits" in errors and any(name.startswith("present") for name in errors)
 
 
+def _with_known_failures(paths):
+    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[_id(p)]))
+            if _id(p) in KNOWN_FAILURES else p for p in paths]
+
+
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("path", FIXTURES, ids=_id)
+@pytest.mark.parametrize("path", _with_known_failures(FIXTURES), ids=_id)
 def test_every_fixture_matches_its_original_over_a_prompt_and_four_decode_steps(path, batch):
     result = _run(path, batch=batch)
     _assert_passed(result, batch, steps=4)
