@@ -326,6 +326,7 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
     else:
         intro = LLAMA_INTRO
     folder, config_class, model_class, _ = ARCHS[ARCH]
+    config_name = "QWEN3_CONFIG" if ARCH == "qwen3" else "CONFIG"
     lines = [
         f"# {folder}",
         "",
@@ -340,8 +341,7 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         "",
         "## Model",
         "",
-        f"`{config_class}(**CONFIG)` with the script's `{'QWEN3_CONFIG' if ARCH == 'qwen3' else 'CONFIG'}`,"
-        f" `torch.manual_seed({SEED})`, then",
+        f"`{config_class}(**{config_name})` with the script's `{config_name}`, `torch.manual_seed({SEED})`, then",
         f"`{model_class}._from_config(config, attn_implementation=\"{ATTN_IMPLEMENTATION}\")`, float32, eval mode.",
         *([f"Then every RMSNorm weight (`*norm.weight`, q/k norm included) is redrawn as 1 + N(0, {NORM_STD})."]
           if ARCH == "qwen3" else []),
