@@ -31,6 +31,12 @@ compares output and presents elementwise (ORT's tolerance: rtol = atol = 1e-3). 
     python scripts/ort_gqa_suite.py                  # the whole grid; failure classes on stdout
     python scripts/ort_gqa_suite.py --sample 20      # every 31st case or so: 20 cases spread over the grid
     python scripts/ort_gqa_suite.py --json out.json  # every case's outcome
+    python scripts/ort_gqa_suite.py --adapted-tree   # the 156 tree-attention cases ORT 1.31 rejects, adapted
+    python scripts/ort_gqa_suite.py --filter "no_past buffer" --restore-declarations  # without the present defect
+
+ORT 1.31 rejects the grid's tree-attention cases with a shared buffer itself (position_ids [1, 1] for a batch of 3
+in a prompt; an attention_bias max(seqlens_k) + 1 wide where total_sequence_length is the buffer's length in a
+step). ``--adapted-tree`` runs them with position_ids [B, S] and total_sequence_length = max(seqlens_k) + 1.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -80,6 +87,9 @@ class Case:
     smooth_softmax: bool
     tree: bool  # do_custom_tree_attention (buffer cases only: the no-buffer checks do not pass it on)
     index: int = 0
+    # A tree case changed so that ORT 1.31 runs it (--adapted-tree): position_ids [B, S] (0..S-1) in a prompt,
+    # total_sequence_length = max(seqlens_k) + 1 (the bias's width) in a decode step or chunk.
+    adapted: bool = False
 
     @property
     def prompt(self) -> bool:
@@ -90,7 +100,7 @@ class Case:
         flags = [k for k in ("local", "rotary", "interleaved", "packed", "smooth_softmax", "tree") if getattr(self, k)]
         if self.softcap:
             flags.append(f"softcap{self.softcap:g}")
-        kind = "buffer" if self.buffer else "no-buffer"
+        kind = ("buffer" if self.buffer else "no-buffer") + (" adapted" if self.adapted else "")
         return (f"{self.index:03d} {self.test} {kind} B{self.batch} S{self.sequence} Skv{self.kv_length} "
                 f"N{self.num_heads}/{self.kv_num_heads} H{self.head_size} {'+'.join(flags) or 'plain'}")
 
@@ -128,6 +138,13 @@ def grid() -> list[Case]:
                 for tree in (False, True):
                     add("interactive", (1, 256, 2048), (32, 8), 32, local, rotary, packed, 0.0, False, tree)
     return cases
+
+
+def adapted_tree_grid() -> list[Case]:
+    """The grid's tree-attention cases, adapted so that ORT 1.31 runs them (numbered after the grid)."""
+    cases = grid()
+    return [dataclasses.replace(c, adapted=True, index=len(cases) + i)
+            for i, c in enumerate(c for c in cases if c.tree)]
 
 
 # Graphs ---------------------------------------------------------------------------------------------------------
@@ -177,7 +194,8 @@ def build_graph(case: Case, window: int, max_seqlen: int) -> onnx.ModelProto:
         inputs += [helper.make_tensor_value_info(name, f32, [cos_rows, half]) for name in ("cos_cache", "sin_cache")]
     if case.tree:
         if case.prompt:
-            inputs += [helper.make_tensor_value_info("pos_ids", TensorProto.INT64, [1, 1]),
+            positions = [b, s] if case.adapted else [1, 1]
+            inputs += [helper.make_tensor_value_info("pos_ids", TensorProto.INT64, positions),
                        helper.make_tensor_value_info("attention_mask", f32, [b, 1, kv_new, kv_new])]
         else:
             inputs += [helper.make_tensor_value_info("pos_ids", TensorProto.INT64, [b, s]),
@@ -226,9 +244,11 @@ def make_feeds(case: Case, rng: np.random.Generator, pyrandom: random.Random):
         angle = rng.random((cos_rows, (math.floor(h / 16) * 16) // 2), dtype=np.float32) * 2 * np.float32(math.pi)
         feeds["cos_cache"], feeds["sin_cache"] = np.cos(angle), np.sin(angle)
     max_seqlen = int(seqlens.max()) + 1
+    if case.adapted and not case.prompt:
+        feeds["total_sequence_length"] = np.array([max_seqlen], np.int32)
     if case.tree:
         if case.prompt:
-            feeds["pos_ids"] = np.zeros((1, 1), np.int64)
+            feeds["pos_ids"] = np.tile(np.arange(s, dtype=np.int64), (b, 1)) if case.adapted else np.zeros((1, 1), np.int64)
             feeds["attention_mask"] = np.triu(rng.random((b, 1, kv_new, kv_new), dtype=np.float32), 1)
         else:
             mask = np.zeros((b, 1, s, max_seqlen), np.float32)
@@ -275,12 +295,16 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The message's first line, and the second when ORT puts the detail there ("index: 2 Got: 262 ...")."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return " ".join(lines[:2]) if lines[0].endswith("following indices") else lines[0]
 
 
-def run_case(case: Case, seed: int = 69) -> dict:
-    """One case: {"case", "outcome", "detail", "errors"}."""
+def run_case(case: Case, seed: int = 69, restore_declarations: bool = False) -> dict:
+    """One case: {"case", "outcome", "detail", "errors"}. ``restore_declarations``: put the original's graph
+    output declarations back on the rewrite before running it (to tell that defect from any other)."""
     rng = np.random.default_rng([seed, case.index])
     pyrandom = random.Random(seed * 100003 + case.index)
     feeds, window, max_seqlen = make_feeds(case, rng, pyrandom)
@@ -296,6 +320,9 @@ def run_case(case: Case, seed: int = 69) -> dict:
         return {**result, "outcome": "refused", "detail": _first_line(error)}
     except Exception as error:  # noqa: BLE001
         return {**result, "outcome": "decompose error", "detail": f"{type(error).__name__}: {_first_line(error)}"}
+    if restore_declarations:
+        del rewritten.graph.output[:]
+        rewritten.graph.output.extend(model.graph.output)
     try:
         session = _session(rewritten)
     except Exception as error:  # noqa: BLE001
@@ -329,11 +356,13 @@ def sample(cases: list[Case], count: int) -> list[Case]:
 
 def summarize(results: list[dict]) -> str:
     outcomes = collections.Counter(r["outcome"] for r in results)
+    for r in results:  # one class for "... got 1938" and "... got 865"
+        r["class"] = re.sub(r"got \d+", "got N", re.sub(r"Name:'[^']*' Status Message: ", "", r["detail"]))
     lines = [f"{len(results)} cases: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))]
     classes = collections.defaultdict(list)
     for r in results:
         if r["outcome"] != "passed":
-            detail = r["detail"] if r["outcome"] != "mismatch" else r["detail"].split(" max error")[0]
+            detail = r["class"] if r["outcome"] != "mismatch" else r["detail"].split(" max error")[0]
             classes[(r["outcome"], detail)].append(r["case"])
     for (outcome, detail), names in sorted(classes.items(), key=lambda item: -len(item[1])):
         lines.append(f"  {len(names)} x {outcome}: {detail}")
@@ -348,14 +377,20 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=None, help="run N cases spread over the grid")
     parser.add_argument("--json", type=Path, default=None, help="write every case's outcome here")
     parser.add_argument("--seed", type=int, default=69)
+    parser.add_argument("--adapted-tree", action="store_true",
+                        help="run the tree-attention cases adapted so that ORT 1.31 runs them, instead of the grid")
+    parser.add_argument("--restore-declarations", action="store_true",
+                        help="give the rewrite the original's graph output declarations before running it")
+    parser.add_argument("--filter", default="", help="only the cases whose name contains this")
     args = parser.parse_args()
-    cases = grid()
+    cases = adapted_tree_grid() if args.adapted_tree else grid()
+    cases = [c for c in cases if args.filter in c.name]
     if args.sample:
         cases = sample(cases, args.sample)
     results = []
     start = time.time()
     for number, case in enumerate(cases, 1):
-        results.append(run_case(case, args.seed))
+        results.append(run_case(case, args.seed, args.restore_declarations))
         if results[-1]["outcome"] != "passed":
             print(f"[{number}/{len(cases)}] {case.name}: {results[-1]['outcome']}: {results[-1]['detail']}",
                   flush=True)
