@@ -125,3 +125,15 @@ def test_a_wrong_shared_layer_fails_model_verification():
     result = verify_model(_original("float32"), wrong, batch=2, genai_config={})
     assert not result.passed, result.summary()
     assert len(result.steps) == 5 and result.max_error("logits") > 1e-3  # it ran, and the logits moved
+
+
+def test_attention_target_uses_opset_24s_attention_and_verifies():
+    # At opset 24 every layer can become the standard Attention op (a shared layer rotates only its query).
+    decomposed = gqa_decompose.decompose(_original("float32"), target="attention")
+    ops = [n.op_type for n in decomposed.graph.node if n.domain in ("", "ai.onnx")]
+    assert ops.count("Attention") == 4 and ops.count("RotaryEmbedding") == 6
+    assert not _gqa_nodes(decomposed)
+    assert gqa_decompose.verify(_original("float32"), decomposed).passed
+    for static in (False, True):
+        result = verify_model(_original("float32"), decomposed, batch=2, static_kv_cache=static, genai_config={})
+        assert result.passed, result.summary()
