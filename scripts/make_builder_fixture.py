@@ -28,6 +28,9 @@ has the table of forms):
     gemma3         builder-gemma3           Gemma 3 (builder 0.11.4, see below): explicit q/k norm, local/global rotary
     qwen3          builder-qwen3            Qwen3: explicit q/k norm, separate Q/K/V into GQA
     qwen3-webgpu   builder-qwen3-webgpu     ``-p fp16 -e webgpu``: fused q/k norm inputs (no ORT CPU kernel)
+    gemma4         builder-gemma4           dense Gemma 4: q/k/v norm, RotaryEmbedding before GQA, head size 16 / 32
+                                            per layer, a ring cache on the sliding layer (opset 22)
+    gemma4-webgpu  builder-gemma4-webgpu-fp16  the same, ``-p fp16 -e webgpu``: fp16, max-length caches
 
 Run it with a separate venv that has the builder and its torch / transformers (see PROVENANCE.md next to a model):
 
@@ -155,6 +158,44 @@ GEMMA3_CONFIG = {
     "initializer_range": 0.2,
 }
 QWEN3_CONFIG = dict(QWEN2_CONFIG)  # head_dim 16: q_norm / k_norm over 16 values
+# Gemma 4 (dense, `Gemma4UnifiedForConditionalGeneration`): the text config of the multimodal wrapper. Sliding layers
+# have head_dim 16, the full one global_head_dim 32 (Gemma 4 has 256 / 512), same kv heads (attention_k_eq_v off);
+# rope_parameters default to HF's: sliding theta 1e4, full "proportional" theta 1e6 with partial_rotary_factor 0.25,
+# which the builder bakes into the global cos/sin table as zero-frequency columns. intermediate 64 (not 128: the
+# global q_proj is 4 x 32 = 128 wide, and widths must differ from the vocab anyway).
+GEMMA4_TEXT_CONFIG = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "global_head_dim": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "sliding_window": 4,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "use_bidirectional_attention": None,  # text only: plain causal attention
+    "tie_word_embeddings": True,
+    "initializer_range": 0.2,
+}
+# Builder 0.18 reads these from the top level of config.json, where transformers 5's Gemma4UnifiedConfig does not
+# keep them: global_head_dim and num_global_key_value_heads are consumed by the text config's per-layer overrides,
+# and the text config hides its per-layer attributes (head_dim) from the builder's collapse of text_config unless
+# allow_global_per_layer_attribute_access is set on it as well.
+GEMMA4_CONFIG_JSON = {
+    "": {"global_head_dim": 32, "num_global_key_value_heads": 2, "allow_global_per_layer_attribute_access": True},
+    "text_config": {"allow_global_per_layer_attribute_access": True},
+}
+_GEMMA4_FORM = [
+    "What it exercises: the builder's Gemma 4 form (opset 22): the packed q/k/v MatMul is split, Q and K go through",
+    "Reshape → SimplifiedLayerNormalization (q/k norm) → Reshape → contrib `RotaryEmbedding` (`position_ids` input),",
+    "V through a scaleless v_norm, and GroupQueryAttention gets separate Q/K/V with `do_rotary=0` and `scale=1.0`.",
+    "Head sizes differ per layer: the sliding layer 0 has head size 16 (`local_window_size=4`), the full layer 1",
+    "head size 32 (partial rotary baked into its cos/sin table as zero-frequency columns), so past/present shapes",
+    "differ per layer (genai_config.json's `head_size` is the sliding one).",
+]
 GPT_OSS_CONFIG = {
     "hidden_size": 64,
     "num_attention_heads": 4,
@@ -211,6 +252,10 @@ class Arch:
     # Per-layer (k, v) scales of a quantized KV cache: the script writes them as the builder's kv_cache_scale_file
     # (calibration needs the model; a fixed scale per layer is enough for a fixture).
     kv_cache_scales: tuple[tuple[float, float], ...] = ()
+    # True: ``config_class`` is a multimodal wrapper and ``config`` its ``text_config`` (no vision / audio towers).
+    text_config: bool = False
+    # Keys written into the saved config.json after ``save_pretrained`` ({"": top level, "text_config": ...}).
+    config_json: dict = dataclasses.field(default_factory=dict)
 
 
 ARCHS = {
@@ -537,6 +582,44 @@ ARCHS = {
         builder_args=("-p", "fp16", "-e", "webgpu"),
         runs_on_ort_cpu=False,
     ),
+    "gemma4": Arch(
+        "builder-gemma4",
+        "Gemma4UnifiedConfig",
+        GEMMA4_TEXT_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: a tiny **random-weight** dense Gemma 4",
+            "(`Gemma4UnifiedForConditionalGeneration`, text only) made locally and converted by onnxruntime-genai's",
+            "model builder (fp32, CPU EP). The logits mean nothing.",
+            *_GEMMA4_FORM,
+            "On the CPU EP layer 0 has the builder's windowed KV cache (`sliding_window_cache=1`, a 4-row ring past);",
+            "layer 1 a max-length cache (`past_present_share_buffer: true`).",
+        ],
+        check_with_genai=True,
+        text_config=True,
+        config_json=GEMMA4_CONFIG_JSON,
+        notes=("", "Its windowed cache needs onnxruntime-genai's buffer management, so the script ran the ONNX side of",
+               "the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring).",
+               "", "config.json: the script adds `global_head_dim`, `num_global_key_value_heads` and",
+               "`allow_global_per_layer_attribute_access` at the top level and the last in `text_config` too",
+               "(see `GEMMA4_CONFIG_JSON` in the script: builder 0.18 cannot read the saved config otherwise)."),
+    ),
+    "gemma4-webgpu": Arch(
+        "builder-gemma4-webgpu-fp16",
+        "Gemma4UnifiedConfig",
+        GEMMA4_TEXT_CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the tiny **random-weight** Gemma 4 of `builder-gemma4`",
+            "converted by onnxruntime-genai's model builder with `-p fp16 -e webgpu`. The logits mean nothing.",
+            *_GEMMA4_FORM,
+            "On webgpu both layers have max-length float16 caches (no windowed cache; layer 0 keeps",
+            "`local_window_size=4`). The graph runs on ORT CPU; its genai_config.json names the webgpu provider.",
+        ],
+        builder_args=("-p", "fp16", "-e", "webgpu"),
+        torch_atol=5e-2,
+        text_config=True,
+        config_json=GEMMA4_CONFIG_JSON,
+        notes=(*_FP16_AGAINST_FP32, "", "config.json: patched as for builder-gemma4 (`GEMMA4_CONFIG_JSON`)."),
+    ),
 }
 
 
@@ -575,7 +658,13 @@ def make_checkpoint(arch: Arch, hf_dir: Path) -> dict:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = getattr(transformers, arch.config_class)(**cfg_kwargs)
+    if arch.text_config:
+        config = getattr(transformers, arch.config_class)(
+            text_config=cfg_kwargs, vision_config=None, audio_config=None,
+            tie_word_embeddings=cfg_kwargs.get("tie_word_embeddings", True),
+        )
+    else:
+        config = getattr(transformers, arch.config_class)(**cfg_kwargs)
 
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -597,7 +686,12 @@ def make_checkpoint(arch: Arch, hf_dir: Path) -> dict:
                          "mistake that projection for the LM head")
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
-    return json.loads((hf_dir / "config.json").read_text())
+    saved = json.loads((hf_dir / "config.json").read_text())
+    for section, values in arch.config_json.items():
+        (saved[section] if section else saved).update(values)
+    if arch.config_json:
+        (hf_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return saved
 
 
 def builder_options(arch: Arch) -> list[str]:

@@ -1,4 +1,5 @@
-"""Make the real-producer fixture ``models/dynamo-tiny-llama/`` from the second producer family:
+"""Make the real-producer fixtures ``models/dynamo-tiny-llama/`` and ``models/dynamo-qwen3/`` (``--arch qwen3``)
+from the second producer family:
 ``torch.onnx.export(..., dynamo=True)`` followed by onnxscript's ORT fusions
 (``onnxscript.rewriter.ort_fusions.optimize_for_ort``).
 
@@ -14,7 +15,13 @@ MultiHeadAttention) and only when num_key_value_heads < num_attention_heads, so 
     python3 -m venv /work/venv-dynamo
     /work/venv-dynamo/bin/pip install torch==2.13.0          # CPU build; never plain `torch`
     /work/venv-dynamo/bin/pip install "transformers==4.57.*" onnxscript onnx "onnxruntime>=1.31,<1.32" onnx-ir
-    /work/venv-dynamo/bin/python scripts/make_dynamo_fixture.py
+    /work/venv-dynamo/bin/python scripts/make_dynamo_fixture.py               # dynamo-tiny-llama
+    /work/venv-dynamo/bin/python scripts/make_dynamo_fixture.py --arch qwen3  # dynamo-qwen3
+
+``--arch qwen3`` exports a tiny Qwen3 (``Qwen3Config``): its q/k RMS norm comes out of the fusion as a
+default-domain ``SimplifiedLayerNormalization`` on the heads before GroupQueryAttention, with no value_info for its
+output (ORT's symbolic shape inference cannot type it). Its norm weights are redrawn around 1 (HF initializes them
+to ones, which the optimizer folds onto one shared initializer and which would hide a dropped weight).
 
 How the caches are exported: the model is wrapped in a module whose inputs are ``input_ids``, ``attention_mask``,
 ``position_ids`` and one tensor per layer for ``past_key_values.{i}.key`` / ``.value``; its forward puts them into a
@@ -34,7 +41,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEST = REPO / "models" / "dynamo-tiny-llama"
+DEST = REPO / "models" / "dynamo-tiny-llama"  # the chosen arch's folder (main() sets it)
 
 SEED = 0
 MAX_IR_VERSION = 10  # what ORT 1.31 (and every ORT >= 1.16) reads
@@ -68,14 +75,32 @@ EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 4
 PROMPT_IDS = [1, 30, 33, 17, 48, 79, 36, 45, 76, 68, 26]
 TORCH_ATOL = 1e-4
 
+# Qwen3 as Llama's CONFIG (Qwen3 has no mlp_bias switch); head_dim 16: q_norm / k_norm over 16 values.
+QWEN3_CONFIG = dict({k: v for k, v in CONFIG.items() if k != "mlp_bias"}, use_sliding_window=False)
+NORM_STD = 0.2  # qwen3: every RMSNorm weight redrawn as 1 + N(0, NORM_STD)
+
+ARCHS = {
+    # --arch: (folder, transformers config class, model class, config)
+    "llama": ("dynamo-tiny-llama", "LlamaConfig", "LlamaForCausalLM", CONFIG),
+    "qwen3": ("dynamo-qwen3", "Qwen3Config", "Qwen3ForCausalLM", QWEN3_CONFIG),
+}
+ARCH = "llama"  # main() sets it
+
 
 def make_model():
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    config = LlamaConfig(**CONFIG)
+    _, config_class, model_class, values = ARCHS[ARCH]
+    config = getattr(transformers, config_class)(**values)
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32)
+    model = getattr(transformers, model_class)._from_config(
+        config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32)
+    if ARCH == "qwen3":
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    parameter.copy_(1.0 + NORM_STD * torch.randn(parameter.shape))
     return model.eval()
 
 
@@ -266,26 +291,49 @@ def versions() -> dict:
     return out
 
 
+LLAMA_INTRO = [
+    "A real-producer GroupQueryAttention fixture from the *second* producer family: a tiny **random-weight**",
+    "Llama exported by `torch.onnx.export(..., dynamo=True)` and fused by onnxscript's",
+    "`onnxscript.rewriter.ort_fusions.optimize_for_ort`. The logits mean nothing. What it exercises, unlike the",
+    "builder fixtures: GroupQueryAttention with **separate Q/K/V** (three MatMul outputs), **no `scale`**",
+    "attribute (default 1/sqrt(head_size)), `do_rotary=1` with **cos/sin caches computed in the graph**",
+    "(`Cos`/`Sin` of `Range(0, max(position_ids) + 1)` x inv_freq, so their row count depends on the input), and",
+    "**`seqlens_k` / `total_sequence_length` derived from `position_ids`** (`ReduceMax` over the sequence, cast",
+    "to int32; total = max over the batch + 1). The `attention_mask` input is left **unused** by the fused graph",
+    "(the fusion assumes a 0/1 mask that only marks the current tokens). Past and present caches are separate",
+    "buffers (`[batch, 2, past_seq, 16]` in, `[batch, 2, past_seq + seq, 16]` out), not a shared max-length one.",
+]
+QWEN3_INTRO = [
+    "A real-producer GroupQueryAttention fixture from the *second* producer family: a tiny **random-weight**",
+    "Qwen3 exported by `torch.onnx.export(..., dynamo=True)` and fused by onnxscript's",
+    "`onnxscript.rewriter.ort_fusions.optimize_for_ort`. The logits mean nothing. What it exercises beyond",
+    "`dynamo-tiny-llama` (same GQA form otherwise: separate Q/K/V, no `scale`, `do_rotary=1` with cos/sin computed",
+    "in the graph, lengths from `position_ids`, growing separate past/present): Qwen3's **q/k RMS norm** as the",
+    "fusion writes it, a **default-domain `SimplifiedLayerNormalization`** on the heads of Q and of K before",
+    "GroupQueryAttention, whose outputs have **no value_info** (ORT's symbolic shape inference crashes on it:",
+    "`TypeError: object of type 'NoneType' has no len()`), so the GQA node's query type is unknown to a",
+    "rewrite that relies on it.",
+]
+
+
 def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
     config = model.config.to_diff_dict()
     for volatile in ("transformers_version",):
         config.pop(volatile, None)
     fusions = {k: v for k, v in counts.items() if v}
+    if ARCH == "qwen3":
+        intro = QWEN3_INTRO
+    else:
+        intro = LLAMA_INTRO
+    folder, config_class, model_class, _ = ARCHS[ARCH]
+    config_name = "QWEN3_CONFIG" if ARCH == "qwen3" else "CONFIG"
     lines = [
-        "# dynamo-tiny-llama",
+        f"# {folder}",
         "",
-        "A real-producer GroupQueryAttention fixture from the *second* producer family: a tiny **random-weight**",
-        "Llama exported by `torch.onnx.export(..., dynamo=True)` and fused by onnxscript's",
-        "`onnxscript.rewriter.ort_fusions.optimize_for_ort`. The logits mean nothing. What it exercises, unlike the",
-        "builder fixtures: GroupQueryAttention with **separate Q/K/V** (three MatMul outputs), **no `scale`**",
-        "attribute (default 1/sqrt(head_size)), `do_rotary=1` with **cos/sin caches computed in the graph**",
-        "(`Cos`/`Sin` of `Range(0, max(position_ids) + 1)` x inv_freq, so their row count depends on the input), and",
-        "**`seqlens_k` / `total_sequence_length` derived from `position_ids`** (`ReduceMax` over the sequence, cast",
-        "to int32; total = max over the batch + 1). The `attention_mask` input is left **unused** by the fused graph",
-        "(the fusion assumes a 0/1 mask that only marks the current tokens). Past and present caches are separate",
-        "buffers (`[batch, 2, past_seq, 16]` in, `[batch, 2, past_seq + seq, 16]` out), not a shared max-length one.",
+        *intro,
         "",
-        "Made by `scripts/make_dynamo_fixture.py` (run it with the venv below to regenerate).",
+        "Made by `scripts/make_dynamo_fixture.py" + (f" --arch {ARCH}" if ARCH != "llama" else "")
+        + "` (run it with the venv below to regenerate).",
         "",
         "## Versions",
         "",
@@ -293,9 +341,11 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         "",
         "## Model",
         "",
-        f"`LlamaConfig(**CONFIG)` with the script's `CONFIG`, `torch.manual_seed({SEED})`, then",
-        f"`LlamaForCausalLM._from_config(config, attn_implementation=\"{ATTN_IMPLEMENTATION}\")`, float32, eval mode.",
-        "The config as `to_diff_dict()` gives it (values that differ from `LlamaConfig()` defaults):",
+        f"`{config_class}(**{config_name})` with the script's `{config_name}`, `torch.manual_seed({SEED})`, then",
+        f"`{model_class}._from_config(config, attn_implementation=\"{ATTN_IMPLEMENTATION}\")`, float32, eval mode.",
+        *([f"Then every RMSNorm weight (`*norm.weight`, q/k norm included) is redrawn as 1 + N(0, {NORM_STD})."]
+          if ARCH == "qwen3" else []),
+        f"The config as `to_diff_dict()` gives it (values that differ from `{config_class}()` defaults):",
         "",
         "```json",
         json.dumps(config, indent=2, sort_keys=True),
@@ -307,7 +357,7 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         "python3 -m venv /work/venv-dynamo",
         "/work/venv-dynamo/bin/pip install torch==2.13.0          # the local CPU wheel; never plain `torch`",
         '/work/venv-dynamo/bin/pip install "transformers==4.57.*" onnxscript onnx "onnxruntime>=1.31,<1.32" onnx-ir',
-        "/work/venv-dynamo/bin/python scripts/make_dynamo_fixture.py",
+        "/work/venv-dynamo/bin/python scripts/make_dynamo_fixture.py" + (f" --arch {ARCH}" if ARCH != "llama" else ""),
         "```",
         "",
         "Inside the script:",
@@ -335,8 +385,8 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         f"- Fused graph ops: {dict(sorted(ops.items()))}",
         "- GroupQueryAttention nodes:",
         *["  " + line for line in gqa_summary(DEST / "model.onnx")],
-        "- The RMSNorm weights are all ones (HF's init), so the optimizer folded every norm onto one shared",
-        "  initializer (`m.model.layers.0.input_layernorm.weight`).",
+        *(["- The RMSNorm weights are all ones (HF's init), so the optimizer folded every norm onto one shared",
+            "  initializer (`m.model.layers.0.input_layernorm.weight`)."] if ARCH == "llama" else []),
         "",
         "## Post-processing by the script",
         "",
@@ -361,8 +411,15 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
 
 
 def main() -> None:
+    import argparse
+
     import transformers
 
+    global ARCH, DEST
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=ARCHS, default="llama", help="which fixture (default: %(default)s)")
+    ARCH = parser.parse_args().arch
+    DEST = REPO / "models" / ARCHS[ARCH][0]
     if int(transformers.__version__.split(".")[0]) >= 5:
         sys.exit(f"transformers {transformers.__version__}: the fusion makes GroupQueryAttention only from 4.x graphs")
     model = make_model()

@@ -157,6 +157,12 @@ FORMS = {
     ),
     "builder-qwen3": Form("cpu", "fp32", "separate", "do_rotary", _FULL2, _MAX2, qk_norm="explicit"),
     "builder-qwen3-webgpu": Form("webgpu", "fp16", "separate", "do_rotary", _FULL2, _MAX2, qk_norm="fused"),
+    "builder-gemma4": Form(
+        "cpu", "fp32", "separate", "RotaryEmbedding", (4, -1), ("ring", "max-length"), qk_norm="explicit"
+    ),
+    "builder-gemma4-webgpu-fp16": Form(
+        "webgpu", "fp16", "separate", "RotaryEmbedding", (4, -1), _MAX2, qk_norm="explicit"
+    ),
 }
 
 
@@ -194,7 +200,7 @@ def _form(folder: str) -> Form:
     def qk_norm(node):
         if len(node.input) > 15 and node.input[14] and node.input[15]:  # q_norm_weight, k_norm_weight
             return "fused"
-        producer = _walk_back(model, node.input[0], {"Reshape", "RotaryEmbedding"})
+        producer = _walk_back(model, node.input[0], {"Reshape", "RotaryEmbedding", "Cast"})  # fp16: norm in fp32
         return "explicit" if producer is not None and producer.op_type == "SimplifiedLayerNormalization" else "none"
 
     total_length = _walk_back(model, nodes[0].input[6], {"Cast"})
@@ -252,6 +258,16 @@ def _rotary_base_per_kind(model, nodes, folder):
     assert not np.allclose(initializers[caches[True][0]], initializers[caches[False][0]])
 
 
+def _head_size_per_kind(model, nodes, folder):
+    """Gemma 4: the sliding layers' head size (16, genai_config.json's) differs from the full layers' (32), in the
+    declared past shapes and in GQA's query width."""
+    sizes = {}
+    for node in nodes:
+        dims = next(i for i in model.graph.input if i.name == node.input[3]).type.tensor_type.shape.dim
+        sizes.setdefault(_attributes(node)["local_window_size"] > 0, set()).add(dims[3].dim_value)
+    assert sizes == {True: {_head_size(folder)}, False: {2 * _head_size(folder)}}, sizes
+
+
 EXTRA_CHECKS = {
     "builder-qwen2": (_qkv_bias,),
     "builder-phi3": (_phi3,),
@@ -259,6 +275,8 @@ EXTRA_CHECKS = {
     "builder-gemma3": (_custom_scale, _rotary_base_per_kind),
     "builder-gpt-oss": (_qkv_bias, _head_sink_values),
     "builder-gpt-oss-fp16": (_qkv_bias, _head_sink_values),
+    "builder-gemma4": (_head_size_per_kind,),
+    "builder-gemma4-webgpu-fp16": (_head_size_per_kind,),
 }
 
 
@@ -342,7 +360,7 @@ def test_every_refusal_is_a_fixture():
 
 def _cache_shapes(folder: str) -> dict[str, tuple[int, int, int]]:
     """(kv heads, head size, first past rows) for each past input: heads from the graph input, head size from
-    genai_config.json (the input's last dim is the symbolic ``kv_cache_dim`` in builder graphs). A windowed
+    it too when static (Gemma 4's differ per layer), else from genai_config.json (the symbolic ``kv_cache_dim``). A windowed
     cache (sliding_window_cache=1) starts full-size (capacity W, as onnxruntime-genai allocates it), a growing
     one empty."""
     model = _original(folder)
@@ -354,7 +372,7 @@ def _cache_shapes(folder: str) -> dict[str, tuple[int, int, int]]:
         attributes = _attributes(node)
         heads = dims[1].dim_value or attributes["kv_num_heads"]
         rows = attributes["local_window_size"] if attributes.get("sliding_window_cache") else 0
-        shapes[name] = (heads, _head_size(folder), rows)
+        shapes[name] = (heads, dims[3].dim_value or _head_size(folder), rows)  # Gemma 4: per-layer head size
     return shapes
 
 

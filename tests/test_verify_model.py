@@ -26,6 +26,11 @@ MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 FIXTURES = sorted(
     p for p in [*MODELS.glob("*/model.onnx"), *MODELS.glob("*.onnx")] if not p.name.endswith(".decomposed.onnx")
 )
+# Fixtures the package cannot rewrite yet (strict: the mark must come off when it can), by folder.
+KNOWN_FAILURES = {
+    "dynamo-qwen3": "issue 13 item 5: the query of GQA comes out of an untyped SimplifiedLayerNormalization "
+                    "(\"query type None is not float, float16 or bfloat16\")",
+}
 TINY_LLAMA = MODELS / "tiny-llama-gqa.onnx"
 BUILDER = MODELS / "builder-tiny-llama" / "model.onnx"
 
@@ -57,12 +62,17 @@ def _assert_passed(result, batch: int, steps: int) -> None:
     assert "logits" in errors and any(name.startswith("present") for name in errors)
 
 
+def _with_known_failures(paths):
+    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[_id(p)]))
+            if _id(p) in KNOWN_FAILURES else p for p in paths]
+
+
 def _ring_only(result) -> bool:
     return result.cache_layout == "windowed ring"
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("path", FIXTURES, ids=_id)
+@pytest.mark.parametrize("path", _with_known_failures(FIXTURES), ids=_id)
 def test_every_fixture_matches_its_original_with_both_cache_forms_under_the_default_options(path, batch):
     """A prompt and four decode steps with a growing cache and with a static buffer, whatever genai_config.json
     says (the one it names comes first): the default output accepts both, as the original does."""
