@@ -62,6 +62,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         self.options = options or DecomposeOptions()
         self.progress = progress
         self.decomposed: list[DecomposedNode] = []
+        self.emitted: list[ir.Node] = []  # every node the expansions added (the clean-up's scope)
         self.raised_opset: tuple[int, int] | None = None  # (from, to) when raise_opset raised it
 
     def requires(self, model: ir.Model) -> None:
@@ -74,6 +75,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.decomposed = []
+        self.emitted = []
         self.raised_opset = None
         found = find_gqa_nodes(model)
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
@@ -96,9 +98,10 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             shared = shared_by_container.setdefault(id(container), SharedSubgraphs())
             target, fallback = targets[index]
             lowering = Lowering.for_target(target, opsets[index])
-            count = self._replace(container, node, spec, shared, index, opsets[index], lowering)
+            new_nodes = self._replace(container, node, spec, shared, index, opsets[index], lowering)
+            self.emitted.extend(new_nodes)
             self.decomposed.append(
-                DecomposedNode(spec.node_name, scope_name(model, container), spec, count, target, fallback)
+                DecomposedNode(spec.node_name, scope_name(model, container), spec, len(new_nodes), target, fallback)
             )
             if self.progress is not None:
                 self.progress(index + 1, len(found))
@@ -113,7 +116,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         index: int,
         opset: int,
         lowering: Lowering,
-    ) -> int:
+    ) -> list[ir.Node]:
         op = OpBuilder(node.name or f"GroupQueryAttention_{index}", opset)
         expanded = expand_gqa(op, shared, node, spec, lowering)
         new_nodes = shared.take_nodes() + op.take_nodes()
@@ -130,4 +133,4 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             new.name = old_name
         container.insert_before(node, new_nodes)
         container.remove(node, safe=True)
-        return len(new_nodes)
+        return new_nodes
