@@ -23,7 +23,7 @@ from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, non_standard_nodes
 from gqa_decompose.passes.graph_queries import scope_name
-from gqa_decompose.passes.raise_opset import attention_opset
+from gqa_decompose.raise_opset import attention_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolve_target
 from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model

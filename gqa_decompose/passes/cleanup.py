@@ -17,26 +17,14 @@ from collections.abc import Callable, Iterable
 
 import onnx_ir as ir
 
+from gqa_decompose.passes.graph_queries import with_branches
+
 __all__ = ["EmittedCsePass", "FixEmittedNamesPass", "KeepInterface", "RemoveUnusedEmittedPass"]
 
 EmittedNodes = Callable[[], Iterable[ir.Node]]
 
 # onnx-ir's CSE default: larger constants are not merged.
 _CSE_SIZE_LIMIT = 10
-
-
-def _with_branches(nodes: Iterable[ir.Node]) -> set[ir.Node]:
-    """``nodes`` and every node inside their graph attributes."""
-    found: set[ir.Node] = set()
-    for node in nodes:
-        found.add(node)
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                found.update(ir.traversal.RecursiveGraphIterator(attr.as_graph()))
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for graph in attr.as_graphs():
-                    found.update(ir.traversal.RecursiveGraphIterator(graph))
-    return found
 
 
 def _containers(model: ir.Model) -> list[ir.Graph | ir.Function]:
@@ -102,7 +90,7 @@ class RemoveUnusedEmittedPass(ir.passes.InPlacePass):
         self._emitted = emitted
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        emitted = _with_branches(self._emitted())
+        emitted = with_branches(self._emitted())
         removed = 0
         for container in _containers(model):
             outputs = frozenset(container.outputs)
@@ -139,7 +127,7 @@ class FixEmittedNamesPass(ir.passes.InPlacePass):
         self._emitted = emitted
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        emitted = _with_branches(self._emitted())
+        emitted = with_branches(self._emitted())
         modified = False
         namespaces: list[list[ir.Graph | ir.Function]] = [[model.graph, *model.graph.subgraphs()]]
         namespaces.extend([function, *function.subgraphs()] for function in model.functions.values())

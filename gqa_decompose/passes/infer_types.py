@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnx_ir.passes.common import _c_api_utils  # onnx-ir's ShapeInferencePass calls the ONNX C API this way
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes
@@ -132,30 +134,25 @@ def _ort_symbolic_inference(model: ir.Model) -> bool:
 
     ONNX's own inference stops at ops it does not know (SkipLayerNormalization,
     a builder's SimplifiedLayerNormalization, ...) when the model carries no
-    value_info. Large and external initializers become typed graph inputs
-    first, so no weight is read. Only values without a type are filled in.
+    value_info. Initializers become typed graph inputs and large ones lose their
+    values first (onnx-ir's own way to call the ONNX C APIs), so no weight is
+    read. Only values without a type are filled in.
+
+    It runs in a temporary working folder: when it cannot type everything, it
+    saves ``sym_shape_infer_temp.onnx`` (and its data) into the working folder.
     """
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:
         return False
-    proto = ir.serde.serialize_model(model)
-    inputs = {value.name for value in proto.graph.input}
-    kept = []
-    for tensor in proto.graph.initializer:
-        external = tensor.data_location == onnx.TensorProto.EXTERNAL
-        if external or tensor.ByteSize() > 1024:
-            if tensor.name not in inputs:
-                proto.graph.input.append(
-                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-                )
-        else:
-            kept.append(tensor)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
+
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+        with tempfile.TemporaryDirectory(prefix="gqa-decompose-") as folder, contextlib.chdir(folder):
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+
     logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.CRITICAL)
     try:
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+        inferred = _c_api_utils.call_onnx_api(infer, model)
     except Exception:  # partial typing is still useful; the spec refuses what stays unknown
         return False
     if inferred is None:

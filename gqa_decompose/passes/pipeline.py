@@ -28,10 +28,6 @@ def build_pipeline(
     (passes/cleanup.py); the graph's input and output declarations come out as they went in.
     """
 
-    def emitted_prefixes() -> list[str]:
-        names = [entry.name for entry in decompose_pass.decomposed]
-        return [*names, "gqa_shared"]
-
     def emitted() -> list[ir.Node]:
         return decompose_pass.emitted
 
@@ -52,6 +48,6 @@ def build_pipeline(
     if check:
         # Before the declarations are put back: the checker judges what was emitted, not a
         # declaration of the model's own that it would refuse (an IR 8 output without a shape).
-        passes.append(CheckEmittedPass(emitted_prefixes))
+        passes.append(CheckEmittedPass(emitted))
     passes.append(interface.restore)
     return ir.passes.PassManager(passes)
