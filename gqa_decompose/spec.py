@@ -105,7 +105,7 @@ class DecomposeOptions:
             instead of decomposing it into primitives.
         raise_opset: with the attention target, raise a model's default-domain
             opset import from 20-22 to 23 when no op the model uses changes
-            meaning (see ``passes/raise_opset.py``); otherwise its nodes fall back.
+            meaning (see ``raise_opset.py``); otherwise its nodes fall back.
     """
 
     legacy_window: bool = False
