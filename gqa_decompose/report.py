@@ -23,6 +23,7 @@ from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, non_standard_nodes
 from gqa_decompose.passes.graph_queries import scope_name
+from gqa_decompose.passes.infer_types import require_typed_query
 from gqa_decompose.raise_opset import attention_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolve_target
 from gqa_decompose.verify import NodeVerification, verify
@@ -171,6 +172,7 @@ def check(
     for container, node in found:
         scope = scope_name(loaded, container)
         try:
+            require_typed_query(loaded, node)
             spec = parse_gqa_node(node, decompose_options)
             target, fallback = resolve_target(spec, decompose_options, opset, raise_obstacle)
             result.nodes.append(

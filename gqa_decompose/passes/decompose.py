@@ -12,7 +12,7 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
 from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
-from gqa_decompose.passes.infer_types import InferGqaTypesPass
+from gqa_decompose.passes.infer_types import InferGqaTypesPass, require_typed_query
 from gqa_decompose.opsets import MIN_OPSET
 from gqa_decompose.raise_opset import attention_opset, raise_default_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
@@ -77,6 +77,8 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         found = find_gqa_nodes(model)
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
+        for _, node in found:
+            require_typed_query(model, node)
         specs = [parse_gqa_node(node, self.options) for _, node in found]
         model_opset, raise_obstacle = attention_opset(model, self.options)
         raised = model_opset if found and model_opset != default_opset(model) else None
