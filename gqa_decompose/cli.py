@@ -66,15 +66,38 @@ atomically; the input is never modified.
 """
 
 
-def _progress_bar(description: str, quiet: bool) -> tuple[tqdm.tqdm, Callable[[int, int], None]]:
-    bar = tqdm.tqdm(desc=description, unit="node", disable=True if quiet else None, file=sys.stderr, leave=False)
+class _Progress:
+    """A tqdm bar drawn from the first update on, when its total is known (created at once, its
+    first frame would read ``0node [00:00, ?node/s]``). Set ``unit`` before the first update."""
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    def __init__(self, description: str, quiet: bool, unit: str = "node") -> None:
+        self.description, self.quiet, self.unit = description, quiet, unit
+        self._bar = None
 
-    return bar, update
+    def update(self, done: int, total: int) -> None:
+        if self._bar is None:
+            import tqdm
+
+            self._bar = tqdm.tqdm(desc=self.description, unit=self.unit, total=total, initial=done, leave=False,
+                                  disable=True if self.quiet else None, file=sys.stderr)
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _progress_bar(description: str, quiet: bool) -> tuple[_Progress, Callable[[int, int], None]]:
+    bar = _Progress(description, quiet)
+    return bar, bar.update
 
 
 def _verification_text(result: NodeVerification | None) -> str:
@@ -453,10 +476,10 @@ def _run_decompose(
     result: CheckResult,
     reuse_data: bool = False,
 ) -> None:
-    target = _output_path(run.model_path, output)
     started = time.perf_counter()
-    model = model_io.load_model(run.model_path)
+    model = model_io.load_model(run.model_path)  # first: it refuses a folder (".") with one line
     result.timings["load"] = time.perf_counter() - started
+    target = _output_path(run.model_path, output)
     result.opsets = opsets(model)
     had_external_data = bool(model_io.external_tensors(model))
     model_io.check_output_path(model, target, external_data=had_external_data, reuse_input_data=reuse_data)
@@ -548,7 +571,8 @@ def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, .
     if run.whole_model and result.model_verification is None and any(n.status == "refused" for n in result.nodes):
         click.echo("model not verified (a node is refused)")
     _echo_model_verification(run, result.model_verification)
-    remaining = result.non_standard_ops
+    # A refused GQA node stays in the report's ops_left; its line above already says so.
+    remaining = [op for op in result.non_standard_ops if op != "com.microsoft::GroupQueryAttention"]
     if remaining:
         click.echo(f"non-standard ops besides GroupQueryAttention: {', '.join(remaining)}")
     if not result.nodes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import pathlib
 import subprocess
@@ -26,7 +27,7 @@ from test_model_io import (
 
 import gqa_decompose.expansion.gqa
 from gqa_decompose import model_io
-from gqa_decompose.cli import main
+from gqa_decompose.cli import _progress_bar, main
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BUILDER_MODEL = REPO / "models" / "builder-tiny-llama" / "model.onnx"
@@ -479,6 +480,32 @@ def test_progress_bars_stay_off_when_stderr_is_not_a_terminal(tiny):
     lines = out.splitlines()
     assert len(lines) == 3
     assert all(line.startswith(prefix) for line, prefix in zip(lines, [*GQA_NODES, "wrote "]))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_progress_bar_knows_its_total_from_its_first_frame(tiny, monkeypatch):
+    """It used to open on ``0node [00:00, ?node/s]`` before the total was known."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar, update = _progress_bar("decomposing", quiet=False)
+    assert terminal.getvalue() == ""  # nothing is drawn before the total is known
+    with bar:
+        update(1, 3)
+    frames = terminal.getvalue().split("\r")
+    drawn = [frame for frame in frames if frame.strip()]
+    assert drawn and all("1/3" in frame for frame in drawn), frames
+
+
+def test_check_does_not_list_a_refused_gqa_node_among_the_other_ops(tmp_path):
+    path = save_proto(make_gqa_model(GqaConfig(num_heads=3, kv_num_heads=2)), tmp_path / "refused.onnx")
+    code, out, _ = run(path, "--check")
+    assert code == 1
+    assert "REFUSED" in out
+    assert "besides GroupQueryAttention" not in out
 
 
 def test_a_real_process_with_piped_stderr_prints_only_the_summary_lines(tiny):

@@ -357,13 +357,13 @@ def require_typed_query(model: ir.Model, node: ir.Node) -> None:
     where = _where_typing_stops(query)
     reason = f"typing failed: the query '{query.name}' has no {missing}"
     if where is not None and where is not query.producer():
-        reason += f"; typing stops at node '{where.name}' ({_op_name(where)}), whose inputs are typed"
+        reason += f"; typing stops at node '{where.name or '<unnamed>'}' ({_op_name(where)}), whose inputs are typed"
     elif where is not None:
-        reason += f"; its producer '{where.name}' ({_op_name(where)}) could not be typed from its inputs"
+        reason += f"; its producer '{where.name or '<unnamed>'}' ({_op_name(where)}) could not be typed from its inputs"
     failure = model.meta.get(_SYMBOLIC_FAILURE)
     if failure:
         reason += f" (ONNX Runtime's symbolic shape inference failed: {failure})"
-    raise GqaDecomposeError(reason, node.name)
+    raise GqaDecomposeError(reason, node.name or "<unnamed GroupQueryAttention>")
 
 
 def _op_name(node: ir.Node) -> str:
