@@ -1,4 +1,8 @@
-"""The command line: options -> API call -> report -> exit code."""
+"""The command line: options -> API call -> report -> exit code.
+
+Only click and the exit codes are imported at start-up: onnx, onnx_ir, ONNX Runtime and the
+verification modules are imported by the commands that use them, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +13,20 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
-import onnx_ir as ir
-import tqdm
 
-from gqa_decompose import model_io
-from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
-from gqa_decompose.passes import InferGqaTypesPass
-from gqa_decompose.report import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_OK,
-    VERIFY_MODES,
-    CheckResult,
-    NodeEntry,
-    check,
-    opsets,
-    ops_left,
-    node_verification_json,
-    report_json,
-)
-from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
-from gqa_decompose.runtimes import get_runtime
-from gqa_decompose.spec import DecomposeOptions
-from gqa_decompose.verify import NodeVerification, verify
-from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
+from gqa_decompose.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, VERIFY_MODES
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from gqa_decompose.report import CheckResult
+    from gqa_decompose.spec import DecomposeOptions
+    from gqa_decompose.verify import NodeVerification
+    from gqa_decompose.verify_model import ModelVerification
 
 __all__ = ["main"]
 
@@ -321,6 +312,11 @@ def main(
     synthesized inputs (first prompt, ragged decode, chunked prefill), and the
     model is written only if every node matches.
     """
+    from gqa_decompose import model_io
+    from gqa_decompose.report import CheckResult, report_json
+    from gqa_decompose.runtimes import get_runtime
+    from gqa_decompose.spec import DecomposeOptions
+
     if no_verify:
         verify_mode = "none"
     static_kv_cache = kv_cache == "static" or (
@@ -425,6 +421,8 @@ class _Run:
 
 def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) -> dict[str, NodeVerification]:
     """verify() works on a copy: ``original`` is left as it is."""
+    from gqa_decompose.verify import verify
+
     bar, update = _progress_bar("verifying nodes", quiet)
     with bar:
         result = verify(original, progress=update, **dataclasses.asdict(options))
@@ -434,6 +432,8 @@ def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) ->
 def _verify_whole_model(
     run: _Run, original: ir.Model, rewritten: ir.Model, options: DecomposeOptions
 ) -> ModelVerification:
+    from gqa_decompose.verify_model import read_genai_config, verify_model
+
     bar, update = _progress_bar("verifying model", run.quiet)
     bar.unit = "step"
     with bar:
@@ -451,6 +451,8 @@ def _verify_whole_model(
 
 
 def _output_path(model_path: pathlib.Path, output: str | None) -> pathlib.Path:
+    from gqa_decompose import model_io
+
     default = model_io.default_output_path(model_path)
     if not output:
         return default.absolute()
@@ -476,6 +478,10 @@ def _run_decompose(
     result: CheckResult,
     reuse_data: bool = False,
 ) -> None:
+    from gqa_decompose import model_io
+    from gqa_decompose.api import rewrite
+    from gqa_decompose.report import NodeEntry, ops_left, opsets
+
     started = time.perf_counter()
     model = model_io.load_model(run.model_path)  # first: it refuses a folder (".") with one line
     result.timings["load"] = time.perf_counter() - started
@@ -547,6 +553,10 @@ def _run_decompose(
 
 
 def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, ...] = ()) -> CheckResult:
+    from gqa_decompose import model_io
+    from gqa_decompose.passes import InferGqaTypesPass
+    from gqa_decompose.report import check
+
     result = check(
         run.model_path,
         verify_mode=run.verify_mode,
@@ -601,6 +611,9 @@ def _run_on_runtimes(
     runtime_names: tuple[str, ...],
 ) -> list[dict]:
     """Runs the rewritten model on each runtime; prints what fails; returns the report's entries."""
+    from gqa_decompose.report import node_verification_json
+    from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
+
     entries = []
     for name in dict.fromkeys(runtime_names):
         result = check_runtime(model, name, options, verify_nodes=verify_nodes)

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from gqa_decompose import model_io
 from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, VERIFY_MODES  # noqa: F401 - re-exported
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, non_standard_nodes
 from gqa_decompose.passes.graph_queries import scope_name
 from gqa_decompose.passes.infer_types import require_typed_query
@@ -34,8 +35,6 @@ __all__ = ["REPORT_SCHEMA", "REPORT_SCHEMA_VERSION", "VERIFY_MODES", "CheckResul
 
 REPORT_SCHEMA = "gqa-decompose-report"
 REPORT_SCHEMA_VERSION = 1
-VERIFY_MODES = ("none", "nodes", "model", "all")
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)

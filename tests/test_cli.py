@@ -538,7 +538,7 @@ def test_an_output_over_an_input_file_is_refused_before_any_rewrite(tmp_path, mo
     def no_rewrite(*args, **kwargs):
         raise AssertionError("the rewrite ran before the output path was checked")
 
-    monkeypatch.setattr("gqa_decompose.cli.rewrite", no_rewrite)
+    monkeypatch.setattr("gqa_decompose.api.rewrite", no_rewrite)
     code, _, err = run(source, "-o", tmp_path / "b.onnx", "-q")
     assert code == 2
     assert "a file of the input model" in err
@@ -550,3 +550,35 @@ def test_a_missing_output_folder_is_created_only_when_o_names_a_folder(tiny, tmp
     code, _, err = run(tiny, "-o", f"{tmp_path / 'made'}/", "--no-verify")
     assert code == 0, err
     assert (tmp_path / "made" / "tiny-llama-gqa.decomposed.onnx").is_file()
+
+
+# Start-up ------------------------------------------------------------------------------------------------
+
+_HELP_IMPORTS = """
+import runpy, sys
+sys.argv = ["gqa-decompose", "--help"]
+try:
+    runpy.run_module("gqa_decompose", run_name="__main__")
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+heavy = [name for name in ("onnx", "onnxruntime", "onnx_ir", "numpy", "openvino", "tqdm") if name in sys.modules]
+print("IMPORTED", heavy, file=sys.stderr)
+"""
+
+
+def test_help_imports_neither_onnx_nor_onnxruntime():
+    result = subprocess.run([sys.executable, "-c", _HELP_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+    assert "IMPORTED []" in result.stderr, result.stderr
+
+
+def test_the_package_imports_its_api_on_first_use():
+    code = "import sys, gqa_decompose; assert 'onnx' not in sys.modules; gqa_decompose.decompose; assert 'onnx' in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    import gqa_decompose
+
+    assert set(gqa_decompose.__all__) <= set(dir(gqa_decompose))
+    with pytest.raises(AttributeError):
+        gqa_decompose.no_such_name  # noqa: B018
