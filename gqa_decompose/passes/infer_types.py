@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 
@@ -168,8 +169,13 @@ def _ort_symbolic_inference(model: ir.Model) -> bool:
         return False
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-        with tempfile.TemporaryDirectory(prefix="gqa-decompose-") as folder, contextlib.chdir(folder):
-            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+        with tempfile.TemporaryDirectory(prefix="gqa-decompose-") as folder:
+            previous = os.getcwd()
+            os.chdir(folder)  # contextlib.chdir needs Python 3.11
+            try:
+                return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+            finally:
+                os.chdir(previous)
 
     logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.CRITICAL)
     try:
