@@ -37,7 +37,23 @@ _EXPORTS = {
     "verify": "gqa_decompose.verify",
     "verify_model": "gqa_decompose.verify_model",
 }
-__all__ = list(_EXPORTS)
+__all__ = [
+    "CheckResult",
+    "ModelVerification",
+    "DecomposeGqaPass",
+    "DecomposeOptions",
+    "GqaDecomposeError",
+    "GqaSpec",
+    "InferGqaTypesPass",
+    "build_pipeline",
+    "check",
+    "decompose",
+    "decompose_file",
+    "report_json",
+    "rewrite",
+    "verify",
+    "verify_model",
+]
 
 if TYPE_CHECKING:
     from gqa_decompose.api import decompose, decompose_file, rewrite

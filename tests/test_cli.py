@@ -579,6 +579,7 @@ def test_the_package_imports_its_api_on_first_use():
     assert result.returncode == 0, result.stderr
     import gqa_decompose
 
+    assert set(gqa_decompose.__all__) == set(gqa_decompose._EXPORTS)
     assert set(gqa_decompose.__all__) <= set(dir(gqa_decompose))
     with pytest.raises(AttributeError):
         gqa_decompose.no_such_name  # noqa: B018

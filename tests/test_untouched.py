@@ -25,7 +25,7 @@ FIXTURES = [
 
 
 def _node(node: ir.Node) -> tuple:
-    attributes = {name: ir.serde.serialize_attribute(attr).SerializeToString() for name, attr in node.attributes.items()}
+    attributes = {name: ir.serde.serialize_attribute(a).SerializeToString() for name, a in node.attributes.items()}
     inputs = [value.name if value is not None else None for value in node.inputs]
     return node.domain, node.op_type, inputs, [value.name for value in node.outputs], attributes
 
@@ -86,6 +86,14 @@ def test_an_unread_initializer_and_a_dead_node_stay():
     assert "dead_relu" in {n.name for n in rewritten.graph.node}
 
 
+def test_only_the_gqa_import_is_dropped():
+    proto = onnx.load(MODELS / "tiny-llama-gqa.onnx")
+    proto.opset_import.append(helper.make_opsetid("ai.onnx.ml", 3))  # declared, unused: the model's own
+    rewritten = gqa_decompose.decompose(proto)
+    domains = {o.domain for o in rewritten.opset_import}
+    assert "ai.onnx.ml" in domains and "com.microsoft" not in domains
+
+
 def _ort_suite_prompt(batch: int, sequence: int, buffer: int, heads: int, kv_heads: int, head_size: int) -> bytes:
     """ORT's test_gqa_cpu prompt graph with share_buffer: present declared twice, with the buffer's
     length first and the new rows' length second."""
@@ -111,7 +119,8 @@ def _ort_suite_prompt(batch: int, sequence: int, buffer: int, heads: int, kv_hea
         outputs += [helper.make_tensor_value_info(name, f, [batch, kv_heads, rows, head_size])
                     for name in ("present_key", "present_value")]
     graph = helper.make_graph([node], "GroupQueryAttention_Graph", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 10
     return model
 

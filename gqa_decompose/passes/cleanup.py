@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable
 import onnx_ir as ir
 
 from gqa_decompose.passes.graph_queries import with_branches
+from gqa_decompose.spec import GQA_DOMAIN
 
-__all__ = ["EmittedCsePass", "FixEmittedNamesPass", "KeepInterface", "RemoveUnusedEmittedPass"]
+__all__ = ["DropGqaImportPass", "EmittedCsePass", "FixEmittedNamesPass", "KeepInterface", "RemoveUnusedEmittedPass"]
 
 EmittedNodes = Callable[[], Iterable[ir.Node]]
 
@@ -174,6 +175,27 @@ def _unique(preferred: str, used: set[str], counter: collections.Counter[str]) -
         name = f"{preferred}_{counter[preferred]}"
     used.add(name)
     return name
+
+
+class DropGqaImportPass(ir.passes.InPlacePass):
+    """Drop the com.microsoft opset import (of the model, of a function) once nothing there uses it.
+
+    onnx-ir's RemoveUnusedOpsetsPass would also drop any other import the model declares and
+    does not use; those are the model's own.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        scopes: list[tuple[ir.Graph | ir.Function, set[str]]] = [
+            (model.graph, {function.domain for function in model.functions.values()})
+        ]
+        scopes.extend((function, set()) for function in model.functions.values())
+        for scope, used in scopes:
+            used |= {node.domain for node in ir.traversal.RecursiveGraphIterator(scope)}
+            if GQA_DOMAIN in scope.opset_imports and GQA_DOMAIN not in used:
+                del scope.opset_imports[GQA_DOMAIN]
+                modified = True
+        return ir.passes.PassResult(model, modified=modified)
 
 
 class KeepInterface:

@@ -6,7 +6,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from gqa_decompose.passes.check import CheckEmittedPass
-from gqa_decompose.passes.cleanup import EmittedCsePass, FixEmittedNamesPass, KeepInterface, RemoveUnusedEmittedPass
+from gqa_decompose.passes.cleanup import (
+    DropGqaImportPass,
+    EmittedCsePass,
+    FixEmittedNamesPass,
+    KeepInterface,
+    RemoveUnusedEmittedPass,
+)
 from gqa_decompose.passes.decompose import DecomposeGqaPass
 from gqa_decompose.passes.infer_types import InferGqaTypesPass, quiet_shape_inference
 
@@ -38,8 +44,7 @@ def build_pipeline(
         decompose_pass,
         EmittedCsePass(emitted),
         RemoveUnusedEmittedPass(emitted),
-        # Drops the com.microsoft import when nothing else uses it.
-        common_passes.RemoveUnusedOpsetsPass(),
+        DropGqaImportPass(),
         common_passes.TopologicalSortPass(),
         FixEmittedNamesPass(emitted),
     ]
