@@ -16,6 +16,8 @@ Public API::
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 # Imported on first use (PEP 562), so that ``import gqa_decompose`` and the CLI's ``--help`` do not
@@ -76,6 +78,23 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """The package, where the API's ``verify`` and ``verify_model`` functions keep their names.
+
+    Importing the submodules verify.py and verify_model.py binds them as attributes of the package;
+    the functions of the same names stand there instead (as an eager ``from ... import`` did), and
+    ``__getattr__`` is never asked for them.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__ and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __version__ = "0.1.0"

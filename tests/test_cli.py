@@ -583,3 +583,8 @@ def test_the_package_imports_its_api_on_first_use():
     assert set(gqa_decompose.__all__) <= set(dir(gqa_decompose))
     with pytest.raises(AttributeError):
         gqa_decompose.no_such_name  # noqa: B018
+    # The submodules verify.py and verify_model.py do not shadow the functions of their names.
+    code = ("import gqa_decompose.verify, gqa_decompose.verify_model, gqa_decompose; "
+            "assert callable(gqa_decompose.verify) and callable(gqa_decompose.verify_model)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
