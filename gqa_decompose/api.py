@@ -85,12 +85,49 @@ def decompose(model, *, check: bool = True, **options):
     options = DecomposeOptions(**options)
     if isinstance(model, onnx.ModelProto):
         ir_model = ir.serde.deserialize_model(model)
+        _merge_repeated_declarations(model, ir_model)
         rewrite(ir_model, options, check=check)
-        return ir.serde.serialize_model(ir_model)
+        return _with_declarations_of(model, ir.serde.serialize_model(ir_model))
     if isinstance(model, ir.Model):
         rewrite(model, options, check=check)
         return model
     raise TypeError(f"expected onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
+
+
+def _merge_repeated_declarations(proto: onnx.ModelProto, model: ir.Model) -> None:
+    """A graph input or output declared more than once gets only the dims its declarations agree on.
+
+    onnx_ir keeps the last declaration; ONNX Runtime merges them leniently and runs either shape, so
+    the expansion must not build on one of them.
+    """
+    for declared, values in ((proto.graph.input, model.graph.inputs), (proto.graph.output, model.graph.outputs)):
+        shapes: dict[str, list[ir.Shape | None]] = {}
+        for info in declared:
+            shapes.setdefault(info.name, []).append(ir.serde.deserialize_value_info_proto(info, None).shape)
+        for value in values:
+            seen = shapes.get(value.name or "", [])
+            if len(seen) < 2:
+                continue
+            if any(shape is None or len(shape) != len(seen[0]) for shape in seen):
+                value.shape = None
+                continue
+            dims = [dim if all(shape[i] == dim for shape in seen) else None for i, dim in enumerate(seen[0])]
+            value.shape = ir.Shape(dims)
+
+
+def _with_declarations_of(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> onnx.ModelProto:
+    """``rewritten`` with ``original``'s graph input and output declarations, verbatim.
+
+    A ModelProto may declare a name twice with different shapes (ORT's test_gqa_cpu declares
+    present_key/present_value twice); an onnx_ir value holds one of them, so the rewrite would
+    re-declare both from the last one, and ONNX Runtime then refuses a run it accepted before.
+    """
+    for declared, written in ((original.graph.input, rewritten.graph.input),
+                              (original.graph.output, rewritten.graph.output)):
+        if [v.name for v in declared] == [v.name for v in written]:
+            del written[:]
+            written.extend(declared)
+    return rewritten
 
 
 def decompose_file(

@@ -1,4 +1,8 @@
-"""The command line: options -> API call -> report -> exit code."""
+"""The command line: options -> API call -> report -> exit code.
+
+Only click and the exit codes are imported at start-up: onnx, onnx_ir, ONNX Runtime and the
+verification modules are imported by the commands that use them, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +13,20 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
-import onnx_ir as ir
-import tqdm
 
-from gqa_decompose import model_io
-from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
-from gqa_decompose.passes import InferGqaTypesPass
-from gqa_decompose.report import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_OK,
-    VERIFY_MODES,
-    CheckResult,
-    NodeEntry,
-    check,
-    opsets,
-    ops_left,
-    node_verification_json,
-    report_json,
-)
-from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
-from gqa_decompose.runtimes import get_runtime
-from gqa_decompose.spec import DecomposeOptions
-from gqa_decompose.verify import NodeVerification, verify
-from gqa_decompose.verify_model import ModelVerification, verify_model
+from gqa_decompose.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, VERIFY_MODES
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from gqa_decompose.report import CheckResult
+    from gqa_decompose.spec import DecomposeOptions
+    from gqa_decompose.verify import NodeVerification
+    from gqa_decompose.verify_model import ModelVerification
 
 __all__ = ["main"]
 
@@ -66,15 +57,38 @@ atomically; the input is never modified.
 """
 
 
-def _progress_bar(description: str, quiet: bool) -> tuple[tqdm.tqdm, Callable[[int, int], None]]:
-    bar = tqdm.tqdm(desc=description, unit="node", disable=True if quiet else None, file=sys.stderr, leave=False)
+class _Progress:
+    """A tqdm bar drawn from the first update on, when its total is known (created at once, its
+    first frame would read ``0node [00:00, ?node/s]``). Set ``unit`` before the first update."""
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    def __init__(self, description: str, quiet: bool, unit: str = "node") -> None:
+        self.description, self.quiet, self.unit = description, quiet, unit
+        self._bar = None
 
-    return bar, update
+    def update(self, done: int, total: int) -> None:
+        if self._bar is None:
+            import tqdm
+
+            self._bar = tqdm.tqdm(desc=self.description, unit=self.unit, total=total, initial=done, leave=False,
+                                  disable=True if self.quiet else None, file=sys.stderr)
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _progress_bar(description: str, quiet: bool) -> tuple[_Progress, Callable[[int, int], None]]:
+    bar = _Progress(description, quiet)
+    return bar, bar.update
 
 
 def _verification_text(result: NodeVerification | None) -> str:
@@ -298,6 +312,11 @@ def main(
     synthesized inputs (first prompt, ragged decode, chunked prefill), and the
     model is written only if every node matches.
     """
+    from gqa_decompose import model_io
+    from gqa_decompose.report import CheckResult, report_json
+    from gqa_decompose.runtimes import get_runtime
+    from gqa_decompose.spec import DecomposeOptions
+
     if no_verify:
         verify_mode = "none"
     if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
@@ -401,6 +420,8 @@ class _Run:
 def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) -> list[NodeVerification]:
     """One result per GQA node, in the order the pass decomposes them (node names need not be unique).
     verify() works on a copy: ``original`` is left as it is."""
+    from gqa_decompose.verify import verify
+
     bar, update = _progress_bar("verifying nodes", quiet)
     with bar:
         result = verify(original, progress=update, **dataclasses.asdict(options))
@@ -410,6 +431,9 @@ def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) ->
 def _verify_whole_model(
     run: _Run, original: ir.Model, rewritten: ir.Model, options: DecomposeOptions
 ) -> ModelVerification:
+    from gqa_decompose import model_io
+    from gqa_decompose.verify_model import verify_model
+
     bar, update = _progress_bar("verifying model", run.quiet)
     bar.unit = "step"
     with bar:
@@ -427,6 +451,8 @@ def _verify_whole_model(
 
 
 def _output_path(model_path: pathlib.Path, output: str | None) -> pathlib.Path:
+    from gqa_decompose import model_io
+
     default = model_io.default_output_path(model_path)
     if not output:
         return default.absolute()
@@ -456,10 +482,14 @@ def _run_decompose(
     result: CheckResult,
     reuse_data: bool = False,
 ) -> None:
-    target = _output_path(run.model_path, output)
+    from gqa_decompose import model_io
+    from gqa_decompose.api import rewrite
+    from gqa_decompose.report import NodeEntry, ops_left, opsets
+
     started = time.perf_counter()
-    model = model_io.load_model(run.model_path)
+    model = model_io.load_model(run.model_path)  # first: it refuses a folder (".") with one line
     result.timings["load"] = time.perf_counter() - started
+    target = _output_path(run.model_path, output)
     result.opsets = opsets(model)
     had_external_data = bool(model_io.external_tensors(model))
     model_io.check_output_path(model, target, external_data=had_external_data, reuse_input_data=reuse_data)
@@ -526,6 +556,10 @@ def _run_decompose(
 
 
 def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, ...] = ()) -> CheckResult:
+    from gqa_decompose import model_io
+    from gqa_decompose.passes import InferGqaTypesPass
+    from gqa_decompose.report import check
+
     result = check(
         run.model_path,
         verify_mode=run.verify_mode,
@@ -550,7 +584,8 @@ def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, .
     if run.whole_model and result.model_verification is None and any(n.status == "refused" for n in result.nodes):
         click.echo("model not verified (a node is refused)")
     _echo_model_verification(run, result.model_verification)
-    remaining = result.non_standard_ops
+    # A refused GQA node stays in the report's ops_left; its line above already says so.
+    remaining = [op for op in result.non_standard_ops if op != "com.microsoft::GroupQueryAttention"]
     if remaining:
         click.echo(f"non-standard ops besides GroupQueryAttention: {', '.join(remaining)}")
     if not result.nodes:
@@ -579,6 +614,9 @@ def _run_on_runtimes(
     runtime_names: tuple[str, ...],
 ) -> list[dict]:
     """Runs the rewritten model on each runtime; prints what fails; returns the report's entries."""
+    from gqa_decompose.report import node_verification_json
+    from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
+
     entries = []
     for name in dict.fromkeys(runtime_names):
         result = check_runtime(model, name, options, verify_nodes=verify_nodes)

@@ -25,8 +25,14 @@ __all__ = ["check_output_folder", "check_output_path", "default_output_path", "g
 
 
 def default_output_path(model_path: str | os.PathLike) -> pathlib.Path:
-    """``<stem>.decomposed.onnx`` beside the model."""
+    """``<stem>.decomposed.onnx`` beside the model.
+
+    Raises:
+        GqaDecomposeError: the path names no file (``.``, ``/``).
+    """
     path = pathlib.Path(model_path)
+    if not path.name or path.name == "..":
+        raise GqaDecomposeError(f"{path} names a folder, not a model file")
     return path.with_name(f"{path.stem}.decomposed.onnx")
 
 

@@ -21,9 +21,11 @@ import onnx_ir as ir
 from gqa_decompose import model_io
 from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, VERIFY_MODES  # noqa: F401 - re-exported
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, non_standard_nodes
 from gqa_decompose.passes.graph_queries import scope_name
-from gqa_decompose.passes.raise_opset import attention_opset
+from gqa_decompose.passes.infer_types import require_typed_query
+from gqa_decompose.raise_opset import attention_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolve_target
 from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
@@ -33,8 +35,6 @@ __all__ = ["REPORT_SCHEMA", "REPORT_SCHEMA_VERSION", "VERIFY_MODES", "CheckResul
 
 REPORT_SCHEMA = "gqa-decompose-report"
 REPORT_SCHEMA_VERSION = 1
-VERIFY_MODES = ("none", "nodes", "model", "all")
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +171,7 @@ def check(
     for container, node in found:
         scope = scope_name(loaded, container)
         try:
+            require_typed_query(loaded, node)
             spec = parse_gqa_node(node, decompose_options)
             target, fallback = resolve_target(spec, decompose_options, opset, raise_obstacle)
             result.nodes.append(

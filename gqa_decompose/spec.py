@@ -15,11 +15,11 @@ from typing import Any
 import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.opsets import ATTENTION_MIN_OPSET
 
 __all__ = [
     "GQA_DOMAIN",
     "GQA_OP_TYPE",
-    "ATTENTION_MIN_OPSET",
     "TARGETS",
     "DecomposeOptions",
     "GqaSpec",
@@ -64,7 +64,6 @@ _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 TARGETS = ("primitives", "attention")
 # The standard Attention op (and RotaryEmbedding) first exist in opset 23.
-ATTENTION_MIN_OPSET = 23
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +105,7 @@ class DecomposeOptions:
             instead of decomposing it into primitives.
         raise_opset: with the attention target, raise a model's default-domain
             opset import from 20-22 to 23 when no op the model uses changes
-            meaning (see ``passes/raise_opset.py``); otherwise its nodes fall back.
+            meaning (see ``raise_opset.py``); otherwise its nodes fall back.
     """
 
     legacy_window: bool = False
@@ -568,8 +567,8 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
     )
 
 
-def attention_target_obstacle(spec: GqaSpec, opset: int, raise_obstacle: str | None = None) -> str | None:
-    """Why ``spec`` cannot become a standard Attention op at ``opset`` exactly; None if it can.
+def attention_target_obstacle(opset: int, raise_obstacle: str | None = None) -> str | None:
+    """Why a node cannot become a standard Attention op at ``opset`` exactly; None if it can.
 
     The model's opset is raised only on request (``raise_opset``) and only when no
     other op changes meaning; ``raise_obstacle`` says why it was not.
@@ -592,7 +591,7 @@ def resolve_target(
     """
     if options.target == "primitives":
         return "primitives", None
-    obstacle = attention_target_obstacle(spec, opset, raise_obstacle)
+    obstacle = attention_target_obstacle(opset, raise_obstacle)
     if obstacle is None:
         return "attention", None
     if options.strict_target:

@@ -30,7 +30,7 @@ from gqa_decompose import verify_core as core
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.mask import row_block_min_queries
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
-from gqa_decompose.passes.raise_opset import attention_opset
+from gqa_decompose.raise_opset import attention_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = [

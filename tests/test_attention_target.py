@@ -333,7 +333,7 @@ def test_raise_opset_raises_20_to_22_to_23_when_no_op_changes_meaning(opset):
 
 
 def test_raise_opset_refuses_a_model_whose_group_normalization_changes_meaning():
-    from gqa_decompose.passes.raise_opset import opset_raise_obstacle
+    from gqa_decompose.raise_opset import opset_raise_obstacle
 
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 3])
     weights = [onnx.numpy_helper.from_array(np.ones(2, np.float32), name) for name in ("gn_scale", "gn_bias")]

@@ -348,3 +348,46 @@ def test_a_model_with_over_2_gib_of_external_weights_is_rewritten_without_loadin
     weight = next(t for t in saved.graph.initializer if t.name == "embedding")
     assert {e.key: e.value for e in weight.external_data}["location"] == "model.onnx.data"
     assert np.prod(weight.dims) * 4 > 2 * GIB
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_a_folder_named_by_dots_exits_2_with_one_line(tmp_path, name):
+    folder = tmp_path / "work" / "here"
+    folder.mkdir(parents=True)
+    before = snapshot(tmp_path)
+    result = run_cli(name, cwd=folder)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is a folder, not a model file" in lines[0], lines
+    assert snapshot(tmp_path) == before
+
+
+# ONNX Runtime's symbolic shape inference cannot type this model's second query (the first node's
+# declared outputs contradict its head counts, so ONNX's inference types nothing): it used to save
+# sym_shape_infer_temp.onnx into the working folder.
+INCOMPLETE_SYMBOLIC_INFERENCE = """
+<ir_version: 10, opset_import: ["" : 18, "com.microsoft" : 1]>
+g (float16[2,seq,8] q0, float16[2,seq,8] k0, float16[2,seq,8] v0, float16[2,1,past,8] pk, float16[2,1,past,8] pv,
+   int32[2] seqlens_k, int32 total, float[2,seq,64] x)
+  => (float16[2,seq,8] out0, float16[2,1,past,8] present_key, float16[2,1,past,8] present_value, output_qk, float[] attn)
+{
+  out0, present_key, present_value, output_qk = com.microsoft.GroupQueryAttention
+      <num_heads: int = 1, kv_num_heads: int = 2, qk_output: int = 2> (q0, k0, v0, pk, pv, seqlens_k, total)
+  query = Identity (x)
+  attn = com.microsoft.GroupQueryAttention <num_heads: int = 4, kv_num_heads: int = 2> (query, query, query, , , seqlens_k, total)
+}
+"""
+
+
+@pytest.mark.parametrize("mode", [[], ["--check"]], ids=["decompose", "check"])
+def test_nothing_lands_in_the_working_folder(tmp_path, mode):
+    model = save(onnx.parser.parse_model(INCOMPLETE_SYMBOLIC_INFERENCE), tmp_path / "m.onnx")
+    work = tmp_path / "work"
+    work.mkdir()
+    before = snapshot(tmp_path)
+    result = run_cli(model, *mode, cwd=work)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == (1 if mode else 2), (result.stdout, result.stderr)
+    assert snapshot(tmp_path) == before
+    assert "typing failed" in result.stdout + result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import pathlib
 import subprocess
@@ -26,7 +27,7 @@ from test_model_io import (
 
 import gqa_decompose.expansion.gqa
 from gqa_decompose import model_io
-from gqa_decompose.cli import main
+from gqa_decompose.cli import _progress_bar, main
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BUILDER_MODEL = REPO / "models" / "builder-tiny-llama" / "model.onnx"
@@ -481,6 +482,32 @@ def test_progress_bars_stay_off_when_stderr_is_not_a_terminal(tiny):
     assert all(line.startswith(prefix) for line, prefix in zip(lines, [*GQA_NODES, "wrote "]))
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_progress_bar_knows_its_total_from_its_first_frame(tiny, monkeypatch):
+    """It used to open on ``0node [00:00, ?node/s]`` before the total was known."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar, update = _progress_bar("decomposing", quiet=False)
+    assert terminal.getvalue() == ""  # nothing is drawn before the total is known
+    with bar:
+        update(1, 3)
+    frames = terminal.getvalue().split("\r")
+    drawn = [frame for frame in frames if frame.strip()]
+    assert drawn and all("1/3" in frame for frame in drawn), frames
+
+
+def test_check_does_not_list_a_refused_gqa_node_among_the_other_ops(tmp_path):
+    path = save_proto(make_gqa_model(GqaConfig(num_heads=3, kv_num_heads=2)), tmp_path / "refused.onnx")
+    code, out, _ = run(path, "--check")
+    assert code == 1
+    assert "REFUSED" in out
+    assert "besides GroupQueryAttention" not in out
+
+
 def test_a_real_process_with_piped_stderr_prints_only_the_summary_lines(tiny):
     result = run_process(tiny.name, "--no-verify", cwd=tiny.parent)
     assert result.returncode == 0, result.stderr
@@ -511,7 +538,7 @@ def test_an_output_over_an_input_file_is_refused_before_any_rewrite(tmp_path, mo
     def no_rewrite(*args, **kwargs):
         raise AssertionError("the rewrite ran before the output path was checked")
 
-    monkeypatch.setattr("gqa_decompose.cli.rewrite", no_rewrite)
+    monkeypatch.setattr("gqa_decompose.api.rewrite", no_rewrite)
     code, _, err = run(source, "-o", tmp_path / "b.onnx", "-q")
     assert code == 2
     assert "a file of the input model" in err
@@ -546,3 +573,41 @@ def test_nodes_of_the_same_name_get_their_own_verification(tmp_path):
     assert len(lines) == 2 and "over 1 phase" not in lines[0] and "over 1 phase" in lines[1], lines
     checked = gqa_decompose.check(path, verify_mode="nodes")  # the gate joins the same way
     assert [len(n.verification.results) for n in checked.nodes] == phases
+
+
+# Start-up ------------------------------------------------------------------------------------------------
+
+_HELP_IMPORTS = """
+import runpy, sys
+sys.argv = ["gqa-decompose", "--help"]
+try:
+    runpy.run_module("gqa_decompose", run_name="__main__")
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+heavy = [name for name in ("onnx", "onnxruntime", "onnx_ir", "numpy", "openvino", "tqdm") if name in sys.modules]
+print("IMPORTED", heavy, file=sys.stderr)
+"""
+
+
+def test_help_imports_neither_onnx_nor_onnxruntime():
+    result = subprocess.run([sys.executable, "-c", _HELP_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+    assert "IMPORTED []" in result.stderr, result.stderr
+
+
+def test_the_package_imports_its_api_on_first_use():
+    code = "import sys, gqa_decompose; assert 'onnx' not in sys.modules; gqa_decompose.decompose; assert 'onnx' in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    import gqa_decompose
+
+    assert set(gqa_decompose.__all__) == set(gqa_decompose._EXPORTS)
+    assert set(gqa_decompose.__all__) <= set(dir(gqa_decompose))
+    with pytest.raises(AttributeError):
+        gqa_decompose.no_such_name  # noqa: B018
+    # The submodules verify.py and verify_model.py do not shadow the functions of their names.
+    code = ("import gqa_decompose.verify, gqa_decompose.verify_model, gqa_decompose; "
+            "assert callable(gqa_decompose.verify) and callable(gqa_decompose.verify_model)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -71,6 +71,7 @@ from gqa_decompose.expansion.sequence import (
     dim_key,
 )
 from gqa_decompose.expansion.sliding_cache import present_columns, sliding_key_positions
+from gqa_decompose.opsets import TENSOR_SCATTER_MIN_OPSET
 
 __all__ = ["ExpandedNode", "Lowering", "expand_gqa"]
 
@@ -82,14 +83,13 @@ class Lowering:
     """Which standard ops one node's expansion may use (all False: primitives only)."""
 
     attention_op: bool = False  # one Attention node (opset >= 23)
-    rotary_op: bool = False  # RotaryEmbedding-23 when the rotary width is static
     tensor_scatter: bool = False  # TensorScatter-24 for the KV cache write
 
     @classmethod
     def for_target(cls, target: str, opset: int) -> Lowering:
         if target != "attention":
             return cls()
-        return cls(attention_op=True, rotary_op=opset >= 23, tensor_scatter=opset >= 24)
+        return cls(attention_op=True, tensor_scatter=opset >= TENSOR_SCATTER_MIN_OPSET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,7 +494,8 @@ def expand_gqa(
     rotate = None
     if spec.do_rotary:
         # RotaryEmbedding-23 needs R static (its rotary_embedding_dim attribute).
-        use_rotary_op = lowering.rotary_op and spec.rotary_half is not None
+        # RotaryEmbedding-23 when the rotary width is static (the attention target implies opset >= 23).
+        use_rotary_op = lowering.attention_op and spec.rotary_half is not None
         build = build_rotary_op_inputs if use_rotary_op else build_rotary_tables
         tables = build(
             shared,

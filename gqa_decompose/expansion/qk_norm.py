@@ -15,18 +15,18 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.opsets import ATTENTION_MIN_OPSET
 
 __all__ = ["rms_normalize_heads"]
 
 _FLOAT = ir.DataType.FLOAT
-_RMS_NORMALIZATION_OPSET = 23
 
 
 def rms_normalize_heads(
     op: OpBuilder, x_BSnH: ir.Value, weight_H: ir.Value, epsilon: float, dtype: ir.DataType
 ) -> ir.Value:
     """``x_BSnH`` normalized over its last axis (H), scaled by ``weight_H``, in ``dtype``."""
-    if op.opset is not None and op.opset >= _RMS_NORMALIZATION_OPSET:
+    if op.opset is not None and op.opset >= ATTENTION_MIN_OPSET:
         return op.op("RMSNormalization", x_BSnH, weight_H, axis=-1, epsilon=epsilon, stash_type=1)
     x = x_BSnH if dtype == _FLOAT else op.cast(x_BSnH, _FLOAT)
     weight = weight_H if dtype == _FLOAT else op.cast(weight_H, _FLOAT)

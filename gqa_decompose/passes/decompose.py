@@ -12,16 +12,15 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
 from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
-from gqa_decompose.passes.infer_types import InferGqaTypesPass
-from gqa_decompose.passes.raise_opset import attention_opset, raise_default_opset
+from gqa_decompose.passes.infer_types import InferGqaTypesPass, require_typed_query
+from gqa_decompose.opsets import MIN_OPSET
+from gqa_decompose.raise_opset import attention_opset, raise_default_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
 
 logger = logging.getLogger("gqa_decompose")
 
-# Unsqueeze/Split/Squeeze with axes as inputs and Softmax over one axis.
-MIN_OPSET = 13
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +61,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         self.options = options or DecomposeOptions()
         self.progress = progress
         self.decomposed: list[DecomposedNode] = []
-        self.raised_opset: tuple[int, int] | None = None  # (from, to) when raise_opset raised it
+        self.emitted: list[ir.Node] = []  # every node the expansions added (the clean-up's scope)
 
     def requires(self, model: ir.Model) -> None:
         opset = default_opset(model)
@@ -74,10 +73,12 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.decomposed = []
-        self.raised_opset = None
+        self.emitted = []
         found = find_gqa_nodes(model)
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
+        for _, node in found:
+            require_typed_query(model, node)
         specs = [parse_gqa_node(node, self.options) for _, node in found]
         model_opset, raise_obstacle = attention_opset(model, self.options)
         raised = model_opset if found and model_opset != default_opset(model) else None
@@ -87,7 +88,6 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         ]
         if raised is not None:
             logger.info("default-domain opset raised from %d to %d", default_opset(model), model_opset)
-            self.raised_opset = (default_opset(model), model_opset)
             raise_default_opset(model, model_opset)
         shared_by_container: dict[int, SharedSubgraphs] = {}
         for index, ((container, node), spec) in enumerate(zip(found, specs)):
@@ -96,9 +96,10 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             shared = shared_by_container.setdefault(id(container), SharedSubgraphs())
             target, fallback = targets[index]
             lowering = Lowering.for_target(target, opsets[index])
-            count = self._replace(container, node, spec, shared, index, opsets[index], lowering)
+            new_nodes = self._replace(container, node, spec, shared, index, opsets[index], lowering)
+            self.emitted.extend(new_nodes)
             self.decomposed.append(
-                DecomposedNode(spec.node_name, scope_name(model, container), spec, count, target, fallback)
+                DecomposedNode(spec.node_name, scope_name(model, container), spec, len(new_nodes), target, fallback)
             )
             if self.progress is not None:
                 self.progress(index + 1, len(found))
@@ -113,21 +114,19 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         index: int,
         opset: int,
         lowering: Lowering,
-    ) -> int:
+    ) -> list[ir.Node]:
         op = OpBuilder(node.name or f"GroupQueryAttention_{index}", opset)
         expanded = expand_gqa(op, shared, node, spec, lowering)
         new_nodes = shared.take_nodes() + op.take_nodes()
+        old_values, new_values = [], []
         for position, old in enumerate(node.outputs):
             if not output_is_read(node, position):
                 continue
             new = expanded.outputs[position] if position < len(expanded.outputs) else None
             if new is None:
                 raise GqaDecomposeError(f"output {position} ('{old.name}') is read but not produced", spec.node_name)
-            new.type = old.type if old.type is not None else new.type
-            new.shape = old.shape if old.shape is not None else new.shape
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-            old_name, old.name = old.name, None
-            new.name = old_name
-        container.insert_before(node, new_nodes)
-        container.remove(node, safe=True)
-        return len(new_nodes)
+            old_values.append(old)
+            new_values.append(new)
+        # The new values take the old ones' names, types and shapes, and their readers.
+        ir.convenience.replace_nodes_and_values(container, node, [node], new_nodes, old_values, new_values)
+        return new_nodes

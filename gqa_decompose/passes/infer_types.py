@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnx_ir.passes.common import _c_api_utils  # onnx-ir's ShapeInferencePass calls the ONNX C API this way
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes
+from gqa_decompose.spec import is_gqa_node
 
-__all__ = ["InferGqaTypesPass", "quiet_shape_inference"]
+__all__ = ["InferGqaTypesPass", "quiet_shape_inference", "require_typed_query"]
+
+# Where ONNX Runtime's symbolic inference failed, and why (kept for the refusal's message).
+_SYMBOLIC_FAILURE = "gqa_decompose.symbolic_inference_failure"
 
 
 class InferGqaTypesPass(ir.passes.InPlacePass):
@@ -26,6 +33,12 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
     round types every layer. Each further round types the outputs of every GQA
     node whose query is typed (where ONNX's inference could not), then infers
     again, until nothing changes.
+
+    Where a query stays untyped (ORT-only ops ONNX does not know, no value_info),
+    ONNX Runtime's symbolic inference is tried, and then, where it failed, rounds
+    that type ORT's normalizations, RotaryEmbedding, MatMulNBits and the like from
+    their inputs (:func:`_type_known_contrib_outputs`) between ONNX inferences.
+    Why typing failed is kept for the refusal (:func:`require_typed_query`).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -45,6 +58,17 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
                 break
         if any(_untyped_query(node) for node in gqa_nodes):
             modified |= _ort_symbolic_inference(model)
+        rounds = 0
+        while any(_untyped_query(node) for node in gqa_nodes) and rounds <= len(model.graph):
+            rounds += 1
+            progress = False
+            for node in ir.traversal.RecursiveGraphIterator(model.graph):
+                progress |= _type_gqa_outputs(node) if is_gqa_node(node) else _type_known_contrib_outputs(node)
+            if not progress:
+                break
+            modified = True
+            with _gqa_schema_registered():
+                quiet_shape_inference(model)
         return ir.passes.PassResult(model, modified=modified)
 
 
@@ -132,33 +156,35 @@ def _ort_symbolic_inference(model: ir.Model) -> bool:
 
     ONNX's own inference stops at ops it does not know (SkipLayerNormalization,
     a builder's SimplifiedLayerNormalization, ...) when the model carries no
-    value_info. Large and external initializers become typed graph inputs
-    first, so no weight is read. Only values without a type are filled in.
+    value_info. Initializers become typed graph inputs and large ones lose their
+    values first (onnx-ir's own way to call the ONNX C APIs), so no weight is
+    read. Only values without a type are filled in.
+
+    It runs in a temporary working folder: when it cannot type everything, it
+    saves ``sym_shape_infer_temp.onnx`` (and its data) into the working folder.
     """
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:
         return False
-    proto = ir.serde.serialize_model(model)
-    inputs = {value.name for value in proto.graph.input}
-    kept = []
-    for tensor in proto.graph.initializer:
-        external = tensor.data_location == onnx.TensorProto.EXTERNAL
-        if external or tensor.ByteSize() > 1024:
-            if tensor.name not in inputs:
-                proto.graph.input.append(
-                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-                )
-        else:
-            kept.append(tensor)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
+
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+        with tempfile.TemporaryDirectory(prefix="gqa-decompose-") as folder:
+            previous = os.getcwd()
+            os.chdir(folder)  # contextlib.chdir needs Python 3.11
+            try:
+                return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+            finally:
+                os.chdir(previous)
+
     logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.CRITICAL)
     try:
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
-    except Exception:  # partial typing is still useful; the spec refuses what stays unknown
+        inferred = _c_api_utils.call_onnx_api(infer, model)
+    except Exception as error:  # partial typing is still useful; what stays unknown is refused, with this
+        model.meta[_SYMBOLIC_FAILURE] = f"{type(error).__name__}: {error}".splitlines()[0]
         return False
     if inferred is None:
+        model.meta[_SYMBOLIC_FAILURE] = "it returned nothing"
         return False
     return _fill_untyped(model.graph, inferred.graph)
 
@@ -273,3 +299,91 @@ def _type_gqa_outputs(node: ir.Node) -> bool:
             output.shape = shape
             changed = True
     return changed
+
+
+# ORT ops whose first output has the type and shape of their first input (the normalizations' other
+# outputs, mean and inv_std_var, are left alone; Skip*'s input_skip_bias_sum, output 3, is typed too).
+_SAME_AS_INPUT = {
+    "SimplifiedLayerNormalization": (0,),
+    "LayerNormalization": (0,),
+    "SkipSimplifiedLayerNormalization": (0, 3),
+    "SkipLayerNormalization": (0, 3),
+    "RotaryEmbedding": (0,),
+    "FastGelu": (0,),
+    "BiasGelu": (0,),
+    "Gelu": (0,),
+    "QuickGelu": (0,),
+}
+
+
+def _type_known_contrib_outputs(node: ir.Node) -> bool:
+    """Type the untyped outputs of an ORT op ONNX's inference does not know, from its inputs
+    (default domain or com.microsoft): see ``_SAME_AS_INPUT``; MatMulNBits gives A's type and
+    A's shape with the last dim N."""
+    if node.domain not in ("", "ai.onnx", "com.microsoft") or not node.inputs or node.inputs[0] is None:
+        return False
+    source = node.inputs[0]
+    if source.dtype is None:
+        return False
+    if node.op_type == "MatMulNBits" and "N" in node.attributes:
+        shape = None
+        if source.shape is not None and len(source.shape) >= 1:
+            shape = ir.Shape([*source.shape[:-1], node.attributes["N"].as_int()])
+        return _set_untyped(node.outputs[0] if node.outputs else None, source.dtype, shape)
+    changed = False
+    for index in _SAME_AS_INPUT.get(node.op_type, ()):
+        if index < len(node.outputs):
+            changed |= _set_untyped(node.outputs[index], source.dtype, source.shape)
+    return changed
+
+
+def _set_untyped(value: ir.Value | None, dtype: ir.DataType, shape: ir.Shape | None) -> bool:
+    if value is None or not value.name:
+        return False
+    changed = False
+    if value.type is None:
+        value.type = ir.TensorType(dtype)
+        changed = True
+    if value.shape is None and shape is not None:
+        value.shape = ir.Shape(list(shape))
+        changed = True
+    return changed
+
+
+def require_typed_query(model: ir.Model, node: ir.Node) -> None:
+    """Refuse a GQA node whose query typing left without a type or shape, saying where typing stopped.
+
+    Raises:
+        GqaDecomposeError: the query has no type or no shape.
+    """
+    query = node.inputs[0] if node.inputs else None
+    if query is None or query.producer() is None or (query.dtype is not None and query.shape is not None):
+        return  # a graph input's declaration is the spec's to judge
+    missing = "type" if query.dtype is None else "shape"
+    where = _where_typing_stops(query)
+    reason = f"typing failed: the query '{query.name}' has no {missing}"
+    if where is not None and where is not query.producer():
+        reason += f"; typing stops at node '{where.name or '<unnamed>'}' ({_op_name(where)}), whose inputs are typed"
+    elif where is not None:
+        reason += f"; its producer '{where.name or '<unnamed>'}' ({_op_name(where)}) could not be typed from its inputs"
+    failure = model.meta.get(_SYMBOLIC_FAILURE)
+    if failure:
+        reason += f" (ONNX Runtime's symbolic shape inference failed: {failure})"
+    raise GqaDecomposeError(reason, node.name or "<unnamed GroupQueryAttention>")
+
+
+def _op_name(node: ir.Node) -> str:
+    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
+def _where_typing_stops(value: ir.Value) -> ir.Node | None:
+    """The first node upstream of ``value`` with typed inputs but an untyped output (depth-first)."""
+    seen: set[ir.Node] = set()
+    node = value.producer()
+    while node is not None and node not in seen:
+        seen.add(node)
+        untyped = [v for v in node.inputs if v is not None and (v.dtype is None or v.shape is None)]
+        if not untyped or untyped[0].producer() is None:
+            return node
+        node = untyped[0].producer()
+    return node

@@ -6,6 +6,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from gqa_decompose.passes.check import CheckEmittedPass
+from gqa_decompose.passes.cleanup import (
+    DropGqaImportPass,
+    EmittedCsePass,
+    FixEmittedNamesPass,
+    KeepInterface,
+    RemoveUnusedEmittedPass,
+)
 from gqa_decompose.passes.decompose import DecomposeGqaPass
 from gqa_decompose.passes.infer_types import InferGqaTypesPass, quiet_shape_inference
 
@@ -21,25 +28,31 @@ class _QuietShapeInferencePass(ir.passes.InPlacePass):
 def build_pipeline(
     decompose_pass: DecomposeGqaPass, *, check: bool = True, infer_shapes: bool = True
 ) -> ir.passes.PassManager:
-    """The full rewrite: decompose, clean up, sort, infer shapes and check."""
+    """The full rewrite: decompose, clean up what it emitted, sort, infer shapes and check.
 
-    def emitted_prefixes() -> list[str]:
-        names = [entry.name for entry in decompose_pass.decomposed]
-        return [*names, "gqa_shared"]
+    The clean-up (common subexpressions, unused nodes, names) touches only the emitted nodes
+    (passes/cleanup.py); the graph's input and output declarations come out as they went in.
+    """
 
+    def emitted() -> list[ir.Node]:
+        return decompose_pass.emitted
+
+    interface = KeepInterface()
     passes: list[ir.passes.PassBase] = [
+        interface.remember,
         InferGqaTypesPass(),
         decompose_pass,
-        common_passes.CommonSubexpressionEliminationPass(),
-        common_passes.RemoveUnusedNodesPass(),
-        common_passes.RemoveUnusedOpsetsPass(),
+        EmittedCsePass(emitted),
+        RemoveUnusedEmittedPass(emitted),
+        DropGqaImportPass(),
         common_passes.TopologicalSortPass(),
-        # Expansion names derive from GQA node names, which models do not always keep
-        # unique, and every graph's shared subgraph is "gqa_shared/...": values must stay SSA.
-        common_passes.NameFixPass(),
+        FixEmittedNamesPass(emitted),
     ]
     if infer_shapes:
         passes.append(_QuietShapeInferencePass())
     if check:
-        passes.append(CheckEmittedPass(emitted_prefixes))
+        # Before the declarations are put back: the checker judges what was emitted, not a
+        # declaration of the model's own that it would refuse (an IR 8 output without a shape).
+        passes.append(CheckEmittedPass(emitted))
+    passes.append(interface.restore)
     return ir.passes.PassManager(passes)

@@ -25,18 +25,15 @@ import functools
 import onnx
 import onnx_ir as ir
 
-from gqa_decompose.spec import ATTENTION_MIN_OPSET, DecomposeOptions
+from gqa_decompose.opsets import ATTENTION_MIN_OPSET, MIN_RAISABLE_OPSET
+from gqa_decompose.spec import DecomposeOptions
 
 __all__ = [
-    "ATTENTION_OPSET",
-    "MIN_RAISABLE_OPSET",
     "attention_opset",
     "opset_raise_obstacle",
     "raise_default_opset",
 ]
 
-ATTENTION_OPSET = ATTENTION_MIN_OPSET
-MIN_RAISABLE_OPSET = 20
 # Version bumps in (20, 23] that change what a node means for the types it already had.
 _MEANING_CHANGED = {("GroupNormalization", 21)}
 
@@ -94,7 +91,7 @@ def _op_obstacle(op_type: str, old: int, new: int) -> str | None:
     return None
 
 
-def opset_raise_obstacle(model: ir.Model, new: int = ATTENTION_OPSET) -> str | None:
+def opset_raise_obstacle(model: ir.Model, new: int = ATTENTION_MIN_OPSET) -> str | None:
     """Why raising ``model``'s default-domain opset import to ``new`` could change a node; None if it cannot."""
     old = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if old is None or old >= new:
@@ -120,10 +117,10 @@ def attention_opset(model: ir.Model, options: DecomposeOptions) -> tuple[int, st
     and only when :func:`opset_raise_obstacle` finds nothing.
     """
     old = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    if options.target != "attention" or not options.raise_opset or old >= ATTENTION_OPSET:
+    if options.target != "attention" or not options.raise_opset or old >= ATTENTION_MIN_OPSET:
         return old, None
     obstacle = opset_raise_obstacle(model)
-    return (old, obstacle) if obstacle is not None else (ATTENTION_OPSET, None)
+    return (old, obstacle) if obstacle is not None else (ATTENTION_MIN_OPSET, None)
 
 
 def raise_default_opset(model: ir.Model, new: int) -> None:
