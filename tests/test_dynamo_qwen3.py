@@ -10,8 +10,8 @@ for the norm's or the Reshape's output, so the node's query type is only known b
 * the decomposition leaves no GroupQueryAttention, ``gqa_decompose.verify`` passes node by node,
   ``verify_model`` passes over a prompt and four decode steps, and the rewrite reproduces the torch logits.
 
-The package refuses the fixture today ("query type None is not float, float16 or bfloat16 (or is unknown)": issue
-13 item 5, typing through such nodes), so the second group is marked xfail(strict=True) until that lands.
+Before typing went through such nodes (issue 13 item 5) the package refused the fixture: "query type None is not
+float, float16 or bfloat16 (or is unknown)".
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ MODEL = FOLDER / "model.onnx"
 TORCH_ATOL = 1e-4
 
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"fixture {MODEL} is absent")
-UNTYPED_NORM = pytest.mark.xfail(
-    strict=True,
-    raises=gqa_decompose.GqaDecomposeError,
-    reason="issue 13 item 5: GQA's query comes out of an untyped default-domain SimplifiedLayerNormalization",
-)
 
 
 @functools.cache
@@ -104,19 +99,16 @@ def test_fixture_is_small():
     assert MODEL.stat().st_size < 1 << 20
 
 
-@UNTYPED_NORM
 def test_decomposes_without_leftover_gqa():
     assert not _gqa_nodes(_decomposed())
 
 
-@UNTYPED_NORM
 def test_verify_passes():
     report = gqa_decompose.verify(_original(), _decomposed())
     assert report.passed and len(report.nodes) == 2
     assert not any(node.skipped for node in report.nodes)
 
 
-@UNTYPED_NORM
 @pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
 def test_whole_model_matches_over_a_prompt_and_four_decode_steps(static):
     result = verify_model(MODEL, _decomposed(), batch=2, static_kv_cache=static)
@@ -124,6 +116,5 @@ def test_whole_model_matches_over_a_prompt_and_four_decode_steps(static):
     assert result.cache_layout.startswith("static buffer" if static else "growing cache")
 
 
-@UNTYPED_NORM
 def test_decomposed_matches_torch_logits():
     _check_torch_logits(_decomposed())

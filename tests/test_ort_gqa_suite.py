@@ -25,16 +25,13 @@ def _case(test: str, buffer: bool, **flags) -> ort_gqa_suite.Case:
 
 
 # The prompt graph declares present twice, the second time with kv_sequence_length rows; with a shared buffer ORT
-# binds present to the 262-row past, and the rewrite must keep the original declarations (issue 13 item 3).
-REDECLARED = pytest.mark.xfail(strict=True, reason="issue 13 item 3: the rewrite re-declares present from the prompt "
-                                                   "graph's second declaration (127 rows; the bound buffer has 262)")
+# binds present to the 262-row past: the rewrite keeps the original declarations (issue 13 item 3), or ORT refuses.
 
 SAMPLE = [
     pytest.param(_case("no_past", False), id="prompt-no-buffer"),
     pytest.param(_case("no_past", False, rotary=True, packed=True, softcap=50.0), id="prompt-no-buffer-rotary-packed"),
-    pytest.param(_case("no_past", True), id="prompt-buffer", marks=REDECLARED),
-    pytest.param(_case("no_past", True, local=True, rotary=True, interleaved=True), id="prompt-buffer-local-rotary",
-                 marks=REDECLARED),
+    pytest.param(_case("no_past", True), id="prompt-buffer"),
+    pytest.param(_case("no_past", True, local=True, rotary=True, interleaved=True), id="prompt-buffer-local-rotary"),
     pytest.param(_case("past", True), id="decode-buffer"),
     pytest.param(_case("past", False), id="decode-no-buffer"),
     pytest.param(_case("past", True, local=True, rotary=True, softcap=50.0), id="decode-buffer-local-rotary-softcap"),

@@ -27,10 +27,7 @@ FIXTURES = sorted(
     p for p in [*MODELS.glob("*/model.onnx"), *MODELS.glob("*.onnx")] if not p.name.endswith(".decomposed.onnx")
 )
 # Fixtures the package cannot rewrite yet (strict: the mark must come off when it can), by folder.
-KNOWN_FAILURES = {
-    "dynamo-qwen3": "issue 13 item 5: the query of GQA comes out of an untyped SimplifiedLayerNormalization "
-                    "(\"query type None is not float, float16 or bfloat16\")",
-}
+KNOWN_FAILURES: dict[str, str] = {}  # fixture id -> why it fails today (strict xfail)
 TINY_LLAMA = MODELS / "tiny-llama-gqa.onnx"
 BUILDER = MODELS / "builder-tiny-llama" / "model.onnx"
 
