@@ -59,14 +59,24 @@ def normalize(
     opset = op.opset or 0
     if simplified and opset >= RMS_NORMALIZATION_OPSET and not want_inv_std:
         y = op.op("RMSNormalization", x, scale, axis=axes[0], epsilon=epsilon, stash_type=1)
-        return NormValues(y, None, None)
+        return _typed(NormValues(y, None, None), dtype)
     if not simplified and opset >= LAYER_NORMALIZATION_OPSET:
         attributes = {"axis": axes[0], "epsilon": epsilon, "stash_type": 1}
+        # No trailing empty B: ORT 1.31 CPU crashes (SIGSEGV) creating a session with one.
+        inputs = [x, scale] if bias is None else [x, scale, bias]
         if not (want_mean or want_inv_std):
-            return NormValues(op.op("LayerNormalization", x, scale, bias, **attributes), None, None)
-        y, mean, inv_std = op.op_multi("LayerNormalization", x, scale, bias, num_outputs=3, **attributes)
-        return NormValues(y, mean, inv_std)
-    return _primitives(op, x, scale, bias, axes, epsilon, simplified)
+            return _typed(NormValues(op.op("LayerNormalization", *inputs, **attributes), None, None), dtype)
+        y, mean, inv_std = op.op_multi("LayerNormalization", *inputs, num_outputs=3, **attributes)
+        return _typed(NormValues(y, mean, inv_std), dtype)
+    return _typed(_primitives(op, x, scale, bias, axes, epsilon, simplified), dtype)
+
+
+def _typed(values: NormValues, dtype: ir.DataType) -> NormValues:
+    """The compute type set on the values (casts after them read it)."""
+    for value in (values.y, values.mean, values.inv_std):
+        if value is not None:
+            value.dtype = dtype
+    return values
 
 
 def _primitives(
