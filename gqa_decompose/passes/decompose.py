@@ -75,7 +75,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.decomposed = []
         self.raised_opset = None
-        found = find_gqa_nodes(model)
+        found = find_gqa_nodes(model) if self.options.decomposes("GroupQueryAttention") else []
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
         specs = [parse_gqa_node(node, self.options) for _, node in found]

@@ -41,6 +41,7 @@ class DecomposedOp:
     op_type: str
     scope: str  # "main graph", "subgraph <name>", "function <domain>::<name>"
     new_node_count: int
+    prefix: str  # the name prefix of the nodes it became
 
 
 def _containers(model: ir.Model) -> list[ir.Graph | ir.Function]:
@@ -99,22 +100,21 @@ class DecomposeOpsPass(ir.passes.InPlacePass):
                 )
         specs = [item.decomposer.parse(item.node, OpContext(item.opset, item.container)) for item in found]
         for index, (item, spec) in enumerate(zip(found, specs)):
-            count = _replace(item, spec, index)
-            self.decomposed.append(
-                DecomposedOp(item.node.name or "", item.node.domain, item.node.op_type,
-                             scope_name(model, item.container), count)
-            )
+            name, domain, op_type = item.node.name or "", item.node.domain, item.node.op_type
+            prefix = name or f"{op_type}_{index}"
+            count = _replace(item, spec, prefix)
+            self.decomposed.append(DecomposedOp(name, domain, op_type, scope_name(model, item.container), count, prefix))
         if found:
             logger.info("decomposed %d companion-op node(s)", len(found))
         return ir.passes.PassResult(model, modified=bool(found))
 
 
-def _replace(item: OpNode, spec, index: int) -> int:
+def _replace(item: OpNode, spec, prefix: str) -> int:
     """Expand one node and splice the expansion in its place; returns the number of new nodes."""
     node, container = item.node, item.container
     if isinstance(container, ir.Function) and "" not in container.opset_imports:
         container.opset_imports[""] = item.opset
-    op = OpBuilder(node.name or f"{node.op_type}_{index}", item.opset)
+    op = OpBuilder(prefix, item.opset)
     expanded = list(item.decomposer.expand(op, node, spec))
     old_values, new_values = [], []
     for position, old in enumerate(node.outputs):

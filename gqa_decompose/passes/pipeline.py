@@ -7,6 +7,7 @@ import onnx_ir.passes.common as common_passes
 
 from gqa_decompose.passes.check import CheckEmittedPass
 from gqa_decompose.passes.decompose import DecomposeGqaPass
+from gqa_decompose.passes.decompose_ops import DecomposeOpsPass
 from gqa_decompose.passes.infer_types import InferGqaTypesPass, quiet_shape_inference
 
 __all__ = ["build_pipeline"]
@@ -19,17 +20,24 @@ class _QuietShapeInferencePass(ir.passes.InPlacePass):
 
 
 def build_pipeline(
-    decompose_pass: DecomposeGqaPass, *, check: bool = True, infer_shapes: bool = True
+    decompose_pass: DecomposeGqaPass,
+    *,
+    check: bool = True,
+    infer_shapes: bool = True,
+    ops_pass: DecomposeOpsPass | None = None,
 ) -> ir.passes.PassManager:
-    """The full rewrite: decompose, clean up, sort, infer shapes and check."""
+    """The full rewrite: decompose GQA, then the companion ops (``ops_pass``), clean up, sort, infer shapes and check."""
 
     def emitted_prefixes() -> list[str]:
         names = [entry.name for entry in decompose_pass.decomposed]
+        if ops_pass is not None:
+            names += [entry.prefix for entry in ops_pass.decomposed]
         return [*names, "gqa_shared"]
 
     passes: list[ir.passes.PassBase] = [
         InferGqaTypesPass(),
         decompose_pass,
+        *([ops_pass] if ops_pass is not None else []),
         common_passes.CommonSubexpressionEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),
