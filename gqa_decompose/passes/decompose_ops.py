@@ -14,7 +14,7 @@ from gqa_decompose.ops import Decomposer, OpContext, lookup
 from gqa_decompose.ops._common import is_standard
 from gqa_decompose.passes.graph_queries import default_opset, scope_name
 
-__all__ = ["DecomposeOpsPass", "DecomposedOp", "OpNode", "find_op_nodes"]
+__all__ = ["ConstantShapesPass", "DecomposeOpsPass", "DecomposedOp", "OpNode", "find_op_nodes"]
 
 logger = logging.getLogger("gqa_decompose")
 
@@ -133,3 +133,27 @@ def _replace(item: OpNode, spec, prefix: str) -> int:
     new_nodes += op.take_nodes()
     ir.convenience.replace_nodes_and_values(container, node, [node], new_nodes, old_values, new_values)
     return len(new_nodes)
+
+
+class ConstantShapesPass(ir.passes.InPlacePass):
+    """Give every Constant's output the shape of its tensor.
+
+    onnxruntime-genai's builder declares some 1-D constants (``/model/constants/INT64/[1]``) as 0-D
+    in value_info; common-subexpression elimination then hands that wrong shape to our equal
+    constants, and the full checker rejects the model. The tensor is the truth.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            attr = node.attributes.get("value")
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or attr is None:
+                continue
+            if attr.type != ir.AttributeType.TENSOR:
+                continue
+            shape = ir.Shape(attr.value.shape.numpy())
+            output = node.outputs[0]
+            if output.shape is not None and output.shape != shape:
+                output.shape = shape
+                modified = True
+        return ir.passes.PassResult(model, modified=modified)

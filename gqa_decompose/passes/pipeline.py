@@ -7,7 +7,7 @@ import onnx_ir.passes.common as common_passes
 
 from gqa_decompose.passes.check import CheckEmittedPass
 from gqa_decompose.passes.decompose import DecomposeGqaPass
-from gqa_decompose.passes.decompose_ops import DecomposeOpsPass
+from gqa_decompose.passes.decompose_ops import ConstantShapesPass, DecomposeOpsPass
 from gqa_decompose.passes.infer_types import InferGqaTypesPass, quiet_shape_inference
 
 __all__ = ["build_pipeline"]
@@ -37,7 +37,7 @@ def build_pipeline(
     passes: list[ir.passes.PassBase] = [
         InferGqaTypesPass(),
         decompose_pass,
-        *([ops_pass] if ops_pass is not None else []),
+        *([ops_pass, ConstantShapesPass()] if ops_pass is not None else []),
         common_passes.CommonSubexpressionEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedOpsetsPass(),
