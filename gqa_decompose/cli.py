@@ -29,6 +29,7 @@ from gqa_decompose.report import (
     opsets,
     ops_left,
     node_verification_json,
+    op_node_entry,
     report_json,
 )
 from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
@@ -264,6 +265,13 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "copy of the weights (seconds instead of minutes for multi-GB models). The output must be "
     "in the input's folder, and depends on that file.",
 )
+@click.option(
+    "--only",
+    "only",
+    metavar="OP[,OP]",
+    help="Decompose only these op types (e.g. GroupQueryAttention), for a runtime that keeps the others "
+    "fused; default: every op the tool knows (GroupQueryAttention and the companion ops).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; only the summary lines.")
 @click.option("-v", "--verbose", is_flag=True, help="Also per-phase and per-step errors, notes and timings.")
 @click.version_option(package_name="gqa-decompose")
@@ -287,6 +295,7 @@ def main(
     strict_target: bool,
     raise_opset: bool,
     reuse_data: bool,
+    only: str | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -315,6 +324,7 @@ def main(
         target=target,
         strict_target=strict_target,
         raise_opset=raise_opset,
+        ops=tuple(op.strip() for op in only.split(",") if op.strip()) if only else None,
     )
     run = _Run(
         model_path=model,
@@ -497,6 +507,7 @@ def _run_decompose(
         if run.verbose:
             for line in _phase_lines(verification):
                 click.echo(line)
+    _report_op_nodes(run, original, options, decomposed.ops, result)
     if run.whole_model:
         started = time.perf_counter()
         result.model_verification = _verify_whole_model(run, original, model, options)
@@ -521,6 +532,27 @@ def _run_decompose(
     result.output = str(target)
     result.exit_code = EXIT_OK
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _report_op_nodes(run: _Run, original: ir.Model | None, options: DecomposeOptions, entries, result) -> None:
+    """The companion-op nodes decomposed, one report entry each (verified alone with --verify nodes),
+    one summary line per op type."""
+    from gqa_decompose.verify_ops import verify_ops
+
+    verifications = verify_ops(original, options.ops) if run.nodes and entries else [None] * len(entries)
+    by_type: dict[str, list] = {}
+    for entry, verification in zip(entries, verifications):
+        result.op_nodes.append(op_node_entry(entry, verification))
+        by_type.setdefault(entry.op_type, []).append((entry, verification))
+    for op_type, items in by_type.items():
+        new_nodes = sum(entry.new_node_count for entry, _ in items)
+        checked = [v for _, v in items if v is not None and v.ok is not None]
+        text = "not verified"
+        if checked:
+            failed = [v.name for v in checked if not v.ok]
+            worst = max((e for v in checked for e in v.max_abs_error.values()), default=0.0)
+            text = f"FAILED: {', '.join(failed)}" if failed else f"verified (max abs err {worst:.3g})"
+        click.echo(f"{op_type}: {len(items)} node(s) decomposed into {new_nodes} nodes; {text}")
 
 
 def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, ...] = ()) -> CheckResult:
