@@ -13,6 +13,7 @@ from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops import Decomposer, OpContext, lookup
 from gqa_decompose.ops._common import is_standard
 from gqa_decompose.passes.graph_queries import default_opset, scope_name
+from gqa_decompose.passes.infer_types import _type_function_body
 
 __all__ = ["ConstantShapesPass", "DecomposeOpsPass", "DecomposedOp", "OpNode", "find_op_nodes"]
 
@@ -93,6 +94,10 @@ class DecomposeOpsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.decomposed = []
         found = find_op_nodes(model, self.ops)
+        functions = {id(item.container): item.container for item in found if isinstance(item.container, ir.Function)}
+        for function in functions.values():
+            # Function bodies are untyped in ONNX: type them from the call sites, as the GQA pass does.
+            _type_function_body(model, function)
         for item in found:
             if item.opset < MIN_OPSET:
                 raise GqaDecomposeError(
