@@ -78,7 +78,8 @@ def decompose(model: ir.Model, **options) -> ir.Model: ...
 
 
 def decompose(model, *, check: bool = True, **options):
-    """Rewrite every com.microsoft.GroupQueryAttention node into standard ONNX ops.
+    """Rewrite every com.microsoft.GroupQueryAttention node, and the companion contrib ops
+    (normalizations, RotaryEmbedding, activations: see :mod:`gqa_decompose.ops`), into standard ONNX ops.
 
     Args:
         model: an ``onnx.ModelProto`` (left untouched; a new ModelProto is
@@ -93,7 +94,9 @@ def decompose(model, *, check: bool = True, **options):
             ``target="attention"`` emits one standard Attention op per node
             (opset >= 23; other nodes fall back to primitives, reported in
             the returned pass's ``decomposed`` / the verify report), and
-            ``strict_target=True`` refuses a node that would fall back.
+            ``strict_target=True`` refuses a node that would fall back;
+            ``ops=["GroupQueryAttention"]`` decomposes only those op types (default:
+            GQA and every companion op of :mod:`gqa_decompose.ops`).
 
     Raises:
         GqaDecomposeError: a node is malformed or uses a feature that cannot be

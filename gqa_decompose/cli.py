@@ -535,24 +535,33 @@ def _run_decompose(
 
 
 def _report_op_nodes(run: _Run, original: ir.Model | None, options: DecomposeOptions, entries, result) -> None:
-    """The companion-op nodes decomposed, one report entry each (verified alone with --verify nodes),
-    one summary line per op type."""
+    """The companion-op nodes decomposed, one report entry each (verified alone with --verify nodes)."""
     from gqa_decompose.verify_ops import verify_ops
 
     verifications = verify_ops(original, options.ops) if run.nodes and entries else [None] * len(entries)
-    by_type: dict[str, list] = {}
     for entry, verification in zip(entries, verifications):
         result.op_nodes.append(op_node_entry(entry, verification))
-        by_type.setdefault(entry.op_type, []).append((entry, verification))
+    _echo_op_nodes(result.op_nodes, "decomposed")
+
+
+def _echo_op_nodes(entries: list[dict], done: str) -> None:
+    """One line per companion op type: how many nodes, and their verification; one per refused node."""
+    by_type: dict[str, list[dict]] = {}
+    for entry in entries:
+        if entry["status"] == "refused":
+            click.echo(f"{entry['name']} ({entry['op_type']}): REFUSED: {entry['reason']}")
+        else:
+            by_type.setdefault(entry["op_type"], []).append(entry)
     for op_type, items in by_type.items():
-        new_nodes = sum(entry.new_node_count for entry, _ in items)
-        checked = [v for _, v in items if v is not None and v.ok is not None]
+        new_nodes = sum(entry["new_nodes"] or 0 for entry in items)
+        checked = [entry for entry in items if entry["verified"] is not None]
         text = "not verified"
         if checked:
-            failed = [v.name for v in checked if not v.ok]
-            worst = max((e for v in checked for e in v.max_abs_error.values()), default=0.0)
-            text = f"FAILED: {', '.join(failed)}" if failed else f"verified (max abs err {worst:.3g})"
-        click.echo(f"{op_type}: {len(items)} node(s) decomposed into {new_nodes} nodes; {text}")
+            failed = [entry["name"] for entry in checked if not entry["verified"]]
+            worst = max((e for entry in checked for e in entry["max_abs_error"].values()), default=0.0)
+            text = f"FAILED: {', '.join(failed)}" if failed else f"verified alone, max error {worst:.3g}"
+        into = f" into {new_nodes} nodes" if new_nodes else ""
+        click.echo(f"{op_type}: {len(items)} node(s) {done}{into}; {text}")
 
 
 def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, ...] = ()) -> CheckResult:
@@ -577,6 +586,7 @@ def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, .
         if run.verbose:
             for line in _phase_lines(entry.verification):
                 click.echo(line)
+    _echo_op_nodes(result.op_nodes, "decomposable")
     if run.whole_model and result.model_verification is None and any(n.status == "refused" for n in result.nodes):
         click.echo("model not verified (a node is refused)")
     _echo_model_verification(run, result.model_verification)
