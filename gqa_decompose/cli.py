@@ -269,6 +269,7 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "--only",
     "only",
     metavar="OP[,OP]",
+    callback=lambda ctx, param, value: _parse_only(value),
     help="Decompose only these op types (e.g. GroupQueryAttention), for a runtime that keeps the others "
     "fused; default: every op the tool knows (GroupQueryAttention and the companion ops).",
 )
@@ -295,7 +296,7 @@ def main(
     strict_target: bool,
     raise_opset: bool,
     reuse_data: bool,
-    only: str | None,
+    only: tuple[str, ...] | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -324,7 +325,7 @@ def main(
         target=target,
         strict_target=strict_target,
         raise_opset=raise_opset,
-        ops=tuple(op.strip() for op in only.split(",") if op.strip()) if only else None,
+        ops=only,
     )
     run = _Run(
         model_path=model,
@@ -359,6 +360,18 @@ def main(
     if report_path is not None and not _write_report(report_path, report_json(result, _version())):
         code = EXIT_BAD_INPUT
     sys.exit(code)
+
+
+def _parse_only(value: str | None) -> tuple[str, ...] | None:
+    """--only's op types, each one the tool knows (a usage error otherwise: exit 2)."""
+    if not value:
+        return None
+    ops = tuple(op.strip() for op in value.split(",") if op.strip())
+    try:
+        DecomposeOptions(ops=ops)
+    except GqaDecomposeError as error:
+        raise click.BadParameter(str(error), param_hint="--only") from None
+    return ops
 
 
 def _version() -> str:

@@ -124,6 +124,14 @@ class DecomposeOptions:
     def __post_init__(self) -> None:
         if self.ops is not None:
             object.__setattr__(self, "ops", tuple(self.ops))  # frozen, hashable: a list given becomes a tuple
+            from gqa_decompose.ops import decomposers  # here: the op modules import the expansion
+
+            known = {"GroupQueryAttention", *(op_type for _, op_type in decomposers())}
+            unknown = sorted(set(self.ops) - known)
+            if unknown:
+                raise GqaDecomposeError(
+                    f"unknown op type(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                )
         if self.static_kv_cache and self.growing_kv_cache:
             raise GqaDecomposeError("static_kv_cache and growing_kv_cache promise opposite things")
         if self.target not in TARGETS:

@@ -535,3 +535,9 @@ def test_the_default_rewrite_of_the_builder_model_leaves_no_non_standard_op(buil
     assert report["non_standard_ops"] == [] and report["ops_left"] == {}
     assert [entry["status"] for entry in report["op_nodes"]] == ["decomposed"] * 5
     onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_only_with_an_unknown_op_exits_2_naming_the_known_ones(builder, tmp_path):
+    code, out, err = run(builder, "-o", tmp_path / "out.onnx", "--only", "GroupQueryAttention,Nope")
+    assert code == 2
+    assert "Nope" in err and "SkipSimplifiedLayerNormalization" in err
