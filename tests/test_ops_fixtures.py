@@ -54,3 +54,18 @@ def test_only_the_norms_leaves_gqa_in_place():
                      check=False)
     assert not len(result) and len(result.ops) == 5
     assert "GroupQueryAttention" in {node.op_type for node in model.graph}
+
+
+@pytest.mark.parametrize("name", ["builder-llama-dml", "builder-qwen3"])
+def test_raised_to_opset_23_the_norms_and_rotary_become_the_standard_ops_and_match(name):
+    from gqa_decompose.spec import DecomposeOptions
+
+    path = MODELS / name / "model.onnx"
+    model = model_io.load_model(path)
+    rewrite(model, DecomposeOptions(target="attention", raise_opset=True))
+    assert model.opset_imports[""] == 23
+    op_types = {node.op_type for node in model.graph}
+    assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= op_types
+    assert not _registered_left(model) and "SimplifiedLayerNormalization" not in op_types
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    assert verify_model(path, model, steps=2, target="attention", raise_opset=True).passed
