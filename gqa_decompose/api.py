@@ -54,7 +54,7 @@ def rewrite(
     options = options or DecomposeOptions()
     gqa = find_gqa_nodes(model) if options.decomposes("GroupQueryAttention") else []
     if not gqa and not find_op_nodes(model, options.ops):
-        logger.info("no node to decompose found; the model is unchanged")
+        logger.info("no com.microsoft.GroupQueryAttention node nor companion-op node found; the model is unchanged")
         return Decomposed()
     decompose_pass = DecomposeGqaPass(options, progress=progress)
     ops_pass = DecomposeOpsPass(options.ops)
