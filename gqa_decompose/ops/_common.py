@@ -52,7 +52,9 @@ def require_float(node: ir.Node, value: ir.Value | None, what: str) -> ir.DataTy
     """The element type of ``value``; refuses an unknown or non-floating one."""
     dtype = None if value is None else value.dtype
     if dtype not in FLOAT_TYPES:
-        raise GqaDecomposeError(f"{what} has element type {dtype}; expected float, float16, bfloat16 or double", node.name)
+        raise GqaDecomposeError(
+            f"{what} has element type {dtype}; expected float, float16, bfloat16 or double", node.name
+        )
     return dtype
 
 
