@@ -19,11 +19,24 @@ from gqa_decompose.passes import (
     build_pipeline,
     find_gqa_nodes,
 )
+from gqa_decompose.passes.decompose_ops import DecomposedOp, DecomposeOpsPass, find_op_nodes
 from gqa_decompose.spec import DecomposeOptions
 
-__all__ = ["decompose", "decompose_file", "rewrite"]
+__all__ = ["Decomposed", "decompose", "decompose_file", "rewrite"]
 
 logger = logging.getLogger("gqa_decompose")
+
+
+class Decomposed(list):
+    """The GQA nodes decomposed (a list of DecomposedNode, as before), with ``ops``: every companion-op node
+    decomposed (DecomposedOp, in model order). True when either is not empty."""
+
+    def __init__(self, nodes=(), ops=()) -> None:
+        super().__init__(nodes)
+        self.ops: list[DecomposedOp] = list(ops)
+
+    def __bool__(self) -> bool:
+        return bool(len(self) or self.ops)
 
 
 def rewrite(
@@ -32,16 +45,20 @@ def rewrite(
     *,
     check: bool = True,
     progress: Callable[[int, int], None] | None = None,
-) -> list[DecomposedNode]:
-    """Decompose every GQA node of ``model`` in place; returns what was done.
+) -> Decomposed:
+    """Decompose every GQA node and companion-op node of ``model`` in place (``options.ops``: only those
+    op types); returns what was done.
 
-    A model without GQA nodes is left untouched (an empty list is returned).
+    A model with none of them is left untouched (an empty result is returned).
     """
-    if not find_gqa_nodes(model):
-        logger.info("no com.microsoft.GroupQueryAttention node found; the model is unchanged")
-        return []
+    options = options or DecomposeOptions()
+    gqa = find_gqa_nodes(model) if options.decomposes("GroupQueryAttention") else []
+    if not gqa and not find_op_nodes(model, options.ops):
+        logger.info("no com.microsoft.GroupQueryAttention node nor companion-op node found; the model is unchanged")
+        return Decomposed()
     decompose_pass = DecomposeGqaPass(options, progress=progress)
-    pipeline = build_pipeline(decompose_pass, check=check)
+    ops_pass = DecomposeOpsPass(options.ops)
+    pipeline = build_pipeline(decompose_pass, check=check, ops_pass=ops_pass)
     try:
         pipeline(model)
     except ir.passes.PassError as error:
@@ -51,7 +68,7 @@ def rewrite(
         if cause is not None:
             raise cause from None
         raise
-    return decompose_pass.decomposed
+    return Decomposed(decompose_pass.decomposed, ops_pass.decomposed)
 
 
 @overload
@@ -61,7 +78,8 @@ def decompose(model: ir.Model, **options) -> ir.Model: ...
 
 
 def decompose(model, *, check: bool = True, **options):
-    """Rewrite every com.microsoft.GroupQueryAttention node into standard ONNX ops.
+    """Rewrite every com.microsoft.GroupQueryAttention node, and the companion contrib ops
+    (normalizations, RotaryEmbedding, activations: see :mod:`gqa_decompose.ops`), into standard ONNX ops.
 
     Args:
         model: an ``onnx.ModelProto`` (left untouched; a new ModelProto is
@@ -76,7 +94,9 @@ def decompose(model, *, check: bool = True, **options):
             ``target="attention"`` emits one standard Attention op per node
             (opset >= 23; other nodes fall back to primitives, reported in
             the returned pass's ``decomposed`` / the verify report), and
-            ``strict_target=True`` refuses a node that would fall back.
+            ``strict_target=True`` refuses a node that would fall back;
+            ``ops=["GroupQueryAttention"]`` decomposes only those op types (default:
+            GQA and every companion op of :mod:`gqa_decompose.ops`).
 
     Raises:
         GqaDecomposeError: a node is malformed or uses a feature that cannot be

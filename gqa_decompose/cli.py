@@ -278,6 +278,14 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "copy of the weights (seconds instead of minutes for multi-GB models). The output must be "
     "in the input's folder, and depends on that file.",
 )
+@click.option(
+    "--only",
+    "only",
+    metavar="OP[,OP]",
+    callback=lambda ctx, param, value: _parse_only(value),
+    help="Decompose only these op types (e.g. GroupQueryAttention), for a runtime that keeps the others "
+    "fused; default: every op the tool knows (GroupQueryAttention and the companion ops).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; only the summary lines.")
 @click.option("-v", "--verbose", is_flag=True, help="Also per-phase and per-step errors, notes and timings.")
 @click.version_option(package_name="gqa-decompose")
@@ -301,6 +309,7 @@ def main(
     strict_target: bool,
     raise_opset: bool,
     reuse_data: bool,
+    only: tuple[str, ...] | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -332,6 +341,7 @@ def main(
         target=target,
         strict_target=strict_target,
         raise_opset=raise_opset,
+        ops=only,
     )
     run = _Run(
         model_path=model,
@@ -366,6 +376,18 @@ def main(
     if report_path is not None and not _write_report(report_path, report_json(result, _version())):
         code = EXIT_BAD_INPUT
     sys.exit(code)
+
+
+def _parse_only(value: str | None) -> tuple[str, ...] | None:
+    """--only's op types, each one the tool knows (a usage error otherwise: exit 2)."""
+    if not value:
+        return None
+    ops = tuple(op.strip() for op in value.split(",") if op.strip())
+    try:
+        DecomposeOptions(ops=ops)
+    except GqaDecomposeError as error:
+        raise click.BadParameter(str(error), param_hint="--only") from None
+    return ops
 
 
 def _version() -> str:
@@ -529,6 +551,7 @@ def _run_decompose(
         if run.verbose:
             for line in _phase_lines(verification):
                 click.echo(line)
+    _report_op_nodes(run, original, options, decomposed.ops, result)
     if run.whole_model:
         started = time.perf_counter()
         result.model_verification = _verify_whole_model(run, original, model, options)
@@ -553,6 +576,37 @@ def _run_decompose(
     result.output = str(target)
     result.exit_code = EXIT_OK
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _report_op_nodes(run: _Run, original: ir.Model | None, options: DecomposeOptions, entries, result) -> None:
+    """The companion-op nodes decomposed, one report entry each (verified alone with --verify nodes)."""
+    from gqa_decompose.report import op_node_entry
+    from gqa_decompose.verify_ops import verify_ops
+
+    verifications = verify_ops(original, options.ops) if run.nodes and entries else [None] * len(entries)
+    for entry, verification in zip(entries, verifications):
+        result.op_nodes.append(op_node_entry(entry, verification))
+    _echo_op_nodes(result.op_nodes, "decomposed")
+
+
+def _echo_op_nodes(entries: list[dict], done: str) -> None:
+    """One line per companion op type: how many nodes, and their verification; one per refused node."""
+    by_type: dict[str, list[dict]] = {}
+    for entry in entries:
+        if entry["status"] == "refused":
+            click.echo(f"{entry['name']} ({entry['op_type']}): REFUSED: {entry['reason']}")
+        else:
+            by_type.setdefault(entry["op_type"], []).append(entry)
+    for op_type, items in by_type.items():
+        new_nodes = sum(entry["new_nodes"] or 0 for entry in items)
+        checked = [entry for entry in items if entry["verified"] is not None]
+        text = "not verified"
+        if checked:
+            failed = [entry["name"] for entry in checked if not entry["verified"]]
+            worst = max((e for entry in checked for e in entry["max_abs_error"].values()), default=0.0)
+            text = f"FAILED: {', '.join(failed)}" if failed else f"verified alone, max error {worst:.3g}"
+        into = f" into {new_nodes} nodes" if new_nodes else ""
+        click.echo(f"{op_type}: {len(items)} node(s) {done}{into}; {text}")
 
 
 def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, ...] = ()) -> CheckResult:
@@ -581,6 +635,7 @@ def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, .
         if run.verbose:
             for line in _phase_lines(entry.verification):
                 click.echo(line)
+    _echo_op_nodes(result.op_nodes, "decomposable")
     if run.whole_model and result.model_verification is None and any(n.status == "refused" for n in result.nodes):
         click.echo("model not verified (a node is refused)")
     _echo_model_verification(run, result.model_verification)

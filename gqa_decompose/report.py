@@ -30,7 +30,7 @@ from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolv
 from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
 
-__all__ = ["REPORT_SCHEMA", "REPORT_SCHEMA_VERSION", "VERIFY_MODES", "CheckResult", "NodeEntry", "check",
+__all__ = ["op_node_entry", "REPORT_SCHEMA", "REPORT_SCHEMA_VERSION", "VERIFY_MODES", "CheckResult", "NodeEntry", "check",
            "node_verification_json", "ops_left", "report_json"]
 
 REPORT_SCHEMA = "gqa-decompose-report"
@@ -78,6 +78,7 @@ class CheckResult:
     exit_code: int | None = None
     runtimes: list[dict] = dataclasses.field(default_factory=list)  # --check --runtime: one entry each
     raised_opset: tuple[int, int] | None = None  # (before, after) with --raise-opset
+    op_nodes: list[dict] = dataclasses.field(default_factory=list)  # companion-op nodes: see op_node_entry
 
     @property
     def non_standard_ops(self) -> list[str]:
@@ -92,7 +93,8 @@ class CheckResult:
             or self.model_verification.skipped is not None
             or self.model_verification.passed
         )
-        return all(node.passed for node in self.nodes) and model_ok
+        ops_ok = all(entry["status"] != "refused" and entry.get("verified") is not False for entry in self.op_nodes)
+        return all(node.passed for node in self.nodes) and model_ok and ops_ok
 
     @property
     def portable(self) -> bool:
@@ -102,13 +104,34 @@ class CheckResult:
         return self.error is None and self.verified and not self.ops_left and runs
 
 
-def ops_left(model: ir.Model, *, keep_gqa: set[str] | None = None) -> dict[str, dict[str, int]]:
+def op_node_entry(entry, verification=None, status: str = "decomposed", reason: str | None = None) -> dict:
+    """One companion-op node of the report: a DecomposedOp (or OpNode when checking) and its OpVerification."""
+    node = getattr(entry, "node", None)
+    return {
+        "name": entry.name if node is None else node.name or "",
+        "domain": entry.domain if node is None else node.domain,
+        "op_type": entry.op_type if node is None else node.op_type,
+        "status": status,
+        "reason": reason,
+        "new_nodes": getattr(entry, "new_node_count", None),
+        "verified": None if verification is None else verification.ok,
+        "max_abs_error": {} if verification is None else verification.max_abs_error,
+        "detail": "" if verification is None else verification.detail,
+    }
+
+
+def ops_left(
+    model: ir.Model, *, keep_gqa: set[str] | None = None, decomposable: set[int] | None = None
+) -> dict[str, dict[str, int]]:
     """Non-standard ops by domain (``ai.onnx`` for the default one) with their counts.
 
-    GroupQueryAttention nodes are left out (they are being decomposed), except those named in ``keep_gqa``.
+    GroupQueryAttention nodes are left out (they are being decomposed), except those named in ``keep_gqa``;
+    so are the companion-op nodes whose ``id()`` is in ``decomposable``.
     """
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for node in non_standard_nodes(model):
+        if decomposable is not None and id(node) in decomposable:
+            continue
         if node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention":
             if keep_gqa is None or node.name not in keep_gqa:
                 continue
@@ -181,7 +204,8 @@ def check(
             refused.add(node.name)
             result.nodes.append(NodeEntry(error.node_name or node.name, scope, "refused", None, error.reason))
     result.opsets = opsets(loaded)
-    result.ops_left = ops_left(loaded, keep_gqa=refused)
+    decomposable = _check_op_nodes(loaded, decompose_options, verify_mode, result)
+    result.ops_left = ops_left(loaded, keep_gqa=refused, decomposable=decomposable)
     decomposable = [n for n in result.nodes if n.status == "decomposable"]
     if verify_mode in ("nodes", "all") and decomposable:
         started = time.perf_counter()
@@ -209,6 +233,26 @@ def check(
         result.timings["verify_model"] = time.perf_counter() - started
     result.exit_code = EXIT_OK if result.portable else EXIT_FAILED
     return result
+
+
+def _check_op_nodes(model: ir.Model, options: DecomposeOptions, verify_mode: str, result: CheckResult) -> set[int]:
+    """Parse (and with --verify nodes, verify) every companion-op node; the ids of those that decompose."""
+    from gqa_decompose.ops import OpContext
+    from gqa_decompose.passes.decompose_ops import find_op_nodes
+    from gqa_decompose.verify_ops import verify_op_node
+
+    decomposable = set()
+    rng = np.random.default_rng(0)
+    for item in find_op_nodes(model, options.ops):
+        try:
+            item.decomposer.parse(item.node, OpContext(item.opset, item.container))
+        except GqaDecomposeError as error:
+            result.op_nodes.append(op_node_entry(item, status="refused", reason=error.reason))
+            continue
+        verification = verify_op_node(item.node, item.decomposer, item.opset, rng) if verify_mode in ("nodes", "all") else None
+        result.op_nodes.append(op_node_entry(item, verification, status="decomposable"))
+        decomposable.add(id(item.node))
+    return decomposable
 
 
 def _tagged(progress: Callable[[str, int, int], None] | None, what: str) -> Callable[[int, int], None] | None:
@@ -356,4 +400,6 @@ def report_json(result: CheckResult, version: str) -> dict:
         ],
         "model_verification": _model_verification_json(result.model_verification, result.verify),
         "runtimes": result.runtimes,
+        "op_nodes": result.op_nodes,
+        "op_counts": dict(collections.Counter(entry["op_type"] for entry in result.op_nodes)),
     }

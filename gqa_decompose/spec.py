@@ -106,6 +106,8 @@ class DecomposeOptions:
         raise_opset: with the attention target, raise a model's default-domain
             opset import from 20-22 to 23 when no op the model uses changes
             meaning (see ``raise_opset.py``); otherwise its nodes fall back.
+        ops: the op types to decompose (``GroupQueryAttention`` and the companion
+            ops of :mod:`gqa_decompose.ops`); None, the default: every op the tool knows.
     """
 
     legacy_window: bool = False
@@ -116,12 +118,27 @@ class DecomposeOptions:
     target: str = "primitives"
     strict_target: bool = False
     raise_opset: bool = False
+    ops: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.ops is not None:
+            object.__setattr__(self, "ops", tuple(self.ops))  # frozen, hashable: a list given becomes a tuple
+            from gqa_decompose.ops import decomposers  # here: the op modules import the expansion
+
+            known = {"GroupQueryAttention", *(op_type for _, op_type in decomposers())}
+            unknown = sorted(set(self.ops) - known)
+            if unknown:
+                raise GqaDecomposeError(
+                    f"unknown op type(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                )
         if self.static_kv_cache and self.growing_kv_cache:
             raise GqaDecomposeError("static_kv_cache and growing_kv_cache promise opposite things")
         if self.target not in TARGETS:
             raise GqaDecomposeError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+
+    def decomposes(self, op_type: str) -> bool:
+        """Whether ``op_type`` is among the ops to decompose."""
+        return self.ops is None or op_type in self.ops
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,7 +125,7 @@ def test_check_on_the_tiny_llama_exits_0_says_portable_and_writes_nothing(tiny):
 
 def test_check_on_the_builder_model_exits_1_and_names_simplified_layer_normalization(builder, tmp_path):
     report_path = tmp_path / "report.json"
-    code, out, err = run(builder, "--check", "--report", report_path)
+    code, out, err = run(builder, "--check", "--report", report_path, "--only", "GroupQueryAttention")
     assert code == 1, err
     assert "SimplifiedLayerNormalization" in out
     assert "NOT portable" in out
@@ -311,7 +311,8 @@ def test_the_report_holds_nodes_features_per_phase_errors_non_standard_ops_and_e
 
 def test_the_report_of_the_builder_model_lists_its_non_standard_ops(builder, tmp_path):
     report_path = tmp_path / "report.json"
-    code, out, err = run(builder, "-o", tmp_path / "out.onnx", "--report", report_path, "--no-verify")
+    code, out, err = run(builder, "-o", tmp_path / "out.onnx", "--report", report_path, "--no-verify",
+                         "--only", "GroupQueryAttention")
     assert code == 0, err
     assert "note: the model still holds non-standard ops" in out
     report = json.loads(report_path.read_text())
@@ -611,3 +612,20 @@ def test_the_package_imports_its_api_on_first_use():
             "assert callable(gqa_decompose.verify) and callable(gqa_decompose.verify_model)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_default_rewrite_of_the_builder_model_leaves_no_non_standard_op(builder, tmp_path):
+    report_path = tmp_path / "report.json"
+    code, out, err = run(builder, "-o", tmp_path / "out.onnx", "--report", report_path, "--verify", "nodes")
+    assert code == 0, err
+    assert "SkipSimplifiedLayerNormalization: 4 node(s) decomposed" in out and "verified" in out
+    report = json.loads(report_path.read_text())
+    assert report["non_standard_ops"] == [] and report["ops_left"] == {}
+    assert [entry["status"] for entry in report["op_nodes"]] == ["decomposed"] * 5
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_only_with_an_unknown_op_exits_2_naming_the_known_ones(builder, tmp_path):
+    code, out, err = run(builder, "-o", tmp_path / "out.onnx", "--only", "GroupQueryAttention,Nope")
+    assert code == 2
+    assert "Nope" in err and "SkipSimplifiedLayerNormalization" in err

@@ -28,6 +28,7 @@ TOP_LEVEL = {
     "exit_code": int, "error": (str, type(None)), "portable": bool, "output": (str, type(None)),
     "options": dict, "opsets": dict, "ops_left": dict, "non_standard_ops": list, "timings": dict,
     "nodes": list, "model_verification": dict, "runtimes": list, "raised_opset": (list, type(None)),
+    "op_nodes": list, "op_counts": dict,
 }
 NODE = {
     "name": str, "scope": str, "status": str, "reason": (str, type(None)), "config": (dict, type(None)),
@@ -165,7 +166,7 @@ def test_check_with_verify_none_does_not_catch_a_wrong_expansion(tiny, monkeypat
 
 def test_check_exits_1_on_a_builder_model_for_its_layer_norms_even_though_it_verifies(builder):
     report_path = builder.parent / "report.json"
-    code, out, _ = run(builder, "--check", "--verify", "all", "--report", report_path)
+    code, out, _ = run(builder, "--check", "--verify", "all", "--report", report_path, "--only", "GroupQueryAttention")
     assert code == 1
     report = _report(report_path)
     assert report["model_verification"]["status"] == "passed"
@@ -288,11 +289,21 @@ def test_check_api_returns_the_gate_and_the_same_report():
     assert report["status"] == "portable"
 
 
-def test_check_api_on_a_builder_model_is_verified_but_not_portable():
-    result = gqa_decompose.check(onnx.load(BUILDER / "model.onnx"), verify_mode="nodes")
+def test_check_api_on_a_builder_model_with_gqa_only_is_verified_but_not_portable():
+    result = gqa_decompose.check(onnx.load(BUILDER / "model.onnx"), verify_mode="nodes", ops=["GroupQueryAttention"])
     assert result.verified and not result.portable
     assert result.non_standard_ops == ["ai.onnx::SimplifiedLayerNormalization",
                                        "com.microsoft::SkipSimplifiedLayerNormalization"]
+
+
+def test_check_on_a_builder_model_is_portable_with_its_norms_verified_node_by_node(builder):
+    report_path = builder.parent / "report.json"
+    code, out, err = run(builder, "--check", "--verify", "all", "--report", report_path)
+    assert code == 0, out + err
+    report = _report(report_path)
+    assert report["status"] == "portable" and report["ops_left"] == {}
+    assert report["op_counts"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4}
+    assert {entry["verified"] for entry in report["op_nodes"]} == {True}
 
 
 def test_check_api_rejects_an_unknown_verify_mode():

@@ -74,7 +74,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.decomposed = []
         self.emitted = []
-        found = find_gqa_nodes(model)
+        found = find_gqa_nodes(model) if self.options.decomposes("GroupQueryAttention") else []
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
         for _, node in found:

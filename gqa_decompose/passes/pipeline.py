@@ -14,6 +14,7 @@ from gqa_decompose.passes.cleanup import (
     RemoveUnusedEmittedPass,
 )
 from gqa_decompose.passes.decompose import DecomposeGqaPass
+from gqa_decompose.passes.decompose_ops import ConstantShapesPass, DecomposeOpsPass
 from gqa_decompose.passes.infer_types import InferGqaTypesPass, quiet_shape_inference
 
 __all__ = ["build_pipeline"]
@@ -26,22 +27,28 @@ class _QuietShapeInferencePass(ir.passes.InPlacePass):
 
 
 def build_pipeline(
-    decompose_pass: DecomposeGqaPass, *, check: bool = True, infer_shapes: bool = True
+    decompose_pass: DecomposeGqaPass,
+    *,
+    check: bool = True,
+    infer_shapes: bool = True,
+    ops_pass: DecomposeOpsPass | None = None,
 ) -> ir.passes.PassManager:
-    """The full rewrite: decompose, clean up what it emitted, sort, infer shapes and check.
+    """The full rewrite: decompose GQA, then the companion ops (``ops_pass``), clean up what
+    they emitted, sort, infer shapes and check.
 
     The clean-up (common subexpressions, unused nodes, names) touches only the emitted nodes
     (passes/cleanup.py); the graph's input and output declarations come out as they went in.
     """
 
     def emitted() -> list[ir.Node]:
-        return decompose_pass.emitted
+        return [*decompose_pass.emitted, *(ops_pass.emitted if ops_pass is not None else ())]
 
     interface = KeepInterface()
     passes: list[ir.passes.PassBase] = [
         interface.remember,
         InferGqaTypesPass(),
         decompose_pass,
+        *([ops_pass, ConstantShapesPass()] if ops_pass is not None else []),
         EmittedCsePass(emitted),
         RemoveUnusedEmittedPass(emitted),
         DropGqaImportPass(),
