@@ -23,3 +23,6 @@ def lookup(domain: str, op_type: str) -> Decomposer | None:
     """The decomposer of ``domain::op_type`` (``""`` and ``"ai.onnx"`` are one domain), or None."""
     domain = "" if domain == "ai.onnx" else domain
     return REGISTRY.get((domain, op_type))
+
+# Decomposer modules register themselves on import (after REGISTRY and register exist).
+from gqa_decompose.ops import matmul_nbits  # noqa: F401
