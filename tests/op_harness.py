@@ -159,3 +159,37 @@ def compare(
         bound = tolerance.atol + tolerance.rtol * np.abs(want64)
         assert np.all(error <= bound), f"output {index}: max error {error.max()} over tolerance {tolerance}"
     return Comparison(expanded, expected, got, errors)
+
+
+def decompose_all(model: ir.Model, decomposer: Decomposer) -> int:
+    """Replace every node of the decomposer's op in the main graph (a stand-in for the pipeline's pass)."""
+    opset = model.opset_imports[""]
+    count = 0
+    for node in list(model.graph):
+        if node.domain != decomposer.domain or node.op_type != decomposer.op_type:
+            continue
+        spec = decomposer.parse(node, OpContext(opset=opset, container=model.graph))
+        op = OpBuilder(node.name, opset)
+        outputs = decomposer.expand(op, node, spec)
+        ir.convenience.replace_nodes_and_values(model.graph, node, [node], op.take_nodes(), node.outputs, outputs)
+        count += 1
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    return count
+
+
+def builder_feeds(
+    model: onnx.ModelProto, tokens: Sequence[int], cache_shapes: Mapping[str, tuple[int, int, int]] | None = None
+) -> dict[str, np.ndarray]:
+    """Prefill feeds for an onnxruntime-genai builder model: input_ids, attention_mask, a zero past.
+
+    ``cache_shapes``: (kv heads, head size, rows) per past input (tests/test_real_producers.py's
+    ``_cache_shapes``); default an empty past of head size 16.
+    """
+    feeds = {"input_ids": np.array([tokens], np.int64), "attention_mask": np.ones((1, len(tokens)), np.int64)}
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values"):
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            heads, head_size, rows = (cache_shapes or {}).get(value.name, (dims[1], 16, 0))
+            elem = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            feeds[value.name] = np.zeros((1, heads, rows, head_size), elem)
+    return feeds

@@ -11,10 +11,16 @@ import pytest
 from onnx import TensorProto
 
 from gqa_decompose.errors import GqaDecomposeError
-from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops.base import OpContext
 from gqa_decompose.ops.matmul_nbits import MATMUL_NBITS
-from tests.op_harness import compare, expand_model, one_node_model, run
+from tests.op_harness import (
+    builder_feeds,
+    compare,
+    decompose_all,
+    expand_model,
+    one_node_model,
+    run,
+)
 
 MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 
@@ -170,26 +176,11 @@ def test_g_idx_with_uint8_zero_points_is_refused_because_ort_ignores_them():
     np.testing.assert_allclose(run(model, {"A": a})[0], run(as_if_8, {"A": a})[0], atol=1e-5)
 
 
-def _decompose_matmul_nbits(model: ir.Model) -> int:
-    """Replace every MatMulNBits of the main graph (a stand-in for the pipeline's pass)."""
-    count = 0
-    for node in list(model.graph):
-        if node.op_type != "MatMulNBits":
-            continue
-        spec = MATMUL_NBITS.parse(node, OpContext(opset=model.opset_imports[""], container=model.graph))
-        op = OpBuilder(node.name, model.opset_imports[""])
-        outputs = MATMUL_NBITS.expand(op, node, spec)
-        ir.convenience.replace_nodes_and_values(model.graph, node, [node], op.take_nodes(), node.outputs, outputs)
-        count += 1
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    return count
-
-
 def test_builder_int4_fixture_keeps_its_size_and_its_logits(tmp_path):
     source = MODELS / "builder-llama-int4" / "model.onnx"
     original = onnx.load(source)
     model = ir.load(source)
-    assert _decompose_matmul_nbits(model) == 11
+    assert decompose_all(model, MATMUL_NBITS) == 11
     ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=0)
     onnx.save(onnx.load(source), tmp_path / "original.onnx", save_as_external_data=True,
               location="original.onnx.data", size_threshold=0)
@@ -198,10 +189,7 @@ def test_builder_int4_fixture_keeps_its_size_and_its_logits(tmp_path):
     assert size_out <= 1.1 * size_in, (size_in, size_out)
     rewritten = onnx.load(tmp_path / "model.onnx")
     assert not any(n.op_type == "MatMulNBits" for n in rewritten.graph.node)
-    feeds = {"input_ids": np.array([[5, 17, 42, 3]], np.int64), "attention_mask": np.ones((1, 4), np.int64)}
-    for value in original.graph.input:
-        if value.name.startswith("past_key_values"):
-            feeds[value.name] = np.zeros((1, 2, 0, 16), np.float32)
+    feeds = builder_feeds(original, [5, 17, 42, 3])
     want, got = run(original, feeds)[0], run(rewritten, feeds)[0]
     # Both sides run int8 activations on ORT (the rewritten DQ+MatMul fuses back at level 4).
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
