@@ -20,7 +20,7 @@ def mha_model(S=3, L=3, P=0, Hv=H, bias=False, padding=False, attention_bias=Fal
               presents=True, **attributes) -> onnx.ModelProto:
     """One MultiHeadAttention node: query [B, S, N*H], key/value [B, L, ...], past [B, N, P, H]."""
     T = P + L
-    zeros = lambda *shape: np.zeros(shape, dtype)  # noqa: E731
+    zeros = lambda *shape: np.zeros(shape, dtype)
     inputs = [("query", zeros(B, S, N * H)), ("key", zeros(B, L, N * H)), ("value", zeros(B, L, N * Hv)),
               ("bias", zeros(2 * N * H + N * Hv)) if bias else None,
               ("key_padding_mask", np.zeros((B, T), np.int32)) if padding else None,

@@ -25,4 +25,10 @@ def lookup(domain: str, op_type: str) -> Decomposer | None:
     return REGISTRY.get((domain, op_type))
 
 # Decomposer modules register themselves on import (after REGISTRY and register exist).
-from gqa_decompose.ops import gather_block_quantized, matmul_nbits, moe, multi_head_attention, qmoe  # noqa: F401
+from gqa_decompose.ops import (  # noqa: F401
+    gather_block_quantized,
+    matmul_nbits,
+    moe,
+    multi_head_attention,
+    qmoe,
+)
