@@ -116,11 +116,13 @@ class MultiHeadAttention:
             query = op.op("Add", query, op.slice(bias, 0, N * H, axis=0))
             key = op.op("Add", key, op.slice(bias, N * H, 2 * N * H, axis=0))
             value = op.op("Add", value, op.slice(bias, 2 * N * H, 2 * N * H + N * Hv, axis=0))
+        if not spec.has_past:  # fp16: cast before the head split (the presents are then the only fp16 use)
+            key, value = _f32(op, key), _f32(op, value)
         key_BNTH, value_BNTH = _split_heads(op, key, N, H), _split_heads(op, value, N, Hv)
         if spec.has_past:
             key_BNTH = op.op("Concat", node.inputs[PAST_KEY], key_BNTH, axis=2)
             value_BNTH = op.op("Concat", node.inputs[PAST_VALUE], value_BNTH, axis=2)
-        query_BNSH = _f32(op, _split_heads(op, query, N, H))
+        query_BNSH = _split_heads(op, _f32(op, query), N, H)
         scores_BNST = op.op(
             "Mul",
             op.op("MatMul", query_BNSH, op.op("Transpose", _f32(op, key_BNTH), perm=[0, 1, 3, 2])),
@@ -136,6 +138,8 @@ class MultiHeadAttention:
         out_BSD = op.op("Reshape", op.op("Transpose", out_BNSH, perm=[0, 2, 1, 3]), op.ints([0, 0, N * Hv]))
         if spec.dtype != ir.DataType.FLOAT:
             out_BSD = op.cast(out_BSD, spec.dtype)
+        if not spec.has_past and spec.dtype != ir.DataType.FLOAT:
+            key_BNTH, value_BNTH = op.cast(key_BNTH, spec.dtype), op.cast(value_BNTH, spec.dtype)
         wanted = [out_BSD, key_BNTH, value_BNTH]
         return [wanted[i] if i < 3 and node.outputs[i] is not None else None for i in range(len(node.outputs))]
 
