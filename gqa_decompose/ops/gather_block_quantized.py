@@ -18,8 +18,10 @@ gathered rows as INT4, and no standard op reinterprets bytes at run time (Gather
 opset 25... and a whole-table DequantizeLinear before the Gather costs V*D floats per run).
 INT4/UINT4 data becomes uint8 bytes by re-layout (a constant; same bytes) and is then read the same way.
 
+INT4/UINT4 data that is not a constant (opset >= 21) is read by Cast to int8 before the Gather instead.
+
 Refused: gather_axis other than 0 or quantize_axis other than the last (ORT refuses both for uint8 data;
-for INT4 data no producer writes them), INT4 data that is not a constant, FP8/FP4 data.
+for INT4 data no producer writes them), non-constant INT4 data below opset 21, FP8/FP4 data.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = ["GatherBlockQuantized", "GatherBlockQuantizedSpec"]
 
 DATA, INDICES, SCALES, ZERO_POINTS = range(4)
 _NIBBLES = (ir.DataType.INT4, ir.DataType.UINT4)
+_LEVELS = {ir.DataType.UINT8: (0, 256), ir.DataType.INT4: (-8, 8), ir.DataType.UINT4: (0, 16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,7 @@ class GatherBlockQuantizedSpec:
     data_dtype: ir.DataType  # UINT8, INT4 or UINT4
     out_dtype: ir.DataType
     has_zero_points: bool
+    constant: bool  # data and zero points are constants (INT4 data: re-laid out; else Cast at run time)
 
     @property
     def blocks(self) -> int:
@@ -86,9 +90,11 @@ class GatherBlockQuantized:
         elif data.dtype in _NIBBLES:
             zero_points = node.inputs[ZERO_POINTS] if len(node.inputs) > ZERO_POINTS else None
             constants = [v for v in (data, zero_points) if v is not None]
-            if bits != 4 or any(ir.convenience.get_const_tensor(v) is None for v in constants):
+            constant = all(ir.convenience.get_const_tensor(v) is not None for v in constants)
+            if bits != 4 or not (constant or context.opset >= 21):
                 raise GqaDecomposeError(
-                    "GatherBlockQuantized INT4/UINT4 data: 4 bits, constant data and zero points only", node.name
+                    "GatherBlockQuantized INT4/UINT4 data: 4 bits, and constant data and zero points below opset 21",
+                    node.name,
                 )
             if data.shape[-1] % 2:
                 raise GqaDecomposeError("GatherBlockQuantized INT4/UINT4 data with an odd last axis", node.name)
@@ -107,16 +113,24 @@ class GatherBlockQuantized:
             data_dtype=data.dtype,
             out_dtype=scales.dtype,
             has_zero_points=len(node.inputs) > ZERO_POINTS and node.inputs[ZERO_POINTS] is not None,
+            constant=all(
+                ir.convenience.get_const_tensor(v) is not None
+                for v in node.inputs[DATA:DATA + 1] + node.inputs[ZERO_POINTS:ZERO_POINTS + 1]
+                if v is not None
+            ),
         )
 
     def expand(self, op: OpBuilder, node: ir.Node, spec: GatherBlockQuantizedSpec) -> list[ir.Value]:
         """Gather the bytes of the chosen rows, unpack, dequantize in fp32, zero the out-of-range rows."""
         data, indices, scales = node.inputs[DATA], node.inputs[INDICES], node.inputs[SCALES]
         valid, safe = _checked_indices(op, indices, op.dim(data, 0))
-        data_bytes = data if spec.data_dtype == ir.DataType.UINT8 else _as_bytes(op, node, data)
-        q = op.cast(_unpacked(op, op.op("Gather", data_bytes, safe, axis=0), spec.bits), ir.DataType.FLOAT)
-        if spec.data_dtype == ir.DataType.INT4:
-            q = _signed_nibbles(op, q)
+        if spec.data_dtype == ir.DataType.UINT8 or spec.constant:
+            data_bytes = data if spec.data_dtype == ir.DataType.UINT8 else _as_bytes(op, node, data)
+            q = op.cast(_unpacked(op, op.op("Gather", data_bytes, safe, axis=0), spec.bits), ir.DataType.FLOAT)
+            if spec.data_dtype == ir.DataType.INT4:
+                q = _signed_nibbles(op, q)
+        else:  # INT4 data computed at run time: Cast-21 reads it (the whole table, one byte per value)
+            q = op.cast(op.op("Gather", op.cast(data, ir.DataType.INT8), safe, axis=0), ir.DataType.FLOAT)
         scale = _per_element(op, op.cast(op.op("Gather", scales, safe, axis=0), ir.DataType.FLOAT), spec)
         zero_point = _zero_point(op, node, safe, spec)
         out = op.op("Mul", q if zero_point is None else op.op("Sub", q, zero_point), scale)
@@ -132,17 +146,16 @@ class GatherBlockQuantized:
         shape = [d if isinstance(d, int) else 3 for d in indices.shape] if indices.shape is not None else [2, 3]
         chosen = rng.integers(-rows - 2, rows + 2, size=shape).astype(indices.dtype.numpy())
         feeds = {indices.name: chosen}
-        if ir.convenience.get_const_tensor(data) is None:
-            full = [rows, *[int(d) for d in data.shape[1:]]]
-            feeds[data.name] = rng.integers(0, 256, size=full, dtype=np.uint8)
-        for index in (SCALES, ZERO_POINTS):
+        for index in (DATA, SCALES, ZERO_POINTS):
             value = node.inputs[index] if index < len(node.inputs) else None
-            if value is not None and ir.convenience.get_const_tensor(value) is None:
-                full = [rows, *[int(d) for d in value.shape[1:]]]
-                if value.dtype == ir.DataType.UINT8:
-                    feeds[value.name] = rng.integers(0, 256, size=full, dtype=np.uint8)
-                else:
-                    feeds[value.name] = (rng.random(full) * 0.02 + 0.005).astype(value.dtype.numpy())
+            if value is None or ir.convenience.get_const_tensor(value) is not None:
+                continue
+            full = [rows, *[int(d) for d in value.shape[1:]]]
+            if value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                feeds[value.name] = (rng.random(full) * 0.02 + 0.005).astype(value.dtype.numpy())
+            else:
+                low, high = _LEVELS[value.dtype]
+                feeds[value.name] = rng.integers(low, high, size=full).astype(value.dtype.numpy())
         return feeds
 
     def tolerance(self, spec: GatherBlockQuantizedSpec, dtype: ir.DataType) -> Tolerance:
@@ -195,7 +208,9 @@ def _zero_point(op: OpBuilder, node: ir.Node, safe: ir.Value, spec: GatherBlockQ
         gathered = op.op("Gather", node.inputs[ZERO_POINTS], safe, axis=0)
         unpacked = op.slice(_unpacked(op, gathered, spec.bits), 0, spec.blocks, axis=-1)
         return _per_element(op, op.cast(unpacked, ir.DataType.FLOAT), spec)
-    gathered = op.op("Gather", _nibbles_as_int8(op, node, node.inputs[ZERO_POINTS]), safe, axis=0)
+    zero_points = node.inputs[ZERO_POINTS]
+    as_int8 = _nibbles_as_int8(op, node, zero_points) if spec.constant else op.cast(zero_points, ir.DataType.INT8)
+    gathered = op.op("Gather", as_int8, safe, axis=0)
     return _per_element(op, op.cast(gathered, ir.DataType.FLOAT), spec)
 
 

@@ -225,8 +225,10 @@ def _random_bias(rng, spec: MatMulNBitsSpec, value: ir.Value) -> np.ndarray:
 _RANDOM_INPUTS = {B: _random_b, SCALES: _random_scales, ZERO_POINTS: _random_zero_points, G_IDX: _random_g_idx, BIAS: _random_bias}
 
 
-def _as_float(op: OpBuilder, value: ir.Value) -> ir.Value:
-    return value if value.dtype == ir.DataType.FLOAT else op.cast(value, ir.DataType.FLOAT)
+def _as_float(op: OpBuilder, source: ir.Value, value: ir.Value | None = None) -> ir.Value:
+    """``value`` (default ``source``) in fp32; ``source`` gives the type (tape-made values carry none)."""
+    value = source if value is None else value
+    return value if source.dtype == ir.DataType.FLOAT else op.cast(value, ir.DataType.FLOAT)
 
 
 # The dq form ---------------------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def _unpacked_NK(op: OpBuilder, node: ir.Node, spec: MatMulNBitsSpec) -> ir.Valu
     N, Kb, bs = spec.N, spec.k_blocks, spec.block_size
     packed = op.op("Reshape", node.inputs[B], op.ints([N, Kb, bs * spec.bits // 8]))
     q_NKbBs = op.cast(op.op("Reshape", unpack_op(op, packed, spec.bits), op.ints([N, Kb, bs])), ir.DataType.FLOAT)
-    scale_NKb = _as_float(op, op.op("Reshape", node.inputs[SCALES], op.ints([N, Kb])))
+    scale_NKb = _as_float(op, node.inputs[SCALES], op.op("Reshape", node.inputs[SCALES], op.ints([N, Kb])))
     zp_NKb = _zero_points_NKb(op, node, spec)
     if not spec.has_g_idx:
         centered = op.op("Sub", q_NKbBs, zp_NKb if spec.zero_points == "none" else op.unsqueeze(zp_NKb, [2]))
@@ -329,7 +331,7 @@ def _zero_points_NKb(op: OpBuilder, node: ir.Node, spec: MatMulNBitsSpec) -> ir.
         return op.float_scalar(float(1 << (spec.bits - 1)))
     zp = node.inputs[ZERO_POINTS]
     if spec.zero_points == "float":
-        return _as_float(op, op.op("Reshape", zp, op.ints([N, Kb])))
+        return _as_float(op, zp, op.op("Reshape", zp, op.ints([N, Kb])))
     packed = op.op("Reshape", zp, op.ints([N, -(-Kb * spec.bits // 8)]))
     unpacked = op.op("Reshape", unpack_op(op, packed, spec.bits), op.ints([N, -1]))
     return op.cast(op.slice(unpacked, 0, Kb, axis=1), ir.DataType.FLOAT)

@@ -116,25 +116,27 @@ class MultiHeadAttention:
             query = op.op("Add", query, op.slice(bias, 0, N * H, axis=0))
             key = op.op("Add", key, op.slice(bias, N * H, 2 * N * H, axis=0))
             value = op.op("Add", value, op.slice(bias, 2 * N * H, 2 * N * H + N * Hv, axis=0))
+        kv_dtype = spec.dtype
         if not spec.has_past:  # fp16: cast before the head split (the presents are then the only fp16 use)
-            key, value = _f32(op, key), _f32(op, value)
+            key, value, kv_dtype = _f32(op, key, spec.dtype), _f32(op, value, spec.dtype), ir.DataType.FLOAT
         key_BNTH, value_BNTH = _split_heads(op, key, N, H), _split_heads(op, value, N, Hv)
         if spec.has_past:
             key_BNTH = op.op("Concat", node.inputs[PAST_KEY], key_BNTH, axis=2)
             value_BNTH = op.op("Concat", node.inputs[PAST_VALUE], value_BNTH, axis=2)
-        query_BNSH = _split_heads(op, _f32(op, query), N, H)
+        query_BNSH = _split_heads(op, _f32(op, query, spec.dtype), N, H)
         scores_BNST = op.op(
             "Mul",
-            op.op("MatMul", query_BNSH, op.op("Transpose", _f32(op, key_BNTH), perm=[0, 1, 3, 2])),
+            op.op("MatMul", query_BNSH, op.op("Transpose", _f32(op, key_BNTH, kv_dtype), perm=[0, 1, 3, 2])),
             op.float_scalar(spec.scale),
         )
         mask = _mask(op, node, spec, query, key_BNTH)
         if mask is not None:
             scores_BNST = op.op("Add", scores_BNST, mask)
         if spec.has_attention_bias:
-            scores_BNST = op.op("Add", scores_BNST, _f32(op, node.inputs[ATTENTION_BIAS]))
+            attention_bias = node.inputs[ATTENTION_BIAS]
+            scores_BNST = op.op("Add", scores_BNST, _f32(op, attention_bias, attention_bias.dtype))
         probs_BNST = op.op("Softmax", scores_BNST, axis=-1)
-        out_BNSH = op.op("MatMul", probs_BNST, _f32(op, value_BNTH))
+        out_BNSH = op.op("MatMul", probs_BNST, _f32(op, value_BNTH, kv_dtype))
         out_BSD = op.op("Reshape", op.op("Transpose", out_BNSH, perm=[0, 2, 1, 3]), op.ints([0, 0, N * Hv]))
         if spec.dtype != ir.DataType.FLOAT:
             out_BSD = op.cast(out_BSD, spec.dtype)
@@ -152,8 +154,9 @@ class MultiHeadAttention:
         return Tolerance(atol=2e-5, rtol=1e-4)
 
 
-def _f32(op: OpBuilder, value: ir.Value) -> ir.Value:
-    return value if value.dtype == ir.DataType.FLOAT else op.cast(value, ir.DataType.FLOAT)
+def _f32(op: OpBuilder, value: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """``value`` (of ``dtype``: tape-made values carry no type) in fp32."""
+    return value if dtype == ir.DataType.FLOAT else op.cast(value, ir.DataType.FLOAT)
 
 
 def _split_heads(op: OpBuilder, x_BSD: ir.Value, heads: int, head_size: int) -> ir.Value:
