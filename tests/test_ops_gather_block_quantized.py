@@ -1,4 +1,4 @@
-"""GatherBlockQuantized -> Gather of packed bytes + BitShift unpack + dequantize: numeric against ORT CPU, refusals."""
+"""GatherBlockQuantized -> Gather of packed bytes + exact unpack + dequantize: numeric against ORT CPU, refusals."""
 
 from __future__ import annotations
 

@@ -9,10 +9,8 @@ Two ways to read them back in a graph:
 
 - ``DequantizeLinear-21`` with ``block_size``, on an initializer re-laid out at
   rewrite time (lazily: nothing is read until the model is saved);
-- an exact unpack with ``BitShift`` (opset 11) on the uint8 bytes, for lower
-  opsets, 2-bit weights, and weights that are not constants:
-  ``element_j = (byte << (8 - bits*(j+1))) >> (8 - bits)`` in uint8, where the
-  left shift drops the higher elements' bits.
+- an exact unpack of the uint8 bytes in fp32 arithmetic (:func:`unpack_op`), for
+  lower opsets, 2-bit weights, and weights that are not constants.
 """
 
 from __future__ import annotations
@@ -44,19 +42,22 @@ def pack_np(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_op(op: OpBuilder, packed: ir.Value, bits: int) -> ir.Value:
-    """uint8 [..., B] -> uint8 [..., B, 8/bits] with standard ops (BitShift, opset 11)."""
+    """uint8 [..., B] -> fp32 [..., B, 8/bits], element 0 of each byte first, exactly, in any opset.
+
+    ``element_j = floor(byte / 2**(bits*j)) - 2**bits * floor(byte / 2**(bits*(j+1)))`` in fp32 (bytes and
+    powers of two are exact there). Not BitShift/BitwiseAnd: OpenVINO 2026.4 CPU computes a wrong product
+    when 4-bit values unpacked by them feed a MatMul (its compressed-weight fusion; measured, both
+    ``(b << k) >> k`` and ``(b >> k) & mask``), while this form runs right on ORT, onnx.reference and OpenVINO.
+    """
     per_byte = 8 // bits
+    values = op.cast(op.unsqueeze(packed, [-1]), ir.DataType.FLOAT)
     if per_byte == 1:
-        return op.unsqueeze(packed, [-1])
-    left = np.array([8 - bits * (j + 1) for j in range(per_byte)], dtype=np.uint8)
-    shifted = op.op(
-        "BitShift",
-        op.unsqueeze(packed, [-1]),
-        op.op("Constant", value=ir.tensor(left)),
-        direction="LEFT",
-    )
-    right = op.op("Constant", value=ir.tensor(np.array([8 - bits], dtype=np.uint8)))
-    return op.op("BitShift", shifted, right, direction="RIGHT")
+        return values
+    shifts = [bits * j for j in range(per_byte)]
+    scale = op.op("Constant", value=ir.tensor(np.array([2.0**-s for s in shifts], np.float32)))
+    here = op.op("Floor", op.op("Mul", values, scale))
+    above = op.op("Floor", op.op("Mul", values, op.op("Mul", scale, op.float_scalar(2.0**-bits))))
+    return op.op("Sub", here, op.op("Mul", above, op.float_scalar(float(1 << bits))))
 
 
 def lazy_tensor(

@@ -1,4 +1,4 @@
-"""com.microsoft.GatherBlockQuantized -> Gather of the packed bytes, then an exact BitShift unpack and dequantize.
+"""com.microsoft.GatherBlockQuantized -> Gather of the packed bytes, then an exact unpack and dequantize.
 
 Dimension legend: V gathered axis (axis 0), I... the indices' shape, R... the axes between (usually none),
 D the quantized (last) axis in elements, Dp = D * bits / 8 its bytes, Db = ceil(D / block_size) its blocks.
@@ -9,7 +9,7 @@ zero_points packed like data [V, R..., ceil(Db*bits/8)] (uint8) or like scales (
 2**(bits-1) for uint8 data and 0 for int4; ``out = float(q - zp) * float(scale)`` cast to the scales' type;
 an index outside [-V, V) gives a row of zeros::
 
-    indices -> (valid, safe) -> Gather(data bytes) -> BitShift unpack -> Cast -> (q - zp) * scale -> Where(valid)
+    indices -> (valid, safe) -> Gather(data bytes) -> unpack (fp32) -> (q - zp) * scale -> Where(valid)
                                Gather(scales), Gather(zero point bytes) -> unpack -----^
 
 Gather comes first, so only the gathered rows are ever unpacked (an embedding table is never dequantized
@@ -126,7 +126,7 @@ class GatherBlockQuantized:
         valid, safe = _checked_indices(op, indices, op.dim(data, 0))
         if spec.data_dtype == ir.DataType.UINT8 or spec.constant:
             data_bytes = data if spec.data_dtype == ir.DataType.UINT8 else _as_bytes(op, node, data)
-            q = op.cast(_unpacked(op, op.op("Gather", data_bytes, safe, axis=0), spec.bits), ir.DataType.FLOAT)
+            q = _unpacked(op, op.op("Gather", data_bytes, safe, axis=0), spec.bits)
             if spec.data_dtype == ir.DataType.INT4:
                 q = _signed_nibbles(op, q)
         else:  # INT4 data computed at run time: Cast-21 reads it (the whole table, one byte per value)
@@ -186,7 +186,7 @@ def _as_bytes(op: OpBuilder, node: ir.Node, data: ir.Value) -> ir.Value:
 
 
 def _unpacked(op: OpBuilder, packed: ir.Value, bits: int) -> ir.Value:
-    """uint8 [I..., R..., Dp] -> uint8 [I..., R..., D]."""
+    """uint8 [I..., R..., Dp] -> fp32 [I..., R..., D]."""
     values = unpack_op(op, packed, bits)
     shape = op.op("Concat", op.slice(op.op("Shape", packed), 0, -1, axis=0), op.ints([-1]), axis=0)
     return op.op("Reshape", values, shape)
@@ -207,7 +207,7 @@ def _zero_point(op: OpBuilder, node: ir.Node, safe: ir.Value, spec: GatherBlockQ
     if spec.data_dtype == ir.DataType.UINT8:
         gathered = op.op("Gather", node.inputs[ZERO_POINTS], safe, axis=0)
         unpacked = op.slice(_unpacked(op, gathered, spec.bits), 0, spec.blocks, axis=-1)
-        return _per_element(op, op.cast(unpacked, ir.DataType.FLOAT), spec)
+        return _per_element(op, unpacked, spec)
     zero_points = node.inputs[ZERO_POINTS]
     as_int8 = _nibbles_as_int8(op, node, zero_points) if spec.constant else op.cast(zero_points, ir.DataType.INT8)
     gathered = op.op("Gather", as_int8, safe, axis=0)

@@ -1,4 +1,4 @@
-"""com.microsoft.MatMulNBits -> DequantizeLinear-21 + MatMul, or an exact BitShift unpack + MatMul.
+"""com.microsoft.MatMulNBits -> DequantizeLinear-21 + MatMul, or an exact unpack of the bytes + MatMul.
 
 Dimension legend: K reduction (A's last axis), N output features, Kb = ceil(K / block_size)
 blocks per column, Kp = Kb * block_size (K padded to whole blocks), bs block_size.
@@ -16,7 +16,8 @@ Two forms::
         A --------------------------------------------------> MatMul -> (+ bias) -> Y
         weight_KpN, scale_KbN, zp_KbN -> DequantizeLinear(axis=0, block_size) -> Slice(:K) -^
 
-    unpack (otherwise): B [N, Kb, blob] uint8 -> BitShift unpack -> Cast -> (q - zp) * scale -> [N, K] -> MatMul(A, W^T)
+    unpack (otherwise): B [N, Kb, blob] uint8 -> exact unpack in fp32 (floors of byte / 2**k; see
+        _blockwise.unpack_op for why not BitShift) -> (q - zp) * scale -> [N, K] -> MatMul(A, W^T)
 
 The [Kp, N] layout with axis 0 is the one ORT's own DequantizeLinear+MatMul -> MatMulNBits fusion
 recognizes, so ORT keeps its fused kernel on the output. fp16 is computed in fp32 (scales cast at run time,
@@ -304,10 +305,10 @@ def _zero_points_KbN(spec: MatMulNBitsSpec, zp: ir.TensorProtocol, name: str) ->
 
 
 def _unpacked_NK(op: OpBuilder, node: ir.Node, spec: MatMulNBitsSpec) -> ir.Value:
-    """fp32 [N, K] = (q - zp) * scale, with q unpacked from B's bytes by BitShift."""
+    """fp32 [N, K] = (q - zp) * scale, with q unpacked from B's bytes (:func:`unpack_op`)."""
     N, Kb, bs = spec.N, spec.k_blocks, spec.block_size
     packed = op.op("Reshape", node.inputs[B], op.ints([N, Kb, bs * spec.bits // 8]))
-    q_NKbBs = op.cast(op.op("Reshape", unpack_op(op, packed, spec.bits), op.ints([N, Kb, bs])), ir.DataType.FLOAT)
+    q_NKbBs = op.op("Reshape", unpack_op(op, packed, spec.bits), op.ints([N, Kb, bs]))
     scale_NKb = _as_float(op, node.inputs[SCALES], op.op("Reshape", node.inputs[SCALES], op.ints([N, Kb])))
     zp_NKb = _zero_points_NKb(op, node, spec)
     if not spec.has_g_idx:
@@ -334,7 +335,7 @@ def _zero_points_NKb(op: OpBuilder, node: ir.Node, spec: MatMulNBitsSpec) -> ir.
         return _as_float(op, zp, op.op("Reshape", zp, op.ints([N, Kb])))
     packed = op.op("Reshape", zp, op.ints([N, -(-Kb * spec.bits // 8)]))
     unpacked = op.op("Reshape", unpack_op(op, packed, spec.bits), op.ints([N, -1]))
-    return op.cast(op.slice(unpacked, 0, Kb, axis=1), ir.DataType.FLOAT)
+    return op.slice(unpacked, 0, Kb, axis=1)
 
 
 MATMUL_NBITS = register(MatMulNBits())

@@ -10,7 +10,7 @@ absent meaning 2**(bits-1); ``W[e, n, k] = (q - zp) * scale``::
 
     fc*_weights -> re-laid out [E, K, N] (U)INT4/(U)INT8, scales/zero points [E, Kb, N]
                 -> DequantizeLinear(axis=1, block_size) -> fp32 [E, K, N] -> moe.expert_sum (fp32)
-    (below opset 21, or 2 bits: BitShift unpack of the uint8 bytes, (q - zp) * scale, Transpose)
+    (below opset 21, or 2 bits: the exact unpack of the uint8 bytes, (q - zp) * scale, Transpose)
 
 Cost: every run dequantizes every expert's weights (E*F*H + E*H*I fp32), on top of the dense sum's
 E/k times the FLOPs; the file keeps its bytes. The whole op runs in fp32 (fp16 inputs cast once).
@@ -234,18 +234,17 @@ def _even(flat: np.ndarray) -> np.ndarray:
 
 
 def _unpacked_ENK(op: OpBuilder, node: ir.Node, w: QuantizedWeight) -> ir.Value:
-    """fp32 [E, N, K] = (q - zp) * scale from the uint8 bytes (BitShift, opset 11)."""
+    """fp32 [E, N, K] = (q - zp) * scale from the uint8 bytes (:func:`unpack_op`)."""
     N, Kb = w.rows, w.blocks
     block = w.block_size or w.cols
     q = op.op("Reshape", unpack_op(op, node.inputs[w.weight], w.bits), op.ints([0, N, Kb, block]))
-    q = op.cast(q, ir.DataType.FLOAT)
     scale = op.op("Reshape", node.inputs[w.scales], op.ints([0, N, Kb, 1]))
     scale = scale if node.inputs[w.scales].dtype == ir.DataType.FLOAT else op.cast(scale, ir.DataType.FLOAT)
     if w.has_zero_points:
         zp_bytes = node.inputs[w.zero_points]
         unpacked = op.op("Reshape", unpack_op(op, zp_bytes, w.bits), op.ints([0, N if w.block_size else 1, -1]))
         count = Kb if w.block_size else N
-        zp = op.cast(op.slice(unpacked, 0, count, axis=2), ir.DataType.FLOAT)
+        zp = op.slice(unpacked, 0, count, axis=2)
         zp = op.op("Reshape", zp, op.ints([0, N, Kb, 1]))
     else:
         zp = op.float_scalar(float(1 << (w.bits - 1)))
