@@ -194,3 +194,15 @@ def test_builder_int4_fixture_keeps_its_size_and_its_logits(tmp_path):
     want, got = run(original, feeds)[0], run(rewritten, feeds)[0]
     # Both sides run int8 activations on ORT (the rewritten DQ+MatMul fuses back at level 4).
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_ort_fuses_the_dq_form_back_into_its_matmul_nbits_kernel(tmp_path):
+    """The [Kp, N] axis-0 layout is the one ORT's DequantizeLinear+MatMul fusion takes: no speed lost on ORT."""
+    import onnxruntime as ort
+
+    expanded = expand_model(nbits_model(K=256, N=64), MATMUL_NBITS, np.random.default_rng(0)).model
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(expanded.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    assert [n.op_type for n in optimized.graph.node] == ["MatMulNBits"]
