@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
+from gqa_decompose.ops.attention import ATTENTION
 from gqa_decompose.ops.gather_block_quantized import GATHER_BLOCK_QUANTIZED
 from gqa_decompose.ops.matmul_nbits import MATMUL_NBITS
 from gqa_decompose.ops.moe import MOE
@@ -14,6 +15,7 @@ from gqa_decompose.ops.multi_head_attention import MULTI_HEAD_ATTENTION
 from gqa_decompose.ops.qmoe import QMOE
 from gqa_decompose.runtimes import get_runtime
 from tests.op_harness import expand_model, random_feeds, run
+from tests.test_ops_attention import attention_model
 from tests.test_ops_gather_block_quantized import gbq_model
 from tests.test_ops_matmul_nbits import nbits_model
 from tests.test_ops_moe import moe_model
@@ -33,6 +35,8 @@ CASES = {
     "QMoE 4 bits (DequantizeLinear-21)": (QMOE, lambda: qmoe_models()[0]),
     "MultiHeadAttention decode with past, causal": (
         MULTI_HEAD_ATTENTION, lambda: mha_model(P=5, S=1, L=1, unidirectional=1, padding=True)),
+    "MultiHeadAttention fp16, attention bias": (MULTI_HEAD_ATTENTION, lambda: mha_model(dtype=np.float16, attention_bias=True)),
+    "Attention with past, causal, 2-D mask": (ATTENTION, lambda: attention_model(P=4, unidirectional=1, mask=2)),
 }
 
 

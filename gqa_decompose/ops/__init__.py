@@ -26,6 +26,7 @@ def lookup(domain: str, op_type: str) -> Decomposer | None:
 
 # Decomposer modules register themselves on import (after REGISTRY and register exist).
 from gqa_decompose.ops import (  # noqa: F401
+    attention,
     gather_block_quantized,
     matmul_nbits,
     moe,

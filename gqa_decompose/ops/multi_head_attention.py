@@ -34,7 +34,7 @@ from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops import register
 from gqa_decompose.ops.base import OpContext, Tolerance
 
-__all__ = ["MultiHeadAttention", "MultiHeadAttentionSpec"]
+__all__ = ["MultiHeadAttention", "MultiHeadAttentionSpec", "attend"]
 
 QUERY, KEY, VALUE, BIAS, KEY_PADDING_MASK, ATTENTION_BIAS, PAST_KEY, PAST_VALUE = range(8)
 PAST_SEQUENCE_LENGTH, CACHE_INDIRECTION = 8, 9
@@ -116,33 +116,10 @@ class MultiHeadAttention:
             query = op.op("Add", query, op.slice(bias, 0, N * H, axis=0))
             key = op.op("Add", key, op.slice(bias, N * H, 2 * N * H, axis=0))
             value = op.op("Add", value, op.slice(bias, 2 * N * H, 2 * N * H + N * Hv, axis=0))
-        kv_dtype = spec.dtype
-        if not spec.has_past:  # fp16: cast before the head split (the presents are then the only fp16 use)
-            key, value, kv_dtype = _f32(op, key, spec.dtype), _f32(op, value, spec.dtype), ir.DataType.FLOAT
-        key_BNTH, value_BNTH = _split_heads(op, key, N, H), _split_heads(op, value, N, Hv)
-        if spec.has_past:
-            key_BNTH = op.op("Concat", node.inputs[PAST_KEY], key_BNTH, axis=2)
-            value_BNTH = op.op("Concat", node.inputs[PAST_VALUE], value_BNTH, axis=2)
-        query_BNSH = _split_heads(op, _f32(op, query, spec.dtype), N, H)
-        scores_BNST = op.op(
-            "Mul",
-            op.op("MatMul", query_BNSH, op.op("Transpose", _f32(op, key_BNTH, kv_dtype), perm=[0, 1, 3, 2])),
-            op.float_scalar(spec.scale),
-        )
-        mask = _mask(op, node, spec, query, key_BNTH)
-        if mask is not None:
-            scores_BNST = op.op("Add", scores_BNST, mask)
-        if spec.has_attention_bias:
-            attention_bias = node.inputs[ATTENTION_BIAS]
-            scores_BNST = op.op("Add", scores_BNST, _f32(op, attention_bias, attention_bias.dtype))
-        probs_BNST = op.op("Softmax", scores_BNST, axis=-1)
-        out_BNSH = op.op("MatMul", probs_BNST, _f32(op, value_BNTH, kv_dtype))
-        out_BSD = op.op("Reshape", op.op("Transpose", out_BNSH, perm=[0, 2, 1, 3]), op.ints([0, 0, N * Hv]))
-        if spec.dtype != ir.DataType.FLOAT:
-            out_BSD = op.cast(out_BSD, spec.dtype)
-        if not spec.has_past and spec.dtype != ir.DataType.FLOAT:
-            key_BNTH, value_BNTH = op.cast(key_BNTH, spec.dtype), op.cast(value_BNTH, spec.dtype)
-        wanted = [out_BSD, key_BNTH, value_BNTH]
+        past = (node.inputs[PAST_KEY], node.inputs[PAST_VALUE]) if spec.has_past else None
+        padding = node.inputs[KEY_PADDING_MASK] if spec.has_key_padding_mask else None
+        bias_BNST = node.inputs[ATTENTION_BIAS] if spec.has_attention_bias else None
+        wanted = attend(op, spec, query, key, value, past, padding, bias_BNST)
         return [wanted[i] if i < 3 and node.outputs[i] is not None else None for i in range(len(node.outputs))]
 
     def sample_feeds(self, node: ir.Node, spec: MultiHeadAttentionSpec, rng: np.random.Generator):
@@ -159,20 +136,61 @@ def _f32(op: OpBuilder, value: ir.Value, dtype: ir.DataType) -> ir.Value:
     return value if dtype == ir.DataType.FLOAT else op.cast(value, ir.DataType.FLOAT)
 
 
+def attend(
+    op: OpBuilder,
+    spec: MultiHeadAttentionSpec,
+    query_BSD: ir.Value,
+    key_BLD: ir.Value,
+    value_BLD: ir.Value,
+    past: tuple[ir.Value, ir.Value] | None,
+    padding_mask_BT: ir.Value | None,
+    attention_bias: ir.Value | None,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(out [B, S, N*Hv], present key [B, N, T, H], present value [B, N, T, Hv]); shared with contrib Attention.
+
+    Inputs in ``spec.dtype`` (bias already added); fp16 is computed in fp32, the presents keep ``spec.dtype``.
+    """
+    N, H, Hv = spec.num_heads, spec.head_size, spec.value_head_size
+    kv_dtype = spec.dtype
+    if past is None:  # fp16: cast before the head split (the presents are then the only fp16 use)
+        key_BLD, value_BLD = _f32(op, key_BLD, spec.dtype), _f32(op, value_BLD, spec.dtype)
+        kv_dtype = ir.DataType.FLOAT
+    key_BNTH, value_BNTH = _split_heads(op, key_BLD, N, H), _split_heads(op, value_BLD, N, Hv)
+    if past is not None:
+        key_BNTH = op.op("Concat", past[0], key_BNTH, axis=2)
+        value_BNTH = op.op("Concat", past[1], value_BNTH, axis=2)
+    query_BNSH = _split_heads(op, _f32(op, query_BSD, spec.dtype), N, H)
+    keyT_BNHT = op.op("Transpose", _f32(op, key_BNTH, kv_dtype), perm=[0, 1, 3, 2])
+    scores_BNST = op.op("Mul", op.op("MatMul", query_BNSH, keyT_BNHT), op.float_scalar(spec.scale))
+    mask = _mask(op, spec, padding_mask_BT, query_BSD, key_BNTH)
+    if mask is not None:
+        scores_BNST = op.op("Add", scores_BNST, mask)
+    if attention_bias is not None:
+        scores_BNST = op.op("Add", scores_BNST, _f32(op, attention_bias, attention_bias.dtype))
+    probs_BNST = op.op("Softmax", scores_BNST, axis=-1)
+    out_BNSH = op.op("MatMul", probs_BNST, _f32(op, value_BNTH, kv_dtype))
+    out_BSD = op.op("Reshape", op.op("Transpose", out_BNSH, perm=[0, 2, 1, 3]), op.ints([0, 0, N * Hv]))
+    if spec.dtype != ir.DataType.FLOAT:
+        out_BSD = op.cast(out_BSD, spec.dtype)
+        if past is None:
+            key_BNTH, value_BNTH = op.cast(key_BNTH, spec.dtype), op.cast(value_BNTH, spec.dtype)
+    return out_BSD, key_BNTH, value_BNTH
+
+
 def _split_heads(op: OpBuilder, x_BSD: ir.Value, heads: int, head_size: int) -> ir.Value:
     """[B, S, N*H] -> [B, N, S, H]."""
     return op.op("Transpose", op.op("Reshape", x_BSD, op.ints([0, 0, heads, head_size])), perm=[0, 2, 1, 3])
 
 
-def _mask(op: OpBuilder, node: ir.Node, spec: MultiHeadAttentionSpec, query: ir.Value, key_BNTH: ir.Value):
+def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, query: ir.Value, key_BNTH: ir.Value):
     """fp32 additive mask broadcastable to [B, N, S, T]: mask_filter_value where masked (each cause adds)."""
     terms = []
     filter_value = op.float_scalar(spec.mask_filter_value)
     zero = op.float_scalar(0.0)
-    if spec.has_key_padding_mask:
-        mask_BT = node.inputs[KEY_PADDING_MASK]
+    if mask_BT is not None:
         padded_BT = op.op("Equal", mask_BT, op.cast(op.int_scalar(0), mask_BT.dtype))
-        terms.append(op.unsqueeze(op.op("Where", padded_BT, filter_value, zero), [1, 2]))
+        per_query = mask_BT.shape is not None and mask_BT.shape.rank() == 3  # contrib Attention's [B, S, T]
+        terms.append(op.unsqueeze(op.op("Where", padded_BT, filter_value, zero), [1] if per_query else [1, 2]))
     if spec.unidirectional:
         S, T = op.dim(query, 1), op.dim(key_BNTH, 2)
         rows_S1 = op.unsqueeze(op.op("Range", op.int_scalar(0), S, op.int_scalar(1)), [1])
