@@ -29,6 +29,12 @@ ARM64 with dot products). The expansion computes the exact fp32 product instead,
 node means; the two then differ by up to ``sum_blocks max|a_block| / 254 * sum_k |W[n, k]|`` per output.
 Per-node verification therefore feeds an A that int8 represents exactly (integers times a power of two,
 each block holding a +-127), where ORT's int8 path is exact and the tolerance can stay tight.
+On ORT the dq form is fused back into MatMulNBits with the session's
+``session.qdq_matmulnbits_accuracy_level`` (default 4, int8 activations), whatever the node's level was.
+
+Refused: bits other than 2/4/8 and block sizes ORT rejects; g_idx or float zero points with other than
+4 bits (ORT CPU refuses them); g_idx with uint8 zero points (ORT 1.31 CPU then ignores the zero points and
+uses 8, measured: no expansion is both right and equal to ORT); A neither float nor float16.
 """
 
 from __future__ import annotations
