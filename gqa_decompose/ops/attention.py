@@ -1,0 +1,124 @@
+"""com.microsoft.Attention (packed QKV weights, combined past/present) -> MatMul + the MultiHeadAttention core.
+
+Dimension legend: B batch, S query length, Din input hidden, N heads, H head size of Q/K, Hv of V,
+D = N*H, P past length, T = P + S.
+
+ORT CPU's semantics (checked against ORT 1.31): ``qkv = input @ weights + bias`` with weights
+[Din, D + D + N*Hv] (``qkv_hidden_sizes``, default all D), split into Q, K, V; past [2, B, N, P, H]
+(keys then values) concatenated before the new ones and returned as present [2, B, N, T, H]; then
+scores, masks and softmax exactly as MultiHeadAttention (:func:`multi_head_attention.attend`): scale
+default 1/sqrt(H), ``mask_filter_value`` (default -10000) where a 2-D [B, T] or 3-D [B, S, T]
+``mask_index`` is 0 and, with ``unidirectional=1``, on future columns; ``attention_bias`` added::
+
+    input -> MatMul(weights) + bias -> Slice Q | K | V -> attend(past = present[0], present[1]) -> output
+                                                              -> Concat(Unsqueeze(K), Unsqueeze(V)) -> present
+
+Refused: no ``bias`` (ORT 1.31 CPU segfaults on it: no oracle, and verification would crash), ``do_rotary=1`` and ``past_present_share_buffer=1`` / ``past_sequence_length`` (the in-place
+buffer form), past together with attention_bias (ORT rejects it), 1-D or 4-D ``mask_index`` (lengths and Megatron masks), Q and K hidden sizes that differ
+(ORT refuses them too).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.ops import register
+from gqa_decompose.ops.base import OpContext, Tolerance
+from gqa_decompose.ops.multi_head_attention import MultiHeadAttentionSpec, attend
+
+__all__ = ["Attention"]
+
+INPUT, WEIGHTS, BIAS, MASK_INDEX, PAST, ATTENTION_BIAS, PAST_SEQUENCE_LENGTH = range(7)
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if index < len(node.inputs) else None
+
+
+def _int(node: ir.Node, name: str, default: int) -> int:
+    attribute = node.attributes.get(name)
+    return default if attribute is None else int(attribute.as_int())
+
+
+class Attention:
+    """The decomposer of com.microsoft.Attention (the BERT/GPT-2 packed form)."""
+
+    domain = "com.microsoft"
+    op_type = "Attention"
+
+    def parse(self, node: ir.Node, context: OpContext) -> MultiHeadAttentionSpec:
+        x, weights = node.inputs[INPUT], node.inputs[WEIGHTS]
+        if x is None or x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            raise GqaDecomposeError("Attention takes float or float16", node.name)
+        if weights is None or weights.shape is None or weights.shape.rank() != 2 or not weights.shape.is_static():
+            raise GqaDecomposeError("Attention needs weights [Din, D + D + Dv] with a static shape", node.name)
+        heads = _int(node, "num_heads", 0)
+        total = int(weights.shape[1])
+        sizes_attribute = node.attributes.get("qkv_hidden_sizes")
+        sizes = list(sizes_attribute.as_ints()) if sizes_attribute is not None else [total // 3] * 3
+        if heads <= 0 or len(sizes) != 3 or sum(sizes) != total or sizes[0] != sizes[1] or any(s % heads for s in sizes):
+            raise GqaDecomposeError(f"Attention qkv_hidden_sizes={sizes} with num_heads={heads} and weights [*, {total}]", node.name)
+        if _input(node, BIAS) is None:
+            # Measured on ORT 1.31: the CPU kernel crashes the process (segfault) without a bias.
+            raise GqaDecomposeError("Attention without bias: ORT CPU crashes on it, so it cannot be verified", node.name)
+        if _int(node, "do_rotary", 0):
+            raise GqaDecomposeError("Attention do_rotary=1: not decomposed", node.name)
+        if _int(node, "past_present_share_buffer", 0) or _input(node, PAST_SEQUENCE_LENGTH) is not None:
+            raise GqaDecomposeError("Attention with a shared past/present buffer: not decomposed", node.name)
+        if _input(node, PAST) is not None and _input(node, ATTENTION_BIAS) is not None:
+            raise GqaDecomposeError("Attention with both past and attention_bias: ORT rejects it", node.name)
+        mask = _input(node, MASK_INDEX)
+        if mask is not None and (mask.shape is None or mask.shape.rank() not in (2, 3)):
+            raise GqaDecomposeError("Attention mask_index: only the 2-D [B, T] and 3-D [B, S, T] forms", node.name)
+        head_size = sizes[0] // heads
+        scale = node.attributes["scale"].as_float() if "scale" in node.attributes else 0.0
+        filter_value = node.attributes["mask_filter_value"].as_float() if "mask_filter_value" in node.attributes else -10000.0
+        return MultiHeadAttentionSpec(
+            num_heads=heads,
+            head_size=head_size,
+            value_head_size=sizes[2] // heads,
+            scale=scale if scale != 0.0 else 1.0 / math.sqrt(head_size),
+            unidirectional=bool(_int(node, "unidirectional", 0)),
+            mask_filter_value=filter_value,
+            has_bias=_input(node, BIAS) is not None,
+            has_key_padding_mask=mask is not None,
+            has_attention_bias=_input(node, ATTENTION_BIAS) is not None,
+            has_past=_input(node, PAST) is not None,
+            dtype=x.dtype,
+        )
+
+    def expand(self, op: OpBuilder, node: ir.Node, spec: MultiHeadAttentionSpec) -> list[ir.Value | None]:
+        D, Dv = spec.num_heads * spec.head_size, spec.num_heads * spec.value_head_size
+        qkv_BSE = op.op("MatMul", node.inputs[INPUT], node.inputs[WEIGHTS])
+        if spec.has_bias:
+            qkv_BSE = op.op("Add", qkv_BSE, node.inputs[BIAS])
+        query, key, value = (op.slice(qkv_BSE, start, end, axis=2) for start, end in ((0, D), (D, 2 * D), (2 * D, 2 * D + Dv)))
+        past = None
+        if spec.has_past:
+            past_2BNPH = node.inputs[PAST]
+            past = tuple(op.op("Squeeze", op.slice(past_2BNPH, i, i + 1, axis=0), op.ints([0])) for i in (0, 1))
+        mask = node.inputs[MASK_INDEX] if spec.has_key_padding_mask else None
+        bias = node.inputs[ATTENTION_BIAS] if spec.has_attention_bias else None
+        out_BSD, key_BNTH, value_BNTH = attend(op, spec, query, key, value, past, mask, bias)
+        outputs: list[ir.Value | None] = [out_BSD]
+        if len(node.outputs) > 1:
+            read = node.outputs[1] is not None and (node.outputs[1].uses() or node.outputs[1].is_graph_output())
+            present = op.op("Concat", op.unsqueeze(key_BNTH, [0]), op.unsqueeze(value_BNTH, [0]), axis=0) if read else None
+            outputs.append(present)
+        return outputs + [None] * (len(node.outputs) - len(outputs))
+
+    def sample_feeds(self, node: ir.Node, spec: MultiHeadAttentionSpec, rng: np.random.Generator):
+        """None: random feeds by declared type and shape (a mask of small integers, 0 masking)."""
+
+    def tolerance(self, spec: MultiHeadAttentionSpec, dtype: ir.DataType) -> Tolerance:
+        if dtype == ir.DataType.FLOAT16:
+            return Tolerance(atol=2e-3, rtol=2e-3)
+        return Tolerance(atol=2e-5, rtol=1e-4)
+
+
+ATTENTION = register(Attention())
