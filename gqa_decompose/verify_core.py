@@ -196,6 +196,9 @@ def ort_session(model: ir.Model | onnx.ModelProto):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # ORT fuses a rewritten MatMulNBits (DequantizeLinear + MatMul) back into its own kernel, at accuracy
+    # level 4 (int8 activations) unless told; the original is compared at level 1 (fp32): so is the rewrite.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if isinstance(model, ir.Model):
         from gqa_decompose.model_io import external_tensors
 
