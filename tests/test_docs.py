@@ -3,7 +3,6 @@ every link resolves, and every "semantics doc §N" the code cites exists in docs
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import shutil
@@ -38,17 +37,13 @@ def test_readme_is_a_front_page():
     assert len(README.read_text().splitlines()) <= 250
 
 
-def test_readme_api_block_runs(tmp_path):
+def test_readme_api_block_runs(tmp_path, monkeypatch):
     """The Python API block, as printed, on copies of the tiny Llama named as the block names them."""
     code = _section(README.read_text(), "Python API").split("```python\n", 1)[1].split("```", 1)[0]
     for name in ("model.onnx", "other.onnx"):
         shutil.copyfile(TINY_LLAMA, tmp_path / name)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        exec(compile(code, "README.md (Python API)", "exec"), {})
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (Python API)", "exec"), {})
     assert (tmp_path / "out" / "model.onnx").is_file()
 
 
