@@ -3,7 +3,7 @@
 Every refusal happens here, before any graph is touched: a feature the
 expansion cannot reproduce exactly raises :class:`GqaDecomposeError` naming the
 node and the feature. The meaning of each field follows
-``shared/docs/gqa-semantics.md`` (ONNX Runtime 1.31 CPU).
+``docs/gqa-semantics.md`` (ONNX Runtime 1.31 CPU).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run the portability matrix (runtime x target x feature group) and write README's table.
+"""Run the portability matrix (runtime x target x feature group) and write the table in docs/portability.md.
 
 Every cell runs the cases of tests/portability_cases.py: one-GQA-node models over
 every phase their shapes admit, the expansion on the runtime against ONNX Runtime
@@ -7,7 +7,7 @@ prompt and decode steps with presents fed back. Targets: ``primitives`` (the
 default), ``attention`` when ``DecomposeOptions`` has a ``target`` field, and
 ``none (fused GQA)``: the original node on the runtime, no rewrite.
 
-    python scripts/portability_table.py            # rewrites README.md between the markers
+    python scripts/portability_table.py            # rewrites docs/portability.md between the markers
     python scripts/portability_table.py --stdout   # prints the table only
 """
 
@@ -132,16 +132,16 @@ def build_table(log=print) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stdout", action="store_true", help="print the table instead of writing README.md")
+    parser.add_argument("--stdout", action="store_true", help="print the table instead of writing docs/portability.md")
     args = parser.parse_args()
     table = build_table(log=lambda message: print(message, file=sys.stderr))
     if args.stdout:
         print(table)
         return
-    readme = REPO / "README.md"
+    readme = REPO / "docs" / "portability.md"
     text = readme.read_text()
     if BEGIN not in text or END not in text:
-        sys.exit(f"README.md has no {BEGIN} ... {END} markers")
+        sys.exit(f"{readme} has no {BEGIN} ... {END} markers")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
