@@ -382,6 +382,8 @@ def _parse_only(value: str | None) -> tuple[str, ...] | None:
     """--only's op types, each one the tool knows (a usage error otherwise: exit 2)."""
     if not value:
         return None
+    from gqa_decompose.spec import DecomposeOptions
+
     ops = tuple(op.strip() for op in value.split(",") if op.strip())
     try:
         DecomposeOptions(ops=ops)
