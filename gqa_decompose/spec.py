@@ -180,6 +180,7 @@ class GqaSpec:
     packed_qkv: bool
     has_past: bool
     kv_empty: bool  # key/value given with sequence length 0 (KV-shared layer, §11)
+    kv_maybe_empty: bool  # key/value length 0 or S, decided at run time (shapes do not tell)
     do_rotary: bool
     rotary_interleaved: bool
     rotary_half: int | None  # cos_cache.shape[1] when known statically
@@ -208,6 +209,8 @@ class GqaSpec:
         names = ["packed QKV" if self.packed_qkv else "separate QKV"]
         if self.kv_empty:
             names.append("shared KV (empty key/value)")
+        elif self.kv_maybe_empty:
+            names.append("key/value length 0 (shared KV) or S, at run time")
         elif self.sliding_window_cache:
             names.append("sliding-window KV cache")
         elif self.has_past:
@@ -326,6 +329,7 @@ class _Qkv:
     packed_qkv: bool
     head_size: int
     kv_empty: bool
+    kv_length_unknown: bool  # separate key/value whose length the shapes do not tell (0 or S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,8 +430,12 @@ def _head_size(n: _Node, heads: _Heads, query_hidden: int, packed_qkv: bool) -> 
     return head_size
 
 
-def _key_is_empty(n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int, query_dims) -> bool:
-    """Whether separate key/value have sequence length 0 (a KV-shared layer, §11)."""
+def _key_length_zero(n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int, query_dims) -> bool | None:
+    """Whether separate key/value have sequence length 0 (a KV-shared layer, §11).
+
+    None when the shapes do not tell (a symbolic length named unlike the query's, or
+    unknown): ORT decides at run time between 0 and S, and so does the expansion.
+    """
     key, value = n.input(KEY), n.input(VALUE)
     for label, kv in (("key", key), ("value", value)):
         kv_dims = _dims(kv)
@@ -447,14 +455,11 @@ def _key_is_empty(n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int, q
         key_length = value_length  # a partial shape: value's static length tells key's
     if key_length == 0:
         return True
-    if not (isinstance(key_length, int) or key_length == query_dims[1]):
-        raise n.refuse(
-            f"key sequence length '{key_length}' is neither static nor the query's "
-            f"'{query_dims[1]}': cannot tell a shared-KV layer (length 0) from a normal one"
-        )
     if isinstance(key_length, int) and isinstance(query_dims[1], int) and key_length != query_dims[1]:
         raise n.refuse(f"key sequence length {key_length} != query sequence length {query_dims[1]}")
-    return False
+    if isinstance(key_length, int) or (key_length is not None and key_length == query_dims[1]):
+        return False
+    return None
 
 
 def _parse_qkv(n: _Node, heads: _Heads) -> _Qkv:
@@ -465,8 +470,8 @@ def _parse_qkv(n: _Node, heads: _Heads) -> _Qkv:
         raise n.refuse("key and value must be both present or both absent (packed QKV)")
     packed_qkv = key is None
     head_size = _head_size(n, heads, query_dims[2], packed_qkv)
-    kv_empty = not packed_qkv and _key_is_empty(n, heads, dtype, head_size, query_dims)
-    return _Qkv(dtype, packed_qkv, head_size, kv_empty)
+    kv_empty = False if packed_qkv else _key_length_zero(n, heads, dtype, head_size, query_dims)
+    return _Qkv(dtype, packed_qkv, head_size, kv_empty is True, kv_empty is None)
 
 
 def _parse_past(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization) -> bool:
@@ -541,10 +546,12 @@ def _parse_rotary(n: _Node, qkv: _Qkv) -> int | None:
 
 
 def _check_position_ids(n: _Node) -> None:
+    """position_ids: ORT checks dim 0 == B and dim 1 >= S and reads the data flat (§9, bug 2
+    of §19), so (B, S, 1) is (B, S); the expansion reads it flat the same way."""
     position_dims = _dims(n.input(POSITION_IDS))
-    if position_dims is not None and len(position_dims) != 2:
-        # A 0-D position_ids aborts ONNX Runtime; anything but (B, >=S) is rejected.
-        raise n.refuse(f"position_ids must be 2-D (B, >=S), got {position_dims}")
+    if position_dims is not None and len(position_dims) < 2:
+        # A 0-D or 1-D position_ids aborts the ONNX Runtime process (no error status).
+        raise n.refuse(f"position_ids must be at least 2-D (B, >=S, ...), got {position_dims}")
 
 
 def _check_bias(n: _Node, heads: _Heads, dtype: ir.DataType) -> None:
@@ -699,6 +706,8 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
     scale = float(n.attr("scale", 0.0)) or 1.0 / math.sqrt(qkv.head_size)
     head_sink_given = n.input(HEAD_SINK) is not None
     plain_cache = has_past and not window.sliding_window_cache
+    # Without a past ORT needs Skv == S, and a windowed cache Skv > 0: only a plain cache may be shared.
+    kv_maybe_empty = qkv.kv_length_unknown and plain_cache
     return GqaSpec(
         node_name=n.name,
         dtype=qkv.dtype,
@@ -711,6 +720,7 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         packed_qkv=qkv.packed_qkv,
         has_past=has_past,
         kv_empty=qkv.kv_empty,
+        kv_maybe_empty=kv_maybe_empty,
         do_rotary=int(n.attr("do_rotary", 0)) == 1,
         rotary_interleaved=int(n.attr("rotary_interleaved", 0)) == 1,
         rotary_half=rotary_half,
@@ -723,7 +733,7 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         qk_output=qk_output,
         causal=window.causal,
         static_kv_cache=options.static_kv_cache and plain_cache,
-        growing_kv_cache=options.growing_kv_cache and plain_cache and not qkv.kv_empty,
+        growing_kv_cache=options.growing_kv_cache and plain_cache and not (qkv.kv_empty or kv_maybe_empty),
         sliding_window_cache=window.sliding_window_cache,
         kv_quant=quant.kv_quant,
         kv_bits=quant.kv_bits,
