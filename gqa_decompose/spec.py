@@ -371,7 +371,10 @@ def _parse_heads(n: _Node) -> _Heads:
 
 
 def _parse_cache_quantization(n: _Node) -> _CacheQuantization:
-    """k/v_quant_type, kv_cache_bit_width and the k/v scales (semantics §13)."""
+    """k/v_quant_type, kv_cache_bit_width and the k/v scales (semantics §13).
+
+    Scales given without quantization are ignored, as ORT ignores them.
+    """
     k_quant = n.attr("k_quant_type", "NONE")
     v_quant = n.attr("v_quant_type", "NONE")
     kv_bits = int(n.attr("kv_cache_bit_width", 0))
@@ -387,8 +390,6 @@ def _parse_cache_quantization(n: _Node) -> _CacheQuantization:
         raise n.refuse(f"kv_cache_bit_width must be 4 or 8 for a quantized cache, got {kv_bits}")
     for index, label in ((K_SCALE, "k_scale"), (V_SCALE, "v_scale")):
         given = n.input(index)
-        if kv_quant is None and given is not None:
-            raise n.refuse(f"input '{label}' is given but the KV cache is not quantized")
         if kv_quant is not None and given is None:
             raise n.refuse(f"input '{label}' must be provided when {label[0]}_quant_type is {kv_quant}")
         if given is not None and given.dtype not in (ir.DataType.FLOAT, None):
@@ -439,16 +440,18 @@ def _key_length_zero(n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int
     key, value = n.input(KEY), n.input(VALUE)
     for label, kv in (("key", key), ("value", value)):
         kv_dims = _dims(kv)
-        if kv_dims is None or len(kv_dims) != 3:
-            raise n.refuse(f"{label} must have a known rank-3 shape, got {kv_dims}")
         if kv.dtype != dtype:
             raise n.refuse(f"{label} type {kv.dtype} differs from query type {dtype}")
-        if kv_dims[2] != heads.kv_num_heads * head_size:
+        if kv_dims is None:
+            continue  # ORT checks the shape at run time; the expansion needs none of it
+        if len(kv_dims) != 3:
+            raise n.refuse(f"{label} must be 3-D (B, Skv, Nkv*H), got {kv_dims}")
+        if isinstance(kv_dims[2], int) and kv_dims[2] != heads.kv_num_heads * head_size:
             raise n.refuse(
                 f"{label} hidden size {kv_dims[2]} != kv_num_heads*head_size "
                 f"= {heads.kv_num_heads * head_size} (contradictory head counts?)"
             )
-    key_length, value_length = _dims(key)[1], _dims(value)[1]
+    key_length, value_length = ((_dims(kv) or (None, None))[1] for kv in (key, value))
     if isinstance(key_length, int) and isinstance(value_length, int) and key_length != value_length:
         raise n.refuse(f"key sequence length {key_length} != value sequence length {value_length}")
     if not isinstance(key_length, int) and isinstance(value_length, int):
@@ -484,10 +487,12 @@ def _parse_past(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization) -
     cache_width = qkv.head_size // quant.cache_width_divisor
     for label, past in (("past_key", past_key), ("past_value", past_value)) if has_past else ():
         past_dims = _dims(past)
-        if past_dims is None or len(past_dims) != 4:
-            raise n.refuse(f"{label} must have a known rank-4 shape (B, Nkv, P, H), got {past_dims}")
         if past.dtype != cache_dtype:
             raise n.refuse(f"{label} type {past.dtype} is not the cache type {cache_dtype}")
+        if past_dims is None:
+            continue  # ORT checks the shape at run time; the expansion reads it at run time
+        if len(past_dims) != 4:
+            raise n.refuse(f"{label} must be 4-D (B, Nkv, P, H), got {past_dims}")
         if any(
             isinstance(got, int) and got != expected
             for got, expected in ((past_dims[1], heads.kv_num_heads), (past_dims[3], cache_width))
@@ -527,8 +532,9 @@ def _parse_rotary(n: _Node, qkv: _Qkv) -> int | None:
         if qkv.head_size % 16:
             raise n.refuse(f"head size {qkv.head_size} must be a multiple of 16 when cos/sin caches are given")
         cos_dims, sin_dims = _dims(cos_cache), _dims(sin_cache)
-        if cos_dims is not None and len(cos_dims) != 2:
-            raise n.refuse(f"cos_cache must be 2-D, got {cos_dims}")
+        if cos_dims is not None and len(cos_dims) < 2:
+            # ORT reads a table of rank > 2 flat, rows of cos_cache.shape[1] (the expansion too).
+            raise n.refuse(f"cos_cache must be at least 2-D (positions, R/2, ...), got {cos_dims}")
         if cos_dims is not None and sin_dims is not None and cos_dims != sin_dims:
             raise n.refuse(f"cos_cache {cos_dims} and sin_cache {sin_dims} shapes differ")
         if cos_dims is not None and isinstance(cos_dims[1], int):
@@ -592,7 +598,8 @@ def _parse_norm(n: _Node, qkv: _Qkv) -> float:
         if norm_weight.dtype not in (qkv.dtype, None):
             raise n.refuse(f"{label} type {norm_weight.dtype} differs from query type {qkv.dtype}")
     qk_norm_epsilon = float(n.attr("qk_norm_epsilon", 1e-6))
-    if not qk_norm_epsilon > 0.0:
+    weighted = n.input(Q_NORM_WEIGHT) is not None or n.input(K_NORM_WEIGHT) is not None
+    if weighted and not qk_norm_epsilon > 0.0:  # unused without weights, as in ORT
         raise n.refuse(f"qk_norm_epsilon must be > 0, got {qk_norm_epsilon}")
     return qk_norm_epsilon
 
@@ -644,16 +651,17 @@ def _check_sliding_window_cache(
         raise n.refuse(f"a 4-bit windowed KV cache needs head_size % 32 == 0, got {head_size} (ORT rejects it too)")
     if quant.kv_bits == 8 and head_size % 16:
         raise n.refuse(f"an 8-bit windowed KV cache needs head_size % 16 == 0, got {head_size} (ORT rejects it too)")
-    capacity = _dims(n.input(PAST_KEY))[2]
+    capacity = (_dims(n.input(PAST_KEY)) or (None,) * 4)[2]
     if isinstance(capacity, int) and capacity < window_attribute:
         raise n.refuse(f"KV cache capacity {capacity} is smaller than local_window_size {window_attribute}")
 
 
 def _check_outputs(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization) -> None:
-    """Declared output shapes agree with what the node writes; present_key/value go together.
+    """Declared present shapes agree with what the node writes; present_key/value go together.
 
     The rewrite's ops read present back, and runtimes trust a graph output's declared
-    shape for the ops that use it.
+    shape for the ops that use it: ORT runs the original node, but its shape inference
+    rejects the rewrite (a MatMul of "Incompatible dimensions").
     """
     cache_width = qkv.head_size // quant.cache_width_divisor
     num_heads, kv_num_heads = heads.num_heads, heads.kv_num_heads
@@ -666,6 +674,8 @@ def _check_outputs(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization
     for index, (label, sizes, rank) in expected_dims.items():
         if index >= len(n.node.outputs) or n.node.outputs[index] is None:
             continue
+        if index in (OUTPUT, OUTPUT_QK):
+            continue  # ORT runs such a node, and no op of the rewrite reads these back
         declared = _dims(n.node.outputs[index])
         if declared is None:
             continue

@@ -481,9 +481,11 @@ def synthesize_inputs(
                 put(index, rng.integers(0, 256, past_shape).astype(np.uint8))
             else:
                 put(index, normal(*past_shape))
-    if spec.kv_quant is not None:
+    if spec.kv_quant is not None or gqa.K_SCALE in feed_names:  # ignored without quantization
         scale_size = kv_hidden if spec.kv_quant == "PER_CHANNEL" else 1
         for index in (gqa.K_SCALE, gqa.V_SCALE):
+            if index not in feed_names:
+                continue
             dims = _dims(node.inputs[index])
             shape = _shaped(dims, {0: scale_size}, 1) if dims else (scale_size,)
             put(index, rng.uniform(0.01, 0.05, shape).astype(np.float32))

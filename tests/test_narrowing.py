@@ -155,3 +155,65 @@ def test_zero_width_rotary_is_identity(opset, target, packed):
     assert all(node.op_type != "RotaryEmbedding" for node in rewritten.graph.node)
     # It loads and runs on ORT (RotaryEmbedding-23 would reject the zero-width table at run time).
     ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _clear_shapes(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
+    for value in model.graph.input:
+        if value.name in names:
+            value.type.tensor_type.ClearField("shape")
+    return model
+
+
+def test_key_and_value_without_shapes():
+    """ORT checks key/value at run time; without shapes their length may be 0 or S."""
+    model = _clear_shapes(make_gqa_model(GqaConfig(rotary="half")), ("key", "value"))
+    _, node = gqa_node(model)
+    assert parse_gqa_node(node).kv_maybe_empty
+    _assert_verifies(model)
+
+
+def test_past_without_shapes():
+    _assert_verifies(_clear_shapes(make_gqa_model(GqaConfig(rotary="half")), ("past_key", "past_value")))
+
+
+def _add_input(model: onnx.ModelProto, index: int, name: str, elem: int, dims) -> onnx.ModelProto:
+    node = model.graph.node[0]
+    while len(node.input) <= index:
+        node.input.append("")
+    node.input[index] = name
+    model.graph.input.append(helper.make_tensor_value_info(name, elem, dims))
+    return model
+
+
+def test_scales_without_quantization_are_ignored():
+    """ORT ignores k_scale / v_scale when the cache is not quantized."""
+    model = make_gqa_model(GqaConfig(rotary="half"))
+    _add_input(model, 12, "k_scale", TensorProto.FLOAT, [1])
+    _add_input(model, 13, "v_scale", TensorProto.FLOAT, [1])
+    _assert_verifies(model)
+
+
+def test_qk_norm_epsilon_is_unused_without_norm_weights():
+    _assert_verifies(make_gqa_model(GqaConfig(qk_norm_epsilon=0.0)))
+
+
+def test_output_declared_with_another_width_is_kept():
+    """ORT runs a node whose output is declared wider or narrower; nothing of the rewrite reads it back."""
+    model = make_gqa_model(GqaConfig())
+    output = model.graph.output[0]
+    output.CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", "sequence", 48]))
+    _assert_verifies(model)
+    rewritten = gqa_decompose.decompose(model)
+    assert [d.dim_value or d.dim_param for d in rewritten.graph.output[0].type.tensor_type.shape.dim][2] == 48
+
+
+@pytest.mark.parametrize("shape", [(32, 8, 2), (64, 8, 1)])
+@pytest.mark.parametrize("target", ["primitives", "attention"])
+def test_rotary_tables_of_rank_3_are_read_flat(shape, target):
+    """ORT reads a cos/sin table of rank > 2 flat, in rows of shape[1] values."""
+    model = make_gqa_model(GqaConfig(rotary="half", rotary_dim=16, position_ids=True, opset=23))
+    rng = np.random.default_rng(5)
+    for tensor in model.graph.initializer:
+        if tensor.name in ("cos_cache", "sin_cache"):
+            tensor.CopyFrom(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), tensor.name))
+    _assert_verifies(model, DecomposeOptions(target=target))

@@ -477,6 +477,18 @@ def _attend_with_op(
     return attention.output_BSD, qk_BNST
 
 
+def _rotary_table_2d(shared: SharedSubgraphs, cache: ir.Value) -> ir.Value:
+    """A cos/sin table of rank > 2 as ORT reads it: flat, in rows of shape[1] values."""
+    if cache.shape is None or len(cache.shape) <= 2:
+        return cache
+
+    def build(builder: OpBuilder) -> ir.Value:
+        width_1 = builder.slice(builder.op("Shape", cache), 1, 2, axis=0)
+        return builder.op("Reshape", cache, builder.op("Concat", builder.ints([-1]), width_1, axis=0))
+
+    return shared.get(("rotary_table_2d", cache), build)
+
+
 def expand_gqa(
     op: OpBuilder,
     shared: SharedSubgraphs,
@@ -506,8 +518,8 @@ def expand_gqa(
         tables = build(
             shared,
             info,
-            node.inputs[gqa.COS_CACHE],
-            node.inputs[gqa.SIN_CACHE],
+            _rotary_table_2d(shared, node.inputs[gqa.COS_CACHE]),
+            _rotary_table_2d(shared, node.inputs[gqa.SIN_CACHE]),
             _input(node, gqa.POSITION_IDS),
             spec.rotary_half,
             spec.compute_dtype,
