@@ -212,6 +212,12 @@ def test_fast_paths_with_other_caches_and_types(config):
 )
 @pytest.mark.parametrize("config", [GqaConfig(rotary="half"), GqaConfig(packed=True, opset=24), GqaConfig(kv_quant="PER_TENSOR")],
                          ids=["rotary", "packed_opset24", "int8"])
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13 item 7, not matched yet: the rewrite keeps past in present rows S .. t_b - 1 of such a "
+    "first prompt (as ORT does with a shared buffer); zeroing them needs a data-dependent row count that "
+    "tract cannot type, or a whole-buffer Where per layer",
+)
 def test_first_prompt_rows_past_the_prompt_are_zero_as_in_ort(config, options):
     """A first prompt into a static buffer with t_b = seqlens_k[b] + 1 > S: ORT copies no past
     rows, so present rows S .. t_b - 1 are 0 (the defined rows of present are [0, t_b))."""

@@ -48,7 +48,6 @@ from gqa_decompose.expansion.kv_cache import (
     present_length,
     read_length,
     update_cache,
-    with_gap_rows,
     write_new_rows,
 )
 from gqa_decompose.expansion.mask import (
@@ -237,12 +236,11 @@ def _key_columns(
     # (rows [0, t_b) attention reads, §11), with S rows the ordinary cache.
     if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache or spec.kv_maybe_empty:
         if spec.static_kv_cache:
-            present_key, present_value = (
-                write_new_rows(
-                    op, shared, info, past, with_gap_rows(op, shared, info, new), spec.kv_num_heads, True,
-                    tensor_scatter,
-                )
-                for past, new in ((past_key, new_key), (past_value, new_value))
+            present_key = write_new_rows(
+                op, shared, info, past_key, new_key, spec.kv_num_heads, True, tensor_scatter
+            )
+            present_value = write_new_rows(
+                op, shared, info, past_value, new_value, spec.kv_num_heads, True, tensor_scatter
             )
             rows_key = ("past", dim_key(past_key, 2))
         else:

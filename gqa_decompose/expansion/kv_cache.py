@@ -30,8 +30,6 @@ __all__ = [
     "guard_aligned_rows",
     "longest_row",
     "present_length",
-    "prompt_gap_rows",
-    "with_gap_rows",
     "read_length",
     "scatter_indices",
     "update_cache",
@@ -67,59 +65,18 @@ def _growth_pads(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) ->
     return shared.get(("growth_pads", info, dim_key(past, 2)), build)
 
 
-def prompt_gap_rows(shared: SharedSubgraphs, info: SequenceInfo) -> ir.Value:
-    """Z, 0-D: zero rows written after the new ones, so present rows S .. t_b - 1 are 0.
-
-    A first prompt into a static buffer may have t_b = seqlens_k[b] + 1 > S; ORT's
-    present holds zeros there (it copies no past rows in a first prompt), so the
-    write covers max(max_b t_b - S, 0) rows more. None otherwise, and none in a
-    KV-shared step (no new rows), whose present rows all come from past (§11).
-    """
-
-    def build(op: OpBuilder) -> ir.Value:
-        gap = op.op("Max", op.op("Sub", longest_row(shared, info), info.query_length), op.int_scalar(0))
-        gap = op.op("Where", info.is_first_prompt, gap, op.int_scalar(0))
-        if info.new_length is not info.query_length:
-            gap = op.op("Where", op.op("Greater", info.new_length, op.int_scalar(0)), gap, op.int_scalar(0))
-        return gap
-
-    return shared.get(("prompt_gap_rows", info), build)
-
-
-def _written_rows(shared: SharedSubgraphs, info: SequenceInfo) -> tuple[ir.Value, ir.Value]:
-    """(Skv + Z as 0-D, Range(Skv + Z)): the rows the cache write covers from c_b."""
-
-    def build(op: OpBuilder) -> tuple[ir.Value, ir.Value]:
-        count = op.op("Add", info.new_length, prompt_gap_rows(shared, info))
-        return count, op.op("Range", op.int_scalar(0), count, op.int_scalar(1))
-
-    return shared.get(("written_rows", info), build)
-
-
-def with_gap_rows(op: OpBuilder, shared: SharedSubgraphs, info: SequenceInfo, new_BNSH: ir.Value) -> ir.Value:
-    """The new rows followed by Z zero rows (see :func:`prompt_gap_rows`), [B, Nkv, Skv + Z, H]."""
-
-    def build(builder: OpBuilder) -> ir.Value:
-        gap_1 = builder.to_vector(prompt_gap_rows(shared, info))
-        return builder.op("Concat", builder.ints([0] * 6), gap_1, builder.ints([0]), axis=0)
-
-    return op.op("Pad", new_BNSH, shared.get(("gap_pads", info), build))
-
-
 def scatter_indices(
     shared: SharedSubgraphs, info: SequenceInfo, kv_num_heads: int
 ) -> ir.Value:
-    """ScatterND indices (b, n, c_b + r), int64 [B, Nkv, Skv + Z, 3] (Skv = S, or 0 in a KV-shared
-    layer; Z zero rows after a first prompt's, see :func:`prompt_gap_rows`)."""
+    """ScatterND indices (b, n, c_b + s), int64 [B, Nkv, Skv, 3] (Skv = S, or 0 in a KV-shared layer)."""
     key = ("scatter_indices", info, kv_num_heads)
 
     def build(op: OpBuilder) -> ir.Value:
-        count, rows_R = _written_rows(shared, info)
         index_shape = op.op(
             "Concat",
             info.batch_size_1,
             op.ints([kv_num_heads]),
-            op.to_vector(count),
+            op.to_vector(info.new_length),
             op.ints([1]),
             axis=0,
         )
@@ -132,7 +89,7 @@ def scatter_indices(
         rows_B1S1 = op.op(
             "Add",
             op.unsqueeze(info.offsets_B, [1, 2, 3]),
-            op.unsqueeze(rows_R, [0, 1, 3]),
+            op.unsqueeze(info.new_rows, [0, 1, 3]),
         )
         parts = [op.op("Expand", part, index_shape) for part in (batch_B111, heads_1N11, rows_B1S1)]
         return op.op("Concat", *parts, axis=3)
@@ -150,10 +107,7 @@ def write_new_rows(
     static_buffer: bool = False,
     tensor_scatter: bool = False,
 ) -> ir.Value:
-    """present [B, Nkv, Lp, H]: past padded to Lp rows with ``new_BNSH`` scattered at c_b.
-
-    ``new_BNSH`` is the new rows followed by the zero rows of :func:`with_gap_rows`
-    (up to max_b t_b in a first prompt, as ORT leaves them).
+    """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b.
 
     With ``static_buffer`` (T <= P promised) the new rows go straight into
     past: ScatterND's one copy is the only one. With ``tensor_scatter``
@@ -230,13 +184,10 @@ def update_cache(
     """
     past_key, past_value = past_BNPH
     new_key, new_value = new_BNSH
-    # Outside the run-time choice: the aligned branch's Concat never has gap rows (a first
-    # prompt with T = P + S has P = 0 and t_b <= S).
-    written_key, written_value = (with_gap_rows(op, shared, info, new) for new in new_BNSH)
     if not fast_paths:
         return (
-            write_new_rows(op, shared, info, past_key, written_key, kv_num_heads, False, tensor_scatter),
-            write_new_rows(op, shared, info, past_value, written_value, kv_num_heads, False, tensor_scatter),
+            write_new_rows(op, shared, info, past_key, new_key, kv_num_heads, False, tensor_scatter),
+            write_new_rows(op, shared, info, past_value, new_value, kv_num_heads, False, tensor_scatter),
         )
 
     def fits_in_past(builder: OpBuilder) -> ir.Value:
@@ -254,7 +205,7 @@ def update_cache(
         def build(builder: OpBuilder) -> list[ir.Value]:
             return [
                 write_new_rows(builder, shared, info, past, new, kv_num_heads, static_buffer)
-                for past, new in ((past_key, written_key), (past_value, written_value))
+                for past, new in ((past_key, new_key), (past_value, new_value))
             ]
 
         return build
