@@ -9,6 +9,7 @@ node and the feature. The meaning of each field follows
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any
 
@@ -22,6 +23,8 @@ __all__ = [
     "GQA_OP_TYPE",
     "TARGETS",
     "DecomposeOptions",
+    "GqaInput",
+    "GqaOutput",
     "GqaSpec",
     "attention_target_obstacle",
     "is_gqa_node",
@@ -33,13 +36,47 @@ __all__ = [
 GQA_DOMAIN = "com.microsoft"
 GQA_OP_TYPE = "GroupQueryAttention"
 
-# Input positions (semantics doc §1).
-QUERY, KEY, VALUE, PAST_KEY, PAST_VALUE = 0, 1, 2, 3, 4
-SEQLENS_K, TOTAL_SEQUENCE_LENGTH, COS_CACHE, SIN_CACHE = 5, 6, 7, 8
-POSITION_IDS, ATTENTION_BIAS, HEAD_SINK, K_SCALE, V_SCALE = 9, 10, 11, 12, 13
-Q_NORM_WEIGHT, K_NORM_WEIGHT = 14, 15
-# Output positions.
-OUTPUT, PRESENT_KEY, PRESENT_VALUE, OUTPUT_QK = 0, 1, 2, 3
+
+class GqaInput(enum.IntEnum):
+    """Input positions of the node (semantics doc §1)."""
+
+    QUERY = 0
+    KEY = 1
+    VALUE = 2
+    PAST_KEY = 3
+    PAST_VALUE = 4
+    SEQLENS_K = 5
+    TOTAL_SEQUENCE_LENGTH = 6
+    COS_CACHE = 7
+    SIN_CACHE = 8
+    POSITION_IDS = 9
+    ATTENTION_BIAS = 10
+    HEAD_SINK = 11
+    K_SCALE = 12
+    V_SCALE = 13
+    Q_NORM_WEIGHT = 14
+    K_NORM_WEIGHT = 15
+
+
+class GqaOutput(enum.IntEnum):
+    """Output positions of the node."""
+
+    OUTPUT = 0
+    PRESENT_KEY = 1
+    PRESENT_VALUE = 2
+    OUTPUT_QK = 3
+
+
+# The positions under their old module-level names, which the expansion and verification use.
+QUERY, KEY, VALUE = GqaInput.QUERY, GqaInput.KEY, GqaInput.VALUE
+PAST_KEY, PAST_VALUE = GqaInput.PAST_KEY, GqaInput.PAST_VALUE
+SEQLENS_K, TOTAL_SEQUENCE_LENGTH = GqaInput.SEQLENS_K, GqaInput.TOTAL_SEQUENCE_LENGTH
+COS_CACHE, SIN_CACHE, POSITION_IDS = GqaInput.COS_CACHE, GqaInput.SIN_CACHE, GqaInput.POSITION_IDS
+ATTENTION_BIAS, HEAD_SINK = GqaInput.ATTENTION_BIAS, GqaInput.HEAD_SINK
+K_SCALE, V_SCALE = GqaInput.K_SCALE, GqaInput.V_SCALE
+Q_NORM_WEIGHT, K_NORM_WEIGHT = GqaInput.Q_NORM_WEIGHT, GqaInput.K_NORM_WEIGHT
+OUTPUT, PRESENT_KEY = GqaOutput.OUTPUT, GqaOutput.PRESENT_KEY
+PRESENT_VALUE, OUTPUT_QK = GqaOutput.PRESENT_VALUE, GqaOutput.OUTPUT_QK
 
 _KNOWN_ATTRIBUTES = frozenset(
     {
@@ -159,6 +196,7 @@ class GqaSpec:
     packed_qkv: bool
     has_past: bool
     kv_empty: bool  # key/value given with sequence length 0 (KV-shared layer, §11)
+    kv_maybe_empty: bool  # key/value length 0 or S, decided at run time (shapes do not tell)
     do_rotary: bool
     rotary_interleaved: bool
     rotary_half: int | None  # cos_cache.shape[1] when known statically
@@ -182,15 +220,13 @@ class GqaSpec:
     k_norm: bool = False  # k_norm_weight given: the same for the new K
     qk_norm_epsilon: float = 1e-6
 
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.kv_num_heads
-
     def features(self) -> list[str]:
         """Short names of what this node does, for reports."""
         names = ["packed QKV" if self.packed_qkv else "separate QKV"]
         if self.kv_empty:
             names.append("shared KV (empty key/value)")
+        elif self.kv_maybe_empty:
+            names.append("key/value length 0 (shared KV) or S, at run time")
         elif self.sliding_window_cache:
             names.append("sliding-window KV cache")
         elif self.has_past:
@@ -248,6 +284,10 @@ def output_is_read(node: ir.Node, index: int) -> bool:
     return bool(value.uses()) or value.is_graph_output()
 
 
+def _output_given(node: ir.Node, index: int) -> bool:
+    return len(node.outputs) > index and node.outputs[index].name != ""
+
+
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
     attr = node.attributes.get(name)
     if attr is None:
@@ -266,6 +306,402 @@ def _dims(value: ir.Value | None) -> tuple[int | str | None, ...] | None:
     return tuple(d if isinstance(d, int) else d.value for d in value.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Node:
+    """The node under validation, with the name its refusals carry."""
+
+    node: ir.Node
+    name: str
+
+    def refuse(self, reason: str) -> GqaDecomposeError:
+        return GqaDecomposeError(reason, self.name)
+
+    def input(self, index: int) -> ir.Value | None:
+        return _input(self.node, index)
+
+    def attr(self, name: str, default: Any) -> Any:
+        return _attr(self.node, name, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Heads:
+    num_heads: int
+    kv_num_heads: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _CacheQuantization:
+    kv_quant: str | None  # None, "PER_TENSOR" or "PER_CHANNEL"
+    kv_bits: int  # 0, 4 or 8
+
+    @property
+    def cache_width_divisor(self) -> int:
+        return 2 if self.kv_bits == 4 else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Qkv:
+    dtype: ir.DataType
+    packed_qkv: bool
+    head_size: int
+    kv_empty: bool
+    kv_length_unknown: bool  # separate key/value whose length the shapes do not tell (0 or S)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Window:
+    causal: bool
+    local_window_size: int  # effective visible keys (legacy reading applied); < 0: none
+    sliding_window_cache: bool
+
+
+# Validators, one per concern, in the order the refusals are checked ---------------------------
+
+
+def _check_attributes(n: _Node) -> None:
+    """Only attributes the op knows (ORT rejects others at load)."""
+    unknown = sorted(set(n.node.attributes) - _KNOWN_ATTRIBUTES)
+    if unknown:
+        raise n.refuse(f"unknown attribute(s) {unknown}; ONNX Runtime 1.31 rejects them too")
+
+
+def _check_io_counts(n: _Node) -> None:
+    """At most the inputs and outputs the op defines."""
+    if len(n.node.inputs) > 16:
+        raise n.refuse(f"has {len(n.node.inputs)} inputs; the op defines 16")
+    if len(n.node.outputs) > 4:
+        raise n.refuse(f"has {len(n.node.outputs)} outputs; the op defines 4")
+
+
+def _parse_heads(n: _Node) -> _Heads:
+    for required in ("num_heads", "kv_num_heads"):
+        if required not in n.node.attributes:
+            raise n.refuse(f"required attribute '{required}' is missing")
+    num_heads = int(n.attr("num_heads", 0))
+    kv_num_heads = int(n.attr("kv_num_heads", 0))
+    if num_heads <= 0 or kv_num_heads <= 0:
+        raise n.refuse(f"num_heads ({num_heads}) and kv_num_heads ({kv_num_heads}) must be > 0")
+    if num_heads % kv_num_heads:
+        raise n.refuse(f"num_heads ({num_heads}) is not a multiple of kv_num_heads ({kv_num_heads})")
+    return _Heads(num_heads, kv_num_heads)
+
+
+def _parse_cache_quantization(n: _Node) -> _CacheQuantization:
+    """k/v_quant_type, kv_cache_bit_width and the k/v scales (semantics §13).
+
+    Scales given without quantization are ignored, as ORT ignores them.
+    """
+    k_quant = n.attr("k_quant_type", "NONE")
+    v_quant = n.attr("v_quant_type", "NONE")
+    kv_bits = int(n.attr("kv_cache_bit_width", 0))
+    for label, quant in (("k_quant_type", k_quant), ("v_quant_type", v_quant)):
+        if quant not in ("NONE", "PER_TENSOR", "PER_CHANNEL"):
+            raise n.refuse(f"{label} '{quant}' is not NONE, PER_TENSOR or PER_CHANNEL")
+    if k_quant != v_quant:
+        raise n.refuse(f"k_quant_type {k_quant} != v_quant_type {v_quant} (ORT CPU requires them equal)")
+    kv_quant = None if k_quant == "NONE" else k_quant
+    if kv_quant is None and kv_bits:
+        raise n.refuse(f"kv_cache_bit_width must be 0 when the cache is not quantized, got {kv_bits}")
+    if kv_quant is not None and kv_bits not in (4, 8):
+        raise n.refuse(f"kv_cache_bit_width must be 4 or 8 for a quantized cache, got {kv_bits}")
+    for index, label in ((K_SCALE, "k_scale"), (V_SCALE, "v_scale")):
+        given = n.input(index)
+        if kv_quant is not None and given is None:
+            raise n.refuse(f"input '{label}' must be provided when {label[0]}_quant_type is {kv_quant}")
+        if given is not None and given.dtype not in (ir.DataType.FLOAT, None):
+            raise n.refuse(f"input '{label}' must be float, got {given.dtype}")
+    return _CacheQuantization(kv_quant, kv_bits)
+
+
+def _parse_query(n: _Node) -> tuple[ir.DataType, tuple[int | str | None, ...]]:
+    """(type T, dims) of the query: float, rank 3 with a static hidden size."""
+    query = n.input(QUERY)
+    if query is None:
+        raise n.refuse("input 'query' is missing")
+    if query.dtype not in _FLOAT_TYPES:
+        raise n.refuse(f"query type {query.dtype} is not float, float16 or bfloat16 (or is unknown)")
+    query_dims = _dims(query)
+    if query_dims is None or len(query_dims) != 3:
+        raise n.refuse(f"query must have a known rank-3 shape (B, S, hidden), got {query_dims}")
+    if not isinstance(query_dims[2], int):
+        raise n.refuse("query's last dimension (hidden size) must be static")
+    return query.dtype, query_dims
+
+
+def _head_size(n: _Node, heads: _Heads, query_hidden: int, packed_qkv: bool) -> int:
+    """H from the query's hidden size: D_q / (N + 2 Nkv) packed, D_q / N otherwise (§2)."""
+    if packed_qkv:
+        width = heads.num_heads + 2 * heads.kv_num_heads
+        if query_hidden % width:
+            raise n.refuse(
+                f"packed query hidden size {query_hidden} is not a multiple of "
+                f"num_heads + 2*kv_num_heads = {width}"
+            )
+        head_size = query_hidden // width
+    else:
+        if query_hidden % heads.num_heads:
+            raise n.refuse(f"query hidden size {query_hidden} is not a multiple of num_heads {heads.num_heads}")
+        head_size = query_hidden // heads.num_heads
+    if head_size % 8:
+        raise n.refuse(f"head size {head_size} is not a multiple of 8")
+    return head_size
+
+
+def _key_length_zero(n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int, query_dims) -> bool | None:
+    """Whether separate key/value have sequence length 0 (a KV-shared layer, §11).
+
+    None when the shapes do not tell (a symbolic length named unlike the query's, or
+    unknown): ORT decides at run time between 0 and S, and so does the expansion.
+    """
+    key, value = n.input(KEY), n.input(VALUE)
+    for label, kv in (("key", key), ("value", value)):
+        kv_dims = _dims(kv)
+        if kv.dtype != dtype:
+            raise n.refuse(f"{label} type {kv.dtype} differs from query type {dtype}")
+        if kv_dims is None:
+            continue  # ORT checks the shape at run time; the expansion needs none of it
+        if len(kv_dims) != 3:
+            raise n.refuse(f"{label} must be 3-D (B, Skv, Nkv*H), got {kv_dims}")
+        if isinstance(kv_dims[2], int) and kv_dims[2] != heads.kv_num_heads * head_size:
+            raise n.refuse(
+                f"{label} hidden size {kv_dims[2]} != kv_num_heads*head_size "
+                f"= {heads.kv_num_heads * head_size} (contradictory head counts?)"
+            )
+    key_length, value_length = ((_dims(kv) or (None, None))[1] for kv in (key, value))
+    if isinstance(key_length, int) and isinstance(value_length, int) and key_length != value_length:
+        raise n.refuse(f"key sequence length {key_length} != value sequence length {value_length}")
+    if not isinstance(key_length, int) and isinstance(value_length, int):
+        key_length = value_length  # a partial shape: value's static length tells key's
+    if key_length == 0:
+        return True
+    if isinstance(key_length, int) and isinstance(query_dims[1], int) and key_length != query_dims[1]:
+        raise n.refuse(f"key sequence length {key_length} != query sequence length {query_dims[1]}")
+    if isinstance(key_length, int) or (key_length is not None and key_length == query_dims[1]):
+        return False
+    return None
+
+
+def _parse_qkv(n: _Node, heads: _Heads) -> _Qkv:
+    """Query, key and value: packed or separate, the head size, and empty key/value."""
+    dtype, query_dims = _parse_query(n)
+    key, value = n.input(KEY), n.input(VALUE)
+    if (key is None) != (value is None):
+        raise n.refuse("key and value must be both present or both absent (packed QKV)")
+    packed_qkv = key is None
+    head_size = _head_size(n, heads, query_dims[2], packed_qkv)
+    kv_empty = False if packed_qkv else _key_length_zero(n, heads, dtype, head_size, query_dims)
+    return _Qkv(dtype, packed_qkv, head_size, kv_empty is True, kv_empty is None)
+
+
+def _parse_past(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization) -> bool:
+    """Whether a past is given; its rank, cache type and head dims (§2, §13)."""
+    past_key, past_value = n.input(PAST_KEY), n.input(PAST_VALUE)
+    if (past_key is None) != (past_value is None):
+        raise n.refuse("past_key and past_value must be both present or both absent")
+    has_past = past_key is not None
+    cache_dtype = {None: qkv.dtype, 8: ir.DataType.INT8, 4: ir.DataType.UINT8}[quant.kv_bits or None]
+    cache_width = qkv.head_size // quant.cache_width_divisor
+    for label, past in (("past_key", past_key), ("past_value", past_value)) if has_past else ():
+        past_dims = _dims(past)
+        if past.dtype != cache_dtype:
+            raise n.refuse(f"{label} type {past.dtype} is not the cache type {cache_dtype}")
+        if past_dims is None:
+            continue  # ORT checks the shape at run time; the expansion reads it at run time
+        if len(past_dims) != 4:
+            raise n.refuse(f"{label} must be 4-D (B, Nkv, P, H), got {past_dims}")
+        if any(
+            isinstance(got, int) and got != expected
+            for got, expected in ((past_dims[1], heads.kv_num_heads), (past_dims[3], cache_width))
+        ):
+            raise n.refuse(
+                f"{label} shape {past_dims} does not match kv_num_heads={heads.kv_num_heads}, "
+                f"head_size={qkv.head_size}"
+            )
+    if qkv.kv_empty and not has_past:
+        raise n.refuse("empty key/value (shared KV) requires a past")
+    if quant.kv_quant is not None and not has_past:
+        # ORT types present as T without a quantized past and its kernel then fails (§13).
+        raise n.refuse("a quantized KV cache needs a past_key/past_value of the quantized type, even empty")
+    return has_past
+
+
+def _check_lengths(n: _Node) -> None:
+    """seqlens_k and total_sequence_length: given, int32, seqlens_k at least 1-D."""
+    for index, label in ((SEQLENS_K, "seqlens_k"), (TOTAL_SEQUENCE_LENGTH, "total_sequence_length")):
+        given = n.input(index)
+        if given is None:
+            raise n.refuse(f"required input '{label}' is missing")
+        if given.dtype not in (ir.DataType.INT32, None):
+            raise n.refuse(f"input '{label}' must be int32, got {given.dtype}")
+    seqlens_dims = _dims(n.input(SEQLENS_K))
+    if seqlens_dims is not None and len(seqlens_dims) == 0:
+        raise n.refuse("seqlens_k must be at least 1-D, got a scalar")
+
+
+def _parse_rotary(n: _Node, qkv: _Qkv) -> int | None:
+    """Checks cos/sin (§9); returns cos_cache.shape[1] when known statically."""
+    cos_cache, sin_cache = n.input(COS_CACHE), n.input(SIN_CACHE)
+    if (cos_cache is None) != (sin_cache is None):
+        raise n.refuse("cos_cache and sin_cache must be both present or both absent")
+    rotary_half: int | None = None
+    if cos_cache is not None:
+        if qkv.head_size % 16:
+            raise n.refuse(f"head size {qkv.head_size} must be a multiple of 16 when cos/sin caches are given")
+        cos_dims, sin_dims = _dims(cos_cache), _dims(sin_cache)
+        if cos_dims is not None and len(cos_dims) < 2:
+            # ORT reads a table of rank > 2 flat, rows of cos_cache.shape[1] (the expansion too).
+            raise n.refuse(f"cos_cache must be at least 2-D (positions, R/2, ...), got {cos_dims}")
+        if cos_dims is not None and sin_dims is not None and cos_dims != sin_dims:
+            raise n.refuse(f"cos_cache {cos_dims} and sin_cache {sin_dims} shapes differ")
+        if cos_dims is not None and isinstance(cos_dims[1], int):
+            rotary_half = cos_dims[1]
+            if rotary_half > qkv.head_size // 2 or rotary_half % 8:
+                raise n.refuse(
+                    f"cos_cache dimension 1 ({rotary_half}) must be <= head_size/2 and a multiple of 8"
+                )
+        for label, cache in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
+            if cache.dtype not in (qkv.dtype, None):
+                raise n.refuse(f"{label} type {cache.dtype} differs from query type {qkv.dtype}")
+    if int(n.attr("do_rotary", 0)) == 1 and cos_cache is None:
+        raise n.refuse("do_rotary=1 requires cos_cache and sin_cache")
+    return rotary_half
+
+
+def _check_position_ids(n: _Node) -> None:
+    """position_ids: ORT checks dim 0 == B and dim 1 >= S and reads the data flat (§9, bug 2
+    of §19), so (B, S, 1) is (B, S); the expansion reads it flat the same way."""
+    position_dims = _dims(n.input(POSITION_IDS))
+    if position_dims is not None and len(position_dims) < 2:
+        # A 0-D or 1-D position_ids aborts the ONNX Runtime process (no error status).
+        raise n.refuse(f"position_ids must be at least 2-D (B, >=S, ...), got {position_dims}")
+
+
+def _check_bias(n: _Node, heads: _Heads, dtype: ir.DataType) -> None:
+    """attention_bias: 4-D (B or 1, N or 1, S, T) of type T (§7)."""
+    attention_bias = n.input(ATTENTION_BIAS)
+    if attention_bias is None:
+        return
+    bias_dims = _dims(attention_bias)
+    if bias_dims is not None and len(bias_dims) != 4:
+        raise n.refuse(f"attention_bias must be 4-D (B or 1, N or 1, S, T), got {bias_dims}")
+    if bias_dims is not None and isinstance(bias_dims[1], int) and bias_dims[1] not in (1, heads.num_heads):
+        raise n.refuse(f"attention_bias dimension 1 ({bias_dims[1]}) must be 1 or num_heads={heads.num_heads}")
+    if attention_bias.dtype not in (dtype, None):
+        raise n.refuse(f"attention_bias type {attention_bias.dtype} differs from query type {dtype}")
+
+
+def _check_sink(n: _Node, heads: _Heads) -> None:
+    sink_dims = _dims(n.input(HEAD_SINK))
+    if sink_dims is not None and sink_dims != (heads.num_heads,) and not (
+        len(sink_dims) == 1 and not isinstance(sink_dims[0], int)
+    ):
+        raise n.refuse(f"head_sink must have shape ({heads.num_heads},), got {sink_dims}")
+
+
+def _parse_norm(n: _Node, qkv: _Qkv) -> float:
+    """q_norm_weight / k_norm_weight shapes and types (§16); returns qk_norm_epsilon."""
+    for index, label in ((Q_NORM_WEIGHT, "q_norm_weight"), (K_NORM_WEIGHT, "k_norm_weight")):
+        norm_weight = n.input(index)
+        if norm_weight is None:
+            continue
+        norm_dims = _dims(norm_weight)
+        if norm_dims is not None and (
+            len(norm_dims) != 1 or (isinstance(norm_dims[0], int) and norm_dims[0] != qkv.head_size)
+        ):
+            raise n.refuse(
+                f"{label} must have shape ({qkv.head_size},) (one weight per head dimension), got {norm_dims}"
+            )
+        if norm_weight.dtype not in (qkv.dtype, None):
+            raise n.refuse(f"{label} type {norm_weight.dtype} differs from query type {qkv.dtype}")
+    qk_norm_epsilon = float(n.attr("qk_norm_epsilon", 1e-6))
+    weighted = n.input(Q_NORM_WEIGHT) is not None or n.input(K_NORM_WEIGHT) is not None
+    if weighted and not qk_norm_epsilon > 0.0:  # unused without weights, as in ORT
+        raise n.refuse(f"qk_norm_epsilon must be > 0, got {qk_norm_epsilon}")
+    return qk_norm_epsilon
+
+
+def _parse_window(n: _Node, options: DecomposeOptions) -> _Window:
+    """causal and local_window_size (§5), with the legacy reading on request."""
+    causal_attr = int(n.attr("causal", 1))
+    if causal_attr not in (0, 1):
+        raise n.refuse(f"causal must be 0 or 1, got {causal_attr}")
+    local_window_size = int(n.attr("local_window_size", -1))
+    if causal_attr == 0 and local_window_size >= 0:
+        raise n.refuse("local_window_size must be -1 when causal is 0")
+    if local_window_size >= 0 and options.legacy_window:
+        local_window_size += 1
+    sliding_window_cache = int(n.attr("sliding_window_cache", 0)) == 1
+    return _Window(causal_attr == 1, local_window_size, sliding_window_cache)
+
+
+def _parse_qk_output(n: _Node) -> int:
+    """qk_output and the output_qk output it needs (§8)."""
+    qk_output = int(n.attr("qk_output", 0))
+    if qk_output not in (0, 1, 2):
+        raise n.refuse(f"qk_output must be 0, 1 or 2, got {qk_output}")
+    output_qk_given = _output_given(n.node, OUTPUT_QK)
+    if qk_output and not output_qk_given:
+        raise n.refuse("qk_output is set but the output_qk output is not provided")
+    if output_qk_given and not qk_output and output_is_read(n.node, OUTPUT_QK):
+        raise n.refuse("output_qk is read but qk_output=0: ONNX Runtime fills it with garbage")
+    return qk_output
+
+
+def _check_sliding_window_cache(
+    n: _Node, options: DecomposeOptions, qkv: _Qkv, quant: _CacheQuantization, has_past: bool, qk_output: int
+) -> None:
+    """sliding_window_cache=1 (§12): W > 0, a past of capacity >= W, no shared KV or qk_output."""
+    window_attribute = int(n.attr("local_window_size", -1))
+    if window_attribute <= 0:
+        raise n.refuse("sliding_window_cache=1 requires local_window_size > 0")
+    if not has_past:
+        raise n.refuse("sliding_window_cache=1 requires past_key and past_value")
+    if qkv.kv_empty:
+        raise n.refuse("sliding_window_cache=1 is not supported with empty key/value (shared KV)")
+    if qk_output:
+        raise n.refuse("qk_output is not implemented with sliding_window_cache=1 (ORT CPU rejects it too)")
+    if options.legacy_window:
+        raise n.refuse("--legacy-window contradicts sliding_window_cache=1, which only ORT >= 1.29 knows")
+    head_size = qkv.head_size
+    if quant.kv_bits == 4 and head_size % 32:
+        raise n.refuse(f"a 4-bit windowed KV cache needs head_size % 32 == 0, got {head_size} (ORT rejects it too)")
+    if quant.kv_bits == 8 and head_size % 16:
+        raise n.refuse(f"an 8-bit windowed KV cache needs head_size % 16 == 0, got {head_size} (ORT rejects it too)")
+    capacity = (_dims(n.input(PAST_KEY)) or (None,) * 4)[2]
+    if isinstance(capacity, int) and capacity < window_attribute:
+        raise n.refuse(f"KV cache capacity {capacity} is smaller than local_window_size {window_attribute}")
+
+
+def _check_outputs(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization) -> None:
+    """Declared present shapes agree with what the node writes; present_key/value go together.
+
+    The rewrite's ops read present back, and runtimes trust a graph output's declared
+    shape for the ops that use it: ORT runs the original node, but its shape inference
+    rejects the rewrite (a MatMul of "Incompatible dimensions").
+    """
+    cache_width = qkv.head_size // quant.cache_width_divisor
+    num_heads, kv_num_heads = heads.num_heads, heads.kv_num_heads
+    expected_dims = {
+        OUTPUT: ("output", {2: num_heads * qkv.head_size}, 3),
+        PRESENT_KEY: ("present_key", {1: kv_num_heads, 3: cache_width}, 4),
+        PRESENT_VALUE: ("present_value", {1: kv_num_heads, 3: cache_width}, 4),
+        OUTPUT_QK: ("output_qk", {1: num_heads}, 4),
+    }
+    for index, (label, sizes, rank) in expected_dims.items():
+        if index >= len(n.node.outputs) or n.node.outputs[index] is None:
+            continue
+        if index in (OUTPUT, OUTPUT_QK):
+            continue  # ORT runs such a node, and no op of the rewrite reads these back
+        declared = _dims(n.node.outputs[index])
+        if declared is None:
+            continue
+        if len(declared) != rank or any(isinstance(declared[a], int) and declared[a] != d for a, d in sizes.items()):
+            wanted = ", ".join(str(sizes.get(a, "?")) for a in range(rank))
+            raise n.refuse(f"output '{label}' is declared {list(declared)} but the node writes ({wanted})")
+    if _output_given(n.node, PRESENT_KEY) != _output_given(n.node, PRESENT_VALUE):
+        raise n.refuse("present_key and present_value must be both provided or both omitted")
+
+
 def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> GqaSpec:
     """Validate a GroupQueryAttention node and describe it as a :class:`GqaSpec`.
 
@@ -274,312 +710,63 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
             be expressed exactly in standard ONNX (the message names it).
     """
     options = options or DecomposeOptions()
-    name = node.name or "<unnamed GroupQueryAttention>"
+    n = _Node(node, node.name or "<unnamed GroupQueryAttention>")
+    _check_attributes(n)
+    heads = _parse_heads(n)
+    quant = _parse_cache_quantization(n)
+    _check_io_counts(n)
+    qkv = _parse_qkv(n, heads)
+    has_past = _parse_past(n, heads, qkv, quant)
+    _check_lengths(n)
+    rotary_half = _parse_rotary(n, qkv)
+    _check_position_ids(n)
+    _check_bias(n, heads, qkv.dtype)
+    _check_sink(n, heads)
+    qk_norm_epsilon = _parse_norm(n, qkv)
+    window = _parse_window(n, options)
+    qk_output = _parse_qk_output(n)
+    if window.sliding_window_cache:
+        _check_sliding_window_cache(n, options, qkv, quant, has_past, qk_output)
+    _check_outputs(n, heads, qkv, quant)
 
-    def refuse(reason: str) -> GqaDecomposeError:
-        return GqaDecomposeError(reason, name)
-
-    unknown = sorted(set(node.attributes) - _KNOWN_ATTRIBUTES)
-    if unknown:
-        raise refuse(f"unknown attribute(s) {unknown}; ONNX Runtime 1.31 rejects them too")
-
-    for required in ("num_heads", "kv_num_heads"):
-        if required not in node.attributes:
-            raise refuse(f"required attribute '{required}' is missing")
-    num_heads = int(_attr(node, "num_heads", 0))
-    kv_num_heads = int(_attr(node, "kv_num_heads", 0))
-    if num_heads <= 0 or kv_num_heads <= 0:
-        raise refuse(f"num_heads ({num_heads}) and kv_num_heads ({kv_num_heads}) must be > 0")
-    if num_heads % kv_num_heads:
-        raise refuse(f"num_heads ({num_heads}) is not a multiple of kv_num_heads ({kv_num_heads})")
-
-    k_quant = _attr(node, "k_quant_type", "NONE")
-    v_quant = _attr(node, "v_quant_type", "NONE")
-    kv_bits = int(_attr(node, "kv_cache_bit_width", 0))
-    for label, quant in (("k_quant_type", k_quant), ("v_quant_type", v_quant)):
-        if quant not in ("NONE", "PER_TENSOR", "PER_CHANNEL"):
-            raise refuse(f"{label} '{quant}' is not NONE, PER_TENSOR or PER_CHANNEL")
-    if k_quant != v_quant:
-        raise refuse(f"k_quant_type {k_quant} != v_quant_type {v_quant} (ORT CPU requires them equal)")
-    kv_quant = None if k_quant == "NONE" else k_quant
-    if kv_quant is None and kv_bits:
-        raise refuse(f"kv_cache_bit_width must be 0 when the cache is not quantized, got {kv_bits}")
-    if kv_quant is not None and kv_bits not in (4, 8):
-        raise refuse(f"kv_cache_bit_width must be 4 or 8 for a quantized cache, got {kv_bits}")
-    for index, label in ((K_SCALE, "k_scale"), (V_SCALE, "v_scale")):
-        given = _input(node, index)
-        if kv_quant is None and given is not None:
-            raise refuse(f"input '{label}' is given but the KV cache is not quantized")
-        if kv_quant is not None and given is None:
-            raise refuse(f"input '{label}' must be provided when {label[0]}_quant_type is {kv_quant}")
-        if given is not None and given.dtype not in (ir.DataType.FLOAT, None):
-            raise refuse(f"input '{label}' must be float, got {given.dtype}")
-    if len(node.inputs) > 16:
-        raise refuse(f"has {len(node.inputs)} inputs; the op defines 16")
-    if len(node.outputs) > 4:
-        raise refuse(f"has {len(node.outputs)} outputs; the op defines 4")
-
-    query = _input(node, QUERY)
-    if query is None:
-        raise refuse("input 'query' is missing")
-    if query.dtype not in _FLOAT_TYPES:
-        raise refuse(f"query type {query.dtype} is not float, float16 or bfloat16 (or is unknown)")
-    dtype = query.dtype
-    query_dims = _dims(query)
-    if query_dims is None or len(query_dims) != 3:
-        raise refuse(f"query must have a known rank-3 shape (B, S, hidden), got {query_dims}")
-    query_hidden = query_dims[2]
-    if not isinstance(query_hidden, int):
-        raise refuse("query's last dimension (hidden size) must be static")
-
-    key, value = _input(node, KEY), _input(node, VALUE)
-    if (key is None) != (value is None):
-        raise refuse("key and value must be both present or both absent (packed QKV)")
-    packed_qkv = key is None
-    if packed_qkv:
-        if query_hidden % (num_heads + 2 * kv_num_heads):
-            raise refuse(
-                f"packed query hidden size {query_hidden} is not a multiple of "
-                f"num_heads + 2*kv_num_heads = {num_heads + 2 * kv_num_heads}"
-            )
-        head_size = query_hidden // (num_heads + 2 * kv_num_heads)
-    else:
-        if query_hidden % num_heads:
-            raise refuse(f"query hidden size {query_hidden} is not a multiple of num_heads {num_heads}")
-        head_size = query_hidden // num_heads
-    if head_size % 8:
-        raise refuse(f"head size {head_size} is not a multiple of 8")
-
-    kv_empty = False
-    if not packed_qkv:
-        for label, kv in (("key", key), ("value", value)):
-            kv_dims = _dims(kv)
-            if kv_dims is None or len(kv_dims) != 3:
-                raise refuse(f"{label} must have a known rank-3 shape, got {kv_dims}")
-            if kv.dtype != dtype:
-                raise refuse(f"{label} type {kv.dtype} differs from query type {dtype}")
-            if kv_dims[2] != kv_num_heads * head_size:
-                raise refuse(
-                    f"{label} hidden size {kv_dims[2]} != kv_num_heads*head_size "
-                    f"= {kv_num_heads * head_size} (contradictory head counts?)"
-                )
-        key_length, value_length = _dims(key)[1], _dims(value)[1]
-        if isinstance(key_length, int) and isinstance(value_length, int) and key_length != value_length:
-            raise refuse(f"key sequence length {key_length} != value sequence length {value_length}")
-        if not isinstance(key_length, int) and isinstance(value_length, int):
-            key_length = value_length  # a partial shape: value's static length tells key's
-        if key_length == 0:
-            kv_empty = True
-        elif not (isinstance(key_length, int) or key_length == query_dims[1]):
-            raise refuse(
-                f"key sequence length '{key_length}' is neither static nor the query's "
-                f"'{query_dims[1]}': cannot tell a shared-KV layer (length 0) from a normal one"
-            )
-        elif isinstance(key_length, int) and isinstance(query_dims[1], int) and key_length != query_dims[1]:
-            raise refuse(f"key sequence length {key_length} != query sequence length {query_dims[1]}")
-
-    past_key, past_value = _input(node, PAST_KEY), _input(node, PAST_VALUE)
-    if (past_key is None) != (past_value is None):
-        raise refuse("past_key and past_value must be both present or both absent")
-    has_past = past_key is not None
-    if has_past:
-        for label, past in (("past_key", past_key), ("past_value", past_value)):
-            past_dims = _dims(past)
-            if past_dims is None or len(past_dims) != 4:
-                raise refuse(f"{label} must have a known rank-4 shape (B, Nkv, P, H), got {past_dims}")
-            cache_dtype = {None: dtype, 8: ir.DataType.INT8, 4: ir.DataType.UINT8}[kv_bits or None]
-            if past.dtype != cache_dtype:
-                raise refuse(f"{label} type {past.dtype} is not the cache type {cache_dtype}")
-            cache_width = head_size // 2 if kv_bits == 4 else head_size
-            if any(
-                isinstance(got, int) and got != expected
-                for got, expected in ((past_dims[1], kv_num_heads), (past_dims[3], cache_width))
-            ):
-                raise refuse(
-                    f"{label} shape {past_dims} does not match kv_num_heads={kv_num_heads}, "
-                    f"head_size={head_size}"
-                )
-    if kv_empty and not has_past:
-        raise refuse("empty key/value (shared KV) requires a past")
-    if kv_quant is not None and not has_past:
-        # ORT types present as T without a quantized past and its kernel then fails (§13).
-        raise refuse("a quantized KV cache needs a past_key/past_value of the quantized type, even empty")
-
-    for index, label in ((SEQLENS_K, "seqlens_k"), (TOTAL_SEQUENCE_LENGTH, "total_sequence_length")):
-        given = _input(node, index)
-        if given is None:
-            raise refuse(f"required input '{label}' is missing")
-        if given.dtype not in (ir.DataType.INT32, None):
-            raise refuse(f"input '{label}' must be int32, got {given.dtype}")
-    seqlens_dims = _dims(_input(node, SEQLENS_K))
-    if seqlens_dims is not None and len(seqlens_dims) == 0:
-        raise refuse("seqlens_k must be at least 1-D, got a scalar")
-
-    cos_cache, sin_cache = _input(node, COS_CACHE), _input(node, SIN_CACHE)
-    if (cos_cache is None) != (sin_cache is None):
-        raise refuse("cos_cache and sin_cache must be both present or both absent")
-    do_rotary = int(_attr(node, "do_rotary", 0)) == 1
-    rotary_half: int | None = None
-    if cos_cache is not None:
-        if head_size % 16:
-            raise refuse(f"head size {head_size} must be a multiple of 16 when cos/sin caches are given")
-        cos_dims, sin_dims = _dims(cos_cache), _dims(sin_cache)
-        if cos_dims is not None and len(cos_dims) != 2:
-            raise refuse(f"cos_cache must be 2-D, got {cos_dims}")
-        if cos_dims is not None and sin_dims is not None and cos_dims != sin_dims:
-            raise refuse(f"cos_cache {cos_dims} and sin_cache {sin_dims} shapes differ")
-        if cos_dims is not None and isinstance(cos_dims[1], int):
-            rotary_half = cos_dims[1]
-            if rotary_half > head_size // 2 or rotary_half % 8:
-                raise refuse(
-                    f"cos_cache dimension 1 ({rotary_half}) must be <= head_size/2 and a multiple of 8"
-                )
-        for label, cache in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
-            if cache.dtype not in (dtype, None):
-                raise refuse(f"{label} type {cache.dtype} differs from query type {dtype}")
-    if do_rotary and cos_cache is None:
-        raise refuse("do_rotary=1 requires cos_cache and sin_cache")
-
-    position_ids = _input(node, POSITION_IDS)
-    if position_ids is not None:
-        position_dims = _dims(position_ids)
-        if position_dims is not None and len(position_dims) != 2:
-            # A 0-D position_ids aborts ONNX Runtime; anything but (B, >=S) is rejected.
-            raise refuse(f"position_ids must be 2-D (B, >=S), got {position_dims}")
-
-    attention_bias = _input(node, ATTENTION_BIAS)
-    if attention_bias is not None:
-        bias_dims = _dims(attention_bias)
-        if bias_dims is not None and len(bias_dims) != 4:
-            raise refuse(f"attention_bias must be 4-D (B or 1, N or 1, S, T), got {bias_dims}")
-        if bias_dims is not None and isinstance(bias_dims[1], int) and bias_dims[1] not in (1, num_heads):
-            raise refuse(f"attention_bias dimension 1 ({bias_dims[1]}) must be 1 or num_heads={num_heads}")
-        if attention_bias.dtype not in (dtype, None):
-            raise refuse(f"attention_bias type {attention_bias.dtype} differs from query type {dtype}")
-
-    head_sink = _input(node, HEAD_SINK)
-    if head_sink is not None:
-        sink_dims = _dims(head_sink)
-        if sink_dims is not None and sink_dims != (num_heads,) and not (
-            len(sink_dims) == 1 and not isinstance(sink_dims[0], int)
-        ):
-            raise refuse(f"head_sink must have shape ({num_heads},), got {sink_dims}")
-
-    for index, label in ((Q_NORM_WEIGHT, "q_norm_weight"), (K_NORM_WEIGHT, "k_norm_weight")):
-        norm_weight = _input(node, index)
-        if norm_weight is None:
-            continue
-        norm_dims = _dims(norm_weight)
-        if norm_dims is not None and (
-            len(norm_dims) != 1 or (isinstance(norm_dims[0], int) and norm_dims[0] != head_size)
-        ):
-            raise refuse(f"{label} must have shape ({head_size},) (one weight per head dimension), got {norm_dims}")
-        if norm_weight.dtype not in (dtype, None):
-            raise refuse(f"{label} type {norm_weight.dtype} differs from query type {dtype}")
-    qk_norm_epsilon = float(_attr(node, "qk_norm_epsilon", 1e-6))
-    if not qk_norm_epsilon > 0.0:
-        raise refuse(f"qk_norm_epsilon must be > 0, got {qk_norm_epsilon}")
-
-    scale = float(_attr(node, "scale", 0.0))
-    if scale == 0.0:
-        scale = 1.0 / math.sqrt(head_size)
-
-    causal_attr = int(_attr(node, "causal", 1))
-    if causal_attr not in (0, 1):
-        raise refuse(f"causal must be 0 or 1, got {causal_attr}")
-    local_window_size = int(_attr(node, "local_window_size", -1))
-    if causal_attr == 0 and local_window_size >= 0:
-        raise refuse("local_window_size must be -1 when causal is 0")
-    if local_window_size >= 0 and options.legacy_window:
-        local_window_size += 1
-
-    qk_output = int(_attr(node, "qk_output", 0))
-    if qk_output not in (0, 1, 2):
-        raise refuse(f"qk_output must be 0, 1 or 2, got {qk_output}")
-    output_qk_given = len(node.outputs) > OUTPUT_QK and node.outputs[OUTPUT_QK].name != ""
-    if qk_output and not output_qk_given:
-        raise refuse("qk_output is set but the output_qk output is not provided")
-    if output_qk_given and not qk_output and output_is_read(node, OUTPUT_QK):
-        raise refuse("output_qk is read but qk_output=0: ONNX Runtime fills it with garbage")
-
-    sliding_window_cache = int(_attr(node, "sliding_window_cache", 0)) == 1
-    if sliding_window_cache:
-        window_attribute = int(_attr(node, "local_window_size", -1))
-        if window_attribute <= 0:
-            raise refuse("sliding_window_cache=1 requires local_window_size > 0")
-        if not has_past:
-            raise refuse("sliding_window_cache=1 requires past_key and past_value")
-        if kv_empty:
-            raise refuse("sliding_window_cache=1 is not supported with empty key/value (shared KV)")
-        if qk_output:
-            raise refuse("qk_output is not implemented with sliding_window_cache=1 (ORT CPU rejects it too)")
-        if options.legacy_window:
-            raise refuse("--legacy-window contradicts sliding_window_cache=1, which only ORT >= 1.29 knows")
-        if kv_bits == 4 and head_size % 32:
-            raise refuse(f"a 4-bit windowed KV cache needs head_size % 32 == 0, got {head_size} (ORT rejects it too)")
-        if kv_bits == 8 and head_size % 16:
-            raise refuse(f"an 8-bit windowed KV cache needs head_size % 16 == 0, got {head_size} (ORT rejects it too)")
-        capacity = _dims(past_key)[2]
-        if isinstance(capacity, int) and capacity < window_attribute:
-            raise refuse(f"KV cache capacity {capacity} is smaller than local_window_size {window_attribute}")
-
-    # Declared output shapes must agree with what the node writes: the rewrite's ops read
-    # present back, and runtimes trust a graph output's declared shape for the ops that use it.
-    cache_width = head_size // 2 if kv_bits == 4 else head_size
-    expected_dims = {
-        OUTPUT: ("output", {2: num_heads * head_size}, 3),
-        PRESENT_KEY: ("present_key", {1: kv_num_heads, 3: cache_width}, 4),
-        PRESENT_VALUE: ("present_value", {1: kv_num_heads, 3: cache_width}, 4),
-        OUTPUT_QK: ("output_qk", {1: num_heads}, 4),
-    }
-    for index, (label, sizes, rank) in expected_dims.items():
-        if index >= len(node.outputs) or node.outputs[index] is None:
-            continue
-        declared = _dims(node.outputs[index])
-        if declared is None:
-            continue
-        if len(declared) != rank or any(isinstance(declared[a], int) and declared[a] != n for a, n in sizes.items()):
-            wanted = ", ".join(str(sizes.get(a, "?")) for a in range(rank))
-            raise refuse(f"output '{label}' is declared {list(declared)} but the node writes ({wanted})")
-
-    present_key_given = len(node.outputs) > PRESENT_KEY and node.outputs[PRESENT_KEY].name != ""
-    present_value_given = len(node.outputs) > PRESENT_VALUE and node.outputs[PRESENT_VALUE].name != ""
-    if present_key_given != present_value_given:
-        raise refuse("present_key and present_value must be both provided or both omitted")
-    present_used = output_is_read(node, PRESENT_KEY) or output_is_read(node, PRESENT_VALUE)
-
+    scale = float(n.attr("scale", 0.0)) or 1.0 / math.sqrt(qkv.head_size)
+    head_sink_given = n.input(HEAD_SINK) is not None
+    plain_cache = has_past and not window.sliding_window_cache
+    # Without a past ORT needs Skv == S, and a windowed cache Skv > 0: only a plain cache may be shared.
+    kv_maybe_empty = qkv.kv_length_unknown and plain_cache
     return GqaSpec(
-        node_name=name,
-        dtype=dtype,
-        compute_dtype=dtype if options.native_precision else ir.DataType.FLOAT,
+        node_name=n.name,
+        dtype=qkv.dtype,
+        compute_dtype=qkv.dtype if options.native_precision else ir.DataType.FLOAT,
         fast_paths=options.fast_paths,
-        num_heads=num_heads,
-        kv_num_heads=kv_num_heads,
-        head_size=head_size,
+        num_heads=heads.num_heads,
+        kv_num_heads=heads.kv_num_heads,
+        head_size=qkv.head_size,
         scale=scale,
-        packed_qkv=packed_qkv,
+        packed_qkv=qkv.packed_qkv,
         has_past=has_past,
-        kv_empty=kv_empty,
-        do_rotary=do_rotary,
-        rotary_interleaved=int(_attr(node, "rotary_interleaved", 0)) == 1,
+        kv_empty=qkv.kv_empty,
+        kv_maybe_empty=kv_maybe_empty,
+        do_rotary=int(n.attr("do_rotary", 0)) == 1,
+        rotary_interleaved=int(n.attr("rotary_interleaved", 0)) == 1,
         rotary_half=rotary_half,
-        local_window_size=local_window_size,
-        softcap=max(float(_attr(node, "softcap", 0.0)), 0.0),
-        smooth_softmax=int(_attr(node, "smooth_softmax", 0)) == 1 or head_sink is not None,
-        has_head_sink=head_sink is not None,
-        has_attention_bias=attention_bias is not None,
-        has_position_ids=position_ids is not None,
+        local_window_size=window.local_window_size,
+        softcap=max(float(n.attr("softcap", 0.0)), 0.0),
+        smooth_softmax=int(n.attr("smooth_softmax", 0)) == 1 or head_sink_given,
+        has_head_sink=head_sink_given,
+        has_attention_bias=n.input(ATTENTION_BIAS) is not None,
+        has_position_ids=n.input(POSITION_IDS) is not None,
         qk_output=qk_output,
-        causal=causal_attr == 1,
-        static_kv_cache=options.static_kv_cache and has_past and not sliding_window_cache,
-        growing_kv_cache=options.growing_kv_cache and has_past and not sliding_window_cache and not kv_empty,
-        sliding_window_cache=sliding_window_cache,
-        kv_quant=kv_quant,
-        kv_bits=kv_bits,
-        present_used=present_used,
+        causal=window.causal,
+        static_kv_cache=options.static_kv_cache and plain_cache,
+        growing_kv_cache=options.growing_kv_cache and plain_cache and not (qkv.kv_empty or kv_maybe_empty),
+        sliding_window_cache=window.sliding_window_cache,
+        kv_quant=quant.kv_quant,
+        kv_bits=quant.kv_bits,
+        present_used=output_is_read(node, PRESENT_KEY) or output_is_read(node, PRESENT_VALUE),
         output_qk_used=bool(qk_output) and output_is_read(node, OUTPUT_QK),
-        q_norm=_input(node, Q_NORM_WEIGHT) is not None,
-        k_norm=_input(node, K_NORM_WEIGHT) is not None and not kv_empty,
+        q_norm=n.input(Q_NORM_WEIGHT) is not None,
+        k_norm=n.input(K_NORM_WEIGHT) is not None and not qkv.kv_empty,
         qk_norm_epsilon=qk_norm_epsilon,
     )
 

@@ -60,6 +60,7 @@ class Phase:
     past_length: int | None  # None: the node has no past
     total_length: int
     total_lengths: tuple[int, ...]  # t_b per batch row
+    kv_empty: bool = False  # key/value fed with length 0 (a node whose key length is decided at run time)
 
     @property
     def first_prompt(self) -> bool:
@@ -295,7 +296,7 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     batch_dim = _static_dim(node, [(gqa.QUERY, 0), (gqa.KEY, 0), (gqa.VALUE, 0), (gqa.PAST_KEY, 0),
                                    (gqa.PAST_VALUE, 0), (gqa.POSITION_IDS, 0)])
     query_positions = [(gqa.QUERY, 1), (gqa.ATTENTION_BIAS, 2)]
-    if not spec.kv_empty:
+    if not (spec.kv_empty or spec.kv_maybe_empty):
         query_positions += [(gqa.KEY, 1), (gqa.VALUE, 1)]
     query_positions.append((gqa.POSITION_IDS, 1))  # >= S: a valid S when nothing else fixes it
     query_dim = _static_dim(node, query_positions)
@@ -364,6 +365,10 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
             continue
         for suffix, past_length in past_options(query_length, total):
             phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))
+            if spec.kv_maybe_empty and past_length is not None and past_length >= total:
+                # The key length is 0 or S at run time: a KV-shared step reads a static buffer (§11).
+                phases.append(Phase(name + suffix + ", shared KV", batch, query_length, past_length, total, lengths,
+                                    kv_empty=True))
     return phases
 
 
@@ -445,7 +450,7 @@ def synthesize_inputs(
     query_hidden = spec.head_size * (heads + 2 * spec.kv_num_heads if spec.packed_qkv else heads)
     put(gqa.QUERY, normal(batch, query_length, query_hidden))
     if not spec.packed_qkv:
-        kv_length = 0 if spec.kv_empty else query_length
+        kv_length = 0 if spec.kv_empty or phase.kv_empty else query_length
         put(gqa.KEY, normal(batch, kv_length, kv_hidden))
         put(gqa.VALUE, normal(batch, kv_length, kv_hidden))
     if phase.past_length is not None:
@@ -458,9 +463,11 @@ def synthesize_inputs(
                 put(index, rng.integers(0, 256, past_shape).astype(np.uint8))
             else:
                 put(index, normal(*past_shape))
-    if spec.kv_quant is not None:
+    if spec.kv_quant is not None or gqa.K_SCALE in feed_names:  # ignored without quantization
         scale_size = kv_hidden if spec.kv_quant == "PER_CHANNEL" else 1
         for index in (gqa.K_SCALE, gqa.V_SCALE):
+            if index not in feed_names:
+                continue
             dims = _dims(node.inputs[index])
             shape = _shaped(dims, {0: scale_size}, 1) if dims else (scale_size,)
             put(index, rng.uniform(0.01, 0.05, shape).astype(np.float32))
@@ -489,10 +496,11 @@ def synthesize_inputs(
 
     if gqa.POSITION_IDS in feed_names:
         dims = _dims(node.inputs[gqa.POSITION_IDS])
-        shape = _shaped(dims, {0: batch, 1: query_length}, 2)
+        shape = _shaped(dims, {0: batch, 1: query_length, 2: 1, 3: 1}, 2)  # (B, S, 1, ..) of rank > 2
         if phase.first_prompt:
             base = int(rng.integers(0, positions_limit - query_length + 1))
-            positions = np.broadcast_to(base + np.arange(shape[1]), shape)
+            row = (base + np.arange(shape[1])).reshape((shape[1],) + (1,) * (len(shape) - 2))
+            positions = np.broadcast_to(row, shape)
         else:
             positions = rng.integers(0, positions_limit, shape)
         put(gqa.POSITION_IDS, np.ascontiguousarray(np.minimum(positions, positions_limit - 1)).astype(np.int64))

@@ -124,3 +124,49 @@ def test_decode_past_longer_than_total_lengths():
 def test_chunked_prefill_static_buffer_long():
     config = GqaConfig(rotary="half", packed=True)
     assert_matches_ort(config, [Phase("chunked prefill, static buffer", 1, 4, 30, 17, (17,))])
+
+
+KEY_LENGTH_GRID = list(
+    itertools.product(
+        ["gqa", "mqa"],
+        [16, 64],
+        ["off", "half", "interleaved"],
+        ["float32", "float16"],
+        [True, False],  # present read
+    )
+)
+
+
+def _key_length_model(config: GqaConfig, dim: str | None):
+    """The grid model with key/value's sequence dim named unlike the query's, or unknown (None)."""
+    model = make_gqa_model(config)
+    for value in model.graph.input:
+        if value.name in ("key", "value"):
+            entry = value.type.tensor_type.shape.dim[1]
+            entry.Clear()
+            if dim is not None:
+                entry.dim_param = dim
+    return model
+
+
+@pytest.mark.parametrize("dim", ["kv_sequence", None], ids=["symbolic", "unknown"])
+@pytest.mark.parametrize(
+    "ratio,head_size,rotary,dtype,present",
+    KEY_LENGTH_GRID,
+    ids=["-".join(str(p) for p in cell) for cell in KEY_LENGTH_GRID],
+)
+def test_grid_with_key_length_unlike_the_query(ratio, head_size, rotary, dtype, present, dim):
+    """ORT decides at run time whether such a key has 0 rows (a KV-shared layer) or S: each cell runs
+    both, every phase (verify adds the shared-KV phases of a static buffer)."""
+    heads, kv_heads = HEAD_RATIOS[ratio]
+    config = GqaConfig(num_heads=heads, kv_num_heads=kv_heads, head_size=head_size, rotary=rotary, dtype=dtype,
+                       present=present)
+    model = _key_length_model(config, dim)
+    _, node = gqa_node(model)
+    spec = parse_gqa_node(node)
+    assert spec.kv_maybe_empty
+    phases = phases_for(node, spec)
+    assert {p.kv_empty for p in phases} == {False, True}
+    result = verify_node_model(node, config.opset, model.ir_version)
+    failures = [f"{r.phase.name}: {r.failure}" for r in result.results if not r.passed]
+    assert result.results and not failures, failures

@@ -5,21 +5,13 @@ from __future__ import annotations
 import onnx
 import pytest
 from gqa_models import GqaConfig, gqa_node, make_gqa_model
+from refusal_cases import CASES, ort_message
 
 import gqa_decompose
 from gqa_decompose import GqaDecomposeError
 from gqa_decompose.verify import verify
 
 NODE = "attn/GroupQueryAttention"
-
-
-def _with_extra_input(model: onnx.ModelProto, index: int, name: str, dims) -> onnx.ModelProto:
-    node = model.graph.node[0]
-    while len(node.input) <= index:
-        node.input.append("")
-    node.input[index] = name
-    model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
-    return model
 
 
 REFUSED = {
@@ -42,18 +34,6 @@ def test_refused_with_node_name_and_feature(case):
         gqa_decompose.decompose(model)
     assert raised.value.node_name == NODE
     assert NODE in str(raised.value)
-
-
-@pytest.mark.parametrize(
-    "index,label,dims",
-    [(12, "k_scale", [1]), (13, "v_scale", [1])],
-    ids=["k_scale without quantization", "v_scale without quantization"],
-)
-def test_refused_inputs(index, label, dims):
-    model = _with_extra_input(make_gqa_model(GqaConfig()), index, label, dims)
-    with pytest.raises(GqaDecomposeError, match=label) as raised:
-        gqa_decompose.decompose(model)
-    assert raised.value.node_name == NODE
 
 
 def test_contradictory_head_counts_are_refused():
@@ -175,3 +155,33 @@ def test_verify_reports_a_refused_node_instead_of_raising():
 def test_invalid_windowed_cache_is_refused(config, message):
     with pytest.raises(GqaDecomposeError, match=message):
         gqa_decompose.decompose(make_gqa_model(config))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_refusal_is_one_ort_makes_too(case):
+    """Each refusal of the table (docs/refusals.md): we refuse, and ORT CPU rejects the node too."""
+    refusal = CASES[case]
+    model = refusal.build()
+    with pytest.raises(GqaDecomposeError) as raised:
+        gqa_decompose.decompose(model)
+    assert refusal.ours in str(raised.value)
+    message = ort_message(model)
+    assert message is not None, "ONNX Runtime runs this node: the refusal narrows the op"
+    assert refusal.ort in message
+
+
+def test_present_declared_against_the_node_is_refused_because_the_rewrite_could_not_run(monkeypatch):
+    """ORT runs a node whose present is declared with other KV heads; the rewrite reads present back,
+    and ORT's shape inference rejects the rewritten graph, so the refusal stays."""
+    from gqa_decompose import spec
+
+    model = make_gqa_model(GqaConfig())
+    model.graph.output[1].CopyFrom(
+        onnx.helper.make_tensor_value_info("present_key", onnx.TensorProto.FLOAT, ["batch", 3, None, 16])
+    )
+    assert ort_message(model) is None
+    with pytest.raises(GqaDecomposeError, match="output 'present_key' is declared"):
+        gqa_decompose.decompose(model)
+    monkeypatch.setattr(spec, "_check_outputs", lambda *args: None)
+    message = ort_message(gqa_decompose.decompose(model, check=False))
+    assert message is not None and "Incompatible dimensions" in message

@@ -64,6 +64,7 @@ from gqa_decompose.expansion.rotary import (
     apply_rotary_op,
     build_rotary_op_inputs,
     build_rotary_tables,
+    new_rows_tables,
 )
 from gqa_decompose.expansion.sequence import (
     SharedSubgraphs,
@@ -103,9 +104,10 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
 
 
-def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None):
-    """q [B,S,N,H], k [B,S,Nkv,H], v [B,S,Nkv,H] in the model's type, q and k normalized
-    (when norm weights are given) and then rotated by ``rotate(x_BSnH, n)``.
+def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None, rotate_key=None):
+    """q [B,S,N,H], k [B,Skv,Nkv,H], v [B,Skv,Nkv,H] in the model's type, q and k normalized
+    (when norm weights are given) and then rotated by ``rotate(x_BSnH, n)`` (separate
+    keys by ``rotate_key``, when given: their length may differ from S at run time).
 
     Packed QKV rotates its Q and K heads in one pass, before they are split apart,
     unless they are normalized first (each with its own weight).
@@ -142,7 +144,7 @@ def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None):
     if spec.kv_empty:
         return query_BSNH, None, None
     key_BSNH = op.op("Reshape", node.inputs[gqa.KEY], op.ints([0, 0, kv_heads, head_size]))
-    key_BSNH = rotate(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm), kv_heads)
+    key_BSNH = (rotate_key or rotate)(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm), kv_heads)
     value_BSNH = op.op("Reshape", node.inputs[gqa.VALUE], op.ints([0, 0, kv_heads, head_size]))
     return query_BSNH, key_BSNH, value_BSNH
 
@@ -190,8 +192,8 @@ def _key_columns(
     * shared KV (empty key/value): the past rows (cut at run time to the longest row);
     * windowed cache: Concat(past, new), present gathered from the latest positions;
     * growing-cache promise: present = Concat(past, new), guarded;
-    * present read (or needed for bias/qk_output), or a static buffer: present with the
-      new rows at c_b (chosen at run time, or ScatterND into past under the static
+    * present read (or needed for bias/qk_output), a static buffer, or a key length
+      decided at run time (0 or S): present with the new rows at c_b (chosen at run time, or ScatterND into past under the static
       promise); attention reads it whole or cut to the longest row (run time);
     * nobody reads present: Concat(past, new) with each column's position; no KV write.
     """
@@ -230,7 +232,9 @@ def _key_columns(
         length = present_length(shared, info, past_key)
         positions = dense_key_positions(shared, length, ("present_length", info, dim_key(past_key, 2), False))
         return _KeyColumns(present_key, present_value, positions, length, present_key, present_value)
-    if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache:
+    # A key length of 0 or S (decided at run time) needs present: with no new rows it is past
+    # (rows [0, t_b) attention reads, §11), with S rows the ordinary cache.
+    if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache or spec.kv_maybe_empty:
         if spec.static_kv_cache:
             present_key = write_new_rows(
                 op, shared, info, past_key, new_key, spec.kv_num_heads, True, tensor_scatter
@@ -473,6 +477,18 @@ def _attend_with_op(
     return attention.output_BSD, qk_BNST
 
 
+def _rotary_table_2d(shared: SharedSubgraphs, cache: ir.Value) -> ir.Value:
+    """A cos/sin table of rank > 2 as ORT reads it: flat, in rows of shape[1] values."""
+    if cache.shape is None or len(cache.shape) <= 2:
+        return cache
+
+    def build(builder: OpBuilder) -> ir.Value:
+        width_1 = builder.slice(builder.op("Shape", cache), 1, 2, axis=0)
+        return builder.op("Reshape", cache, builder.op("Concat", builder.ints([-1]), width_1, axis=0))
+
+    return shared.get(("rotary_table_2d", cache), build)
+
+
 def expand_gqa(
     op: OpBuilder,
     shared: SharedSubgraphs,
@@ -488,11 +504,14 @@ def expand_gqa(
         node.inputs[gqa.TOTAL_SEQUENCE_LENGTH],
         node.inputs[gqa.QUERY],
         always_first_prompt=not spec.has_past,
+        key=node.inputs[gqa.KEY] if spec.kv_maybe_empty else None,
     )
 
     # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
-    rotate = None
-    if spec.do_rotary:
+    rotate = rotate_key = None
+    # A zero-width table (R = 0) rotates nothing: ORT's kernel copies every dim, and
+    # RotaryEmbedding-23 would reject the table.
+    if spec.do_rotary and spec.rotary_half != 0:
         # RotaryEmbedding-23 needs R static (its rotary_embedding_dim attribute).
         # RotaryEmbedding-23 when the rotary width is static (the attention target implies opset >= 23).
         use_rotary_op = lowering.attention_op and spec.rotary_half is not None
@@ -500,22 +519,31 @@ def expand_gqa(
         tables = build(
             shared,
             info,
-            node.inputs[gqa.COS_CACHE],
-            node.inputs[gqa.SIN_CACHE],
+            _rotary_table_2d(shared, node.inputs[gqa.COS_CACHE]),
+            _rotary_table_2d(shared, node.inputs[gqa.SIN_CACHE]),
             _input(node, gqa.POSITION_IDS),
             spec.rotary_half,
             spec.compute_dtype,
         )
 
-        def rotate(x_BSnH: ir.Value, heads: int) -> ir.Value:
-            x_BSnH = _to_compute(op, x_BSnH, spec)
-            if use_rotary_op:
-                rotated = apply_rotary_op(op, x_BSnH, tables, heads, spec.head_size, spec.rotary_interleaved)
-            else:
-                rotated = apply_rotary(op, shared, x_BSnH, tables, spec.head_size, spec.rotary_interleaved)
-            return _from_compute(op, rotated, spec)
+        def rotate_with(tables, may_be_empty: bool = False):
+            def rotate(x_BSnH: ir.Value, heads: int) -> ir.Value:
+                x_BSnH = _to_compute(op, x_BSnH, spec)
+                if use_rotary_op:  # its reshapes are explicit: fine with no rows
+                    rotated = apply_rotary_op(op, x_BSnH, tables, heads, spec.head_size, spec.rotary_interleaved)
+                else:
+                    rotated = apply_rotary(
+                        op, shared, x_BSnH, tables, spec.head_size, spec.rotary_interleaved, may_be_empty
+                    )
+                return _from_compute(op, rotated, spec)
 
-    query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate)
+            return rotate
+
+        rotate = rotate_with(tables)
+        if spec.kv_maybe_empty:
+            rotate_key = rotate_with(new_rows_tables(shared, info, tables), may_be_empty=True)
+
+    query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate, rotate_key)
     query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec)
 
     if lowering.attention_op and _causal_op_suffices(spec):

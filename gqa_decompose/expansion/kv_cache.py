@@ -68,7 +68,7 @@ def _growth_pads(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) ->
 def scatter_indices(
     shared: SharedSubgraphs, info: SequenceInfo, kv_num_heads: int
 ) -> ir.Value:
-    """ScatterND indices (b, n, c_b + s), int64 [B, Nkv, S, 3]."""
+    """ScatterND indices (b, n, c_b + s), int64 [B, Nkv, Skv, 3] (Skv = S, or 0 in a KV-shared layer)."""
     key = ("scatter_indices", info, kv_num_heads)
 
     def build(op: OpBuilder) -> ir.Value:
@@ -76,7 +76,7 @@ def scatter_indices(
             "Concat",
             info.batch_size_1,
             op.ints([kv_num_heads]),
-            op.to_vector(info.query_length),
+            op.to_vector(info.new_length),
             op.ints([1]),
             axis=0,
         )
@@ -89,7 +89,7 @@ def scatter_indices(
         rows_B1S1 = op.op(
             "Add",
             op.unsqueeze(info.offsets_B, [1, 2, 3]),
-            op.unsqueeze(info.query_rows_S, [0, 1, 3]),
+            op.unsqueeze(info.new_rows, [0, 1, 3]),
         )
         parts = [op.op("Expand", part, index_shape) for part in (batch_B111, heads_1N11, rows_B1S1)]
         return op.op("Concat", *parts, axis=3)

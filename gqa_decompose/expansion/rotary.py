@@ -35,6 +35,7 @@ __all__ = [
     "apply_rotary_op",
     "build_rotary_op_inputs",
     "build_rotary_tables",
+    "new_rows_tables",
 ]
 
 
@@ -132,14 +133,24 @@ def apply_rotary(
     tables: RotaryTables,
     head_size: int,
     interleaved: bool,
+    may_be_empty: bool = False,
 ) -> ir.Value:
-    """Rotate the first R dims of every head of a [B, S, n, H] tensor (the tables' type)."""
+    """Rotate the first R dims of every head of a [B, S, n, H] tensor (the tables' type).
+
+    ``may_be_empty``: S may be 0 (new keys of a KV-shared step), where a Reshape's -1
+    cannot be inferred, so the interleaved layout's pair axis is sized explicitly.
+    """
     partial = tables.half is None or 2 * tables.half != head_size
     rotary_dims_1 = op.op("Mul", tables.half_1, op.ints([2]))
     rotated_part = op.slice(x_BSnH, 0, rotary_dims_1, axis=3) if partial else x_BSnH
     cos, signed_sin = _rotation_tables(shared, tables, interleaved)
+
+    def pair_shape(tail: list[ir.Value]) -> ir.Value:
+        return op.op("Concat", op.ints([0, 0, 0]), *tail, axis=0)
+
     if interleaved:
-        rotated_part = op.op("Reshape", rotated_part, op.ints([0, 0, 0, -1, 2]))
+        pairs = pair_shape([tables.half_1, op.ints([2])]) if may_be_empty else op.ints([0, 0, 0, -1, 2])
+        rotated_part = op.op("Reshape", rotated_part, pairs)
         x1, x2 = op.op_multi("Split", rotated_part, op.ints([1, 1]), axis=4, num_outputs=2)
         swapped = op.op("Concat", x2, x1, axis=4)
     else:
@@ -150,7 +161,7 @@ def apply_rotary(
         swapped = op.op("Concat", x2, x1, axis=3)
     rotated = op.op("Add", op.op("Mul", rotated_part, cos), op.op("Mul", swapped, signed_sin))
     if interleaved:
-        rotated = op.op("Reshape", rotated, op.ints([0, 0, 0, -1]))
+        rotated = op.op("Reshape", rotated, pair_shape([rotary_dims_1]) if may_be_empty else op.ints([0, 0, 0, -1]))
     if not partial:
         return rotated
     untouched = op.slice(x_BSnH, rotary_dims_1, head_size, axis=3)
@@ -210,3 +221,24 @@ def apply_rotary_op(
         "RotaryEmbedding", x_BSD, inputs.cos_cache, inputs.sin_cache, inputs.positions_BS, **attributes
     )
     return op.op("Reshape", rotated_BSD, op.ints([0, 0, heads, head_size]))
+
+
+def new_rows_tables(
+    shared: SharedSubgraphs, info: SequenceInfo, tables: RotaryTables | RotaryOpInputs
+) -> RotaryTables | RotaryOpInputs:
+    """The tables of the first Skv query positions, for the new K rows of a node whose key
+    length is decided at run time (Skv = S, or 0 in a KV-shared layer, where nothing rotates)."""
+    if info.new_length is info.query_length:
+        return tables
+
+    def build(op: OpBuilder) -> RotaryTables | RotaryOpInputs:
+        rows_1 = op.to_vector(info.new_length)
+        if isinstance(tables, RotaryOpInputs):
+            return dataclasses.replace(tables, positions_BS=op.slice(tables.positions_BS, 0, rows_1, axis=1))
+        return dataclasses.replace(
+            tables,
+            cos_BS1R=op.slice(tables.cos_BS1R, 0, rows_1, axis=1),
+            sin_BS1R=op.slice(tables.sin_BS1R, 0, rows_1, axis=1),
+        )
+
+    return shared.get(("new_rows_tables", info, tables), build)

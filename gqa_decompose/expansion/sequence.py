@@ -69,6 +69,10 @@ class SequenceInfo:
         is_first_prompt: 0-D bool, S == T; None when statically a first prompt.
         offsets_B: c_b, where row b's new keys start, shape [B].
         query_rows_S: Range(S), shape [S].
+        new_length: Skv, the number of new key/value rows, 0-D: S itself, or
+            Shape(key)[1] for a node whose key length is only known at run time
+            (0 in a KV-shared layer, else S; semantics §11).
+        new_rows: Range(Skv), shape [Skv].
     """
 
     total_lengths_B: ir.Value
@@ -78,6 +82,8 @@ class SequenceInfo:
     is_first_prompt: ir.Value | None
     offsets_B: ir.Value
     query_rows_S: ir.Value
+    new_length: ir.Value
+    new_rows: ir.Value
 
 
 def build_sequence_info(
@@ -86,8 +92,11 @@ def build_sequence_info(
     total_sequence_length: ir.Value,
     query: ir.Value,
     always_first_prompt: bool,
+    key: ir.Value | None = None,
 ) -> SequenceInfo:
-    key = ("sequence", seqlens_k, total_sequence_length, dim_key(query, 1), always_first_prompt)
+    """The sizes of one node's step; ``key`` only when its length may be 0 or S (run time)."""
+    key_length = None if key is None else dim_key(key, 1)
+    cache_key = ("sequence", seqlens_k, total_sequence_length, dim_key(query, 1), always_first_prompt, key_length)
 
     def build(op: OpBuilder) -> SequenceInfo:
         seqlens_B = op.cast(op.op("Reshape", seqlens_k, op.ints([-1])), ir.DataType.INT64)
@@ -107,6 +116,10 @@ def build_sequence_info(
             offsets_B = op.op(
                 "Where", is_first_prompt, op.int_scalar(0), continuation_offsets_B
             )
+        new_length, new_rows = query_length, query_rows_S
+        if key is not None:
+            new_length = op.dim(key, 1)
+            new_rows = op.op("Range", op.int_scalar(0), new_length, op.int_scalar(1))
         return SequenceInfo(
             total_lengths_B=total_lengths_B,
             batch_size_1=batch_size_1,
@@ -115,6 +128,8 @@ def build_sequence_info(
             is_first_prompt=is_first_prompt,
             offsets_B=offsets_B,
             query_rows_S=query_rows_S,
+            new_length=new_length,
+            new_rows=new_rows,
         )
 
-    return shared.get(key, build)
+    return shared.get(cache_key, build)
