@@ -142,8 +142,10 @@ def _with_declarations_of(original: onnx.ModelProto, rewritten: onnx.ModelProto)
     present_key/present_value twice); an onnx_ir value holds one of them, so the rewrite would
     re-declare both from the last one, and ONNX Runtime then refuses a run it accepted before.
     """
-    for declared, written in ((original.graph.input, rewritten.graph.input),
-                              (original.graph.output, rewritten.graph.output)):
+    for declared, written in (
+        (original.graph.input, rewritten.graph.input),
+        (original.graph.output, rewritten.graph.output),
+    ):
         if [v.name for v in declared] == [v.name for v in written]:
             del written[:]
             written.extend(declared)

@@ -60,7 +60,9 @@ def require_harness(runtime: str) -> pathlib.Path:
             f"(use a checkout of gqa-decompose, or set {_HARNESS_ENV} to its tests/browser folder)"
         )
     if shutil.which("node") is None:
-        raise GqaDecomposeError(f"runtime '{runtime}' is not available: node is not installed (it runs {folder}/harness.mjs)")
+        raise GqaDecomposeError(
+            f"runtime '{runtime}' is not available: node is not installed (it runs {folder}/harness.mjs)"
+        )
     missing = [name for name in _PACKAGES if not (folder / "node_modules" / name / "package.json").is_file()]
     if missing:
         raise GqaDecomposeError(
@@ -83,10 +85,18 @@ def versions(runtime: str) -> str:
 # Tensors as raw files ---------------------------------------------------------------------------
 
 _DTYPES = {
-    np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.float64): "float64",
-    np.dtype(np.int64): "int64", np.dtype(np.int32): "int32", np.dtype(np.int16): "int16",
-    np.dtype(np.int8): "int8", np.dtype(np.uint64): "uint64", np.dtype(np.uint32): "uint32",
-    np.dtype(np.uint16): "uint16", np.dtype(np.uint8): "uint8", np.dtype(np.bool_): "bool",
+    np.dtype(np.float32): "float32",
+    np.dtype(np.float16): "float16",
+    np.dtype(np.float64): "float64",
+    np.dtype(np.int64): "int64",
+    np.dtype(np.int32): "int32",
+    np.dtype(np.int16): "int16",
+    np.dtype(np.int8): "int8",
+    np.dtype(np.uint64): "uint64",
+    np.dtype(np.uint32): "uint32",
+    np.dtype(np.uint16): "uint16",
+    np.dtype(np.uint8): "uint8",
+    np.dtype(np.bool_): "bool",
 }
 _NUMPY = {name: dtype for dtype, name in _DTYPES.items()}
 
@@ -100,8 +110,15 @@ def write_tensors(prefix: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
             if array.dtype not in _DTYPES:
                 raise GqaDecomposeError(f"onnxruntime-web takes no {array.dtype} tensor (input {name})")
             raw = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
-            entries.append({"name": name, "dtype": _DTYPES[array.dtype], "shape": list(array.shape),
-                            "offset": offset, "nbytes": len(raw)})
+            entries.append(
+                {
+                    "name": name,
+                    "dtype": _DTYPES[array.dtype],
+                    "shape": list(array.shape),
+                    "offset": offset,
+                    "nbytes": len(raw),
+                }
+            )
             data.write(raw)
             offset += len(raw)
     pathlib.Path(f"{prefix}.json").write_text(json.dumps({"tensors": entries}))
@@ -129,7 +146,10 @@ class _Harness:
         self._stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it until it fails
         self._process = subprocess.Popen(
             ["node", str(folder / "harness.mjs"), "--serve"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
         )
         self._lock = threading.Lock()
         if not self._process.stdout.readline():
@@ -224,9 +244,15 @@ def load(model: onnx.ModelProto, backend: str):
         feeds = _only(feeds, inputs)
         step = pathlib.Path(folder.name) / f"run{next(runs)}"
         write_tensors(step.with_suffix(".in"), feeds)
-        job = {"op": "run", "model": str(path), "feeds": str(step.with_suffix(".in")),
-               "out": str(step.with_suffix(".out")), "backend": backend, "strict": backend == "webnn",
-               "freeDims": _free_dims(model, feeds) if backend == "webnn" else {}}
+        job = {
+            "op": "run",
+            "model": str(path),
+            "feeds": str(step.with_suffix(".in")),
+            "out": str(step.with_suffix(".out")),
+            "backend": backend,
+            "strict": backend == "webnn",
+            "freeDims": _free_dims(model, feeds) if backend == "webnn" else {},
+        }
         answer = harness.ask(job)
         if not answer["ok"]:
             raise RuntimeError(answer["error"])

@@ -69,8 +69,15 @@ class _Progress:
         if self._bar is None:
             import tqdm
 
-            self._bar = tqdm.tqdm(desc=self.description, unit=self.unit, total=total, initial=done, leave=False,
-                                  disable=True if self.quiet else None, file=sys.stderr)
+            self._bar = tqdm.tqdm(
+                desc=self.description,
+                unit=self.unit,
+                total=total,
+                initial=done,
+                leave=False,
+                disable=True if self.quiet else None,
+                file=sys.stderr,
+            )
         self._bar.total = total
         self._bar.n = done
         self._bar.refresh()
@@ -139,8 +146,10 @@ def _step_lines(result: ModelVerification) -> list[str]:
             tokens = f", tokens {list(step.expected_tokens)} / {list(step.got_tokens or ())}"
         detail = ", ".join(f"{k} {v:.2g}" for k, v in kinds.items())
         failed = "" if step.passed else f"  FAILED: {step.failure or 'out of tolerance'}"
-        lines.append(f"  step {step.step} ({step.kind}, S={step.query_length}, t={list(step.total_lengths)}): "
-                     f"{detail}{tokens}{failed}")
+        lines.append(
+            f"  step {step.step} ({step.kind}, S={step.query_length}, t={list(step.total_lengths)}): "
+            f"{detail}{tokens}{failed}"
+        )
     return lines
 
 
@@ -175,10 +184,18 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "as past; 'all' both; 'none' nothing.",
 )
 @click.option("--no-verify", is_flag=True, help="Same as --verify none.")
-@click.option("--steps", type=click.IntRange(0), default=4, show_default=True,
-              help="Model-level verification: decode steps after the prompt.")
-@click.option("--batch", type=click.IntRange(1), help="Model-level verification: batch size (default 2, "
-              "right-padded rows; or the batch of --inputs).")
+@click.option(
+    "--steps",
+    type=click.IntRange(0),
+    default=4,
+    show_default=True,
+    help="Model-level verification: decode steps after the prompt.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1),
+    help="Model-level verification: batch size (default 2, right-padded rows; or the batch of --inputs).",
+)
 @click.option(
     "--dim",
     "dims",
@@ -330,8 +347,10 @@ def main(
         verify_mode = "none"
     if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
         # A suggestion only: the default keeps every cache form the original accepts.
-        click.echo("note: genai_config.json sets past_present_share_buffer: --kv-cache static emits only the "
-                   "static-buffer path (one cache copy less), which a growing-cache loop cannot run")
+        click.echo(
+            "note: genai_config.json sets past_present_share_buffer: --kv-cache static emits only the "
+            "static-buffer path (one cache copy less), which a growing-cache loop cannot run"
+        )
     options = DecomposeOptions(
         legacy_window=legacy_window,
         static_kv_cache=kv_cache == "static",
@@ -542,8 +561,16 @@ def _run_decompose(
         verifications = _verify_nodes(original, options, run.quiet)
         result.timings["verify_nodes"] = time.perf_counter() - started
     for entry, verification in zip(decomposed, verifications, strict=True):
-        node = NodeEntry(entry.name, entry.scope, "decomposed", entry.spec, new_nodes=entry.new_node_count,
-                         verification=verification, target=entry.target, fallback=entry.fallback)
+        node = NodeEntry(
+            entry.name,
+            entry.scope,
+            "decomposed",
+            entry.spec,
+            new_nodes=entry.new_node_count,
+            verification=verification,
+            target=entry.target,
+            fallback=entry.fallback,
+        )
         result.nodes.append(node)
         click.echo(
             f"{entry.name}: decomposed ({', '.join(entry.spec.features())}) into "
@@ -652,8 +679,9 @@ def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, .
     if runtime_names:
         if any(entry.status == "refused" for entry in result.nodes):
             click.echo("not run on any runtime: a node is refused")
-            result.runtimes.append({"runtime": None, "version": None, "passed": False,
-                                    "error": "not run: a node is refused"})
+            result.runtimes.append(
+                {"runtime": None, "version": None, "passed": False, "error": "not run: a node is refused"}
+            )
         else:
             model = model_io.load_model(run.model_path)
             InferGqaTypesPass()(model)
@@ -696,7 +724,6 @@ def _run_on_runtimes(
             )
         else:
             click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}")
-        entry["model"] = {"passed": model_run.passed, "max_errors": model_run.max_errors,
-                          "failure": model_run.failure}
+        entry["model"] = {"passed": model_run.passed, "max_errors": model_run.max_errors, "failure": model_run.failure}
         click.echo(f"{model_path}: {'runs' if result.passed else 'does NOT run'} on {label} once decomposed")
     return entries

@@ -20,8 +20,17 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 
-__all__ = ["check_output_folder", "check_output_path", "default_output_path", "genai_shares_kv_buffer", "external_tensors", "load_model",
-           "read_genai_config", "save_model", "shares_kv_buffer"]
+__all__ = [
+    "check_output_folder",
+    "check_output_path",
+    "default_output_path",
+    "genai_shares_kv_buffer",
+    "external_tensors",
+    "load_model",
+    "read_genai_config",
+    "save_model",
+    "shares_kv_buffer",
+]
 
 
 def default_output_path(model_path: str | os.PathLike) -> pathlib.Path:
@@ -171,8 +180,7 @@ def check_output_path(
     sources = model.meta.get(_SOURCE_FILES, frozenset())
     if target.resolve() in sources:
         raise GqaDecomposeError(
-            f"the output path is the input model's own file {target}; "
-            "a file of the input model is never overwritten"
+            f"the output path is the input model's own file {target}; a file of the input model is never overwritten"
         )
     if reuse_input_data:
         for tensor in external_tensors(model):
@@ -183,8 +191,7 @@ def check_output_path(
                 )
     elif external_data and (target.parent / f"{target.name}.data").resolve() in sources:
         raise GqaDecomposeError(
-            f"writing {target} would replace {target}.data, a file of the input model; "
-            "choose another output path"
+            f"writing {target} would replace {target}.data, a file of the input model; choose another output path"
         )
 
 
@@ -203,15 +210,11 @@ def check_output_folder(path: str | os.PathLike, create_missing: bool = True) ->
     if not existing.is_dir():
         raise GqaDecomposeError(f"cannot write the output into {folder}: {existing} is not a folder")
     if not create_missing and existing != folder:
-        raise GqaDecomposeError(
-            f"the output folder {folder} does not exist (end -o with / to have it created)"
-        )
+        raise GqaDecomposeError(f"the output folder {folder} does not exist (end -o with / to have it created)")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".gqa-decompose-probe.", dir=existing))
     except OSError as error:
-        raise GqaDecomposeError(
-            f"cannot write the output into {folder}: {error.strerror or error}"
-        ) from None
+        raise GqaDecomposeError(f"cannot write the output into {folder}: {error.strerror or error}") from None
 
 
 _STAGING_SUFFIX = ".partial"
@@ -236,7 +239,7 @@ def _remove_stale_staging(target: pathlib.Path) -> None:
         name = entry.name
         if not (name.startswith(prefix) and name.endswith(_STAGING_SUFFIX) and entry.is_dir()):
             continue
-        pid_text = name[len(prefix):].split(".", 1)[0]
+        pid_text = name[len(prefix) :].split(".", 1)[0]
         if not pid_text.isdigit() or _process_alive(int(pid_text)):
             continue
         shutil.rmtree(entry, ignore_errors=True)
@@ -279,7 +282,9 @@ def save_model(
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_staging(target)
         staging = pathlib.Path(
-            tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.", suffix=_STAGING_SUFFIX, dir=target.parent)
+            tempfile.mkdtemp(
+                prefix=f"{_staging_prefix(target)}{os.getpid()}.", suffix=_STAGING_SUFFIX, dir=target.parent
+            )
         )
     except OSError as error:
         _remove_folders(created)

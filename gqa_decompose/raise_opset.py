@@ -46,8 +46,7 @@ def _signature(schema) -> tuple:
 
 def _attributes(schema) -> dict[str, tuple]:
     return {
-        name: (int(a.type), a.required, a.default_value.SerializeToString())
-        for name, a in schema.attributes.items()
+        name: (int(a.type), a.required, a.default_value.SerializeToString()) for name, a in schema.attributes.items()
     }
 
 
@@ -74,9 +73,9 @@ def _op_obstacle(op_type: str, old: int, new: int) -> str | None:
         return None
     if before.since_version == after.since_version:
         return None
-    bumps = {
-        onnx.defs.get_schema(op_type, version, "").since_version for version in range(old + 1, new + 1)
-    } - {before.since_version}
+    bumps = {onnx.defs.get_schema(op_type, version, "").since_version for version in range(old + 1, new + 1)} - {
+        before.since_version
+    }
     changed = sorted(v for v in bumps if (op_type, v) in _MEANING_CHANGED)
     if changed:
         return f"{op_type}-{changed[0]} changed meaning"

@@ -30,8 +30,18 @@ from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolv
 from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
 
-__all__ = ["op_node_entry", "REPORT_SCHEMA", "REPORT_SCHEMA_VERSION", "VERIFY_MODES", "CheckResult", "NodeEntry", "check",
-           "node_verification_json", "ops_left", "report_json"]
+__all__ = [
+    "op_node_entry",
+    "REPORT_SCHEMA",
+    "REPORT_SCHEMA_VERSION",
+    "VERIFY_MODES",
+    "CheckResult",
+    "NodeEntry",
+    "check",
+    "node_verification_json",
+    "ops_left",
+    "report_json",
+]
 
 REPORT_SCHEMA = "gqa-decompose-report"
 REPORT_SCHEMA_VERSION = 1
@@ -249,7 +259,9 @@ def _check_op_nodes(model: ir.Model, options: DecomposeOptions, verify_mode: str
         except GqaDecomposeError as error:
             result.op_nodes.append(op_node_entry(item, status="refused", reason=error.reason))
             continue
-        verification = verify_op_node(item.node, item.decomposer, item.opset, rng) if verify_mode in ("nodes", "all") else None
+        verification = (
+            verify_op_node(item.node, item.decomposer, item.opset, rng) if verify_mode in ("nodes", "all") else None
+        )
         result.op_nodes.append(op_node_entry(item, verification, status="decomposable"))
         decomposable.add(id(item.node))
     return decomposable
@@ -285,8 +297,13 @@ def _config_json(spec: GqaSpec | None) -> dict | None:
         "local_window_size": spec.local_window_size if spec.local_window_size >= 0 else None,
         "softcap": spec.softcap if spec.softcap > 0 else None,
         "kv_cache": (
-            "windowed" if spec.sliding_window_cache else "static" if spec.static_kv_cache
-            else "growing" if spec.growing_kv_cache else "any"
+            "windowed"
+            if spec.sliding_window_cache
+            else "static"
+            if spec.static_kv_cache
+            else "growing"
+            if spec.growing_kv_cache
+            else "any"
         ),
         "features": spec.features(),
     }
@@ -346,8 +363,9 @@ def _model_verification_json(result: ModelVerification | None, verify_mode: str)
                 "total_lengths": list(s.total_lengths),
                 "passed": s.passed,
                 "failure": s.failure,
-                "tokens": None if s.expected_tokens is None else {
-                    "original": list(s.expected_tokens), "rewritten": list(s.got_tokens or ())},
+                "tokens": None
+                if s.expected_tokens is None
+                else {"original": list(s.expected_tokens), "rewritten": list(s.got_tokens or ())},
                 "outputs": {
                     o.name: {"max_abs": _finite(o.max_abs), "max_rel": _finite(o.max_rel), "passed": o.passed}
                     for o in s.outputs

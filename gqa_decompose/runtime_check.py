@@ -62,11 +62,7 @@ class RuntimeCheck:
 
     @property
     def passed(self) -> bool:
-        return (
-            self.unavailable is None
-            and self.model.passed
-            and (self.nodes is None or self.nodes.passed)
-        )
+        return self.unavailable is None and self.model.passed and (self.nodes is None or self.nodes.passed)
 
 
 def _dim_value(
@@ -157,8 +153,9 @@ def _run_model(
     try:
         expected = runtimes.get_runtime("onnxruntime").load(original).run(feeds)
     except Exception as error:  # not the runtime's fault: no verdict possible
-        return ModelRun({}, f"the original model does not run on ONNX Runtime with synthesized inputs: "
-                            f"{core.first_line(error)}")
+        return ModelRun(
+            {}, f"the original model does not run on ONNX Runtime with synthesized inputs: {core.first_line(error)}"
+        )
     try:
         session = runtimes.get_runtime(runtime).load(decomposed)
     except Exception as error:

@@ -286,27 +286,48 @@ def _browser_loader(backend: str) -> Callable[[onnx.ModelProto], Session]:
 RUNTIMES: dict[str, Runtime] = {
     runtime.name: runtime
     for runtime in (
-        Runtime("onnxruntime", "onnxruntime", "ONNX Runtime, CPU execution provider", "onnxruntime",
-                _load_onnxruntime),
-        Runtime("reference", "onnx", "onnx.reference.ReferenceEvaluator (the ONNX spec in numpy)",
-                "onnx.reference", _load_reference),
-        Runtime("openvino", "openvino", "OpenVINO, CPU plugin, f32 inference precision", "openvino",
-                _load_openvino),
-        Runtime("tract", "tract", "tract (Sonos), Python bindings, specialized to the input shapes", "tract",
-                _load_tract, shapes_from_input_shapes=True),
+        Runtime("onnxruntime", "onnxruntime", "ONNX Runtime, CPU execution provider", "onnxruntime", _load_onnxruntime),
+        Runtime(
+            "reference",
+            "onnx",
+            "onnx.reference.ReferenceEvaluator (the ONNX spec in numpy)",
+            "onnx.reference",
+            _load_reference,
+        ),
+        Runtime("openvino", "openvino", "OpenVINO, CPU plugin, f32 inference precision", "openvino", _load_openvino),
+        Runtime(
+            "tract",
+            "tract",
+            "tract (Sonos), Python bindings, specialized to the input shapes",
+            "tract",
+            _load_tract,
+            shapes_from_input_shapes=True,
+        ),
     )
 }
-RUNTIMES.update({
-    runtime.name: runtime
-    for runtime in (
-        _BrowserRuntime("wasm", "onnxruntime-web (npm)", "onnxruntime-web in headless Chromium, wasm backend",
-                        "gqa_decompose.browser", _browser_loader("wasm")),
-        # WebNN compiles for static shapes, fixed from the input shapes (freeDimensionOverrides).
-        _BrowserRuntime("webnn", "onnxruntime-web (npm)",
-                        "onnxruntime-web in headless Chromium, WebNN (CPU), no CPU fallback",
-                        "gqa_decompose.browser", _browser_loader("webnn"), shapes_from_input_shapes=True),
-    )
-})
+RUNTIMES.update(
+    {
+        runtime.name: runtime
+        for runtime in (
+            _BrowserRuntime(
+                "wasm",
+                "onnxruntime-web (npm)",
+                "onnxruntime-web in headless Chromium, wasm backend",
+                "gqa_decompose.browser",
+                _browser_loader("wasm"),
+            ),
+            # WebNN compiles for static shapes, fixed from the input shapes (freeDimensionOverrides).
+            _BrowserRuntime(
+                "webnn",
+                "onnxruntime-web (npm)",
+                "onnxruntime-web in headless Chromium, WebNN (CPU), no CPU fallback",
+                "gqa_decompose.browser",
+                _browser_loader("webnn"),
+                shapes_from_input_shapes=True,
+            ),
+        )
+    }
+)
 
 
 TOTAL_LENGTH_SHAPE_SUFFIX = "__length_as_shape"
@@ -357,9 +378,7 @@ def get_runtime(name: str) -> Runtime:
     try:
         return RUNTIMES[name]
     except KeyError:
-        raise GqaDecomposeError(
-            f"unknown runtime '{name}' (choose from {', '.join(RUNTIMES)})"
-        ) from None
+        raise GqaDecomposeError(f"unknown runtime '{name}' (choose from {', '.join(RUNTIMES)})") from None
 
 
 def available_runtimes() -> list[str]:

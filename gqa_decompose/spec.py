@@ -165,9 +165,7 @@ class DecomposeOptions:
             known = {"GroupQueryAttention", *(op_type for _, op_type in decomposers())}
             unknown = sorted(set(self.ops) - known)
             if unknown:
-                raise GqaDecomposeError(
-                    f"unknown op type(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-                )
+                raise GqaDecomposeError(f"unknown op type(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if self.static_kv_cache and self.growing_kv_cache:
             raise GqaDecomposeError("static_kv_cache and growing_kv_cache promise opposite things")
         if self.target not in TARGETS:
@@ -434,8 +432,7 @@ def _head_size(n: _Node, heads: _Heads, query_hidden: int, packed_qkv: bool) -> 
         width = heads.num_heads + 2 * heads.kv_num_heads
         if query_hidden % width:
             raise n.refuse(
-                f"packed query hidden size {query_hidden} is not a multiple of "
-                f"num_heads + 2*kv_num_heads = {width}"
+                f"packed query hidden size {query_hidden} is not a multiple of num_heads + 2*kv_num_heads = {width}"
             )
         head_size = query_hidden // width
     else:
@@ -514,8 +511,7 @@ def _parse_past(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization) -
             for got, expected in ((past_dims[1], heads.kv_num_heads), (past_dims[3], cache_width))
         ):
             raise n.refuse(
-                f"{label} shape {past_dims} does not match kv_num_heads={heads.kv_num_heads}, "
-                f"head_size={qkv.head_size}"
+                f"{label} shape {past_dims} does not match kv_num_heads={heads.kv_num_heads}, head_size={qkv.head_size}"
             )
     if qkv.kv_empty and not has_past:
         raise n.refuse("empty key/value (shared KV) requires a past")
@@ -556,9 +552,7 @@ def _parse_rotary(n: _Node, qkv: _Qkv) -> int | None:
         if cos_dims is not None and isinstance(cos_dims[1], int):
             rotary_half = cos_dims[1]
             if rotary_half > qkv.head_size // 2 or rotary_half % 8:
-                raise n.refuse(
-                    f"cos_cache dimension 1 ({rotary_half}) must be <= head_size/2 and a multiple of 8"
-                )
+                raise n.refuse(f"cos_cache dimension 1 ({rotary_half}) must be <= head_size/2 and a multiple of 8")
         for label, cache in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
             if cache.dtype not in (qkv.dtype, None):
                 raise n.refuse(f"{label} type {cache.dtype} differs from query type {qkv.dtype}")
@@ -592,8 +586,10 @@ def _check_bias(n: _Node, heads: _Heads, dtype: ir.DataType) -> None:
 
 def _check_sink(n: _Node, heads: _Heads) -> None:
     sink_dims = _dims(n.input(HEAD_SINK))
-    if sink_dims is not None and sink_dims != (heads.num_heads,) and not (
-        len(sink_dims) == 1 and not isinstance(sink_dims[0], int)
+    if (
+        sink_dims is not None
+        and sink_dims != (heads.num_heads,)
+        and not (len(sink_dims) == 1 and not isinstance(sink_dims[0], int))
     ):
         raise n.refuse(f"head_sink must have shape ({heads.num_heads},), got {sink_dims}")
 

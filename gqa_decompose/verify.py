@@ -87,10 +87,7 @@ class NodeVerification:
     @property
     def passed(self) -> bool:
         return (
-            self.refused is None
-            and self.skipped is None
-            and bool(self.results)
-            and all(r.passed for r in self.results)
+            self.refused is None and self.skipped is None and bool(self.results) and all(r.passed for r in self.results)
         )
 
     @property
@@ -106,9 +103,7 @@ class VerificationReport:
 
     @property
     def passed(self) -> bool:
-        return not self.leftover_gqa_nodes and all(
-            n.passed or (n.skipped and not n.refused) for n in self.nodes
-        )
+        return not self.leftover_gqa_nodes and all(n.passed or (n.skipped and not n.refused) for n in self.nodes)
 
     @property
     def max_error(self) -> float | None:
@@ -116,9 +111,21 @@ class VerificationReport:
         return max(errors) if errors else None
 
 
-_INPUT_RANKS = {gqa.QUERY: 3, gqa.KEY: 3, gqa.VALUE: 3, gqa.PAST_KEY: 4, gqa.PAST_VALUE: 4,
-                gqa.COS_CACHE: 2, gqa.SIN_CACHE: 2, gqa.POSITION_IDS: 2, gqa.ATTENTION_BIAS: 4,
-                gqa.K_SCALE: 1, gqa.V_SCALE: 1, gqa.Q_NORM_WEIGHT: 1, gqa.K_NORM_WEIGHT: 1}
+_INPUT_RANKS = {
+    gqa.QUERY: 3,
+    gqa.KEY: 3,
+    gqa.VALUE: 3,
+    gqa.PAST_KEY: 4,
+    gqa.PAST_VALUE: 4,
+    gqa.COS_CACHE: 2,
+    gqa.SIN_CACHE: 2,
+    gqa.POSITION_IDS: 2,
+    gqa.ATTENTION_BIAS: 4,
+    gqa.K_SCALE: 1,
+    gqa.V_SCALE: 1,
+    gqa.Q_NORM_WEIGHT: 1,
+    gqa.K_NORM_WEIGHT: 1,
+}
 
 # Extraction --------------------------------------------------------------------------------
 
@@ -177,9 +184,11 @@ def extract_node_model(
         if dims is None:  # a graph input needs a shape; the rank is the op's
             dims = [None] * _INPUT_RANKS.get(index, 1)
         graph_inputs[name] = helper.make_tensor_value_info(name, retype(value.dtype), dims)
-    exposed = outputs if outputs is not None else [
-        i for i, value in enumerate(node.outputs) if value is not None and value.name
-    ]
+    exposed = (
+        outputs
+        if outputs is not None
+        else [i for i, value in enumerate(node.outputs) if value is not None and value.name]
+    )
     output_count = max([len(node.outputs), *(i + 1 for i in exposed)])
     output_names = [f"out{i}" if i in exposed else "" for i in range(output_count)]
     while output_names and output_names[-1] == "":
@@ -239,8 +248,9 @@ def unfused_qk_norm_nodes(node: ir.Node, spec: GqaSpec) -> list[ir.Node]:
     def norm(heads: ir.Value, weight: ir.Value | None) -> ir.Value:
         if weight is None:
             return heads
-        return add("SimplifiedLayerNormalization", [heads, weight], axis=-1, epsilon=spec.qk_norm_epsilon,
-                   stash_type=1).outputs[0]
+        return add(
+            "SimplifiedLayerNormalization", [heads, weight], axis=-1, epsilon=spec.qk_norm_epsilon, stash_type=1
+        ).outputs[0]
 
     def weight(index: int) -> ir.Value | None:
         return node.inputs[index] if len(node.inputs) > index else None
@@ -253,7 +263,10 @@ def unfused_qk_norm_nodes(node: ir.Node, spec: GqaSpec) -> list[ir.Node]:
         merged = add("Concat", [norm(q, q_weight), norm(k, k_weight), v], axis=2).outputs[0]
         node.replace_input_with(gqa.QUERY, add("Reshape", [merged, constant([0, 0, (n + 2 * nkv) * h])]).outputs[0])
     else:
-        for index, norm_weight, count in ((gqa.QUERY, q_weight, n), (gqa.KEY, None if spec.kv_empty else k_weight, nkv)):
+        for index, norm_weight, count in (
+            (gqa.QUERY, q_weight, n),
+            (gqa.KEY, None if spec.kv_empty else k_weight, nkv),
+        ):
             if norm_weight is not None:
                 heads = add("Reshape", [node.inputs[index], constant([0, 0, count, h])]).outputs[0]
                 flat = add("Reshape", [norm(heads, norm_weight), constant([0, 0, count * h])]).outputs[0]
@@ -293,8 +306,10 @@ def _static_dim(node: ir.Node, positions: Sequence[tuple[int, int]]) -> int | st
 
 def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     """The phases a node's static shapes admit, with small sizes for symbolic dims."""
-    batch_dim = _static_dim(node, [(gqa.QUERY, 0), (gqa.KEY, 0), (gqa.VALUE, 0), (gqa.PAST_KEY, 0),
-                                   (gqa.PAST_VALUE, 0), (gqa.POSITION_IDS, 0)])
+    batch_dim = _static_dim(
+        node,
+        [(gqa.QUERY, 0), (gqa.KEY, 0), (gqa.VALUE, 0), (gqa.PAST_KEY, 0), (gqa.PAST_VALUE, 0), (gqa.POSITION_IDS, 0)],
+    )
     query_positions = [(gqa.QUERY, 1), (gqa.ATTENTION_BIAS, 2)]
     if not (spec.kv_empty or spec.kv_maybe_empty):
         query_positions += [(gqa.KEY, 1), (gqa.VALUE, 1)]
@@ -367,8 +382,11 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
             phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))
             if spec.kv_maybe_empty and past_length is not None and past_length >= total:
                 # The key length is 0 or S at run time: a KV-shared step reads a static buffer (§11).
-                phases.append(Phase(name + suffix + ", shared KV", batch, query_length, past_length, total, lengths,
-                                    kv_empty=True))
+                phases.append(
+                    Phase(
+                        name + suffix + ", shared KV", batch, query_length, past_length, total, lengths, kv_empty=True
+                    )
+                )
     return phases
 
 
@@ -387,7 +405,9 @@ def _sliding_cache_phases(spec: GqaSpec, batch_dim, query_dim, past_dim, positio
         for chunk in sorted({_fixed(query_dim, 3), _fixed(query_dim, capacity + 2)}):
             if chunk > 1:
                 total = chunk + capacity + 3
-                candidates.append(Phase(f"chunked prefill of {chunk}, windowed cache", 1, chunk, capacity, total, (total,)))
+                candidates.append(
+                    Phase(f"chunked prefill of {chunk}, windowed cache", 1, chunk, capacity, total, (total,))
+                )
     return [p for p in candidates if positions_limit is None or p.total_length + 3 <= positions_limit]
 
 
@@ -540,14 +560,14 @@ def _defined_parts(output_index: int, shape: Sequence[int], spec: GqaSpec, phase
         kept = core.defined_present_rows(phase.total_lengths, shape[2], window)
         return [(b, slice(None), slice(0, rows)) for b, rows in enumerate(kept)]
     if output_index == gqa.OUTPUT_QK:
-        return [(b, slice(None), slice(0, rows), slice(0, length))
-                for b, (rows, length) in enumerate(zip(queries, phase.total_lengths))]
+        return [
+            (b, slice(None), slice(0, rows), slice(0, length))
+            for b, (rows, length) in enumerate(zip(queries, phase.total_lengths))
+        ]
     return []
 
 
-def _defined_elements(
-    output_index: int, array: np.ndarray, spec: GqaSpec, phase: Phase
-) -> list[np.ndarray]:
+def _defined_elements(output_index: int, array: np.ndarray, spec: GqaSpec, phase: Phase) -> list[np.ndarray]:
     """The slices of ``array`` that ONNX Runtime defines, one per batch row."""
     return [array[index] for index in _defined_parts(output_index, array.shape, spec, phase)]
 
@@ -707,8 +727,15 @@ def _node_check(
     total_length_input = feed_names.get(gqa.TOTAL_SEQUENCE_LENGTH) if total_length_from_shape else None
     run_candidate, label = _candidate_runner(candidate, runtime, total_length_input, bfloat16)
     tolerance = core.node_tolerance(spec.dtype, spec.compute_dtype != ir.DataType.FLOAT)
-    check = _NodeCheck(spec, tuple(used_outputs), tuple(oracle_outputs), _lazy(lambda: core.ort_runner(oracle)),
-                       run_candidate, label, tolerance)
+    check = _NodeCheck(
+        spec,
+        tuple(used_outputs),
+        tuple(oracle_outputs),
+        _lazy(lambda: core.ort_runner(oracle)),
+        run_candidate,
+        label,
+        tolerance,
+    )
     return check, feed_names
 
 
@@ -740,8 +767,9 @@ def verify_node_model(
     target, fallback = resolve_target(spec, options, opset, raise_obstacle)
     if used_outputs is None:
         used_outputs = [i for i, v in enumerate(node.outputs) if v is not None and v.name]
-    check, feed_names = _node_check(node, spec, opset, ir_version, options, used_outputs, runtime,
-                                    total_length_from_shape, fused_on_runtime)
+    check, feed_names = _node_check(
+        node, spec, opset, ir_version, options, used_outputs, runtime, total_length_from_shape, fused_on_runtime
+    )
     rng = np.random.default_rng(seed)
     results = []
     for phase in phases if phases is not None else phases_for(node, spec):
@@ -822,8 +850,14 @@ def verify(
             nodes.append(dataclasses.replace(verified[signature], name=node.name or verified[signature].name))
         else:
             result = verify_node_model(
-                node, opset, model.ir_version, decompose_options, used_outputs=used, seed=seed,
-                runtime=runtime, total_length_from_shape=total_length_from_shape,
+                node,
+                opset,
+                model.ir_version,
+                decompose_options,
+                used_outputs=used,
+                seed=seed,
+                runtime=runtime,
+                total_length_from_shape=total_length_from_shape,
                 raise_obstacle=raise_obstacle,
             )
             verified[signature] = result
@@ -832,6 +866,8 @@ def verify(
             progress(index + 1, len(found))
     leftover: tuple[str, ...] = ()
     if decomposed is not None:
-        decomposed_ir = ir.serde.deserialize_model(decomposed) if isinstance(decomposed, onnx.ModelProto) else decomposed
+        decomposed_ir = (
+            ir.serde.deserialize_model(decomposed) if isinstance(decomposed, onnx.ModelProto) else decomposed
+        )
         leftover = tuple(node.name for _, node in find_gqa_nodes(decomposed_ir))
     return VerificationReport(tuple(nodes), leftover)

@@ -206,8 +206,7 @@ def ort_session(model: ir.Model | onnx.ModelProto):
         if len(folders) > 1:
             raise GqaDecomposeError("verification needs every external-data file in one folder")
         if folders:
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(folders.pop()))
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folders.pop()))
         model = ir.serde.serialize_model(model)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

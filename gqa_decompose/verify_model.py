@@ -131,8 +131,12 @@ class ModelVerification:
     @property
     def passed(self) -> bool:
         """This loop and every other cache form's passed."""
-        return (self.skipped is None and bool(self.steps) and all(s.passed for s in self.steps)
-                and all(other.passed for other in self.also))
+        return (
+            self.skipped is None
+            and bool(self.steps)
+            and all(s.passed for s in self.steps)
+            and all(other.passed for other in self.also)
+        )
 
     def max_errors(self) -> dict[str, tuple[float, float]]:
         """Output name -> (max abs, max rel) over all steps."""
@@ -237,8 +241,6 @@ def _vocab_size(model: ir.Model, config: dict, ids_name: str, logits: ir.Value |
     return 32
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """How to drive one model: input names, sizes, cache layout."""
@@ -296,8 +298,9 @@ def _sizes(
         if batch != feed_batch:
             raise GqaDecomposeError(f"--batch {batch} contradicts the fed {ids.name} of batch {feed_batch}")
     else:
-        prompt_length = _dim_size(ids_dims[1], bound, DEFAULT_PROMPT_LENGTH) if len(ids_dims) > 1 else (
-            DEFAULT_PROMPT_LENGTH)
+        prompt_length = (
+            _dim_size(ids_dims[1], bound, DEFAULT_PROMPT_LENGTH) if len(ids_dims) > 1 else (DEFAULT_PROMPT_LENGTH)
+        )
     if batch is None:
         batch = _dim_size(ids_dims[0], bound, 2) if ids_dims else 2
     if len(ids_dims) > 1:
@@ -374,8 +377,11 @@ def _cache_input(
     present = present_value.name if present_value is not None else _present_by_name(value.name, model.graph)
     past_dims = _dims(value) or [None] * 4
     heads = past_dims[1] if isinstance(past_dims[1], int) else spec.kv_num_heads
-    width = past_dims[3] if isinstance(past_dims[3], int) else (
-        spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size)
+    width = (
+        past_dims[3]
+        if isinstance(past_dims[3], int)
+        else (spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size)
+    )
     rows_dim = past_dims[2]
     declared = rows_dim if isinstance(rows_dim, int) else bound.get(rows_dim) if rows_dim else None
     capacity = _capacity(value, spec, declared, run)
@@ -386,7 +392,7 @@ def _cache_input(
 
 
 def _layout_label(caches: Sequence[CacheInput]) -> str:
-    """"growing cache", "static buffer of N rows", "windowed ring" (joined), or "no KV cache"."""
+    """ "growing cache", "static buffer of N rows", "windowed ring" (joined), or "no KV cache"."""
     buffers = [c.capacity for c in caches if c.window is None and c.capacity is not None]
     parts = []
     if buffers:
@@ -421,8 +427,13 @@ def _plan(
     bound: dict[str, int] = dict(dims)
     batch, prompt_length = _sizes(by_name.get(io.ids or ""), feeds, batch, bound)
     window_config = config.get("model", {}).get("decoder", {}).get("sliding_window") or {}
-    run = _Run(static, prompt_length, steps, config.get("search", {}).get("max_length"),
-               int(window_config.get("window_size") or 0) or None)
+    run = _Run(
+        static,
+        prompt_length,
+        steps,
+        config.get("search", {}).get("max_length"),
+        int(window_config.get("window_size") or 0) or None,
+    )
     sources = _past_sources(model, specs)
     caches = tuple(_cache_input(v, sources[v.name], model, bound, run) for v in model.graph.inputs if v.name in sources)
     windowed = any(c.window is not None for c in caches)
@@ -507,7 +518,11 @@ def _prepare_for_ort(model: ir.Model) -> list[str]:
                 if level is not None and level.value not in (0, 1):
                     node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
                     changed += 1
-    return [f"{changed} MatMulNBits nodes compared at accuracy_level 1 (int8 activations amplify rounding)"] if changed else []
+    return (
+        [f"{changed} MatMulNBits nodes compared at accuracy_level 1 (int8 activations amplify rounding)"]
+        if changed
+        else []
+    )
 
 
 def _normalize_qk_outside(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> list[str]:
@@ -521,8 +536,10 @@ def _normalize_qk_outside(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> 
             changed += 1
     if not changed:
         return []
-    return [f"{changed} GQA nodes with q/k norm weights (which ORT CPU rejects) run in the original "
-            "as ORT's SimplifiedLayerNormalization on the heads, then GQA without the weights"]
+    return [
+        f"{changed} GQA nodes with q/k norm weights (which ORT CPU rejects) run in the original "
+        "as ORT's SimplifiedLayerNormalization on the heads, then GQA without the weights"
+    ]
 
 
 def load_feeds(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -597,8 +614,11 @@ def verify_model(
         return ModelVerification(0, 0, "none", (0.0, 0.0), (), skipped=skipped)
     tolerance = core.model_tolerance({s.dtype for s in specs.values()}, decompose_options.native_precision)
     rewritten = _rewritten(model, decomposed, decompose_options)
-    forms = [static for static in _cache_forms(config, decompose_options)
-             if cache_forms is None or ("static" if static else "growing") in cache_forms]
+    forms = [
+        static
+        for static in _cache_forms(config, decompose_options)
+        if cache_forms is None or ("static" if static else "growing") in cache_forms
+    ]
     if not forms:
         raise GqaDecomposeError(f"no cache form of {list(cache_forms or [])} fits the options")
     plans, notes = _plans(model, specs, config, decompose_options, batch, dict(dims or {}), feeds, steps, forms)
@@ -615,16 +635,21 @@ def verify_model(
         return ModelVerification(first.batch, first.prompt_length, first.layout, tolerance, (step,), notes=tuple(notes))
     results = []
     for index, plan in enumerate(plans):
-        step_progress = None if progress is None else (
-            lambda step, _, done=index * (steps + 1): progress(done + step, len(plans) * (steps + 1)))
+        step_progress = (
+            None
+            if progress is None
+            else (lambda step, _, done=index * (steps + 1): progress(done + step, len(plans) * (steps + 1)))
+        )
         loop = _Loop(model, plan, feeds, np.random.default_rng(seed))
         results.append(_drive(loop, *sessions, tolerance, steps, step_progress))
-    also = tuple(ModelVerification(p.batch, p.prompt_length, p.layout, tolerance, r)
-                 for p, r in zip(plans[1:], results[1:]))
+    also = tuple(
+        ModelVerification(p.batch, p.prompt_length, p.layout, tolerance, r) for p, r in zip(plans[1:], results[1:])
+    )
     # The report's notes carry the other forms' verdicts (its steps are the first form's).
     notes += [f"also driven ({'passed' if other.passed else 'FAILED'}): prompt + {other._figures()}" for other in also]
-    return ModelVerification(first.batch, first.prompt_length, first.layout, tolerance, results[0],
-                             notes=tuple(notes), also=also)
+    return ModelVerification(
+        first.batch, first.prompt_length, first.layout, tolerance, results[0], notes=tuple(notes), also=also
+    )
 
 
 def _skip_reason(specs: Mapping[ir.Node, GqaSpec]) -> str | None:
@@ -653,13 +678,13 @@ def _sessions(model: ir.Model, rewritten: ir.Model) -> tuple:
     try:
         original_session = core.ort_session(model)
     except Exception as error:
-        raise GqaDecomposeError(
-            f"ONNX Runtime CPU cannot load the original model: {core.first_line(error)}") from error
+        raise GqaDecomposeError(f"ONNX Runtime CPU cannot load the original model: {core.first_line(error)}") from error
     try:
         return original_session, core.ort_session(rewritten)
     except Exception as error:
         raise _RewrittenDoesNotLoad(
-            f"ONNX Runtime cannot load the rewritten model: {core.first_line(error)}") from error
+            f"ONNX Runtime cannot load the rewritten model: {core.first_line(error)}"
+        ) from error
 
 
 def _config(genai_config: str | os.PathLike | dict | None, path: pathlib.Path | None) -> dict:
@@ -711,7 +736,7 @@ def _plans(
 
 
 def _drive(
-    loop: "_Loop",
+    loop: _Loop,
     original_session,
     rewritten_session,
     tolerance: tuple[float, float],
@@ -736,11 +761,21 @@ def _drive(
             ) from error
         rewritten_feeds = {**step_feeds, **(rewritten_past or {})}
         try:
-            got = core.run_session(rewritten_session, {k: v for k, v in rewritten_feeds.items()
-                                                       if k in rewritten_inputs})
+            got = core.run_session(
+                rewritten_session, {k: v for k, v in rewritten_feeds.items() if k in rewritten_inputs}
+            )
         except Exception as error:
-            results.append(StepResult(step, loop.query_length, tuple(int(t) for t in lengths), (), None, None,
-                                      f"the rewritten model fails on ONNX Runtime: {core.first_line(error)}"))
+            results.append(
+                StepResult(
+                    step,
+                    loop.query_length,
+                    tuple(int(t) for t in lengths),
+                    (),
+                    None,
+                    None,
+                    f"the rewritten model fails on ONNX Runtime: {core.first_line(error)}",
+                )
+            )
             break
         result = _compare_step(step, plan, lengths, loop.query_length, expected, got, tolerance)
         results.append(result)
@@ -803,7 +838,7 @@ class _Loop:
             if step == 0 and plan.positions in self.user_feeds:
                 feeds[plan.positions] = self.user_feeds[plan.positions]
             else:
-                positions = np.maximum(np.cumsum(self.mask, axis=1) - 1, 0)[:, -self.ids.shape[1]:]
+                positions = np.maximum(np.cumsum(self.mask, axis=1) - 1, 0)[:, -self.ids.shape[1] :]
                 feeds[plan.positions] = positions.astype(plan.positions_dtype)
         feeds.update(self.past)
         feeds.update(self.others)
@@ -852,8 +887,9 @@ def _compare_step(
         last = [rows - 1 for rows in core.defined_query_rows(lengths, query_length, step == 0)]
         expected_tokens = tuple(int(np.argmax(expected[plan.logits][b, row])) for b, row in enumerate(last))
         got_tokens = tuple(int(np.argmax(got[plan.logits][b, row])) for b, row in enumerate(last))
-    return StepResult(step, query_length, tuple(int(t) for t in lengths), tuple(errors), expected_tokens,
-                      got_tokens, failure)
+    return StepResult(
+        step, query_length, tuple(int(t) for t in lengths), tuple(errors), expected_tokens, got_tokens, failure
+    )
 
 
 def _defined_parts(

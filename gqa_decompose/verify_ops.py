@@ -139,8 +139,12 @@ def verify_op_node(
     except Exception as error:  # ORT has no CPU kernel, or refuses these feeds
         reference = getattr(decomposer, "reference", None)
         if reference is None:
-            return OpVerification(**verdict, ok=None, max_abs_error={},
-                                  detail=f"ORT CPU cannot run the original: {str(error).splitlines()[0]}")
+            return OpVerification(
+                **verdict,
+                ok=None,
+                max_abs_error={},
+                detail=f"ORT CPU cannot run the original: {str(error).splitlines()[0]}",
+            )
         expected = reference(node, spec, feeds)
     got = _run(expanded, feeds)
     errors, ok = {}, True

@@ -91,9 +91,7 @@ class Runner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feeds.items()}
         for name, value in self.values.items():
@@ -144,8 +142,11 @@ def bench_case(shape: str, phase: str, length: int, args) -> dict:
         if args.variant and name not in args.variant:
             continue
         rewritten = gqa_decompose.decompose(
-            fused, fast_paths=not args.no_fast_paths, target=args.target,
-            native_precision=args.native_precision, **options,
+            fused,
+            fast_paths=not args.no_fast_paths,
+            target=args.target,
+            native_precision=args.native_precision,
+            **options,
         )
         past_rows = max_length if shared_buffer else separate_past
         if name == "static-steps":
@@ -161,7 +162,7 @@ def bench_case(shape: str, phase: str, length: int, args) -> dict:
     times: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)
     for round_index in range(args.rounds):
-        rotated = order[round_index % len(order):] + order[: round_index % len(order)]
+        rotated = order[round_index % len(order) :] + order[: round_index % len(order)]
         for name in rotated:
             times[name].append(runners[name].run(repeats[name]))
 
@@ -245,14 +246,23 @@ def main() -> None:
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES), help="repeatable; default all")
     parser.add_argument("--phase", action="append", choices=["decode", "prefill", "rewrite"], help="repeatable")
     parser.add_argument("--length", action="append", type=int, help="only these T (decode) / S (prefill)")
-    parser.add_argument("--variant", action="append", choices=[name for name, _, _ in REWRITES],
-                        help="only these rewrites (the fused variants always run)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        choices=[name for name, _, _ in REWRITES],
+        help="only these rewrites (the fused variants always run)",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, --quick 5)")
     parser.add_argument("--round-ms", type=float, help="time per variant per round (default 30, --quick 10)")
-    parser.add_argument("--no-fast-paths", action="store_true",
-                        help="time the default (straight-line) rewrite instead of --fast-paths")
-    parser.add_argument("--target", choices=["primitives", "attention"], default="primitives",
-                        help="rewrite target; 'attention' builds opset-24 layers rewritten into Attention ops")
+    parser.add_argument(
+        "--no-fast-paths", action="store_true", help="time the default (straight-line) rewrite instead of --fast-paths"
+    )
+    parser.add_argument(
+        "--target",
+        choices=["primitives", "attention"],
+        default="primitives",
+        help="rewrite target; 'attention' builds opset-24 layers rewritten into Attention ops",
+    )
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="model type")
     parser.add_argument("--native-precision", action="store_true", help="fp16: compute in fp16, not fp32")
     parser.add_argument("--max-length", type=int, default=4096, help="rows of the shared buffers")
@@ -266,10 +276,12 @@ def main() -> None:
     phases = args.phase or ["decode", "prefill", "rewrite"]
 
     info = machine()
-    print(f"{info['cpu']}, {info['nproc']} cores, onnxruntime {info['onnxruntime']}, "
-          f"{args.threads} thread(s), {args.rounds} rounds, shared buffers of {args.max_length} rows, "
-          f"{args.dtype}, target {args.target}, "
-          f"rewrites {'without' if args.no_fast_paths else 'with'} --fast-paths")
+    print(
+        f"{info['cpu']}, {info['nproc']} cores, onnxruntime {info['onnxruntime']}, "
+        f"{args.threads} thread(s), {args.rounds} rounds, shared buffers of {args.max_length} rows, "
+        f"{args.dtype}, target {args.target}, "
+        f"rewrites {'without' if args.no_fast_paths else 'with'} --fast-paths"
+    )
     # First, while this process is small: a child's peak RSS counts the parent's pages at fork.
     rewrite = bench_rewrite(args) if "rewrite" in phases else None
     cases = []
@@ -284,10 +296,18 @@ def main() -> None:
     if cases:
         print_cases(cases)
     if args.json:
-        report = {"machine": info, "threads": args.threads, "rounds": args.rounds,
-                  "fast_paths": not args.no_fast_paths, "target": args.target, "dtype": args.dtype,
-                  "native_precision": args.native_precision,
-                  "max_length": args.max_length, "cases": cases, "rewrite": rewrite}
+        report = {
+            "machine": info,
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "fast_paths": not args.no_fast_paths,
+            "target": args.target,
+            "dtype": args.dtype,
+            "native_precision": args.native_precision,
+            "max_length": args.max_length,
+            "cases": cases,
+            "rewrite": rewrite,
+        }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 

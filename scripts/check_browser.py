@@ -91,8 +91,9 @@ def main() -> int:
     options = DecomposeOptions(static_kv_cache=args.kv_cache == "static", growing_kv_cache=args.kv_cache == "growing")
     buffer = args.buffer if args.kv_cache == "static" or args.static_buffer else None
     original = onnx.load(args.model)
-    decomposed = gqa_decompose.decompose(original, static_kv_cache=options.static_kv_cache,
-                                         growing_kv_cache=options.growing_kv_cache)
+    decomposed = gqa_decompose.decompose(
+        original, static_kv_cache=options.static_kv_cache, growing_kv_cache=options.growing_kv_cache
+    )
     cases = phases(original, options, buffer)
     failed = False
     for name in args.runtime or ["wasm", "webnn"]:

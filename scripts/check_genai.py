@@ -86,8 +86,10 @@ def main() -> None:
                 )
                 worst_overall = max(worst_overall, worst)
                 same = original["tokens"] == decomposed["tokens"]
-                print(f"{source.parent.name} (--kv-cache {kv_cache}): {args.steps} greedy tokens "
-                      f"{'identical' if same else 'DIFFER'}, max logit difference {worst:.2g}")
+                print(
+                    f"{source.parent.name} (--kv-cache {kv_cache}): {args.steps} greedy tokens "
+                    f"{'identical' if same else 'DIFFER'}, max logit difference {worst:.2g}"
+                )
         except subprocess.CalledProcessError as error:
             print(f"{source.parent.name}: onnxruntime-genai failed: {error.stderr.strip().splitlines()[-1]}")
         finally:

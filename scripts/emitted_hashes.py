@@ -48,8 +48,14 @@ def _configs():
     for ratio, head_size, packed, rotary, static_dims in itertools.product(
         [(4, 2), (4, 1)], [16, 64], [False, True], ["off", "half", "interleaved"], [False, True]
     ):
-        config = GqaConfig(num_heads=ratio[0], kv_num_heads=ratio[1], head_size=head_size, packed=packed,
-                           rotary=rotary, static_dims=static_dims)
+        config = GqaConfig(
+            num_heads=ratio[0],
+            kv_num_heads=ratio[1],
+            head_size=head_size,
+            packed=packed,
+            rotary=rotary,
+            static_dims=static_dims,
+        )
         yield f"grid:{ratio}:{head_size}:{packed}:{rotary}:{static_dims}", config
     extras = {
         "no_past": GqaConfig(past=False, rotary="half"),

@@ -48,7 +48,9 @@ def main() -> None:
     phases = 0
     for ratio, head_size, packed, rotary, dtype, static_dims in GRID if wanted("core") else []:
         heads, kv_heads = HEAD_RATIOS[ratio]
-        config = GqaConfig(heads, kv_heads, head_size, packed=packed, rotary=rotary, dtype=dtype, static_dims=static_dims)
+        config = GqaConfig(
+            heads, kv_heads, head_size, packed=packed, rotary=rotary, dtype=dtype, static_dims=static_dims
+        )
         result = _run(config)
         key = f"core/{dtype}"
         cells[key] += 1
@@ -79,8 +81,10 @@ def main() -> None:
         for dtype in ("float32", "float16")
     ]
     extra_groups += [
-        (f"qk norm grid/{norm} {rotary} {'packed' if packed else 'separate'} opset {opset}",
-         GqaConfig(qk_norm=norm, rotary=rotary, packed=packed, dtype=dtype, opset=opset))
+        (
+            f"qk norm grid/{norm} {rotary} {'packed' if packed else 'separate'} opset {opset}",
+            GqaConfig(qk_norm=norm, rotary=rotary, packed=packed, dtype=dtype, opset=opset),
+        )
         for norm, rotary, packed, dtype, opset in QK_NORM_GRID
     ]
     extra_groups += [(f"qk norm with/{name}", config) for name, config in QK_NORM_COMBINATIONS.items()]

@@ -454,8 +454,11 @@ ARCHS = {
             *_COMMON_TAIL,
         ],
         check_with_genai=True,
-        notes=("", "Its windowed caches need onnxruntime-genai's buffer management, so the script ran the ONNX side of",
-               "the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring)."),
+        notes=(
+            "",
+            "Its windowed caches need onnxruntime-genai's buffer management, so the script ran the ONNX side of",
+            "the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring).",
+        ),
     ),
     "mistral-webgpu": Arch(
         "builder-mistral-webgpu",
@@ -490,9 +493,12 @@ ARCHS = {
         builder_args=("-p", "fp16", "-e", "cuda"),
         torch_atol=5e-2,
         check_with_genai=True,
-        notes=("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it. The ONNX",
-               "side of the check ran through `onnxruntime_genai.Generator` on a copy of the folder whose",
-               "genai_config.json asks for the CPU provider."),
+        notes=(
+            "",
+            "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it. The ONNX",
+            "side of the check ran through `onnxruntime_genai.Generator` on a copy of the folder whose",
+            "genai_config.json asks for the CPU provider.",
+        ),
     ),
     "gpt-oss": Arch(
         "builder-gpt-oss",
@@ -509,10 +515,14 @@ ARCHS = {
         ],
         check_with_genai=True,
         reinit=(("self_attn.sinks", 2.0),),
-        notes=("", "HF initializes the sinks with std `initializer_range`; the script redraws them with std 2 so that",
-               "the sink takes a visible share of the softmax.",
-               "", "Its windowed cache needs onnxruntime-genai's buffer management, so the script ran the ONNX side",
-               "of the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring)."),
+        notes=(
+            "",
+            "HF initializes the sinks with std `initializer_range`; the script redraws them with std 2 so that",
+            "the sink takes a visible share of the softmax.",
+            "",
+            "Its windowed cache needs onnxruntime-genai's buffer management, so the script ran the ONNX side",
+            "of the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring).",
+        ),
     ),
     "gpt-oss-fp16": Arch(
         "builder-gpt-oss-fp16",
@@ -529,10 +539,13 @@ ARCHS = {
         torch_atol=5e-2,
         check_with_genai=True,
         reinit=(("self_attn.sinks", 2.0),),
-        notes=("", "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it. Sinks redrawn",
-               "with std 2 as in builder-gpt-oss. The ONNX side of the check ran through",
-               "`onnxruntime_genai.Generator` on a copy of the folder whose genai_config.json asks for the CPU",
-               "provider."),
+        notes=(
+            "",
+            "The torch reference is float32; the script accepts the fp16 model within 5e-2 of it. Sinks redrawn",
+            "with std 2 as in builder-gpt-oss. The ONNX side of the check ran through",
+            "`onnxruntime_genai.Generator` on a copy of the folder whose genai_config.json asks for the CPU",
+            "provider.",
+        ),
     ),
     "gemma3": Arch(
         "builder-gemma3",
@@ -551,8 +564,11 @@ ARCHS = {
             "as on every CPU build.",
         ],
         builder_version="0.11.4",
-        notes=("", "Run with the second venv: `/work/venv-builder011/bin/python scripts/make_builder_fixture.py --arch",
-               "gemma3` (torch 2.13 CPU, transformers 4.57, onnxruntime-genai 0.11.4)."),
+        notes=(
+            "",
+            "Run with the second venv: `/work/venv-builder011/bin/python scripts/make_builder_fixture.py --arch",
+            "gemma3` (torch 2.13 CPU, transformers 4.57, onnxruntime-genai 0.11.4).",
+        ),
     ),
     "qwen3": Arch(
         "builder-qwen3",
@@ -597,11 +613,15 @@ ARCHS = {
         check_with_genai=True,
         text_config=True,
         config_json=GEMMA4_CONFIG_JSON,
-        notes=("", "Its windowed cache needs onnxruntime-genai's buffer management, so the script ran the ONNX side of",
-               "the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring).",
-               "", "config.json: the script adds `global_head_dim`, `num_global_key_value_heads` and",
-               "`allow_global_per_layer_attribute_access` at the top level and the last in `text_config` too",
-               "(see `GEMMA4_CONFIG_JSON` in the script: builder 0.18 cannot read the saved config otherwise)."),
+        notes=(
+            "",
+            "Its windowed cache needs onnxruntime-genai's buffer management, so the script ran the ONNX side of",
+            "the check through `onnxruntime_genai.Generator` (see builder-qwen2-ring).",
+            "",
+            "config.json: the script adds `global_head_dim`, `num_global_key_value_heads` and",
+            "`allow_global_per_layer_attribute_access` at the top level and the last in `text_config` too",
+            "(see `GEMMA4_CONFIG_JSON` in the script: builder 0.18 cannot read the saved config otherwise).",
+        ),
     ),
     "gemma4-webgpu": Arch(
         "builder-gemma4-webgpu-fp16",
@@ -660,7 +680,9 @@ def make_checkpoint(arch: Arch, hf_dir: Path) -> dict:
     )
     if arch.text_config:
         config = getattr(transformers, arch.config_class)(
-            text_config=cfg_kwargs, vision_config=None, audio_config=None,
+            text_config=cfg_kwargs,
+            vision_config=None,
+            audio_config=None,
             tie_word_embeddings=cfg_kwargs.get("tie_word_embeddings", True),
         )
     else:
@@ -679,11 +701,16 @@ def make_checkpoint(arch: Arch, hf_dir: Path) -> dict:
             for suffix, std in arch.reinit:
                 if name.endswith(suffix):
                     parameter.normal_(0.0, std)
-    widths = {m.out_features for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+    widths = {
+        m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+    }
     if vocab_size in widths:
-        raise SystemExit(f"vocab_size {vocab_size} equals a projection width {sorted(widths)}; the builder would "
-                         "mistake that projection for the LM head")
+        raise SystemExit(
+            f"vocab_size {vocab_size} equals a projection width {sorted(widths)}; the builder would "
+            "mistake that projection for the LM head"
+        )
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     saved = json.loads((hf_dir / "config.json").read_text())
@@ -774,8 +801,11 @@ def _past_feed(inp, config: dict):
 
     dims = inp.shape
     kv_heads = dims[1] if isinstance(dims[1], int) else config["num_key_value_heads"]
-    head_size = dims[3] if isinstance(dims[3], int) else config.get("head_dim") or (
-        config["hidden_size"] // config["num_attention_heads"])
+    head_size = (
+        dims[3]
+        if isinstance(dims[3], int)
+        else config.get("head_dim") or (config["hidden_size"] // config["num_attention_heads"])
+    )
     dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}[inp.type]
     return np.zeros((1, kv_heads, 0, head_size), dtype=dtype)
 
@@ -791,7 +821,7 @@ def check_against_torch(arch: Arch, hf_dir: Path, dest: Path, config: dict) -> d
     ids = [tokenizer.bos_token_id] + tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        prefill = model(torch.tensor([ids])).logits[0, -len(ids):].numpy()
+        prefill = model(torch.tensor([ids])).logits[0, -len(ids) :].numpy()
         next_id = int(prefill[-1].argmax())
         full = model(torch.tensor([ids + [next_id]])).logits[0].numpy()
     decode = full[-1:]
@@ -856,8 +886,11 @@ def _run_ort(dest: Path, ids: list[int], next_id: int, config: dict):
     past_names = [name for name in inputs if name.startswith("past_key_values.")]
 
     def feeds_for(step_ids, total, past):
-        feeds = {"input_ids": np.array([step_ids], dtype=np.int64),
-                 "attention_mask": np.ones((1, total), dtype=np.int64), **past}
+        feeds = {
+            "input_ids": np.array([step_ids], dtype=np.int64),
+            "attention_mask": np.ones((1, total), dtype=np.int64),
+            **past,
+        }
         if "position_ids" in inputs:
             feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None]
         return feeds
@@ -890,14 +923,30 @@ def write_provenance(arch: Arch, dest: Path, cfg: dict, cmd: list[str], notes: d
         name: md.version(name)
         for name in ("torch", "transformers", "tokenizers", "onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir")
     }
-    shown_cmd = ["python", "-m", "onnxruntime_genai.models.builder", "-i", "HF_DIR", "-o", "OUT", *arch.builder_args,
-                 "-c", "CACHE_DIR"]
+    shown_cmd = [
+        "python",
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        "HF_DIR",
+        "-o",
+        "OUT",
+        *arch.builder_args,
+        "-c",
+        "CACHE_DIR",
+    ]
     if arch.extra_options:
         shown_cmd += ["--extra_options", *arch.extra_options, *_scale_file_option(arch, None)]
     scale_lines = []
     if arch.kv_cache_scales:
-        scale_lines = ["`kv_scales.json`, written by the script (one fixed scale per layer, no calibration):", "",
-                       "```json", _scale_json(arch), "```", ""]
+        scale_lines = [
+            "`kv_scales.json`, written by the script (one fixed scale per layer, no calibration):",
+            "",
+            "```json",
+            _scale_json(arch),
+            "```",
+            "",
+        ]
     ir_line = f"- IR version written by the builder: {notes['builder_ir_version']}"
     if "ir_patched_to" in notes:
         ir_line += f"; patched down to {notes['ir_patched_to']} by the script"
@@ -916,8 +965,10 @@ def write_provenance(arch: Arch, dest: Path, cfg: dict, cmd: list[str], notes: d
             f"The checkpoint's `config.json` as `save_pretrained` wrote it (`{arch.config_class}` with the values in the",
             f"script's `ARCHS[{name!r}].config`, `vocab_size` = the tiny tokenizer's size, and its bos/eos/pad ids):",
         ]
-        regenerate = (f"Made by `scripts/make_builder_fixture.py --arch {name}` (run it with the builder venv below to"
-                      " regenerate).")
+        regenerate = (
+            f"Made by `scripts/make_builder_fixture.py --arch {name}` (run it with the builder venv below to"
+            " regenerate)."
+        )
         gqa_section = ["## GroupQueryAttention nodes", "", *gqa_attributes(dest), ""]
     lines = [
         f"# {arch.folder}",
@@ -974,8 +1025,12 @@ def _reference_lines(arch: Arch, check: dict) -> list[str]:
         return [
             "## No reference.npz",
             "",
-            ("The int8 KV cache rounds every cached key and value" if arch.kv_cache_scales else
-             "The int4 weights are not the checkpoint's") + ", so the float32 torch model is no reference: on the prompt",
+            (
+                "The int8 KV cache rounds every cached key and value"
+                if arch.kv_cache_scales
+                else "The int4 weights are not the checkpoint's"
+            )
+            + ", so the float32 torch model is no reference: on the prompt",
             f"`<s> {PROMPT}` the ONNX model's logits are {check['diffs']['prefill']:.2g} (prefill) and"
             f" {check['diffs']['decode']:.2g} (decode) away from it. The tests compare the rewrite with the original",
             "ONNX model only.",
@@ -993,11 +1048,16 @@ def _reference_lines(arch: Arch, check: dict) -> list[str]:
 def _check_lines(arch: Arch, check: dict) -> list[str]:
     if check["diffs"] is None:
         return ["ORT CPU cannot run this graph, so the script did not compare the ONNX model with them."]
-    runner = ("onnxruntime-genai's generator on CPU (prompt, then one token)" if arch.check_with_genai else
-              "ORT CPU (prefill with empty past `[1, kv_heads, 0, head_dim]`, then one decode step with present fed"
-              " back as past)")
-    return [f"The script checked the ONNX model against them with {runner}: max |diff| prefill"
-            f" {check['diffs']['prefill']:.2e}, decode {check['diffs']['decode']:.2e}."]
+    runner = (
+        "onnxruntime-genai's generator on CPU (prompt, then one token)"
+        if arch.check_with_genai
+        else "ORT CPU (prefill with empty past `[1, kv_heads, 0, head_dim]`, then one decode step with present fed"
+        " back as past)"
+    )
+    return [
+        f"The script checked the ONNX model against them with {runner}: max |diff| prefill"
+        f" {check['diffs']['prefill']:.2e}, decode {check['diffs']['decode']:.2e}."
+    ]
 
 
 def make_fixture(arch: Arch, out: Path, keep_tmp: bool) -> None:
@@ -1020,10 +1080,15 @@ def make_fixture(arch: Arch, out: Path, keep_tmp: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="llama", choices=[*ARCHS, "all"],
-                    help="which fixture to make (default: %(default)s)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="destination folder (default: models/<the arch's folder>; not with --arch all)")
+    ap.add_argument(
+        "--arch", default="llama", choices=[*ARCHS, "all"], help="which fixture to make (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="destination folder (default: models/<the arch's folder>; not with --arch all)",
+    )
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary checkpoint and builder output")
     args = ap.parse_args()
     if args.arch == "all":

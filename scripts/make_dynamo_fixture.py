@@ -95,7 +95,8 @@ def make_model():
     config = getattr(transformers, config_class)(**values)
     torch.manual_seed(SEED)
     model = getattr(transformers, model_class)._from_config(
-        config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32)
+        config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32
+    )
     if ARCH == "qwen3":
         with torch.no_grad():
             for name, parameter in model.named_parameters():
@@ -186,9 +187,7 @@ def fuse(exported):
     exported_ops = collections.Counter(node.op_type for node in exported.graph)
     # clear_metadata drops the exporter's per-node stack traces (local file paths, ~half the file size).
     fused, counts = optimize_for_ort(exported, clear_metadata=True)
-    ops = collections.Counter(
-        f"{node.domain}::{node.op_type}" if node.domain else node.op_type for node in fused.graph
-    )
+    ops = collections.Counter(f"{node.domain}::{node.op_type}" if node.domain else node.op_type for node in fused.graph)
     if not ops.get("com.microsoft::GroupQueryAttention"):
         raise SystemExit(f"optimize_for_ort made no GroupQueryAttention: fusions {counts}, ops {dict(ops)}")
     return fused, counts, exported_ops, ops
@@ -332,7 +331,8 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         "",
         *intro,
         "",
-        "Made by `scripts/make_dynamo_fixture.py" + (f" --arch {ARCH}" if ARCH != "llama" else "")
+        "Made by `scripts/make_dynamo_fixture.py"
+        + (f" --arch {ARCH}" if ARCH != "llama" else "")
         + "` (run it with the venv below to regenerate).",
         "",
         "## Versions",
@@ -342,9 +342,12 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         "## Model",
         "",
         f"`{config_class}(**{config_name})` with the script's `{config_name}`, `torch.manual_seed({SEED})`, then",
-        f"`{model_class}._from_config(config, attn_implementation=\"{ATTN_IMPLEMENTATION}\")`, float32, eval mode.",
-        *([f"Then every RMSNorm weight (`*norm.weight`, q/k norm included) is redrawn as 1 + N(0, {NORM_STD})."]
-          if ARCH == "qwen3" else []),
+        f'`{model_class}._from_config(config, attn_implementation="{ATTN_IMPLEMENTATION}")`, float32, eval mode.',
+        *(
+            [f"Then every RMSNorm weight (`*norm.weight`, q/k norm included) is redrawn as 1 + N(0, {NORM_STD})."]
+            if ARCH == "qwen3"
+            else []
+        ),
         f"The config as `to_diff_dict()` gives it (values that differ from `{config_class}()` defaults):",
         "",
         "```json",
@@ -385,8 +388,14 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         f"- Fused graph ops: {dict(sorted(ops.items()))}",
         "- GroupQueryAttention nodes:",
         *["  " + line for line in gqa_summary(DEST / "model.onnx")],
-        *(["- The RMSNorm weights are all ones (HF's init), so the optimizer folded every norm onto one shared",
-            "  initializer (`m.model.layers.0.input_layernorm.weight`)."] if ARCH == "llama" else []),
+        *(
+            [
+                "- The RMSNorm weights are all ones (HF's init), so the optimizer folded every norm onto one shared",
+                "  initializer (`m.model.layers.0.input_layernorm.weight`).",
+            ]
+            if ARCH == "llama"
+            else []
+        ),
         "",
         "## Post-processing by the script",
         "",

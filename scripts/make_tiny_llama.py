@@ -77,8 +77,9 @@ class GraphBuilder:
         array = (self.rng.standard_normal(shape) * WEIGHT_SCALE).astype(np.float32)
         return self.add_init(name, array)
 
-    def node(self, op_type: str, inputs: list[str], name: str, outputs: list[str] | None = None,
-             domain: str = "", **attrs) -> list[str]:
+    def node(
+        self, op_type: str, inputs: list[str], name: str, outputs: list[str] | None = None, domain: str = "", **attrs
+    ) -> list[str]:
         if outputs is None:
             outputs = [f"{name}/output_0"]
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
@@ -120,17 +121,28 @@ def build_model(g: GraphBuilder | None = None) -> onnx.ModelProto:
     g.add_init("sin_cache", sin_cache)
 
     # Attention-mask derived inputs for GQA, computed once (builder form).
-    (mask_sum,) = g.node("ReduceSum", ["attention_mask", "/model/constants/INT64/[1]"],
-                         "/model/attn_mask_reformat/attn_mask_subgraph/ReduceSum", keepdims=0)
-    (mask_sub,) = g.node("Sub", [mask_sum, "/model/constants/INT64/1"],
-                         "/model/attn_mask_reformat/attn_mask_subgraph/Sub")
-    (seqlens_k,) = g.node("Cast", [mask_sub], "/model/attn_mask_reformat/attn_mask_subgraph/Sub/Cast",
-                          to=TensorProto.INT32)
+    (mask_sum,) = g.node(
+        "ReduceSum",
+        ["attention_mask", "/model/constants/INT64/[1]"],
+        "/model/attn_mask_reformat/attn_mask_subgraph/ReduceSum",
+        keepdims=0,
+    )
+    (mask_sub,) = g.node(
+        "Sub", [mask_sum, "/model/constants/INT64/1"], "/model/attn_mask_reformat/attn_mask_subgraph/Sub"
+    )
+    (seqlens_k,) = g.node(
+        "Cast", [mask_sub], "/model/attn_mask_reformat/attn_mask_subgraph/Sub/Cast", to=TensorProto.INT32
+    )
     (mask_shape,) = g.node("Shape", ["attention_mask"], "/model/attn_mask_reformat/attn_mask_subgraph/Shape")
-    (total_len_i64,) = g.node("Gather", [mask_shape, "/model/constants/INT64/1"],
-                              "/model/attn_mask_reformat/attn_mask_subgraph/Gather", axis=0)
-    (total_seq_len,) = g.node("Cast", [total_len_i64], "/model/attn_mask_reformat/attn_mask_subgraph/Gather/Cast",
-                              to=TensorProto.INT32)
+    (total_len_i64,) = g.node(
+        "Gather",
+        [mask_shape, "/model/constants/INT64/1"],
+        "/model/attn_mask_reformat/attn_mask_subgraph/Gather",
+        axis=0,
+    )
+    (total_seq_len,) = g.node(
+        "Cast", [total_len_i64], "/model/attn_mask_reformat/attn_mask_subgraph/Gather/Cast", to=TensorProto.INT32
+    )
 
     # Embedding.
     g.weight("model.embed_tokens.weight", (VOCAB, HIDDEN))
@@ -142,12 +154,22 @@ def build_model(g: GraphBuilder | None = None) -> onnx.ModelProto:
         normed = g.rms_norm(hidden, f"{p}/input_layernorm", f"model.layers.{i}.input_layernorm.weight")
 
         g.weight(f"model.layers.{i}.attn.qkv_proj.MatMul.weight", (HIDDEN, qkv_out))
-        (qkv,) = g.node("MatMul", [normed, f"model.layers.{i}.attn.qkv_proj.MatMul.weight"],
-                        f"{p}/attn/qkv_proj/MatMul")
+        (qkv,) = g.node(
+            "MatMul", [normed, f"model.layers.{i}.attn.qkv_proj.MatMul.weight"], f"{p}/attn/qkv_proj/MatMul"
+        )
         (attn,) = g.node(
             "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-             seqlens_k, total_seq_len, "cos_cache", "sin_cache"],
+            [
+                qkv,
+                "",
+                "",
+                f"past_key_values.{i}.key",
+                f"past_key_values.{i}.value",
+                seqlens_k,
+                total_seq_len,
+                "cos_cache",
+                "sin_cache",
+            ],
             f"{p}/attn/GroupQueryAttention",
             outputs=[f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
             domain="com.microsoft",
@@ -162,19 +184,20 @@ def build_model(g: GraphBuilder | None = None) -> onnx.ModelProto:
         (o,) = g.node("MatMul", [attn, f"model.layers.{i}.attn.o_proj.MatMul.weight"], f"{p}/attn/o_proj/MatMul")
         (hidden,) = g.node("Add", [hidden, o], f"{p}/attn/residual/Add")
 
-        normed = g.rms_norm(hidden, f"{p}/post_attention_layernorm",
-                            f"model.layers.{i}.post_attention_layernorm.weight")
+        normed = g.rms_norm(
+            hidden, f"{p}/post_attention_layernorm", f"model.layers.{i}.post_attention_layernorm.weight"
+        )
         g.weight(f"model.layers.{i}.mlp.gate_proj.MatMul.weight", (HIDDEN, INTERMEDIATE))
         g.weight(f"model.layers.{i}.mlp.up_proj.MatMul.weight", (HIDDEN, INTERMEDIATE))
         g.weight(f"model.layers.{i}.mlp.down_proj.MatMul.weight", (INTERMEDIATE, HIDDEN))
-        (gate,) = g.node("MatMul", [normed, f"model.layers.{i}.mlp.gate_proj.MatMul.weight"],
-                         f"{p}/mlp/gate_proj/MatMul")
+        (gate,) = g.node(
+            "MatMul", [normed, f"model.layers.{i}.mlp.gate_proj.MatMul.weight"], f"{p}/mlp/gate_proj/MatMul"
+        )
         (sig,) = g.node("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")
         (silu,) = g.node("Mul", [gate, sig], f"{p}/mlp/act_fn/Mul")
         (up,) = g.node("MatMul", [normed, f"model.layers.{i}.mlp.up_proj.MatMul.weight"], f"{p}/mlp/up_proj/MatMul")
         (prod,) = g.node("Mul", [silu, up], f"{p}/mlp/Mul")
-        (down,) = g.node("MatMul", [prod, f"model.layers.{i}.mlp.down_proj.MatMul.weight"],
-                         f"{p}/mlp/down_proj/MatMul")
+        (down,) = g.node("MatMul", [prod, f"model.layers.{i}.mlp.down_proj.MatMul.weight"], f"{p}/mlp/down_proj/MatMul")
         (hidden,) = g.node("Add", [hidden, down], f"{p}/mlp/residual/Add")
 
     normed = g.rms_norm(hidden, "/model/layers.2/final_norm_layernorm", "model.norm.weight")

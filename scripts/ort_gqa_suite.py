@@ -101,8 +101,10 @@ class Case:
         if self.softcap:
             flags.append(f"softcap{self.softcap:g}")
         kind = ("buffer" if self.buffer else "no-buffer") + (" adapted" if self.adapted else "")
-        return (f"{self.index:03d} {self.test} {kind} B{self.batch} S{self.sequence} Skv{self.kv_length} "
-                f"N{self.num_heads}/{self.kv_num_heads} H{self.head_size} {'+'.join(flags) or 'plain'}")
+        return (
+            f"{self.index:03d} {self.test} {kind} B{self.batch} S{self.sequence} Skv{self.kv_length} "
+            f"N{self.num_heads}/{self.kv_num_heads} H{self.head_size} {'+'.join(flags) or 'plain'}"
+        )
 
 
 def grid() -> list[Case]:
@@ -113,8 +115,24 @@ def grid() -> list[Case]:
     def add(test, shape, heads, head_size, local, rotary, packed, softcap, smooth, tree):
         batch, sequence, kv_length = shape
         for buffer in (True, False):
-            cases.append(Case(test, buffer, batch, sequence, kv_length, *heads, head_size, local, *rotary, packed,
-                              softcap, smooth, tree and buffer, len(cases)))
+            cases.append(
+                Case(
+                    test,
+                    buffer,
+                    batch,
+                    sequence,
+                    kv_length,
+                    *heads,
+                    head_size,
+                    local,
+                    *rotary,
+                    packed,
+                    softcap,
+                    smooth,
+                    tree and buffer,
+                    len(cases),
+                )
+            )
 
     for sq, skv in [(127, 127), (240, 240)]:
         for local in (False, True):
@@ -123,8 +141,7 @@ def grid() -> list[Case]:
                     for softcap in (0.0, 50.0):
                         for smooth in (False, True):
                             for tree in (False, True):
-                                add("no_past", (3, sq, skv), (32, 8), 128, local, rotary, packed, softcap, smooth,
-                                    tree)
+                                add("no_past", (3, sq, skv), (32, 8), 128, local, rotary, packed, softcap, smooth, tree)
     for local in (False, True):
         for rotary in rotaries:
             for packed in (False, True):
@@ -143,8 +160,9 @@ def grid() -> list[Case]:
 def adapted_tree_grid() -> list[Case]:
     """The grid's tree-attention cases, adapted so that ORT 1.31 runs them (numbered after the grid)."""
     cases = grid()
-    return [dataclasses.replace(c, adapted=True, index=len(cases) + i)
-            for i, c in enumerate(c for c in cases if c.tree)]
+    return [
+        dataclasses.replace(c, adapted=True, index=len(cases) + i) for i, c in enumerate(c for c in cases if c.tree)
+    ]
 
 
 # Graphs ---------------------------------------------------------------------------------------------------------
@@ -169,43 +187,67 @@ def build_graph(case: Case, window: int, max_seqlen: int) -> onnx.ModelProto:
     has_past = case.buffer or not case.prompt
     node = helper.make_node(
         "GroupQueryAttention",
-        ["query", "" if case.packed else "key", "" if case.packed else "value",
-         "past_key" if has_past else "", "past_value" if has_past else "", "seqlens_k", "total_sequence_length",
-         "cos_cache" if case.rotary else "", "sin_cache" if case.rotary else "",
-         "pos_ids" if case.tree else "", "attention_mask" if case.tree else ""],
+        [
+            "query",
+            "" if case.packed else "key",
+            "" if case.packed else "value",
+            "past_key" if has_past else "",
+            "past_value" if has_past else "",
+            "seqlens_k",
+            "total_sequence_length",
+            "cos_cache" if case.rotary else "",
+            "sin_cache" if case.rotary else "",
+            "pos_ids" if case.tree else "",
+            "attention_mask" if case.tree else "",
+        ],
         ["output", "present_key", "present_value"],
         "GroupQueryAttention_0",
-        num_heads=n, kv_num_heads=nkv, local_window_size=window, do_rotary=int(case.rotary),
-        rotary_interleaved=int(case.interleaved), softcap=case.softcap, smooth_softmax=int(case.smooth_softmax),
+        num_heads=n,
+        kv_num_heads=nkv,
+        local_window_size=window,
+        do_rotary=int(case.rotary),
+        rotary_interleaved=int(case.interleaved),
+        softcap=case.softcap,
+        smooth_softmax=int(case.smooth_softmax),
         domain="com.microsoft",
     )
     width = (n + 2 * nkv) * h if case.packed else n * h
     f32 = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("query", f32, [b, s, width]),
-              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [b]),
-              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1])]
+    inputs = [
+        helper.make_tensor_value_info("query", f32, [b, s, width]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [b]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [1]),
+    ]
     if not case.packed:
         inputs += [helper.make_tensor_value_info(name, f32, [b, kv_new, nkv * h]) for name in ("key", "value")]
     if has_past:
-        inputs += [helper.make_tensor_value_info(name, f32, [b, nkv, past_rows, h])
-                   for name in ("past_key", "past_value")]
+        inputs += [
+            helper.make_tensor_value_info(name, f32, [b, nkv, past_rows, h]) for name in ("past_key", "past_value")
+        ]
     if case.rotary:
         half = (math.floor(h / 16) * 16) // 2
         inputs += [helper.make_tensor_value_info(name, f32, [cos_rows, half]) for name in ("cos_cache", "sin_cache")]
     if case.tree:
         if case.prompt:
             positions = [b, s] if case.adapted else [1, 1]
-            inputs += [helper.make_tensor_value_info("pos_ids", TensorProto.INT64, positions),
-                       helper.make_tensor_value_info("attention_mask", f32, [b, 1, kv_new, kv_new])]
+            inputs += [
+                helper.make_tensor_value_info("pos_ids", TensorProto.INT64, positions),
+                helper.make_tensor_value_info("attention_mask", f32, [b, 1, kv_new, kv_new]),
+            ]
         else:
-            inputs += [helper.make_tensor_value_info("pos_ids", TensorProto.INT64, [b, s]),
-                       helper.make_tensor_value_info("attention_mask", f32, [b, 1, s, max_seqlen])]
+            inputs += [
+                helper.make_tensor_value_info("pos_ids", TensorProto.INT64, [b, s]),
+                helper.make_tensor_value_info("attention_mask", f32, [b, 1, s, max_seqlen]),
+            ]
     outputs = [helper.make_tensor_value_info("output", f32, [b, s, n * h])]
-    outputs += [helper.make_tensor_value_info(name, f32, [b, nkv, present_rows, h])
-                for name in ("present_key", "present_value")]
+    outputs += [
+        helper.make_tensor_value_info(name, f32, [b, nkv, present_rows, h]) for name in ("present_key", "present_value")
+    ]
     if case.prompt:  # the prompt graph declares present twice; the second with kv_sequence_length rows
-        outputs += [helper.make_tensor_value_info(name, f32, [b, nkv, case.kv_length, h])
-                    for name in ("present_key", "present_value")]
+        outputs += [
+            helper.make_tensor_value_info(name, f32, [b, nkv, case.kv_length, h])
+            for name in ("present_key", "present_value")
+        ]
     graph = helper.make_graph([node], "GroupQueryAttention_Graph", inputs, outputs)
     return helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", OPSET)])
 
@@ -248,7 +290,9 @@ def make_feeds(case: Case, rng: np.random.Generator, pyrandom: random.Random):
         feeds["total_sequence_length"] = np.array([max_seqlen], np.int32)
     if case.tree:
         if case.prompt:
-            feeds["pos_ids"] = np.tile(np.arange(s, dtype=np.int64), (b, 1)) if case.adapted else np.zeros((1, 1), np.int64)
+            feeds["pos_ids"] = (
+                np.tile(np.arange(s, dtype=np.int64), (b, 1)) if case.adapted else np.zeros((1, 1), np.int64)
+            )
             feeds["attention_mask"] = np.triu(rng.random((b, 1, kv_new, kv_new), dtype=np.float32), 1)
         else:
             mask = np.zeros((b, 1, s, max_seqlen), np.float32)
@@ -257,7 +301,7 @@ def make_feeds(case: Case, rng: np.random.Generator, pyrandom: random.Random):
                 past_length = int(seqlens[row]) + 1 - s
                 positions[row] = np.arange(past_length, past_length + s)
                 for i in range(s):
-                    mask[row, 0, i, past_length + i + 1:] = -5000
+                    mask[row, 0, i, past_length + i + 1 :] = -5000
             feeds["pos_ids"], feeds["attention_mask"] = positions, mask
     return feeds, window, max_seqlen
 
@@ -286,8 +330,11 @@ def run_bound(session: ort.InferenceSession, feeds: dict, buffer: bool) -> dict[
             binding.bind_output(output)
     session.run_with_iobinding(binding)
     output, present_key, present_value = binding.copy_outputs_to_cpu()
-    return {"output": np.asarray(output), "present_key": np.asarray(present_key),
-            "present_value": np.asarray(present_value)}
+    return {
+        "output": np.asarray(output),
+        "present_key": np.asarray(present_key),
+        "present_value": np.asarray(present_value),
+    }
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -377,10 +424,16 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=None, help="run N cases spread over the grid")
     parser.add_argument("--json", type=Path, default=None, help="write every case's outcome here")
     parser.add_argument("--seed", type=int, default=69)
-    parser.add_argument("--adapted-tree", action="store_true",
-                        help="run the tree-attention cases adapted so that ORT 1.31 runs them, instead of the grid")
-    parser.add_argument("--restore-declarations", action="store_true",
-                        help="give the rewrite the original's graph output declarations before running it")
+    parser.add_argument(
+        "--adapted-tree",
+        action="store_true",
+        help="run the tree-attention cases adapted so that ORT 1.31 runs them, instead of the grid",
+    )
+    parser.add_argument(
+        "--restore-declarations",
+        action="store_true",
+        help="give the rewrite the original's graph output declarations before running it",
+    )
     parser.add_argument("--filter", default="", help="only the cases whose name contains this")
     args = parser.parse_args()
     cases = adapted_tree_grid() if args.adapted_tree else grid()
@@ -392,8 +445,7 @@ def main() -> int:
     for number, case in enumerate(cases, 1):
         results.append(run_case(case, args.seed, args.restore_declarations))
         if results[-1]["outcome"] != "passed":
-            print(f"[{number}/{len(cases)}] {case.name}: {results[-1]['outcome']}: {results[-1]['detail']}",
-                  flush=True)
+            print(f"[{number}/{len(cases)}] {case.name}: {results[-1]['outcome']}: {results[-1]['detail']}", flush=True)
         elif number % 50 == 0:
             print(f"[{number}/{len(cases)}] {time.time() - start:.0f} s", flush=True)
     print(summarize(results))

@@ -35,8 +35,10 @@ from gqa_decompose import runtimes  # noqa: E402
 
 BEGIN, END = "<!-- portability:begin -->", "<!-- portability:end -->"
 RUNTIMES = ("onnxruntime", *PORTABLE_RUNTIMES)
-WHOLE_MODEL = {"growing": "tiny Llama: prompt + 3 decode steps, growing cache",
-               "static": "tiny Llama: prompt + 3 decode steps, static buffer"}
+WHOLE_MODEL = {
+    "growing": "tiny Llama: prompt + 3 decode steps, growing cache",
+    "static": "tiny Llama: prompt + 3 decode steps, static buffer",
+}
 WHOLE_MODEL_TOLERANCE = 1e-4
 
 
@@ -99,8 +101,7 @@ def build_table(log=print) -> str:
     available = runtimes.available_runtimes()
     chosen = [r for r in RUNTIMES if r in available]
     versions = ", ".join(
-        f"{name} {runtimes.get_runtime(name).version()}"
-        + (" (onnx.reference)" if name == "reference" else "")
+        f"{name} {runtimes.get_runtime(name).version()}" + (" (onnx.reference)" if name == "reference" else "")
         for name in chosen
     )
     missing = [r for r in RUNTIMES if r not in available]
@@ -113,8 +114,12 @@ def build_table(log=print) -> str:
     ]
     for target in [*targets(), FUSED]:
         log(f"target {target}")
-        lines += [f"**target: {target}**", "", "| feature group | " + " | ".join(chosen) + " |",
-                  "|---|" + "---|" * len(chosen)]
+        lines += [
+            f"**target: {target}**",
+            "",
+            "| feature group | " + " | ".join(chosen) + " |",
+            "|---|" + "---|" * len(chosen),
+        ]
         for group in groups:
             log(f"  {group}")
             cells = [_case_cell(runtime, target, group, notes) for runtime in chosen]

@@ -15,8 +15,9 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import gqa_decompose  # noqa: E402
 from refusal_cases import CASES, ort_message  # noqa: E402
+
+import gqa_decompose  # noqa: E402
 
 
 def _ort_text(message: str) -> tuple[str, str]:

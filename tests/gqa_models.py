@@ -31,7 +31,9 @@ class GqaConfig:
     softcap: float = 0.0
     smooth_softmax: int | None = None
     head_sink: bool = False
-    attention_bias: str | None = None  # None | "full" | "broadcast" (1, 1, S, T) | "heads" (1, N, ..) | "batch" (B, 1, ..)
+    attention_bias: str | None = (
+        None  # None | "full" | "broadcast" (1, 1, S, T) | "heads" (1, N, ..) | "batch" (B, 1, ..)
+    )
     position_ids: bool = False
     qk_output: int = 0
     causal: int | None = None
@@ -170,9 +172,7 @@ def make_gqa_model(config: GqaConfig, name: str = "attn/GroupQueryAttention") ->
             output_names += ["", ""]
         outputs.append(helper.make_tensor_value_info("output_qk", elem, [batch, n, seq, total]))
         output_names.append("output_qk")
-    node = helper.make_node(
-        "GroupQueryAttention", names, output_names, name=name, domain="com.microsoft", **attributes
-    )
+    node = helper.make_node("GroupQueryAttention", names, output_names, name=name, domain="com.microsoft", **attributes)
     graph = helper.make_graph([node], "gqa", inputs, outputs, initializers)
     return helper.make_model(
         graph,

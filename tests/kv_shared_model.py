@@ -95,8 +95,10 @@ def make_kv_shared_model(config: KvSharedConfig = KvSharedConfig()) -> onnx.Mode
     node("Gather", ["mask_shape", const_i64("index_1", 1)], ["total_i64"], "lengths/Gather", axis=0)
     node("Cast", ["total_i64"], ["total_sequence_length"], "lengths/total", to=TensorProto.INT32)
 
-    for kind, size, theta, partial in (("sliding", config.sliding_head_size, 1e4, 1.0),
-                                       ("full", config.full_head_size, 1e6, 0.25)):
+    for kind, size, theta, partial in (
+        ("sliding", config.sliding_head_size, 1e4, 1.0),
+        ("full", config.full_head_size, 1e6, 0.25),
+    ):
         cos, sin = _rotary_tables(size, config.positions, theta, partial)
         weight(f"cos_cache_{kind}", None, value=cos)
         weight(f"sin_cache_{kind}", None, value=sin)
@@ -110,49 +112,92 @@ def make_kv_shared_model(config: KvSharedConfig = KvSharedConfig()) -> onnx.Mode
         q_width, kv_width = config.num_heads * size, config.kv_num_heads * size
         norm_weight = weight(f"layers.{layer}.input_norm", None, value=np.ones(config.hidden))
         node("RMSNormalization", [hidden, norm_weight], [f"{prefix}/norm"], f"{prefix}/input_norm", epsilon=1e-6)
-        node("MatMul", [f"{prefix}/norm", weight(f"layers.{layer}.q_proj", (config.hidden, q_width))],
-             [f"{prefix}/q"], f"{prefix}/attn/q_proj")
+        node(
+            "MatMul",
+            [f"{prefix}/norm", weight(f"layers.{layer}.q_proj", (config.hidden, q_width))],
+            [f"{prefix}/q"],
+            f"{prefix}/attn/q_proj",
+        )
         if source is None:
             for proj in ("k", "v"):
-                node("MatMul", [f"{prefix}/norm", weight(f"layers.{layer}.{proj}_proj", (config.hidden, kv_width))],
-                     [f"{prefix}/{proj}"], f"{prefix}/attn/{proj}_proj")
+                node(
+                    "MatMul",
+                    [f"{prefix}/norm", weight(f"layers.{layer}.{proj}_proj", (config.hidden, kv_width))],
+                    [f"{prefix}/{proj}"],
+                    f"{prefix}/attn/{proj}_proj",
+                )
             key, value = f"{prefix}/k", f"{prefix}/v"
             past = [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
             present = [f"present.{layer}.key", f"present.{layer}.value"]
             cache_dims = ["batch", config.kv_num_heads, "past_sequence_length", size]
             inputs += [helper.make_tensor_value_info(name, elem, cache_dims) for name in past]
-            outputs += [helper.make_tensor_value_info(name, elem, ["batch", config.kv_num_heads,
-                                                                   "present_sequence_length", size])
-                        for name in present]
+            outputs += [
+                helper.make_tensor_value_info(
+                    name, elem, ["batch", config.kv_num_heads, "present_sequence_length", size]
+                )
+                for name in present
+            ]
         else:
             # Empty key/value [batch, 0, kv_width], as mobius writes them; the source layer's present as past.
             node("Shape", [f"{prefix}/q"], [f"{prefix}/batch"], f"{prefix}/attn/batch", start=0, end=1)
-            node("Concat", [f"{prefix}/batch", const_i64(f"{prefix}/empty_tail", [0, kv_width])],
-                 [f"{prefix}/empty_shape"], f"{prefix}/attn/empty_shape", axis=0)
-            node("ConstantOfShape", [f"{prefix}/empty_shape"], [f"{prefix}/empty_kv"], f"{prefix}/attn/empty_kv",
-                 value=helper.make_tensor("zero", elem, [1], [0]))
+            node(
+                "Concat",
+                [f"{prefix}/batch", const_i64(f"{prefix}/empty_tail", [0, kv_width])],
+                [f"{prefix}/empty_shape"],
+                f"{prefix}/attn/empty_shape",
+                axis=0,
+            )
+            node(
+                "ConstantOfShape",
+                [f"{prefix}/empty_shape"],
+                [f"{prefix}/empty_kv"],
+                f"{prefix}/attn/empty_kv",
+                value=helper.make_tensor("zero", elem, [1], [0]),
+            )
             key = value = f"{prefix}/empty_kv"
             past = [f"present.{source}.key", f"present.{source}.value"]
             present = []  # a shared layer keeps no cache of its own
         attributes = {"num_heads": config.num_heads, "kv_num_heads": config.kv_num_heads, "do_rotary": 1}
         if config.is_sliding(layer):
             attributes["local_window_size"] = config.window
-        node("GroupQueryAttention",
-             [f"{prefix}/q", key, value, *past, "seqlens_k", "total_sequence_length",
-              f"cos_cache_{kind}", f"sin_cache_{kind}"],
-             [f"{prefix}/attn_out", *present], f"{prefix}/attn/GroupQueryAttention", domain="com.microsoft",
-             **attributes)
-        node("MatMul", [f"{prefix}/attn_out", weight(f"layers.{layer}.o_proj", (q_width, config.hidden))],
-             [f"{prefix}/o"], f"{prefix}/attn/o_proj")
+        node(
+            "GroupQueryAttention",
+            [
+                f"{prefix}/q",
+                key,
+                value,
+                *past,
+                "seqlens_k",
+                "total_sequence_length",
+                f"cos_cache_{kind}",
+                f"sin_cache_{kind}",
+            ],
+            [f"{prefix}/attn_out", *present],
+            f"{prefix}/attn/GroupQueryAttention",
+            domain="com.microsoft",
+            **attributes,
+        )
+        node(
+            "MatMul",
+            [f"{prefix}/attn_out", weight(f"layers.{layer}.o_proj", (q_width, config.hidden))],
+            [f"{prefix}/o"],
+            f"{prefix}/attn/o_proj",
+        )
         node("Add", [hidden, f"{prefix}/o"], [f"{prefix}/out"], f"{prefix}/residual")
         hidden = f"{prefix}/out"
 
-    node("RMSNormalization", [hidden, weight("final_norm", None, value=np.ones(config.hidden))], ["final"],
-         "/model/final_norm", epsilon=1e-6)
+    node(
+        "RMSNormalization",
+        [hidden, weight("final_norm", None, value=np.ones(config.hidden))],
+        ["final"],
+        "/model/final_norm",
+        epsilon=1e-6,
+    )
     node("MatMul", ["final", weight("lm_head", (config.hidden, config.vocab))], ["logits"], "/model/lm_head")
     outputs.insert(0, helper.make_tensor_value_info("logits", elem, ["batch", "sequence_length", config.vocab]))
     graph = helper.make_graph(nodes, "kv_shared_decoder", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", config.opset),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", config.opset), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = IR_VERSION
     return model

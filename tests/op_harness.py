@@ -54,7 +54,9 @@ def one_node_model(
             graph_inputs.append(helper.make_tensor_value_info(name, elem, shape))
     while names and names[-1] == "":
         names.pop()
-    node = helper.make_node(op_type, names, [n for n, _, _ in outputs], name=f"{op_type}_0", domain=domain, **attributes)
+    node = helper.make_node(
+        op_type, names, [n for n, _, _ in outputs], name=f"{op_type}_0", domain=domain, **attributes
+    )
     graph = helper.make_graph(
         [node],
         f"{op_type}_node",

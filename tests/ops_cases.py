@@ -29,7 +29,11 @@ def node_model(domain, op_type, inputs, outputs, attributes=None, opset=22) -> i
         [node],
         "node",
         [helper.make_tensor_value_info(*spec) for spec in inputs if spec is not None],
-        [helper.make_tensor_value_info(*spec, *([None] if len(spec) == 2 else [])) for spec in outputs if spec is not None],
+        [
+            helper.make_tensor_value_info(*spec, *([None] if len(spec) == 2 else []))
+            for spec in outputs
+            if spec is not None
+        ],
     )
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=opsets, ir_version=10))

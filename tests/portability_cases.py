@@ -109,15 +109,28 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 # The Attention target (--target attention) elsewhere than ORT and onnx.reference: the cases
 # each runtime runs today; every other case is expected to fail there (strictly, as above).
 ATTENTION_TARGET_PASSES: dict[str, frozenset[str]] = {
-    "openvino": frozenset({
-        "heads & layout/mha-separate", "heads & layout/mqa-separate", "causal=0, no past/no-past-packed",
-        "causal=0, no past/kv-empty", "cache promises/kv-cache-static", "cache promises/kv-cache-growing",
-        "windowed cache/sliding-window-cache", "quantized cache/int8-per-channel",
-    }),
-    "tract": frozenset({
-        "sink/smooth softmax/head-sink", "sink/smooth softmax/smooth-softmax", "attention bias/full",
-        "attention bias/broadcast-window", "causal=0, no past/no-past-packed", "float16/packed-window-bias",
-    }),
+    "openvino": frozenset(
+        {
+            "heads & layout/mha-separate",
+            "heads & layout/mqa-separate",
+            "causal=0, no past/no-past-packed",
+            "causal=0, no past/kv-empty",
+            "cache promises/kv-cache-static",
+            "cache promises/kv-cache-growing",
+            "windowed cache/sliding-window-cache",
+            "quantized cache/int8-per-channel",
+        }
+    ),
+    "tract": frozenset(
+        {
+            "sink/smooth softmax/head-sink",
+            "sink/smooth softmax/smooth-softmax",
+            "attention bias/full",
+            "attention bias/broadcast-window",
+            "causal=0, no past/no-past-packed",
+            "float16/packed-window-bias",
+        }
+    ),
 }
 ATTENTION_TARGET_FAILURES = {
     "openvino": (

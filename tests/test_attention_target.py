@@ -57,8 +57,14 @@ def test_grid_subset_matches_ort(cell, opset):
     ratio, head_size, packed, rotary, dtype, static_dims = cell
     heads, kv_heads = HEAD_RATIOS[ratio]
     config = GqaConfig(
-        num_heads=heads, kv_num_heads=kv_heads, head_size=head_size, packed=packed,
-        rotary=rotary, dtype=dtype, static_dims=static_dims, opset=opset,
+        num_heads=heads,
+        kv_num_heads=kv_heads,
+        head_size=head_size,
+        packed=packed,
+        rotary=rotary,
+        dtype=dtype,
+        static_dims=static_dims,
+        opset=opset,
     )
     matches_ort_as_attention(config)
 
@@ -81,8 +87,15 @@ def test_windowed_cache_matches_ort(feature):
 
 @pytest.mark.parametrize(
     "variant,dtype",
-    [("plain", "float32"), ("packed_rotary", "float16"), ("interleaved", "float16"), ("window_bias", "float32"),
-     ("kv_empty", "float32"), ("windowed_cache", "float32"), ("static_dims_sink", "float16")],
+    [
+        ("plain", "float32"),
+        ("packed_rotary", "float16"),
+        ("interleaved", "float16"),
+        ("window_bias", "float32"),
+        ("kv_empty", "float32"),
+        ("windowed_cache", "float32"),
+        ("static_dims_sink", "float16"),
+    ],
 )
 @pytest.mark.parametrize("bits,layout", LAYOUTS, ids=[f"int{b}-{q.lower()}" for b, q in LAYOUTS])
 def test_quantized_cache_matches_ort(variant, dtype, bits, layout):
@@ -156,7 +169,10 @@ def test_opset_23_writes_the_cache_with_scatter_nd_and_keeps_its_opset():
 
 @pytest.mark.parametrize(
     "config,options",
-    [(GqaConfig(past=False, rotary="half", opset=24), {}), (GqaConfig(rotary="half", opset=24), {"growing_kv_cache": True})],
+    [
+        (GqaConfig(past=False, rotary="half", opset=24), {}),
+        (GqaConfig(rotary="half", opset=24), {"growing_kv_cache": True}),
+    ],
     ids=["no past", "growing cache"],
 )
 def test_causal_layers_without_a_mask_use_the_ops_own_is_causal(config, options):
@@ -393,9 +409,11 @@ def test_real_producer_models_generate_like_the_original_as_attention_ops(folder
 
 @pytest.mark.parametrize(
     "config",
-    [GqaConfig(qk_norm="qk", rotary="half", opset=24),
-     GqaConfig(qk_norm="qk", rotary="interleaved", packed=True, dtype="float16", opset=23),
-     GqaConfig(qk_norm="qk", rotary="half", head_sink=True, local_window_size=3, opset=24)],
+    [
+        GqaConfig(qk_norm="qk", rotary="half", opset=24),
+        GqaConfig(qk_norm="qk", rotary="interleaved", packed=True, dtype="float16", opset=23),
+        GqaConfig(qk_norm="qk", rotary="half", head_sink=True, local_window_size=3, opset=24),
+    ],
     ids=["qk_norm", "qk_norm_packed_fp16", "qk_norm_sink_window"],
 )
 def test_qk_norm_then_rotary_embedding_op_matches_ort(config):

@@ -56,10 +56,7 @@ def fingerprint(path: pathlib.Path) -> str:
 
 def snapshot(folder: pathlib.Path) -> dict[str, str]:
     """Every entry under ``folder`` (hidden ones too) with the fingerprint of each file."""
-    return {
-        str(p.relative_to(folder)): fingerprint(p) if p.is_file() else "folder"
-        for p in sorted(folder.rglob("*"))
-    }
+    return {str(p.relative_to(folder)): fingerprint(p) if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
 
 
 def save(model: onnx.ModelProto, path: pathlib.Path) -> pathlib.Path:
@@ -105,8 +102,10 @@ def truncated_protobuf(folder):
 
 
 def missing_num_heads(folder):
-    return save(set_attribute(gqa_model(), "num_heads", None), folder / "m.onnx"), [], (
-        f"{NODE}: required attribute 'num_heads' is missing"
+    return (
+        save(set_attribute(gqa_model(), "num_heads", None), folder / "m.onnx"),
+        [],
+        (f"{NODE}: required attribute 'num_heads' is missing"),
     )
 
 
@@ -171,8 +170,10 @@ def output_declared_with_other_head_counts(folder):
 
 
 def unknown_attribute(folder):
-    return save(set_attribute(gqa_model(), "do_flash", 1), folder / "m.onnx"), [], (
-        f"{NODE}: unknown attribute\\(s\\) \\['do_flash'\\]"
+    return (
+        save(set_attribute(gqa_model(), "do_flash", 1), folder / "m.onnx"),
+        [],
+        (f"{NODE}: unknown attribute\\(s\\) \\['do_flash'\\]"),
     )
 
 
@@ -230,8 +231,10 @@ def protobuf_over_2_gib(folder):
 
 def output_folder_read_only(folder):
     # Root ignores permission bits; sysfs refuses new files even to root.
-    return save(gqa_model(), folder / "m.onnx"), ["-o", "/sys/out.onnx"], (
-        "cannot write the output into /sys: Operation not permitted"
+    return (
+        save(gqa_model(), folder / "m.onnx"),
+        ["-o", "/sys/out.onnx"],
+        ("cannot write the output into /sys: Operation not permitted"),
     )
 
 
@@ -242,8 +245,10 @@ def output_folder_missing(folder):
 
 def output_folder_is_a_file(folder):
     (folder / "blocker").write_text("a file, not a folder")
-    return save(gqa_model(), folder / "m.onnx"), ["-o", folder / "blocker" / "sub" / "x.onnx"], (
-        "cannot write the output into .*blocker/sub: .*blocker is not a folder"
+    return (
+        save(gqa_model(), folder / "m.onnx"),
+        ["-o", folder / "blocker" / "sub" / "x.onnx"],
+        ("cannot write the output into .*blocker/sub: .*blocker is not a folder"),
     )
 
 

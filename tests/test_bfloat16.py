@@ -42,8 +42,11 @@ def test_bfloat16_is_computed_in_fp32():
     assert softmaxes and all(producers[softmax.input[0]].op_type == "Add" for softmax in softmaxes)
     assert len(casts_to_float) >= 3 and len(casts_to_bf16) >= 1
     for matmul in (n for n in nodes if n.op_type == "MatMul"):
-        assert all(producers[name].op_type != "Cast" or producers[name].attribute[0].i == onnx.TensorProto.FLOAT
-                   for name in matmul.input if name in producers)
+        assert all(
+            producers[name].op_type != "Cast" or producers[name].attribute[0].i == onnx.TensorProto.FLOAT
+            for name in matmul.input
+            if name in producers
+        )
 
 
 def test_bfloat16_verification_catches_a_plain_concat_kv_update(monkeypatch):

@@ -41,8 +41,11 @@ pytestmark = pytest.mark.xdist_group("browser")
 MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 FIXTURES = {"tiny": MODELS / "tiny-llama-gqa.onnx", "builder": MODELS / "builder-tiny-llama" / "model.onnx"}
 FORMS = {"default": {}, "kvstatic": {"static_kv_cache": True}}
-VARIANTS = {"default-growing": ("default", "growing"), "default-static": ("default", "static"),
-            "kvstatic-static": ("kvstatic", "static")}  # id -> (form, cache)
+VARIANTS = {
+    "default-growing": ("default", "growing"),
+    "default-static": ("default", "static"),
+    "kvstatic-static": ("kvstatic", "static"),
+}  # id -> (form, cache)
 BACKENDS = ("wasm", "webnn")
 PHASES = ("prompt", "decode")
 PROMPT = 5

@@ -139,7 +139,8 @@ def test_check_on_the_builder_model_exits_1_and_names_simplified_layer_normaliza
     # Nothing written beside the model: only the report, where it was asked for.
     assert folder_listing(builder.parent) == folder_listing(BUILDER_MODEL.parent)
     assert folder_listing(tmp_path) - {str(p.relative_to(tmp_path)) for p in builder.parent.rglob("*")} == {
-        "builder", "report.json"
+        "builder",
+        "report.json",
     }
 
 
@@ -311,8 +312,9 @@ def test_the_report_holds_nodes_features_per_phase_errors_non_standard_ops_and_e
 
 def test_the_report_of_the_builder_model_lists_its_non_standard_ops(builder, tmp_path):
     report_path = tmp_path / "report.json"
-    code, out, err = run(builder, "-o", tmp_path / "out.onnx", "--report", report_path, "--no-verify",
-                         "--only", "GroupQueryAttention")
+    code, out, err = run(
+        builder, "-o", tmp_path / "out.onnx", "--report", report_path, "--no-verify", "--only", "GroupQueryAttention"
+    )
     assert code == 0, err
     assert "note: the model still holds non-standard ops" in out
     report = json.loads(report_path.read_text())
@@ -608,8 +610,10 @@ def test_the_package_imports_its_api_on_first_use():
     with pytest.raises(AttributeError):
         gqa_decompose.no_such_name  # noqa: B018
     # The submodules verify.py and verify_model.py do not shadow the functions of their names.
-    code = ("import gqa_decompose.verify, gqa_decompose.verify_model, gqa_decompose; "
-            "assert callable(gqa_decompose.verify) and callable(gqa_decompose.verify_model)")
+    code = (
+        "import gqa_decompose.verify, gqa_decompose.verify_model, gqa_decompose; "
+        "assert callable(gqa_decompose.verify) and callable(gqa_decompose.verify_model)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 

@@ -23,28 +23,51 @@ def _norm(x, out, name, gamma="gamma"):
 
 def _model() -> onnx.ModelProto:
     """x -> norm -> If(cond: branch with a norm | branch with the local function) -> y."""
-    then_graph = helper.make_graph([_norm("h", "t", "in_then")], "then", [], [helper.make_tensor_value_info("t", F, None)])
+    then_graph = helper.make_graph(
+        [_norm("h", "t", "in_then")], "then", [], [helper.make_tensor_value_info("t", F, None)]
+    )
     else_graph = helper.make_graph(
         [helper.make_node("SkipNorm", ["h", "h"], ["e"], domain="local", name="call")],
-        "else", [], [helper.make_tensor_value_info("e", F, None)],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", F, None)],
     )
     function = helper.make_function(
-        "local", "SkipNorm", ["a", "b"], ["c"],
-        [helper.make_node("Constant", [], ["g"], value=helper.make_tensor("g", F, [8], np.linspace(0.5, 1.5, 8))),
-         helper.make_node("SkipSimplifiedLayerNormalization", ["a", "b", "g"], ["c"], domain="com.microsoft",
-                          name="in_function", epsilon=1e-6)],
+        "local",
+        "SkipNorm",
+        ["a", "b"],
+        ["c"],
+        [
+            helper.make_node("Constant", [], ["g"], value=helper.make_tensor("g", F, [8], np.linspace(0.5, 1.5, 8))),
+            helper.make_node(
+                "SkipSimplifiedLayerNormalization",
+                ["a", "b", "g"],
+                ["c"],
+                domain="com.microsoft",
+                name="in_function",
+                epsilon=1e-6,
+            ),
+        ],
         OPSETS,
     )
-    nodes = [_norm("x", "h", "in_main"), helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)]
+    nodes = [
+        _norm("x", "h", "in_main"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph),
+    ]
     graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", F, [2, 8]), helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", F, [2, 8]),
+            helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []),
+        ],
         [helper.make_tensor_value_info("y", F, None)],
         [helper.make_tensor("gamma", F, [8], np.linspace(1, 2, 8))],
         value_info=[helper.make_tensor_value_info("h", F, [2, 8])],  # as a producer's model declares it
     )
-    return helper.make_model(graph, opset_imports=OPSETS + [helper.make_opsetid("local", 1)], functions=[function],
-                             ir_version=10)
+    return helper.make_model(
+        graph, opset_imports=OPSETS + [helper.make_opsetid("local", 1)], functions=[function], ir_version=10
+    )
 
 
 def _run(proto: onnx.ModelProto, cond: bool) -> np.ndarray:

@@ -72,8 +72,12 @@ def _reference_run(model: onnx.ModelProto, reference):
     session = _session(model)
     length = reference["input_ids"].shape[1]
     empty = np.zeros((1, 2, 0, 16), np.float32)
-    feeds = {"input_ids": reference["input_ids"], "attention_mask": reference["attention_mask"],
-             "position_ids": reference["position_ids"], **{name: empty for name in _past_names(model)}}
+    feeds = {
+        "input_ids": reference["input_ids"],
+        "attention_mask": reference["attention_mask"],
+        "position_ids": reference["position_ids"],
+        **{name: empty for name in _past_names(model)},
+    }
     prefill = _run(session, feeds)
     decode_feeds = {
         "input_ids": reference["next_id"],

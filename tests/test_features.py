@@ -184,8 +184,19 @@ def test_windowed_cache_capacities(capacity, window):
 # Causal row blocks (long prompts) with the minimum lowered so small prompts take that path ------
 
 ROW_BLOCK_FEATURES = [
-    "window2", "window3", "softcap", "smooth_softmax", "head_sink", "bias_full", "bias_broadcast",
-    "position_ids", "partial_rotary_half", "kv_empty", "kv_empty_bias", "window_softcap_bias", "window_sink",
+    "window2",
+    "window3",
+    "softcap",
+    "smooth_softmax",
+    "head_sink",
+    "bias_full",
+    "bias_broadcast",
+    "position_ids",
+    "partial_rotary_half",
+    "kv_empty",
+    "kv_empty_bias",
+    "window_softcap_bias",
+    "window_sink",
 ]
 
 
@@ -210,9 +221,10 @@ def small_row_blocks(request, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("feature", ROW_BLOCK_FEATURES)
 def test_causal_row_blocks_match_ort(small_row_blocks, feature, dtype):
+    from gqa_models import gqa_node
+
     from gqa_decompose.spec import DecomposeOptions
     from gqa_decompose.verify import verify_node_model
-    from gqa_models import gqa_node
 
     config = dataclasses.replace(FEATURES[feature], dtype=dtype)
     phases = _prompt_phases(16)
@@ -227,16 +239,21 @@ def test_causal_row_blocks_match_ort(small_row_blocks, feature, dtype):
 @pytest.mark.parametrize("options", [{}, {"static_kv_cache": True}, {"growing_kv_cache": True}])
 def test_causal_row_blocks_in_every_cache_form(small_row_blocks, options):
     options = {**options, "fast_paths": True}
+    from gqa_models import gqa_node
+
     from gqa_decompose.spec import DecomposeOptions
     from gqa_decompose.verify import verify_node_model
-    from gqa_models import gqa_node
 
     model = make_gqa_model(GqaConfig(packed=True, rotary="half", num_heads=8, kv_num_heads=2))
     _, node = gqa_node(model)
     phases = [
-        p for p in _prompt_phases(40)
+        p
+        for p in _prompt_phases(40)
         if not (options.get("static_kv_cache") and p.past_length in (0, 4))
-        and not (options.get("growing_kv_cache") and (p.past_length == 40 or p.batch > 1 and p.total_lengths[1] != p.total_length))
+        and not (
+            options.get("growing_kv_cache")
+            and (p.past_length == 40 or p.batch > 1 and p.total_lengths[1] != p.total_length)
+        )
     ]
     result = verify_node_model(node, 21, model.ir_version, DecomposeOptions(**options), phases=phases)
     assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
@@ -247,18 +264,20 @@ def test_causal_row_blocks_in_every_cache_form(small_row_blocks, options):
 def test_static_query_length_picks_its_row_blocks_without_an_if(small_row_blocks, query_length, fast_paths):
     """S known in the graph: with --fast-paths the tier it reaches is chosen at rewrite time,
     straight-line; the default graph has no row blocks (tract cannot run them)."""
+    from gqa_models import all_nodes, gqa_node
+
     from gqa_decompose.expansion import mask
     from gqa_decompose.spec import DecomposeOptions
     from gqa_decompose.verify import verify_node_model
-    from gqa_models import all_nodes, gqa_node
 
     config = GqaConfig(packed=True, rotary="half", num_heads=8, kv_num_heads=2, sizes=(None, query_length, None, None))
     model = make_gqa_model(config)
     decomposed = gqa_decompose.decompose(model, fast_paths=fast_paths)
     reached = [count for lowest, count in mask.ROW_BLOCK_TIERS if query_length >= max(lowest, count)]
     ifs = [  # run-time choices of how attention runs (not of how the cache is written)
-        n for n in all_nodes(decomposed.graph) if n.op_type == "If"
-        and any(m.op_type == "Softmax" for branch in n.attribute for m in all_nodes(branch.g))
+        n
+        for n in all_nodes(decomposed.graph)
+        if n.op_type == "If" and any(m.op_type == "Softmax" for branch in n.attribute for m in all_nodes(branch.g))
     ]
     top_level_softmaxes = [n for n in decomposed.graph.node if n.op_type == "Softmax"]
     if not fast_paths:

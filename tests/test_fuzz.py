@@ -50,8 +50,8 @@ from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.spec import DecomposeOptions, parse_gqa_node
 from gqa_decompose.verify import (
     NATIVE_PRECISION_TOLERANCES,
-    Phase,
     TOLERANCES,
+    Phase,
     _defined_elements,
     _nibbles,
     phases_for,
@@ -68,7 +68,10 @@ _COMMON = dict(
 settings.register_profile("ci", max_examples=70, derandomize=True, **_COMMON)
 # The long profile keeps failing examples in .hypothesis/ so a rerun replays them first.
 settings.register_profile(
-    "long", max_examples=1500, derandomize=False, **{**_COMMON, "database": DirectoryBasedExampleDatabase(".hypothesis")}
+    "long",
+    max_examples=1500,
+    derandomize=False,
+    **{**_COMMON, "database": DirectoryBasedExampleDatabase(".hypothesis")},
 )
 PROFILE = settings.get_profile(os.environ.get("GQA_FUZZ_PROFILE", "ci"))
 if "GQA_FUZZ_EXAMPLES" in os.environ:
@@ -176,9 +179,22 @@ def cases(draw, cache_forms: tuple[str, ...]) -> Case:
     annotations = draw(st.sampled_from(["full", "full", "partial", "absent"]))
     cleared: tuple[tuple[str, int], ...] = ()
     if annotations == "partial":
-        axes = [("query", 0), ("query", 1), ("key", 0), ("key", 1), ("value", 1), ("past_key", 0),
-                ("past_key", 2), ("past_value", 2), ("seqlens_k", 0), ("attention_bias", 3),
-                ("position_ids", 1), ("head_sink", 0), ("query", 2), ("past_key", 1)]
+        axes = [
+            ("query", 0),
+            ("query", 1),
+            ("key", 0),
+            ("key", 1),
+            ("value", 1),
+            ("past_key", 0),
+            ("past_key", 2),
+            ("past_value", 2),
+            ("seqlens_k", 0),
+            ("attention_bias", 3),
+            ("position_ids", 1),
+            ("head_sink", 0),
+            ("query", 2),
+            ("past_key", 1),
+        ]
         cleared = tuple(draw(st.lists(st.sampled_from(axes), min_size=1, max_size=4, unique=True)))
     defect = draw(st.sampled_from(DEFECTS)) if draw(st.integers(0, 4)) == 0 else None
     return Case(
@@ -592,49 +608,116 @@ test_fuzz_quantized_caches = _family_test(("quantized",))
 # Failing examples the fuzzer found, kept as regressions (phases=explicit: only these run).
 @settings(PROFILE, phases=[HypothesisPhase.explicit])
 @example(  # verify picked batch 2 from query's unknown batch while key's batch was 1
-    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, sizes=(1, 1, 1, None)),
-                 annotations="partial", cleared_dims=(("query", 0),)),)
+    layers=(
+        Case(
+            GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, sizes=(1, 1, 1, None)),
+            annotations="partial",
+            cleared_dims=(("query", 0),),
+        ),
+    )
 )
 @example(  # ORT wants head_size % 16 for an 8-bit windowed cache: now refused
-    layers=(Case(GqaConfig(head_size=8, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),),
-                           kv_quant="PER_TENSOR", kv_bits=8)),)
+    layers=(
+        Case(
+            GqaConfig(
+                head_size=8,
+                local_window_size=2,
+                extra_attributes=(("sliding_window_cache", 1),),
+                kv_quant="PER_TENSOR",
+                kv_bits=8,
+            )
+        ),
+    )
 )
 @example(  # verify kept a batch-broadcast bias finite only at row 0's newest key: row 1 fully masked, ORT NaN
     layers=(Case(GqaConfig(num_heads=12, kv_num_heads=3, attention_bias="heads", causal=0, kv_empty=True)),)
 )
 @example(  # an int4 level within an fp32 ulp of a rounding tie (x / scale = 2.4999995): ORT 3, we 2
-    layers=(Case(GqaConfig(num_heads=6, kv_num_heads=3, head_size=128, rotary="half", kv_quant="PER_CHANNEL", kv_bits=4)),
-            Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, causal=0, kv_quant="PER_TENSOR")))
+    layers=(
+        Case(GqaConfig(num_heads=6, kv_num_heads=3, head_size=128, rotary="half", kv_quant="PER_CHANNEL", kv_bits=4)),
+        Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, causal=0, kv_quant="PER_TENSOR")),
+    )
 )
 @example(  # kv_num_heads and num_heads doubled: consistent hidden sizes, but present declared with the
     # old head count; ORT's shape inference trusted it inside the rewrite (MatMul mismatch): now refused
-    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=64, past=False, rotary="half", rotary_dim=16),
-                 defect="kv_num_heads contradicts the hidden sizes"),)
+    layers=(
+        Case(
+            GqaConfig(num_heads=1, kv_num_heads=1, head_size=64, past=False, rotary="half", rotary_dim=16),
+            defect="kv_num_heads contradicts the hidden sizes",
+        ),
+    )
 )
 @example(  # seqlens_k declared (?, 2): verify fed (2, 1)
-    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, rotary="half", local_window_size=1,
-                           extra_attributes=(("sliding_window_cache", 1),), kv_quant="PER_TENSOR",
-                           sizes=(2, None, None, None), seqlens_shape="1B"),
-                 annotations="partial", cleared_dims=(("seqlens_k", 0),)),)
+    layers=(
+        Case(
+            GqaConfig(
+                num_heads=1,
+                kv_num_heads=1,
+                rotary="half",
+                local_window_size=1,
+                extra_attributes=(("sliding_window_cache", 1),),
+                kv_quant="PER_TENSOR",
+                sizes=(2, None, None, None),
+                seqlens_shape="1B",
+            ),
+            annotations="partial",
+            cleared_dims=(("seqlens_k", 0),),
+        ),
+    )
 )
 @example(  # a (1, 1, S, T) bias in decode with window 1: the verify bug above, seen with causal=1
-    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, local_window_size=1, softcap=0.7,
-                           attention_bias="broadcast")),)
+    layers=(
+        Case(
+            GqaConfig(
+                num_heads=1, kv_num_heads=1, head_size=8, local_window_size=1, softcap=0.7, attention_bias="broadcast"
+            )
+        ),
+    )
 )
 @example(  # query's S unknown, position_ids (B, 1): verify took S = 5 and ORT rejected position_ids
-    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, packed=True, rotary="half", position_ids=True,
-                           local_window_size=1, extra_attributes=(("sliding_window_cache", 1),),
-                           sizes=(None, 1, 1, None)),
-                 annotations="partial", cleared_dims=(("query", 0), ("query", 1))),)
+    layers=(
+        Case(
+            GqaConfig(
+                num_heads=1,
+                kv_num_heads=1,
+                packed=True,
+                rotary="half",
+                position_ids=True,
+                local_window_size=1,
+                extra_attributes=(("sliding_window_cache", 1),),
+                sizes=(None, 1, 1, None),
+            ),
+            annotations="partial",
+            cleared_dims=(("query", 0), ("query", 1)),
+        ),
+    )
 )
 @example(  # KV-shared layer whose key length is unknown but value's is 0: taken for a normal layer
-    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, kv_empty=True),
-                 annotations="partial", cleared_dims=(("key", 1),)),)
+    layers=(
+        Case(
+            GqaConfig(num_heads=1, kv_num_heads=1, head_size=8, kv_empty=True),
+            annotations="partial",
+            cleared_dims=(("key", 1),),
+        ),
+    )
 )
 @example(  # --fast-paths with a static batch of 2: verify's long prompt had batch 1, ORT rejected it
-    layers=(Case(GqaConfig(num_heads=1, kv_num_heads=1, head_size=16, rotary="half", dtype="float16", opset=13,
-                           sizes=(2, None, None, None), rotary_as_input="symbolic"),
-                 native_precision=True, fast_paths=True),)
+    layers=(
+        Case(
+            GqaConfig(
+                num_heads=1,
+                kv_num_heads=1,
+                head_size=16,
+                rotary="half",
+                dtype="float16",
+                opset=13,
+                sizes=(2, None, None, None),
+                rotary_as_input="symbolic",
+            ),
+            native_precision=True,
+            fast_paths=True,
+        ),
+    )
 )
 @given(layers=models(CACHE_FORMS))
 def test_fuzz_regressions(layers: tuple[Case, ...]) -> None:

@@ -24,32 +24,84 @@ BUILDER = REPO / "models" / "builder-tiny-llama"
 NUMBER = (int, float)
 ERROR_VALUE = (int, float, str)  # "inf" / "nan" as strings
 TOP_LEVEL = {
-    "schema": str, "schema_version": int, "tool_version": str, "model": str, "mode": str, "status": str,
-    "exit_code": int, "error": (str, type(None)), "portable": bool, "output": (str, type(None)),
-    "options": dict, "opsets": dict, "ops_left": dict, "non_standard_ops": list, "timings": dict,
-    "nodes": list, "model_verification": dict, "runtimes": list, "raised_opset": (list, type(None)),
-    "op_nodes": list, "op_counts": dict,
+    "schema": str,
+    "schema_version": int,
+    "tool_version": str,
+    "model": str,
+    "mode": str,
+    "status": str,
+    "exit_code": int,
+    "error": (str, type(None)),
+    "portable": bool,
+    "output": (str, type(None)),
+    "options": dict,
+    "opsets": dict,
+    "ops_left": dict,
+    "non_standard_ops": list,
+    "timings": dict,
+    "nodes": list,
+    "model_verification": dict,
+    "runtimes": list,
+    "raised_opset": (list, type(None)),
+    "op_nodes": list,
+    "op_counts": dict,
 }
 NODE = {
-    "name": str, "scope": str, "status": str, "reason": (str, type(None)), "config": (dict, type(None)),
-    "features": list, "new_nodes": (int, type(None)), "verification": dict,
-    "target": (str, type(None)), "fallback": (str, type(None)),
+    "name": str,
+    "scope": str,
+    "status": str,
+    "reason": (str, type(None)),
+    "config": (dict, type(None)),
+    "features": list,
+    "new_nodes": (int, type(None)),
+    "verification": dict,
+    "target": (str, type(None)),
+    "fallback": (str, type(None)),
 }
 CONFIG = {
-    "num_heads": int, "kv_num_heads": int, "head_size": int, "dtype": str, "packed_qkv": bool, "past": bool,
-    "rotary": (str, type(None)), "local_window_size": (int, type(None)), "softcap": (float, type(None)),
-    "kv_cache": str, "features": list,
+    "num_heads": int,
+    "kv_num_heads": int,
+    "head_size": int,
+    "dtype": str,
+    "packed_qkv": bool,
+    "past": bool,
+    "rotary": (str, type(None)),
+    "local_window_size": (int, type(None)),
+    "softcap": (float, type(None)),
+    "kv_cache": str,
+    "features": list,
 }
-NODE_VERIFICATION = {"status": str, "reason": (str, type(None)), "max_error": (*ERROR_VALUE, type(None)),
-                     "phases": list}
+NODE_VERIFICATION = {
+    "status": str,
+    "reason": (str, type(None)),
+    "max_error": (*ERROR_VALUE, type(None)),
+    "phases": list,
+}
 PHASE = {"phase": str, "passed": bool, "max_errors": dict, "failure": (str, type(None))}
 MODEL_VERIFICATION = {
-    "status": str, "reason": (str, type(None)), "batch": int, "prompt_length": int, "decode_steps": int,
-    "cache_layout": str, "tolerance": dict, "notes": list, "max_errors": dict, "max_abs_error": dict,
-    "token_agreement": dict, "steps": list,
+    "status": str,
+    "reason": (str, type(None)),
+    "batch": int,
+    "prompt_length": int,
+    "decode_steps": int,
+    "cache_layout": str,
+    "tolerance": dict,
+    "notes": list,
+    "max_errors": dict,
+    "max_abs_error": dict,
+    "token_agreement": dict,
+    "steps": list,
 }
-STEP = {"step": int, "kind": str, "query_length": int, "total_lengths": list, "passed": bool,
-        "failure": (str, type(None)), "tokens": (dict, type(None)), "outputs": dict}
+STEP = {
+    "step": int,
+    "kind": str,
+    "query_length": int,
+    "total_lengths": list,
+    "passed": bool,
+    "failure": (str, type(None)),
+    "tokens": (dict, type(None)),
+    "outputs": dict,
+}
 STATUSES = {
     "report": {"ok", "failed", "portable", "not_portable", "error"},
     "node": {"decomposed", "decomposable", "refused"},
@@ -196,8 +248,9 @@ def test_check_exits_1_on_a_refused_node_and_the_report_names_the_reason(tmp_pat
 def test_a_model_that_cannot_be_driven_exits_2_with_one_line_naming_the_input(tiny, tmp_path):
     np.savez(tmp_path / "feeds.npz", past_key_values_typo=np.zeros(2))
     report_path = tmp_path / "report.json"
-    code, out, err = run(tiny, "--check", "--verify", "model", "--inputs", tmp_path / "feeds.npz",
-                         "--report", report_path)
+    code, out, err = run(
+        tiny, "--check", "--verify", "model", "--inputs", tmp_path / "feeds.npz", "--report", report_path
+    )
     assert code == 2
     assert err.startswith("error: ") and "past_key_values_typo" in err and len(err.splitlines()) == 1
     report = _report(report_path)
@@ -233,8 +286,21 @@ def test_decompose_with_verify_model_writes_nothing_when_the_model_differs(tiny,
 
 def test_steps_batch_and_dims_reach_the_model_level_run(builder):
     report_path = builder.parent / "report.json"
-    code, out, err = run(builder, "--verify", "model", "--steps", "2", "--batch", "3",
-                         "--dim", "sequence_length=5", "--dim", "past_sequence_length=32", "--report", report_path)
+    code, out, err = run(
+        builder,
+        "--verify",
+        "model",
+        "--steps",
+        "2",
+        "--batch",
+        "3",
+        "--dim",
+        "sequence_length=5",
+        "--dim",
+        "past_sequence_length=32",
+        "--report",
+        report_path,
+    )
     assert code == 0, err
     model = _report(report_path)["model_verification"]
     assert (model["decode_steps"], model["batch"], model["prompt_length"]) == (2, 3, 5)
@@ -246,8 +312,9 @@ def test_steps_batch_and_dims_reach_the_model_level_run(builder):
 def test_inputs_npz_feeds_the_prompt(tiny, tmp_path):
     np.savez(tmp_path / "feeds.npz", input_ids=np.array([[3, 1, 4, 1, 5, 9, 2]], np.int64))
     report_path = tmp_path / "report.json"
-    code, _, err = run(tiny, "--verify", "model", "--inputs", tmp_path / "feeds.npz", "--steps", "1",
-                       "--report", report_path)
+    code, _, err = run(
+        tiny, "--verify", "model", "--inputs", tmp_path / "feeds.npz", "--steps", "1", "--report", report_path
+    )
     assert code == 0, err
     model = _report(report_path)["model_verification"]
     assert (model["batch"], model["prompt_length"]) == (1, 7)
@@ -292,8 +359,10 @@ def test_check_api_returns_the_gate_and_the_same_report():
 def test_check_api_on_a_builder_model_with_gqa_only_is_verified_but_not_portable():
     result = gqa_decompose.check(onnx.load(BUILDER / "model.onnx"), verify_mode="nodes", ops=["GroupQueryAttention"])
     assert result.verified and not result.portable
-    assert result.non_standard_ops == ["ai.onnx::SimplifiedLayerNormalization",
-                                       "com.microsoft::SkipSimplifiedLayerNormalization"]
+    assert result.non_standard_ops == [
+        "ai.onnx::SimplifiedLayerNormalization",
+        "com.microsoft::SkipSimplifiedLayerNormalization",
+    ]
 
 
 def test_check_on_a_builder_model_is_portable_with_its_norms_verified_node_by_node(builder):
@@ -313,8 +382,9 @@ def test_check_api_rejects_an_unknown_verify_mode():
 
 def test_check_with_a_runtime_reports_it_in_the_schema(tiny):
     report_path = tiny.parent / "report.json"
-    code, out, err = run(tiny, "--check", "--runtime", "reference", "--verify", "model", "--steps", "1",
-                         "--report", report_path)
+    code, out, err = run(
+        tiny, "--check", "--runtime", "reference", "--verify", "model", "--steps", "1", "--report", report_path
+    )
     assert code == 0, out + err
     report = _report(report_path)
     (entry,) = report["runtimes"]

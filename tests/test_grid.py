@@ -159,8 +159,9 @@ def test_grid_with_key_length_unlike_the_query(ratio, head_size, rotary, dtype, 
     """ORT decides at run time whether such a key has 0 rows (a KV-shared layer) or S: each cell runs
     both, every phase (verify adds the shared-KV phases of a static buffer)."""
     heads, kv_heads = HEAD_RATIOS[ratio]
-    config = GqaConfig(num_heads=heads, kv_num_heads=kv_heads, head_size=head_size, rotary=rotary, dtype=dtype,
-                       present=present)
+    config = GqaConfig(
+        num_heads=heads, kv_num_heads=kv_heads, head_size=head_size, rotary=rotary, dtype=dtype, present=present
+    )
     model = _key_length_model(config, dim)
     _, node = gqa_node(model)
     spec = parse_gqa_node(node)

@@ -8,8 +8,7 @@ import sys
 import onnx
 import onnx_ir as ir
 
-from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
-from gqa_decompose.passes import infer_types
+from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, infer_types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "scripts"))
 from make_tiny_llama import write_sparse_model  # noqa: E402
@@ -55,13 +54,17 @@ def _qk_norm_model(norm_op: str = "SimplifiedLayerNormalization", domain: str = 
     SimplifiedLayerNormalization between Reshapes, feeding GQA, and no value_info."""
     rng = np.random.default_rng(0)
     weights = {
-        "wq": rng.standard_normal((_HIDDEN, _N * _H)) * 0.1, "wk": rng.standard_normal((_HIDDEN, _KV * _H)) * 0.1,
+        "wq": rng.standard_normal((_HIDDEN, _N * _H)) * 0.1,
+        "wk": rng.standard_normal((_HIDDEN, _KV * _H)) * 0.1,
         "wv": rng.standard_normal((_HIDDEN, _KV * _H)) * 0.1,
-        "q_norm": 1 + 0.1 * rng.standard_normal(_H), "k_norm": 1 + 0.1 * rng.standard_normal(_H),
+        "q_norm": 1 + 0.1 * rng.standard_normal(_H),
+        "k_norm": 1 + 0.1 * rng.standard_normal(_H),
     }
     initializers = [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()]
-    initializers += [numpy_helper.from_array(np.array(s, np.int64), name) for name, s in
-                     (("q_heads", [0, 0, _N, _H]), ("k_heads", [0, 0, _KV, _H]), ("flat", [0, 0, -1]))]
+    initializers += [
+        numpy_helper.from_array(np.array(s, np.int64), name)
+        for name, s in (("q_heads", [0, 0, _N, _H]), ("k_heads", [0, 0, _KV, _H]), ("flat", [0, 0, -1]))
+    ]
     norm = dict(axis=-1, epsilon=1e-6, domain=domain)
     nodes = [
         helper.make_node("MatMul", ["hidden", "wq"], ["q"], name="q_proj"),
@@ -74,9 +77,13 @@ def _qk_norm_model(norm_op: str = "SimplifiedLayerNormalization", domain: str = 
         helper.make_node("Reshape", ["qn4", "flat"], ["qn"], name="q_join"),
         helper.make_node("Reshape", ["kn4", "flat"], ["kn"], name="k_join"),
         helper.make_node(
-            "GroupQueryAttention", ["qn", "kn", "v", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
-            ["attn", "present_key", "present_value"], name="node_GroupQueryAttention_509", domain="com.microsoft",
-            num_heads=_N, kv_num_heads=_KV,
+            "GroupQueryAttention",
+            ["qn", "kn", "v", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
+            ["attn", "present_key", "present_value"],
+            name="node_GroupQueryAttention_509",
+            domain="com.microsoft",
+            num_heads=_N,
+            kv_num_heads=_KV,
         ),
     ]
     f = TensorProto.FLOAT
@@ -144,8 +151,13 @@ def test_a_typing_failure_says_so_and_where(symbolic_inference_crashes):
 
 def test_matmul_nbits_and_skip_norm_outputs_are_typed_from_their_inputs():
     a = ir.Value(name="a", type=ir.TensorType(ir.DataType.FLOAT16), shape=ir.Shape(["batch", "seq", 64]))
-    matmul = ir.node("MatMulNBits", [a, None, None], attributes={"K": 64, "N": 96, "bits": 4, "block_size": 32},
-                     domain="com.microsoft", num_outputs=1)
+    matmul = ir.node(
+        "MatMulNBits",
+        [a, None, None],
+        attributes={"K": 64, "N": 96, "bits": 4, "block_size": 32},
+        domain="com.microsoft",
+        num_outputs=1,
+    )
     matmul.outputs[0].name = "y"
     assert infer_types._type_known_contrib_outputs(matmul)
     assert matmul.outputs[0].dtype == ir.DataType.FLOAT16 and list(matmul.outputs[0].shape) == ["batch", "seq", 96]

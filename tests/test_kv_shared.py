@@ -97,8 +97,13 @@ def test_verify_passes_node_by_node(dtype):
     ],
 )
 def test_whole_model_matches_over_a_prompt_and_four_decode_steps(dtype, static_decomposition, static_drive, batch):
-    result = verify_model(_original(dtype), _decomposed(dtype, static_decomposition), batch=batch,
-                          static_kv_cache=static_drive, genai_config={})
+    result = verify_model(
+        _original(dtype),
+        _decomposed(dtype, static_decomposition),
+        batch=batch,
+        static_kv_cache=static_drive,
+        genai_config={},
+    )
     failures = [(s.step, s.failure, [o for o in s.outputs if not o.passed]) for s in result.steps if not s.passed]
     assert result.passed, (result.summary(), failures)
     assert result.cache_layout.startswith("static buffer" if static_drive else "growing cache")

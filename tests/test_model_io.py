@@ -174,10 +174,7 @@ def test_saving_with_external_data_streams_weights_into_the_outputs_own_data_fil
     assert sha256(source_data) == before
     saved = onnx.load(target, load_external_data=False)
     locations = {
-        entry.value
-        for tensor in saved.graph.initializer
-        for entry in tensor.external_data
-        if entry.key == "location"
+        entry.value for tensor in saved.graph.initializer for entry in tensor.external_data if entry.key == "location"
     }
     assert locations == {"x.onnx.data"}
     reference = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(TINY_LLAMA).graph.initializer}

@@ -35,7 +35,8 @@ def test_native_precision_keeps_attention_in_fp16():
     model = make_gqa_model(GqaConfig(dtype="float16", rotary="half", head_sink=True))
     decomposed = gqa_decompose.decompose(model, native_precision=True)
     float_casts = [
-        node for node in decomposed.graph.node
+        node
+        for node in decomposed.graph.node
         if node.op_type == "Cast" and node.attribute[0].i == onnx.TensorProto.FLOAT
     ]
     assert not float_casts

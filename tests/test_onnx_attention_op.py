@@ -15,8 +15,12 @@ import pytest
 from gqa_models import IR_VERSION
 from onnx import TensorProto, helper
 
-_ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.bool_: TensorProto.BOOL,
-         np.int64: TensorProto.INT64}
+_ELEM = {
+    np.float32: TensorProto.FLOAT,
+    np.float16: TensorProto.FLOAT16,
+    np.bool_: TensorProto.BOOL,
+    np.int64: TensorProto.INT64,
+}
 B, N, S, K, H = 2, 4, 3, 7, 8
 
 
@@ -29,7 +33,9 @@ def _session(op_type: str, inputs: list, outputs: list[str], opset: int, **attri
     ]
     node = helper.make_node(op_type, names, outputs, **attributes)
     graph = helper.make_graph(
-        [node], "g", graph_inputs,
+        [node],
+        "g",
+        graph_inputs,
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs if name],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
@@ -144,9 +150,16 @@ def test_causal_with_past_is_bottom_right_and_present_is_the_concatenation(qkv):
     q, k, v = qkv
     past = K - S
     y, present_key, present_value, _ = _attention(
-        [("Q", q), ("K", k[:, :, past:]), ("V", v[:, :, past:]), None,
-         ("past_key", k[:, :, :past]), ("past_value", v[:, :, :past])],
-        past=True, is_causal=1,
+        [
+            ("Q", q),
+            ("K", k[:, :, past:]),
+            ("V", v[:, :, past:]),
+            None,
+            ("past_key", k[:, :, :past]),
+            ("past_value", v[:, :, :past]),
+        ],
+        past=True,
+        is_causal=1,
     )
     scores = _scores(q, k, H**-0.5)
     np.testing.assert_allclose(y, _softmax(scores + _causal(past, S, K)) @ _grouped(v, N), atol=1e-5)
@@ -160,9 +173,16 @@ def test_causal_and_a_mask_with_past_add_up(qkv):
     past = K - S
     mask = np.random.default_rng(3).standard_normal((B, 1, S, K)).astype(np.float32)
     y, *_ = _attention(
-        [("Q", q), ("K", k[:, :, past:]), ("V", v[:, :, past:]), ("mask", mask),
-         ("past_key", k[:, :, :past]), ("past_value", v[:, :, :past])],
-        past=True, is_causal=1,
+        [
+            ("Q", q),
+            ("K", k[:, :, past:]),
+            ("V", v[:, :, past:]),
+            ("mask", mask),
+            ("past_key", k[:, :, :past]),
+            ("past_value", v[:, :, :past]),
+        ],
+        past=True,
+        is_causal=1,
     )
     expected = _softmax(_scores(q, k, H**-0.5) + mask + _causal(past, S, K)) @ _grouped(v, N)
     np.testing.assert_allclose(y, expected, atol=1e-5)
@@ -229,11 +249,14 @@ def test_qk_matmul_output_key_axis_is_inferred_as_zero_when_keys_are_symbolic():
         helper.make_node("Where", ["keep", "qk", "zero"], ["masked"]),
     ]
     graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("q", TensorProto.FLOAT, [B, N, S, H]),
-         helper.make_tensor_value_info("k", TensorProto.FLOAT, [B, 2, None, H]),
-         helper.make_tensor_value_info("v", TensorProto.FLOAT, [B, 2, None, H]),
-         helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, 1, K])],
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("q", TensorProto.FLOAT, [B, N, S, H]),
+            helper.make_tensor_value_info("k", TensorProto.FLOAT, [B, 2, None, H]),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [B, 2, None, H]),
+            helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, 1, K]),
+        ],
         [helper.make_tensor_value_info("masked", TensorProto.FLOAT, None)],
         [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
     )
@@ -255,8 +278,9 @@ def test_rotary_embedding_23_matches_the_gqa_rotation(interleaved, rotary_dims):
     attributes = {"num_heads": heads, "interleaved": interleaved}
     if rotary_dims != H:
         attributes["rotary_embedding_dim"] = rotary_dims
-    session = _session("RotaryEmbedding", [("x", x), ("cos", cos), ("sin", sin), ("pos", positions)], ["y"], 23,
-                       **attributes)
+    session = _session(
+        "RotaryEmbedding", [("x", x), ("cos", cos), ("sin", sin), ("pos", positions)], ["y"], 23, **attributes
+    )
     y = session.run(None, {"x": x, "cos": cos, "sin": sin, "pos": positions})[0]
     heads_x = x.reshape(B, S, heads, H)
     c, s = cos[positions][:, :, None, :], sin[positions][:, :, None, :]
@@ -276,10 +300,11 @@ def test_tensor_scatter_24_writes_each_rows_update_at_its_index():
     cache = rng.standard_normal((B, 2, 6, H)).astype(np.float32)
     update = rng.standard_normal((B, 2, 2, H)).astype(np.float32)
     indices = np.array([1, 4], np.int64)
-    session = _session("TensorScatter", [("cache", cache), ("update", update), ("indices", indices)],
-                       ["present"], 24, mode="linear")
+    session = _session(
+        "TensorScatter", [("cache", cache), ("update", update), ("indices", indices)], ["present"], 24, mode="linear"
+    )
     present = session.run(None, {"cache": cache, "update": update, "indices": indices})[0]
     expected = cache.copy()
     for b, start in enumerate(indices):
-        expected[b, :, start:start + 2] = update[b]
+        expected[b, :, start : start + 2] = update[b]
     np.testing.assert_array_equal(present, expected)

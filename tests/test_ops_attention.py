@@ -16,8 +16,9 @@ from tests.op_harness import compare, one_node_model
 B, N, H, DIN = 2, 4, 8, 24
 
 
-def attention_model(S=3, P=0, Hv=H, bias=True, mask=None, attention_bias=False, dtype=np.float32, present=True,
-                    seed=0, **attributes) -> onnx.ModelProto:
+def attention_model(
+    S=3, P=0, Hv=H, bias=True, mask=None, attention_bias=False, dtype=np.float32, present=True, seed=0, **attributes
+) -> onnx.ModelProto:
     """One Attention node: input [B, S, DIN], weights [DIN, 2*N*H + N*Hv], past [2, B, N, P, H]."""
     rng = np.random.default_rng(seed)
     T = P + S
@@ -67,8 +68,11 @@ def _parse(model: onnx.ModelProto):
 
 @pytest.mark.parametrize(
     "attributes, reason",
-    [({"do_rotary": 1}, "do_rotary"), ({"past_present_share_buffer": 1}, "shared past"),
-     ({"qkv_hidden_sizes": [32, 16, 16]}, "qkv_hidden_sizes")],
+    [
+        ({"do_rotary": 1}, "do_rotary"),
+        ({"past_present_share_buffer": 1}, "shared past"),
+        ({"qkv_hidden_sizes": [32, 16, 16]}, "qkv_hidden_sizes"),
+    ],
 )
 def test_refusals(attributes, reason):
     """(Parse only: ORT is never run on a refused node; without bias it would crash the process.)"""

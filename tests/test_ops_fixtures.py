@@ -19,8 +19,11 @@ FIXTURES = sorted(path / "model.onnx" for path in MODELS.iterdir() if (path / "m
 
 
 def _registered_left(model: ir.Model) -> list[str]:
-    return [f"{node.domain}::{node.op_type}" for node in ir.traversal.RecursiveGraphIterator(model.graph)
-            if lookup(node.domain, node.op_type) is not None and node.op_type != "LayerNormalization"]
+    return [
+        f"{node.domain}::{node.op_type}"
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if lookup(node.domain, node.op_type) is not None and node.op_type != "LayerNormalization"
+    ]
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[path.parent.name for path in FIXTURES])
@@ -50,8 +53,9 @@ def test_only_the_norms_leaves_gqa_in_place():
     from gqa_decompose.spec import DecomposeOptions
 
     model = model_io.load_model(MODELS / "builder-tiny-llama" / "model.onnx")
-    result = rewrite(model, DecomposeOptions(ops=("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")),
-                     check=False)
+    result = rewrite(
+        model, DecomposeOptions(ops=("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")), check=False
+    )
     assert not len(result) and len(result.ops) == 5
     assert "GroupQueryAttention" in {node.op_type for node in model.graph}
 

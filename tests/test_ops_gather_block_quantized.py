@@ -18,8 +18,19 @@ _NIBBLE_TYPES = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4}
 
 
 def gbq_model(
-    rows=10, D=64, bits=4, block_size=32, data="uint8", zero_points=True, dtype=np.float32, middle=(),
-    indices_dtype=np.int64, opset=21, constant=True, seed=0, **attributes,
+    rows=10,
+    D=64,
+    bits=4,
+    block_size=32,
+    data="uint8",
+    zero_points=True,
+    dtype=np.float32,
+    middle=(),
+    indices_dtype=np.int64,
+    opset=21,
+    constant=True,
+    seed=0,
+    **attributes,
 ) -> onnx.ModelProto:
     """One GatherBlockQuantized node over a [rows, *middle, D] table; indices [2, 3]."""
     rng = np.random.default_rng(seed)

@@ -26,8 +26,18 @@ MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 
 
 def nbits_model(
-    K=64, N=48, bits=4, block_size=32, zero_points="packed", g_idx=False, bias=False, accuracy_level=4,
-    dtype=np.float32, opset=21, constant=True, seed=0,
+    K=64,
+    N=48,
+    bits=4,
+    block_size=32,
+    zero_points="packed",
+    g_idx=False,
+    bias=False,
+    accuracy_level=4,
+    dtype=np.float32,
+    opset=21,
+    constant=True,
+    seed=0,
 ) -> onnx.ModelProto:
     """One MatMulNBits node with random packed weights; A is [2, 3, K]."""
     rng = np.random.default_rng(seed)
@@ -122,7 +132,11 @@ def test_dq_form_keeps_the_weights_int4_with_the_same_bytes():
     model = nbits_model(K=256, N=64, block_size=32)
     expanded = expand_model(model, MATMUL_NBITS, np.random.default_rng(0)).model
     types = {t.name.rsplit("/", 1)[-1]: t.data_type for t in expanded.graph.initializer}
-    assert types == {"weight_KpN": TensorProto.UINT4, "scale_KbN": TensorProto.FLOAT, "zero_point_KbN": TensorProto.UINT4}
+    assert types == {
+        "weight_KpN": TensorProto.UINT4,
+        "scale_KbN": TensorProto.FLOAT,
+        "zero_point_KbN": TensorProto.UINT4,
+    }
     size_in = sum(len(t.raw_data) for t in model.graph.initializer)
     size_out = sum(len(t.raw_data) for t in expanded.graph.initializer)
     assert size_out == size_in
@@ -183,8 +197,13 @@ def test_builder_int4_fixture_keeps_its_size_and_its_logits(tmp_path):
     model = ir.load(source)
     assert decompose_all(model, MATMUL_NBITS) == 11
     ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=0)
-    onnx.save(onnx.load(source), tmp_path / "original.onnx", save_as_external_data=True,
-              location="original.onnx.data", size_threshold=0)
+    onnx.save(
+        onnx.load(source),
+        tmp_path / "original.onnx",
+        save_as_external_data=True,
+        location="original.onnx.data",
+        size_threshold=0,
+    )
     size_in = (tmp_path / "original.onnx.data").stat().st_size
     size_out = (tmp_path / "model.onnx.data").stat().st_size
     assert size_out <= 1.1 * size_in, (size_in, size_out)

@@ -32,12 +32,23 @@ def moe_model(H=48, I=32, E=4, k=2, act="swiglu", bias=True, dtype=np.float32, t
         ("fc2_bias", (rng.standard_normal((E, H)) * 0.1).astype(dtype)) if bias else None,
     ]
     if act == "swiglu":  # gpt-oss's attributes
-        attributes = {"activation_alpha": 1.702, "activation_beta": 1.0, "swiglu_fusion": 1, "swiglu_limit": 7.0,
-                      "normalize_routing_weights": 1, **attributes}
+        attributes = {
+            "activation_alpha": 1.702,
+            "activation_beta": 1.0,
+            "swiglu_fusion": 1,
+            "swiglu_limit": 7.0,
+            "normalize_routing_weights": 1,
+            **attributes,
+        }
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     return one_node_model(
-        "MoE", inputs, [("y", elem, [*tokens, H])], constants=["fc1", "fc1_bias", "fc2", "fc2_bias"],
-        k=k, activation_type=act, **attributes,
+        "MoE",
+        inputs,
+        [("y", elem, [*tokens, H])],
+        constants=["fc1", "fc1_bias", "fc2", "fc2_bias"],
+        k=k,
+        activation_type=act,
+        **attributes,
     )
 
 

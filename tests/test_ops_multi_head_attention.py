@@ -16,16 +16,22 @@ from tests.op_harness import compare, one_node_model
 B, N, H = 2, 4, 8
 
 
-def mha_model(S=3, L=3, P=0, Hv=H, bias=False, padding=False, attention_bias=False, dtype=np.float32,
-              presents=True, **attributes) -> onnx.ModelProto:
+def mha_model(
+    S=3, L=3, P=0, Hv=H, bias=False, padding=False, attention_bias=False, dtype=np.float32, presents=True, **attributes
+) -> onnx.ModelProto:
     """One MultiHeadAttention node: query [B, S, N*H], key/value [B, L, ...], past [B, N, P, H]."""
     T = P + L
     zeros = lambda *shape: np.zeros(shape, dtype)
-    inputs = [("query", zeros(B, S, N * H)), ("key", zeros(B, L, N * H)), ("value", zeros(B, L, N * Hv)),
-              ("bias", zeros(2 * N * H + N * Hv)) if bias else None,
-              ("key_padding_mask", np.zeros((B, T), np.int32)) if padding else None,
-              ("attention_bias", zeros(1, 1, S, T)) if attention_bias else None,
-              ("past_key", zeros(B, N, P, H)) if P else None, ("past_value", zeros(B, N, P, Hv)) if P else None]
+    inputs = [
+        ("query", zeros(B, S, N * H)),
+        ("key", zeros(B, L, N * H)),
+        ("value", zeros(B, L, N * Hv)),
+        ("bias", zeros(2 * N * H + N * Hv)) if bias else None,
+        ("key_padding_mask", np.zeros((B, T), np.int32)) if padding else None,
+        ("attention_bias", zeros(1, 1, S, T)) if attention_bias else None,
+        ("past_key", zeros(B, N, P, H)) if P else None,
+        ("past_value", zeros(B, N, P, Hv)) if P else None,
+    ]
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     outputs = [("out", elem, [B, S, N * Hv])]
     if presents:

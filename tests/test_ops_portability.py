@@ -34,8 +34,13 @@ CASES = {
     "QMoE 4 bits, block 16, opset 18": (QMOE, lambda: qmoe_models(zero_points=True, opset=18, block_size=16)[0]),
     "QMoE 4 bits (DequantizeLinear-21)": (QMOE, lambda: qmoe_models()[0]),
     "MultiHeadAttention decode with past, causal": (
-        MULTI_HEAD_ATTENTION, lambda: mha_model(P=5, S=1, L=1, unidirectional=1, padding=True)),
-    "MultiHeadAttention fp16, attention bias": (MULTI_HEAD_ATTENTION, lambda: mha_model(dtype=np.float16, attention_bias=True)),
+        MULTI_HEAD_ATTENTION,
+        lambda: mha_model(P=5, S=1, L=1, unidirectional=1, padding=True),
+    ),
+    "MultiHeadAttention fp16, attention bias": (
+        MULTI_HEAD_ATTENTION,
+        lambda: mha_model(dtype=np.float16, attention_bias=True),
+    ),
     "Attention with past, causal, 2-D mask": (ATTENTION, lambda: attention_model(P=4, unidirectional=1, mask=2)),
 }
 
@@ -54,8 +59,12 @@ def test_expansion_runs_on_other_runtimes(case, runtime):
         got = list(get_runtime(runtime).load(expanded.model).run(feeds).values())
     for want, have in zip(expected, got, strict=True):
         tolerance = decomposer.tolerance(expanded.spec, _dtype(want))
-        np.testing.assert_allclose(np.asarray(have, np.float64), want.astype(np.float64),
-                                   atol=tolerance.atol + 1e-5, rtol=tolerance.rtol + 1e-5)
+        np.testing.assert_allclose(
+            np.asarray(have, np.float64),
+            want.astype(np.float64),
+            atol=tolerance.atol + 1e-5,
+            rtol=tolerance.rtol + 1e-5,
+        )
 
 
 def _dtype(array: np.ndarray):

@@ -15,8 +15,14 @@ from gqa_decompose.ops.qmoe import QMOE
 from tests.op_harness import compare, expand_model, one_node_model, run
 
 E, H, I, K_CHOSEN, T = 4, 64, 32, 2, 6
-SWIGLU = {"activation_type": "swiglu", "activation_alpha": 1.702, "activation_beta": 1.0, "swiglu_fusion": 1,
-          "swiglu_limit": 7.0, "normalize_routing_weights": 1}
+SWIGLU = {
+    "activation_type": "swiglu",
+    "activation_alpha": 1.702,
+    "activation_beta": 1.0,
+    "swiglu_fusion": 1,
+    "swiglu_limit": 7.0,
+    "normalize_routing_weights": 1,
+}
 
 
 def _quantized(rng, rows, cols, bits, block_size, zero_points):
@@ -25,7 +31,7 @@ def _quantized(rng, rows, cols, bits, block_size, zero_points):
     middle = 2 ** (bits - 1)
     levels = np.clip(np.rint(rng.normal(middle, middle / 3, (E, rows, cols))), 0, 2 * middle - 1)
     q = pack_np(levels.astype(np.uint8), bits)
-    s = (rng.random((E, rows) if block_size == 0 else (E, rows, blocks)) * 0.2 / middle + 0.05 / middle)
+    s = rng.random((E, rows) if block_size == 0 else (E, rows, blocks)) * 0.2 / middle + 0.05 / middle
     s = s.astype(np.float32)
     zp_shape = (E, -(-rows * bits // 8)) if block_size == 0 else (E, rows, -(-blocks * bits // 8))
     return q, s, rng.integers(0, 256, zp_shape, dtype=np.uint8) if zero_points else None
@@ -53,9 +59,22 @@ def qmoe_models(bits=4, block_size=32, zero_points=False, dtype=np.float32, opse
     b1 = (rng.standard_normal((E, 2 * I)) * 0.1).astype(np.float32)
     b2 = (rng.standard_normal((E, H)) * 0.1).astype(np.float32)
     x, r = np.zeros((T, H), dtype), np.zeros((T, E), dtype)
-    cast = (lambda a: a.astype(dtype))
-    inputs = [("x", x), ("router", r), ("w1", q1), ("s1", cast(s1)), ("b1", cast(b1)), ("w2", q2), ("s2", cast(s2)),
-              ("b2", cast(b2)), None, None, None, ("z1", z1) if zero_points else None, ("z2", z2) if zero_points else None]
+    cast = lambda a: a.astype(dtype)
+    inputs = [
+        ("x", x),
+        ("router", r),
+        ("w1", q1),
+        ("s1", cast(s1)),
+        ("b1", cast(b1)),
+        ("w2", q2),
+        ("s2", cast(s2)),
+        ("b2", cast(b2)),
+        None,
+        None,
+        None,
+        ("z1", z1) if zero_points else None,
+        ("z2", z2) if zero_points else None,
+    ]
     attributes = {**SWIGLU, "k": K_CHOSEN, "expert_weight_bits": bits, **attributes}
     if block_size:
         attributes["block_size"] = block_size
@@ -64,10 +83,22 @@ def qmoe_models(bits=4, block_size=32, zero_points=False, dtype=np.float32, opse
     qmoe = one_node_model("QMoE", inputs, [("y", elem, [T, H])], constants=constants, opset=opset, **attributes)
     w1 = dequantized(q1, cast(s1).astype(np.float32), z1, bits, block_size, 2 * I, H)
     w2 = dequantized(q2, cast(s2).astype(np.float32), z2, bits, block_size, H, I)
-    moe_inputs = [("x", x.astype(np.float32)), ("router", r.astype(np.float32)), ("w1", w1), ("b1", cast(b1).astype(np.float32)),
-                  ("w2", w2), ("b2", cast(b2).astype(np.float32))]
-    moe = one_node_model("MoE", moe_inputs, [("y", TensorProto.FLOAT, [T, H])], constants=["w1", "b1", "w2", "b2"],
-                         opset=opset, **{**SWIGLU, "k": K_CHOSEN})
+    moe_inputs = [
+        ("x", x.astype(np.float32)),
+        ("router", r.astype(np.float32)),
+        ("w1", w1),
+        ("b1", cast(b1).astype(np.float32)),
+        ("w2", w2),
+        ("b2", cast(b2).astype(np.float32)),
+    ]
+    moe = one_node_model(
+        "MoE",
+        moe_inputs,
+        [("y", TensorProto.FLOAT, [T, H])],
+        constants=["w1", "b1", "w2", "b2"],
+        opset=opset,
+        **{**SWIGLU, "k": K_CHOSEN},
+    )
     return qmoe, moe
 
 
@@ -128,8 +159,12 @@ def _parse(model: onnx.ModelProto):
 
 @pytest.mark.parametrize(
     "attributes, reason",
-    [({"quant_type": "fp4"}, "quant_type='fp4'"), ({"weights_prepacked": 1}, "private layout"),
-     ({"swiglu_fusion": 2}, "interleaved"), ({"expert_weight_bits": 3}, "bits 3/3")],
+    [
+        ({"quant_type": "fp4"}, "quant_type='fp4'"),
+        ({"weights_prepacked": 1}, "private layout"),
+        ({"swiglu_fusion": 2}, "interleaved"),
+        ({"expert_weight_bits": 3}, "bits 3/3"),
+    ],
 )
 def test_refusals(attributes, reason):
     model, _ = qmoe_models()

@@ -22,8 +22,12 @@ def _model(dtype, four_d, rotary_dims, interleaved, positions, opset, scale=1.0,
     elif not four_d:
         attributes["num_heads"] = N
     position_shape = {"one": [1], "scalar": [], "per_token": [B, seq]}[positions]
-    inputs = [("x", dtype, x_shape), ("position_ids", INT64, position_shape), ("cos", dtype, [M, half]),
-              ("sin", dtype, [M, half])]
+    inputs = [
+        ("x", dtype, x_shape),
+        ("position_ids", INT64, position_shape),
+        ("cos", dtype, [M, half]),
+        ("sin", dtype, [M, half]),
+    ]
     return node_model("com.microsoft", "RotaryEmbedding", inputs, [("y", dtype, x_shape)], attributes, opset)
 
 
@@ -50,9 +54,11 @@ def test_rotary_embedding_lowers_to_the_standard_op_at_opset_23_only():
 
 def test_rotary_embedding_refuses_rotary_dims_without_num_heads():
     model = node_model(
-        "com.microsoft", "RotaryEmbedding",
+        "com.microsoft",
+        "RotaryEmbedding",
         [("x", FLOAT, [B, S, N * H]), ("p", INT64, [1]), ("cos", FLOAT, [M, 2]), ("sin", FLOAT, [M, 2])],
-        [("y", FLOAT)], {"rotary_embedding_dim": 4},
+        [("y", FLOAT)],
+        {"rotary_embedding_dim": 4},
     )
     with pytest.raises(GqaDecomposeError, match="num_heads"):
         lookup("com.microsoft", "RotaryEmbedding").parse(next(iter(model.graph)), OpContext(22))

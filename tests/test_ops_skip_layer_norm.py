@@ -9,8 +9,13 @@ from gqa_decompose.ops import lookup
 from gqa_decompose.ops.base import OpContext
 from tests.ops_cases import FLOAT, FLOAT16, node_model, verify
 
-SHAPES = [([2, 3, 16], [2, 3, 16]), ([2, 3, 16], [3, 16]), ([2, 3, 16], [1, 3, 16]), ([5, 32], [5, 32]),
-          (["batch", "seq", 24], ["batch", "seq", 24])]
+SHAPES = [
+    ([2, 3, 16], [2, 3, 16]),
+    ([2, 3, 16], [3, 16]),
+    ([2, 3, 16], [1, 3, 16]),
+    ([5, 32], [5, 32]),
+    (["batch", "seq", 24], ["batch", "seq", 24]),
+]
 OUTPUT_SETS = [(0,), (0, 3), (0, 1, 2, 3), (0, 2)]
 
 
@@ -45,16 +50,22 @@ def test_skip_layer_norm_matches_ort(opset, dtype, shape, skip_shape, bias, beta
 
 
 def test_skip_norm_refuses_a_gamma_of_the_wrong_size():
-    model = node_model("com.microsoft", "SkipSimplifiedLayerNormalization",
-                       [("input", FLOAT, [2, 3, 16]), ("skip", FLOAT, [2, 3, 16]), ("gamma", FLOAT, [8])],
-                       [("output", FLOAT)])
+    model = node_model(
+        "com.microsoft",
+        "SkipSimplifiedLayerNormalization",
+        [("input", FLOAT, [2, 3, 16]), ("skip", FLOAT, [2, 3, 16]), ("gamma", FLOAT, [8])],
+        [("output", FLOAT)],
+    )
     with pytest.raises(GqaDecomposeError, match="gamma"):
         lookup("com.microsoft", "SkipSimplifiedLayerNormalization").parse(next(iter(model.graph)), OpContext(22))
 
 
 def test_skip_norm_refuses_a_4d_input():
-    model = node_model("com.microsoft", "SkipLayerNormalization",
-                       [("input", FLOAT, [1, 2, 3, 16]), ("skip", FLOAT, [1, 2, 3, 16]), ("gamma", FLOAT, [16])],
-                       [("output", FLOAT)])
+    model = node_model(
+        "com.microsoft",
+        "SkipLayerNormalization",
+        [("input", FLOAT, [1, 2, 3, 16]), ("skip", FLOAT, [1, 2, 3, 16]), ("gamma", FLOAT, [16])],
+        [("output", FLOAT)],
+    )
     with pytest.raises(GqaDecomposeError, match="rank"):
         lookup("com.microsoft", "SkipLayerNormalization").parse(next(iter(model.graph)), OpContext(22))

@@ -13,15 +13,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "scripts
 import ort_gqa_suite  # noqa: E402
 
 GRID = ort_gqa_suite.grid()
-PLAIN = dict(local=False, rotary=False, interleaved=False, packed=False, softcap=0.0, smooth_softmax=False,
-             tree=False)
+PLAIN = dict(local=False, rotary=False, interleaved=False, packed=False, softcap=0.0, smooth_softmax=False, tree=False)
 
 
 def _case(test: str, buffer: bool, **flags) -> ort_gqa_suite.Case:
     """The first grid case of ``test`` with these flags (the rest off)."""
     wanted = {**PLAIN, **flags}
-    return next(c for c in GRID if c.test == test and c.buffer == buffer
-                and all(getattr(c, k) == v for k, v in wanted.items()))
+    return next(
+        c for c in GRID if c.test == test and c.buffer == buffer and all(getattr(c, k) == v for k, v in wanted.items())
+    )
 
 
 # The prompt graph declares present twice, the second time with kv_sequence_length rows; with a shared buffer ORT
@@ -35,8 +35,10 @@ SAMPLE = [
     pytest.param(_case("past", True), id="decode-buffer"),
     pytest.param(_case("past", False), id="decode-no-buffer"),
     pytest.param(_case("past", True, local=True, rotary=True, softcap=50.0), id="decode-buffer-local-rotary-softcap"),
-    pytest.param(_case("past", False, rotary=True, interleaved=True, packed=True, smooth_softmax=True),
-                 id="decode-no-buffer-interleaved-packed-smooth"),
+    pytest.param(
+        _case("past", False, rotary=True, interleaved=True, packed=True, smooth_softmax=True),
+        id="decode-no-buffer-interleaved-packed-smooth",
+    ),
     pytest.param(_case("interactive", False), id="chunk-no-buffer"),
     pytest.param(_case("interactive", True, local=True), id="chunk-buffer-local"),
 ]
@@ -49,12 +51,19 @@ def test_case_matches_the_fused_run(case):
     assert set(result["errors"]) == {"output", "present_key", "present_value"}
 
 
-@pytest.mark.parametrize(("case", "message"), [
-    pytest.param(_case("no_past", True, tree=True), "position_ids dimension 0 must be equal to the batch size",
-                 id="prompt"),
-    pytest.param(_case("past", True, tree=True), "attention_bias dimension 3 must be equal to total_sequence_length",
-                 id="decode"),
-])
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        pytest.param(
+            _case("no_past", True, tree=True), "position_ids dimension 0 must be equal to the batch size", id="prompt"
+        ),
+        pytest.param(
+            _case("past", True, tree=True),
+            "attention_bias dimension 3 must be equal to total_sequence_length",
+            id="decode",
+        ),
+    ],
+)
 def test_the_grids_tree_attention_cases_are_rejected_by_ort_itself(case, message):
     # The test file feeds position_ids [1, 1] for a batch of 3, and an attention_bias as wide as max(seqlens_k) + 1
     # where total_sequence_length is the buffer's length: ORT 1.31 CPU refuses its own graphs, fused.

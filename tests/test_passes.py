@@ -17,7 +17,11 @@ IR_VERSION = 10
 def _model_with_function(body: list[onnx.NodeProto], function_opset: int, model_opset: int = 13) -> ir.Model:
     """main: y = local::f(x) and a default-domain SimplifiedLayerNormalization (an ORT-only op)."""
     function = helper.make_function(
-        "local", "f", ["a"], ["b"], body,
+        "local",
+        "f",
+        ["a"],
+        ["b"],
+        body,
         opset_imports=[helper.make_opsetid("", function_opset), helper.make_opsetid("com.microsoft", 1)],
     )
     nodes = [
@@ -25,13 +29,16 @@ def _model_with_function(body: list[onnx.NodeProto], function_opset: int, model_
         helper.make_node("SimplifiedLayerNormalization", ["y", "scale"], ["z"], name="norm"),
     ]
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4])],
         [onnx.numpy_helper.from_array(np.ones(4, np.float32), "scale")],
     )
     model = helper.make_model(
-        graph, functions=[function], ir_version=IR_VERSION,
+        graph,
+        functions=[function],
+        ir_version=IR_VERSION,
         opset_imports=[helper.make_opsetid("", model_opset), helper.make_opsetid("local", 1)],
     )
     return ir.serde.deserialize_model(model)
@@ -40,7 +47,9 @@ def _model_with_function(body: list[onnx.NodeProto], function_opset: int, model_
 def _if_with(node: onnx.NodeProto, output: str) -> onnx.NodeProto:
     then = helper.make_graph([node], "then", [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
     other = helper.make_graph(
-        [helper.make_node("Identity", ["a"], ["other"])], "else", [],
+        [helper.make_node("Identity", ["a"], ["other"])],
+        "else",
+        [],
         [helper.make_tensor_value_info("other", TensorProto.FLOAT, None)],
     )
     return helper.make_node("If", ["flag"], ["b"], then_branch=then, else_branch=other, name="if")
@@ -48,8 +57,10 @@ def _if_with(node: onnx.NodeProto, output: str) -> onnx.NodeProto:
 
 def test_non_standard_nodes_look_inside_a_functions_subgraphs():
     inner = helper.make_node("FusedMatMul", ["a", "a"], ["inner"], domain="com.microsoft", name="fused")
-    body = [helper.make_node("Constant", [], ["flag"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])),
-            _if_with(inner, "inner")]
+    body = [
+        helper.make_node("Constant", [], ["flag"], value=helper.make_tensor("t", TensorProto.BOOL, [], [True])),
+        _if_with(inner, "inner"),
+    ]
     found = {node.name for node in non_standard_nodes(_model_with_function(body, 13))}
     assert found == {"fused", "norm"}
 

@@ -13,7 +13,6 @@ import onnx
 import pytest
 from gqa_models import GqaConfig, gqa_node, make_gqa_model
 from portability_cases import (
-    MODELS as MODELS_DIR,
     ATTENTION_TARGET_FAILURES,
     ATTENTION_TARGET_PASSES,
     CASES,
@@ -25,6 +24,9 @@ from portability_cases import (
     run_case,
     run_whole_model,
     targets,
+)
+from portability_cases import (
+    MODELS as MODELS_DIR,
 )
 
 import gqa_decompose
@@ -171,8 +173,9 @@ def _cli(*args) -> tuple[int, str, str]:
 def test_cli_check_runtime_runs_the_rewritten_model_there(tmp_path):
     _require("openvino")
     report_path = tmp_path / "report.json"
-    code, out, _ = _cli(TINY_LLAMA, "--check", "--runtime", "openvino", "--runtime", "reference", "-q",
-                        "--report", report_path)
+    code, out, _ = _cli(
+        TINY_LLAMA, "--check", "--runtime", "openvino", "--runtime", "reference", "-q", "--report", report_path
+    )
     assert code == 0, out
     version = runtimes.get_runtime("openvino").version()
     assert f"/model/layers.0/attn/GroupQueryAttention: on openvino {version}: verified" in out
@@ -202,8 +205,16 @@ def test_cli_check_runtime_reports_what_fails(tmp_path):
 
 def test_cli_check_runtime_reports_ops_a_runtime_lacks():
     """The builder's ORT-only ops (SimplifiedLayerNormalization, ...), kept by --only, stop onnx.reference."""
-    code, out, _ = _cli(MODELS_DIR / "builder-tiny-llama" / "model.onnx", "--check", "--no-verify",
-                        "--runtime", "reference", "-q", "--only", "GroupQueryAttention")
+    code, out, _ = _cli(
+        MODELS_DIR / "builder-tiny-llama" / "model.onnx",
+        "--check",
+        "--no-verify",
+        "--runtime",
+        "reference",
+        "-q",
+        "--only",
+        "GroupQueryAttention",
+    )
     assert code == 1
     assert "the rewritten model FAILS: does not load: " in out
     assert "SimplifiedLayerNormalization" in out
@@ -211,15 +222,24 @@ def test_cli_check_runtime_reports_ops_a_runtime_lacks():
 
 def test_cli_runtime_on_onnxruntime_passes_when_ops_remain():
     """ORT itself runs the builder's contrib ops: the rewritten model runs there."""
-    code, out, _ = _cli(MODELS_DIR / "builder-tiny-llama" / "model.onnx", "--check", "--no-verify",
-                        "--runtime", "onnxruntime", "-q", "--only", "GroupQueryAttention")
+    code, out, _ = _cli(
+        MODELS_DIR / "builder-tiny-llama" / "model.onnx",
+        "--check",
+        "--no-verify",
+        "--runtime",
+        "onnxruntime",
+        "-q",
+        "--only",
+        "GroupQueryAttention",
+    )
     assert code == 1  # still not portable: other non-standard ops remain
     assert "runs on onnxruntime" in out
 
 
 def test_cli_check_runtime_runs_the_builder_model_on_onnx_reference_once_its_norms_are_decomposed():
-    code, out, _ = _cli(MODELS_DIR / "builder-tiny-llama" / "model.onnx", "--check", "--no-verify",
-                        "--runtime", "reference", "-q")
+    code, out, _ = _cli(
+        MODELS_DIR / "builder-tiny-llama" / "model.onnx", "--check", "--no-verify", "--runtime", "reference", "-q"
+    )
     assert code == 0, out
     assert "runs on reference" in out
 
@@ -299,6 +319,7 @@ def test_attention_target_cases_run_on_runtimes_with_attention_23(runtime):
         assert result.target == "attention" and result.fallback is None
         assert not portability_cases.failures(result), (case.name, portability_cases.failures(result))
 
+
 _TRACT_IF = (
     "tract 0.23.9 types both branches of an If alike and refuses branches whose shapes differ "
     "(growing: its guard's data-dependent Reshape, as without --fast-paths)"
@@ -318,7 +339,11 @@ def test_fast_paths_run_on_runtimes_with_if(runtime, kv_cache):
     model = make_gqa_model(GqaConfig(rotary="half", packed=kv_cache == "static", positions=256))
     _, node = gqa_node(model)
     result = verify_node_model(
-        node, 21, model.ir_version, DecomposeOptions(fast_paths=True, **options), runtime=runtime,
+        node,
+        21,
+        model.ir_version,
+        DecomposeOptions(fast_paths=True, **options),
+        runtime=runtime,
         total_length_from_shape=runtimes.get_runtime(runtime).shapes_from_input_shapes,
     )
     assert any(r.phase.name.startswith("long first prompt") for r in result.results)
@@ -336,7 +361,11 @@ def test_default_graph_of_a_static_long_prompt_runs_on_tract(past):
     _, node = gqa_node(model)
     for fast_paths in (False, True):
         result = verify_node_model(
-            node, 21, model.ir_version, DecomposeOptions(fast_paths=fast_paths), runtime="tract",
+            node,
+            21,
+            model.ir_version,
+            DecomposeOptions(fast_paths=fast_paths),
+            runtime="tract",
             total_length_from_shape=True,
         )
         assert result.results and bool(failures(result)) == fast_paths, failures(result)

@@ -31,9 +31,7 @@ GRID = list(
 )
 
 
-@pytest.mark.parametrize(
-    "norm,rotary,packed,dtype,opset", GRID, ids=["-".join(str(p) for p in cell) for cell in GRID]
-)
+@pytest.mark.parametrize("norm,rotary,packed,dtype,opset", GRID, ids=["-".join(str(p) for p in cell) for cell in GRID])
 def test_qk_norm_matches_ort_normalization_then_gqa(norm, rotary, packed, dtype, opset):
     assert_matches_ort(GqaConfig(qk_norm=norm, rotary=rotary, packed=packed, dtype=dtype, opset=opset))
 
@@ -89,8 +87,11 @@ def test_bfloat16_qk_norm_matches_the_fp32_oracle():
 
 @pytest.mark.parametrize(
     "dims,elem,message",
-    [([32], onnx.TensorProto.FLOAT, r"must have shape \(16,\)"), ([2, 8], onnx.TensorProto.FLOAT, "must have shape"),
-     ([16], onnx.TensorProto.FLOAT16, "differs from query type")],
+    [
+        ([32], onnx.TensorProto.FLOAT, r"must have shape \(16,\)"),
+        ([2, 8], onnx.TensorProto.FLOAT, "must have shape"),
+        ([16], onnx.TensorProto.FLOAT16, "differs from query type"),
+    ],
 )
 def test_malformed_norm_weight_is_refused(dims, elem, message):
     model = make_gqa_model(GqaConfig(qk_norm="q", qk_norm_constant=False))

@@ -62,7 +62,9 @@ def test_present_levels_are_exact():
 
 
 def test_int4_windowed_cache_with_head_size_16_is_refused():
-    config = GqaConfig(kv_quant="PER_TENSOR", kv_bits=4, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),))
+    config = GqaConfig(
+        kv_quant="PER_TENSOR", kv_bits=4, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),)
+    )
     with pytest.raises(GqaDecomposeError, match="head_size % 32"):
         gqa_decompose.decompose(make_gqa_model(config))
 
@@ -75,7 +77,10 @@ def test_quantized_cache_without_past_is_refused():
 @pytest.mark.parametrize(
     "attributes,message",
     [
-        ((("k_quant_type", "PER_TENSOR"), ("v_quant_type", "PER_CHANNEL"), ("kv_cache_bit_width", 8)), "!= v_quant_type"),
+        (
+            (("k_quant_type", "PER_TENSOR"), ("v_quant_type", "PER_CHANNEL"), ("kv_cache_bit_width", 8)),
+            "!= v_quant_type",
+        ),
         ((("k_quant_type", "PER_TENSOR"), ("v_quant_type", "PER_TENSOR"), ("kv_cache_bit_width", 2)), "4 or 8"),
         ((("kv_cache_bit_width", 8),), "must be 0"),
         ((("k_quant_type", "PER_ROW"), ("v_quant_type", "PER_ROW")), "PER_ROW"),
@@ -115,7 +120,9 @@ def test_only_off_by_one_levels_at_a_few_elements_count_as_rounding_ties():
     output = np.zeros((1, 1, 64), np.float32)
 
     def ties(changed: np.ndarray) -> bool:
-        return quantization_ties_only({0: output, 1: levels, 2: levels}, {0: output, 1: changed, 2: levels}, spec, phase)
+        return quantization_ties_only(
+            {0: output, 1: levels, 2: levels}, {0: output, 1: changed, 2: levels}, spec, phase
+        )
 
     one_flip, two_steps, many_flips = levels.copy(), levels.copy(), levels.copy()
     one_flip[0, 1, 3, 7] += 1

@@ -20,6 +20,7 @@ from gqa_models import GqaConfig, gqa_node, make_gqa_model
 from gqa_decompose.spec import DecomposeOptions
 from gqa_decompose.verify import verify_node_model
 
+
 def draw(seed: int) -> tuple[GqaConfig, DecomposeOptions]:
     rng = random.Random(seed)
     kv_heads = rng.choice([1, 2, 4])
@@ -68,9 +69,7 @@ def draw(seed: int) -> tuple[GqaConfig, DecomposeOptions]:
         kv_bits=kv_bits,
     )
     promise = rng.choice(["any", "any", "static", "growing"]) if past and not kv_empty else "any"
-    options = DecomposeOptions(
-        static_kv_cache=promise == "static", growing_kv_cache=promise == "growing"
-    )
+    options = DecomposeOptions(static_kv_cache=promise == "static", growing_kv_cache=promise == "growing")
     return config, options
 
 

@@ -182,8 +182,11 @@ def _form(folder: str) -> Form:
     session = _genai_config(folder)["model"]["decoder"]["session_options"]
     providers = [name for options in session.get("provider_options", []) for name in options]
     # An int8 KV cache (kv_cache_quant_scheme) around fp32 activations: "int8-kv/fp32".
-    float_name = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
-                  onnx.TensorProto.INT8: "int8-kv/fp32"}[_float_type(model)]
+    float_name = {
+        onnx.TensorProto.FLOAT: "fp32",
+        onnx.TensorProto.FLOAT16: "fp16",
+        onnx.TensorProto.INT8: "int8-kv/fp32",
+    }[_float_type(model)]
     quantized = any(n.op_type == "MatMulNBits" for n in model.graph.node)
     share_buffer = _genai_config(folder)["search"]["past_present_share_buffer"]
 
@@ -212,8 +215,9 @@ def _form(folder: str) -> Form:
         qkv=one({"separate" if n.input[1] else "packed" for n in nodes}),
         rotary=one({rotary(n, a) for n, a in zip(nodes, attrs)}),
         windows=tuple(a.get("local_window_size", -1) for a in attrs),
-        cache=tuple("ring" if a.get("sliding_window_cache") else "max-length" if share_buffer else "growing"
-                    for a in attrs),
+        cache=tuple(
+            "ring" if a.get("sliding_window_cache") else "max-length" if share_buffer else "growing" for a in attrs
+        ),
         softcap=any(a.get("softcap", 0) > 0 for a in attrs),
         head_sink=any(len(n.input) > 11 and bool(n.input[11]) for n in nodes),
         qk_norm=one({qk_norm(n) for n in nodes}),
@@ -421,7 +425,6 @@ def _generate_reference(model, cache_shapes, reference):
 def test_fixtures_are_small():
     for folder in FIXTURES:
         assert (MODELS / folder / "model.onnx").stat().st_size < 1 << 20, folder
-
 
 
 def test_phi3_node_verification_exercises_partial_rotary():

@@ -16,7 +16,12 @@ NODE = "attn/GroupQueryAttention"
 
 REFUSED = {
     "unknown attribute": (GqaConfig(extra_attributes=(("kv_share_buffer", 1),)), "unknown attribute"),
-    "quantized cache without scales": (GqaConfig(extra_attributes=(("k_quant_type", "PER_TENSOR"), ("v_quant_type", "PER_TENSOR"), ("kv_cache_bit_width", 8))), "k_scale' must be provided"),
+    "quantized cache without scales": (
+        GqaConfig(
+            extra_attributes=(("k_quant_type", "PER_TENSOR"), ("v_quant_type", "PER_TENSOR"), ("kv_cache_bit_width", 8))
+        ),
+        "k_scale' must be provided",
+    ),
     "heads not divisible": (GqaConfig(num_heads=6, kv_num_heads=4), "not a multiple of kv_num_heads"),
     "qk_output out of range": (GqaConfig(extra_attributes=(("qk_output", 3),)), "qk_output must be 0, 1 or 2"),
     "causal with window": (GqaConfig(causal=0, local_window_size=2), "local_window_size must be -1 when causal is 0"),
@@ -146,10 +151,16 @@ def test_verify_reports_a_refused_node_instead_of_raising():
     "config,message",
     [
         (GqaConfig(extra_attributes=(("sliding_window_cache", 1),)), "requires local_window_size > 0"),
-        (GqaConfig(past=False, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),)), "requires past_key"),
+        (
+            GqaConfig(past=False, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),)),
+            "requires past_key",
+        ),
         (GqaConfig(kv_empty=True, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),)), "shared KV"),
         (GqaConfig(qk_output=1, local_window_size=2, extra_attributes=(("sliding_window_cache", 1),)), "qk_output"),
-        (GqaConfig(static_dims=True, local_window_size=9, extra_attributes=(("sliding_window_cache", 1),)), "capacity 8"),
+        (
+            GqaConfig(static_dims=True, local_window_size=9, extra_attributes=(("sliding_window_cache", 1),)),
+            "capacity 8",
+        ),
     ],
 )
 def test_invalid_windowed_cache_is_refused(config, message):

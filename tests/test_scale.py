@@ -94,8 +94,9 @@ def test_a_64_layer_model_with_4_gb_of_weights_is_rewritten_in_under_300_mb_and_
     assert weights > 4e9 > 2**31  # beyond the 2 GB protobuf limit
     output = tmp_path / "model.decomposed.onnx"
 
-    result, peak_mb = _run_measured("-m", "gqa_decompose", str(source), "-o", str(output),
-                                    "--reuse-data", "--no-verify", "-q")
+    result, peak_mb = _run_measured(
+        "-m", "gqa_decompose", str(source), "-o", str(output), "--reuse-data", "--no-verify", "-q"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("decomposed (packed QKV") == 64
     assert peak_mb < RSS_LIMIT_MB, f"peak RSS {peak_mb:.0f} MB"

@@ -67,7 +67,9 @@ def test_decomposing_a_decomposed_model_changes_nothing(source, tmp_path):
     before = {f.name: digest(f) for f in first.parent.iterdir()}
     again = run_cli(first, "-o", tmp_path / "out" / "y.onnx")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.splitlines() == [f"{first}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written"]
+    assert again.stdout.splitlines() == [
+        f"{first}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written"
+    ]
     assert {f.name: digest(f) for f in first.parent.iterdir()} == before  # nothing written, nothing changed
 
     decomposed = onnx.load(first)

@@ -42,8 +42,8 @@ def test_static_kv_cache_matches_ort_on_static_buffers(name, static_dims):
 
 def test_static_kv_cache_writes_into_past_without_padding():
     model = make_gqa_model(GqaConfig(rotary="half"))
-    default_ops = [n.op_type for n in all_nodes(gqa_decompose.decompose(model).graph)]
     static_ops = [n.op_type for n in all_nodes(gqa_decompose.decompose(model, static_kv_cache=True).graph)]
+
     def pads_of_past(graph) -> int:
         return sum(n.op_type == "Pad" and n.input[0] in ("past_key", "past_value") for n in all_nodes(graph))
 
@@ -151,7 +151,9 @@ def test_growing_kv_cache_matches_ort_on_aligned_rows(name):
     result = verify_node_model(node, 21, model.ir_version, DecomposeOptions(growing_kv_cache=True))
     assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
     assert {r.phase.name for r in result.results} - {"long first prompt, growing cache"} == {
-        "first prompt, growing cache", "decode, growing cache", "chunked prefill, growing cache"
+        "first prompt, growing cache",
+        "decode, growing cache",
+        "chunked prefill, growing cache",
     }
 
 
@@ -244,12 +246,19 @@ def test_fast_paths_with_other_caches_and_types(config):
 
 @pytest.mark.parametrize(
     "options",
-    [DecomposeOptions(), DecomposeOptions(static_kv_cache=True), DecomposeOptions(fast_paths=True),
-     DecomposeOptions(target="attention")],
+    [
+        DecomposeOptions(),
+        DecomposeOptions(static_kv_cache=True),
+        DecomposeOptions(fast_paths=True),
+        DecomposeOptions(target="attention"),
+    ],
     ids=["default", "static", "fast_paths", "attention"],
 )
-@pytest.mark.parametrize("config", [GqaConfig(rotary="half"), GqaConfig(packed=True, opset=24), GqaConfig(kv_quant="PER_TENSOR")],
-                         ids=["rotary", "packed_opset24", "int8"])
+@pytest.mark.parametrize(
+    "config",
+    [GqaConfig(rotary="half"), GqaConfig(packed=True, opset=24), GqaConfig(kv_quant="PER_TENSOR")],
+    ids=["rotary", "packed_opset24", "int8"],
+)
 @pytest.mark.xfail(
     strict=True,
     reason="issue 13 item 7, not matched yet: the rewrite keeps past in present rows S .. t_b - 1 of such a "
@@ -263,7 +272,9 @@ def test_first_prompt_rows_past_the_prompt_are_zero_as_in_ort(config, options):
 
     model = make_gqa_model(config)
     _, node = gqa_node(model)
-    phases = [Phase("first prompt, static buffer, t_b > S", 2, 3, 8, 3, (6, 2)),
-              Phase("first prompt, static buffer, t_b = S", 2, 3, 8, 3, (3, 2))]
+    phases = [
+        Phase("first prompt, static buffer, t_b > S", 2, 3, 8, 3, (6, 2)),
+        Phase("first prompt, static buffer, t_b = S", 2, 3, 8, 3, (3, 2)),
+    ]
     result = verify_node_model(node, config.opset, model.ir_version, options, phases=phases)
     assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]

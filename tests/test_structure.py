@@ -76,7 +76,8 @@ def test_grouped_query_heads_are_folded_into_gemm_rows(tiny_llama_decomposed):
     score_matmuls = [
         node
         for node in all_nodes(tiny_llama_decomposed.graph)
-        if node.op_type == "MatMul" and producers.get(node.input[1]) is not None
+        if node.op_type == "MatMul"
+        and producers.get(node.input[1]) is not None
         and producers[node.input[1]].op_type == "Transpose"
     ]
     assert len(score_matmuls) == 2
@@ -94,8 +95,9 @@ def test_new_nodes_are_named_after_the_replaced_node(tiny_llama_decomposed):
     for node in all_nodes(tiny_llama_decomposed.graph):
         if node.name in original_names:
             continue
-        assert node.name.startswith(("/model/layers.0/attn/GroupQueryAttention/",
-                                     "/model/layers.1/attn/GroupQueryAttention/", "gqa_shared/")), node.name
+        assert node.name.startswith(
+            ("/model/layers.0/attn/GroupQueryAttention/", "/model/layers.1/attn/GroupQueryAttention/", "gqa_shared/")
+        ), node.name
 
 
 def test_layer_without_present_readers_writes_no_kv():
@@ -136,7 +138,9 @@ def test_opset_below_13_is_refused_with_a_clear_error():
 def test_model_without_gqa_is_returned_unchanged(caplog):
     node = helper.make_node("Relu", ["x"], ["y"])
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
@@ -181,7 +185,9 @@ def _wrap_in_function(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProt
     call = helper.make_node("Attention", inputs, ["output"], domain="local", name="call")
     graph = helper.make_graph([call], "main", list(inner.input), list(inner.output))
     return helper.make_model(
-        graph, functions=[function], ir_version=IR_VERSION,
+        graph,
+        functions=[function],
+        ir_version=IR_VERSION,
         opset_imports=[*imports, helper.make_opsetid("local", 1)],
     )
 
@@ -189,15 +195,20 @@ def _wrap_in_function(model: onnx.ModelProto, opset: int = 21) -> onnx.ModelProt
 def _wrap_in_if(model: onnx.ModelProto) -> onnx.ModelProto:
     """The GQA node moves into both branches of an If on a bool graph input."""
     inner = model.graph
-    then_graph = helper.make_graph(list(inner.node), "then", [], [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)])
+    then_graph = helper.make_graph(
+        list(inner.node), "then", [], [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)]
+    )
     else_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in inner.node]
     for node in else_nodes:
         node.name = "else/" + node.name
         node.output[:] = ["else_" + o if o else "" for o in node.output]
-    else_graph = helper.make_graph(else_nodes, "else", [], [helper.make_tensor_value_info("else_output", TensorProto.FLOAT, None)])
+    else_graph = helper.make_graph(
+        else_nodes, "else", [], [helper.make_tensor_value_info("else_output", TensorProto.FLOAT, None)]
+    )
     if_node = helper.make_node("If", ["flag"], ["y"], then_branch=then_graph, else_branch=else_graph, name="if")
     graph = helper.make_graph(
-        [if_node], "main",
+        [if_node],
+        "main",
         [*inner.input, helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         list(inner.initializer),
@@ -281,14 +292,19 @@ def test_gqa_in_the_main_graph_and_a_subgraph_with_one_name_stays_ssa():
     gqa = inner.graph.node[0]
     branch_node = onnx.NodeProto.FromString(gqa.SerializeToString())  # same node name
     branch_node.output[0] = "branch_output"
-    then_graph = helper.make_graph([branch_node], "then", [], [helper.make_tensor_value_info("branch_output", TensorProto.FLOAT, None)])
+    then_graph = helper.make_graph(
+        [branch_node], "then", [], [helper.make_tensor_value_info("branch_output", TensorProto.FLOAT, None)]
+    )
     else_graph = helper.make_graph(
-        [helper.make_node("Identity", ["output"], ["else_output"])], "else", [],
+        [helper.make_node("Identity", ["output"], ["else_output"])],
+        "else",
+        [],
         [helper.make_tensor_value_info("else_output", TensorProto.FLOAT, None)],
     )
     if_node = helper.make_node("If", ["flag"], ["y"], then_branch=then_graph, else_branch=else_graph, name="if")
     graph = helper.make_graph(
-        [gqa, if_node], "main",
+        [gqa, if_node],
+        "main",
         [*inner.graph.input, helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
         # A shape, so that the model itself passes the checker: its declarations come out as they were.
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 64])],
@@ -297,7 +313,14 @@ def test_gqa_in_the_main_graph_and_a_subgraph_with_one_name_stays_ssa():
     decomposed = gqa_decompose.decompose(model)
     onnx.checker.check_model(decomposed, full_check=True)
     names = [o for n in decomposed.graph.node for o in n.output]
-    names += [o for n in decomposed.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for m in a.g.node for o in m.output]
+    names += [
+        o
+        for n in decomposed.graph.node
+        for a in n.attribute
+        if a.type == onnx.AttributeProto.GRAPH
+        for m in a.g.node
+        for o in m.output
+    ]
     assert len(names) == len(set(names))
     feeds = _single_prompt_feeds(config)
     for flag in (True, False):
@@ -355,7 +378,9 @@ def test_long_prompts_use_causal_row_blocks_and_decode_does_not(kv_cache):
     decode_branch = choice.attribute[1].g
     assert _softmax_count(decode_branch) == (1 if kv_cache == "growing" else 2)
     producers = _producers(decomposed)
-    assert "GreaterOrEqual" not in {producers[n.input[0]].op_type for n in all_nodes(decode_branch) if n.op_type == "If"}
+    assert "GreaterOrEqual" not in {
+        producers[n.input[0]].op_type for n in all_nodes(decode_branch) if n.op_type == "If"
+    }
 
 
 def _ops_run_in_decode(model: onnx.ModelProto) -> int:
@@ -405,10 +430,13 @@ def test_max_length_buffers_are_written_in_place_and_cut_at_run_time():
     """present = ScatterND(past, ...): a runtime binding present to past makes it an in-place write."""
     for options in ({}, {"static_kv_cache": True}):
         decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(rotary="half")), fast_paths=True, **options)
-        scatters = [n for n in all_nodes(decomposed.graph) if n.op_type == "ScatterND" and n.input[0].startswith("past_")]
+        scatters = [
+            n for n in all_nodes(decomposed.graph) if n.op_type == "ScatterND" and n.input[0].startswith("past_")
+        ]
         assert sorted(n.input[0] for n in scatters) == ["past_key", "past_value"]
         cuts = [
-            n for n in all_nodes(decomposed.graph)
+            n
+            for n in all_nodes(decomposed.graph)
             if n.op_type == "If" and _softmax_count(n.attribute[0].g) == 1 and _softmax_count(n.attribute[1].g) == 1
         ]
         assert cuts and all(decomposed.graph.node for _ in cuts)
@@ -419,7 +447,8 @@ def test_max_length_buffers_are_written_in_place_and_cut_at_run_time():
 def test_fast_cache_update_is_one_concat_or_one_scatter_chosen_at_run_time():
     decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(rotary="half")), fast_paths=True)
     (update,) = [
-        n for n in decomposed.graph.node
+        n
+        for n in decomposed.graph.node
         if n.op_type == "If" and [m.op_type for m in n.attribute[0].g.node] == ["Concat", "Concat"]
     ]
     (scatter_choice,) = [n for n in update.attribute[1].g.node if n.op_type == "If"]
@@ -432,12 +461,16 @@ def test_fast_cache_update_is_one_concat_or_one_scatter_chosen_at_run_time():
 def test_fp16_cache_is_cast_to_fp32_after_the_cut(kv_cache):
     """A max-length fp16 buffer is cut to the rows read before its cast: casting it whole costs a copy of it."""
     options = {"static": {"static_kv_cache": True}}.get(kv_cache, {})
-    decomposed = gqa_decompose.decompose(make_gqa_model(GqaConfig(dtype="float16", rotary="half")), fast_paths=True, **options)
+    decomposed = gqa_decompose.decompose(
+        make_gqa_model(GqaConfig(dtype="float16", rotary="half")), fast_paths=True, **options
+    )
     producers = _producers(decomposed)
     cache = {"past_key", "past_value", "present_key", "present_value"}
     cache |= {n.output[0] for n in all_nodes(decomposed.graph) if n.op_type == "If" and set(n.output) & cache}
     assert not [n.name for n in decomposed.graph.node if n.op_type == "Cast" and n.input[0] in cache]
-    (cut,) = [n for n in all_nodes(decomposed.graph) if n.op_type == "If" and producers[n.input[0]].op_type == "Greater"]
+    (cut,) = [
+        n for n in all_nodes(decomposed.graph) if n.op_type == "If" and producers[n.input[0]].op_type == "Greater"
+    ]
     casts = [n for n in cut.attribute[0].g.node if n.op_type == "Cast"]
     assert len(casts) == 2 and all(producers[c.input[0]].op_type == "Slice" for c in casts)
 

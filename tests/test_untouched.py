@@ -20,7 +20,8 @@ from gqa_decompose.spec import DecomposeOptions, is_gqa_node
 
 MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 FIXTURES = [
-    p for p in [*sorted(MODELS.glob("*/model.onnx")), *sorted(MODELS.glob("*.onnx"))]
+    p
+    for p in [*sorted(MODELS.glob("*/model.onnx")), *sorted(MODELS.glob("*.onnx"))]
     if not p.name.endswith(".decomposed.onnx")
 ]
 
@@ -37,8 +38,11 @@ def _declaration(value: ir.Value) -> tuple:
 
 def _owned(node: ir.Node) -> bool:
     """A node the default rewrite decomposes: GQA, or a companion op with a registered decomposer."""
-    return is_gqa_node(node) or (node.domain not in ("", "ai.onnx") and lookup(node.domain, node.op_type) is not None) or (
-        node.domain in ("", "ai.onnx") and node.op_type == "SimplifiedLayerNormalization")
+    return (
+        is_gqa_node(node)
+        or (node.domain not in ("", "ai.onnx") and lookup(node.domain, node.op_type) is not None)
+        or (node.domain in ("", "ai.onnx") and node.op_type == "SimplifiedLayerNormalization")
+    )
 
 
 def _snapshot(model: ir.Model, gqa_only: bool = False) -> dict:
@@ -118,7 +122,9 @@ def _ort_suite_prompt(batch: int, sequence: int, buffer: int, heads: int, kv_hea
         ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
         ["output", "present_key", "present_value"],
         "GroupQueryAttention_0",
-        num_heads=heads, kv_num_heads=kv_heads, domain="com.microsoft",
+        num_heads=heads,
+        kv_num_heads=kv_heads,
+        domain="com.microsoft",
     )
     f = TensorProto.FLOAT
     inputs = [
@@ -132,8 +138,10 @@ def _ort_suite_prompt(batch: int, sequence: int, buffer: int, heads: int, kv_hea
     ]
     outputs = [helper.make_tensor_value_info("output", f, [batch, sequence, heads * head_size])]
     for rows in (buffer, sequence):
-        outputs += [helper.make_tensor_value_info(name, f, [batch, kv_heads, rows, head_size])
-                    for name in ("present_key", "present_value")]
+        outputs += [
+            helper.make_tensor_value_info(name, f, [batch, kv_heads, rows, head_size])
+            for name in ("present_key", "present_value")
+        ]
     graph = helper.make_graph([node], "GroupQueryAttention_Graph", inputs, outputs)
     opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)

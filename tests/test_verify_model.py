@@ -60,8 +60,12 @@ def _assert_passed(result, batch: int, steps: int) -> None:
 
 
 def _with_known_failures(paths):
-    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[_id(p)]))
-            if _id(p) in KNOWN_FAILURES else p for p in paths]
+    return [
+        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[_id(p)]))
+        if _id(p) in KNOWN_FAILURES
+        else p
+        for p in paths
+    ]
 
 
 def _ring_only(result) -> bool:
@@ -106,8 +110,14 @@ def test_phi3_matches_past_the_long_rope_switch_at_64_positions(static):
     if not path.exists():
         pytest.skip("no builder-phi3 fixture")
     config = None if static else {}
-    result = verify_model(path, _decomposed(path, static), genai_config=config, static_kv_cache=static,
-                          dims={"sequence_length": 70}, steps=2)
+    result = verify_model(
+        path,
+        _decomposed(path, static),
+        genai_config=config,
+        static_kv_cache=static,
+        dims={"sequence_length": 70},
+        steps=2,
+    )
     _assert_passed(result, 2, steps=2)
     assert result.prompt_length == 70 and max(result.steps[-1].total_lengths) == 72
 
@@ -242,7 +252,8 @@ def test_a_bfloat16_model_is_skipped_with_the_reason():
 
 def test_a_model_without_gqa_is_skipped():
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
     )
@@ -284,8 +295,9 @@ def _with_qk_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("path", [TINY_LLAMA, MODELS / "dynamo-tiny-llama" / "model.onnx"],
-                         ids=["packed QKV", "separate QKV"])
+@pytest.mark.parametrize(
+    "path", [TINY_LLAMA, MODELS / "dynamo-tiny-llama" / "model.onnx"], ids=["packed QKV", "separate QKV"]
+)
 def test_q_k_norm_nodes_are_verified_against_ort_normalizing_the_heads_first(path, monkeypatch):
     # ORT CPU rejects q_norm_weight / k_norm_weight: the original runs with the norm moved out of the node.
     model = _with_qk_norm(onnx.load(path))

@@ -29,9 +29,7 @@ def _session(model) -> ort.InferenceSession:
 class _Runner:
     """Both models, each with its own cache, stepped through the same inputs."""
 
-    def __init__(
-        self, config: GqaConfig, batch: int, capacity: int, candidate: GqaConfig | None = None
-    ) -> None:
+    def __init__(self, config: GqaConfig, batch: int, capacity: int, candidate: GqaConfig | None = None) -> None:
         self.config = config
         self.fused = _session(make_gqa_model(config))
         self.decomposed = _session(gqa_decompose.decompose(make_gqa_model(candidate or config)))
@@ -81,9 +79,7 @@ class _Runner:
 
 
 def _config(dtype: str, window: int, **fields) -> GqaConfig:
-    return GqaConfig(
-        dtype=dtype, local_window_size=window, extra_attributes=(("sliding_window_cache", 1),), **fields
-    )
+    return GqaConfig(dtype=dtype, local_window_size=window, extra_attributes=(("sliding_window_cache", 1),), **fields)
 
 
 SCHEDULE = [4] + [1] * 12 + [3, 1, 8, 1, 1, 2, 1]  # prompt, decode past several evictions, S=3, S=8 > C
@@ -92,8 +88,12 @@ SCHEDULE = [4] + [1] * 12 + [3, 1, 8, 1, 1, 2, 1]  # prompt, decode past several
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize(
     "capacity,window,fields",
-    [(6, 3, {}), (4, 4, {"rotary": "half"}), (7, 2, {"rotary": "interleaved", "packed": False}),
-     (6, 3, {"softcap": 1.5, "head_sink": True})],
+    [
+        (6, 3, {}),
+        (4, 4, {"rotary": "half"}),
+        (7, 2, {"rotary": "interleaved", "packed": False}),
+        (6, 3, {"softcap": 1.5, "head_sink": True}),
+    ],
     ids=["C6-W3", "C4-W4-rotary", "C7-W2-interleaved", "C6-W3-softcap-sink"],
 )
 def test_windowed_cache_sequence_matches_ort(dtype, capacity, window, fields):

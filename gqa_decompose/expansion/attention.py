@@ -132,9 +132,7 @@ def _attend_dense(
         probs_BNSK = op.op("Softmax", masked_BNSK, axis=-1)
         if may_mask_whole_rows:
             # A row with no finite score gives NaN; ONNX Runtime's fp32 kernel gives 0.
-            probs_BNSK = op.op(
-                "Where", op.op("IsNaN", probs_BNSK), op.float_scalar(0.0, dtype), probs_BNSK
-            )
+            probs_BNSK = op.op("Where", op.op("IsNaN", probs_BNSK), op.float_scalar(0.0, dtype), probs_BNSK)
     probs_BNkvGSK = op.op("Reshape", probs_BNSK, op.ints([0, kv_num_heads, -1, 0]))
     attended_BNkvGSH = op.op("MatMul", probs_BNkvGSK, values_BNkvKH)
     attended_BNSH = op.op("Reshape", attended_BNkvGSH, op.ints([0, num_heads, -1, head_size]))
@@ -225,9 +223,7 @@ def attend(
     )
 
     def dense(builder: OpBuilder, keys: ir.Value, values: ir.Value) -> list[ir.Value]:
-        output, scores, probs = _attend_dense(
-            builder, query_BNSH, keys, values, mask_bias_B1SK, bias_BNSK, **options
-        )
+        output, scores, probs = _attend_dense(builder, query_BNSH, keys, values, mask_bias_B1SK, bias_BNSK, **options)
         results = [output]
         if want_scores:
             results.append(builder.op("Where", visible_B1SK, scores, builder.float_scalar(0.0, dtype)))
@@ -253,8 +249,14 @@ def attend(
         # Blocks read overlapping prefixes of the keys: decode all of them once.
         return lambda builder: [
             _attend_row_blocks(
-                builder, query_BNSH, decode_keys(builder, keys_BNkvKH), decode_values(builder, values_BNkvKH),
-                mask_bias_B1SK, bias_BNSK, tier, **options,
+                builder,
+                query_BNSH,
+                decode_keys(builder, keys_BNkvKH),
+                decode_values(builder, values_BNkvKH),
+                mask_bias_B1SK,
+                bias_BNSK,
+                tier,
+                **options,
             )
         ]
 

@@ -118,9 +118,7 @@ def with_sink_column(
 
     def append_zero_row(x_BNkvKH: ir.Value) -> ir.Value:
         shape = op.op("Shape", x_BNkvKH)
-        row_shape = op.op(
-            "Concat", op.slice(shape, 0, 2, axis=0), op.ints([1]), op.slice(shape, 3, 4, axis=0), axis=0
-        )
+        row_shape = op.op("Concat", op.slice(shape, 0, 2, axis=0), op.ints([1]), op.slice(shape, 3, 4, axis=0), axis=0)
         zeros = op.op("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=dtype))
         return op.op("Concat", x_BNkvKH, zeros, axis=2)
 

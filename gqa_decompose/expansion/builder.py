@@ -41,12 +41,8 @@ class OpBuilder:
         self._name(value.producer())
         return value
 
-    def op_multi(
-        self, op_type: str, *inputs: ir.Value | None, num_outputs: int, **attributes
-    ) -> Sequence[ir.Value]:
-        values = self._tape.op_multi_out(
-            op_type, list(inputs), attributes or None, num_outputs=num_outputs
-        )
+    def op_multi(self, op_type: str, *inputs: ir.Value | None, num_outputs: int, **attributes) -> Sequence[ir.Value]:
+        values = self._tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=num_outputs)
         self._name(values[0].producer())
         return values
 

@@ -193,8 +193,9 @@ def _key_columns(
     * windowed cache: Concat(past, new), present gathered from the latest positions;
     * growing-cache promise: present = Concat(past, new), guarded;
     * present read (or needed for bias/qk_output), a static buffer, or a key length
-      decided at run time (0 or S): present with the new rows at c_b (chosen at run time, or ScatterND into past under the static
-      promise); attention reads it whole or cut to the longest row (run time);
+      decided at run time (0 or S): present with the new rows at c_b (chosen at run time,
+      or ScatterND into past under the static promise); attention reads it whole or cut
+      to the longest row (run time);
     * nobody reads present: Concat(past, new) with each column's position; no KV write.
     """
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
@@ -212,8 +213,16 @@ def _key_columns(
             present_key = op.op("Identity", past_key)
             present_value = op.op("Identity", past_value)
         return _buffer_columns(
-            op, shared, info, past_key, past_key, past_value, present_key, present_value,
-            ("past", dim_key(past_key, 2)), may_cut,
+            op,
+            shared,
+            info,
+            past_key,
+            past_key,
+            past_value,
+            present_key,
+            present_value,
+            ("past", dim_key(past_key, 2)),
+            may_cut,
         )
     new_key, new_value = new_rows
     if spec.sliding_window_cache:
@@ -236,17 +245,21 @@ def _key_columns(
     # (rows [0, t_b) attention reads, §11), with S rows the ordinary cache.
     if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache or spec.kv_maybe_empty:
         if spec.static_kv_cache:
-            present_key = write_new_rows(
-                op, shared, info, past_key, new_key, spec.kv_num_heads, True, tensor_scatter
-            )
+            present_key = write_new_rows(op, shared, info, past_key, new_key, spec.kv_num_heads, True, tensor_scatter)
             present_value = write_new_rows(
                 op, shared, info, past_value, new_value, spec.kv_num_heads, True, tensor_scatter
             )
             rows_key = ("past", dim_key(past_key, 2))
         else:
             present_key, present_value = update_cache(
-                op, shared, info, (past_key, past_value), (new_key, new_value), spec.kv_num_heads,
-                fast_paths, tensor_scatter,
+                op,
+                shared,
+                info,
+                (past_key, past_value),
+                (new_key, new_value),
+                spec.kv_num_heads,
+                fast_paths,
+                tensor_scatter,
             )
             rows_key = ("present_length", dim_key(past_key, 2))
         return _buffer_columns(
@@ -274,6 +287,7 @@ def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: i
         head_size=spec.head_size,
     )
     scale = node.inputs[scale_index]
+
     # Quantization math is fp32 whatever the compute type, as in ORT's kernel.
     def to_fp32(x: ir.Value) -> ir.Value:
         return x if spec.dtype == _FLOAT else op.cast(x, _FLOAT)
@@ -332,9 +346,7 @@ def _gather_columns(op: OpBuilder, info, bias: ir.Value, key_positions: ir.Value
     last_column = op.op("Sub", info.total_length, op.int_scalar(1))
     positions_B11K = op.op("Min", key_positions, last_column)
     bias_shape = op.op("Shape", bias)
-    full_shape = op.op(
-        "Concat", info.batch_size_1, op.slice(bias_shape, 1, 4, axis=0), axis=0
-    )
+    full_shape = op.op("Concat", info.batch_size_1, op.slice(bias_shape, 1, 4, axis=0), axis=0)
     bias_full = op.op("Expand", bias, full_shape)
     index_shape = op.op(
         "Concat",
@@ -373,8 +385,14 @@ def _causal_op_suffices(spec: gqa.GqaSpec) -> bool:
 
 
 def _expand_causal_op(
-    op: OpBuilder, shared: SharedSubgraphs, info, node: ir.Node, spec: gqa.GqaSpec,
-    query_BNSH: ir.Value, key_BSNH: ir.Value, value_BSNH: ir.Value,
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    query_BNSH: ir.Value,
+    key_BSNH: ir.Value,
+    value_BSNH: ir.Value,
 ) -> ExpandedNode:
     """One Attention with is_causal=1 and no visibility mask (see :func:`_causal_op_suffices`)."""
     new_key, new_value = _bsnh_to_bnsh(op, key_BSNH), _bsnh_to_bnsh(op, value_BSNH)
@@ -563,9 +581,7 @@ def expand_gqa(
     columns = _key_columns(op, shared, info, node, spec, new_rows, lowering.tensor_scatter, fast_paths)
 
     # 3. The shared mask.
-    visible_B1SK = visibility_mask(
-        shared, info, columns.positions, spec.local_window_size, spec.causal
-    )
+    visible_B1SK = visibility_mask(shared, info, columns.positions, spec.local_window_size, spec.causal)
 
     # 4. Attention in the compute type (fp32 unless native precision).
     bias_BNSK = None

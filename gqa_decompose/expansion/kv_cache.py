@@ -65,9 +65,7 @@ def _growth_pads(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) ->
     return shared.get(("growth_pads", info, dim_key(past, 2)), build)
 
 
-def scatter_indices(
-    shared: SharedSubgraphs, info: SequenceInfo, kv_num_heads: int
-) -> ir.Value:
+def scatter_indices(shared: SharedSubgraphs, info: SequenceInfo, kv_num_heads: int) -> ir.Value:
     """ScatterND indices (b, n, c_b + s), int64 [B, Nkv, Skv, 3] (Skv = S, or 0 in a KV-shared layer)."""
     key = ("scatter_indices", info, kv_num_heads)
 

@@ -46,9 +46,7 @@ ROW_BLOCK_TIERS = ((1024, 16), (128, 4))
 _NEVER_VISIBLE = 2**31 - 1
 
 
-def dense_key_positions(
-    shared: SharedSubgraphs, key_length: ir.Value, length_key: tuple
-) -> ir.Value:
+def dense_key_positions(shared: SharedSubgraphs, key_length: ir.Value, length_key: tuple) -> ir.Value:
     """kpos = 0..K-1, int64 [1, 1, 1, K]."""
 
     def build(op: OpBuilder) -> ir.Value:
@@ -95,9 +93,7 @@ def concat_key_positions(
             op.int_scalar(_NEVER_VISIBLE),
         )
         new_positions = op.op("Add", offsets_B11, op.op("Sub", columns_11K, past_length))
-        positions_B1K = op.op(
-            "Where", op.op("Less", columns_11K, past_length), past_positions, new_positions
-        )
+        positions_B1K = op.op("Where", op.op("Less", columns_11K, past_length), past_positions, new_positions)
         return op.unsqueeze(positions_B1K, [1])
 
     return shared.get(("concat_key_positions", info, dim_key(past, 2), past_kept_B), build)
@@ -133,18 +129,14 @@ def visibility_mask(
     return shared.get(("visibility", info, key_positions, window, causal), build)
 
 
-def mask_bias(
-    shared: SharedSubgraphs, visible_B1SK: ir.Value, dtype: ir.DataType = ir.DataType.FLOAT
-) -> ir.Value:
+def mask_bias(shared: SharedSubgraphs, visible_B1SK: ir.Value, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
     """[B, 1, S, K] of ``dtype``: 0 where visible, -inf elsewhere, added to every layer's scores.
 
     An Add of a shared bias costs less per layer than a Where on the scores.
     """
 
     def build(op: OpBuilder) -> ir.Value:
-        return op.op(
-            "Where", visible_B1SK, op.float_scalar(0.0, dtype), op.float_scalar(float("-inf"), dtype)
-        )
+        return op.op("Where", visible_B1SK, op.float_scalar(0.0, dtype), op.float_scalar(float("-inf"), dtype))
 
     return shared.get(("mask_bias", visible_B1SK, dtype), build)
 
@@ -173,9 +165,7 @@ class RowBlockTier:
     key_ends: ir.Value
 
 
-def causal_row_blocks(
-    shared: SharedSubgraphs, info: SequenceInfo, key_length: ir.Value
-) -> tuple[RowBlockTier, ...]:
+def causal_row_blocks(shared: SharedSubgraphs, info: SequenceInfo, key_length: ir.Value) -> tuple[RowBlockTier, ...]:
     """Per tier of :data:`ROW_BLOCK_TIERS`, longest first.
 
     For dense key columns (column j holds position j). Block i of n holds query
@@ -195,9 +185,7 @@ def causal_row_blocks(
         for lowest, count in ROW_BLOCK_TIERS:
             minimum = max(lowest, count)
             use = op.op("GreaterOrEqual", info.query_length, op.int_scalar(minimum))
-            rows = op.op(
-                "Div", op.op("Mul", info.query_length, op.ints(range(count + 1))), op.int_scalar(count)
-            )
+            rows = op.op("Div", op.op("Mul", info.query_length, op.ints(range(count + 1))), op.int_scalar(count))
             key_ends = op.op("Min", key_length_1, op.op("Add", largest_offset_1, rows))
             tiers.append(RowBlockTier(use, minimum, count, rows, key_ends))
         return tuple(tiers)

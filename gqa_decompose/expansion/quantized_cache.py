@@ -38,9 +38,7 @@ def quantize(
 ) -> ir.Value:
     """fp32 [B, Nkv, L, H] -> int8 [B, Nkv, L, H] or uint8 [B, Nkv, L, H/2]."""
     scale_1N1H = _scale_1N1H(op, scale, per_channel, kv_num_heads, head_size)
-    usable_scale = op.op(
-        "Where", op.op("Equal", scale_1N1H, op.float_scalar(0.0)), op.float_scalar(1.0), scale_1N1H
-    )
+    usable_scale = op.op("Where", op.op("Equal", scale_1N1H, op.float_scalar(0.0)), op.float_scalar(1.0), scale_1N1H)
     inverse = op.op("Div", op.float_scalar(1.0), usable_scale)
     levels = op.op("Round", op.op("Mul", x_BNLH, inverse))
     low, high = (-128.0, 127.0) if bits == 8 else (-8.0, 7.0)

@@ -49,9 +49,7 @@ class RotaryTables:
     half: int | None  # R/2 when static
 
 
-def _positions_BS(
-    op: OpBuilder, info: SequenceInfo, position_ids: ir.Value | None
-) -> ir.Value:
+def _positions_BS(op: OpBuilder, info: SequenceInfo, position_ids: ir.Value | None) -> ir.Value:
     rows_1S = op.unsqueeze(info.query_rows_S, [0])
     if position_ids is not None:
         flat_positions = op.op("Reshape", position_ids, op.ints([-1]))
@@ -65,9 +63,7 @@ def _positions_BS(
         )
     else:
         first_prompt_1S = rows_1S
-        starts_B1 = op.unsqueeze(
-            op.op("Sub", info.total_lengths_B, info.query_length), [1]
-        )
+        starts_B1 = op.unsqueeze(op.op("Sub", info.total_lengths_B, info.query_length), [1])
         continuation_BS = op.op("Add", starts_B1, rows_1S)
     if info.is_first_prompt is None:
         return first_prompt_1S
@@ -103,9 +99,7 @@ def build_rotary_tables(
     return shared.get(key, build)
 
 
-def _rotation_tables(
-    shared: SharedSubgraphs, tables: RotaryTables, interleaved: bool
-) -> tuple[ir.Value, ir.Value]:
+def _rotation_tables(shared: SharedSubgraphs, tables: RotaryTables, interleaved: bool) -> tuple[ir.Value, ir.Value]:
     """(cos, sign·sin) laid out like the rotated dims, built once per model and layout.
 
     With ``swapped`` the pair-swapped dims (x2, x1), the rotation is
@@ -217,9 +211,7 @@ def apply_rotary_op(
     attributes = {"num_heads": heads, "interleaved": int(interleaved)}
     if 2 * inputs.half != head_size:
         attributes["rotary_embedding_dim"] = 2 * inputs.half
-    rotated_BSD = op.op(
-        "RotaryEmbedding", x_BSD, inputs.cos_cache, inputs.sin_cache, inputs.positions_BS, **attributes
-    )
+    rotated_BSD = op.op("RotaryEmbedding", x_BSD, inputs.cos_cache, inputs.sin_cache, inputs.positions_BS, **attributes)
     return op.op("Reshape", rotated_BSD, op.ints([0, 0, heads, head_size]))
 
 

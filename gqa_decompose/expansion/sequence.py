@@ -103,9 +103,7 @@ def build_sequence_info(
         total_lengths_B = op.op("Add", seqlens_B, op.int_scalar(1))
         batch_size_1 = op.op("Shape", total_lengths_B)
         query_length = op.dim(query, 1)
-        total_length = op.cast(
-            op.op("Reshape", total_sequence_length, op.ints([])), ir.DataType.INT64
-        )
+        total_length = op.cast(op.op("Reshape", total_sequence_length, op.ints([])), ir.DataType.INT64)
         query_rows_S = op.op("Range", op.int_scalar(0), query_length, op.int_scalar(1))
         continuation_offsets_B = op.op("Sub", total_lengths_B, query_length)
         if always_first_prompt:
@@ -113,9 +111,7 @@ def build_sequence_info(
             offsets_B = op.op("Mul", continuation_offsets_B, op.int_scalar(0))
         else:
             is_first_prompt = op.op("Equal", query_length, total_length)
-            offsets_B = op.op(
-                "Where", is_first_prompt, op.int_scalar(0), continuation_offsets_B
-            )
+            offsets_B = op.op("Where", is_first_prompt, op.int_scalar(0), continuation_offsets_B)
         new_length, new_rows = query_length, query_rows_S
         if key is not None:
             new_length = op.dim(key, 1)

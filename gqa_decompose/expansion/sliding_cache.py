@@ -27,6 +27,7 @@ from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_
 
 __all__ = ["present_columns", "sliding_key_positions"]
 
+
 def _kept(op: OpBuilder, lengths_B: ir.Value, capacity: ir.Value, gap: ir.Value) -> ir.Value:
     """L(x) for each x in ``lengths_B``: how many of the latest x tokens the cache holds."""
     overflow = op.op("Sub", lengths_B, capacity)
@@ -53,9 +54,7 @@ def _layout(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, window:
     return shared.get(("sliding_layout", info, dim_key(past, 2), window), build)
 
 
-def sliding_key_positions(
-    shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, window: int
-) -> ir.Value:
+def sliding_key_positions(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, window: int) -> ir.Value:
     """Absolute positions of the columns of Concat(past, new), int64 [B, 1, 1, C + S]."""
     _, past_kept_B, _ = _layout(shared, info, past, window)
     return concat_key_positions(shared, info, past, past_kept_B)
@@ -71,19 +70,13 @@ def present_columns(
         rows_1C = op.unsqueeze(op.op("Range", op.int_scalar(0), capacity, op.int_scalar(1)), [0])
         offsets_B1 = op.unsqueeze(info.offsets_B, [1])
         present_kept_B1 = op.unsqueeze(present_kept_B, [1])
-        positions_BC = op.op(
-            "Add", op.op("Sub", op.unsqueeze(info.total_lengths_B, [1]), present_kept_B1), rows_1C
-        )
+        positions_BC = op.op("Add", op.op("Sub", op.unsqueeze(info.total_lengths_B, [1]), present_kept_B1), rows_1C)
         first_held_B1 = op.op("Sub", offsets_B1, op.unsqueeze(past_kept_B, [1]))
         from_past = op.op("Sub", positions_BC, first_held_B1)
         from_new = op.op("Add", capacity, op.op("Sub", positions_BC, offsets_B1))
-        columns_BC = op.op(
-            "Where", op.op("Less", positions_BC, offsets_B1), from_past, from_new
-        )
+        columns_BC = op.op("Where", op.op("Less", positions_BC, offsets_B1), from_past, from_new)
         # Rows past L(t_b) are unspecified; any valid column will do.
-        columns_BC = op.op(
-            "Where", op.op("Less", rows_1C, present_kept_B1), columns_BC, op.int_scalar(0)
-        )
+        columns_BC = op.op("Where", op.op("Less", rows_1C, present_kept_B1), columns_BC, op.int_scalar(0))
         columns_B1C1 = op.unsqueeze(columns_BC, [1, 3])
         shape = op.op(
             "Concat",

@@ -71,8 +71,11 @@ def _gelu(op, v: ir.Value, ctype: ir.DataType, tanh: bool) -> ir.Value:
         return op.op("Gelu", v, approximate="tanh") if tanh else op.op("Gelu", v)
     if tanh:
         cubic = op.op("Mul", op.op("Mul", v, v), op.float_scalar(0.044715, ctype))
-        inner = op.op("Mul", op.op("Mul", op.op("Add", cubic, op.float_scalar(1.0, ctype)), v),
-                      op.float_scalar(math.sqrt(2.0 / math.pi), ctype))
+        inner = op.op(
+            "Mul",
+            op.op("Mul", op.op("Add", cubic, op.float_scalar(1.0, ctype)), v),
+            op.float_scalar(math.sqrt(2.0 / math.pi), ctype),
+        )
         gate = op.op("Tanh", inner)
     else:
         gate = op.op("Erf", op.op("Mul", v, op.float_scalar(1.0 / math.sqrt(2.0), ctype)))

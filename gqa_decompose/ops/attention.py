@@ -13,9 +13,10 @@ default 1/sqrt(H), ``mask_filter_value`` (default -10000) where a 2-D [B, T] or 
     input -> MatMul(weights) + bias -> Slice Q | K | V -> attend(past = present[0], present[1]) -> output
                                                               -> Concat(Unsqueeze(K), Unsqueeze(V)) -> present
 
-Refused: no ``bias`` (ORT 1.31 CPU segfaults on it: no oracle, and verification would crash), ``do_rotary=1`` and ``past_present_share_buffer=1`` / ``past_sequence_length`` (the in-place
-buffer form), past together with attention_bias (ORT rejects it), 1-D or 4-D ``mask_index`` (lengths and Megatron masks), Q and K hidden sizes that differ
-(ORT refuses them too).
+Refused: no ``bias`` (ORT 1.31 CPU segfaults on it: no oracle, and verification would crash),
+``do_rotary=1`` and ``past_present_share_buffer=1`` / ``past_sequence_length`` (the in-place
+buffer form), past together with attention_bias (ORT rejects it), 1-D or 4-D ``mask_index``
+(lengths and Megatron masks), Q and K hidden sizes that differ (ORT refuses them too).
 """
 
 from __future__ import annotations
@@ -61,11 +62,21 @@ class Attention:
         total = int(weights.shape[1])
         sizes_attribute = node.attributes.get("qkv_hidden_sizes")
         sizes = list(sizes_attribute.as_ints()) if sizes_attribute is not None else [total // 3] * 3
-        if heads <= 0 or len(sizes) != 3 or sum(sizes) != total or sizes[0] != sizes[1] or any(s % heads for s in sizes):
-            raise GqaDecomposeError(f"Attention qkv_hidden_sizes={sizes} with num_heads={heads} and weights [*, {total}]", node.name)
+        if (
+            heads <= 0
+            or len(sizes) != 3
+            or sum(sizes) != total
+            or sizes[0] != sizes[1]
+            or any(s % heads for s in sizes)
+        ):
+            raise GqaDecomposeError(
+                f"Attention qkv_hidden_sizes={sizes} with num_heads={heads} and weights [*, {total}]", node.name
+            )
         if _input(node, BIAS) is None:
             # Measured on ORT 1.31: the CPU kernel crashes the process (segfault) without a bias.
-            raise GqaDecomposeError("Attention without bias: ORT CPU crashes on it, so it cannot be verified", node.name)
+            raise GqaDecomposeError(
+                "Attention without bias: ORT CPU crashes on it, so it cannot be verified", node.name
+            )
         if _int(node, "do_rotary", 0):
             raise GqaDecomposeError("Attention do_rotary=1: not decomposed", node.name)
         if _int(node, "past_present_share_buffer", 0) or _input(node, PAST_SEQUENCE_LENGTH) is not None:
@@ -77,7 +88,9 @@ class Attention:
             raise GqaDecomposeError("Attention mask_index: only the 2-D [B, T] and 3-D [B, S, T] forms", node.name)
         head_size = sizes[0] // heads
         scale = node.attributes["scale"].as_float() if "scale" in node.attributes else 0.0
-        filter_value = node.attributes["mask_filter_value"].as_float() if "mask_filter_value" in node.attributes else -10000.0
+        filter_value = (
+            node.attributes["mask_filter_value"].as_float() if "mask_filter_value" in node.attributes else -10000.0
+        )
         return MultiHeadAttentionSpec(
             num_heads=heads,
             head_size=head_size,
@@ -97,7 +110,9 @@ class Attention:
         qkv_BSE = op.op("MatMul", node.inputs[INPUT], node.inputs[WEIGHTS])
         if spec.has_bias:
             qkv_BSE = op.op("Add", qkv_BSE, node.inputs[BIAS])
-        query, key, value = (op.slice(qkv_BSE, start, end, axis=2) for start, end in ((0, D), (D, 2 * D), (2 * D, 2 * D + Dv)))
+        query, key, value = (
+            op.slice(qkv_BSE, start, end, axis=2) for start, end in ((0, D), (D, 2 * D), (2 * D, 2 * D + Dv))
+        )
         past = None
         if spec.has_past:
             past_2BNPH = node.inputs[PAST]
@@ -108,7 +123,9 @@ class Attention:
         outputs: list[ir.Value | None] = [out_BSD]
         if len(node.outputs) > 1:
             read = node.outputs[1] is not None and (node.outputs[1].uses() or node.outputs[1].is_graph_output())
-            present = op.op("Concat", op.unsqueeze(key_BNTH, [0]), op.unsqueeze(value_BNTH, [0]), axis=0) if read else None
+            present = (
+                op.op("Concat", op.unsqueeze(key_BNTH, [0]), op.unsqueeze(value_BNTH, [0]), axis=0) if read else None
+            )
             outputs.append(present)
         return outputs + [None] * (len(node.outputs) - len(outputs))
 

@@ -83,7 +83,9 @@ class GatherBlockQuantized:
         gather_axis = _attribute(node, "gather_axis", 0) % rank
         quantize_axis = _attribute(node, "quantize_axis", 1) % rank
         if block_size < 16 or block_size & (block_size - 1):
-            raise GqaDecomposeError(f"GatherBlockQuantized block_size={block_size}: ORT needs a power of 2 >= 16", node.name)
+            raise GqaDecomposeError(
+                f"GatherBlockQuantized block_size={block_size}: ORT needs a power of 2 >= 16", node.name
+            )
         if data.dtype == ir.DataType.UINT8:
             if bits not in (2, 4, 8):
                 raise GqaDecomposeError(f"GatherBlockQuantized bits={bits}: ORT takes 2, 4 or 8", node.name)
@@ -115,7 +117,7 @@ class GatherBlockQuantized:
             has_zero_points=len(node.inputs) > ZERO_POINTS and node.inputs[ZERO_POINTS] is not None,
             constant=all(
                 ir.convenience.get_const_tensor(v) is not None
-                for v in node.inputs[DATA:DATA + 1] + node.inputs[ZERO_POINTS:ZERO_POINTS + 1]
+                for v in node.inputs[DATA : DATA + 1] + node.inputs[ZERO_POINTS : ZERO_POINTS + 1]
                 if v is not None
             ),
         )
@@ -181,7 +183,9 @@ def _as_bytes(op: OpBuilder, node: ir.Node, data: ir.Value) -> ir.Value:
     tensor = ir.convenience.get_const_tensor(data)
     shape = (*[int(d) for d in data.shape[:-1]], int(data.shape[-1]) // 2)
     name = f"{node.name or 'GatherBlockQuantized'}/data_bytes"
-    bytes_tensor = lazy_tensor(lambda: np.frombuffer(tensor.tobytes(), np.uint8).reshape(shape), ir.DataType.UINT8, shape, name)
+    bytes_tensor = lazy_tensor(
+        lambda: np.frombuffer(tensor.tobytes(), np.uint8).reshape(shape), ir.DataType.UINT8, shape, name
+    )
     return add_initializer(op, node, name, bytes_tensor)
 
 

@@ -131,7 +131,9 @@ class MatMulNBits:
             raise GqaDecomposeError("MatMulNBits zero_points must be uint8 or the scales' type", node.name)
         has_g_idx = _input(node, G_IDX) is not None
         if (has_g_idx or zero_points == "float") and bits != 4:
-            raise GqaDecomposeError("MatMulNBits: ORT CPU takes g_idx and float zero points with 4 bits only", node.name)
+            raise GqaDecomposeError(
+                "MatMulNBits: ORT CPU takes g_idx and float zero points with 4 bits only", node.name
+            )
         if has_g_idx and zero_points == "packed":
             # Measured on ORT 1.31 CPU: with g_idx its reorder kernel reads uint8 zero points and then uses 8.
             raise GqaDecomposeError(
@@ -229,7 +231,13 @@ def _random_bias(rng, spec: MatMulNBitsSpec, value: ir.Value) -> np.ndarray:
     return rng.standard_normal(spec.N).astype(value.dtype.numpy())
 
 
-_RANDOM_INPUTS = {B: _random_b, SCALES: _random_scales, ZERO_POINTS: _random_zero_points, G_IDX: _random_g_idx, BIAS: _random_bias}
+_RANDOM_INPUTS = {
+    B: _random_b,
+    SCALES: _random_scales,
+    ZERO_POINTS: _random_zero_points,
+    G_IDX: _random_g_idx,
+    BIAS: _random_bias,
+}
 
 
 def _as_float(op: OpBuilder, source: ir.Value, value: ir.Value | None = None) -> ir.Value:

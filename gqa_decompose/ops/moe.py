@@ -94,7 +94,9 @@ def parse_routing(node: ir.Node, experts: int, inter: int, fc3_indices: tuple[in
     attribute = node.attributes.get("activation_type")
     activation = attribute.as_string() if attribute is not None else "relu"
     if activation not in _ACTIVATIONS:
-        raise GqaDecomposeError(f"{node.op_type} activation_type={activation!r}: ORT supports {_ACTIVATIONS}", node.name)
+        raise GqaDecomposeError(
+            f"{node.op_type} activation_type={activation!r}: ORT supports {_ACTIVATIONS}", node.name
+        )
     if activation == "swiglu" and _int(node, "swiglu_fusion", 0) != 1:
         raise GqaDecomposeError(f"{node.op_type}: ORT CPU runs SwiGLU only interleaved (swiglu_fusion=1)", node.name)
     if any(_input(node, i) is not None for i in fc3_indices):
@@ -142,7 +144,10 @@ class MoE:
         routing = spec.routing
         fc1_EHF = _transposed(op, node, node.inputs[FC1], "fc1_EHF")
         fc2_EIH = _transposed(op, node, node.inputs[FC2], "fc2_EIH")
-        biases = [node.inputs[FC1_BIAS] if spec.has_fc1_bias else None, node.inputs[FC2_BIAS] if spec.has_fc2_bias else None]
+        biases = [
+            node.inputs[FC1_BIAS] if spec.has_fc1_bias else None,
+            node.inputs[FC2_BIAS] if spec.has_fc2_bias else None,
+        ]
         return [expert_sum(op, node.inputs[INPUT], node.inputs[ROUTER], routing, fc1_EHF, fc2_EIH, *biases)]
 
     def sample_feeds(self, node: ir.Node, spec: MoESpec, rng: np.random.Generator):
@@ -205,8 +210,12 @@ def activation(op: OpBuilder, h_ETF: ir.Value, routing: RoutingSpec) -> ir.Value
         return op.op("Mul", h_ETF, op.op("Sigmoid", h_ETF))
     if kind == "gelu":  # ORT's tanh form: 0.5 x (1 + tanh(0.7978845608 (x + 0.044715 x^3)))
         cube = op.op("Mul", op.op("Mul", h_ETF, h_ETF), h_ETF)
-        inner = op.op("Mul", op.op("Add", h_ETF, op.op("Mul", cube, op.float_scalar(0.044715))), op.float_scalar(0.7978845608))
-        return op.op("Mul", op.op("Mul", h_ETF, op.float_scalar(0.5)), op.op("Add", op.op("Tanh", inner), op.float_scalar(1.0)))
+        inner = op.op(
+            "Mul", op.op("Add", h_ETF, op.op("Mul", cube, op.float_scalar(0.044715))), op.float_scalar(0.7978845608)
+        )
+        return op.op(
+            "Mul", op.op("Mul", h_ETF, op.float_scalar(0.5)), op.op("Add", op.op("Tanh", inner), op.float_scalar(1.0))
+        )
     F = 2 * routing.inter
     gate = op.op("Slice", h_ETF, op.ints([0]), op.ints([F]), op.ints([2]), op.ints([2]))
     linear = op.op("Slice", h_ETF, op.ints([1]), op.ints([F]), op.ints([2]), op.ints([2]))

@@ -61,7 +61,9 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
 
 def _last_dim(node: ir.Node, value: ir.Value, what: str) -> int:
     if value is None or value.shape is None or value.shape.rank() != 3 or not isinstance(value.shape[2], int):
-        raise GqaDecomposeError(f"MultiHeadAttention {what} must be 3-D [B, S, hidden] with a static hidden size", node.name)
+        raise GqaDecomposeError(
+            f"MultiHeadAttention {what} must be 3-D [B, S, hidden] with a static hidden size", node.name
+        )
     return int(value.shape[2])
 
 
@@ -77,12 +79,16 @@ class MultiHeadAttention:
             raise GqaDecomposeError("MultiHeadAttention with packed QKV/KV: not decomposed", node.name)
         if query.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             raise GqaDecomposeError("MultiHeadAttention takes float or float16", node.name)
-        hidden, key_hidden, value_hidden = (_last_dim(node, v, w) for v, w in ((query, "query"), (key, "key"), (value, "value")))
+        hidden, key_hidden, value_hidden = (
+            _last_dim(node, v, w) for v, w in ((query, "query"), (key, "key"), (value, "value"))
+        )
         heads = node.attributes["num_heads"].as_int() if "num_heads" in node.attributes else 0
         if heads <= 0 or hidden % heads or value_hidden % heads or key_hidden != hidden:
             raise GqaDecomposeError(f"MultiHeadAttention num_heads={heads} does not divide the hidden sizes", node.name)
         if any(_input(node, i) is not None for i in (PAST_SEQUENCE_LENGTH, CACHE_INDIRECTION)):
-            raise GqaDecomposeError("MultiHeadAttention past_sequence_length/cache_indirection: not decomposed", node.name)
+            raise GqaDecomposeError(
+                "MultiHeadAttention past_sequence_length/cache_indirection: not decomposed", node.name
+            )
         if len(node.outputs) > 3 and node.outputs[3] is not None and node.outputs[3].uses():
             raise GqaDecomposeError("MultiHeadAttention's qk output: not decomposed", node.name)
         mask = _input(node, KEY_PADDING_MASK)
@@ -93,13 +99,17 @@ class MultiHeadAttention:
             raise GqaDecomposeError("MultiHeadAttention needs both past_key and past_value or neither", node.name)
         head_size = hidden // heads
         scale = node.attributes["scale"].as_float() if "scale" in node.attributes else 0.0
-        filter_value = node.attributes["mask_filter_value"].as_float() if "mask_filter_value" in node.attributes else -10000.0
+        filter_value = (
+            node.attributes["mask_filter_value"].as_float() if "mask_filter_value" in node.attributes else -10000.0
+        )
         return MultiHeadAttentionSpec(
             num_heads=heads,
             head_size=head_size,
             value_head_size=value_hidden // heads,
             scale=scale if scale != 0.0 else 1.0 / math.sqrt(head_size),
-            unidirectional=bool(node.attributes["unidirectional"].as_int()) if "unidirectional" in node.attributes else False,
+            unidirectional=bool(node.attributes["unidirectional"].as_int())
+            if "unidirectional" in node.attributes
+            else False,
             mask_filter_value=filter_value,
             has_bias=_input(node, BIAS) is not None,
             has_key_padding_mask=mask is not None,

@@ -92,13 +92,23 @@ def _int(node: ir.Node, name: str, default: int) -> int:
 def _weight(node: ir.Node, context: OpContext, positions, rows: int, cols: int, bits: int, block_size: int):
     weight, scales, zero_points = positions
     constants = all(
-        ir.convenience.get_const_tensor(v) is not None for v in (node.inputs[weight], node.inputs[scales], _input(node, zero_points)) if v is not None
+        ir.convenience.get_const_tensor(v) is not None
+        for v in (node.inputs[weight], node.inputs[scales], _input(node, zero_points))
+        if v is not None
     )
     dq = context.opset >= 21 and bits in (4, 8) and constants
     if block_size and cols % block_size:
         raise GqaDecomposeError(f"QMoE: K={cols} is not a multiple of block_size={block_size}", node.name)
     return QuantizedWeight(
-        weight, scales, zero_points, rows, cols, bits, block_size, _input(node, zero_points) is not None, "dq" if dq else "unpack"
+        weight,
+        scales,
+        zero_points,
+        rows,
+        cols,
+        bits,
+        block_size,
+        _input(node, zero_points) is not None,
+        "dq" if dq else "unpack",
     )
 
 
@@ -154,7 +164,10 @@ class QMoE:
 
         fc1_EHF = _dequantized_EKN(op, node, spec.fc1)
         fc2_EIH = _dequantized_EKN(op, node, spec.fc2)
-        biases = [f32(node.inputs[FC1_BIAS]) if spec.has_fc1_bias else None, f32(node.inputs[FC2_BIAS]) if spec.has_fc2_bias else None]
+        biases = [
+            f32(node.inputs[FC1_BIAS]) if spec.has_fc1_bias else None,
+            f32(node.inputs[FC2_BIAS]) if spec.has_fc2_bias else None,
+        ]
         out = expert_sum(op, f32(x), f32(node.inputs[ROUTER]), spec.routing, fc1_EHF, fc2_EIH, *biases)
         return [out if dtype == ir.DataType.FLOAT else op.cast(out, dtype)]
 
@@ -203,7 +216,14 @@ def _dq_EKN(op: OpBuilder, node: ir.Node, w: QuantizedWeight) -> ir.Value:
             return values.view(np.int8) if signed else values
         return pack_np(_even(values.reshape(-1)), 4)
 
-    inputs = [add_initializer(op, node, f"{prefix}/weight_EKN", lazy_tensor(weight_EKN, dtype, (E, w.cols, w.rows), f"{prefix}/weight_EKN"))]
+    inputs = [
+        add_initializer(
+            op,
+            node,
+            f"{prefix}/weight_EKN",
+            lazy_tensor(weight_EKN, dtype, (E, w.cols, w.rows), f"{prefix}/weight_EKN"),
+        )
+    ]
     scales = ir.convenience.get_const_tensor(node.inputs[w.scales])
     scale = lazy_tensor(
         lambda: np.ascontiguousarray(scales.numpy().reshape(E, w.rows, w.blocks).transpose(0, 2, 1)),

@@ -100,8 +100,17 @@ def parse_rotary(node: ir.Node, context: OpContext) -> RotarySpec:
             f"rotary dims {rotary_dims} must be even, <= head size {head_size} and 2 x cos_cache's {half}", node.name
         )
     per_token = len(positions.shape) == 2
-    return RotarySpec(node.name or "", dtype, four_d, heads, head_size, rotary_dims,
-                      bool(attribute(node, "interleaved", 0)), per_token, context.opset)
+    return RotarySpec(
+        node.name or "",
+        dtype,
+        four_d,
+        heads,
+        head_size,
+        rotary_dims,
+        bool(attribute(node, "interleaved", 0)),
+        per_token,
+        context.opset,
+    )
 
 
 def _positions_BS(op, node: ir.Node, spec: RotarySpec, x: ir.Value) -> ir.Value:

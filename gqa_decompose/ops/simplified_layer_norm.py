@@ -98,8 +98,10 @@ def expand_layer_norm(op, node: ir.Node, spec: LayerNormSpec) -> list[ir.Value |
     """Y and the statistics the node's outputs ask for (layout: Y, [Mean,] inv_std_var)."""
     ctype = compute_type(spec.x_dtype if spec.x_dtype == spec.y_dtype else ir.DataType.FLOAT)
     stat_outputs = ["inv_std"] if spec.simplified else ["mean", "inv_std"]
-    wanted = {name: index + 1 < len(spec.outputs_read) and spec.outputs_read[index + 1]
-              for index, name in enumerate(stat_outputs)}
+    wanted = {
+        name: index + 1 < len(spec.outputs_read) and spec.outputs_read[index + 1]
+        for index, name in enumerate(stat_outputs)
+    }
     values = normalize(
         op,
         to_type(op, node.inputs[0], ctype),

@@ -63,7 +63,9 @@ class SkipNormSpec:
 
 def _check_rank(node: ir.Node, value: ir.Value, what: str, ranks: tuple[int, ...]) -> None:
     if value.shape is not None and len(value.shape) not in ranks:
-        raise GqaDecomposeError(f"{what} has rank {len(value.shape)}; ORT expects {' or '.join(map(str, ranks))}", node.name)
+        raise GqaDecomposeError(
+            f"{what} has rank {len(value.shape)}; ORT expects {' or '.join(map(str, ranks))}", node.name
+        )
 
 
 def _check_hidden(node: ir.Node, x: ir.Value, vector: ir.Value, what: str) -> None:

@@ -37,8 +37,13 @@ def _containers(model: ir.Model) -> list[ir.Graph | ir.Function]:
 
 def _cse_key(node: ir.Node) -> tuple | None:
     """What makes two nodes compute the same (onnx-ir's CSE rule); None when a node is never merged."""
-    if node.domain == "" and node.op_type in ("RandomUniform", "RandomNormal", "RandomUniformLike",
-                                              "RandomNormalLike", "Multinomial"):
+    if node.domain == "" and node.op_type in (
+        "RandomUniform",
+        "RandomNormal",
+        "RandomUniformLike",
+        "RandomNormalLike",
+        "Multinomial",
+    ):
         return None
     attributes = []
     for name, attr in node.attributes.items():

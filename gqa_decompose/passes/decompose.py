@@ -11,16 +11,15 @@ import onnx_ir as ir
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
 from gqa_decompose.expansion.gqa import Lowering
+from gqa_decompose.opsets import MIN_OPSET
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
 from gqa_decompose.passes.infer_types import InferGqaTypesPass, require_typed_query
-from gqa_decompose.opsets import MIN_OPSET
 from gqa_decompose.raise_opset import attention_opset, raise_default_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
 
 logger = logging.getLogger("gqa_decompose")
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +82,7 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
         model_opset, raise_obstacle = attention_opset(model, self.options)
         raised = model_opset if found and model_opset != default_opset(model) else None
         opsets = [container_opset(model, container, raised) for container, _ in found]
-        targets = [
-            resolve_target(spec, self.options, opset, raise_obstacle) for spec, opset in zip(specs, opsets)
-        ]
+        targets = [resolve_target(spec, self.options, opset, raise_obstacle) for spec, opset in zip(specs, opsets)]
         if raised is not None:
             logger.info("default-domain opset raised from %d to %d", default_opset(model), model_opset)
             raise_default_opset(model, model_opset)

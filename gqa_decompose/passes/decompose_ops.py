@@ -112,7 +112,9 @@ class DecomposeOpsPass(ir.passes.InPlacePass):
             new_nodes = _replace(item, spec, prefix)
             self.emitted.extend(new_nodes)
             count = len(new_nodes)
-            self.decomposed.append(DecomposedOp(name, domain, op_type, scope_name(model, item.container), count, prefix))
+            self.decomposed.append(
+                DecomposedOp(name, domain, op_type, scope_name(model, item.container), count, prefix)
+            )
         if found:
             logger.info("decomposed %d companion-op node(s)", len(found))
         return ir.passes.PassResult(model, modified=bool(found))

@@ -115,8 +115,7 @@ def _infer_gqa_outputs(context: onnx.shape_inference.InferenceContext) -> None:
             context.set_output_type(index, output)
 
 
-_TENSOR_TYPES = ("float", "float16", "bfloat16", "double", "int8", "uint8", "int16", "uint16", "int32", "int64",
-                 "bool")
+_TENSOR_TYPES = ("float", "float16", "bfloat16", "double", "int8", "uint8", "int16", "uint16", "int32", "int64", "bool")
 
 
 @contextlib.contextmanager
@@ -132,10 +131,12 @@ def _gqa_schema_registered() -> Iterator[None]:
         "GroupQueryAttention",
         "com.microsoft",
         1,
-        inputs=[onnx.defs.OpSchema.FormalParameter("inputs", "T", param_option=variadic, is_homogeneous=False,
-                                                   min_arity=0)],
-        outputs=[onnx.defs.OpSchema.FormalParameter("outputs", "T", param_option=variadic, is_homogeneous=False,
-                                                    min_arity=0)],
+        inputs=[
+            onnx.defs.OpSchema.FormalParameter("inputs", "T", param_option=variadic, is_homogeneous=False, min_arity=0)
+        ],
+        outputs=[
+            onnx.defs.OpSchema.FormalParameter("outputs", "T", param_option=variadic, is_homogeneous=False, min_arity=0)
+        ],
         type_constraints=[("T", [f"tensor({t})" for t in _TENSOR_TYPES], "any tensor")],
     )
     schema.set_type_and_shape_inference_function(_infer_gqa_outputs)
