@@ -32,6 +32,9 @@ ONE_NODE_CONFIGS = {
     "packed-window": GqaConfig(packed=True, rotary="half", local_window_size=3),
     "softcap-sink-bias": GqaConfig(softcap=30.0, head_sink=True, attention_bias="broadcast"),
     "qk-norm-position-ids": GqaConfig(qk_norm="qk", rotary="half", position_ids=True),
+    "int8-cache": GqaConfig(kv_quant="PER_CHANNEL"),
+    "int4-cache-rotary-input": GqaConfig(kv_quant="PER_TENSOR", kv_bits=4, rotary="half", rotary_as_input="static"),
+    "fp16-qk-output": GqaConfig(dtype="float16", qk_output=1),
 }
 
 
