@@ -56,7 +56,8 @@ def fold(op_type: str, inputs: list[ir.Value | None], attributes: dict) -> np.nd
 
 
 def _small(array: np.ndarray) -> np.ndarray | None:
-    if array.size > _MAX_ELEMENTS or not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+    # Shape arithmetic is int64/int32/bool: a small uint8/int4 tensor is a weight (MatMulNBits zero points).
+    if array.size > _MAX_ELEMENTS or array.dtype not in (np.int64, np.int32, np.bool_):
         return None
     return array
 
