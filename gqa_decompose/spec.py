@@ -534,6 +534,13 @@ def _check_lengths(n: _Node) -> None:
         raise n.refuse("seqlens_k must be at least 1-D, got a scalar")
 
 
+def _dims_differ(first: tuple, second: tuple) -> bool:
+    """Whether two shapes surely differ: two symbols (an If's two branches typed apart) may be equal."""
+    if len(first) != len(second):
+        return True
+    return any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(first, second))
+
+
 def _parse_rotary(n: _Node, qkv: _Qkv) -> int | None:
     """Checks cos/sin (§9); returns cos_cache.shape[1] when known statically."""
     cos_cache, sin_cache = n.input(COS_CACHE), n.input(SIN_CACHE)
@@ -547,7 +554,7 @@ def _parse_rotary(n: _Node, qkv: _Qkv) -> int | None:
         if cos_dims is not None and len(cos_dims) < 2:
             # ORT reads a table of rank > 2 flat, rows of cos_cache.shape[1] (the expansion too).
             raise n.refuse(f"cos_cache must be at least 2-D (positions, R/2, ...), got {cos_dims}")
-        if cos_dims is not None and sin_dims is not None and cos_dims != sin_dims:
+        if cos_dims is not None and sin_dims is not None and _dims_differ(cos_dims, sin_dims):
             raise n.refuse(f"cos_cache {cos_dims} and sin_cache {sin_dims} shapes differ")
         if cos_dims is not None and isinstance(cos_dims[1], int):
             rotary_half = cos_dims[1]

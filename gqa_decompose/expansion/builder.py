@@ -14,6 +14,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from gqa_decompose.expansion import folding
+
 __all__ = ["OpBuilder"]
 
 
@@ -37,6 +39,9 @@ class OpBuilder:
             output.name = f"{node.name}_out{suffix}"
 
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
+        folded = folding.fold(op_type, list(inputs), attributes) if op_type != "Constant" else None
+        if folded is not None:  # shape inference reads constants only: emit the result, not its computation
+            op_type, inputs, attributes = "Constant", (), {"value": ir.tensor(folded)}
         value = self._tape.op(op_type, list(inputs), attributes or None)
         self._name(value.producer())
         return value

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
@@ -102,6 +103,8 @@ def build_sequence_info(
         seqlens_B = op.cast(op.op("Reshape", seqlens_k, op.ints([-1])), ir.DataType.INT64)
         total_lengths_B = op.op("Add", seqlens_B, op.int_scalar(1))
         batch_size_1 = op.op("Shape", total_lengths_B)
+        if seqlens_k.shape is not None and all(isinstance(dim, int) for dim in seqlens_k.shape):
+            batch_size_1 = op.ints([int(np.prod(list(seqlens_k.shape), dtype=np.int64))])  # B, for shape inference
         query_length = op.dim(query, 1)
         total_length = op.cast(op.op("Reshape", total_sequence_length, op.ints([])), ir.DataType.INT64)
         query_rows_S = op.op("Range", op.int_scalar(0), query_length, op.int_scalar(1))
