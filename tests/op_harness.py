@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (ir.passes.common is used below; importing onnx_ir alone does not load it)
 import onnxruntime as ort
 from onnx import helper
 
