@@ -23,7 +23,8 @@ from gqa_decompose.api import rewrite
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, VERIFY_MODES  # noqa: F401 - re-exported
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, non_standard_nodes
-from gqa_decompose.passes.graph_queries import scope_name
+from gqa_decompose.passes.decompose import container_opset
+from gqa_decompose.passes.graph_queries import default_opset, scope_name
 from gqa_decompose.passes.infer_types import require_typed_query
 from gqa_decompose.raise_opset import attention_opset
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolve_target
@@ -198,14 +199,15 @@ def check(
     InferGqaTypesPass()(loaded)
     refused = set()
     found = find_gqa_nodes(loaded)
-    opset, raise_obstacle = (0, None)
-    if found and decompose_options.target != "primitives":
-        opset, raise_obstacle = attention_opset(loaded, decompose_options)
+    # The opset each node's expansion takes, as the pass chooses it: its container's (a function's own import).
+    model_opset, raise_obstacle = attention_opset(loaded, decompose_options)
+    raised = model_opset if found and model_opset != default_opset(loaded) else None
     for container, node in found:
         scope = scope_name(loaded, container)
         try:
             require_typed_query(loaded, node)
             spec = parse_gqa_node(node, decompose_options)
+            opset = container_opset(loaded, container, raised)
             target, fallback = resolve_target(spec, decompose_options, opset, raise_obstacle)
             result.nodes.append(
                 NodeEntry(spec.node_name, scope, "decomposable", spec, target=target, fallback=fallback)
