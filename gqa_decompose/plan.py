@@ -49,6 +49,7 @@ class GqaPlan:
 
     nodes: tuple[PlannedGqa, ...]
     raised_opset: int | None  # the opset the model is raised to (--raise-opset), None: kept
+    raise_obstacle: str | None = None  # why the opset could not be raised for the Attention op
 
     @property
     def refused(self) -> list[PlannedGqa]:
@@ -70,7 +71,7 @@ def plan_gqa(model: ir.Model, options: DecomposeOptions, nodes=None) -> GqaPlan:
     model_opset, raise_obstacle = attention_opset(model, options)
     raised = model_opset if nodes and model_opset != default_opset(model) else None
     planned = [_plan_node(model, container, node, options, raised, raise_obstacle) for container, node in nodes]
-    return GqaPlan(tuple(planned), raised)
+    return GqaPlan(tuple(planned), raised, raise_obstacle)
 
 
 def _plan_node(

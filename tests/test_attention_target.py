@@ -485,3 +485,15 @@ def test_check_and_the_rewrite_agree_on_a_function_with_its_own_opset():
     gate = gqa_decompose.check(model, verify_mode="none", target="attention")
     assert [(n.target, n.fallback) for n in gate.nodes] == [(n.target, n.fallback) for n in decomposed]
     assert decomposed[0].target == "attention"
+
+
+def test_verify_takes_a_function_nodes_own_opset_as_the_rewrite_does():
+    from test_structure import _wrap_in_function
+
+    model = _wrap_in_function(make_gqa_model(GqaConfig(past=False, present=False)), opset=24)
+    for opset in model.opset_import:
+        if opset.domain == "":
+            opset.version = 21
+    (result,) = gqa_decompose.verify(model, target="attention").nodes
+    assert (result.target, result.fallback) == ("attention", None)
+    assert result.passed
