@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
 from collections.abc import Callable
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import onnx
 import onnx_ir as ir
@@ -22,7 +23,12 @@ from gqa_decompose.passes import (
 from gqa_decompose.passes.decompose_ops import DecomposedOp, DecomposeOpsPass, find_op_nodes
 from gqa_decompose.spec import DecomposeOptions
 
-__all__ = ["Decomposed", "decompose", "decompose_file", "rewrite"]
+if TYPE_CHECKING:
+    from gqa_decompose.verify import NodeVerification
+    from gqa_decompose.verify_model import ModelVerification
+    from gqa_decompose.verify_ops import OpVerification
+
+__all__ = ["Decomposed", "DecomposeFileResult", "decompose", "decompose_file", "rewrite"]
 
 logger = logging.getLogger("gqa_decompose")
 
@@ -152,27 +158,124 @@ def _with_declarations_of(original: onnx.ModelProto, rewritten: onnx.ModelProto)
     return rewritten
 
 
+@dataclasses.dataclass(frozen=True)
+class DecomposeFileResult:
+    """What :func:`decompose_file` did: what the CLI prints.
+
+    ``verifications`` and ``op_verifications`` follow ``nodes`` and ``ops`` by position (node names need
+    not be unique); an entry is None where that level was not run.
+    """
+
+    output: pathlib.Path | None  # None: the model had nothing to decompose, nothing was written
+    nodes: tuple[DecomposedNode, ...] = ()
+    ops: tuple[DecomposedOp, ...] = ()
+    verifications: tuple[NodeVerification | None, ...] = ()
+    op_verifications: tuple[OpVerification | None, ...] = ()
+    model_verification: ModelVerification | None = None
+    notes: tuple[str, ...] = ()
+
+
 def decompose_file(
     model_path: str | os.PathLike,
     output_path: str | os.PathLike | None = None,
     *,
     options: DecomposeOptions | None = None,
+    verify: str = "nodes",
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[pathlib.Path | None, list[DecomposedNode]]:
-    """Decompose a model file into ``output_path`` (default ``<stem>.decomposed.onnx``).
+) -> DecomposeFileResult:
+    """Decompose a model file into ``output_path`` (default ``<stem>.decomposed.onnx``), verified first.
 
     Weights stay on disk: the output gets its own external-data file when the
-    input had external data. Returns the output path (None when the model had
-    no GQA node and nothing was written) and what was done.
+    input had external data. ``verify`` is the CLI's ``--verify``: "nodes" (every decomposed node against
+    ONNX Runtime CPU, the default), "model" (a prompt and decode steps of the whole model), "all" or "none";
+    nothing is written unless the verification asked for passes.
+
+    Raises:
+        GqaDecomposeError: a node is refused, the output path is unusable, or verification failed
+            (nothing is written).
     """
+    from gqa_decompose.outcome import VERIFY_MODES
+
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    options = options or DecomposeOptions()
     source = pathlib.Path(model_path).absolute()
     target = pathlib.Path(output_path).absolute() if output_path else model_io.default_output_path(source)
     model = model_io.load_model(source)
     external_data = bool(model_io.external_tensors(model))
     model_io.check_output_path(model, target, external_data=external_data)
     model_io.check_output_folder(target)
-    decomposed = rewrite(model, options)
+    original = model.clone() if verify != "none" else None  # tensors shared: no weights read
+    opset_before = _default_opset(model)
+    decomposed = rewrite(model, options, progress=progress)
     if not decomposed:
-        return None, []
+        return DecomposeFileResult(None)
+    result = _verified(source, original, model, decomposed, options, verify)
+    notes = []
+    if _default_opset(model) != opset_before:
+        notes.append(f"default-domain opset raised from {opset_before} to {_default_opset(model)} (raise_opset)")
+    left = _non_standard_ops(model)
+    if left:
+        notes.append(f"the model still holds non-standard ops: {', '.join(left)}")
     model_io.save_model(model, target, external_data=external_data)
-    return target, decomposed
+    return dataclasses.replace(result, output=target, notes=tuple(notes))
+
+
+def _default_opset(model: ir.Model) -> int | None:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+
+
+def _non_standard_ops(model: ir.Model) -> list[str]:
+    from gqa_decompose.report import ops_left
+
+    return sorted(f"{domain}::{op}" for domain, ops in ops_left(model).items() for op in ops)
+
+
+def _verified(
+    source: pathlib.Path,
+    original: ir.Model | None,
+    rewritten: ir.Model,
+    decomposed: Decomposed,
+    options: DecomposeOptions,
+    verify: str,
+) -> DecomposeFileResult:
+    """The verifications ``verify`` asks for, as the CLI runs them.
+
+    Raises:
+        GqaDecomposeError: one failed (naming the first node that did).
+    """
+    verifications: tuple = (None,) * len(decomposed)
+    op_verifications: tuple = (None,) * len(decomposed.ops)
+    model_verification = None
+    if verify in ("nodes", "all"):
+        from gqa_decompose.verify import verify as verify_nodes
+        from gqa_decompose.verify_ops import verify_ops
+
+        verifications = tuple(verify_nodes(original, **dataclasses.asdict(options)).nodes)
+        if decomposed.ops:
+            op_verifications = tuple(verify_ops(original, options.ops))
+    if verify in ("model", "all"):
+        from gqa_decompose.verify_model import verify_model
+
+        model_verification = verify_model(
+            original, rewritten, genai_config=model_io.read_genai_config(source), **dataclasses.asdict(options)
+        )
+    for entry, verification in zip(decomposed, verifications, strict=True):
+        if verification is not None and not _node_passed(verification):
+            reason = verification.refused or "; ".join(
+                f"{r.phase.name}: {r.failure}" for r in verification.results if not r.passed
+            )
+            raise GqaDecomposeError(f"verification failed, nothing written: {reason}", entry.name)
+    for entry, verification in zip(decomposed.ops, op_verifications):
+        if verification is not None and verification.ok is False:
+            raise GqaDecomposeError(f"verification failed, nothing written: {verification.detail}", entry.name)
+    if model_verification is not None and model_verification.skipped is None and not model_verification.passed:
+        raise GqaDecomposeError(f"model verification failed, nothing written: {model_verification.summary()}")
+    return DecomposeFileResult(
+        None, tuple(decomposed), tuple(decomposed.ops), verifications, op_verifications, model_verification
+    )
+
+
+def _node_passed(verification: NodeVerification) -> bool:
+    """As the CLI judges it: passed, or skipped (no phase could run) without being refused."""
+    return verification.passed or (verification.skipped is not None and verification.refused is None)

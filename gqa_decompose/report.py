@@ -20,13 +20,10 @@ import onnx_ir as ir
 
 from gqa_decompose import model_io
 from gqa_decompose.api import rewrite
-from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, VERIFY_MODES  # noqa: F401 - re-exported
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, non_standard_nodes
-from gqa_decompose.passes.graph_queries import scope_name
-from gqa_decompose.passes.infer_types import require_typed_query
-from gqa_decompose.raise_opset import attention_opset
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node, resolve_target
+from gqa_decompose.plan import plan_gqa, plan_ops
+from gqa_decompose.spec import DecomposeOptions, GqaSpec
 from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
 
@@ -197,22 +194,18 @@ def check(
     result.timings["load"] = time.perf_counter() - started
     InferGqaTypesPass()(loaded)
     refused = set()
-    found = find_gqa_nodes(loaded)
-    opset, raise_obstacle = (0, None)
-    if found and decompose_options.target != "primitives":
-        opset, raise_obstacle = attention_opset(loaded, decompose_options)
-    for container, node in found:
-        scope = scope_name(loaded, container)
-        try:
-            require_typed_query(loaded, node)
-            spec = parse_gqa_node(node, decompose_options)
-            target, fallback = resolve_target(spec, decompose_options, opset, raise_obstacle)
-            result.nodes.append(
-                NodeEntry(spec.node_name, scope, "decomposable", spec, target=target, fallback=fallback)
+    # Every GQA node, whatever ``ops`` says (a node left as it is stays a GQA node, so check() judges it).
+    for item in plan_gqa(loaded, decompose_options, find_gqa_nodes(loaded)).nodes:
+        if item.refusal is not None:
+            refused.add(item.node.name)
+            name = item.refusal.node_name or item.node.name
+            result.nodes.append(NodeEntry(name, item.scope, "refused", None, item.refusal.reason))
+            continue
+        result.nodes.append(
+            NodeEntry(
+                item.spec.node_name, item.scope, "decomposable", item.spec, target=item.target, fallback=item.fallback
             )
-        except GqaDecomposeError as error:
-            refused.add(node.name)
-            result.nodes.append(NodeEntry(error.node_name or node.name, scope, "refused", None, error.reason))
+        )
     result.opsets = opsets(loaded)
     decomposable = _check_op_nodes(loaded, decompose_options, verify_mode, result)
     result.ops_left = ops_left(loaded, keep_gqa=refused, decomposable=decomposable)
@@ -247,17 +240,14 @@ def check(
 
 def _check_op_nodes(model: ir.Model, options: DecomposeOptions, verify_mode: str, result: CheckResult) -> set[int]:
     """Parse (and with --verify nodes, verify) every companion-op node; the ids of those that decompose."""
-    from gqa_decompose.ops import OpContext
-    from gqa_decompose.passes.decompose_ops import find_op_nodes
     from gqa_decompose.verify_ops import verify_op_node
 
     decomposable = set()
     rng = np.random.default_rng(0)
-    for item in find_op_nodes(model, options.ops):
-        try:
-            item.decomposer.parse(item.node, OpContext(item.opset, item.container))
-        except GqaDecomposeError as error:
-            result.op_nodes.append(op_node_entry(item, status="refused", reason=error.reason))
+    for planned in plan_ops(model, options.ops):
+        item = planned.item
+        if planned.refusal is not None:
+            result.op_nodes.append(op_node_entry(item, status="refused", reason=planned.refusal.reason))
             continue
         verification = (
             verify_op_node(item.node, item.decomposer, item.opset, rng) if verify_mode in ("nodes", "all") else None

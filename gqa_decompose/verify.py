@@ -30,7 +30,7 @@ from gqa_decompose import verify_core as core
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.mask import row_block_min_queries
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
-from gqa_decompose.raise_opset import attention_opset
+from gqa_decompose.plan import plan_gqa
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = [
@@ -785,14 +785,6 @@ def verify_node_model(
     return NodeVerification(spec.node_name, tuple(results), target=target, fallback=fallback)
 
 
-def _refusal(node: ir.Node, options: DecomposeOptions, opset: int, raise_obstacle: str | None) -> str | None:
-    try:
-        resolve_target(parse_gqa_node(node, options), options, opset, raise_obstacle)
-    except GqaDecomposeError as error:
-        return error.reason
-    return None
-
-
 def _node_signature(node: ir.Node, used_outputs: Sequence[int]) -> tuple:
     """What the one-node model of ``node`` depends on; equal signatures verify alike."""
     attributes = tuple(sorted((name, repr(attr.value)) for name, attr in node.attributes.items()))
@@ -831,22 +823,24 @@ def verify(
         model = original.clone()  # tensors are shared, so external data stays where it is
     InferGqaTypesPass()(model)
     decompose_options = DecomposeOptions(**options)
-    # The one-node models hold only the GQA node, so they take the opset the rewrite gives the model.
-    opset, raise_obstacle = attention_opset(model, decompose_options)
-    opset = opset or 17
     found = find_gqa_nodes(model)
+    # Each one-node model holds only the GQA node, so it takes the opset the rewrite gives that node (its
+    # container's: a function's own import, or the model's as raised).
+    plan = plan_gqa(model, decompose_options, found)
     nodes = []
     verified: dict[tuple, NodeVerification] = {}
-    for index, (_, node) in enumerate(found):
+    for index, item in enumerate(plan.nodes):
+        node, opset = item.node, item.opset
         used = [i for i in range(len(node.outputs)) if output_is_read(node, i)]
         if gqa.OUTPUT not in used:
             used.insert(0, gqa.OUTPUT)
-        signature = _node_signature(node, used)
-        refusal = _refusal(node, decompose_options, opset, raise_obstacle)
-        if refusal is not None:
-            nodes.append(NodeVerification(node.name or "<unnamed GroupQueryAttention>", (), refused=refusal))
+        signature = (opset, _node_signature(node, used))
+        if item.refusal is not None:
+            nodes.append(
+                NodeVerification(node.name or "<unnamed GroupQueryAttention>", (), refused=item.refusal.reason)
+            )
         elif signature in verified:
-            # Same attributes, input types, shapes and constants: the same one-node model.
+            # Same opset, attributes, input types, shapes and constants: the same one-node model.
             nodes.append(dataclasses.replace(verified[signature], name=node.name or verified[signature].name))
         else:
             result = verify_node_model(
@@ -858,7 +852,7 @@ def verify(
                 seed=seed,
                 runtime=runtime,
                 total_length_from_shape=total_length_from_shape,
-                raise_obstacle=raise_obstacle,
+                raise_obstacle=plan.raise_obstacle,
             )
             verified[signature] = result
             nodes.append(result)

@@ -470,3 +470,30 @@ def test_a_model_without_gqa_keeps_its_opset_even_with_raise_opset():
     model.graph.remove(list(model.graph), safe=False)
     DecomposeGqaPass(DecomposeOptions(target="attention", raise_opset=True))(model)
     assert model.opset_imports[""] == 21
+
+
+def test_check_and_the_rewrite_agree_on_a_function_with_its_own_opset():
+    # The function imports opset 24 and the model 21: the node takes the function's opset
+    # (an Attention op), in check() as in the rewrite; check() once read the model's (primitives).
+    from test_structure import _wrap_in_function
+
+    model = _wrap_in_function(make_gqa_model(GqaConfig(past=False, present=False)), opset=24)
+    for opset in model.opset_import:
+        if opset.domain == "":
+            opset.version = 21
+    decomposed = gqa_decompose.rewrite(onnx_ir_model_from(model), DecomposeOptions(target="attention"), check=False)
+    gate = gqa_decompose.check(model, verify_mode="none", target="attention")
+    assert [(n.target, n.fallback) for n in gate.nodes] == [(n.target, n.fallback) for n in decomposed]
+    assert decomposed[0].target == "attention"
+
+
+def test_verify_takes_a_function_nodes_own_opset_as_the_rewrite_does():
+    from test_structure import _wrap_in_function
+
+    model = _wrap_in_function(make_gqa_model(GqaConfig(past=False, present=False)), opset=24)
+    for opset in model.opset_import:
+        if opset.domain == "":
+            opset.version = 21
+    (result,) = gqa_decompose.verify(model, target="attention").nodes
+    assert (result.target, result.fallback) == ("attention", None)
+    assert result.passed

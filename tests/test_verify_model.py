@@ -307,13 +307,13 @@ def test_q_k_norm_nodes_are_verified_against_ort_normalizing_the_heads_first(pat
     # A wrong epsilon in the expansion is caught.
     import dataclasses
 
-    import gqa_decompose.passes.decompose as decompose_module
+    import gqa_decompose.plan as plan_module  # where the rewrite parses its nodes
 
-    parse = decompose_module.parse_gqa_node
+    parse = plan_module.parse_gqa_node
 
     def wrong_epsilon(node, options=None):
         return dataclasses.replace(parse(node, options), qk_norm_epsilon=0.5)
 
-    monkeypatch.setattr(decompose_module, "parse_gqa_node", wrong_epsilon)
+    monkeypatch.setattr(plan_module, "parse_gqa_node", wrong_epsilon)
     result = verify_model(model, steps=1)
     assert not result.passed

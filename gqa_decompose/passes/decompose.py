@@ -12,10 +12,10 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion import OpBuilder, SharedSubgraphs, expand_gqa
 from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.opsets import MIN_OPSET
-from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
-from gqa_decompose.passes.infer_types import InferGqaTypesPass, require_typed_query
-from gqa_decompose.raise_opset import attention_opset, raise_default_opset
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
+from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes
+from gqa_decompose.passes.infer_types import InferGqaTypesPass
+from gqa_decompose.raise_opset import raise_default_opset
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read
 
 __all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
 
@@ -71,32 +71,29 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from gqa_decompose.plan import plan_gqa  # not at the top: the planner imports this module
+
         self.decomposed = []
         self.emitted = []
         found = find_gqa_nodes(model) if self.options.decomposes("GroupQueryAttention") else []
         if any(node.inputs[0] is not None and node.inputs[0].dtype is None for _, node in found):
             InferGqaTypesPass()(model)  # a bare PassManager([DecomposeGqaPass()]) works too
-        for _, node in found:
-            require_typed_query(model, node)
-        specs = [parse_gqa_node(node, self.options) for _, node in found]
-        model_opset, raise_obstacle = attention_opset(model, self.options)
-        raised = model_opset if found and model_opset != default_opset(model) else None
-        opsets = [container_opset(model, container, raised) for container, _ in found]
-        targets = [resolve_target(spec, self.options, opset, raise_obstacle) for spec, opset in zip(specs, opsets)]
-        if raised is not None:
-            logger.info("default-domain opset raised from %d to %d", default_opset(model), model_opset)
-            raise_default_opset(model, model_opset)
+        plan = plan_gqa(model, self.options, found)
+        plan.raise_first_refusal()  # before the model is touched
+        if plan.raised_opset is not None:
+            logger.info("default-domain opset raised from %d to %d", default_opset(model), plan.raised_opset)
+            raise_default_opset(model, plan.raised_opset)
         shared_by_container: dict[int, SharedSubgraphs] = {}
-        for index, ((container, node), spec) in enumerate(zip(found, specs)):
+        for index, item in enumerate(plan.nodes):
+            container, spec = item.container, item.spec
             if isinstance(container, ir.Function) and "" not in container.opset_imports:
                 container.opset_imports[""] = default_opset(model)
             shared = shared_by_container.setdefault(id(container), SharedSubgraphs())
-            target, fallback = targets[index]
-            lowering = Lowering.for_target(target, opsets[index])
-            new_nodes = self._replace(container, node, spec, shared, index, opsets[index], lowering)
+            lowering = Lowering.for_target(item.target, item.opset)
+            new_nodes = self._replace(container, item.node, spec, shared, index, item.opset, lowering)
             self.emitted.extend(new_nodes)
             self.decomposed.append(
-                DecomposedNode(spec.node_name, scope_name(model, container), spec, len(new_nodes), target, fallback)
+                DecomposedNode(spec.node_name, item.scope, spec, len(new_nodes), item.target, item.fallback)
             )
             if self.progress is not None:
                 self.progress(index + 1, len(found))

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.builder import OpBuilder
-from gqa_decompose.ops import Decomposer, OpContext, lookup
+from gqa_decompose.ops import Decomposer, lookup
 from gqa_decompose.ops._common import is_standard
 from gqa_decompose.passes.graph_queries import default_opset, scope_name
 from gqa_decompose.passes.infer_types import _type_function_body
@@ -93,6 +93,8 @@ class DecomposeOpsPass(ir.passes.InPlacePass):
         self.emitted: list[ir.Node] = []  # every node the expansions added (the clean-up's scope)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from gqa_decompose.plan import plan_ops, raise_first_op_refusal  # the planner imports the passes
+
         self.decomposed = []
         self.emitted = []
         found = find_op_nodes(model, self.ops)
@@ -100,13 +102,9 @@ class DecomposeOpsPass(ir.passes.InPlacePass):
         for function in functions.values():
             # Function bodies are untyped in ONNX: type them from the call sites, as the GQA pass does.
             _type_function_body(model, function)
-        for item in found:
-            if item.opset < MIN_OPSET:
-                raise GqaDecomposeError(
-                    f"the default-domain opset is {item.opset}; the expansion needs >= {MIN_OPSET}", item.node.name
-                )
-        specs = [item.decomposer.parse(item.node, OpContext(item.opset, item.container)) for item in found]
-        for index, (item, spec) in enumerate(zip(found, specs)):
+        planned = plan_ops(model, self.ops, min_opset=MIN_OPSET)
+        raise_first_op_refusal(planned)  # before the model is touched
+        for index, (item, spec) in enumerate((p.item, p.spec) for p in planned):
             name, domain, op_type = item.node.name or "", item.node.domain, item.node.op_type
             prefix = name or f"{op_type}_{index}"
             new_nodes = _replace(item, spec, prefix)
