@@ -15,7 +15,7 @@ from gqa_decompose.opsets import MIN_OPSET
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes
 from gqa_decompose.passes.infer_types import InferGqaTypesPass
 from gqa_decompose.raise_opset import raise_default_opset
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read
+from gqa_decompose.spec import PRESENT_KEY, PRESENT_VALUE, DecomposeOptions, GqaSpec, output_is_read
 
 __all__ = ["MIN_OPSET", "DecomposeGqaPass", "DecomposedNode"]
 
@@ -42,6 +42,18 @@ def container_opset(model: ir.Model, container: ir.Graph | ir.Function, model_op
     if isinstance(container, ir.Function) and "" in container.opset_imports:
         return container.opset_imports[""]
     return default_opset(model)
+
+
+def _declared_against(value: ir.Value, spec: GqaSpec) -> bool:
+    """Whether present's declared shape contradicts the (B, Nkv, rows, H) the node writes (ORT runs such a node)."""
+    if value.shape is None:
+        return False
+    width = spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size
+    dims = list(value.shape)
+    if len(dims) != 4:
+        return True
+    written = ((1, spec.kv_num_heads), (3, width))
+    return any(isinstance(dims[axis], int) and dims[axis] != size for axis, size in written)
 
 
 class DecomposeGqaPass(ir.passes.InPlacePass):
@@ -119,6 +131,10 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             new = expanded.outputs[position] if position < len(expanded.outputs) else None
             if new is None:
                 raise GqaDecomposeError(f"output {position} ('{old.name}') is read but not produced", spec.node_name)
+            if position in (PRESENT_KEY, PRESENT_VALUE) and _declared_against(old, spec):
+                # The expansion reads present back; the declaration it gets must not reach those reads.
+                new = op.op("Identity", new)
+                new_nodes += op.take_nodes()
             old_values.append(old)
             new_values.append(new)
         # The new values take the old ones' names, types and shapes, and their readers.
