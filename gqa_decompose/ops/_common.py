@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -96,3 +97,14 @@ def tolerance_for(dtype: ir.DataType) -> Tolerance:
     if dtype == ir.DataType.BFLOAT16:
         return Tolerance(atol=2e-2, rtol=1.6e-2)
     return Tolerance(atol=2e-5, rtol=2e-5)
+
+
+class DefaultOracle:
+    """The oracle most decomposers share: random feeds by declared type and shape, and a few ulps of
+    the output type (:func:`tolerance_for`). A decomposer overrides either where its op needs more."""
+
+    def sample_feeds(self, node: ir.Node, spec: object, rng: np.random.Generator) -> None:
+        return None
+
+    def tolerance(self, spec: object, dtype: ir.DataType) -> Tolerance:
+        return tolerance_for(dtype)

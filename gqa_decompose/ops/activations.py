@@ -29,8 +29,15 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.ops import register
-from gqa_decompose.ops._common import attribute, compute_type, input_at, require_float, to_type, tolerance_for
-from gqa_decompose.ops.base import OpContext, Tolerance
+from gqa_decompose.ops._common import (
+    DefaultOracle,
+    attribute,
+    compute_type,
+    input_at,
+    require_float,
+    to_type,
+)
+from gqa_decompose.ops.base import OpContext
 
 __all__ = ["ActivationSpec", "BiasAdd", "BiasGelu", "FastGelu", "Gelu", "QuickGelu"]
 
@@ -83,7 +90,7 @@ def _gelu(op, v: ir.Value, ctype: ir.DataType, tanh: bool) -> ir.Value:
     return op.op("Mul", half_v, op.op("Add", gate, op.float_scalar(1.0, ctype)))
 
 
-class _Activation:
+class _Activation(DefaultOracle):
     domain = "com.microsoft"
     required = 1
     optional = 0
@@ -97,12 +104,6 @@ class _Activation:
 
     def compute(self, op, v: ir.Value, spec: ActivationSpec, ctype: ir.DataType) -> ir.Value:
         raise NotImplementedError
-
-    def sample_feeds(self, node: ir.Node, spec: ActivationSpec, rng: np.random.Generator) -> None:
-        return None
-
-    def tolerance(self, spec: ActivationSpec, dtype: ir.DataType) -> Tolerance:
-        return tolerance_for(dtype)
 
 
 class QuickGelu(_Activation):

@@ -22,18 +22,17 @@ Contract: as SimplifiedLayerNormalization's (see :mod:`gqa_decompose.ops.simplif
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from gqa_decompose.ops import register
-from gqa_decompose.ops._common import tolerance_for
-from gqa_decompose.ops.base import OpContext, Tolerance
+from gqa_decompose.ops._common import DefaultOracle
+from gqa_decompose.ops.base import OpContext
 from gqa_decompose.ops.simplified_layer_norm import LayerNormSpec, expand_layer_norm, parse_layer_norm
 
 __all__ = ["ContribLayerNormalization"]
 
 
-class ContribLayerNormalization:
+class ContribLayerNormalization(DefaultOracle):
     """Default-domain LayerNormalization where the opset (< 17) has no standard one."""
 
     domain = ""
@@ -44,12 +43,6 @@ class ContribLayerNormalization:
 
     def expand(self, op, node: ir.Node, spec: LayerNormSpec) -> list[ir.Value | None]:
         return expand_layer_norm(op, node, spec)
-
-    def sample_feeds(self, node: ir.Node, spec: LayerNormSpec, rng: np.random.Generator) -> None:
-        return None
-
-    def tolerance(self, spec: LayerNormSpec, dtype: ir.DataType) -> Tolerance:
-        return tolerance_for(dtype)
 
 
 register(ContribLayerNormalization())

@@ -35,8 +35,15 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.rotary import RotaryTables, apply_rotary
 from gqa_decompose.expansion.sequence import SharedSubgraphs
 from gqa_decompose.ops import register
-from gqa_decompose.ops._common import attribute, compute_type, input_at, require_float, to_type, tolerance_for
-from gqa_decompose.ops.base import OpContext, Tolerance
+from gqa_decompose.ops._common import (
+    DefaultOracle,
+    attribute,
+    compute_type,
+    input_at,
+    require_float,
+    to_type,
+)
+from gqa_decompose.ops.base import OpContext
 
 __all__ = ["RotaryEmbedding", "RotarySpec"]
 
@@ -178,7 +185,7 @@ def _primitives(op, node: ir.Node, spec: RotarySpec, positions_BS: ir.Value, cty
     return rotated
 
 
-class RotaryEmbedding:
+class RotaryEmbedding(DefaultOracle):
     domain = "com.microsoft"
     op_type = "RotaryEmbedding"
 
@@ -199,9 +206,6 @@ class RotaryEmbedding:
             return {positions.name: np.full([d if isinstance(d, int) else 1 for d in positions.shape], start)}
         batch = positions.shape[0] if isinstance(positions.shape[0], int) else SYMBOLIC_SIZE
         return {positions.name: rng.integers(0, rows, (batch, length)).astype(np.int64)}
-
-    def tolerance(self, spec: RotarySpec, dtype: ir.DataType) -> Tolerance:
-        return tolerance_for(dtype)
 
 
 register(RotaryEmbedding())

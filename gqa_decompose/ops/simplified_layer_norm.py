@@ -24,22 +24,21 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.ops import register
 from gqa_decompose.ops._common import (
+    DefaultOracle,
     attribute,
     compute_type,
     input_at,
     outputs_read,
     require_float,
     to_type,
-    tolerance_for,
 )
 from gqa_decompose.ops._norm import normalize
-from gqa_decompose.ops.base import OpContext, Tolerance
+from gqa_decompose.ops.base import OpContext
 
 __all__ = ["LayerNormSpec", "SimplifiedLayerNormalization", "parse_layer_norm"]
 
@@ -123,7 +122,7 @@ def expand_layer_norm(op, node: ir.Node, spec: LayerNormSpec) -> list[ir.Value |
     return results[: len(node.outputs)]
 
 
-class SimplifiedLayerNormalization:
+class SimplifiedLayerNormalization(DefaultOracle):
     """SimplifiedLayerNormalization in one domain (ORT registers the default one)."""
 
     op_type = "SimplifiedLayerNormalization"
@@ -137,12 +136,6 @@ class SimplifiedLayerNormalization:
 
     def expand(self, op, node: ir.Node, spec: LayerNormSpec) -> list[ir.Value | None]:
         return expand_layer_norm(op, node, spec)
-
-    def sample_feeds(self, node: ir.Node, spec: LayerNormSpec, rng: np.random.Generator) -> None:
-        return None
-
-    def tolerance(self, spec: LayerNormSpec, dtype: ir.DataType) -> Tolerance:
-        return tolerance_for(dtype)
 
 
 register(SimplifiedLayerNormalization(""))

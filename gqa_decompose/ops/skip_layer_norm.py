@@ -34,16 +34,16 @@ import onnx_ir as ir
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.ops import register
 from gqa_decompose.ops._common import (
+    DefaultOracle,
     attribute,
     compute_type,
     input_at,
     outputs_read,
     require_float,
     to_type,
-    tolerance_for,
 )
 from gqa_decompose.ops._norm import normalize
-from gqa_decompose.ops.base import OpContext, Tolerance
+from gqa_decompose.ops.base import OpContext
 
 __all__ = ["SkipLayerNormalization", "SkipNormSpec", "SkipSimplifiedLayerNormalization"]
 
@@ -133,7 +133,7 @@ def expand_skip_norm(op, node: ir.Node, spec: SkipNormSpec) -> list[ir.Value | N
     return results[: len(node.outputs)]
 
 
-class _SkipNorm:
+class _SkipNorm(DefaultOracle):
     domain = "com.microsoft"
     simplified: bool
 
@@ -142,12 +142,6 @@ class _SkipNorm:
 
     def expand(self, op, node: ir.Node, spec: SkipNormSpec) -> list[ir.Value | None]:
         return expand_skip_norm(op, node, spec)
-
-    def sample_feeds(self, node: ir.Node, spec: SkipNormSpec, rng: np.random.Generator) -> None:
-        return None
-
-    def tolerance(self, spec: SkipNormSpec, dtype: ir.DataType) -> Tolerance:
-        return tolerance_for(dtype)
 
 
 class SkipSimplifiedLayerNormalization(_SkipNorm):
