@@ -19,6 +19,7 @@ has the table of forms):
     gemma2         builder-gemma2           Gemma 2: attention softcap, query_pre_attn_scalar scale, sliding window
     llama-fp16     builder-llama-fp16       the tiny Llama built with ``-p fp16 -e cuda`` (fp16 GQA; runs on ORT CPU)
     llama-int4     builder-llama-int4       ``-p int4 -e cpu``: MatMulNBits weights, fp32 GQA (no torch reference)
+    llama-int4-zp  builder-llama-int4-zp    the same with is_symmetric=false, block size 16: MatMulNBits zero points
     llama-dml      builder-llama-dml        ``-p fp16 -e dml``: separate Q/K/V, contrib RotaryEmbedding, position_ids
     mistral        builder-mistral          Mistral, window 4 on both layers: ring caches everywhere
     mistral-fp16   builder-mistral-fp16     the same, ``-p fp16 -e cuda``: fp16 ring caches
@@ -404,6 +405,22 @@ ARCHS = {
             *_COMMON_TAIL,
         ],
         builder_args=("-p", "int4", "-e", "cpu"),
+        torch_atol=None,
+    ),
+    "llama-int4-zp": Arch(
+        "builder-llama-int4-zp",
+        "LlamaConfig",
+        CONFIG,
+        [
+            "A real-producer GroupQueryAttention fixture: the tiny **random-weight** Llama of `builder-tiny-llama`",
+            "converted by onnxruntime-genai's model builder with asymmetric int4 weights (`-p int4 -e cpu",
+            "--extra_options is_symmetric=false block_size=16`). The logits mean nothing. What it exercises:",
+            "`MatMulNBits` with packed uint4 zero points and block size 16 (the symmetric fixture `builder-llama-int4`",
+            "has none, block size 32), and the int4 `GatherBlockQuantized` / lm_head forms the builder writes with them.",
+            *_COMMON_TAIL,
+        ],
+        builder_args=("-p", "int4", "-e", "cpu"),
+        extra_options=("is_symmetric=false", "block_size=16"),
         torch_atol=None,
     ),
     "llama-int8kv": Arch(

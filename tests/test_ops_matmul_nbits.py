@@ -191,8 +191,11 @@ def test_g_idx_with_uint8_zero_points_is_refused_because_ort_ignores_them():
     np.testing.assert_allclose(run(model, {"A": a})[0], run(as_if_8, {"A": a})[0], atol=1e-5)
 
 
-def test_builder_int4_fixture_keeps_its_size_and_its_logits(tmp_path):
-    source = MODELS / "builder-llama-int4" / "model.onnx"
+# Symmetric int4 with block size 32 at accuracy_level 1, and asymmetric (packed uint4 zero points) with block size 16
+# at accuracy_level 4.
+@pytest.mark.parametrize("fixture", ["builder-llama-int4", "builder-llama-int4-zp"])
+def test_builder_int4_fixture_keeps_its_size_and_its_logits(tmp_path, fixture):
+    source = MODELS / fixture / "model.onnx"
     original = onnx.load(source)
     model = ir.load(source)
     assert decompose_all(model, MATMUL_NBITS) == 11

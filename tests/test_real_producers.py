@@ -143,6 +143,7 @@ FORMS = {
     "builder-gemma2": Form("cpu", "fp32", "packed", "do_rotary", (4, -1), _MAX2, softcap=True),
     "builder-llama-fp16": Form("cuda", "fp16", "packed", "do_rotary", _FULL2, _MAX2),
     "builder-llama-int4": Form("cpu", "int4/fp32", "packed", "do_rotary", _FULL2, _MAX2),
+    "builder-llama-int4-zp": Form("cpu", "int4/fp32", "packed", "do_rotary", _FULL2, _MAX2),
     "builder-llama-int8kv": Form("cpu", "int8-kv/fp32", "packed", "do_rotary", _FULL2, ("growing", "growing")),
     "builder-llama-dml": Form("dml", "fp16", "separate", "RotaryEmbedding", _FULL2, _MAX2),
     "builder-mistral": Form("cpu", "fp32", "packed", "do_rotary", (4, 4), ("ring", "ring")),
