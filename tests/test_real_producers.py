@@ -273,7 +273,19 @@ def _head_size_per_kind(model, nodes, folder):
     assert sizes == {True: {_head_size(folder)}, False: {2 * _head_size(folder)}}, sizes
 
 
+def _matmul_nbits_zero_points(model, nodes, folder):
+    """builder-llama-int4-zp: every MatMulNBits has packed uint8 zero points and block size 16 at accuracy_level 4
+    (builder-llama-int4 has none: block size 32, accuracy_level 1)."""
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert matmuls
+    for node in matmuls:
+        attrs = _attributes(node)
+        assert len(node.input) > 3 and node.input[3], node.name
+        assert (attrs["block_size"], attrs["accuracy_level"]) == (16, 4), attrs
+
+
 EXTRA_CHECKS = {
+    "builder-llama-int4-zp": (_matmul_nbits_zero_points,),
     "builder-qwen2": (_qkv_bias,),
     "builder-phi3": (_phi3,),
     "builder-gemma2": (_custom_scale,),
