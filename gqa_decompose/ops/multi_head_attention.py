@@ -133,12 +133,57 @@ class MultiHeadAttention:
         return [wanted[i] if i < 3 and node.outputs[i] is not None else None for i in range(len(node.outputs))]
 
     def sample_feeds(self, node: ir.Node, spec: MultiHeadAttentionSpec, rng: np.random.Generator):
-        """None: random feeds by declared type and shape (a padding mask of small integers, 0 masking)."""
+        """Feeds whose lengths agree: T = P + L wherever a mask or attention_bias is T wide, though a
+        declared shape names T by its own symbol (torch dynamo's ``past_seq + seq``); static dims are
+        kept. A padding mask of small integers (0 masks); every input that is not a constant is fed."""
+        query, key = node.inputs[QUERY], node.inputs[KEY]
+        past_key = _input(node, PAST_KEY)
+        B, S = _size(query, 0, SAMPLE_BATCH), _size(query, 1, SAMPLE_LENGTH)
+        L = _size(key, 1, S if _same_dim(query, key, 1) else SAMPLE_LENGTH + 1)
+        P = _size(past_key, 2, SAMPLE_PAST) if spec.has_past else 0
+        sizes_BNST = (B, spec.num_heads, S, P + L)
+        shapes = {
+            QUERY: (B, S, -1),
+            KEY: (B, L, -1),
+            VALUE: (B, L, -1),
+            BIAS: (-1,),
+            KEY_PADDING_MASK: (B, P + L),
+            ATTENTION_BIAS: sizes_BNST,
+            PAST_KEY: (B, spec.num_heads, P, -1),
+            PAST_VALUE: (B, spec.num_heads, P, -1),
+        }
+        feeds = {}
+        for index, wanted in shapes.items():
+            value = _input(node, index)
+            if value is None or value.const_value is not None or value.shape is None or value.dtype is None:
+                continue
+            dims = [d if isinstance(d, int) else w for d, w in zip(value.shape, wanted)]
+            if index == KEY_PADDING_MASK:
+                feeds[value.name] = rng.integers(0, 4, dims).astype(value.dtype.numpy())
+            else:
+                feeds[value.name] = rng.standard_normal(dims).astype(value.dtype.numpy())
+        return feeds
 
     def tolerance(self, spec: MultiHeadAttentionSpec, dtype: ir.DataType) -> Tolerance:
         if dtype == ir.DataType.FLOAT16:
             return Tolerance(atol=2e-3, rtol=2e-3)
         return Tolerance(atol=2e-5, rtol=1e-4)
+
+
+# Per-node verification's sizes for symbolic dims (lengths that differ, so a swapped axis shows).
+SAMPLE_BATCH, SAMPLE_LENGTH, SAMPLE_PAST = 2, 3, 4
+
+
+def _size(value: ir.Value | None, axis: int, default: int) -> int:
+    dim = None if value is None or value.shape is None or value.shape.rank() <= axis else value.shape[axis]
+    return dim if isinstance(dim, int) else default
+
+
+def _same_dim(a: ir.Value, b: ir.Value, axis: int) -> bool:
+    """Whether two values declare the same (symbolic or static) dim at ``axis``."""
+    if a.shape is None or b.shape is None or a.shape.rank() <= axis or b.shape.rank() <= axis:
+        return False
+    return a.shape[axis] == b.shape[axis]
 
 
 def _f32(op: OpBuilder, value: ir.Value, dtype: ir.DataType) -> ir.Value:
