@@ -77,7 +77,9 @@ def test_what_the_rewrite_does_not_own_is_unchanged(path, options):
     model = model_io.load_model(path)
     gqa_only = "ops" in options
     before = _snapshot(model, gqa_only)
-    assert rewrite(model, DecomposeOptions(**options))
+    has_gqa = any(is_gqa_node(node) for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    # A fixture without GQA (dynamo-llama-mha, optimizer-tiny-bert) has nothing for --only GroupQueryAttention.
+    assert rewrite(model, DecomposeOptions(**options)) or (gqa_only and not has_gqa)
     after = _snapshot(model, gqa_only)
     changed = [key[1] for key, node in before["nodes"].items() if after["nodes"].get(key) != node]
     assert changed == []
