@@ -857,12 +857,19 @@ class _Loop:
         self.query_length = self.ids.shape[1]
         self.others: dict[str, np.ndarray] = {}
         known = {plan.ids, plan.mask, plan.positions, *(c.past for c in plan.caches)}
+        by_name = {value.name: value for value in model.graph.inputs}
+        ids_dims = _dims(by_name[plan.ids]) if plan.ids in by_name and by_name[plan.ids].shape is not None else []
+        sequence_dim = ids_dims[1] if len(ids_dims) > 1 and isinstance(ids_dims[1], str) else None
+        self.other_sequence_axes: dict[str, int] = {}  # others as long as the prompt (a BERT's token_type_ids)
         for value in model.graph.inputs:
             if value.name in known:
                 continue
             self.others[value.name] = user_feeds.get(value.name)
             if self.others[value.name] is None:
                 self.others[value.name] = _synthesize_other(value, plan.dims, rng)
+            dims = _dims(value) if value.shape is not None else []
+            if sequence_dim is not None and sequence_dim in dims:
+                self.other_sequence_axes[value.name] = dims.index(sequence_dim)
 
     def feeds(self, step: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         plan = self.plan
@@ -895,8 +902,11 @@ class _Loop:
             for cache in plan.caches:
                 if cache.present in outputs:
                     self.past[cache.past] = outputs[cache.present]
-        else:  # no cache: each step runs the whole sequence again
+        else:  # no cache: each step runs the whole sequence again; the others grow with it (last column repeated)
             self.ids = np.concatenate([self.ids, new], axis=1)
+            for name, axis in self.other_sequence_axes.items():
+                other = self.others[name]
+                self.others[name] = np.concatenate([other, np.take(other, [-1], axis=axis)], axis=axis)
 
 
 def _compare_step(

@@ -34,7 +34,7 @@ from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops import register
 from gqa_decompose.ops.base import OpContext, Tolerance
 
-__all__ = ["MultiHeadAttention", "MultiHeadAttentionSpec", "attend"]
+__all__ = ["MultiHeadAttention", "MultiHeadAttentionSpec", "attend", "needs_lengths"]
 
 QUERY, KEY, VALUE, BIAS, KEY_PADDING_MASK, ATTENTION_BIAS, PAST_KEY, PAST_VALUE = range(8)
 PAST_SEQUENCE_LENGTH, CACHE_INDIRECTION = 8, 9
@@ -53,6 +53,7 @@ class MultiHeadAttentionSpec:
     has_attention_bias: bool
     has_past: bool
     dtype: ir.DataType
+    mask_is_end_positions: bool = False  # contrib Attention's 1-D mask_index [B]: key columns >= it are masked
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
@@ -200,10 +201,13 @@ def attend(
     past: tuple[ir.Value, ir.Value] | None,
     padding_mask_BT: ir.Value | None,
     attention_bias: ir.Value | None,
+    lengths: tuple[ir.Value, ir.Value] | None = None,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """(out [B, S, N*Hv], present key [B, N, T, H], present value [B, N, T, Hv]); shared with contrib Attention.
 
     Inputs in ``spec.dtype`` (bias already added); fp16 is computed in fp32, the presents keep ``spec.dtype``.
+    ``lengths``: (S, T) as 0-D int64 values read off the node's declared inputs (constants where static, so the
+    masks' shapes are inferred); default: the shapes of ``query_BSD`` and the concatenated keys at run time.
     """
     N, H, Hv = spec.num_heads, spec.head_size, spec.value_head_size
     kv_dtype = spec.dtype
@@ -217,7 +221,10 @@ def attend(
     query_BNSH = _split_heads(op, _f32(op, query_BSD, spec.dtype), N, H)
     keyT_BNHT = op.op("Transpose", _f32(op, key_BNTH, kv_dtype), perm=[0, 1, 3, 2])
     scores_BNST = op.op("Mul", op.op("MatMul", query_BNSH, keyT_BNHT), op.float_scalar(spec.scale))
-    mask = _mask(op, spec, padding_mask_BT, query_BSD, key_BNTH)
+    S_T = (None, None)
+    if needs_lengths(spec):
+        S_T = lengths if lengths is not None else (op.dim(query_BSD, 1), op.dim(key_BNTH, 2))
+    mask = _mask(op, spec, padding_mask_BT, *S_T)
     if mask is not None:
         scores_BNST = op.op("Add", scores_BNST, mask)
     if attention_bias is not None:
@@ -232,22 +239,31 @@ def attend(
     return out_BSD, key_BNTH, value_BNTH
 
 
+def needs_lengths(spec: MultiHeadAttentionSpec) -> bool:
+    """Whether the masks read S and T: the causal mask, and end positions compared with the key columns."""
+    return spec.unidirectional or (spec.has_key_padding_mask and spec.mask_is_end_positions)
+
+
 def _split_heads(op: OpBuilder, x_BSD: ir.Value, heads: int, head_size: int) -> ir.Value:
     """[B, S, N*H] -> [B, N, S, H]."""
     return op.op("Transpose", op.op("Reshape", x_BSD, op.ints([0, 0, heads, head_size])), perm=[0, 2, 1, 3])
 
 
-def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, query: ir.Value, key_BNTH: ir.Value):
+def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, S: ir.Value | None, T: ir.Value | None):
     """fp32 additive mask broadcastable to [B, N, S, T]: mask_filter_value where masked (each cause adds)."""
     terms = []
     filter_value = op.float_scalar(spec.mask_filter_value)
     zero = op.float_scalar(0.0)
-    if mask_BT is not None:
+    if mask_BT is not None and spec.mask_is_end_positions:
+        columns_T = op.op("Range", op.int_scalar(0), T, op.int_scalar(1))
+        ends_B1 = op.unsqueeze(op.cast(mask_BT, ir.DataType.INT64), [1])
+        padded_BT = op.op("GreaterOrEqual", columns_T, ends_B1)
+        terms.append(op.unsqueeze(op.op("Where", padded_BT, filter_value, zero), [1, 2]))
+    elif mask_BT is not None:
         padded_BT = op.op("Equal", mask_BT, op.cast(op.int_scalar(0), mask_BT.dtype))
         per_query = mask_BT.shape is not None and mask_BT.shape.rank() == 3  # contrib Attention's [B, S, T]
         terms.append(op.unsqueeze(op.op("Where", padded_BT, filter_value, zero), [1] if per_query else [1, 2]))
     if spec.unidirectional:
-        S, T = op.dim(query, 1), op.dim(key_BNTH, 2)
         rows_S1 = op.unsqueeze(op.op("Range", op.int_scalar(0), S, op.int_scalar(1)), [1])
         columns_T = op.op("Range", op.int_scalar(0), T, op.int_scalar(1))
         future_ST = op.op("Greater", columns_T, op.op("Add", rows_S1, op.op("Sub", T, S)))
