@@ -1,7 +1,7 @@
 """com.microsoft.EmbedLayerNormalization: BERT's embeddings (word + position + segment) and their layer norm.
 
-Legend: B batch, S sequence, D hidden. ORT's CPU kernel (``embed_layer_norm.cc``, float only; measured on
-ORT 1.31)::
+Legend: B batch, S sequence, D hidden. ORT's CPU kernel (``embed_layer_norm.cc``; measured on ORT 1.31),
+fp16 computed in fp32 with one rounding per output::
 
     sum[b, s]   = word_embedding[input_ids[b, s]] + position_embedding[pos[b, s]] (+ segment_embedding[segment_ids[b, s]])
     pos         = position_ids [B, S] or [1, S] (broadcast), else s
@@ -23,9 +23,8 @@ Before / after::
     mask ─ ReduceSum(axis 1, keepdims 0) ─ Cast(int32) ──> mask_index
 
 Contract: input_ids (and segment_ids, mask, position_ids) int32 of rank 2 (position_ids may be [1, S]);
-the tables float, 2-D, with the same D as gamma and beta (1-D). Refused: fp16 (ORT CPU has no kernel,
-so no oracle), a segment table without segment_ids or the reverse, a node without the mask_index
-output (ORT's schema requires it).
+the tables float or float16 (one type), 2-D, with the same D as gamma and beta (1-D). Refused: a segment
+table without segment_ids or the reverse, a node without the mask_index output (ORT's schema requires it).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.ops import register
-from gqa_decompose.ops._common import DefaultOracle, attribute, input_at, outputs_read
+from gqa_decompose.ops._common import DefaultOracle, attribute, input_at, outputs_read, to_type
 from gqa_decompose.ops._norm import normalize
 from gqa_decompose.ops.base import OpContext
 
@@ -51,6 +50,7 @@ OUTPUT, MASK_INDEX, EMBEDDING_SUM = range(3)
 class EmbedLayerNormSpec:
     node_name: str
     epsilon: float
+    dtype: ir.DataType
     has_segment: bool
     has_mask: bool
     has_position_ids: bool
@@ -61,7 +61,7 @@ def _require(node: ir.Node, value: ir.Value | None, what: str, dtype: ir.DataTyp
     if value is None:
         raise GqaDecomposeError(f"{what} is required", node.name)
     if value.dtype != dtype:
-        raise GqaDecomposeError(f"{what} has element type {value.dtype}; ORT CPU takes {dtype.name}", node.name)
+        raise GqaDecomposeError(f"{what} has element type {value.dtype}; expected {dtype.name}", node.name)
     if value.shape is None or len(value.shape) not in ranks:
         raise GqaDecomposeError(f"{what} must have a known rank of {' or '.join(map(str, ranks))}", node.name)
 
@@ -70,16 +70,20 @@ def parse_embed_layer_norm(node: ir.Node) -> EmbedLayerNormSpec:
     if len(node.outputs) < 2:
         raise GqaDecomposeError("the mask_index output is required (ORT rejects a node without it)", node.name)
     _require(node, input_at(node, INPUT_IDS), "input_ids", ir.DataType.INT32, (2,))
+    word = input_at(node, WORD)
+    dtype = word.dtype if word is not None and word.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16) else None
+    if dtype is None:
+        raise GqaDecomposeError("word_embedding must be float or float16 (ORT's kernels)", node.name)
     for index, what in ((WORD, "word_embedding"), (POSITION, "position_embedding")):
-        _require(node, input_at(node, index), what, ir.DataType.FLOAT, (2,))
+        _require(node, input_at(node, index), what, dtype, (2,))
     for index, what in ((GAMMA, "gamma"), (BETA, "beta")):
-        _require(node, input_at(node, index), what, ir.DataType.FLOAT, (1,))
+        _require(node, input_at(node, index), what, dtype, (1,))
     segment_ids, segment = input_at(node, SEGMENT_IDS), input_at(node, SEGMENT)
     if (segment_ids is None) != (segment is None):
         raise GqaDecomposeError("segment_ids and segment_embedding must be given together", node.name)
     if segment is not None:
         _require(node, segment_ids, "segment_ids", ir.DataType.INT32, (2,))
-        _require(node, segment, "segment_embedding", ir.DataType.FLOAT, (2,))
+        _require(node, segment, "segment_embedding", dtype, (2,))
     mask, positions = input_at(node, MASK), input_at(node, POSITION_IDS)
     if mask is not None:
         _require(node, mask, "mask", ir.DataType.INT32, (2,))
@@ -92,6 +96,7 @@ def parse_embed_layer_norm(node: ir.Node) -> EmbedLayerNormSpec:
     return EmbedLayerNormSpec(
         node.name or "",
         float(attribute(node, "epsilon", 1e-12)),
+        dtype,
         segment is not None,
         mask is not None,
         positions is not None,
@@ -101,14 +106,19 @@ def parse_embed_layer_norm(node: ir.Node) -> EmbedLayerNormSpec:
 
 def expand_embed_layer_norm(op, node: ir.Node, spec: EmbedLayerNormSpec) -> list[ir.Value | None]:
     ids_BS = node.inputs[INPUT_IDS]
-    total_BSD = op.op("Gather", node.inputs[WORD], ids_BS, axis=0)
+
+    def rows(table: ir.Value, indices: ir.Value) -> ir.Value:
+        gathered = op.op("Gather", table, indices, axis=0)
+        gathered.dtype = spec.dtype
+        return to_type(op, gathered, ir.DataType.FLOAT)
+
     if spec.has_position_ids:
         positions = node.inputs[POSITION_IDS]  # [B, S] or [1, S]: the gathered rows broadcast over B
     else:
         positions = op.unsqueeze(op.op("Range", op.int_scalar(0), op.dim(ids_BS, 1), op.int_scalar(1)), [0])
-    total_BSD = op.op("Add", total_BSD, op.op("Gather", node.inputs[POSITION], positions, axis=0))
+    total_BSD = op.op("Add", rows(node.inputs[WORD], ids_BS), rows(node.inputs[POSITION], positions))
     if spec.has_segment:
-        total_BSD = op.op("Add", total_BSD, op.op("Gather", node.inputs[SEGMENT], node.inputs[SEGMENT_IDS], axis=0))
+        total_BSD = op.op("Add", total_BSD, rows(node.inputs[SEGMENT], node.inputs[SEGMENT_IDS]))
     total_BSD.dtype = ir.DataType.FLOAT
     read = spec.outputs_read + (False,) * (3 - len(spec.outputs_read))
     values = normalize(
@@ -122,7 +132,7 @@ def expand_embed_layer_norm(op, node: ir.Node, spec: EmbedLayerNormSpec) -> list
         want_mean=False,
         want_inv_std=False,
     )
-    results: list[ir.Value | None] = [values.y, None, None]
+    results: list[ir.Value | None] = [to_type(op, values.y, spec.dtype), None, None]
     if read[MASK_INDEX]:
         if spec.has_mask:
             sums_B = op.op("ReduceSum", node.inputs[MASK], op.ints([1]), keepdims=0)
@@ -131,7 +141,7 @@ def expand_embed_layer_norm(op, node: ir.Node, spec: EmbedLayerNormSpec) -> list
             sums_B = op.op("ConstantOfShape", op.to_vector(op.dim(ids_BS, 0)), value=zero)
         results[MASK_INDEX] = sums_B
     if read[EMBEDDING_SUM]:
-        results[EMBEDDING_SUM] = total_BSD
+        results[EMBEDDING_SUM] = to_type(op, total_BSD, spec.dtype)
     return results[: len(node.outputs)]
 
 
