@@ -401,7 +401,9 @@ def _capacity(value: ir.Value, source: _CacheSource, declared: int | None, run: 
     return None
 
 
-def _cache_input(value: ir.Value, source: _CacheSource, model: ir.Model, bound: dict[str, int], run: _Run) -> CacheInput:
+def _cache_input(
+    value: ir.Value, source: _CacheSource, model: ir.Model, bound: dict[str, int], run: _Run
+) -> CacheInput:
     """One past input in ``run``'s form; binds its symbolic row dim to the capacity."""
     node = source.node
     present_value = _trace_to_graph_output(

@@ -224,7 +224,8 @@ def write_provenance(model, exported_ops, statistics, proto, notes, diff) -> Non
         "",
         f"`BertConfig(**CONFIG)` with the script's `CONFIG`, `torch.manual_seed({SEED})`, then",
         '`BertForMaskedLM._from_config(config, attn_implementation="eager")`, float32, eval mode; then every',
-        f"bias is redrawn as N(0, {PARAMETER_STD}) and every LayerNorm weight as 1 + N(0, {PARAMETER_STD}) (HF's 0 and 1",
+        f"bias is redrawn as N(0, {PARAMETER_STD}) and every LayerNorm weight as 1 + N(0, {PARAMETER_STD})"
+        " (HF's 0 and 1",
         "would be folded onto shared initializers and hide a dropped bias). The config as `to_diff_dict()` gives it:",
         "",
         "```json",
@@ -245,7 +246,8 @@ def write_provenance(model, exported_ops, statistics, proto, notes, diff) -> Non
         "```python",
         "torch.onnx.export(model, (input_ids, attention_mask, token_type_ids), raw_path,",
         '                  input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],',
-        '                  dynamic_axes={name: {0: "batch_size", 1: "sequence_length"} for name in (*inputs, "logits")},',
+        '                  dynamic_axes={name: {0: "batch_size", 1: "sequence_length"}'
+        ' for name in (*inputs, "logits")},',
         f"                  opset_version={OPSET}, do_constant_folding=True, dynamo=False)",
         "optimized = onnxruntime.transformers.optimizer.optimize_model(raw_path, model_type=\"bert\",",
         f"                                                              num_heads={CONFIG['num_attention_heads']},"

@@ -87,7 +87,9 @@ class Attention:
             raise GqaDecomposeError("Attention with both past and attention_bias: ORT rejects it", node.name)
         mask = _input(node, MASK_INDEX)
         if mask is not None and (mask.shape is None or mask.shape.rank() not in (1, 2, 3)):
-            raise GqaDecomposeError("Attention mask_index: only the 1-D [B], 2-D [B, T] and 3-D [B, S, T] forms", node.name)
+            raise GqaDecomposeError(
+                "Attention mask_index: only the 1-D [B], 2-D [B, T] and 3-D [B, S, T] forms", node.name
+            )
         end_positions = mask is not None and mask.shape.rank() == 1
         if end_positions and (x.shape is None or mask.shape[0] != x.shape[0]):
             # ORT reads a [2B] mask_index as end then start positions: told apart by its length alone.

@@ -3,7 +3,8 @@
 Legend: B batch, S sequence, D hidden. ORT's CPU kernel (``embed_layer_norm.cc``; measured on ORT 1.31),
 fp16 computed in fp32 with one rounding per output::
 
-    sum[b, s]   = word_embedding[input_ids[b, s]] + position_embedding[pos[b, s]] (+ segment_embedding[segment_ids[b, s]])
+    sum[b, s]   = word_embedding[input_ids[b, s]] + position_embedding[pos[b, s]]
+                  (+ segment_embedding[segment_ids[b, s]])
     pos         = position_ids [B, S] or [1, S] (broadcast), else s
     output      = layer_norm(sum, gamma, beta, epsilon)          (mean and E[x²] - mean², as ``_norm``)
     mask_index  = ReduceSum(mask, axis 1) [B] int32, the number of ones per row (zeros without a mask)
