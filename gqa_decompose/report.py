@@ -207,16 +207,18 @@ def check(
             )
         )
     result.opsets = opsets(loaded)
-    decomposable = _check_op_nodes(loaded, decompose_options, verify_mode, result)
-    result.ops_left = ops_left(loaded, keep_gqa=refused, decomposable=decomposable)
+    decomposable_ops = _check_op_nodes(loaded, decompose_options, verify_mode, result)
+    result.ops_left = ops_left(loaded, keep_gqa=refused, decomposable=decomposable_ops)
     decomposable = [n for n in result.nodes if n.status == "decomposable"]
+    refused_ops = any(entry["status"] == "refused" for entry in result.op_nodes)
     if verify_mode in ("nodes", "all") and decomposable:
         started = time.perf_counter()
         report = verify(loaded, progress=_tagged(progress, "nodes"), **dataclasses.asdict(decompose_options))
         # One verification per GQA node in the same (find_gqa_nodes) order: joined by position, not by name.
         result.nodes = [dataclasses.replace(n, verification=v) for n, v in zip(result.nodes, report.nodes, strict=True)]
         result.timings["verify_nodes"] = time.perf_counter() - started
-    if verify_mode in ("model", "all") and decomposable and not refused:
+    # A model without GQA (a MultiHeadAttention export) is verified whole too: its companion ops are rewritten.
+    if verify_mode in ("model", "all") and (decomposable or decomposable_ops) and not refused and not refused_ops:
         started = time.perf_counter()
         rewritten = loaded.clone()
         rewrite(rewritten, decompose_options)

@@ -43,6 +43,7 @@ from gqa_decompose import verify_core as core
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.model_io import read_genai_config, shares_kv_buffer
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
+from gqa_decompose.passes.decompose_ops import find_op_nodes
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
 from gqa_decompose.verify import unfused_qk_norm_nodes
 
@@ -316,17 +317,52 @@ def _dim_size(dim: int | str | None, bound: Mapping[str, int], default: int) -> 
     return bound.get(dim, default) if dim else default
 
 
-def _past_sources(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> dict[str, tuple[ir.Node, GqaSpec, int]]:
-    """Graph input name -> (GQA node, its spec, PAST_KEY or PAST_VALUE) for each past a node reads."""
-    sources: dict[str, tuple[ir.Node, GqaSpec, int]] = {}
+@dataclasses.dataclass(frozen=True)
+class _CacheSource:
+    """The attention node a past input feeds, the output its present leaves by, and the cache's form."""
+
+    node: ir.Node
+    present_index: int
+    kv_heads: int
+    width: int  # last dim: head size (half of it for an int4 cache)
+    window: int | None  # local_window_size of a sliding_window_cache layer
+
+
+# com.microsoft.MultiHeadAttention's past_key / past_value inputs and present_key / present_value outputs.
+_MHA_PASTS = ((6, 1), (7, 2))
+
+
+def _past_sources(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> dict[str, _CacheSource]:
+    """Graph input name -> where it is read, for each past a GQA node (or a MultiHeadAttention node, in a
+    model without GQA: a torch dynamo export with H = Hkv) reads."""
+    sources: dict[str, _CacheSource] = {}
     for _, node in find_gqa_nodes(model):
         spec = specs.get(node)
         if spec is None or not spec.has_past:
             continue
-        for index in (gqa.PAST_KEY, gqa.PAST_VALUE):
+        width = spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size
+        window = spec.local_window_size if spec.sliding_window_cache else None
+        for index, present in ((gqa.PAST_KEY, gqa.PRESENT_KEY), (gqa.PAST_VALUE, gqa.PRESENT_VALUE)):
             source = _trace_to_graph_input(node.inputs[index], model.graph)
             if source is not None:
-                sources[source.name] = (node, spec, index)
+                sources[source.name] = _CacheSource(node, present, spec.kv_num_heads, width, window)
+    if not specs:
+        sources.update(_mha_past_sources(model))
+    return sources
+
+
+def _mha_past_sources(model: ir.Model) -> dict[str, _CacheSource]:
+    sources: dict[str, _CacheSource] = {}
+    for node in model.graph:
+        if (node.domain, node.op_type) != ("com.microsoft", "MultiHeadAttention") or "num_heads" not in node.attributes:
+            continue
+        heads = node.attributes["num_heads"].as_int()
+        for index, present in _MHA_PASTS:
+            value = node.inputs[index] if index < len(node.inputs) else None
+            source = _trace_to_graph_input(value, model.graph)
+            dims = _dims(source) if source is not None and source.shape is not None else []
+            if source is not None and len(dims) == 4 and isinstance(dims[3], int):
+                sources[source.name] = _CacheSource(node, present, heads, dims[3], None)
     return sources
 
 
@@ -341,11 +377,11 @@ class _Run:
     window_size: int | None  # genai's sliding_window.window_size
 
 
-def _capacity(value: ir.Value, spec: GqaSpec, declared: int | None, run: _Run) -> int | None:
+def _capacity(value: ir.Value, source: _CacheSource, declared: int | None, run: _Run) -> int | None:
     """Rows of past ``value`` in the first step: a ring's or static buffer's capacity; None: growing."""
     rows_dim = (_dims(value) or [None] * 4)[2]
-    if spec.sliding_window_cache:
-        return max(declared or run.window_size or spec.local_window_size, spec.local_window_size)
+    if source.window is not None:
+        return max(declared or run.window_size or source.window, source.window)
     needed = run.prompt_length + run.steps
     if run.static:
         capacity = max(declared or min(int(run.max_length or STATIC_BUFFER_CAP), STATIC_BUFFER_CAP), 1)
@@ -366,29 +402,23 @@ def _capacity(value: ir.Value, spec: GqaSpec, declared: int | None, run: _Run) -
 
 
 def _cache_input(
-    value: ir.Value, source: tuple[ir.Node, GqaSpec, int], model: ir.Model, bound: dict[str, int], run: _Run
+    value: ir.Value, source: _CacheSource, model: ir.Model, bound: dict[str, int], run: _Run
 ) -> CacheInput:
     """One past input in ``run``'s form; binds its symbolic row dim to the capacity."""
-    node, spec, index = source
-    present_index = gqa.PRESENT_KEY if index == gqa.PAST_KEY else gqa.PRESENT_VALUE
+    node = source.node
     present_value = _trace_to_graph_output(
-        node.outputs[present_index] if len(node.outputs) > present_index else None, model.graph
+        node.outputs[source.present_index] if len(node.outputs) > source.present_index else None, model.graph
     )
     present = present_value.name if present_value is not None else _present_by_name(value.name, model.graph)
     past_dims = _dims(value) or [None] * 4
-    heads = past_dims[1] if isinstance(past_dims[1], int) else spec.kv_num_heads
-    width = (
-        past_dims[3]
-        if isinstance(past_dims[3], int)
-        else (spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size)
-    )
+    heads = past_dims[1] if isinstance(past_dims[1], int) else source.kv_heads
+    width = past_dims[3] if isinstance(past_dims[3], int) else source.width
     rows_dim = past_dims[2]
     declared = rows_dim if isinstance(rows_dim, int) else bound.get(rows_dim) if rows_dim else None
-    capacity = _capacity(value, spec, declared, run)
+    capacity = _capacity(value, source, declared, run)
     if isinstance(rows_dim, str) and capacity is not None:
         bound.setdefault(rows_dim, capacity)
-    window = spec.local_window_size if spec.sliding_window_cache else None
-    return CacheInput(value.name, present, _numpy_type(value, np.float32), heads, width, capacity, window)
+    return CacheInput(value.name, present, _numpy_type(value, np.float32), heads, width, capacity, source.window)
 
 
 def _layout_label(caches: Sequence[CacheInput]) -> str:
@@ -609,19 +639,23 @@ def verify_model(
     feeds = dict(feeds or {})
     InferGqaTypesPass()(model)
     specs = {node: parse_gqa_node(node, decompose_options) for _, node in find_gqa_nodes(model)}
-    skipped = _skip_reason(specs)
+    companions = [item.node for item in find_op_nodes(model, decompose_options.ops)]
+    skipped = _skip_reason(specs, companions)
     if skipped:
         return ModelVerification(0, 0, "none", (0.0, 0.0), (), skipped=skipped)
-    tolerance = core.model_tolerance({s.dtype for s in specs.values()}, decompose_options.native_precision)
+    dtypes = {s.dtype for s in specs.values()} or {_node_float_type(node) for node in companions}
+    tolerance = core.model_tolerance(dtypes, decompose_options.native_precision)
     rewritten = _rewritten(model, decomposed, decompose_options)
     forms = [
         static
-        for static in _cache_forms(config, decompose_options)
+        for static in (_cache_forms(config, decompose_options) if specs else [False])
         if cache_forms is None or ("static" if static else "growing") in cache_forms
     ]
     if not forms:
         raise GqaDecomposeError(f"no cache form of {list(cache_forms or [])} fits the options")
     plans, notes = _plans(model, specs, config, decompose_options, batch, dict(dims or {}), feeds, steps, forms)
+    if not specs and plans[0].caches:
+        notes.append("no GroupQueryAttention: the caches grow by concatenation, so only a growing cache is driven")
     unknown = set(feeds) - {v.name for v in model.graph.inputs}
     if unknown:
         raise GqaDecomposeError(f"fed inputs the model does not have: {', '.join(sorted(unknown))}")
@@ -652,12 +686,18 @@ def verify_model(
     )
 
 
-def _skip_reason(specs: Mapping[ir.Node, GqaSpec]) -> str | None:
-    if not specs:
-        return "no GroupQueryAttention node"
+def _skip_reason(specs: Mapping[ir.Node, GqaSpec], companions: Sequence[ir.Node]) -> str | None:
+    if not specs and not companions:
+        return "no GroupQueryAttention node nor companion-op node"
     if any(spec.dtype == ir.DataType.BFLOAT16 for spec in specs.values()):
         return "ONNX Runtime CPU has no bfloat16 GroupQueryAttention kernel"
     return None
+
+
+def _node_float_type(node: ir.Node) -> ir.DataType:
+    """The float type a companion-op node computes in (its first input's), for the model's tolerance."""
+    value = node.inputs[0] if node.inputs else None
+    return value.dtype if value is not None and value.dtype is not None else ir.DataType.FLOAT
 
 
 def _batch_notes(plan: _Plan) -> list[str]:
@@ -819,12 +859,19 @@ class _Loop:
         self.query_length = self.ids.shape[1]
         self.others: dict[str, np.ndarray] = {}
         known = {plan.ids, plan.mask, plan.positions, *(c.past for c in plan.caches)}
+        by_name = {value.name: value for value in model.graph.inputs}
+        ids_dims = _dims(by_name[plan.ids]) if plan.ids in by_name and by_name[plan.ids].shape is not None else []
+        sequence_dim = ids_dims[1] if len(ids_dims) > 1 and isinstance(ids_dims[1], str) else None
+        self.other_sequence_axes: dict[str, int] = {}  # others as long as the prompt (a BERT's token_type_ids)
         for value in model.graph.inputs:
             if value.name in known:
                 continue
             self.others[value.name] = user_feeds.get(value.name)
             if self.others[value.name] is None:
                 self.others[value.name] = _synthesize_other(value, plan.dims, rng)
+            dims = _dims(value) if value.shape is not None else []
+            if sequence_dim is not None and sequence_dim in dims:
+                self.other_sequence_axes[value.name] = dims.index(sequence_dim)
 
     def feeds(self, step: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         plan = self.plan
@@ -857,8 +904,11 @@ class _Loop:
             for cache in plan.caches:
                 if cache.present in outputs:
                     self.past[cache.past] = outputs[cache.present]
-        else:  # no cache: each step runs the whole sequence again
+        else:  # no cache: each step runs the whole sequence again; the others grow with it (last column repeated)
             self.ids = np.concatenate([self.ids, new], axis=1)
+            for name, axis in self.other_sequence_axes.items():
+                other = self.others[name]
+                self.others[name] = np.concatenate([other, np.take(other, [-1], axis=axis)], axis=axis)
 
 
 def _compare_step(

@@ -1,5 +1,5 @@
-"""Make the real-producer fixtures ``models/dynamo-tiny-llama/`` and ``models/dynamo-qwen3/`` (``--arch qwen3``)
-from the second producer family:
+"""Make the real-producer fixtures ``models/dynamo-tiny-llama/``, ``models/dynamo-qwen3/`` (``--arch qwen3``) and
+``models/dynamo-llama-mha/`` (``--arch llama-mha``) from the second producer family:
 ``torch.onnx.export(..., dynamo=True)`` followed by onnxscript's ORT fusions
 (``onnxscript.rewriter.ort_fusions.optimize_for_ort``).
 
@@ -17,11 +17,18 @@ MultiHeadAttention) and only when num_key_value_heads < num_attention_heads, so 
     /work/venv-dynamo/bin/pip install "transformers==4.57.*" onnxscript onnx "onnxruntime>=1.31,<1.32" onnx-ir
     /work/venv-dynamo/bin/python scripts/make_dynamo_fixture.py               # dynamo-tiny-llama
     /work/venv-dynamo/bin/python scripts/make_dynamo_fixture.py --arch qwen3  # dynamo-qwen3
+    /work/venv-dynamo/bin/python scripts/make_dynamo_fixture.py --arch llama-mha  # dynamo-llama-mha
 
 ``--arch qwen3`` exports a tiny Qwen3 (``Qwen3Config``): its q/k RMS norm comes out of the fusion as a
 default-domain ``SimplifiedLayerNormalization`` on the heads before GroupQueryAttention, with no value_info for its
 output (ORT's symbolic shape inference cannot type it). Its norm weights are redrawn around 1 (HF initializes them
 to ones, which the optimizer folds onto one shared initializer and which would hide a dropped weight).
+
+``--arch llama-mha`` exports the Llama with num_key_value_heads == num_attention_heads: the fusion then writes
+``com.microsoft.MultiHeadAttention`` (BSD Q/K/V, a 4-D causal ``attention_bias``, past/present) after contrib
+``RotaryEmbedding`` nodes whose cos/sin are computed in the graph, and no GroupQueryAttention at all. Its MLP is
+narrower (``intermediate_size`` 32) to keep the file under 300 KB with the wider K/V, and its norm weights are
+redrawn as for Qwen3.
 
 How the caches are exported: the model is wrapped in a module whose inputs are ``input_ids``, ``attention_mask``,
 ``position_ids`` and one tensor per layer for ``past_key_values.{i}.key`` / ``.value``; its forward puts them into a
@@ -79,10 +86,17 @@ TORCH_ATOL = 1e-4
 QWEN3_CONFIG = dict({k: v for k, v in CONFIG.items() if k != "mlp_bias"}, use_sliding_window=False)
 NORM_STD = 0.2  # qwen3: every RMSNorm weight redrawn as 1 + N(0, NORM_STD)
 
+# llama-mha: Hkv = H, so the fusion makes MultiHeadAttention; a narrower MLP keeps the file under 300 KB.
+MHA_CONFIG = dict(CONFIG, num_key_value_heads=4, intermediate_size=32)
+# The fused attention op each arch's export must hold.
+EXPECTED_OP = {"llama": "GroupQueryAttention", "qwen3": "GroupQueryAttention", "llama-mha": "MultiHeadAttention"}
+REDRAWN_NORMS = ("qwen3", "llama-mha")
+
 ARCHS = {
     # --arch: (folder, transformers config class, model class, config)
     "llama": ("dynamo-tiny-llama", "LlamaConfig", "LlamaForCausalLM", CONFIG),
     "qwen3": ("dynamo-qwen3", "Qwen3Config", "Qwen3ForCausalLM", QWEN3_CONFIG),
+    "llama-mha": ("dynamo-llama-mha", "LlamaConfig", "LlamaForCausalLM", MHA_CONFIG),
 }
 ARCH = "llama"  # main() sets it
 
@@ -97,7 +111,7 @@ def make_model():
     model = getattr(transformers, model_class)._from_config(
         config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32
     )
-    if ARCH == "qwen3":
+    if ARCH in REDRAWN_NORMS:
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if name.endswith("norm.weight"):
@@ -188,8 +202,9 @@ def fuse(exported):
     # clear_metadata drops the exporter's per-node stack traces (local file paths, ~half the file size).
     fused, counts = optimize_for_ort(exported, clear_metadata=True)
     ops = collections.Counter(f"{node.domain}::{node.op_type}" if node.domain else node.op_type for node in fused.graph)
-    if not ops.get("com.microsoft::GroupQueryAttention"):
-        raise SystemExit(f"optimize_for_ort made no GroupQueryAttention: fusions {counts}, ops {dict(ops)}")
+    wanted = EXPECTED_OP[ARCH]
+    if not ops.get(f"com.microsoft::{wanted}"):
+        raise SystemExit(f"optimize_for_ort made no {wanted}: fusions {counts}, ops {dict(ops)}")
     return fused, counts, exported_ops, ops
 
 
@@ -222,7 +237,7 @@ def gqa_summary(path: Path) -> list[str]:
     model = onnx.load(str(path))
     lines = []
     for node in model.graph.node:
-        if node.op_type == "GroupQueryAttention":
+        if node.op_type == EXPECTED_OP[ARCH]:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             lines.append(f"- `{node.name}`: attributes {attrs}; inputs {list(node.input)}")
     return lines
@@ -314,18 +329,27 @@ QWEN3_INTRO = [
     "rewrite that relies on it.",
 ]
 
+MHA_INTRO = [
+    "A real-producer **MultiHeadAttention** fixture from the *second* producer family: a tiny **random-weight**",
+    "Llama with num_key_value_heads == num_attention_heads (4), exported by `torch.onnx.export(..., dynamo=True)`",
+    "and fused by onnxscript's `onnxscript.rewriter.ort_fusions.optimize_for_ort`, which then writes",
+    "`com.microsoft.MultiHeadAttention` instead of GroupQueryAttention. The logits mean nothing. What it",
+    "exercises: **no GroupQueryAttention at all**; MultiHeadAttention with BSD **Q/K/V from contrib",
+    "`RotaryEmbedding`** nodes whose outputs have **no value_info**, rotary tables **computed in the graph**",
+    "(`Cos`/`Sin` of a `Range` up to max(position_ids) + 1: a symbolic row count), a 4-D causal-and-padding",
+    "**`attention_bias`** `[batch, 1, seq, past_seq + seq]` built from `attention_mask`, and **past/present**",
+    "caches `[batch, 4, past_seq, 16]` that grow by concatenation.",
+]
+
 
 def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
     config = model.config.to_diff_dict()
     for volatile in ("transformers_version",):
         config.pop(volatile, None)
     fusions = {k: v for k, v in counts.items() if v}
-    if ARCH == "qwen3":
-        intro = QWEN3_INTRO
-    else:
-        intro = LLAMA_INTRO
+    intro = {"qwen3": QWEN3_INTRO, "llama-mha": MHA_INTRO}.get(ARCH, LLAMA_INTRO)
     folder, config_class, model_class, _ = ARCHS[ARCH]
-    config_name = "QWEN3_CONFIG" if ARCH == "qwen3" else "CONFIG"
+    config_name = {"qwen3": "QWEN3_CONFIG", "llama-mha": "MHA_CONFIG"}.get(ARCH, "CONFIG")
     lines = [
         f"# {folder}",
         "",
@@ -345,7 +369,7 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         f'`{model_class}._from_config(config, attn_implementation="{ATTN_IMPLEMENTATION}")`, float32, eval mode.',
         *(
             [f"Then every RMSNorm weight (`*norm.weight`, q/k norm included) is redrawn as 1 + N(0, {NORM_STD})."]
-            if ARCH == "qwen3"
+            if ARCH in REDRAWN_NORMS
             else []
         ),
         f"The config as `to_diff_dict()` gives it (values that differ from `{config_class}()` defaults):",
@@ -386,7 +410,7 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         f"- Exported graph ops: {dict(sorted(exported_ops.items()))}",
         f"- Fusions applied (non-zero counts of `optimize_for_ort`): {fusions}",
         f"- Fused graph ops: {dict(sorted(ops.items()))}",
-        "- GroupQueryAttention nodes:",
+        f"- {EXPECTED_OP[ARCH]} nodes:",
         *["  " + line for line in gqa_summary(DEST / "model.onnx")],
         *(
             [
@@ -409,7 +433,8 @@ def write_provenance(model, counts, exported_ops, ops, notes, check) -> None:
         "",
         f"The torch model's logits for the token ids {PROMPT_IDS} (the builder-tiny-llama prompt's ids):",
         "`input_ids` [1, S], with the feeds the ONNX model takes for it (`attention_mask` ones [1, S], `position_ids`",
-        "0..S-1 [1, S], empty pasts `[1, 2, 0, 16]`), `prefill_logits` [1, S, vocab]; then the greedy `next_id` [1, 1]",
+        f"0..S-1 [1, S], empty pasts `[1, {model.config.num_key_value_heads}, 0, 16]`), `prefill_logits` [1, S, vocab];"
+        " then the greedy `next_id` [1, 1]",
         "(fed with `attention_mask` ones [1, S+1], `position_ids` [[S]] and the presents as pasts) and",
         "`decode_logits` [1, 1, vocab] (the torch model run on all S+1 tokens). The script checked the fused ONNX",
         f"model with ORT CPU against them: max |diff| prefill {check['diffs']['prefill']:.2e},",

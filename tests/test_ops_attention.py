@@ -23,7 +23,13 @@ def attention_model(
     rng = np.random.default_rng(seed)
     T = P + S
     total = 2 * N * H + N * Hv
-    mask_array = {None: None, 2: np.zeros((B, T), np.int32), 3: np.zeros((B, S, T), np.int32)}[mask]
+    mask_array = {
+        None: None,
+        1: np.zeros((B,), np.int32),
+        "2B": np.zeros((2 * B,), np.int32),
+        2: np.zeros((B, T), np.int32),
+        3: np.zeros((B, S, T), np.int32),
+    }[mask]
     inputs = [
         ("input", np.zeros((B, S, DIN), dtype)),
         ("weights", (rng.standard_normal((DIN, total)) * 0.3).astype(dtype)),
@@ -49,6 +55,11 @@ CASES = {
     "causal prompt": {"S": 4, "unidirectional": 1},
     "2-D mask": {"mask": 2, "P": 2},
     "3-D mask": {"mask": 3, "P": 2},
+    # The transformers optimizer's BERT form: EmbedLayerNormalization's row sums as end positions (0..3 here,
+    # so a row with every column masked and one with none are drawn too).
+    "1-D mask (end positions)": {"mask": 1},
+    "1-D mask with past": {"mask": 1, "P": 2},
+    "1-D mask, float-min filter value": {"mask": 1, "mask_filter_value": -3.4028234663852886e38},
     "attention bias": {"attention_bias": True, "mask": 2},
     "scale": {"scale": 0.3},
     "value head size differs": {"Hv": 16, "present": False},
@@ -86,3 +97,9 @@ def test_refusals(attributes, reason):
 def test_attention_without_bias_is_refused():
     with pytest.raises(GqaDecomposeError, match="without bias"):
         _parse(attention_model(bias=False))
+
+
+def test_a_1d_mask_of_end_and_start_positions_is_refused():
+    """[2B]: ORT reads end positions then start positions, told apart from [B] by the length alone."""
+    with pytest.raises(GqaDecomposeError, match=r"only the \[B\] form"):
+        _parse(attention_model(mask="2B"))

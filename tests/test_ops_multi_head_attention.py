@@ -87,3 +87,90 @@ def test_refusals():
 def _with_heads(model: onnx.ModelProto, heads: int) -> onnx.ModelProto:
     next(a for a in model.graph.node[0].attribute if a.name == "num_heads").i = heads
     return model
+
+
+def _dynamo_mha(query_type=True) -> onnx.ModelProto:
+    """torch dynamo + onnxscript's fusion: symbolic lengths, attention_bias [B, 1, S, T] whose T is named
+    ``past_seq + seq`` (its own symbol), past/present; optionally Q and K out of RotaryEmbedding without
+    value_info, as the fusion leaves them."""
+    f = TensorProto.FLOAT
+    hidden = N * H
+    nodes = []
+    if not query_type:
+        for name in ("query", "key"):
+            nodes.append(
+                onnx.helper.make_node(
+                    "RotaryEmbedding", [f"{name}_in", "position_ids", "cos", "sin"], [name], domain="com.microsoft"
+                )
+            )
+    nodes.append(
+        onnx.helper.make_node(
+            "MultiHeadAttention",
+            ["query", "key", "value", "", "", "attention_bias", "past_key", "past_value"],
+            ["out", "present_key", "present_value"],
+            domain="com.microsoft",
+            num_heads=N,
+        )
+    )
+    qk = [("query_in", "query"), ("key_in", "key")] if not query_type else [("query", "query"), ("key", "key")]
+    inputs = [onnx.helper.make_tensor_value_info(name, f, ["batch", "seq", hidden]) for name, _ in qk]
+    inputs += [
+        onnx.helper.make_tensor_value_info("value", f, ["batch", "seq", hidden]),
+        onnx.helper.make_tensor_value_info("attention_bias", f, ["batch", 1, "seq", "past_seq + seq"]),
+        onnx.helper.make_tensor_value_info("past_key", f, ["batch", N, "past_seq", H]),
+        onnx.helper.make_tensor_value_info("past_value", f, ["batch", N, "past_seq", H]),
+    ]
+    if not query_type:
+        inputs += [
+            onnx.helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+            onnx.helper.make_tensor_value_info("cos", f, [16, H // 2]),
+            onnx.helper.make_tensor_value_info("sin", f, [16, H // 2]),
+        ]
+    outputs = [onnx.helper.make_tensor_value_info("out", f, ["batch", "seq", hidden])]
+    outputs += [
+        onnx.helper.make_tensor_value_info(name, f, ["batch", N, "past_seq + seq", H])
+        for name in ("present_key", "present_value")
+    ]
+    graph = onnx.helper.make_graph(nodes, "dynamo_mha", inputs, outputs)
+    opsets = [onnx.helper.make_opsetid("", 20), onnx.helper.make_opsetid("com.microsoft", 1)]
+    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def test_symbolic_lengths_verify_with_an_attention_bias_as_long_as_past_plus_new():
+    """verify_op_node gave every symbol 3 rows, so attention_bias was 3 wide against T = 3 + 3 and ORT
+    refused the original ("attention_bias dimension 3 should be same as total_sequence_length")."""
+    from gqa_decompose.verify_ops import verify_op_node
+
+    model = ir.serde.deserialize_model(_dynamo_mha())
+    node = next(iter(model.graph))
+    result = verify_op_node(node, MULTI_HEAD_ATTENTION, 20)
+    assert result.ok is True, result
+
+
+def test_a_query_out_of_rotary_embedding_without_value_info_is_typed_and_decomposed():
+    """No GQA in the model, so the typing of GQA queries never ran and MultiHeadAttention's query had no type
+    (refused: "takes float or float16"); the whole model now matches ORT."""
+    import gqa_decompose
+
+    original = _dynamo_mha(query_type=False)
+    decomposed = gqa_decompose.decompose(original)
+    assert not [n for n in decomposed.graph.node if n.domain == "com.microsoft"]
+    rng = np.random.default_rng(0)
+    b, s, p = 2, 3, 4
+    feeds = {name: rng.standard_normal((b, s, N * H), dtype=np.float32) for name in ("query_in", "key_in", "value")}
+    feeds.update(
+        attention_bias=rng.standard_normal((b, 1, s, p + s), dtype=np.float32),
+        past_key=rng.standard_normal((b, N, p, H), dtype=np.float32),
+        past_value=rng.standard_normal((b, N, p, H), dtype=np.float32),
+        position_ids=np.array([[4, 5, 6], [1, 2, 3]], np.int64),
+        cos=rng.uniform(-1, 1, (16, H // 2)).astype(np.float32),
+        sin=rng.uniform(-1, 1, (16, H // 2)).astype(np.float32),
+    )
+    import onnxruntime as ort
+
+    runs = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for m in (original, decomposed)
+    ]
+    for want, got in zip(*runs):
+        np.testing.assert_allclose(got, want, atol=1e-5)

@@ -62,3 +62,17 @@ def test_rotary_embedding_refuses_rotary_dims_without_num_heads():
     )
     with pytest.raises(GqaDecomposeError, match="num_heads"):
         lookup("com.microsoft", "RotaryEmbedding").parse(next(iter(model.graph)), OpContext(22))
+
+
+@pytest.mark.parametrize("opset", [20, 23])
+def test_caches_computed_in_the_graph_with_symbolic_rows_verify(opset):
+    """torch dynamo's export computes cos/sin as Cos/Sin of a Range up to max(position_ids) + 1, so their row
+    count is symbolic: per-node verification feeds tables of its own length (it refused: "rows must be static")."""
+    inputs = [
+        ("x", FLOAT, ["batch", "seq", N * H]),
+        ("position_ids", INT64, ["batch", "seq"]),
+        ("cos", FLOAT, ["rows", H // 2]),
+        ("sin", FLOAT, ["rows", H // 2]),
+    ]
+    model = node_model("com.microsoft", "RotaryEmbedding", inputs, [("y", FLOAT, ["batch", "seq", N * H])], {}, opset)
+    verify(model)

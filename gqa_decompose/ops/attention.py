@@ -8,15 +8,17 @@ ORT CPU's semantics (checked against ORT 1.31): ``qkv = input @ weights + bias``
 (keys then values) concatenated before the new ones and returned as present [2, B, N, T, H]; then
 scores, masks and softmax exactly as MultiHeadAttention (:func:`multi_head_attention.attend`): scale
 default 1/sqrt(H), ``mask_filter_value`` (default -10000) where a 2-D [B, T] or 3-D [B, S, T]
-``mask_index`` is 0 and, with ``unidirectional=1``, on future columns; ``attention_bias`` added::
+``mask_index`` is 0, on key columns t >= mask_index[b] for a 1-D [B] one (end positions: what the
+transformers optimizer's EmbedLayerNormalization writes, the count of ones of each row's mask) and, with
+``unidirectional=1``, on future columns; ``attention_bias`` added::
 
     input -> MatMul(weights) + bias -> Slice Q | K | V -> attend(past = present[0], present[1]) -> output
                                                               -> Concat(Unsqueeze(K), Unsqueeze(V)) -> present
 
 Refused: no ``bias`` (ORT 1.31 CPU segfaults on it: no oracle, and verification would crash),
 ``do_rotary=1`` and ``past_present_share_buffer=1`` / ``past_sequence_length`` (the in-place
-buffer form), past together with attention_bias (ORT rejects it), 1-D or 4-D ``mask_index``
-(lengths and Megatron masks), Q and K hidden sizes that differ (ORT refuses them too).
+buffer form), past together with attention_bias (ORT rejects it), a [2B] 1-D ``mask_index`` (end and
+start positions) and a 4-D one (Megatron masks), Q and K hidden sizes that differ (ORT refuses them too).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops import register
 from gqa_decompose.ops.base import OpContext, Tolerance
-from gqa_decompose.ops.multi_head_attention import MultiHeadAttentionSpec, attend
+from gqa_decompose.ops.multi_head_attention import MultiHeadAttentionSpec, attend, needs_lengths
 
 __all__ = ["Attention"]
 
@@ -84,8 +86,16 @@ class Attention:
         if _input(node, PAST) is not None and _input(node, ATTENTION_BIAS) is not None:
             raise GqaDecomposeError("Attention with both past and attention_bias: ORT rejects it", node.name)
         mask = _input(node, MASK_INDEX)
-        if mask is not None and (mask.shape is None or mask.shape.rank() not in (2, 3)):
-            raise GqaDecomposeError("Attention mask_index: only the 2-D [B, T] and 3-D [B, S, T] forms", node.name)
+        if mask is not None and (mask.shape is None or mask.shape.rank() not in (1, 2, 3)):
+            raise GqaDecomposeError(
+                "Attention mask_index: only the 1-D [B], 2-D [B, T] and 3-D [B, S, T] forms", node.name
+            )
+        end_positions = mask is not None and mask.shape.rank() == 1
+        if end_positions and (x.shape is None or mask.shape[0] != x.shape[0]):
+            # ORT reads a [2B] mask_index as end then start positions: told apart by its length alone.
+            raise GqaDecomposeError(
+                "Attention 1-D mask_index: only the [B] form (end positions), its length the input's batch", node.name
+            )
         head_size = sizes[0] // heads
         scale = node.attributes["scale"].as_float() if "scale" in node.attributes else 0.0
         filter_value = (
@@ -103,6 +113,7 @@ class Attention:
             has_attention_bias=_input(node, ATTENTION_BIAS) is not None,
             has_past=_input(node, PAST) is not None,
             dtype=x.dtype,
+            mask_is_end_positions=end_positions,
         )
 
     def expand(self, op: OpBuilder, node: ir.Node, spec: MultiHeadAttentionSpec) -> list[ir.Value | None]:
@@ -119,7 +130,11 @@ class Attention:
             past = tuple(op.op("Squeeze", op.slice(past_2BNPH, i, i + 1, axis=0), op.ints([0])) for i in (0, 1))
         mask = node.inputs[MASK_INDEX] if spec.has_key_padding_mask else None
         bias = node.inputs[ATTENTION_BIAS] if spec.has_attention_bias else None
-        out_BSD, key_BNTH, value_BNTH = attend(op, spec, query, key, value, past, mask, bias)
+        lengths = None
+        if needs_lengths(spec):  # from the declared input: constants where static, as shape inference needs
+            S = op.dim(node.inputs[INPUT], 1)
+            lengths = (S, op.op("Add", S, op.dim(node.inputs[PAST], 3)) if spec.has_past else S)
+        out_BSD, key_BNTH, value_BNTH = attend(op, spec, query, key, value, past, mask, bias, lengths)
         outputs: list[ir.Value | None] = [out_BSD]
         if len(node.outputs) > 1:
             read = node.outputs[1] is not None and (node.outputs[1].uses() or node.outputs[1].is_graph_output())

@@ -34,7 +34,7 @@ from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops import register
 from gqa_decompose.ops.base import OpContext, Tolerance
 
-__all__ = ["MultiHeadAttention", "MultiHeadAttentionSpec", "attend"]
+__all__ = ["MultiHeadAttention", "MultiHeadAttentionSpec", "attend", "needs_lengths"]
 
 QUERY, KEY, VALUE, BIAS, KEY_PADDING_MASK, ATTENTION_BIAS, PAST_KEY, PAST_VALUE = range(8)
 PAST_SEQUENCE_LENGTH, CACHE_INDIRECTION = 8, 9
@@ -53,6 +53,7 @@ class MultiHeadAttentionSpec:
     has_attention_bias: bool
     has_past: bool
     dtype: ir.DataType
+    mask_is_end_positions: bool = False  # contrib Attention's 1-D mask_index [B]: key columns >= it are masked
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
@@ -133,12 +134,57 @@ class MultiHeadAttention:
         return [wanted[i] if i < 3 and node.outputs[i] is not None else None for i in range(len(node.outputs))]
 
     def sample_feeds(self, node: ir.Node, spec: MultiHeadAttentionSpec, rng: np.random.Generator):
-        """None: random feeds by declared type and shape (a padding mask of small integers, 0 masking)."""
+        """Feeds whose lengths agree: T = P + L wherever a mask or attention_bias is T wide, though a
+        declared shape names T by its own symbol (torch dynamo's ``past_seq + seq``); static dims are
+        kept. A padding mask of small integers (0 masks); every input that is not a constant is fed."""
+        query, key = node.inputs[QUERY], node.inputs[KEY]
+        past_key = _input(node, PAST_KEY)
+        B, S = _size(query, 0, SAMPLE_BATCH), _size(query, 1, SAMPLE_LENGTH)
+        L = _size(key, 1, S if _same_dim(query, key, 1) else SAMPLE_LENGTH + 1)
+        P = _size(past_key, 2, SAMPLE_PAST) if spec.has_past else 0
+        sizes_BNST = (B, spec.num_heads, S, P + L)
+        shapes = {
+            QUERY: (B, S, -1),
+            KEY: (B, L, -1),
+            VALUE: (B, L, -1),
+            BIAS: (-1,),
+            KEY_PADDING_MASK: (B, P + L),
+            ATTENTION_BIAS: sizes_BNST,
+            PAST_KEY: (B, spec.num_heads, P, -1),
+            PAST_VALUE: (B, spec.num_heads, P, -1),
+        }
+        feeds = {}
+        for index, wanted in shapes.items():
+            value = _input(node, index)
+            if value is None or value.const_value is not None or value.shape is None or value.dtype is None:
+                continue
+            dims = [d if isinstance(d, int) else w for d, w in zip(value.shape, wanted)]
+            if index == KEY_PADDING_MASK:
+                feeds[value.name] = rng.integers(0, 4, dims).astype(value.dtype.numpy())
+            else:
+                feeds[value.name] = rng.standard_normal(dims).astype(value.dtype.numpy())
+        return feeds
 
     def tolerance(self, spec: MultiHeadAttentionSpec, dtype: ir.DataType) -> Tolerance:
         if dtype == ir.DataType.FLOAT16:
             return Tolerance(atol=2e-3, rtol=2e-3)
         return Tolerance(atol=2e-5, rtol=1e-4)
+
+
+# Per-node verification's sizes for symbolic dims (lengths that differ, so a swapped axis shows).
+SAMPLE_BATCH, SAMPLE_LENGTH, SAMPLE_PAST = 2, 3, 4
+
+
+def _size(value: ir.Value | None, axis: int, default: int) -> int:
+    dim = None if value is None or value.shape is None or value.shape.rank() <= axis else value.shape[axis]
+    return dim if isinstance(dim, int) else default
+
+
+def _same_dim(a: ir.Value, b: ir.Value, axis: int) -> bool:
+    """Whether two values declare the same (symbolic or static) dim at ``axis``."""
+    if a.shape is None or b.shape is None or a.shape.rank() <= axis or b.shape.rank() <= axis:
+        return False
+    return a.shape[axis] == b.shape[axis]
 
 
 def _f32(op: OpBuilder, value: ir.Value, dtype: ir.DataType) -> ir.Value:
@@ -155,10 +201,13 @@ def attend(
     past: tuple[ir.Value, ir.Value] | None,
     padding_mask_BT: ir.Value | None,
     attention_bias: ir.Value | None,
+    lengths: tuple[ir.Value, ir.Value] | None = None,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """(out [B, S, N*Hv], present key [B, N, T, H], present value [B, N, T, Hv]); shared with contrib Attention.
 
     Inputs in ``spec.dtype`` (bias already added); fp16 is computed in fp32, the presents keep ``spec.dtype``.
+    ``lengths``: (S, T) as 0-D int64 values read off the node's declared inputs (constants where static, so the
+    masks' shapes are inferred); default: the shapes of ``query_BSD`` and the concatenated keys at run time.
     """
     N, H, Hv = spec.num_heads, spec.head_size, spec.value_head_size
     kv_dtype = spec.dtype
@@ -172,7 +221,10 @@ def attend(
     query_BNSH = _split_heads(op, _f32(op, query_BSD, spec.dtype), N, H)
     keyT_BNHT = op.op("Transpose", _f32(op, key_BNTH, kv_dtype), perm=[0, 1, 3, 2])
     scores_BNST = op.op("Mul", op.op("MatMul", query_BNSH, keyT_BNHT), op.float_scalar(spec.scale))
-    mask = _mask(op, spec, padding_mask_BT, query_BSD, key_BNTH)
+    S_T = (None, None)
+    if needs_lengths(spec):
+        S_T = lengths if lengths is not None else (op.dim(query_BSD, 1), op.dim(key_BNTH, 2))
+    mask = _mask(op, spec, padding_mask_BT, *S_T)
     if mask is not None:
         scores_BNST = op.op("Add", scores_BNST, mask)
     if attention_bias is not None:
@@ -187,22 +239,31 @@ def attend(
     return out_BSD, key_BNTH, value_BNTH
 
 
+def needs_lengths(spec: MultiHeadAttentionSpec) -> bool:
+    """Whether the masks read S and T: the causal mask, and end positions compared with the key columns."""
+    return spec.unidirectional or (spec.has_key_padding_mask and spec.mask_is_end_positions)
+
+
 def _split_heads(op: OpBuilder, x_BSD: ir.Value, heads: int, head_size: int) -> ir.Value:
     """[B, S, N*H] -> [B, N, S, H]."""
     return op.op("Transpose", op.op("Reshape", x_BSD, op.ints([0, 0, heads, head_size])), perm=[0, 2, 1, 3])
 
 
-def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, query: ir.Value, key_BNTH: ir.Value):
+def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, S: ir.Value | None, T: ir.Value | None):
     """fp32 additive mask broadcastable to [B, N, S, T]: mask_filter_value where masked (each cause adds)."""
     terms = []
     filter_value = op.float_scalar(spec.mask_filter_value)
     zero = op.float_scalar(0.0)
-    if mask_BT is not None:
+    if mask_BT is not None and spec.mask_is_end_positions:
+        columns_T = op.op("Range", op.int_scalar(0), T, op.int_scalar(1))
+        ends_B1 = op.unsqueeze(op.cast(mask_BT, ir.DataType.INT64), [1])
+        padded_BT = op.op("GreaterOrEqual", columns_T, ends_B1)
+        terms.append(op.unsqueeze(op.op("Where", padded_BT, filter_value, zero), [1, 2]))
+    elif mask_BT is not None:
         padded_BT = op.op("Equal", mask_BT, op.cast(op.int_scalar(0), mask_BT.dtype))
         per_query = mask_BT.shape is not None and mask_BT.shape.rank() == 3  # contrib Attention's [B, S, T]
         terms.append(op.unsqueeze(op.op("Where", padded_BT, filter_value, zero), [1] if per_query else [1, 2]))
     if spec.unidirectional:
-        S, T = op.dim(query, 1), op.dim(key_BNTH, 2)
         rows_S1 = op.unsqueeze(op.op("Range", op.int_scalar(0), S, op.int_scalar(1)), [1])
         columns_T = op.op("Range", op.int_scalar(0), T, op.int_scalar(1))
         future_ST = op.op("Greater", columns_T, op.op("Add", rows_S1, op.op("Sub", T, S)))

@@ -50,6 +50,7 @@ __all__ = ["RotaryEmbedding", "RotarySpec"]
 ROTARY_EMBEDDING_OPSET = 23
 INPUT, POSITION_IDS, COS_CACHE, SIN_CACHE = range(4)
 SYMBOLIC_SIZE = 3  # what verify_ops gives a symbolic dimension
+SYMBOLIC_CACHE_ROWS = 8  # rows of the tables fed for caches whose row count is symbolic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,16 +197,29 @@ class RotaryEmbedding(DefaultOracle):
         return expand_rotary(op, node, spec)
 
     def sample_feeds(self, node: ir.Node, spec: RotarySpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Positions inside the caches (a random one may index past them, which ORT does not check)."""
+        """Positions inside the caches (a random one may index past them, which ORT does not check). Caches
+        computed in the graph with a row count known only at run time (torch dynamo's Cos/Sin of a Range up
+        to max(position_ids)) are fed as random tables of ``SYMBOLIC_CACHE_ROWS`` rows."""
         x, positions, cos = node.inputs[INPUT], node.inputs[POSITION_IDS], node.inputs[COS_CACHE]
-        rows = cos.const_value.shape[0] if cos.const_value is not None else _static(node, cos, 0, "cos_cache rows")
+        feeds = {}
+        if cos.const_value is not None:
+            rows = cos.const_value.shape[0]
+        elif cos.shape is not None and isinstance(cos.shape[0], int):
+            rows = cos.shape[0]
+        else:
+            rows = SYMBOLIC_CACHE_ROWS
+            dtype = cos.dtype.numpy() if cos.dtype is not None else np.float32
+            for index in (COS_CACHE, SIN_CACHE):
+                feeds[node.inputs[index].name] = rng.uniform(-1, 1, (rows, spec.rotary_dims // 2)).astype(dtype)
         length = x.shape[2 if spec.four_d else 1]
         length = length if isinstance(length, int) else SYMBOLIC_SIZE
         if not spec.positions_per_token:
             start = rng.integers(0, max(rows - length, 0) + 1)
-            return {positions.name: np.full([d if isinstance(d, int) else 1 for d in positions.shape], start)}
+            feeds[positions.name] = np.full([d if isinstance(d, int) else 1 for d in positions.shape], start)
+            return feeds
         batch = positions.shape[0] if isinstance(positions.shape[0], int) else SYMBOLIC_SIZE
-        return {positions.name: rng.integers(0, rows, (batch, length)).astype(np.int64)}
+        feeds[positions.name] = rng.integers(0, rows, (batch, length)).astype(np.int64)
+        return feeds
 
 
 register(RotaryEmbedding())

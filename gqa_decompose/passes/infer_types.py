@@ -56,10 +56,15 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
             modified |= progress
             if not progress:
                 break
-        if any(_untyped_query(node) for node in gqa_nodes):
+        # The companion ops read their inputs' types too (a MultiHeadAttention fed by RotaryEmbedding
+        # outputs without value_info, in a torch dynamo export with no GQA at all).
+        companions = _companion_nodes(model)
+        if any(_untyped_query(node) for node in gqa_nodes) or any(_untyped_inputs(node) for node in companions):
             modified |= _ort_symbolic_inference(model)
         rounds = 0
-        while any(_untyped_query(node) for node in gqa_nodes) and rounds <= len(model.graph):
+        while (
+            any(_untyped_query(node) for node in gqa_nodes) or any(_untyped_inputs(node) for node in companions)
+        ) and rounds <= len(model.graph):
             rounds += 1
             progress = False
             for node in ir.traversal.RecursiveGraphIterator(model.graph):
@@ -150,6 +155,25 @@ def _gqa_schema_registered() -> Iterator[None]:
 def _untyped_query(node: ir.Node) -> bool:
     query = node.inputs[0]
     return query is not None and (query.dtype is None or query.shape is None)
+
+
+def _companion_nodes(model: ir.Model) -> list[ir.Node]:
+    """Every node a companion-op decomposer owns (a registered contrib op), subgraphs included."""
+    from gqa_decompose.ops import lookup  # the decomposers import the expansion, which imports the passes
+
+    return [
+        node
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if not is_gqa_node(node) and lookup(node.domain, node.op_type) is not None
+    ]
+
+
+def _untyped_inputs(node: ir.Node) -> bool:
+    """Whether a node output feeding ``node`` lacks a type or shape (graph inputs are the spec's to judge)."""
+    return any(
+        value is not None and value.producer() is not None and (value.dtype is None or value.shape is None)
+        for value in node.inputs
+    )
 
 
 def _ort_symbolic_inference(model: ir.Model) -> bool:
