@@ -123,8 +123,9 @@ def export(model, path: Path) -> None:
 def optimize(raw: Path):
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(raw), model_type="bert", num_heads=CONFIG["num_attention_heads"],
-                               hidden_size=CONFIG["hidden_size"])
+    optimized = optimize_model(
+        str(raw), model_type="bert", num_heads=CONFIG["num_attention_heads"], hidden_size=CONFIG["hidden_size"]
+    )
     return optimized
 
 
@@ -206,7 +207,7 @@ def write_provenance(model, exported_ops, statistics, proto, notes, diff) -> Non
         "# optimizer-tiny-bert",
         "",
         "A real-producer fixture from a *third* producer: ONNX Runtime's transformers optimizer",
-        "(`onnxruntime.transformers.optimizer.optimize_model`, `model_type=\"bert\"`) on a tiny **random-weight**",
+        '(`onnxruntime.transformers.optimizer.optimize_model`, `model_type="bert"`) on a tiny **random-weight**',
         "BERT (`BertForMaskedLM`) exported by the TorchScript exporter. The logits mean nothing. It has no",
         "GroupQueryAttention; what it exercises: **`EmbedLayerNormalization`** (word + position + token-type",
         "embeddings, their norm, and `mask_index` = the row sums of `attention_mask`), contrib **`Attention`** with",
@@ -249,12 +250,12 @@ def write_provenance(model, exported_ops, statistics, proto, notes, diff) -> Non
         '                  dynamic_axes={name: {0: "batch_size", 1: "sequence_length"}'
         ' for name in (*inputs, "logits")},',
         f"                  opset_version={OPSET}, do_constant_folding=True, dynamo=False)",
-        "optimized = onnxruntime.transformers.optimizer.optimize_model(raw_path, model_type=\"bert\",",
+        'optimized = onnxruntime.transformers.optimizer.optimize_model(raw_path, model_type="bert",',
         f"                                                              num_heads={CONFIG['num_attention_heads']},"
         f" hidden_size={CONFIG['hidden_size']})",
         "```",
         "",
-        "(the optimizer's defaults otherwise: `opt_level` None, `use_gpu=False`, `FusionOptions(\"bert\")`).",
+        '(the optimizer\'s defaults otherwise: `opt_level` None, `use_gpu=False`, `FusionOptions("bert")`).',
         "",
         "## What the optimizer did",
         "",

@@ -118,7 +118,9 @@ def test_decomposed_matches_torch_logits(folder):
 
 def _feeds(folder: str, reference: dict, step: str, session) -> dict[str, np.ndarray]:
     """The prompt's feeds from reference.npz (pasts empty), or the decode step's (the prompt's presents as pasts)."""
-    prompt = {k: reference[k] for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids") if k in reference}
+    prompt = {
+        k: reference[k] for k in ("input_ids", "attention_mask", "position_ids", "token_type_ids") if k in reference
+    }
     pasts = [i for i in session.get_inputs() if i.name.startswith("past")]
     for value in pasts:
         prompt[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), np.float32)

@@ -16,9 +16,7 @@ INT32 = TensorProto.INT32
 V, P, G, D = 11, 7, 2, 16  # vocabulary, positions, token types, hidden
 
 
-def _model(
-    segment=True, mask=True, positions=None, outputs=(0, 1), opset=14, batch="batch", length="seq", dtype=FLOAT
-):
+def _model(segment=True, mask=True, positions=None, outputs=(0, 1), opset=14, batch="batch", length="seq", dtype=FLOAT):
     inputs = [
         ("input_ids", INT32, [batch, length]),
         ("segment_ids", INT32, [batch, length]) if segment else None,
