@@ -21,7 +21,7 @@ from gqa_decompose.passes import (
     find_gqa_nodes,
 )
 from gqa_decompose.passes.decompose_ops import DecomposedOp, DecomposeOpsPass, find_op_nodes
-from gqa_decompose.spec import DecomposeOptions
+from gqa_decompose.spec import DecomposeOptions, options_of
 
 if TYPE_CHECKING:
     from gqa_decompose.verify import NodeVerification
@@ -78,12 +78,12 @@ def rewrite(
 
 
 @overload
-def decompose(model: onnx.ModelProto, **options) -> onnx.ModelProto: ...
+def decompose(model: onnx.ModelProto, **fields) -> onnx.ModelProto: ...
 @overload
-def decompose(model: ir.Model, **options) -> ir.Model: ...
+def decompose(model: ir.Model, **fields) -> ir.Model: ...
 
 
-def decompose(model, *, check: bool = True, **options):
+def decompose(model, *, check: bool = True, options: DecomposeOptions | None = None, **fields):
     """Rewrite every com.microsoft.GroupQueryAttention node, and the companion contrib ops
     (normalizations, RotaryEmbedding, activations: see :mod:`gqa_decompose.ops`), into standard ONNX ops.
 
@@ -91,7 +91,7 @@ def decompose(model, *, check: bool = True, **options):
         model: an ``onnx.ModelProto`` (left untouched; a new ModelProto is
             returned) or an ``onnx_ir.Model`` (rewritten in place and returned).
         check: run the ONNX checker on the result.
-        options: fields of :class:`DecomposeOptions`: ``legacy_window=True``
+        options: a :class:`DecomposeOptions`, or ``fields``, its fields as keywords: ``legacy_window=True``
             reads ``local_window_size`` as ONNX Runtime <= 1.23 did (W + 1
             visible keys); ``static_kv_cache=True`` promises a max-length KV
             buffer, ``growing_kv_cache=True`` a cache that grows with aligned
@@ -108,7 +108,7 @@ def decompose(model, *, check: bool = True, **options):
         GqaDecomposeError: a node is malformed or uses a feature that cannot be
             reproduced exactly; the message names the node.
     """
-    options = DecomposeOptions(**options)
+    options = options_of(options, fields)
     if isinstance(model, onnx.ModelProto):
         ir_model = ir.serde.deserialize_model(model)
         _merge_repeated_declarations(model, ir_model)
@@ -251,14 +251,14 @@ def _verified(
         from gqa_decompose.verify import verify as verify_nodes
         from gqa_decompose.verify_ops import verify_ops
 
-        verifications = tuple(verify_nodes(original, **dataclasses.asdict(options)).nodes)
+        verifications = tuple(verify_nodes(original, options=options).nodes)
         if decomposed.ops:
             op_verifications = tuple(verify_ops(original, options.ops))
     if verify in ("model", "all"):
         from gqa_decompose.verify_model import verify_model
 
         model_verification = verify_model(
-            original, rewritten, genai_config=model_io.read_genai_config(source), **dataclasses.asdict(options)
+            original, rewritten, genai_config=model_io.read_genai_config(source), options=options
         )
     for entry, verification in zip(decomposed, verifications, strict=True):
         if verification is not None and not _node_passed(verification):

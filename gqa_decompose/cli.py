@@ -467,7 +467,7 @@ def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) ->
 
     bar, update = _progress_bar("verifying nodes", quiet)
     with bar:
-        result = verify(original, progress=update, **dataclasses.asdict(options))
+        result = verify(original, progress=update, options=options)
     return list(result.nodes)
 
 
@@ -489,7 +489,7 @@ def _verify_whole_model(
             feeds=run.inputs_path,
             genai_config=model_io.read_genai_config(run.model_path),
             progress=update,
-            **dataclasses.asdict(options),
+            options=options,
         )
 
 
@@ -651,7 +651,7 @@ def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, .
         dims=run.dims,
         feeds=run.inputs_path,
         progress=run.progress,
-        **dataclasses.asdict(options),
+        options=options,
     )
     for entry in result.nodes:
         if entry.status == "refused":

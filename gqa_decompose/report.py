@@ -23,7 +23,7 @@ from gqa_decompose.api import rewrite
 from gqa_decompose.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, VERIFY_MODES  # noqa: F401 - re-exported
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, non_standard_nodes
 from gqa_decompose.plan import plan_gqa, plan_ops
-from gqa_decompose.spec import DecomposeOptions, GqaSpec
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, options_of
 from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
 
@@ -159,7 +159,8 @@ def check(
     dims: Mapping[str, int] | None = None,
     feeds: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    **options,
+    options: DecomposeOptions | None = None,
+    **fields,
 ) -> CheckResult:
     """Whether ``model`` is portable once decomposed; nothing is written.
 
@@ -170,7 +171,7 @@ def check(
             the whole model, see :func:`gqa_decompose.verify_model`), "all" (both) or "none".
         steps, batch, dims, feeds: the model-level run's settings (:func:`gqa_decompose.verify_model`).
         progress: called with (what, done, total) as nodes and steps are verified.
-        options: fields of :class:`DecomposeOptions`.
+        options: the :class:`DecomposeOptions` (or ``fields``, its fields as keywords).
 
     Returns:
         A :class:`CheckResult`; ``result.portable`` is the gate.
@@ -180,7 +181,7 @@ def check(
     """
     if verify_mode not in VERIFY_MODES:
         raise ValueError(f"verify_mode must be one of {VERIFY_MODES}, got {verify_mode!r}")
-    decompose_options = DecomposeOptions(**options)
+    decompose_options = options_of(options, fields)
     started = time.perf_counter()
     path = None
     if isinstance(model, ir.Model):
@@ -212,7 +213,7 @@ def check(
     decomposable = [n for n in result.nodes if n.status == "decomposable"]
     if verify_mode in ("nodes", "all") and decomposable:
         started = time.perf_counter()
-        report = verify(loaded, progress=_tagged(progress, "nodes"), **dataclasses.asdict(decompose_options))
+        report = verify(loaded, progress=_tagged(progress, "nodes"), options=decompose_options)
         # One verification per GQA node in the same (find_gqa_nodes) order: joined by position, not by name.
         result.nodes = [dataclasses.replace(n, verification=v) for n, v in zip(result.nodes, report.nodes, strict=True)]
         result.timings["verify_nodes"] = time.perf_counter() - started
@@ -231,7 +232,7 @@ def check(
             feeds=feeds,
             genai_config=read_genai_config(path),
             progress=_tagged(progress, "model"),
-            **dataclasses.asdict(decompose_options),
+            options=decompose_options,
         )
         result.timings["verify_model"] = time.perf_counter() - started
     result.exit_code = EXIT_OK if result.portable else EXIT_FAILED

@@ -206,7 +206,7 @@ def check_runtime(
             model,
             runtime=runtime,
             total_length_from_shape=chosen.shapes_from_input_shapes,
-            **dataclasses.asdict(options),
+            options=options,
         )
     original = model.clone()
     ir.external_data.load_to_model(original)  # the runtimes need the weights

@@ -23,6 +23,7 @@ __all__ = [
     "GQA_OP_TYPE",
     "TARGETS",
     "DecomposeOptions",
+    "options_of",
     "GqaInput",
     "GqaOutput",
     "GqaSpec",
@@ -174,6 +175,14 @@ class DecomposeOptions:
     def decomposes(self, op_type: str) -> bool:
         """Whether ``op_type`` is among the ops to decompose."""
         return self.ops is None or op_type in self.ops
+
+
+def options_of(options: DecomposeOptions | None, fields: dict[str, Any]) -> DecomposeOptions:
+    """``options``, or the DecomposeOptions of ``fields``: the public functions take either the object
+    (as the package passes it along) or its fields as keywords (the short form), not both."""
+    if options is not None and fields:
+        raise TypeError(f"pass options= or its fields as keywords, not both (got {', '.join(sorted(fields))})")
+    return options if options is not None else DecomposeOptions(**fields)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.mask import row_block_min_queries
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.plan import plan_gqa
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, options_of, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = [
     "NodeVerification",
@@ -723,7 +723,7 @@ def _node_check(
         oracle = normalized_oracle_model(oracle, spec)
     candidate = extract_node_model(node, opset, ir_version, outputs=used_outputs)
     if not fused_on_runtime:
-        candidate = decompose(candidate, **dataclasses.asdict(options))
+        candidate = decompose(candidate, options=options)
     total_length_input = feed_names.get(gqa.TOTAL_SEQUENCE_LENGTH) if total_length_from_shape else None
     run_candidate, label = _candidate_runner(candidate, runtime, total_length_input, bfloat16)
     tolerance = core.node_tolerance(spec.dtype, spec.compute_dtype != ir.DataType.FLOAT)
@@ -806,13 +806,15 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
     runtime: str | None = None,
     total_length_from_shape: bool = False,
-    **options,
+    options: DecomposeOptions | None = None,
+    **fields,
 ) -> VerificationReport:
     """Check each GQA node of ``original`` against its expansion on ONNX Runtime CPU.
 
     ``original`` is not modified (an ``onnx_ir.Model`` is copied first). When
     ``decomposed`` is given, it must hold no GroupQueryAttention node.
-    ``options`` are the :class:`DecomposeOptions` the model was decomposed with.
+    ``options`` are the :class:`DecomposeOptions` the model was decomposed with (or ``fields``, its fields
+    as keywords).
     ``runtime`` runs each expansion on another runtime (:mod:`gqa_decompose.runtimes`)
     instead of ONNX Runtime CPU; the fused node is always run on ONNX Runtime CPU.
     ``total_length_from_shape``: see :func:`verify_node_model`.
@@ -822,7 +824,7 @@ def verify(
     else:
         model = original.clone()  # tensors are shared, so external data stays where it is
     InferGqaTypesPass()(model)
-    decompose_options = DecomposeOptions(**options)
+    decompose_options = options_of(options, fields)
     found = find_gqa_nodes(model)
     # Each one-node model holds only the GQA node, so it takes the opset the rewrite gives that node (its
     # container's: a function's own import, or the model's as raised).

@@ -461,7 +461,7 @@ def check_against_ort(layers: Case | tuple[Case, ...], seed: int = 0) -> str:
     model = merge_layers([build_model(case) for case in layers])
     note(f"model:\n{_graph_text(model)}")
     try:
-        decomposed = decompose(model, **dataclasses.asdict(options))
+        decomposed = decompose(model, options=options)
     except GqaDecomposeError as error:
         assert "\n" not in str(error), "a refusal is one line"
         return f"refused: {error.reason}"
