@@ -522,7 +522,7 @@ def _echo_decomposed(run: _Run, options: DecomposeOptions, result: CheckResult, 
         return
     for node in result.nodes:
         click.echo(
-            f"{node.name}: decomposed ({', '.join(node.spec.features())}) into "
+            f"{node.name}: decomposed ({', '.join(node.spec.features(node.lowering))}) into "
             f"{node.new_nodes} nodes{_target_text(options, node.target, node.fallback)}; "
             f"{_verification_text(node.verification)}"
         )
@@ -581,7 +581,7 @@ def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, .
             click.echo(f"{entry.name}: REFUSED: {entry.reason}")
             continue
         click.echo(
-            f"{entry.name}: decomposable ({', '.join(entry.spec.features())})"
+            f"{entry.name}: decomposable ({', '.join(entry.spec.features(entry.lowering))})"
             f"{_target_text(options, entry.target, entry.fallback)}; {_verification_text(entry.verification)}"
         )
         if run.verbose:

@@ -29,6 +29,7 @@ from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
 
 if TYPE_CHECKING:
+    from gqa_decompose.expansion.gqa import Lowering
     from gqa_decompose.runtime_check import RuntimeCheck
 
 __all__ = [
@@ -62,6 +63,7 @@ class NodeEntry:
     verification: NodeVerification | None = None
     target: str | None = None  # what it becomes: "primitives" or "attention" (None when refused)
     fallback: str | None = None  # why it is not the target asked for
+    lowering: Lowering | None = None  # how it is emitted (None when refused)
 
     @property
     def passed(self) -> bool:
@@ -139,6 +141,7 @@ def decompose_report(model: str, options: DecomposeOptions, verify_mode: str, do
                 verification=verification,
                 target=entry.target,
                 fallback=entry.fallback,
+                lowering=entry.lowering,
             )
         )
     result.op_nodes = [op_node_entry(entry, v) for entry, v in zip(done.ops, done.op_verifications)]
@@ -252,7 +255,13 @@ def check(
             continue
         result.nodes.append(
             NodeEntry(
-                item.spec.node_name, item.scope, "decomposable", item.spec, target=item.target, fallback=item.fallback
+                item.spec.node_name,
+                item.scope,
+                "decomposable",
+                item.spec,
+                target=item.target,
+                fallback=item.fallback,
+                lowering=item.lowering,
             )
         )
     result.opsets = opsets(loaded)
@@ -353,7 +362,7 @@ def _finite(value: float | None) -> float | None | str:
     return "nan" if np.isnan(value) else "inf"
 
 
-def _config_json(spec: GqaSpec | None) -> dict | None:
+def _config_json(spec: GqaSpec | None, lowering: Lowering | None) -> dict | None:
     if spec is None:
         return None
     return {
@@ -370,12 +379,12 @@ def _config_json(spec: GqaSpec | None) -> dict | None:
             "windowed"
             if spec.sliding_window_cache
             else "static"
-            if spec.static_kv_cache
+            if lowering is not None and lowering.static_kv_cache
             else "growing"
-            if spec.growing_kv_cache
+            if lowering is not None and lowering.growing_kv_cache
             else "any"
         ),
-        "features": spec.features(),
+        "features": spec.features(lowering),
     }
 
 
@@ -477,8 +486,8 @@ def report_json(result: CheckResult, version: str) -> dict:
                 "scope": node.scope,
                 "status": node.status,
                 "reason": node.reason,
-                "config": _config_json(node.spec),
-                "features": node.spec.features() if node.spec else [],
+                "config": _config_json(node.spec, node.lowering),
+                "features": node.spec.features(node.lowering) if node.spec else [],
                 "new_nodes": node.new_nodes,
                 "target": node.target,
                 "fallback": node.fallback,

@@ -28,6 +28,7 @@ from onnx import helper
 from gqa_decompose import spec as gqa
 from gqa_decompose import verify_core as core
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.expansion.mask import row_block_min_queries
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.plan import plan_gqa
@@ -304,8 +305,10 @@ def _static_dim(node: ir.Node, positions: Sequence[tuple[int, int]]) -> int | st
     return found[0] if found else None
 
 
-def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
-    """The phases a node's static shapes admit, with small sizes for symbolic dims."""
+def phases_for(node: ir.Node, spec: GqaSpec, lowering: Lowering | None = None) -> list[Phase]:
+    """The phases a node's static shapes admit, with small sizes for symbolic dims, and its cache promise
+    (``lowering``; default: the default options') keeps."""
+    lowering = lowering or Lowering.of(node, spec)
     batch_dim = _static_dim(
         node,
         [(gqa.QUERY, 0), (gqa.KEY, 0), (gqa.VALUE, 0), (gqa.PAST_KEY, 0), (gqa.PAST_VALUE, 0), (gqa.POSITION_IDS, 0)],
@@ -335,12 +338,12 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         options: list[tuple[str, int | None]] = []
         growing_past = total - query_length
         growing_fits = not isinstance(past_dim, int) or past_dim == growing_past
-        if not spec.kv_empty and not spec.static_kv_cache and growing_fits:
+        if not spec.kv_empty and not lowering.static_kv_cache and growing_fits:
             options.append((", growing cache", growing_past))
         # A decode step reads few rows of a long buffer (attention copies just the rows it
         # reads); other phases read most of a short one (attention reads the whole buffer).
         static_past = _fixed(past_dim, 3 * total if query_length == 1 else total + 3)
-        if static_past >= total and not spec.growing_kv_cache:
+        if static_past >= total and not lowering.growing_kv_cache:
             options.append((", static buffer", static_past))
         return options
 
@@ -353,7 +356,7 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     if not isinstance(query_dim, int) or query_dim == 1:
         total = 7
         # The growing-cache promise includes aligned rows: no ragged decode.
-        lengths = (total,) * batch if spec.growing_kv_cache else _ragged(batch, total, 1)
+        lengths = (total,) * batch if lowering.growing_kv_cache else _ragged(batch, total, 1)
         candidates.append(("decode", batch, 1, total, lengths))
     # Chunked prefill: ORT needs batch 1.
     chunk = _fixed(query_dim, 3)
@@ -363,7 +366,7 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
 
     # A prompt long enough for causal row blocks.
     long_prompt = row_block_min_queries()
-    if spec.fast_paths and spec.causal and not isinstance(query_dim, int) and not isinstance(past_dim, int):
+    if lowering.fast_paths and spec.causal and not isinstance(query_dim, int) and not isinstance(past_dim, int):
         long_batch = _fixed(batch_dim, 1)
         candidates.append(("long first prompt", long_batch, long_prompt, long_prompt, (long_prompt,) * long_batch))
 
@@ -701,6 +704,7 @@ def _candidate_runner(
 def _node_check(
     node: ir.Node,
     spec: GqaSpec,
+    lowering: Lowering,
     opset: int,
     ir_version: int,
     options: DecomposeOptions,
@@ -726,7 +730,7 @@ def _node_check(
         candidate = decompose(candidate, options=options)
     total_length_input = feed_names.get(gqa.TOTAL_SEQUENCE_LENGTH) if total_length_from_shape else None
     run_candidate, label = _candidate_runner(candidate, runtime, total_length_input, bfloat16)
-    tolerance = core.node_tolerance(spec.dtype, spec.compute_dtype != ir.DataType.FLOAT)
+    tolerance = core.node_tolerance(spec.dtype, lowering.compute_dtype != ir.DataType.FLOAT)
     check = _NodeCheck(
         spec,
         tuple(used_outputs),
@@ -765,14 +769,24 @@ def verify_node_model(
     options = options or DecomposeOptions()
     spec = parse_gqa_node(node, options)
     target, fallback = resolve_target(spec, options, opset, raise_obstacle)
+    lowering = Lowering.of(node, spec, options, target, opset)
     if used_outputs is None:
         used_outputs = [i for i, v in enumerate(node.outputs) if v is not None and v.name]
     check, feed_names = _node_check(
-        node, spec, opset, ir_version, options, used_outputs, runtime, total_length_from_shape, fused_on_runtime
+        node,
+        spec,
+        lowering,
+        opset,
+        ir_version,
+        options,
+        used_outputs,
+        runtime,
+        total_length_from_shape,
+        fused_on_runtime,
     )
     rng = np.random.default_rng(seed)
     results = []
-    for phase in phases if phases is not None else phases_for(node, spec):
+    for phase in phases if phases is not None else phases_for(node, spec, lowering):
         for _ in range(_TIE_RETRIES + 1):
             result, expected, got = check.run_phase(phase, synthesize_inputs(node, spec, phase, rng, feed_names))
             if result.passed or not quantization_ties_only(expected, got, spec, phase):
