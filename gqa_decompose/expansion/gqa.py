@@ -538,6 +538,113 @@ def _rotary_table_2d(shared: SharedSubgraphs, cache: ir.Value) -> ir.Value:
     return shared.get(("rotary_table_2d", cache), build)
 
 
+def _rotations(op: OpBuilder, shared: SharedSubgraphs, info, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowering):
+    """(rotate, rotate_key) for :func:`_split_heads`: rotary on q and the new k in the compute type, both
+    rounded to the model's type, as ORT does; (None, None) without rotary."""
+    # A zero-width table (R = 0) rotates nothing: ORT's kernel copies every dim, and
+    # RotaryEmbedding-23 would reject the table.
+    if not spec.do_rotary or spec.rotary_half == 0:
+        return None, None
+    # RotaryEmbedding-23 needs R static (its rotary_embedding_dim attribute).
+    # RotaryEmbedding-23 when the rotary width is static (the attention target implies opset >= 23).
+    use_rotary_op = lowering.attention_op and spec.rotary_half is not None
+    build = build_rotary_op_inputs if use_rotary_op else build_rotary_tables
+    tables = build(
+        shared,
+        info,
+        _rotary_table_2d(shared, node.inputs[gqa.COS_CACHE]),
+        _rotary_table_2d(shared, node.inputs[gqa.SIN_CACHE]),
+        _input(node, gqa.POSITION_IDS),
+        spec.rotary_half,
+        lowering.compute_dtype,
+    )
+
+    def rotate_with(tables, may_be_empty: bool = False):
+        def rotate(x_BSnH: ir.Value, heads: int) -> ir.Value:
+            x_BSnH = _to_compute(op, x_BSnH, spec, lowering)
+            if use_rotary_op:  # its reshapes are explicit: fine with no rows
+                rotated = apply_rotary_op(op, x_BSnH, tables, heads, spec.head_size, spec.rotary_interleaved)
+            else:
+                rotated = apply_rotary(
+                    op, shared, x_BSnH, tables, spec.head_size, spec.rotary_interleaved, may_be_empty
+                )
+            return _from_compute(op, rotated, spec, lowering)
+
+        return rotate
+
+    rotate_key = None
+    if spec.kv_maybe_empty:
+        rotate_key = rotate_with(new_rows_tables(shared, info, tables), may_be_empty=True)
+    return rotate_with(tables), rotate_key
+
+
+def _bias_columns(op: OpBuilder, info, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowering, columns: _KeyColumns):
+    """attention_bias [.., S, K] in the compute type, one column per key column; None without a bias."""
+    bias = _input(node, gqa.ATTENTION_BIAS)
+    if bias is None:
+        return None
+    if columns.length is None:
+        # Bias columns are absolute key positions; pick each key column's.
+        return _gather_columns(op, info, _to_compute(op, bias, spec, lowering), columns.positions)
+    # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
+    return _fit_columns(op, _to_compute(op, bias, spec, lowering), info.total_length, columns.length)
+
+
+def _attend_primitives(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+    query_BNSH: ir.Value,
+    columns: _KeyColumns,
+    visible_B1SK: ir.Value,
+    bias_BNSK: ir.Value | None,
+    decode,
+    fast_paths: bool,
+) -> tuple[ir.Value, ir.Value | None]:
+    """(output [B, S, N*H], output_qk [B, N, S, T] or None) from MatMul/Softmax/..."""
+    plan = ReadPlan(columns.cut, columns.cut_end)
+    query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
+    if fast_paths and columns.length is not None and spec.causal:
+        tiers = causal_row_blocks(shared, info, columns.length)
+        if isinstance(query_length, int):
+            # S is known: the tier it reaches (if any) is chosen here, without an If.
+            # Not in the default graph: tract cannot type the blocks' data-dependent slices.
+            reached = [tier for tier in tiers if query_length >= tier.minimum]
+            plan = dataclasses.replace(plan, row_block_tiers=tuple(reached[:1]), row_blocks_known=True)
+        else:
+            plan = dataclasses.replace(plan, row_block_tiers=tiers)
+    attention = attend(
+        op,
+        query_BNSH,
+        columns.keys,
+        columns.values,
+        visible_B1SK,
+        mask_bias(shared, visible_B1SK, lowering.compute_dtype),
+        num_heads=spec.num_heads,
+        kv_num_heads=spec.kv_num_heads,
+        head_size=spec.head_size,
+        scale=spec.scale,
+        softcap=spec.softcap,
+        bias_BNSK=bias_BNSK,
+        smooth_softmax=spec.smooth_softmax,
+        head_sink_N=_input(node, gqa.HEAD_SINK),
+        may_mask_whole_rows=_input(node, gqa.ATTENTION_BIAS) is not None or spec.local_window_size == 0,
+        want_scores=lowering.output_qk_used and spec.qk_output == 1,
+        want_probs=lowering.output_qk_used and spec.qk_output == 2,
+        dtype=lowering.compute_dtype,
+        plan=plan,
+        decode=decode,
+    )
+    if not lowering.output_qk_used:
+        return attention.output_BSD, None
+    chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
+    # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
+    return attention.output_BSD, _fit_columns(op, chosen, columns.length, info.total_length)
+
+
 def expand_gqa(
     op: OpBuilder,
     shared: SharedSubgraphs,
@@ -557,41 +664,7 @@ def expand_gqa(
     )
 
     # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
-    rotate = rotate_key = None
-    # A zero-width table (R = 0) rotates nothing: ORT's kernel copies every dim, and
-    # RotaryEmbedding-23 would reject the table.
-    if spec.do_rotary and spec.rotary_half != 0:
-        # RotaryEmbedding-23 needs R static (its rotary_embedding_dim attribute).
-        # RotaryEmbedding-23 when the rotary width is static (the attention target implies opset >= 23).
-        use_rotary_op = lowering.attention_op and spec.rotary_half is not None
-        build = build_rotary_op_inputs if use_rotary_op else build_rotary_tables
-        tables = build(
-            shared,
-            info,
-            _rotary_table_2d(shared, node.inputs[gqa.COS_CACHE]),
-            _rotary_table_2d(shared, node.inputs[gqa.SIN_CACHE]),
-            _input(node, gqa.POSITION_IDS),
-            spec.rotary_half,
-            lowering.compute_dtype,
-        )
-
-        def rotate_with(tables, may_be_empty: bool = False):
-            def rotate(x_BSnH: ir.Value, heads: int) -> ir.Value:
-                x_BSnH = _to_compute(op, x_BSnH, spec, lowering)
-                if use_rotary_op:  # its reshapes are explicit: fine with no rows
-                    rotated = apply_rotary_op(op, x_BSnH, tables, heads, spec.head_size, spec.rotary_interleaved)
-                else:
-                    rotated = apply_rotary(
-                        op, shared, x_BSnH, tables, spec.head_size, spec.rotary_interleaved, may_be_empty
-                    )
-                return _from_compute(op, rotated, spec, lowering)
-
-            return rotate
-
-        rotate = rotate_with(tables)
-        if spec.kv_maybe_empty:
-            rotate_key = rotate_with(new_rows_tables(shared, info, tables), may_be_empty=True)
-
+    rotate, rotate_key = _rotations(op, shared, info, node, spec, lowering)
     query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate, rotate_key)
     query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec, lowering)
 
@@ -615,14 +688,7 @@ def expand_gqa(
     visible_B1SK = visibility_mask(shared, info, columns.positions, spec.local_window_size, spec.causal)
 
     # 4. Attention in the compute type (fp32 unless native precision).
-    bias_BNSK = None
-    bias = _input(node, gqa.ATTENTION_BIAS)
-    if bias is not None and columns.length is None:
-        # Bias columns are absolute key positions; pick each key column's.
-        bias_BNSK = _gather_columns(op, info, _to_compute(op, bias, spec, lowering), columns.positions)
-    elif bias is not None:
-        # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
-        bias_BNSK = _fit_columns(op, _to_compute(op, bias, spec, lowering), info.total_length, columns.length)
+    bias_BNSK = _bias_columns(op, info, node, spec, lowering, columns)
     if lowering.attention_op:
         output_BSD, output_qk = _attend_with_op(
             op,
@@ -639,45 +705,20 @@ def expand_gqa(
             _input(node, gqa.HEAD_SINK),
         )
     else:
-        plan = ReadPlan(columns.cut, columns.cut_end)
-        query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
-        if fast_paths and columns.length is not None and spec.causal:
-            tiers = causal_row_blocks(shared, info, columns.length)
-            if isinstance(query_length, int):
-                # S is known: the tier it reaches (if any) is chosen here, without an If.
-                # Not in the default graph: tract cannot type the blocks' data-dependent slices.
-                reached = [tier for tier in tiers if query_length >= tier.minimum]
-                plan = dataclasses.replace(plan, row_block_tiers=tuple(reached[:1]), row_blocks_known=True)
-            else:
-                plan = dataclasses.replace(plan, row_block_tiers=tiers)
-        attention = attend(
+        output_BSD, output_qk = _attend_primitives(
             op,
+            shared,
+            info,
+            node,
+            spec,
+            lowering,
             query_BNSH,
-            columns.keys,
-            columns.values,
+            columns,
             visible_B1SK,
-            mask_bias(shared, visible_B1SK, lowering.compute_dtype),
-            num_heads=spec.num_heads,
-            kv_num_heads=spec.kv_num_heads,
-            head_size=spec.head_size,
-            scale=spec.scale,
-            softcap=spec.softcap,
-            bias_BNSK=bias_BNSK,
-            smooth_softmax=spec.smooth_softmax,
-            head_sink_N=_input(node, gqa.HEAD_SINK),
-            may_mask_whole_rows=bias is not None or spec.local_window_size == 0,
-            want_scores=lowering.output_qk_used and spec.qk_output == 1,
-            want_probs=lowering.output_qk_used and spec.qk_output == 2,
-            dtype=lowering.compute_dtype,
-            plan=plan,
-            decode=(decode_key, decode_value),
+            bias_BNSK,
+            (decode_key, decode_value),
+            fast_paths,
         )
-        output_BSD = attention.output_BSD
-        output_qk = None
-        if lowering.output_qk_used:
-            chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
-            # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
-            output_qk = _fit_columns(op, chosen, columns.length, info.total_length)
     output = _from_compute(op, output_BSD, spec, lowering)
     if output_qk is not None:
         output_qk = _from_compute(op, output_qk, spec, lowering)
