@@ -234,36 +234,11 @@ def check(
         get_runtime(name)  # an unknown name is bad input, before any work
     decompose_options = options_of(options, fields)
     started = time.perf_counter()
-    path = None
-    if isinstance(model, ir.Model):
-        loaded = model.clone()
-    elif isinstance(model, onnx.ModelProto):
-        loaded = ir.serde.deserialize_model(model)
-    else:
-        path = pathlib.Path(model).absolute()
-        loaded = model_io.load_model(path)
+    loaded, path = _load_copy(model)
     result = CheckResult(str(path) if path else "<in memory>", "check", decompose_options, verify_mode)
     result.timings["load"] = time.perf_counter() - started
     InferGqaTypesPass()(loaded)
-    refused = set()
-    # Every GQA node, whatever ``ops`` says (a node left as it is stays a GQA node, so check() judges it).
-    for item in plan_gqa(loaded, decompose_options, find_gqa_nodes(loaded)).nodes:
-        if item.refusal is not None:
-            refused.add(item.node.name)
-            name = item.refusal.node_name or item.node.name
-            result.nodes.append(NodeEntry(name, item.scope, "refused", None, item.refusal.reason))
-            continue
-        result.nodes.append(
-            NodeEntry(
-                item.spec.node_name,
-                item.scope,
-                "decomposable",
-                item.spec,
-                target=item.target,
-                fallback=item.fallback,
-                lowering=item.lowering,
-            )
-        )
+    refused = _plan_entries(loaded, decompose_options, result)
     result.opsets = opsets(loaded)
     decomposable = _check_op_nodes(loaded, decompose_options, verify_mode, result)
     result.ops_left = ops_left(loaded, keep_gqa=refused, decomposable=decomposable)
@@ -296,6 +271,40 @@ def check(
         _check_runtimes(loaded, decompose_options, verify_mode, runtimes, result)
     result.exit_code = EXIT_OK if result.portable else EXIT_FAILED
     return result
+
+
+def _load_copy(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> tuple[ir.Model, pathlib.Path | None]:
+    """A model check() may type and plan (the caller's is left as it is), and its path if it has one."""
+    if isinstance(model, ir.Model):
+        return model.clone(), None
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model), None
+    path = pathlib.Path(model).absolute()
+    return model_io.load_model(path), path
+
+
+def _plan_entries(model: ir.Model, options: DecomposeOptions, result: CheckResult) -> set[str]:
+    """One entry per GQA node, decomposable or refused (whatever ``options.ops`` says: a node left as it
+    is stays a GQA node, so check() judges it); returns the names of those refused."""
+    refused = set()
+    for item in plan_gqa(model, options, find_gqa_nodes(model)).nodes:
+        if item.refusal is not None:
+            refused.add(item.node.name)
+            name = item.refusal.node_name or item.node.name
+            result.nodes.append(NodeEntry(name, item.scope, "refused", None, item.refusal.reason))
+            continue
+        result.nodes.append(
+            NodeEntry(
+                item.spec.node_name,
+                item.scope,
+                "decomposable",
+                item.spec,
+                target=item.target,
+                fallback=item.fallback,
+                lowering=item.lowering,
+            )
+        )
+    return refused
 
 
 def _check_runtimes(

@@ -457,95 +457,136 @@ def synthesize_inputs(
     node: ir.Node, spec: GqaSpec, phase: Phase, rng: np.random.Generator, feed_names: dict[int, str]
 ) -> dict[str, np.ndarray]:
     """Valid inputs for ``phase`` keyed by the one-node model's input names."""
-    dtype = core.NUMPY_TYPES[spec.dtype]
-    batch, query_length, total = phase.batch, phase.query_length, phase.total_length
-    kv_hidden = spec.kv_num_heads * spec.head_size
-    heads = spec.num_heads
-    feeds: dict[str, np.ndarray] = {}
+    feeds = _Feeds(node, spec, phase, rng, feed_names)
+    # In this order: each draws from ``rng`` in turn, so a seed gives the same inputs.
+    feeds.put_qkv()
+    feeds.put_past()
+    feeds.put_scales()
+    feeds.put_lengths()
+    positions_limit = feeds.put_rotary()
+    feeds.put_positions(positions_limit)
+    feeds.put_bias()
+    if gqa.HEAD_SINK in feed_names:
+        feeds.put(gqa.HEAD_SINK, feeds.normal(spec.num_heads))
+    for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
+        weight = 1.0 + 0.5 * rng.standard_normal(spec.head_size)
+        feeds.put(index, weight.astype(np.float32).astype(feeds.dtype))
+    return feeds.feeds
 
-    def normal(*shape) -> np.ndarray:
-        return rng.standard_normal(shape).astype(np.float32).astype(dtype)
 
-    def put(index: int, array: np.ndarray) -> None:
-        if index in feed_names:
-            feeds[feed_names[index]] = array
+class _Feeds:
+    """The feeds of one phase, input by input (:func:`synthesize_inputs`)."""
 
-    query_hidden = spec.head_size * (heads + 2 * spec.kv_num_heads if spec.packed_qkv else heads)
-    put(gqa.QUERY, normal(batch, query_length, query_hidden))
-    if not spec.packed_qkv:
-        kv_length = 0 if spec.kv_empty or phase.kv_empty else query_length
-        put(gqa.KEY, normal(batch, kv_length, kv_hidden))
-        put(gqa.VALUE, normal(batch, kv_length, kv_hidden))
-    if phase.past_length is not None:
+    def __init__(
+        self, node: ir.Node, spec: GqaSpec, phase: Phase, rng: np.random.Generator, feed_names: dict[int, str]
+    ) -> None:
+        self.node, self.spec, self.phase, self.rng, self.feed_names = node, spec, phase, rng, feed_names
+        self.dtype = core.NUMPY_TYPES[spec.dtype]
+        self.kv_hidden = spec.kv_num_heads * spec.head_size
+        self.feeds: dict[str, np.ndarray] = {}
+
+    def normal(self, *shape) -> np.ndarray:
+        return self.rng.standard_normal(shape).astype(np.float32).astype(self.dtype)
+
+    def put(self, index: int, array: np.ndarray) -> None:
+        if index in self.feed_names:
+            self.feeds[self.feed_names[index]] = array
+
+    def put_qkv(self) -> None:
+        spec, phase = self.spec, self.phase
+        heads = spec.num_heads
+        query_hidden = spec.head_size * (heads + 2 * spec.kv_num_heads if spec.packed_qkv else heads)
+        self.put(gqa.QUERY, self.normal(phase.batch, phase.query_length, query_hidden))
+        if not spec.packed_qkv:
+            kv_length = 0 if spec.kv_empty or phase.kv_empty else phase.query_length
+            self.put(gqa.KEY, self.normal(phase.batch, kv_length, self.kv_hidden))
+            self.put(gqa.VALUE, self.normal(phase.batch, kv_length, self.kv_hidden))
+
+    def put_past(self) -> None:
+        spec, phase, rng = self.spec, self.phase, self.rng
+        if phase.past_length is None:
+            return
         cache_width = spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size
-        past_shape = (batch, spec.kv_num_heads, phase.past_length, cache_width)
+        past_shape = (phase.batch, spec.kv_num_heads, phase.past_length, cache_width)
         for index in (gqa.PAST_KEY, gqa.PAST_VALUE):
             if spec.kv_bits == 8:
-                put(index, rng.integers(-128, 128, past_shape).astype(np.int8))
+                self.put(index, rng.integers(-128, 128, past_shape).astype(np.int8))
             elif spec.kv_bits == 4:
-                put(index, rng.integers(0, 256, past_shape).astype(np.uint8))
+                self.put(index, rng.integers(0, 256, past_shape).astype(np.uint8))
             else:
-                put(index, normal(*past_shape))
-    if spec.kv_quant is not None or gqa.K_SCALE in feed_names:  # ignored without quantization
-        scale_size = kv_hidden if spec.kv_quant == "PER_CHANNEL" else 1
+                self.put(index, self.normal(*past_shape))
+
+    def put_scales(self) -> None:
+        spec = self.spec
+        if spec.kv_quant is None and gqa.K_SCALE not in self.feed_names:  # ignored without quantization
+            return
+        scale_size = self.kv_hidden if spec.kv_quant == "PER_CHANNEL" else 1
         for index in (gqa.K_SCALE, gqa.V_SCALE):
-            if index not in feed_names:
+            if index not in self.feed_names:
                 continue
-            dims = _dims(node.inputs[index])
+            dims = _dims(self.node.inputs[index])
             shape = _shaped(dims, {0: scale_size}, 1) if dims else (scale_size,)
-            put(index, rng.uniform(0.01, 0.05, shape).astype(np.float32))
-    seqlens = np.array(phase.total_lengths, dtype=np.int32) - 1
-    seqlens_dims = _dims(node.inputs[gqa.SEQLENS_K])
-    if seqlens_dims is not None and len(seqlens_dims) == 2:
-        # (1, B) when dim 0 is 1 or dim 1 is a static size other than 1 (a partial shape may say only that).
-        row = seqlens_dims[0] == 1 or (isinstance(seqlens_dims[1], int) and seqlens_dims[1] != 1)
-        seqlens = seqlens.reshape((1, batch) if row and seqlens_dims[1] != 1 else (batch, 1))
-    put(gqa.SEQLENS_K, seqlens)
-    total_dims = _dims(node.inputs[gqa.TOTAL_SEQUENCE_LENGTH])
-    total_shape = () if total_dims is not None and len(total_dims) == 0 else (1,)
-    put(gqa.TOTAL_SEQUENCE_LENGTH, np.full(total_shape, total, dtype=np.int32))
+            self.put(index, self.rng.uniform(0.01, 0.05, shape).astype(np.float32))
 
-    positions_limit = max(total + 3, 16)
-    if gqa.COS_CACHE in feed_names:
-        cos_dims = _dims(node.inputs[gqa.COS_CACHE])
-        half = spec.rotary_half or _rotary_half_hint(node.inputs[gqa.COS_CACHE]) or spec.head_size // 2
-        shape = _shaped(cos_dims, {0: positions_limit, 1: half}, 2)
-        angles = rng.uniform(-math.pi, math.pi, shape)
-        put(gqa.COS_CACHE, np.cos(angles).astype(np.float32).astype(dtype))
-        put(gqa.SIN_CACHE, np.sin(angles).astype(np.float32).astype(dtype))
-    cos_value = node.inputs[gqa.COS_CACHE] if len(node.inputs) > gqa.COS_CACHE else None
-    if cos_value is not None and cos_value.shape is not None and isinstance(cos_value.shape[0], int):
-        positions_limit = cos_value.shape[0]
+    def put_lengths(self) -> None:
+        phase, node = self.phase, self.node
+        seqlens = np.array(phase.total_lengths, dtype=np.int32) - 1
+        seqlens_dims = _dims(node.inputs[gqa.SEQLENS_K])
+        if seqlens_dims is not None and len(seqlens_dims) == 2:
+            # (1, B) when dim 0 is 1 or dim 1 is a static size other than 1 (a partial shape may say only that).
+            row = seqlens_dims[0] == 1 or (isinstance(seqlens_dims[1], int) and seqlens_dims[1] != 1)
+            seqlens = seqlens.reshape((1, phase.batch) if row and seqlens_dims[1] != 1 else (phase.batch, 1))
+        self.put(gqa.SEQLENS_K, seqlens)
+        total_dims = _dims(node.inputs[gqa.TOTAL_SEQUENCE_LENGTH])
+        total_shape = () if total_dims is not None and len(total_dims) == 0 else (1,)
+        self.put(gqa.TOTAL_SEQUENCE_LENGTH, np.full(total_shape, phase.total_length, dtype=np.int32))
 
-    if gqa.POSITION_IDS in feed_names:
-        dims = _dims(node.inputs[gqa.POSITION_IDS])
-        shape = _shaped(dims, {0: batch, 1: query_length, 2: 1, 3: 1}, 2)  # (B, S, 1, ..) of rank > 2
+    def put_rotary(self) -> int:
+        """cos/sin caches; returns how many positions they hold."""
+        node, spec = self.node, self.spec
+        positions_limit = max(self.phase.total_length + 3, 16)
+        if gqa.COS_CACHE in self.feed_names:
+            cos_dims = _dims(node.inputs[gqa.COS_CACHE])
+            half = spec.rotary_half or _rotary_half_hint(node.inputs[gqa.COS_CACHE]) or spec.head_size // 2
+            shape = _shaped(cos_dims, {0: positions_limit, 1: half}, 2)
+            angles = self.rng.uniform(-math.pi, math.pi, shape)
+            self.put(gqa.COS_CACHE, np.cos(angles).astype(np.float32).astype(self.dtype))
+            self.put(gqa.SIN_CACHE, np.sin(angles).astype(np.float32).astype(self.dtype))
+        cos_value = node.inputs[gqa.COS_CACHE] if len(node.inputs) > gqa.COS_CACHE else None
+        if cos_value is not None and cos_value.shape is not None and isinstance(cos_value.shape[0], int):
+            positions_limit = cos_value.shape[0]
+        return positions_limit
+
+    def put_positions(self, positions_limit: int) -> None:
+        if gqa.POSITION_IDS not in self.feed_names:
+            return
+        phase, rng = self.phase, self.rng
+        dims = _dims(self.node.inputs[gqa.POSITION_IDS])
+        shape = _shaped(dims, {0: phase.batch, 1: phase.query_length, 2: 1, 3: 1}, 2)  # (B, S, 1, ..) of rank > 2
         if phase.first_prompt:
-            base = int(rng.integers(0, positions_limit - query_length + 1))
+            base = int(rng.integers(0, positions_limit - phase.query_length + 1))
             row = (base + np.arange(shape[1])).reshape((shape[1],) + (1,) * (len(shape) - 2))
             positions = np.broadcast_to(row, shape)
         else:
             positions = rng.integers(0, positions_limit, shape)
-        put(gqa.POSITION_IDS, np.ascontiguousarray(np.minimum(positions, positions_limit - 1)).astype(np.int64))
+        self.put(gqa.POSITION_IDS, np.ascontiguousarray(np.minimum(positions, positions_limit - 1)).astype(np.int64))
 
-    if gqa.ATTENTION_BIAS in feed_names:
-        dims = _dims(node.inputs[gqa.ATTENTION_BIAS])
-        shape = _shaped(dims, {0: batch, 1: heads, 2: query_length, 3: total}, 4)
+    def put_bias(self) -> None:
+        if gqa.ATTENTION_BIAS not in self.feed_names:
+            return
+        spec, phase, rng = self.spec, self.phase, self.rng
+        dims = _dims(self.node.inputs[gqa.ATTENTION_BIAS])
+        shape = _shaped(dims, {0: phase.batch, 1: spec.num_heads, 2: phase.query_length, 3: phase.total_length}, 4)
         bias = rng.standard_normal(shape).astype(np.float32)
         bias[rng.random(shape) < 0.15] = -np.inf
         # Keep the newest visible key of every batch row finite so no valid row is masked
         # entirely (ORT's kernels disagree there: 0 or NaN). A bias broadcast over the batch
         # (dim 0 = 1) serves every row, whose newest keys differ when causal = 0.
         limits = _causal_limits(spec, phase)
-        for b in range(batch):
-            for s in range(query_length):
+        for b in range(phase.batch):
+            for s in range(phase.query_length):
                 bias[min(b, shape[0] - 1), :, s, limits[b, s] - 1] = rng.standard_normal()
-        put(gqa.ATTENTION_BIAS, bias.astype(dtype))
-    if gqa.HEAD_SINK in feed_names:
-        put(gqa.HEAD_SINK, normal(heads))
-    for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
-        put(index, (1.0 + 0.5 * rng.standard_normal(spec.head_size)).astype(np.float32).astype(dtype))
-    return feeds
+        self.put(gqa.ATTENTION_BIAS, bias.astype(self.dtype))
 
 
 # Comparison ----------------------------------------------------------------------------------
