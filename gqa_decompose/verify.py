@@ -309,6 +309,35 @@ def phases_for(node: ir.Node, spec: GqaSpec, lowering: Lowering | None = None) -
     """The phases a node's static shapes admit, with small sizes for symbolic dims, and its cache promise
     (``lowering``; default: the default options') keeps."""
     lowering = lowering or Lowering.of(node, spec)
+    batch_dim, query_dim, past_dim, positions_limit = _phase_dims(node, spec)
+    if spec.sliding_window_cache:
+        return _sliding_cache_phases(spec, batch_dim, query_dim, past_dim, positions_limit)
+
+    # A static bias width fixes T.
+    bias = node.inputs[gqa.ATTENTION_BIAS] if len(node.inputs) > gqa.ATTENTION_BIAS else None
+    bias_width = (_dims(bias) or [None] * 4)[3] if bias is not None else None
+    static_total = bias_width if isinstance(bias_width, int) else None
+
+    phases = []
+    for name, batch, query_length, total, lengths in _phase_candidates(spec, lowering, batch_dim, query_dim, past_dim):
+        if positions_limit is not None and total + 3 > positions_limit:
+            continue
+        if static_total is not None and static_total != total:
+            continue
+        for suffix, past_length in _past_options(spec, lowering, past_dim, query_length, total):
+            phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))
+            if spec.kv_maybe_empty and past_length is not None and past_length >= total:
+                # The key length is 0 or S at run time: a KV-shared step reads a static buffer (§11).
+                phases.append(
+                    Phase(
+                        name + suffix + ", shared KV", batch, query_length, past_length, total, lengths, kv_empty=True
+                    )
+                )
+    return phases
+
+
+def _phase_dims(node: ir.Node, spec: GqaSpec) -> tuple:
+    """(B, S, P, positions) as the node's static shapes fix them (a symbolic dim: None or its name)."""
     batch_dim = _static_dim(
         node,
         [(gqa.QUERY, 0), (gqa.KEY, 0), (gqa.VALUE, 0), (gqa.PAST_KEY, 0), (gqa.PAST_VALUE, 0), (gqa.POSITION_IDS, 0)],
@@ -327,26 +356,32 @@ def phases_for(node: ir.Node, spec: GqaSpec, lowering: Lowering | None = None) -
         cos_dims = _dims(cos)
         if cos_dims and isinstance(cos_dims[0], int):
             positions_limit = cos_dims[0]
+    return batch_dim, query_dim, past_dim, positions_limit
 
-    if spec.sliding_window_cache:
-        return _sliding_cache_phases(spec, batch_dim, query_dim, past_dim, positions_limit)
 
-    def past_options(query_length: int, total: int) -> list[tuple[str, int | None]]:
-        """(name suffix, past rows) for a growing cache and a static buffer, as the node allows."""
-        if not spec.has_past:
-            return [("", None)] if total == query_length else []
-        options: list[tuple[str, int | None]] = []
-        growing_past = total - query_length
-        growing_fits = not isinstance(past_dim, int) or past_dim == growing_past
-        if not spec.kv_empty and not lowering.static_kv_cache and growing_fits:
-            options.append((", growing cache", growing_past))
-        # A decode step reads few rows of a long buffer (attention copies just the rows it
-        # reads); other phases read most of a short one (attention reads the whole buffer).
-        static_past = _fixed(past_dim, 3 * total if query_length == 1 else total + 3)
-        if static_past >= total and not lowering.growing_kv_cache:
-            options.append((", static buffer", static_past))
-        return options
+def _past_options(
+    spec: GqaSpec, lowering: Lowering, past_dim, query_length: int, total: int
+) -> list[tuple[str, int | None]]:
+    """(name suffix, past rows) for a growing cache and a static buffer, as the node allows."""
+    if not spec.has_past:
+        return [("", None)] if total == query_length else []
+    options: list[tuple[str, int | None]] = []
+    growing_past = total - query_length
+    growing_fits = not isinstance(past_dim, int) or past_dim == growing_past
+    if not spec.kv_empty and not lowering.static_kv_cache and growing_fits:
+        options.append((", growing cache", growing_past))
+    # A decode step reads few rows of a long buffer (attention copies just the rows it
+    # reads); other phases read most of a short one (attention reads the whole buffer).
+    static_past = _fixed(past_dim, 3 * total if query_length == 1 else total + 3)
+    if static_past >= total and not lowering.growing_kv_cache:
+        options.append((", static buffer", static_past))
+    return options
 
+
+def _phase_candidates(
+    spec: GqaSpec, lowering: Lowering, batch_dim, query_dim, past_dim
+) -> list[tuple[str, int, int, int, tuple[int, ...]]]:
+    """(name, B, S, T, each row's length) of the phases worth running, before the node's limits."""
     candidates: list[tuple[str, int, int, int, tuple[int, ...]]] = []
     # First prompt: a right-padded ragged batch.
     batch = _fixed(batch_dim, 2)
@@ -363,34 +398,12 @@ def phases_for(node: ir.Node, spec: GqaSpec, lowering: Lowering | None = None) -
     if chunk > 1 and (not isinstance(batch_dim, int) or batch_dim == 1):
         total = chunk + 4
         candidates.append(("chunked prefill", 1, chunk, total, (total,)))
-
     # A prompt long enough for causal row blocks.
     long_prompt = row_block_min_queries()
     if lowering.fast_paths and spec.causal and not isinstance(query_dim, int) and not isinstance(past_dim, int):
         long_batch = _fixed(batch_dim, 1)
         candidates.append(("long first prompt", long_batch, long_prompt, long_prompt, (long_prompt,) * long_batch))
-
-    # A static bias width fixes T.
-    bias = node.inputs[gqa.ATTENTION_BIAS] if len(node.inputs) > gqa.ATTENTION_BIAS else None
-    bias_width = (_dims(bias) or [None] * 4)[3] if bias is not None else None
-    static_total = bias_width if isinstance(bias_width, int) else None
-
-    phases = []
-    for name, batch, query_length, total, lengths in candidates:
-        if positions_limit is not None and total + 3 > positions_limit:
-            continue
-        if static_total is not None and static_total != total:
-            continue
-        for suffix, past_length in past_options(query_length, total):
-            phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))
-            if spec.kv_maybe_empty and past_length is not None and past_length >= total:
-                # The key length is 0 or S at run time: a KV-shared step reads a static buffer (§11).
-                phases.append(
-                    Phase(
-                        name + suffix + ", shared KV", batch, query_length, past_length, total, lengths, kv_empty=True
-                    )
-                )
-    return phases
+    return candidates
 
 
 def _sliding_cache_phases(spec: GqaSpec, batch_dim, query_dim, past_dim, positions_limit) -> list[Phase]:
