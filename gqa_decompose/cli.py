@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 import click
 
 from gqa_decompose.errors import GqaDecomposeError
-from gqa_decompose.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, VERIFY_MODES
+from gqa_decompose.outcome import EXIT_BAD_INPUT, VERIFY_MODES
 
 if TYPE_CHECKING:
-    import onnx_ir as ir
 
+    from gqa_decompose.api import DecomposeFileResult
     from gqa_decompose.report import CheckResult
+    from gqa_decompose.runtime_check import RuntimeCheck
     from gqa_decompose.spec import DecomposeOptions
     from gqa_decompose.verify import NodeVerification
     from gqa_decompose.verify_model import ModelVerification
@@ -340,7 +341,6 @@ def main(
     """
     from gqa_decompose import model_io
     from gqa_decompose.report import CheckResult, report_json
-    from gqa_decompose.runtimes import get_runtime
     from gqa_decompose.spec import DecomposeOptions
 
     if no_verify:
@@ -377,12 +377,10 @@ def main(
     try:
         if runtime_names and not check:
             raise GqaDecomposeError("--runtime needs --check (it runs the rewritten model in memory)")
-        for name in runtime_names:
-            get_runtime(name)  # an unknown name is bad input, before any work
         if check:
             result = _run_check(run, options, runtime_names)
         else:
-            _run_decompose(run, output, options, result, reuse_data)
+            result = _run_decompose(run, output, options, reuse_data)
     except (GqaDecomposeError, OSError) as error:  # OSError: an output path that cannot be written
         result.error = str(error)
         result.exit_code = EXIT_BAD_INPUT
@@ -451,58 +449,27 @@ class _Run:
         return self.verify_mode in ("model", "all")
 
     def progress(self, what: str, done: int, total: int) -> None:
-        """check()'s progress callback: one bar per kind of work, created on first use."""
+        """The API's progress callback: one bar per kind of work, created on first use."""
         if what not in self.bars:
-            self.bars[what] = _progress_bar(f"verifying {what}", self.quiet)
-        bar, update = self.bars[what]
-        update(done, total)
+            description, unit = _BARS[what]
+            self.bars[what] = _Progress(description, self.quiet, unit)
+        bar = self.bars[what]
+        bar.update(done, total)
         if done == total:
             bar.close()
 
-
-def _verify_nodes(original: ir.Model, options: DecomposeOptions, quiet: bool) -> list[NodeVerification]:
-    """One result per GQA node, in the order the pass decomposes them (node names need not be unique).
-    verify() works on a copy: ``original`` is left as it is."""
-    from gqa_decompose.verify import verify
-
-    bar, update = _progress_bar("verifying nodes", quiet)
-    with bar:
-        result = verify(original, progress=update, **dataclasses.asdict(options))
-    return list(result.nodes)
+    def close_bars(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
-def _verify_whole_model(
-    run: _Run, original: ir.Model, rewritten: ir.Model, options: DecomposeOptions
-) -> ModelVerification:
-    from gqa_decompose import model_io
-    from gqa_decompose.verify_model import verify_model
-
-    bar, update = _progress_bar("verifying model", run.quiet)
-    bar.unit = "step"
-    with bar:
-        return verify_model(
-            original,
-            rewritten,
-            steps=run.steps,
-            batch=run.batch,
-            dims=run.dims,
-            feeds=run.inputs_path,
-            genai_config=model_io.read_genai_config(run.model_path),
-            progress=update,
-            **dataclasses.asdict(options),
-        )
-
-
-def _output_path(model_path: pathlib.Path, output: str | None) -> pathlib.Path:
-    from gqa_decompose import model_io
-
-    default = model_io.default_output_path(model_path)
-    if not output:
-        return default.absolute()
-    path = pathlib.Path(output)
-    if output.endswith(("/", "\\")) or path.is_dir():
-        return (path / default.name).absolute()
-    return path.absolute()
+# What each kind of work the API reports progress on is called on its bar, and what it counts.
+_BARS = {
+    "rewrite": ("decomposing", "node"),
+    "nodes": ("verifying nodes", "node"),
+    "model": ("verifying model", "step"),
+    "save": ("saving tensors", "tensor"),
+}
 
 
 def _echo_model_verification(run: _Run, result: ModelVerification | None) -> None:
@@ -518,104 +485,60 @@ def _echo_model_verification(run: _Run, result: ModelVerification | None) -> Non
                 click.echo(line)
 
 
-def _run_decompose(
-    run: _Run,
-    output: str | None,
-    options: DecomposeOptions,
-    result: CheckResult,
-    reuse_data: bool = False,
-) -> None:
-    from gqa_decompose import model_io
-    from gqa_decompose.api import rewrite
-    from gqa_decompose.report import NodeEntry, ops_left, opsets
+def _run_decompose(run: _Run, output: str | None, options: DecomposeOptions, reuse_data: bool) -> CheckResult:
+    from gqa_decompose.api import decompose_file
+    from gqa_decompose.report import decompose_report
 
-    started = time.perf_counter()
-    model = model_io.load_model(run.model_path)  # first: it refuses a folder (".") with one line
-    result.timings["load"] = time.perf_counter() - started
-    target = _output_path(run.model_path, output)
-    result.opsets = opsets(model)
-    had_external_data = bool(model_io.external_tensors(model))
-    model_io.check_output_path(model, target, external_data=had_external_data, reuse_input_data=reuse_data)
-    # Only an -o that names a folder (a trailing /) asks for folders to be created.
-    model_io.check_output_folder(target, create_missing=bool(output) and output.endswith(("/", "\\")))
-    verifying = run.verify_mode != "none"
-    original = model.clone() if verifying else None  # tensors shared: no second load, no weights read
-    started = time.perf_counter()
-    bar, update = _progress_bar("decomposing", run.quiet)
-    opset_before = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    with bar:
-        decomposed = rewrite(model, options, progress=update)
-    result.timings["rewrite"] = time.perf_counter() - started
-    opset_after = model.opset_imports.get("", opset_before)
-    if opset_after != opset_before:
-        result.raised_opset = (opset_before, opset_after)
-        click.echo(f"note: default-domain opset raised from {opset_before} to {opset_after} (--raise-opset)")
-    if not decomposed:
-        click.echo(f"{run.model_path}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written")
-        result.ops_left = ops_left(model)
-        result.exit_code = EXIT_OK
-        return
-    verifications: list[NodeVerification | None] = [None] * len(decomposed)
-    if run.nodes:
-        started = time.perf_counter()
-        verifications = _verify_nodes(original, options, run.quiet)
-        result.timings["verify_nodes"] = time.perf_counter() - started
-    for entry, verification in zip(decomposed, verifications, strict=True):
-        node = NodeEntry(
-            entry.name,
-            entry.scope,
-            "decomposed",
-            entry.spec,
-            new_nodes=entry.new_node_count,
-            verification=verification,
-            target=entry.target,
-            fallback=entry.fallback,
+    try:
+        done = decompose_file(
+            run.model_path,
+            output,
+            options=options,
+            verify=run.verify_mode,
+            steps=run.steps,
+            batch=run.batch,
+            dims=run.dims,
+            feeds=run.inputs_path,
+            reuse_data=reuse_data,
+            # Only an -o that names a folder (a trailing /) asks for folders to be created.
+            create_folders=bool(output) and output.endswith(("/", "\\")),
+            progress=run.progress,
+            raise_on_failure=False,
         )
-        result.nodes.append(node)
+    finally:
+        run.close_bars()
+    result = decompose_report(str(run.model_path), options, run.verify_mode, done)
+    _echo_decomposed(run, options, result, done)
+    return result
+
+
+def _echo_decomposed(run: _Run, options: DecomposeOptions, result: CheckResult, done: DecomposeFileResult) -> None:
+    """What decompose_file() did, stage by stage as far as it got: the nodes, the companion ops, the model-level
+    run, and what was written (or why not)."""
+    if result.raised_opset is not None:
+        click.echo("note: default-domain opset raised from {} to {} (--raise-opset)".format(*result.raised_opset))
+    if done.error is None and not done.nodes and not done.ops:
+        click.echo(f"{run.model_path}: no com.microsoft.GroupQueryAttention node; nothing to do, nothing written")
+        return
+    for node in result.nodes:
         click.echo(
-            f"{entry.name}: decomposed ({', '.join(entry.spec.features())}) into "
-            f"{entry.new_node_count} nodes{_target_text(options, entry.target, entry.fallback)}; "
-            f"{_verification_text(verification)}"
+            f"{node.name}: decomposed ({', '.join(node.spec.features(node.lowering))}) into "
+            f"{node.new_nodes} nodes{_target_text(options, node.target, node.fallback)}; "
+            f"{_verification_text(node.verification)}"
         )
         if run.verbose:
-            for line in _phase_lines(verification):
+            for line in _phase_lines(node.verification):
                 click.echo(line)
-    _report_op_nodes(run, original, options, decomposed.ops, result)
-    if run.whole_model:
-        started = time.perf_counter()
-        result.model_verification = _verify_whole_model(run, original, model, options)
-        result.timings["verify_model"] = time.perf_counter() - started
-        _echo_model_verification(run, result.model_verification)
-    result.ops_left = ops_left(model)
-    remaining = result.non_standard_ops
-    if remaining:
-        click.echo(f"note: the model still holds non-standard ops: {', '.join(remaining)}")
-    if not result.verified:
-        result.exit_code = EXIT_FAILED
-        click.echo("error: verification failed; nothing written", err=True)
-        return
-    started = time.perf_counter()
-    bar, update = _progress_bar("saving tensors", run.quiet)
-    bar.unit = "tensor"
-    with bar:
-        written = model_io.save_model(
-            model, target, external_data=had_external_data, reuse_input_data=reuse_data, progress=update
-        )
-    result.timings["save"] = time.perf_counter() - started
-    result.output = str(target)
-    result.exit_code = EXIT_OK
-    click.echo(f"wrote {', '.join(str(p) for p in written)}")
-
-
-def _report_op_nodes(run: _Run, original: ir.Model | None, options: DecomposeOptions, entries, result) -> None:
-    """The companion-op nodes decomposed, one report entry each (verified alone with --verify nodes)."""
-    from gqa_decompose.report import op_node_entry
-    from gqa_decompose.verify_ops import verify_ops
-
-    verifications = verify_ops(original, options.ops) if run.nodes and entries else [None] * len(entries)
-    for entry, verification in zip(entries, verifications):
-        result.op_nodes.append(op_node_entry(entry, verification))
     _echo_op_nodes(result.op_nodes, "decomposed")
+    _echo_model_verification(run, result.model_verification)
+    if done.ops_left is not None and result.non_standard_ops:
+        click.echo(f"note: the model still holds non-standard ops: {', '.join(result.non_standard_ops)}")
+    if done.error is not None:
+        click.echo(f"error: {done.error}", err=True)
+    elif not result.verified:
+        click.echo("error: verification failed; nothing written", err=True)
+    else:
+        click.echo(f"wrote {', '.join(str(p) for p in done.written)}")
 
 
 def _echo_op_nodes(entries: list[dict], done: str) -> None:
@@ -639,8 +562,6 @@ def _echo_op_nodes(entries: list[dict], done: str) -> None:
 
 
 def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, ...] = ()) -> CheckResult:
-    from gqa_decompose import model_io
-    from gqa_decompose.passes import InferGqaTypesPass
     from gqa_decompose.report import check
 
     result = check(
@@ -651,14 +572,16 @@ def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, .
         dims=run.dims,
         feeds=run.inputs_path,
         progress=run.progress,
-        **dataclasses.asdict(options),
+        runtimes=runtime_names,
+        options=options,
     )
+    run.close_bars()
     for entry in result.nodes:
         if entry.status == "refused":
             click.echo(f"{entry.name}: REFUSED: {entry.reason}")
             continue
         click.echo(
-            f"{entry.name}: decomposable ({', '.join(entry.spec.features())})"
+            f"{entry.name}: decomposable ({', '.join(entry.spec.features(entry.lowering))})"
             f"{_target_text(options, entry.target, entry.fallback)}; {_verification_text(entry.verification)}"
         )
         if run.verbose:
@@ -674,56 +597,32 @@ def _run_check(run: _Run, options: DecomposeOptions, runtime_names: tuple[str, .
         click.echo(f"non-standard ops besides GroupQueryAttention: {', '.join(remaining)}")
     if not result.nodes:
         click.echo("no com.microsoft.GroupQueryAttention node")
-    verdict = "portable" if result.portable else "NOT portable"
+    verdict = "portable" if result.portable_once_decomposed else "NOT portable"
     click.echo(f"{run.model_path}: {verdict} once decomposed")
-    if runtime_names:
-        if any(entry.status == "refused" for entry in result.nodes):
-            click.echo("not run on any runtime: a node is refused")
-            result.runtimes.append(
-                {"runtime": None, "version": None, "passed": False, "error": "not run: a node is refused"}
-            )
-        else:
-            model = model_io.load_model(run.model_path)
-            InferGqaTypesPass()(model)
-            result.runtimes.extend(_run_on_runtimes(run.model_path, model, options, run.nodes, runtime_names))
-        if not result.portable:
-            result.exit_code = EXIT_FAILED
+    if runtime_names and not result.runtime_checks:
+        click.echo("not run on any runtime: a node is refused")
+    for checked in result.runtime_checks:
+        _echo_runtime_check(run.model_path, checked)
     return result
 
 
-def _run_on_runtimes(
-    model_path: pathlib.Path,
-    model: ir.Model,
-    options: DecomposeOptions,
-    verify_nodes: bool,
-    runtime_names: tuple[str, ...],
-) -> list[dict]:
-    """Runs the rewritten model on each runtime; prints what fails; returns the report's entries."""
-    from gqa_decompose.report import node_verification_json
-    from gqa_decompose.runtime_check import PROMPT_LENGTH, check_runtime
+def _echo_runtime_check(model_path: pathlib.Path, result: RuntimeCheck) -> None:
+    """What the rewritten model (and each GQA node) did on one runtime."""
+    from gqa_decompose.runtime_check import PROMPT_LENGTH
 
-    entries = []
-    for name in dict.fromkeys(runtime_names):
-        result = check_runtime(model, name, options, verify_nodes=verify_nodes)
-        label = f"{name} {result.version}" if result.version else name
-        entry = {"runtime": name, "version": result.version, "passed": result.passed}
-        entries.append(entry)
-        if result.unavailable:
-            click.echo(f"{name}: NOT AVAILABLE: {result.unavailable}")
-            entry["error"] = result.unavailable
-            continue
-        entry["nodes"] = []
-        for node in result.nodes.nodes if result.nodes is not None else ():
-            click.echo(f"{node.name}: on {label}: {_verification_text(node)}")
-            entry["nodes"].append({"name": node.name, "verification": node_verification_json(node)})
-        model_run = result.model
-        if model_run.passed:
-            click.echo(
-                f"{label}: the rewritten model runs a prompt (batch 1, {PROMPT_LENGTH} tokens), "
-                f"max error {model_run.max_error or 0.0:.2g} against the original on ONNX Runtime"
-            )
-        else:
-            click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}")
-        entry["model"] = {"passed": model_run.passed, "max_errors": model_run.max_errors, "failure": model_run.failure}
-        click.echo(f"{model_path}: {'runs' if result.passed else 'does NOT run'} on {label} once decomposed")
-    return entries
+    name = result.runtime
+    label = f"{name} {result.version}" if result.version else name
+    if result.unavailable:
+        click.echo(f"{name}: NOT AVAILABLE: {result.unavailable}")
+        return
+    for node in result.nodes.nodes if result.nodes is not None else ():
+        click.echo(f"{node.name}: on {label}: {_verification_text(node)}")
+    model_run = result.model
+    if model_run.passed:
+        click.echo(
+            f"{label}: the rewritten model runs a prompt (batch 1, {PROMPT_LENGTH} tokens), "
+            f"max error {model_run.max_error or 0.0:.2g} against the original on ONNX Runtime"
+        )
+    else:
+        click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}")
+    click.echo(f"{model_path}: {'runs' if result.passed else 'does NOT run'} on {label} once decomposed")

@@ -45,6 +45,18 @@ def default_output_path(model_path: str | os.PathLike) -> pathlib.Path:
     return path.with_name(f"{path.stem}.decomposed.onnx")
 
 
+def output_file(model_path: str | os.PathLike, output: str | os.PathLike | None) -> pathlib.Path:
+    """Where the rewrite of ``model_path`` goes, absolute: ``output``; ``<stem>.decomposed.onnx`` inside it
+    when it names a folder (existing, or ending in a path separator); by default beside the model."""
+    default = default_output_path(model_path)
+    if not output:
+        return default.absolute()
+    path = pathlib.Path(output)
+    if os.fspath(output).endswith(("/", "\\")) or path.is_dir():
+        return (path / default.name).absolute()
+    return path.absolute()
+
+
 def read_genai_config(model_path: str | os.PathLike | None) -> dict:
     """onnxruntime-genai's ``genai_config.json`` beside ``model_path`` when it describes that file; else {}."""
     if model_path is None:

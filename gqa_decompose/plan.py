@@ -15,6 +15,7 @@ from collections.abc import Collection
 import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.passes.decompose import container_opset
 from gqa_decompose.passes.graph_queries import default_opset, find_gqa_nodes, scope_name
 from gqa_decompose.passes.infer_types import require_typed_query
@@ -37,6 +38,7 @@ class PlannedGqa:
     scope: str  # "main graph", "subgraph <name>", "function <domain>::<name>"
     opset: int  # the default-domain opset its expansion takes
     spec: GqaSpec | None = None
+    lowering: Lowering | None = None  # how it is emitted: the options as they apply to it, the outputs read
     target: str | None = None  # "primitives" or "attention"
     fallback: str | None = None  # why it is not the target asked for
     refusal: GqaDecomposeError | None = None
@@ -93,7 +95,8 @@ def _plan_node(
         target, fallback = resolve_target(spec, options, opset, raise_obstacle)
     except GqaDecomposeError as error:
         return dataclasses.replace(item, refusal=error, refused_at=stage)
-    return dataclasses.replace(item, spec=spec, target=target, fallback=fallback)
+    lowering = Lowering.of(node, spec, options, target, opset)
+    return dataclasses.replace(item, spec=spec, lowering=lowering, target=target, fallback=fallback)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,22 +12,28 @@ import dataclasses
 import os
 import pathlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from gqa_decompose import model_io
-from gqa_decompose.api import rewrite
+from gqa_decompose.api import DecomposeFileResult, rewrite
 from gqa_decompose.outcome import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, VERIFY_MODES  # noqa: F401 - re-exported
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes, non_standard_nodes
 from gqa_decompose.plan import plan_gqa, plan_ops
-from gqa_decompose.spec import DecomposeOptions, GqaSpec
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, options_of
 from gqa_decompose.verify import NodeVerification, verify
 from gqa_decompose.verify_model import ModelVerification, read_genai_config, verify_model
 
+if TYPE_CHECKING:
+    from gqa_decompose.expansion.gqa import Lowering
+    from gqa_decompose.runtime_check import RuntimeCheck
+
 __all__ = [
+    "decompose_report",
     "op_node_entry",
     "REPORT_SCHEMA",
     "REPORT_SCHEMA_VERSION",
@@ -57,6 +63,7 @@ class NodeEntry:
     verification: NodeVerification | None = None
     target: str | None = None  # what it becomes: "primitives" or "attention" (None when refused)
     fallback: str | None = None  # why it is not the target asked for
+    lowering: Lowering | None = None  # how it is emitted (None when refused)
 
     @property
     def passed(self) -> bool:
@@ -84,6 +91,7 @@ class CheckResult:
     error: str | None = None
     exit_code: int | None = None
     runtimes: list[dict] = dataclasses.field(default_factory=list)  # --check --runtime: one entry each
+    runtime_checks: list[RuntimeCheck] = dataclasses.field(default_factory=list)  # and what each found
     raised_opset: tuple[int, int] | None = None  # (before, after) with --raise-opset
     op_nodes: list[dict] = dataclasses.field(default_factory=list)  # companion-op nodes: see op_node_entry
 
@@ -104,11 +112,46 @@ class CheckResult:
         return all(node.passed for node in self.nodes) and model_ok and ops_ok
 
     @property
+    def portable_once_decomposed(self) -> bool:
+        """Every GQA node decomposable and verified, and no non-standard op left (the runtimes aside)."""
+        return self.error is None and self.verified and not self.ops_left
+
+    @property
     def portable(self) -> bool:
-        """The CI gate: every GQA node decomposable and verified, no non-standard op left, and the rewritten
-        model running on every runtime asked for."""
-        runs = all(entry.get("passed") for entry in self.runtimes)
-        return self.error is None and self.verified and not self.ops_left and runs
+        """The CI gate: portable once decomposed, and the rewritten model running on every runtime asked for."""
+        return self.portable_once_decomposed and all(entry.get("passed") for entry in self.runtimes)
+
+
+def decompose_report(model: str, options: DecomposeOptions, verify_mode: str, done: DecomposeFileResult) -> CheckResult:
+    """The decompose-mode result (what ``--report`` writes) of a :func:`gqa_decompose.decompose_file` run."""
+    result = CheckResult(model, "decompose", options, verify_mode)
+    result.opsets = dict(done.opsets)
+    result.ops_left = dict(done.ops_left or {})
+    result.raised_opset = done.raised_opset
+    result.timings = dict(done.timings)
+    result.model_verification = done.model_verification
+    for entry, verification in zip(done.nodes, done.verifications, strict=True):
+        result.nodes.append(
+            NodeEntry(
+                entry.name,
+                entry.scope,
+                "decomposed",
+                entry.spec,
+                new_nodes=entry.new_node_count,
+                verification=verification,
+                target=entry.target,
+                fallback=entry.fallback,
+                lowering=entry.lowering,
+            )
+        )
+    result.op_nodes = [op_node_entry(entry, v) for entry, v in zip(done.ops, done.op_verifications)]
+    result.output = str(done.output) if done.output is not None else None
+    if done.error is not None:
+        result.error = str(done.error)
+        result.exit_code = EXIT_BAD_INPUT
+    else:
+        result.exit_code = EXIT_OK if result.verified else EXIT_FAILED
+    return result
 
 
 def op_node_entry(entry, verification=None, status: str = "decomposed", reason: str | None = None) -> dict:
@@ -159,7 +202,9 @@ def check(
     dims: Mapping[str, int] | None = None,
     feeds: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    **options,
+    runtimes: Sequence[str] = (),
+    options: DecomposeOptions | None = None,
+    **fields,
 ) -> CheckResult:
     """Whether ``model`` is portable once decomposed; nothing is written.
 
@@ -170,42 +215,30 @@ def check(
             the whole model, see :func:`gqa_decompose.verify_model`), "all" (both) or "none".
         steps, batch, dims, feeds: the model-level run's settings (:func:`gqa_decompose.verify_model`).
         progress: called with (what, done, total) as nodes and steps are verified.
-        options: fields of :class:`DecomposeOptions`.
+        runtimes: also run the rewritten model (and each GQA node) on these runtimes
+            (:mod:`gqa_decompose.runtimes`): ``result.runtime_checks``; they count in ``result.portable``.
+        options: the :class:`DecomposeOptions` (or ``fields``, its fields as keywords).
 
     Returns:
         A :class:`CheckResult`; ``result.portable`` is the gate.
 
     Raises:
-        GqaDecomposeError: the model cannot be read, or cannot be driven for model-level verification.
+        GqaDecomposeError: the model cannot be read, or cannot be driven for model-level verification, or
+            a runtime's name is unknown.
     """
+    from gqa_decompose.runtimes import get_runtime
+
     if verify_mode not in VERIFY_MODES:
         raise ValueError(f"verify_mode must be one of {VERIFY_MODES}, got {verify_mode!r}")
-    decompose_options = DecomposeOptions(**options)
+    for name in runtimes:
+        get_runtime(name)  # an unknown name is bad input, before any work
+    decompose_options = options_of(options, fields)
     started = time.perf_counter()
-    path = None
-    if isinstance(model, ir.Model):
-        loaded = model.clone()
-    elif isinstance(model, onnx.ModelProto):
-        loaded = ir.serde.deserialize_model(model)
-    else:
-        path = pathlib.Path(model).absolute()
-        loaded = model_io.load_model(path)
+    loaded, path = _load_copy(model)
     result = CheckResult(str(path) if path else "<in memory>", "check", decompose_options, verify_mode)
     result.timings["load"] = time.perf_counter() - started
     InferGqaTypesPass()(loaded)
-    refused = set()
-    # Every GQA node, whatever ``ops`` says (a node left as it is stays a GQA node, so check() judges it).
-    for item in plan_gqa(loaded, decompose_options, find_gqa_nodes(loaded)).nodes:
-        if item.refusal is not None:
-            refused.add(item.node.name)
-            name = item.refusal.node_name or item.node.name
-            result.nodes.append(NodeEntry(name, item.scope, "refused", None, item.refusal.reason))
-            continue
-        result.nodes.append(
-            NodeEntry(
-                item.spec.node_name, item.scope, "decomposable", item.spec, target=item.target, fallback=item.fallback
-            )
-        )
+    refused = _plan_entries(loaded, decompose_options, result)
     result.opsets = opsets(loaded)
     decomposable_ops = _check_op_nodes(loaded, decompose_options, verify_mode, result)
     result.ops_left = ops_left(loaded, keep_gqa=refused, decomposable=decomposable_ops)
@@ -213,7 +246,7 @@ def check(
     refused_ops = any(entry["status"] == "refused" for entry in result.op_nodes)
     if verify_mode in ("nodes", "all") and decomposable:
         started = time.perf_counter()
-        report = verify(loaded, progress=_tagged(progress, "nodes"), **dataclasses.asdict(decompose_options))
+        report = verify(loaded, progress=_tagged(progress, "nodes"), options=decompose_options)
         # One verification per GQA node in the same (find_gqa_nodes) order: joined by position, not by name.
         result.nodes = [dataclasses.replace(n, verification=v) for n, v in zip(result.nodes, report.nodes, strict=True)]
         result.timings["verify_nodes"] = time.perf_counter() - started
@@ -233,11 +266,76 @@ def check(
             feeds=feeds,
             genai_config=read_genai_config(path),
             progress=_tagged(progress, "model"),
-            **dataclasses.asdict(decompose_options),
+            options=decompose_options,
         )
         result.timings["verify_model"] = time.perf_counter() - started
+    if runtimes:
+        _check_runtimes(loaded, decompose_options, verify_mode, runtimes, result)
     result.exit_code = EXIT_OK if result.portable else EXIT_FAILED
     return result
+
+
+def _load_copy(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> tuple[ir.Model, pathlib.Path | None]:
+    """A model check() may type and plan (the caller's is left as it is), and its path if it has one."""
+    if isinstance(model, ir.Model):
+        return model.clone(), None
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model), None
+    path = pathlib.Path(model).absolute()
+    return model_io.load_model(path), path
+
+
+def _plan_entries(model: ir.Model, options: DecomposeOptions, result: CheckResult) -> set[str]:
+    """One entry per GQA node, decomposable or refused (whatever ``options.ops`` says: a node left as it
+    is stays a GQA node, so check() judges it); returns the names of those refused."""
+    refused = set()
+    for item in plan_gqa(model, options, find_gqa_nodes(model)).nodes:
+        if item.refusal is not None:
+            refused.add(item.node.name)
+            name = item.refusal.node_name or item.node.name
+            result.nodes.append(NodeEntry(name, item.scope, "refused", None, item.refusal.reason))
+            continue
+        result.nodes.append(
+            NodeEntry(
+                item.spec.node_name,
+                item.scope,
+                "decomposable",
+                item.spec,
+                target=item.target,
+                fallback=item.fallback,
+                lowering=item.lowering,
+            )
+        )
+    return refused
+
+
+def _check_runtimes(
+    model: ir.Model, options: DecomposeOptions, verify_mode: str, names: Sequence[str], result: CheckResult
+) -> None:
+    """The rewritten model, and each GQA node with node-level verification, on each runtime; none when a
+    node is refused."""
+    from gqa_decompose.runtime_check import check_runtime
+
+    if any(entry.status == "refused" for entry in result.nodes):
+        refused = {"runtime": None, "version": None, "passed": False, "error": "not run: a node is refused"}
+        result.runtimes.append(refused)
+        return
+    for name in dict.fromkeys(names):
+        checked = check_runtime(model, name, options, verify_nodes=verify_mode in ("nodes", "all"))
+        result.runtime_checks.append(checked)
+        result.runtimes.append(_runtime_json(checked))
+
+
+def _runtime_json(checked: RuntimeCheck) -> dict:
+    entry = {"runtime": checked.runtime, "version": checked.version, "passed": checked.passed}
+    if checked.unavailable:
+        entry["error"] = checked.unavailable
+        return entry
+    nodes = checked.nodes.nodes if checked.nodes is not None else ()
+    entry["nodes"] = [{"name": node.name, "verification": node_verification_json(node)} for node in nodes]
+    run = checked.model
+    entry["model"] = {"passed": run.passed, "max_errors": run.max_errors, "failure": run.failure}
+    return entry
 
 
 def _check_op_nodes(model: ir.Model, options: DecomposeOptions, verify_mode: str, result: CheckResult) -> set[int]:
@@ -275,7 +373,7 @@ def _finite(value: float | None) -> float | None | str:
     return "nan" if np.isnan(value) else "inf"
 
 
-def _config_json(spec: GqaSpec | None) -> dict | None:
+def _config_json(spec: GqaSpec | None, lowering: Lowering | None) -> dict | None:
     if spec is None:
         return None
     return {
@@ -292,12 +390,12 @@ def _config_json(spec: GqaSpec | None) -> dict | None:
             "windowed"
             if spec.sliding_window_cache
             else "static"
-            if spec.static_kv_cache
+            if lowering is not None and lowering.static_kv_cache
             else "growing"
-            if spec.growing_kv_cache
+            if lowering is not None and lowering.growing_kv_cache
             else "any"
         ),
-        "features": spec.features(),
+        "features": spec.features(lowering),
     }
 
 
@@ -399,8 +497,8 @@ def report_json(result: CheckResult, version: str) -> dict:
                 "scope": node.scope,
                 "status": node.status,
                 "reason": node.reason,
-                "config": _config_json(node.spec),
-                "features": node.spec.features() if node.spec else [],
+                "config": _config_json(node.spec, node.lowering),
+                "features": node.spec.features(node.lowering) if node.spec else [],
                 "new_nodes": node.new_nodes,
                 "target": node.target,
                 "fallback": node.fallback,

@@ -147,8 +147,24 @@ def synthesize_prompt_feeds(
     return feeds
 
 
+def _present_outputs(model: ir.Model) -> set[str]:
+    """The graph outputs that are a GQA node's present_key or present_value (by output position, whatever
+    their names)."""
+    names = set()
+    for _, node in find_gqa_nodes(model):
+        for index in (gqa.PRESENT_KEY, gqa.PRESENT_VALUE):
+            value = node.outputs[index] if len(node.outputs) > index else None
+            if value is not None and value.is_graph_output():
+                names.add(value.name)
+    return names
+
+
 def _run_model(
-    original: onnx.ModelProto, decomposed: onnx.ModelProto, runtime: str, feeds: dict[str, np.ndarray]
+    original: onnx.ModelProto,
+    decomposed: onnx.ModelProto,
+    runtime: str,
+    feeds: dict[str, np.ndarray],
+    presents: set[str],
 ) -> ModelRun:
     try:
         expected = runtimes.get_runtime("onnxruntime").load(original).run(feeds)
@@ -172,7 +188,7 @@ def _run_model(
             failure = failure or f"output {name}: shape {None if have is None else have.shape} != {want.shape}"
             continue
         parts = [(...,)]
-        if want.ndim == 4 and "present" in name.lower():
+        if want.ndim == 4 and name in presents:
             # Rows past the prompt are undefined (ORT zeroes them; a static buffer keeps them).
             rows = core.defined_present_rows([PROMPT_LENGTH] * want.shape[0], want.shape[2])
             parts = [(b, slice(None), slice(0, kept)) for b, kept in enumerate(rows)]
@@ -206,7 +222,7 @@ def check_runtime(
             model,
             runtime=runtime,
             total_length_from_shape=chosen.shapes_from_input_shapes,
-            **dataclasses.asdict(options),
+            options=options,
         )
     original = model.clone()
     ir.external_data.load_to_model(original)  # the runtimes need the weights
@@ -215,5 +231,5 @@ def check_runtime(
     original_proto = ir.to_proto(original)
     past_rows = 2 * PROMPT_LENGTH if options.static_kv_cache else 0
     feeds = synthesize_prompt_feeds(original_proto, known_dims=_cache_dims(model, options), past_rows=past_rows)
-    model_run = _run_model(original_proto, ir.to_proto(decomposed), runtime, feeds)
+    model_run = _run_model(original_proto, ir.to_proto(decomposed), runtime, feeds, _present_outputs(model))
     return RuntimeCheck(runtime, version, nodes, model_run)

@@ -11,18 +11,22 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.opsets import ATTENTION_MIN_OPSET
 
+if TYPE_CHECKING:
+    from gqa_decompose.expansion.gqa import Lowering
+
 __all__ = [
     "GQA_DOMAIN",
     "GQA_OP_TYPE",
     "TARGETS",
     "DecomposeOptions",
+    "options_of",
     "GqaInput",
     "GqaOutput",
     "GqaSpec",
@@ -176,9 +180,18 @@ class DecomposeOptions:
         return self.ops is None or op_type in self.ops
 
 
+def options_of(options: DecomposeOptions | None, fields: dict[str, Any]) -> DecomposeOptions:
+    """``options``, or the DecomposeOptions of ``fields``: the public functions take either the object
+    (as the package passes it along) or its fields as keywords (the short form), not both."""
+    if options is not None and fields:
+        raise TypeError(f"pass options= or its fields as keywords, not both (got {', '.join(sorted(fields))})")
+    return options if options is not None else DecomposeOptions(**fields)
+
+
 @dataclasses.dataclass(frozen=True)
 class GqaSpec:
-    """Everything the expansion needs to know about one GQA node, validated.
+    """What one GQA node means, validated: its contract, apart from how it is emitted (the user's choices
+    and what the graph reads of it: :class:`~gqa_decompose.expansion.gqa.Lowering`).
 
     Dimension names: B batch, S query length, N query heads, Nkv KV heads,
     G = N / Nkv, H head size, P past length, T total sequence length.
@@ -186,7 +199,6 @@ class GqaSpec:
 
     node_name: str
     dtype: ir.DataType
-    compute_dtype: ir.DataType  # fp32, or the model's type with native_precision
     num_heads: int
     kv_num_heads: int
     head_size: int
@@ -206,20 +218,16 @@ class GqaSpec:
     has_position_ids: bool
     qk_output: int
     causal: bool
-    static_kv_cache: bool  # promised T <= P: present has exactly P rows
-    growing_kv_cache: bool  # promised T = P + S with aligned rows: present = Concat(past, new)
     sliding_window_cache: bool  # past/present hold the last tokens only (semantics §12)
     kv_quant: str | None  # None, "PER_TENSOR" or "PER_CHANNEL" (semantics §13)
     kv_bits: int  # 8 (int8 cache) or 4 (two nibbles per uint8); 0 when not quantized
-    present_used: bool  # present_key/present_value exist and someone reads them
-    output_qk_used: bool
-    fast_paths: bool = False  # run-time Ifs: row blocks, cut of long buffers, one-copy cache update
     q_norm: bool = False  # q_norm_weight given: per-head RMS norm of Q before rotary (§16)
     k_norm: bool = False  # k_norm_weight given: the same for the new K
     qk_norm_epsilon: float = 1e-6
 
-    def features(self) -> list[str]:
-        """Short names of what this node does, for reports."""
+    def features(self, lowering: Lowering | None = None) -> list[str]:
+        """Short names of what this node does, for reports (with ``lowering``: also the cache promise and
+        the compute type it is emitted with)."""
         names = ["packed QKV" if self.packed_qkv else "separate QKV"]
         if self.kv_empty:
             names.append("shared KV (empty key/value)")
@@ -228,9 +236,9 @@ class GqaSpec:
         elif self.sliding_window_cache:
             names.append("sliding-window KV cache")
         elif self.has_past:
-            if self.static_kv_cache:
+            if lowering is not None and lowering.static_kv_cache:
                 names.append("static KV buffer")
-            elif self.growing_kv_cache:
+            elif lowering is not None and lowering.growing_kv_cache:
                 names.append("growing KV cache")
             else:
                 names.append("past KV")
@@ -259,8 +267,8 @@ class GqaSpec:
         if self.qk_output:
             names.append(f"qk_output={self.qk_output}")
         names.append(self.dtype.name.lower())
-        if self.compute_dtype != ir.DataType.FLOAT:
-            names.append(f"computed in {self.compute_dtype.name.lower()}")
+        if lowering is not None and lowering.compute_dtype != ir.DataType.FLOAT:
+            names.append(f"computed in {lowering.compute_dtype.name.lower()}")
         return names
 
 
@@ -721,8 +729,6 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
     return GqaSpec(
         node_name=n.name,
         dtype=qkv.dtype,
-        compute_dtype=qkv.dtype if options.native_precision else ir.DataType.FLOAT,
-        fast_paths=options.fast_paths,
         num_heads=heads.num_heads,
         kv_num_heads=heads.kv_num_heads,
         head_size=qkv.head_size,
@@ -742,13 +748,9 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         has_position_ids=n.input(POSITION_IDS) is not None,
         qk_output=qk_output,
         causal=window.causal,
-        static_kv_cache=options.static_kv_cache and plain_cache,
-        growing_kv_cache=options.growing_kv_cache and plain_cache and not (qkv.kv_empty or kv_maybe_empty),
         sliding_window_cache=window.sliding_window_cache,
         kv_quant=quant.kv_quant,
         kv_bits=quant.kv_bits,
-        present_used=output_is_read(node, PRESENT_KEY) or output_is_read(node, PRESENT_VALUE),
-        output_qk_used=bool(qk_output) and output_is_read(node, OUTPUT_QK),
         q_norm=n.input(Q_NORM_WEIGHT) is not None,
         k_norm=n.input(K_NORM_WEIGHT) is not None and not qkv.kv_empty,
         qk_norm_epsilon=qk_norm_epsilon,

@@ -28,10 +28,11 @@ from onnx import helper
 from gqa_decompose import spec as gqa
 from gqa_decompose import verify_core as core
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.expansion.mask import row_block_min_queries
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.plan import plan_gqa
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, output_is_read, parse_gqa_node, resolve_target
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, options_of, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = [
     "NodeVerification",
@@ -304,8 +305,39 @@ def _static_dim(node: ir.Node, positions: Sequence[tuple[int, int]]) -> int | st
     return found[0] if found else None
 
 
-def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
-    """The phases a node's static shapes admit, with small sizes for symbolic dims."""
+def phases_for(node: ir.Node, spec: GqaSpec, lowering: Lowering | None = None) -> list[Phase]:
+    """The phases a node's static shapes admit, with small sizes for symbolic dims, and its cache promise
+    (``lowering``; default: the default options') keeps."""
+    lowering = lowering or Lowering.of(node, spec)
+    batch_dim, query_dim, past_dim, positions_limit = _phase_dims(node, spec)
+    if spec.sliding_window_cache:
+        return _sliding_cache_phases(spec, batch_dim, query_dim, past_dim, positions_limit)
+
+    # A static bias width fixes T.
+    bias = node.inputs[gqa.ATTENTION_BIAS] if len(node.inputs) > gqa.ATTENTION_BIAS else None
+    bias_width = (_dims(bias) or [None] * 4)[3] if bias is not None else None
+    static_total = bias_width if isinstance(bias_width, int) else None
+
+    phases = []
+    for name, batch, query_length, total, lengths in _phase_candidates(spec, lowering, batch_dim, query_dim, past_dim):
+        if positions_limit is not None and total + 3 > positions_limit:
+            continue
+        if static_total is not None and static_total != total:
+            continue
+        for suffix, past_length in _past_options(spec, lowering, past_dim, query_length, total):
+            phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))
+            if spec.kv_maybe_empty and past_length is not None and past_length >= total:
+                # The key length is 0 or S at run time: a KV-shared step reads a static buffer (§11).
+                phases.append(
+                    Phase(
+                        name + suffix + ", shared KV", batch, query_length, past_length, total, lengths, kv_empty=True
+                    )
+                )
+    return phases
+
+
+def _phase_dims(node: ir.Node, spec: GqaSpec) -> tuple:
+    """(B, S, P, positions) as the node's static shapes fix them (a symbolic dim: None or its name)."""
     batch_dim = _static_dim(
         node,
         [(gqa.QUERY, 0), (gqa.KEY, 0), (gqa.VALUE, 0), (gqa.PAST_KEY, 0), (gqa.PAST_VALUE, 0), (gqa.POSITION_IDS, 0)],
@@ -324,26 +356,32 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
         cos_dims = _dims(cos)
         if cos_dims and isinstance(cos_dims[0], int):
             positions_limit = cos_dims[0]
+    return batch_dim, query_dim, past_dim, positions_limit
 
-    if spec.sliding_window_cache:
-        return _sliding_cache_phases(spec, batch_dim, query_dim, past_dim, positions_limit)
 
-    def past_options(query_length: int, total: int) -> list[tuple[str, int | None]]:
-        """(name suffix, past rows) for a growing cache and a static buffer, as the node allows."""
-        if not spec.has_past:
-            return [("", None)] if total == query_length else []
-        options: list[tuple[str, int | None]] = []
-        growing_past = total - query_length
-        growing_fits = not isinstance(past_dim, int) or past_dim == growing_past
-        if not spec.kv_empty and not spec.static_kv_cache and growing_fits:
-            options.append((", growing cache", growing_past))
-        # A decode step reads few rows of a long buffer (attention copies just the rows it
-        # reads); other phases read most of a short one (attention reads the whole buffer).
-        static_past = _fixed(past_dim, 3 * total if query_length == 1 else total + 3)
-        if static_past >= total and not spec.growing_kv_cache:
-            options.append((", static buffer", static_past))
-        return options
+def _past_options(
+    spec: GqaSpec, lowering: Lowering, past_dim, query_length: int, total: int
+) -> list[tuple[str, int | None]]:
+    """(name suffix, past rows) for a growing cache and a static buffer, as the node allows."""
+    if not spec.has_past:
+        return [("", None)] if total == query_length else []
+    options: list[tuple[str, int | None]] = []
+    growing_past = total - query_length
+    growing_fits = not isinstance(past_dim, int) or past_dim == growing_past
+    if not spec.kv_empty and not lowering.static_kv_cache and growing_fits:
+        options.append((", growing cache", growing_past))
+    # A decode step reads few rows of a long buffer (attention copies just the rows it
+    # reads); other phases read most of a short one (attention reads the whole buffer).
+    static_past = _fixed(past_dim, 3 * total if query_length == 1 else total + 3)
+    if static_past >= total and not lowering.growing_kv_cache:
+        options.append((", static buffer", static_past))
+    return options
 
+
+def _phase_candidates(
+    spec: GqaSpec, lowering: Lowering, batch_dim, query_dim, past_dim
+) -> list[tuple[str, int, int, int, tuple[int, ...]]]:
+    """(name, B, S, T, each row's length) of the phases worth running, before the node's limits."""
     candidates: list[tuple[str, int, int, int, tuple[int, ...]]] = []
     # First prompt: a right-padded ragged batch.
     batch = _fixed(batch_dim, 2)
@@ -353,41 +391,19 @@ def phases_for(node: ir.Node, spec: GqaSpec) -> list[Phase]:
     if not isinstance(query_dim, int) or query_dim == 1:
         total = 7
         # The growing-cache promise includes aligned rows: no ragged decode.
-        lengths = (total,) * batch if spec.growing_kv_cache else _ragged(batch, total, 1)
+        lengths = (total,) * batch if lowering.growing_kv_cache else _ragged(batch, total, 1)
         candidates.append(("decode", batch, 1, total, lengths))
     # Chunked prefill: ORT needs batch 1.
     chunk = _fixed(query_dim, 3)
     if chunk > 1 and (not isinstance(batch_dim, int) or batch_dim == 1):
         total = chunk + 4
         candidates.append(("chunked prefill", 1, chunk, total, (total,)))
-
     # A prompt long enough for causal row blocks.
     long_prompt = row_block_min_queries()
-    if spec.fast_paths and spec.causal and not isinstance(query_dim, int) and not isinstance(past_dim, int):
+    if lowering.fast_paths and spec.causal and not isinstance(query_dim, int) and not isinstance(past_dim, int):
         long_batch = _fixed(batch_dim, 1)
         candidates.append(("long first prompt", long_batch, long_prompt, long_prompt, (long_prompt,) * long_batch))
-
-    # A static bias width fixes T.
-    bias = node.inputs[gqa.ATTENTION_BIAS] if len(node.inputs) > gqa.ATTENTION_BIAS else None
-    bias_width = (_dims(bias) or [None] * 4)[3] if bias is not None else None
-    static_total = bias_width if isinstance(bias_width, int) else None
-
-    phases = []
-    for name, batch, query_length, total, lengths in candidates:
-        if positions_limit is not None and total + 3 > positions_limit:
-            continue
-        if static_total is not None and static_total != total:
-            continue
-        for suffix, past_length in past_options(query_length, total):
-            phases.append(Phase(name + suffix, batch, query_length, past_length, total, lengths))
-            if spec.kv_maybe_empty and past_length is not None and past_length >= total:
-                # The key length is 0 or S at run time: a KV-shared step reads a static buffer (§11).
-                phases.append(
-                    Phase(
-                        name + suffix + ", shared KV", batch, query_length, past_length, total, lengths, kv_empty=True
-                    )
-                )
-    return phases
+    return candidates
 
 
 def _sliding_cache_phases(spec: GqaSpec, batch_dim, query_dim, past_dim, positions_limit) -> list[Phase]:
@@ -454,95 +470,136 @@ def synthesize_inputs(
     node: ir.Node, spec: GqaSpec, phase: Phase, rng: np.random.Generator, feed_names: dict[int, str]
 ) -> dict[str, np.ndarray]:
     """Valid inputs for ``phase`` keyed by the one-node model's input names."""
-    dtype = core.NUMPY_TYPES[spec.dtype]
-    batch, query_length, total = phase.batch, phase.query_length, phase.total_length
-    kv_hidden = spec.kv_num_heads * spec.head_size
-    heads = spec.num_heads
-    feeds: dict[str, np.ndarray] = {}
+    feeds = _Feeds(node, spec, phase, rng, feed_names)
+    # In this order: each draws from ``rng`` in turn, so a seed gives the same inputs.
+    feeds.put_qkv()
+    feeds.put_past()
+    feeds.put_scales()
+    feeds.put_lengths()
+    positions_limit = feeds.put_rotary()
+    feeds.put_positions(positions_limit)
+    feeds.put_bias()
+    if gqa.HEAD_SINK in feed_names:
+        feeds.put(gqa.HEAD_SINK, feeds.normal(spec.num_heads))
+    for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
+        weight = 1.0 + 0.5 * rng.standard_normal(spec.head_size)
+        feeds.put(index, weight.astype(np.float32).astype(feeds.dtype))
+    return feeds.feeds
 
-    def normal(*shape) -> np.ndarray:
-        return rng.standard_normal(shape).astype(np.float32).astype(dtype)
 
-    def put(index: int, array: np.ndarray) -> None:
-        if index in feed_names:
-            feeds[feed_names[index]] = array
+class _Feeds:
+    """The feeds of one phase, input by input (:func:`synthesize_inputs`)."""
 
-    query_hidden = spec.head_size * (heads + 2 * spec.kv_num_heads if spec.packed_qkv else heads)
-    put(gqa.QUERY, normal(batch, query_length, query_hidden))
-    if not spec.packed_qkv:
-        kv_length = 0 if spec.kv_empty or phase.kv_empty else query_length
-        put(gqa.KEY, normal(batch, kv_length, kv_hidden))
-        put(gqa.VALUE, normal(batch, kv_length, kv_hidden))
-    if phase.past_length is not None:
+    def __init__(
+        self, node: ir.Node, spec: GqaSpec, phase: Phase, rng: np.random.Generator, feed_names: dict[int, str]
+    ) -> None:
+        self.node, self.spec, self.phase, self.rng, self.feed_names = node, spec, phase, rng, feed_names
+        self.dtype = core.NUMPY_TYPES[spec.dtype]
+        self.kv_hidden = spec.kv_num_heads * spec.head_size
+        self.feeds: dict[str, np.ndarray] = {}
+
+    def normal(self, *shape) -> np.ndarray:
+        return self.rng.standard_normal(shape).astype(np.float32).astype(self.dtype)
+
+    def put(self, index: int, array: np.ndarray) -> None:
+        if index in self.feed_names:
+            self.feeds[self.feed_names[index]] = array
+
+    def put_qkv(self) -> None:
+        spec, phase = self.spec, self.phase
+        heads = spec.num_heads
+        query_hidden = spec.head_size * (heads + 2 * spec.kv_num_heads if spec.packed_qkv else heads)
+        self.put(gqa.QUERY, self.normal(phase.batch, phase.query_length, query_hidden))
+        if not spec.packed_qkv:
+            kv_length = 0 if spec.kv_empty or phase.kv_empty else phase.query_length
+            self.put(gqa.KEY, self.normal(phase.batch, kv_length, self.kv_hidden))
+            self.put(gqa.VALUE, self.normal(phase.batch, kv_length, self.kv_hidden))
+
+    def put_past(self) -> None:
+        spec, phase, rng = self.spec, self.phase, self.rng
+        if phase.past_length is None:
+            return
         cache_width = spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size
-        past_shape = (batch, spec.kv_num_heads, phase.past_length, cache_width)
+        past_shape = (phase.batch, spec.kv_num_heads, phase.past_length, cache_width)
         for index in (gqa.PAST_KEY, gqa.PAST_VALUE):
             if spec.kv_bits == 8:
-                put(index, rng.integers(-128, 128, past_shape).astype(np.int8))
+                self.put(index, rng.integers(-128, 128, past_shape).astype(np.int8))
             elif spec.kv_bits == 4:
-                put(index, rng.integers(0, 256, past_shape).astype(np.uint8))
+                self.put(index, rng.integers(0, 256, past_shape).astype(np.uint8))
             else:
-                put(index, normal(*past_shape))
-    if spec.kv_quant is not None or gqa.K_SCALE in feed_names:  # ignored without quantization
-        scale_size = kv_hidden if spec.kv_quant == "PER_CHANNEL" else 1
+                self.put(index, self.normal(*past_shape))
+
+    def put_scales(self) -> None:
+        spec = self.spec
+        if spec.kv_quant is None and gqa.K_SCALE not in self.feed_names:  # ignored without quantization
+            return
+        scale_size = self.kv_hidden if spec.kv_quant == "PER_CHANNEL" else 1
         for index in (gqa.K_SCALE, gqa.V_SCALE):
-            if index not in feed_names:
+            if index not in self.feed_names:
                 continue
-            dims = _dims(node.inputs[index])
+            dims = _dims(self.node.inputs[index])
             shape = _shaped(dims, {0: scale_size}, 1) if dims else (scale_size,)
-            put(index, rng.uniform(0.01, 0.05, shape).astype(np.float32))
-    seqlens = np.array(phase.total_lengths, dtype=np.int32) - 1
-    seqlens_dims = _dims(node.inputs[gqa.SEQLENS_K])
-    if seqlens_dims is not None and len(seqlens_dims) == 2:
-        # (1, B) when dim 0 is 1 or dim 1 is a static size other than 1 (a partial shape may say only that).
-        row = seqlens_dims[0] == 1 or (isinstance(seqlens_dims[1], int) and seqlens_dims[1] != 1)
-        seqlens = seqlens.reshape((1, batch) if row and seqlens_dims[1] != 1 else (batch, 1))
-    put(gqa.SEQLENS_K, seqlens)
-    total_dims = _dims(node.inputs[gqa.TOTAL_SEQUENCE_LENGTH])
-    total_shape = () if total_dims is not None and len(total_dims) == 0 else (1,)
-    put(gqa.TOTAL_SEQUENCE_LENGTH, np.full(total_shape, total, dtype=np.int32))
+            self.put(index, self.rng.uniform(0.01, 0.05, shape).astype(np.float32))
 
-    positions_limit = max(total + 3, 16)
-    if gqa.COS_CACHE in feed_names:
-        cos_dims = _dims(node.inputs[gqa.COS_CACHE])
-        half = spec.rotary_half or _rotary_half_hint(node.inputs[gqa.COS_CACHE]) or spec.head_size // 2
-        shape = _shaped(cos_dims, {0: positions_limit, 1: half}, 2)
-        angles = rng.uniform(-math.pi, math.pi, shape)
-        put(gqa.COS_CACHE, np.cos(angles).astype(np.float32).astype(dtype))
-        put(gqa.SIN_CACHE, np.sin(angles).astype(np.float32).astype(dtype))
-    cos_value = node.inputs[gqa.COS_CACHE] if len(node.inputs) > gqa.COS_CACHE else None
-    if cos_value is not None and cos_value.shape is not None and isinstance(cos_value.shape[0], int):
-        positions_limit = cos_value.shape[0]
+    def put_lengths(self) -> None:
+        phase, node = self.phase, self.node
+        seqlens = np.array(phase.total_lengths, dtype=np.int32) - 1
+        seqlens_dims = _dims(node.inputs[gqa.SEQLENS_K])
+        if seqlens_dims is not None and len(seqlens_dims) == 2:
+            # (1, B) when dim 0 is 1 or dim 1 is a static size other than 1 (a partial shape may say only that).
+            row = seqlens_dims[0] == 1 or (isinstance(seqlens_dims[1], int) and seqlens_dims[1] != 1)
+            seqlens = seqlens.reshape((1, phase.batch) if row and seqlens_dims[1] != 1 else (phase.batch, 1))
+        self.put(gqa.SEQLENS_K, seqlens)
+        total_dims = _dims(node.inputs[gqa.TOTAL_SEQUENCE_LENGTH])
+        total_shape = () if total_dims is not None and len(total_dims) == 0 else (1,)
+        self.put(gqa.TOTAL_SEQUENCE_LENGTH, np.full(total_shape, phase.total_length, dtype=np.int32))
 
-    if gqa.POSITION_IDS in feed_names:
-        dims = _dims(node.inputs[gqa.POSITION_IDS])
-        shape = _shaped(dims, {0: batch, 1: query_length, 2: 1, 3: 1}, 2)  # (B, S, 1, ..) of rank > 2
+    def put_rotary(self) -> int:
+        """cos/sin caches; returns how many positions they hold."""
+        node, spec = self.node, self.spec
+        positions_limit = max(self.phase.total_length + 3, 16)
+        if gqa.COS_CACHE in self.feed_names:
+            cos_dims = _dims(node.inputs[gqa.COS_CACHE])
+            half = spec.rotary_half or _rotary_half_hint(node.inputs[gqa.COS_CACHE]) or spec.head_size // 2
+            shape = _shaped(cos_dims, {0: positions_limit, 1: half}, 2)
+            angles = self.rng.uniform(-math.pi, math.pi, shape)
+            self.put(gqa.COS_CACHE, np.cos(angles).astype(np.float32).astype(self.dtype))
+            self.put(gqa.SIN_CACHE, np.sin(angles).astype(np.float32).astype(self.dtype))
+        cos_value = node.inputs[gqa.COS_CACHE] if len(node.inputs) > gqa.COS_CACHE else None
+        if cos_value is not None and cos_value.shape is not None and isinstance(cos_value.shape[0], int):
+            positions_limit = cos_value.shape[0]
+        return positions_limit
+
+    def put_positions(self, positions_limit: int) -> None:
+        if gqa.POSITION_IDS not in self.feed_names:
+            return
+        phase, rng = self.phase, self.rng
+        dims = _dims(self.node.inputs[gqa.POSITION_IDS])
+        shape = _shaped(dims, {0: phase.batch, 1: phase.query_length, 2: 1, 3: 1}, 2)  # (B, S, 1, ..) of rank > 2
         if phase.first_prompt:
-            base = int(rng.integers(0, positions_limit - query_length + 1))
+            base = int(rng.integers(0, positions_limit - phase.query_length + 1))
             row = (base + np.arange(shape[1])).reshape((shape[1],) + (1,) * (len(shape) - 2))
             positions = np.broadcast_to(row, shape)
         else:
             positions = rng.integers(0, positions_limit, shape)
-        put(gqa.POSITION_IDS, np.ascontiguousarray(np.minimum(positions, positions_limit - 1)).astype(np.int64))
+        self.put(gqa.POSITION_IDS, np.ascontiguousarray(np.minimum(positions, positions_limit - 1)).astype(np.int64))
 
-    if gqa.ATTENTION_BIAS in feed_names:
-        dims = _dims(node.inputs[gqa.ATTENTION_BIAS])
-        shape = _shaped(dims, {0: batch, 1: heads, 2: query_length, 3: total}, 4)
+    def put_bias(self) -> None:
+        if gqa.ATTENTION_BIAS not in self.feed_names:
+            return
+        spec, phase, rng = self.spec, self.phase, self.rng
+        dims = _dims(self.node.inputs[gqa.ATTENTION_BIAS])
+        shape = _shaped(dims, {0: phase.batch, 1: spec.num_heads, 2: phase.query_length, 3: phase.total_length}, 4)
         bias = rng.standard_normal(shape).astype(np.float32)
         bias[rng.random(shape) < 0.15] = -np.inf
         # Keep the newest visible key of every batch row finite so no valid row is masked
         # entirely (ORT's kernels disagree there: 0 or NaN). A bias broadcast over the batch
         # (dim 0 = 1) serves every row, whose newest keys differ when causal = 0.
         limits = _causal_limits(spec, phase)
-        for b in range(batch):
-            for s in range(query_length):
+        for b in range(phase.batch):
+            for s in range(phase.query_length):
                 bias[min(b, shape[0] - 1), :, s, limits[b, s] - 1] = rng.standard_normal()
-        put(gqa.ATTENTION_BIAS, bias.astype(dtype))
-    if gqa.HEAD_SINK in feed_names:
-        put(gqa.HEAD_SINK, normal(heads))
-    for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
-        put(index, (1.0 + 0.5 * rng.standard_normal(spec.head_size)).astype(np.float32).astype(dtype))
-    return feeds
+        self.put(gqa.ATTENTION_BIAS, bias.astype(self.dtype))
 
 
 # Comparison ----------------------------------------------------------------------------------
@@ -701,6 +758,7 @@ def _candidate_runner(
 def _node_check(
     node: ir.Node,
     spec: GqaSpec,
+    lowering: Lowering,
     opset: int,
     ir_version: int,
     options: DecomposeOptions,
@@ -723,10 +781,10 @@ def _node_check(
         oracle = normalized_oracle_model(oracle, spec)
     candidate = extract_node_model(node, opset, ir_version, outputs=used_outputs)
     if not fused_on_runtime:
-        candidate = decompose(candidate, **dataclasses.asdict(options))
+        candidate = decompose(candidate, options=options)
     total_length_input = feed_names.get(gqa.TOTAL_SEQUENCE_LENGTH) if total_length_from_shape else None
     run_candidate, label = _candidate_runner(candidate, runtime, total_length_input, bfloat16)
-    tolerance = core.node_tolerance(spec.dtype, spec.compute_dtype != ir.DataType.FLOAT)
+    tolerance = core.node_tolerance(spec.dtype, lowering.compute_dtype != ir.DataType.FLOAT)
     check = _NodeCheck(
         spec,
         tuple(used_outputs),
@@ -765,14 +823,24 @@ def verify_node_model(
     options = options or DecomposeOptions()
     spec = parse_gqa_node(node, options)
     target, fallback = resolve_target(spec, options, opset, raise_obstacle)
+    lowering = Lowering.of(node, spec, options, target, opset)
     if used_outputs is None:
         used_outputs = [i for i, v in enumerate(node.outputs) if v is not None and v.name]
     check, feed_names = _node_check(
-        node, spec, opset, ir_version, options, used_outputs, runtime, total_length_from_shape, fused_on_runtime
+        node,
+        spec,
+        lowering,
+        opset,
+        ir_version,
+        options,
+        used_outputs,
+        runtime,
+        total_length_from_shape,
+        fused_on_runtime,
     )
     rng = np.random.default_rng(seed)
     results = []
-    for phase in phases if phases is not None else phases_for(node, spec):
+    for phase in phases if phases is not None else phases_for(node, spec, lowering):
         for _ in range(_TIE_RETRIES + 1):
             result, expected, got = check.run_phase(phase, synthesize_inputs(node, spec, phase, rng, feed_names))
             if result.passed or not quantization_ties_only(expected, got, spec, phase):
@@ -806,13 +874,15 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
     runtime: str | None = None,
     total_length_from_shape: bool = False,
-    **options,
+    options: DecomposeOptions | None = None,
+    **fields,
 ) -> VerificationReport:
     """Check each GQA node of ``original`` against its expansion on ONNX Runtime CPU.
 
     ``original`` is not modified (an ``onnx_ir.Model`` is copied first). When
     ``decomposed`` is given, it must hold no GroupQueryAttention node.
-    ``options`` are the :class:`DecomposeOptions` the model was decomposed with.
+    ``options`` are the :class:`DecomposeOptions` the model was decomposed with (or ``fields``, its fields
+    as keywords).
     ``runtime`` runs each expansion on another runtime (:mod:`gqa_decompose.runtimes`)
     instead of ONNX Runtime CPU; the fused node is always run on ONNX Runtime CPU.
     ``total_length_from_shape``: see :func:`verify_node_model`.
@@ -822,7 +892,7 @@ def verify(
     else:
         model = original.clone()  # tensors are shared, so external data stays where it is
     InferGqaTypesPass()(model)
-    decompose_options = DecomposeOptions(**options)
+    decompose_options = options_of(options, fields)
     found = find_gqa_nodes(model)
     # Each one-node model holds only the GQA node, so it takes the opset the rewrite gives that node (its
     # container's: a function's own import, or the model's as raised).

@@ -44,7 +44,7 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.model_io import read_genai_config, shares_kv_buffer
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.passes.decompose_ops import find_op_nodes
-from gqa_decompose.spec import DecomposeOptions, GqaSpec, parse_gqa_node
+from gqa_decompose.spec import DecomposeOptions, GqaSpec, options_of, parse_gqa_node
 from gqa_decompose.verify import unfused_qk_norm_nodes
 
 __all__ = [
@@ -604,7 +604,8 @@ def verify_model(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     cache_forms: Sequence[str] | None = None,
-    **options,
+    options: DecomposeOptions | None = None,
+    **fields,
 ) -> ModelVerification:
     """Run a prompt and ``steps`` decode steps on ``original`` and ``decomposed`` (ORT CPU) and compare.
 
@@ -625,13 +626,14 @@ def verify_model(
         genai_config: onnxruntime-genai's config (a path or the parsed dict), for the vocabulary size,
             input/output names and ``past_present_share_buffer``; default: beside ``original``'s path.
         cache_forms: drive only these of "growing" and "static" (default: every form admitted).
-        options: fields of :class:`DecomposeOptions`, as the model was (or is to be) decomposed with.
+        options: the :class:`DecomposeOptions` the model was (or is to be) decomposed with (or ``fields``,
+            its fields as keywords).
 
     Raises:
         GqaDecomposeError: the original model cannot be driven (an input that cannot be synthesized, or
             ONNX Runtime rejects the original model on the synthesized feeds).
     """
-    decompose_options = DecomposeOptions(**options)
+    decompose_options = options_of(options, fields)
     model, path = _as_ir(original)
     config = _config(genai_config, path)
     if isinstance(feeds, (str, os.PathLike)):

@@ -260,8 +260,7 @@ def run_whole_model(runtime: str, cache: str, target: str = PRIMITIVES, steps: i
     if target == FUSED:
         decomposed = original
     else:
-        options = dataclasses.asdict(case_options(Case("", "", GqaConfig()), target))
-        decomposed = gqa_decompose.decompose(original, **options)
+        decomposed = gqa_decompose.decompose(original, options=case_options(Case("", "", GqaConfig()), target))
     static_length = 16 if cache == "static" else None
     expected = generate(runtimes.get_runtime("onnxruntime").load(original), original, steps, static_length)
     got = generate(runtimes.get_runtime(runtime).load(decomposed), decomposed, steps, static_length)

@@ -46,6 +46,7 @@ from onnx import helper
 from gqa_decompose import decompose
 from gqa_decompose import spec as gqa
 from gqa_decompose.errors import GqaDecomposeError
+from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
 from gqa_decompose.spec import DecomposeOptions, parse_gqa_node
 from gqa_decompose.verify import (
@@ -461,7 +462,7 @@ def check_against_ort(layers: Case | tuple[Case, ...], seed: int = 0) -> str:
     model = merge_layers([build_model(case) for case in layers])
     note(f"model:\n{_graph_text(model)}")
     try:
-        decomposed = decompose(model, **dataclasses.asdict(options))
+        decomposed = decompose(model, options=options)
     except GqaDecomposeError as error:
         assert "\n" not in str(error), "a refusal is one line"
         return f"refused: {error.reason}"
@@ -471,6 +472,7 @@ def check_against_ort(layers: Case | tuple[Case, ...], seed: int = 0) -> str:
     InferGqaTypesPass()(typed)
     nodes = [node for _, node in find_gqa_nodes(typed)]
     specs = [parse_gqa_node(node, options) for node in nodes]
+    lowerings = [Lowering.of(node, spec, options) for node, spec in zip(nodes, specs)]
     initializers = {t.name for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     protos = {n.name: n for n in model.graph.node if n.op_type == "GroupQueryAttention"}
@@ -487,9 +489,9 @@ def check_against_ort(layers: Case | tuple[Case, ...], seed: int = 0) -> str:
         compared.append({index: name for index, name in enumerate(proto.output) if name in graph_outputs})
 
     # Phases every layer admits (they share seqlens_k and total_sequence_length).
-    phases = phases_for(nodes[0], specs[0])
-    for node, spec in zip(nodes[1:], specs[1:]):
-        phases = [phase for phase in phases if phase in phases_for(node, spec)]
+    phases = phases_for(nodes[0], specs[0], lowerings[0])
+    for node, spec, lowering in zip(nodes[1:], specs[1:], lowerings[1:]):
+        phases = [phase for phase in phases if phase in phases_for(node, spec, lowering)]
 
     oracle = _oracle_model(model)
     oracle_outputs = [o.name for o in oracle.graph.output]
@@ -506,11 +508,11 @@ def check_against_ort(layers: Case | tuple[Case, ...], seed: int = 0) -> str:
         expected = dict(zip(oracle_outputs, expected_session.run(oracle_outputs, feeds)))
         got = dict(zip(got_outputs, got_session.run(got_outputs, feeds)))
         failure, ties = None, False
-        for spec, outputs in zip(specs, compared):
+        for spec, lowering, outputs in zip(specs, lowerings, compared):
             assert spec.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
             by_index = ({i: expected[n] for i, n in outputs.items()}, {i: got[n] for i, n in outputs.items()})
             ties |= quantization_ties_only(*by_index, spec, phase)
-            if spec.compute_dtype != ir.DataType.FLOAT:
+            if lowering.compute_dtype != ir.DataType.FLOAT:
                 atol, rtol = NATIVE_PRECISION_TOLERANCES[spec.dtype]
             else:
                 atol, rtol = TOLERANCES[spec.dtype]

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -151,7 +149,7 @@ def test_zero_width_rotary_is_identity(opset, target, packed):
     model = _zero_width_rotary_model(opset, packed)
     options = DecomposeOptions(target=target, raise_opset=True)
     _assert_verifies(model, options)
-    rewritten = gqa_decompose.decompose(model, **dataclasses.asdict(options))
+    rewritten = gqa_decompose.decompose(model, options=options)
     assert all(node.op_type != "RotaryEmbedding" for node in rewritten.graph.node)
     # It loads and runs on ORT (RotaryEmbedding-23 would reject the zero-width table at run time).
     ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from gqa_models import GqaConfig, gqa_node, make_gqa_model
 from portability_cases import (
@@ -369,3 +370,23 @@ def test_default_graph_of_a_static_long_prompt_runs_on_tract(past):
             total_length_from_shape=True,
         )
         assert result.results and bool(failures(result)) == fast_paths, failures(result)
+
+
+def test_runtime_check_knows_present_by_its_output_position_not_its_name():
+    """A static buffer's rows past the prompt are undefined: they are left out of present's comparison even
+    when present is not named "present" (found by name, cache_k_out was compared whole and failed)."""
+    from gqa_decompose.passes import InferGqaTypesPass
+    from gqa_decompose.runtime_check import check_runtime
+    from gqa_decompose.spec import DecomposeOptions
+
+    proto = make_gqa_model(GqaConfig())
+    renamed = {"present_key": "cache_k_out", "present_value": "cache_v_out"}
+    for node in proto.graph.node:
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    for output in proto.graph.output:
+        output.name = renamed.get(output.name, output.name)
+    model = ir.serde.deserialize_model(proto)
+    InferGqaTypesPass()(model)
+    result = check_runtime(model, "onnxruntime", DecomposeOptions(static_kv_cache=True), verify_nodes=False)
+    assert result.model.failure is None
+    assert set(result.model.max_errors) == {"output", "cache_k_out", "cache_v_out"}

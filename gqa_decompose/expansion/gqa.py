@@ -81,16 +81,43 @@ _FLOAT = ir.DataType.FLOAT
 
 @dataclasses.dataclass(frozen=True)
 class Lowering:
-    """Which standard ops one node's expansion may use (all False: primitives only)."""
+    """How one node is emitted, apart from what it means (its :class:`~gqa_decompose.spec.GqaSpec`): the
+    standard ops the expansion may use (all False: primitives only), the user's choices as they apply to
+    this node, and which of its outputs the graph reads. The planner builds it (:meth:`of`)."""
 
     attention_op: bool = False  # one Attention node (opset >= 23)
     tensor_scatter: bool = False  # TensorScatter-24 for the KV cache write
+    compute_dtype: ir.DataType = _FLOAT  # fp32, or the model's type with native_precision
+    fast_paths: bool = False  # run-time Ifs: row blocks, cut of long buffers, one-copy cache update
+    static_kv_cache: bool = False  # promised T <= P: present has exactly P rows
+    growing_kv_cache: bool = False  # promised T = P + S with aligned rows: present = Concat(past, new)
+    present_used: bool = False  # present_key/present_value exist and someone reads them
+    output_qk_used: bool = False
 
     @classmethod
-    def for_target(cls, target: str, opset: int) -> Lowering:
-        if target != "attention":
-            return cls()
-        return cls(attention_op=True, tensor_scatter=opset >= TENSOR_SCATTER_MIN_OPSET)
+    def of(
+        cls,
+        node: ir.Node,
+        spec: gqa.GqaSpec,
+        options: gqa.DecomposeOptions | None = None,
+        target: str = "primitives",
+        opset: int = 0,
+    ) -> Lowering:
+        """``node``'s lowering for ``options`` and the target it takes at ``opset``
+        (:func:`~gqa_decompose.spec.resolve_target`)."""
+        options = options or gqa.DecomposeOptions()
+        attention = target == "attention"
+        plain_cache = spec.has_past and not spec.sliding_window_cache
+        return cls(
+            attention_op=attention,
+            tensor_scatter=attention and opset >= TENSOR_SCATTER_MIN_OPSET,
+            compute_dtype=spec.dtype if options.native_precision else _FLOAT,
+            fast_paths=options.fast_paths,
+            static_kv_cache=options.static_kv_cache and plain_cache,
+            growing_kv_cache=options.growing_kv_cache and plain_cache and not (spec.kv_empty or spec.kv_maybe_empty),
+            present_used=gqa.output_is_read(node, gqa.PRESENT_KEY) or gqa.output_is_read(node, gqa.PRESENT_VALUE),
+            output_qk_used=bool(spec.qk_output) and gqa.output_is_read(node, gqa.OUTPUT_QK),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +176,13 @@ def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None, r
     return query_BSNH, key_BSNH, value_BSNH
 
 
-def _to_compute(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
+def _to_compute(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec, lowering: Lowering) -> ir.Value:
     """A value of the model's type in the compute type (fp32 unless native precision)."""
-    return value if spec.dtype == spec.compute_dtype else op.cast(value, spec.compute_dtype)
+    return value if spec.dtype == lowering.compute_dtype else op.cast(value, lowering.compute_dtype)
 
 
-def _from_compute(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec) -> ir.Value:
-    return value if spec.dtype == spec.compute_dtype else op.cast(value, spec.dtype)
+def _from_compute(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec, lowering: Lowering) -> ir.Value:
+    return value if spec.dtype == lowering.compute_dtype else op.cast(value, spec.dtype)
 
 
 def _bsnh_to_bnsh(op: OpBuilder, value: ir.Value) -> ir.Value:
@@ -182,8 +209,8 @@ def _key_columns(
     info,
     node: ir.Node,
     spec: gqa.GqaSpec,
+    lowering: Lowering,
     new_rows: tuple[ir.Value, ir.Value] | None,
-    tensor_scatter: bool = False,
     fast_paths: bool = False,
 ) -> _KeyColumns:
     """Choose how present is built and which columns attention reads (semantics doc §3-4, §11-12).
@@ -199,9 +226,10 @@ def _key_columns(
     * nobody reads present: Concat(past, new) with each column's position; no KV write.
     """
     past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
+    tensor_scatter = lowering.tensor_scatter
     # output_qk is a diagnostic: its scores come from one path over the whole buffer
     # (OpenVINO 2025 mis-shapes an If output whose width differs between branches).
-    may_cut = fast_paths and not spec.output_qk_used
+    may_cut = fast_paths and not lowering.output_qk_used
     if not spec.has_past:
         new_key, new_value = new_rows
         length = info.query_length
@@ -209,7 +237,7 @@ def _key_columns(
         return _KeyColumns(new_key, new_value, positions, length, new_key, new_value)
     if spec.kv_empty:
         present_key = present_value = None
-        if spec.present_used:
+        if lowering.present_used:
             present_key = op.op("Identity", past_key)
             present_value = op.op("Identity", past_value)
         return _buffer_columns(
@@ -229,13 +257,13 @@ def _key_columns(
         keys = op.op("Concat", past_key, new_key, axis=2)
         values = op.op("Concat", past_value, new_value, axis=2)
         present_key = present_value = None
-        if spec.present_used:
+        if lowering.present_used:
             rows = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
             present_key = op.op("GatherND", keys, rows, batch_dims=2)
             present_value = op.op("GatherND", values, rows, batch_dims=2)
         positions = sliding_key_positions(shared, info, past_key, spec.local_window_size)
         return _KeyColumns(keys, values, positions, None, present_key, present_value)
-    if spec.growing_kv_cache:
+    if lowering.growing_kv_cache:
         present_key = append_aligned_rows(op, shared, info, past_key, new_key)
         present_value = append_aligned_rows(op, shared, info, past_value, new_value)
         length = present_length(shared, info, past_key)
@@ -243,8 +271,9 @@ def _key_columns(
         return _KeyColumns(present_key, present_value, positions, length, present_key, present_value)
     # A key length of 0 or S (decided at run time) needs present: with no new rows it is past
     # (rows [0, t_b) attention reads, §11), with S rows the ordinary cache.
-    if spec.present_used or spec.has_attention_bias or spec.qk_output or spec.static_kv_cache or spec.kv_maybe_empty:
-        if spec.static_kv_cache:
+    needs_present = lowering.present_used or lowering.static_kv_cache or spec.kv_maybe_empty
+    if needs_present or spec.has_attention_bias or spec.qk_output:
+        if lowering.static_kv_cache:
             present_key = write_new_rows(op, shared, info, past_key, new_key, spec.kv_num_heads, True, tensor_scatter)
             present_value = write_new_rows(
                 op, shared, info, past_value, new_value, spec.kv_num_heads, True, tensor_scatter
@@ -271,7 +300,7 @@ def _key_columns(
     return _KeyColumns(keys, values, positions, None, None, None)
 
 
-def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: int):
+def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowering, scale_index: int):
     """(encode, decode): new rows in the model's type -> the cache's type -> the compute type.
 
     ``encode(x)`` builds with ``op``; ``decode(builder, x)`` builds with the builder
@@ -279,7 +308,7 @@ def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: i
     it reads (a cast or dequantization of a whole max-length buffer costs a copy of it).
     """
     if spec.kv_quant is None:
-        return (lambda x: x), (lambda builder, x: _to_compute(builder, x, spec))
+        return (lambda x: x), (lambda builder, x: _to_compute(builder, x, spec, lowering))
     layout = dict(
         per_channel=spec.kv_quant == "PER_CHANNEL",
         bits=spec.kv_bits,
@@ -293,7 +322,7 @@ def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, scale_index: i
         return x if spec.dtype == _FLOAT else op.cast(x, _FLOAT)
 
     def fp32_to_compute(builder: OpBuilder, x: ir.Value) -> ir.Value:
-        return x if spec.compute_dtype == _FLOAT else builder.cast(x, spec.compute_dtype)
+        return x if lowering.compute_dtype == _FLOAT else builder.cast(x, lowering.compute_dtype)
 
     return (
         lambda x: quantize(op, to_fp32(x), scale, **layout),
@@ -364,7 +393,7 @@ def _fit_columns(op: OpBuilder, x: ir.Value, width: ir.Value, new_width: ir.Valu
     return op.slice(op.op("Pad", x, pads), 0, op.to_vector(new_width), axis=3)
 
 
-def _causal_op_suffices(spec: gqa.GqaSpec) -> bool:
+def _causal_op_suffices(spec: gqa.GqaSpec, lowering: Lowering) -> bool:
     """Whether Attention's own is_causal, with no visibility mask, is exact for this node.
 
     No past: every row's queries are a first prompt (c_b = 0, top-left causal) and a
@@ -380,7 +409,7 @@ def _causal_op_suffices(spec: gqa.GqaSpec) -> bool:
         and spec.kv_quant is None
         and not spec.smooth_softmax
         # The op takes past and present together (ORT rejects past without present).
-        and (not spec.has_past or (spec.growing_kv_cache and spec.present_used))
+        and (not spec.has_past or (lowering.growing_kv_cache and lowering.present_used))
     )
 
 
@@ -390,6 +419,7 @@ def _expand_causal_op(
     info,
     node: ir.Node,
     spec: gqa.GqaSpec,
+    lowering: Lowering,
     query_BNSH: ir.Value,
     key_BSNH: ir.Value,
     value_BSNH: ir.Value,
@@ -401,16 +431,16 @@ def _expand_causal_op(
         new_key = guard_aligned_rows(op, shared, info, node.inputs[gqa.PAST_KEY], new_key)
         new_value = guard_aligned_rows(op, shared, info, node.inputs[gqa.PAST_VALUE], new_value)
         past = (
-            _to_compute(op, node.inputs[gqa.PAST_KEY], spec),
-            _to_compute(op, node.inputs[gqa.PAST_VALUE], spec),
+            _to_compute(op, node.inputs[gqa.PAST_KEY], spec, lowering),
+            _to_compute(op, node.inputs[gqa.PAST_VALUE], spec, lowering),
         )
     bias = _input(node, gqa.ATTENTION_BIAS)  # [.., S, T] and T is the key count on this path
     attention = attention_op(
         op,
         query_BNSH,
-        _to_compute(op, new_key, spec),
-        _to_compute(op, new_value, spec),
-        None if bias is None else _to_compute(op, bias, spec),
+        _to_compute(op, new_key, spec, lowering),
+        _to_compute(op, new_value, spec, lowering),
+        None if bias is None else _to_compute(op, bias, spec, lowering),
         num_heads=spec.num_heads,
         head_size=spec.head_size,
         scale=spec.scale,
@@ -418,14 +448,14 @@ def _expand_causal_op(
         is_causal=True,
         past=past,
     )
-    output = _from_compute(op, attention.output_BSD, spec)
-    if not spec.present_used:
+    output = _from_compute(op, attention.output_BSD, spec, lowering)
+    if not lowering.present_used:
         return ExpandedNode((output, None, None, None))
     if past is None:
         present_key, present_value = new_key, new_value
     else:
-        present_key = _from_compute(op, attention.present_key, spec)
-        present_value = _from_compute(op, attention.present_value, spec)
+        present_key = _from_compute(op, attention.present_key, spec, lowering)
+        present_value = _from_compute(op, attention.present_value, spec, lowering)
     return ExpandedNode((output, present_key, present_value, None))
 
 
@@ -434,6 +464,7 @@ def _attend_with_op(
     shared: SharedSubgraphs,
     info,
     spec: gqa.GqaSpec,
+    lowering: Lowering,
     query_BNSH: ir.Value,
     keys_BNkvKH: ir.Value,
     values_BNkvKH: ir.Value,
@@ -459,15 +490,15 @@ def _attend_with_op(
         rows = op.op("Concat", op.ints([1, 1]), op.to_vector(op.dim(query_BNSH, 2)), op.ints([1]), axis=0)
         attn_mask = op.op("Expand", attn_mask, rows)
     if bias_BNSK is not None:
-        attn_mask = op.op("Add", bias_BNSK, mask_bias(shared, attn_mask, spec.compute_dtype))
+        attn_mask = op.op("Add", bias_BNSK, mask_bias(shared, attn_mask, lowering.compute_dtype))
     elif spec.smooth_softmax:
-        attn_mask = mask_bias(shared, attn_mask, spec.compute_dtype)
+        attn_mask = mask_bias(shared, attn_mask, lowering.compute_dtype)
     if spec.smooth_softmax:
         keys_BNkvKH, values_BNkvKH, attn_mask = with_sink_column(
-            op, keys_BNkvKH, values_BNkvKH, attn_mask, sink_N, spec.num_heads, spec.compute_dtype
+            op, keys_BNkvKH, values_BNkvKH, attn_mask, sink_N, spec.num_heads, lowering.compute_dtype
         )
     qk_mode = None
-    if spec.output_qk_used:
+    if lowering.output_qk_used:
         qk_mode = QK_AFTER_MASK if spec.qk_output == 1 else QK_AFTER_SOFTMAX
     attention = attention_op(
         op,
@@ -491,7 +522,7 @@ def _attend_with_op(
     qk_BNST = _fit_columns(op, attention.qk_BNSK, columns_length, info.total_length)
     if spec.qk_output == 1:
         visible_B1ST = op.slice(visible_B1SK, 0, op.to_vector(info.total_length), axis=3)
-        qk_BNST = op.op("Where", visible_B1ST, qk_BNST, op.float_scalar(0.0, spec.compute_dtype))
+        qk_BNST = op.op("Where", visible_B1ST, qk_BNST, op.float_scalar(0.0, lowering.compute_dtype))
     return attention.output_BSD, qk_BNST
 
 
@@ -507,6 +538,113 @@ def _rotary_table_2d(shared: SharedSubgraphs, cache: ir.Value) -> ir.Value:
     return shared.get(("rotary_table_2d", cache), build)
 
 
+def _rotations(op: OpBuilder, shared: SharedSubgraphs, info, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowering):
+    """(rotate, rotate_key) for :func:`_split_heads`: rotary on q and the new k in the compute type, both
+    rounded to the model's type, as ORT does; (None, None) without rotary."""
+    # A zero-width table (R = 0) rotates nothing: ORT's kernel copies every dim, and
+    # RotaryEmbedding-23 would reject the table.
+    if not spec.do_rotary or spec.rotary_half == 0:
+        return None, None
+    # RotaryEmbedding-23 needs R static (its rotary_embedding_dim attribute).
+    # RotaryEmbedding-23 when the rotary width is static (the attention target implies opset >= 23).
+    use_rotary_op = lowering.attention_op and spec.rotary_half is not None
+    build = build_rotary_op_inputs if use_rotary_op else build_rotary_tables
+    tables = build(
+        shared,
+        info,
+        _rotary_table_2d(shared, node.inputs[gqa.COS_CACHE]),
+        _rotary_table_2d(shared, node.inputs[gqa.SIN_CACHE]),
+        _input(node, gqa.POSITION_IDS),
+        spec.rotary_half,
+        lowering.compute_dtype,
+    )
+
+    def rotate_with(tables, may_be_empty: bool = False):
+        def rotate(x_BSnH: ir.Value, heads: int) -> ir.Value:
+            x_BSnH = _to_compute(op, x_BSnH, spec, lowering)
+            if use_rotary_op:  # its reshapes are explicit: fine with no rows
+                rotated = apply_rotary_op(op, x_BSnH, tables, heads, spec.head_size, spec.rotary_interleaved)
+            else:
+                rotated = apply_rotary(
+                    op, shared, x_BSnH, tables, spec.head_size, spec.rotary_interleaved, may_be_empty
+                )
+            return _from_compute(op, rotated, spec, lowering)
+
+        return rotate
+
+    rotate_key = None
+    if spec.kv_maybe_empty:
+        rotate_key = rotate_with(new_rows_tables(shared, info, tables), may_be_empty=True)
+    return rotate_with(tables), rotate_key
+
+
+def _bias_columns(op: OpBuilder, info, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowering, columns: _KeyColumns):
+    """attention_bias [.., S, K] in the compute type, one column per key column; None without a bias."""
+    bias = _input(node, gqa.ATTENTION_BIAS)
+    if bias is None:
+        return None
+    if columns.length is None:
+        # Bias columns are absolute key positions; pick each key column's.
+        return _gather_columns(op, info, _to_compute(op, bias, spec, lowering), columns.positions)
+    # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
+    return _fit_columns(op, _to_compute(op, bias, spec, lowering), info.total_length, columns.length)
+
+
+def _attend_primitives(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+    query_BNSH: ir.Value,
+    columns: _KeyColumns,
+    visible_B1SK: ir.Value,
+    bias_BNSK: ir.Value | None,
+    decode,
+    fast_paths: bool,
+) -> tuple[ir.Value, ir.Value | None]:
+    """(output [B, S, N*H], output_qk [B, N, S, T] or None) from MatMul/Softmax/..."""
+    plan = ReadPlan(columns.cut, columns.cut_end)
+    query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
+    if fast_paths and columns.length is not None and spec.causal:
+        tiers = causal_row_blocks(shared, info, columns.length)
+        if isinstance(query_length, int):
+            # S is known: the tier it reaches (if any) is chosen here, without an If.
+            # Not in the default graph: tract cannot type the blocks' data-dependent slices.
+            reached = [tier for tier in tiers if query_length >= tier.minimum]
+            plan = dataclasses.replace(plan, row_block_tiers=tuple(reached[:1]), row_blocks_known=True)
+        else:
+            plan = dataclasses.replace(plan, row_block_tiers=tiers)
+    attention = attend(
+        op,
+        query_BNSH,
+        columns.keys,
+        columns.values,
+        visible_B1SK,
+        mask_bias(shared, visible_B1SK, lowering.compute_dtype),
+        num_heads=spec.num_heads,
+        kv_num_heads=spec.kv_num_heads,
+        head_size=spec.head_size,
+        scale=spec.scale,
+        softcap=spec.softcap,
+        bias_BNSK=bias_BNSK,
+        smooth_softmax=spec.smooth_softmax,
+        head_sink_N=_input(node, gqa.HEAD_SINK),
+        may_mask_whole_rows=_input(node, gqa.ATTENTION_BIAS) is not None or spec.local_window_size == 0,
+        want_scores=lowering.output_qk_used and spec.qk_output == 1,
+        want_probs=lowering.output_qk_used and spec.qk_output == 2,
+        dtype=lowering.compute_dtype,
+        plan=plan,
+        decode=decode,
+    )
+    if not lowering.output_qk_used:
+        return attention.output_BSD, None
+    chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
+    # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
+    return attention.output_BSD, _fit_columns(op, chosen, columns.length, info.total_length)
+
+
 def expand_gqa(
     op: OpBuilder,
     shared: SharedSubgraphs,
@@ -515,7 +653,7 @@ def expand_gqa(
     lowering: Lowering | None = None,
 ) -> ExpandedNode:
     """Build the standard-op subgraph of ``node``; nodes land in ``op`` and ``shared``."""
-    lowering = lowering or Lowering()
+    lowering = lowering or Lowering.of(node, spec)
     info = build_sequence_info(
         shared,
         node.inputs[gqa.SEQLENS_K],
@@ -526,50 +664,16 @@ def expand_gqa(
     )
 
     # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
-    rotate = rotate_key = None
-    # A zero-width table (R = 0) rotates nothing: ORT's kernel copies every dim, and
-    # RotaryEmbedding-23 would reject the table.
-    if spec.do_rotary and spec.rotary_half != 0:
-        # RotaryEmbedding-23 needs R static (its rotary_embedding_dim attribute).
-        # RotaryEmbedding-23 when the rotary width is static (the attention target implies opset >= 23).
-        use_rotary_op = lowering.attention_op and spec.rotary_half is not None
-        build = build_rotary_op_inputs if use_rotary_op else build_rotary_tables
-        tables = build(
-            shared,
-            info,
-            _rotary_table_2d(shared, node.inputs[gqa.COS_CACHE]),
-            _rotary_table_2d(shared, node.inputs[gqa.SIN_CACHE]),
-            _input(node, gqa.POSITION_IDS),
-            spec.rotary_half,
-            spec.compute_dtype,
-        )
-
-        def rotate_with(tables, may_be_empty: bool = False):
-            def rotate(x_BSnH: ir.Value, heads: int) -> ir.Value:
-                x_BSnH = _to_compute(op, x_BSnH, spec)
-                if use_rotary_op:  # its reshapes are explicit: fine with no rows
-                    rotated = apply_rotary_op(op, x_BSnH, tables, heads, spec.head_size, spec.rotary_interleaved)
-                else:
-                    rotated = apply_rotary(
-                        op, shared, x_BSnH, tables, spec.head_size, spec.rotary_interleaved, may_be_empty
-                    )
-                return _from_compute(op, rotated, spec)
-
-            return rotate
-
-        rotate = rotate_with(tables)
-        if spec.kv_maybe_empty:
-            rotate_key = rotate_with(new_rows_tables(shared, info, tables), may_be_empty=True)
-
+    rotate, rotate_key = _rotations(op, shared, info, node, spec, lowering)
     query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate, rotate_key)
-    query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec)
+    query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec, lowering)
 
-    if lowering.attention_op and _causal_op_suffices(spec):
-        return _expand_causal_op(op, shared, info, node, spec, query_BNSH, key_BSNH, value_BSNH)
+    if lowering.attention_op and _causal_op_suffices(spec, lowering):
+        return _expand_causal_op(op, shared, info, node, spec, lowering, query_BNSH, key_BSNH, value_BSNH)
 
     # 2. The new rows in the cache's type; the key columns attention reads; present.
-    encode_key, decode_key = _cache_codec(op, node, spec, gqa.K_SCALE)
-    encode_value, decode_value = _cache_codec(op, node, spec, gqa.V_SCALE)
+    encode_key, decode_key = _cache_codec(op, node, spec, lowering, gqa.K_SCALE)
+    encode_value, decode_value = _cache_codec(op, node, spec, lowering, gqa.V_SCALE)
     new_rows = None
     if key_BSNH is not None:
         new_rows = (
@@ -577,27 +681,21 @@ def expand_gqa(
             encode_value(_bsnh_to_bnsh(op, value_BSNH)),
         )
     # The run-time Ifs of --fast-paths serve the primitives target; the Attention op is one node.
-    fast_paths = spec.fast_paths and not lowering.attention_op
-    columns = _key_columns(op, shared, info, node, spec, new_rows, lowering.tensor_scatter, fast_paths)
+    fast_paths = lowering.fast_paths and not lowering.attention_op
+    columns = _key_columns(op, shared, info, node, spec, lowering, new_rows, fast_paths)
 
     # 3. The shared mask.
     visible_B1SK = visibility_mask(shared, info, columns.positions, spec.local_window_size, spec.causal)
 
     # 4. Attention in the compute type (fp32 unless native precision).
-    bias_BNSK = None
-    bias = _input(node, gqa.ATTENTION_BIAS)
-    if bias is not None and columns.length is None:
-        # Bias columns are absolute key positions; pick each key column's.
-        bias_BNSK = _gather_columns(op, info, _to_compute(op, bias, spec), columns.positions)
-    elif bias is not None:
-        # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
-        bias_BNSK = _fit_columns(op, _to_compute(op, bias, spec), info.total_length, columns.length)
+    bias_BNSK = _bias_columns(op, info, node, spec, lowering, columns)
     if lowering.attention_op:
         output_BSD, output_qk = _attend_with_op(
             op,
             shared,
             info,
             spec,
+            lowering,
             query_BNSH,
             decode_key(op, columns.keys),
             decode_value(op, columns.values),
@@ -607,47 +705,22 @@ def expand_gqa(
             _input(node, gqa.HEAD_SINK),
         )
     else:
-        plan = ReadPlan(columns.cut, columns.cut_end)
-        query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
-        if fast_paths and columns.length is not None and spec.causal:
-            tiers = causal_row_blocks(shared, info, columns.length)
-            if isinstance(query_length, int):
-                # S is known: the tier it reaches (if any) is chosen here, without an If.
-                # Not in the default graph: tract cannot type the blocks' data-dependent slices.
-                reached = [tier for tier in tiers if query_length >= tier.minimum]
-                plan = dataclasses.replace(plan, row_block_tiers=tuple(reached[:1]), row_blocks_known=True)
-            else:
-                plan = dataclasses.replace(plan, row_block_tiers=tiers)
-        attention = attend(
+        output_BSD, output_qk = _attend_primitives(
             op,
+            shared,
+            info,
+            node,
+            spec,
+            lowering,
             query_BNSH,
-            columns.keys,
-            columns.values,
+            columns,
             visible_B1SK,
-            mask_bias(shared, visible_B1SK, spec.compute_dtype),
-            num_heads=spec.num_heads,
-            kv_num_heads=spec.kv_num_heads,
-            head_size=spec.head_size,
-            scale=spec.scale,
-            softcap=spec.softcap,
-            bias_BNSK=bias_BNSK,
-            smooth_softmax=spec.smooth_softmax,
-            head_sink_N=_input(node, gqa.HEAD_SINK),
-            may_mask_whole_rows=bias is not None or spec.local_window_size == 0,
-            want_scores=spec.output_qk_used and spec.qk_output == 1,
-            want_probs=spec.output_qk_used and spec.qk_output == 2,
-            dtype=spec.compute_dtype,
-            plan=plan,
-            decode=(decode_key, decode_value),
+            bias_BNSK,
+            (decode_key, decode_value),
+            fast_paths,
         )
-        output_BSD = attention.output_BSD
-        output_qk = None
-        if spec.output_qk_used:
-            chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
-            # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
-            output_qk = _fit_columns(op, chosen, columns.length, info.total_length)
-    output = _from_compute(op, output_BSD, spec)
+    output = _from_compute(op, output_BSD, spec, lowering)
     if output_qk is not None:
-        output_qk = _from_compute(op, output_qk, spec)
+        output_qk = _from_compute(op, output_qk, spec, lowering)
 
     return ExpandedNode((output, columns.present_key, columns.present_value, output_qk))

@@ -32,6 +32,7 @@ class DecomposedNode:
     new_node_count: int
     target: str = "primitives"  # what the node became: "primitives" or "attention"
     fallback: str | None = None  # why it is not the target asked for
+    lowering: Lowering | None = None  # how it was emitted
 
 
 def container_opset(model: ir.Model, container: ir.Graph | ir.Function, model_opset: int | None = None) -> int:
@@ -101,11 +102,12 @@ class DecomposeGqaPass(ir.passes.InPlacePass):
             if isinstance(container, ir.Function) and "" not in container.opset_imports:
                 container.opset_imports[""] = default_opset(model)
             shared = shared_by_container.setdefault(id(container), SharedSubgraphs())
-            lowering = Lowering.for_target(item.target, item.opset)
-            new_nodes = self._replace(container, item.node, spec, shared, index, item.opset, lowering)
+            new_nodes = self._replace(container, item.node, spec, shared, index, item.opset, item.lowering)
             self.emitted.extend(new_nodes)
             self.decomposed.append(
-                DecomposedNode(spec.node_name, item.scope, spec, len(new_nodes), item.target, item.fallback)
+                DecomposedNode(
+                    spec.node_name, item.scope, spec, len(new_nodes), item.target, item.fallback, item.lowering
+                )
             )
             if self.progress is not None:
                 self.progress(index + 1, len(found))
