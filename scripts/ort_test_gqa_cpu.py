@@ -22,6 +22,11 @@ of this repository: put them in ``scripts/ort_suite/`` (see its README.md for th
 
     PYTHONPATH=$PWD /work/venvs/fixtures/bin/python scripts/ort_test_gqa_cpu.py --json out.json
     ... scripts/ort_test_gqa_cpu.py --tests past --limit 10     # the first 10 cases of test_gqa_past
+    ... scripts/ort_test_gqa_cpu.py --legacy-window             # decompose(legacy_window=True)
+
+This version of the file checks local windows against ORT <= 1.23's reading of ``local_window_size`` (W + 1
+visible keys); ORT 1.31 fails those checks on the original graph, so they count as skipped. ``--legacy-window``
+rewrites with that reading instead, to show the rewrite passes the file's own reference there too.
 """
 
 from __future__ import annotations
@@ -89,8 +94,9 @@ def lowered(model_bytes: bytes) -> onnx.ModelProto:
 class Harness:
     """The monkeypatches: a session factory that rewrites the model when ``rewrite`` is set, and the case wrappers."""
 
-    def __init__(self, suite) -> None:
+    def __init__(self, suite, options: dict | None = None) -> None:
         self.suite = suite
+        self.options = options or {}  # decompose() options; the default run uses none
         self.rewrite = False
         self.outputs: dict[bool, tuple] = {}  # rewrite flag -> (output, present_k, present_v) of the last run
         self.results: list[dict] = []
@@ -107,7 +113,7 @@ class Harness:
     def session(self, model_bytes, sess_options=None, providers=None, **kwargs):
         model = lowered(model_bytes)
         if self.rewrite:
-            model = gqa_decompose.decompose(model)
+            model = gqa_decompose.decompose(model, **self.options)
         return ort.InferenceSession(model.SerializeToString(), sess_options, providers=providers, **kwargs)
 
     def _recording(self, func):
@@ -251,10 +257,15 @@ def main() -> int:
     parser.add_argument("--tests", nargs="+", choices=sorted(TESTS), default=list(TESTS))
     parser.add_argument("--limit", type=int, help="stop after this many cases (over all tests)")
     parser.add_argument("--json", type=Path, help="write every case's outcome here")
+    parser.add_argument(
+        "--legacy-window",
+        action="store_true",
+        help="decompose with legacy_window=True (ORT <= 1.23's local_window_size, as this file's reference)",
+    )
     args = parser.parse_args()
     ort.set_default_logger_severity(4)  # the cases ORT rejects log an error line each
     suite = load_suite(args.suite_dir)
-    harness = Harness(suite)
+    harness = Harness(suite, {"legacy_window": True} if args.legacy_window else None)
     harness.install()
     start = time.perf_counter()
     verdicts = run(suite, harness, args.tests, args.limit)
