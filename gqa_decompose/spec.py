@@ -420,7 +420,7 @@ def _parse_cache_quantization(n: _Node) -> _CacheQuantization:
 
 
 def _parse_query(n: _Node) -> tuple[ir.DataType, tuple[int | str | None, ...]]:
-    """(type T, dims) of the query: float, rank 3 with a static hidden size."""
+    """(type T, dims) of the query: float, rank 3 (the hidden size may be symbolic: :func:`_query_hidden`)."""
     query = n.input(QUERY)
     if query is None:
         raise n.refuse("input 'query' is missing")
@@ -429,9 +429,42 @@ def _parse_query(n: _Node) -> tuple[ir.DataType, tuple[int | str | None, ...]]:
     query_dims = _dims(query)
     if query_dims is None or len(query_dims) != 3:
         raise n.refuse(f"query must have a known rank-3 shape (B, S, hidden), got {query_dims}")
-    if not isinstance(query_dims[2], int):
-        raise n.refuse("query's last dimension (hidden size) must be static")
     return query.dtype, query_dims
+
+
+def _query_hidden(n: _Node, heads: _Heads, quant: _CacheQuantization, query_dims, packed_qkv: bool) -> int:
+    """The query's hidden size: its static last dim, else the one the head size of another input implies.
+
+    ORT reads H from the query at run time and checks the other inputs against it; the expansion needs H
+    statically, so a symbolic query hidden size takes H from a static head dimension of key/value
+    (Nkv*H), past_key/past_value (H, or H/2 packed 4-bit) or q/k_norm_weight (H). Declared outputs are
+    not used: ORT runs a node whose outputs are declared against what it writes.
+    """
+    if isinstance(query_dims[2], int):
+        return query_dims[2]
+    candidates = []  # (head size, where it comes from)
+    for index, label in ((KEY, "key"), (VALUE, "value")):
+        dims = _dims(n.input(index))
+        if dims is not None and len(dims) == 3 and isinstance(dims[2], int) and dims[2] % heads.kv_num_heads == 0:
+            candidates.append((dims[2] // heads.kv_num_heads, label))
+    for index, label in ((PAST_KEY, "past_key"), (PAST_VALUE, "past_value")):
+        dims = _dims(n.input(index))
+        if dims is not None and len(dims) == 4 and isinstance(dims[3], int):
+            candidates.append((dims[3] * quant.cache_width_divisor, label))
+    for index, label in ((Q_NORM_WEIGHT, "q_norm_weight"), (K_NORM_WEIGHT, "k_norm_weight")):
+        dims = _dims(n.input(index))
+        if dims is not None and len(dims) == 1 and isinstance(dims[0], int):
+            candidates.append((dims[0], label))
+    if not candidates:
+        raise n.refuse(
+            f"query hidden size {query_dims[2]!r} is symbolic and no other input has a static head dimension "
+            "(key/value, past_key/past_value, q/k_norm_weight): the expansion needs the head size statically"
+        )
+    head_size, source = candidates[0]
+    for other, label in candidates[1:]:
+        if other != head_size:
+            raise n.refuse(f"head size {head_size} from {source} != head size {other} from {label}")
+    return head_size * (heads.num_heads + 2 * heads.kv_num_heads if packed_qkv else heads.num_heads)
 
 
 def _head_size(n: _Node, heads: _Heads, query_hidden: int, packed_qkv: bool) -> int:
@@ -486,14 +519,14 @@ def _key_length_zero(n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int
     return None
 
 
-def _parse_qkv(n: _Node, heads: _Heads) -> _Qkv:
+def _parse_qkv(n: _Node, heads: _Heads, quant: _CacheQuantization) -> _Qkv:
     """Query, key and value: packed or separate, the head size, and empty key/value."""
     dtype, query_dims = _parse_query(n)
     key, value = n.input(KEY), n.input(VALUE)
     if (key is None) != (value is None):
         raise n.refuse("key and value must be both present or both absent (packed QKV)")
     packed_qkv = key is None
-    head_size = _head_size(n, heads, query_dims[2], packed_qkv)
+    head_size = _head_size(n, heads, _query_hidden(n, heads, quant, query_dims, packed_qkv), packed_qkv)
     kv_empty = False if packed_qkv else _key_length_zero(n, heads, dtype, head_size, query_dims)
     return _Qkv(dtype, packed_qkv, head_size, kv_empty is True, kv_empty is None)
 
@@ -707,7 +740,7 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
     heads = _parse_heads(n)
     quant = _parse_cache_quantization(n)
     _check_io_counts(n)
-    qkv = _parse_qkv(n, heads)
+    qkv = _parse_qkv(n, heads, quant)
     has_past = _parse_past(n, heads, qkv, quant)
     _check_lengths(n)
     rotary_half = _parse_rotary(n, qkv)

@@ -215,3 +215,52 @@ def test_rotary_tables_of_rank_3_are_read_flat(shape, target):
         if tensor.name in ("cos_cache", "sin_cache"):
             tensor.CopyFrom(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), tensor.name))
     _assert_verifies(model, DecomposeOptions(target=target))
+
+
+SYMBOLIC_HIDDEN_CONFIGS = {
+    "key": GqaConfig(rotary="half"),  # H from key/value (Nkv*H) and past
+    "packed": GqaConfig(packed=True, rotary="interleaved"),  # H from past only
+    "packed_no_past": GqaConfig(packed=True, past=False, qk_norm="q"),  # H from q_norm_weight only
+    "int4_cache": GqaConfig(kv_quant="PER_CHANNEL", kv_bits=4, head_size=32),  # past holds H/2 bytes
+    "fp16_window": GqaConfig(dtype="float16", rotary="half", local_window_size=3),
+}
+
+
+@pytest.mark.parametrize("case", list(SYMBOLIC_HIDDEN_CONFIGS))
+def test_symbolic_query_hidden_size_takes_the_head_size_from_another_input(case):
+    """ORT reads H from the query at run time; a symbolic query hidden size is decomposed when a static head
+    dimension of another input fixes H (issue 13: a refusal of a node ORT runs)."""
+    config = SYMBOLIC_HIDDEN_CONFIGS[case]
+    model = _set_dim(make_gqa_model(config), ("query",), 2, "hidden")
+    if case == "packed_no_past":
+        model = _set_dim(model, ("query",), 2, None)
+    _, node = gqa_node(model)
+    assert parse_gqa_node(node).head_size == config.head_size
+    _assert_verifies(model)
+
+
+def test_symbolic_query_hidden_size_without_any_static_head_dim_stays_refused():
+    """Nothing static tells H (the expansion's reshapes, scale and rotary widths need it): refused, though ORT runs
+    it (docs/refusals.md, "Refusals kept for another reason")."""
+    model = _set_dim(make_gqa_model(GqaConfig(packed=True, rotary="half")), ("query",), 2, "hidden")
+    model = _set_dim(model, ("past_key", "past_value"), 3, "head")
+    feeds = {
+        "query": np.random.default_rng(0).standard_normal((1, 2, 8 * 16), np.float32),
+        "past_key": np.zeros((1, 2, 4, 16), np.float32),
+        "past_value": np.zeros((1, 2, 4, 16), np.float32),
+        "seqlens_k": np.array([5], np.int32),
+        "total_sequence_length": np.array(6, np.int32),
+    }
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+    with pytest.raises(gqa_decompose.GqaDecomposeError, match="no other input has a static head dimension"):
+        gqa_decompose.decompose(model)
+
+
+def test_contradictory_static_head_dims_are_refused():
+    model = _set_dim(make_gqa_model(GqaConfig()), ("query",), 2, "hidden")
+    for value in model.graph.input:
+        if value.name in ("past_key", "past_value"):
+            value.type.tensor_type.shape.dim[3].dim_value = 24
+    with pytest.raises(gqa_decompose.GqaDecomposeError, match="head size 16 from key != head size 24 from past_key"):
+        gqa_decompose.decompose(model)

@@ -261,9 +261,12 @@ def test_fast_paths_with_other_caches_and_types(config):
 )
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 13 item 7, not matched yet: the rewrite keeps past in present rows S .. t_b - 1 of such a "
-    "first prompt (as ORT does with a shared buffer); zeroing them needs a data-dependent row count that "
-    "tract cannot type, or a whole-buffer Where per layer",
+    reason="issue 13 item 7, left as a trade-off: the rewrite keeps past in present rows S .. t_b - 1 of such a "
+    "first prompt (as ORT does with a shared buffer). Tried: a Slice of past to a data-dependent row count (tract "
+    "cannot type it); negative Pad pads cropping past in the first prompt (free on ORT, but tract aborts and "
+    "onnx.reference rejects negative pads); a Where over the rows (exact and portable, but ORT's Where costs ~4.7x "
+    "a copy: +77% on a decode step into a 4096-row buffer, 10x with the in-place forms); a Mul by a row mask (not "
+    "exact for non-finite past, no int8 Mul)",
 )
 def test_first_prompt_rows_past_the_prompt_are_zero_as_in_ort(config, options):
     """A first prompt into a static buffer with t_b = seqlens_k[b] + 1 > S: ORT copies no past
