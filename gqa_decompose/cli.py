@@ -21,7 +21,6 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.outcome import EXIT_BAD_INPUT, VERIFY_MODES
 
 if TYPE_CHECKING:
-
     from gqa_decompose.api import DecomposeFileResult
     from gqa_decompose.report import CheckResult
     from gqa_decompose.runtime_check import RuntimeCheck
