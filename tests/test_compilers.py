@@ -169,6 +169,29 @@ def test_litert_runs_a_four_token_prompt_with_empty_past():
     assert max_error(feeds, want, got) < TOLERANCE
 
 
+# The fixed-shape copy (TVM, LiteRT) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", list(FIXTURES))
+@pytest.mark.parametrize("phase", PHASES)
+def test_fixed_shape_copy_is_static_folds_shape_arithmetic_and_computes_the_same(fixture, phase):
+    """On ORT: the copy gives the rewrite's results; every value has static dims, no Shape node is left, and
+    an empty past is an initializer, not an input (TVM reads a dim of 0 as unknown)."""
+    from gqa_decompose.fixed_shapes import fixed_shape_copy
+
+    feeds, want = phases(fixture, "growing")[phase]
+    model = decomposed(fixture, "default")
+    fixed = fixed_shape_copy(model, {name: array.shape for name, array in feeds.items()})
+    assert "Shape" not in {node.op_type for node in fixed.graph.node}
+    inputs = [value.name for value in fixed.graph.input]
+    assert all(feeds[name].size > 0 for name in inputs) and len(inputs) == len(feeds) - 4 * (phase == "prompt")
+    for value in [*fixed.graph.value_info, *fixed.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        assert value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims), value.name
+    got = runtimes.get_runtime("onnxruntime").load(fixed).run({name: feeds[name] for name in inputs})
+    assert max_error(feeds, want, got) < TOLERANCE
+
+
 # The adapters ---------------------------------------------------------------------------------------
 
 
