@@ -11,9 +11,6 @@ gqa-decompose[runtimes]``).
 
 from __future__ import annotations
 
-import pathlib
-import tempfile
-
 import numpy as np
 import onnx
 
@@ -35,13 +32,22 @@ def load(model: onnx.ModelProto) -> Session:
     function = module[names[0]]
 
     inputs = _input_names(model)
+    ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in model.graph.input}
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        results = function(*(np.ascontiguousarray(array) for array in _only(feeds, inputs).values()))
+        arrays = [_as_declared(array, ranks[name]) for name, array in _only(feeds, inputs).items()]
+        results = function(*arrays)
         results = results if isinstance(results, tuple | list) else (results,)
         return [np.asarray(result.to_host()) for result in results]
 
     return Session(_output_names(model), run)
+
+
+def _as_declared(array: np.ndarray, rank: int) -> np.ndarray:
+    """A one-element [1] feed of an input declared 0-D as 0-D: ONNX Runtime takes either, IREE checks the rank
+    ("tensor shape rank mismatch; expected 0 (scalar) but have 1")."""
+    array = np.ascontiguousarray(array)
+    return array.reshape(()) if rank == 0 and array.shape == (1,) else array
 
 
 def _without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -56,21 +62,28 @@ def _without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _compile(model: onnx.ModelProto) -> bytes:
-    """The model as an IREE module (vmfb bytes); a compiler failure raises RuntimeError with its first error."""
-    import iree.compiler as compiler
-    from iree.compiler.tools.import_onnx import __main__ as import_onnx
+    """The model as an IREE module (vmfb bytes); a failure raises RuntimeError with the first error.
 
-    with tempfile.TemporaryDirectory() as folder:
-        onnx_path, mlir_path = pathlib.Path(folder) / "model.onnx", pathlib.Path(folder) / "model.mlir"
-        onnx.save(model, onnx_path)
-        try:
-            import_onnx.main(import_onnx.parse_arguments([str(onnx_path), "-o", str(mlir_path)]))
-        except Exception as error:  # the importer's own exception types vary by op
-            raise RuntimeError(f"iree-import-onnx failed: {_first_error(str(error))}") from None
-        try:
-            return compiler.compile_file(str(mlir_path), extra_args=[*COMPILE_FLAGS, "--iree-llvmcpu-target-cpu=host"])
-        except compiler.CompilerToolError as error:
-            raise RuntimeError(f"iree-compile failed: {_first_error(str(error))}") from None
+    The import is iree-import-onnx's own (``iree.compiler.extras.onnx_importer``) on a model typed by ONNX's
+    inference with data propagation, as the tool does, but without its ``onnx.checker`` run first: the checker
+    refuses a graph output declared without a shape ("Field 'shape' of 'type' is required but missing"), which
+    ONNX and ORT accept and which the node-level models have."""
+    import iree.compiler as compiler
+    from iree.compiler.extras import onnx_importer
+    from iree.compiler.ir import Context
+
+    try:
+        info = onnx_importer.ModelInfo(onnx.shape_inference.infer_shapes(model, data_prop=True))
+        module = info.create_module(context=Context()).operation
+        onnx_importer.NodeImporter.define_function(info.main_graph, module).import_all()
+        module.verify()
+        mlir = module.get_asm(assume_verified=True)
+    except Exception as error:  # the importer's own exception types vary by op
+        raise RuntimeError(f"iree-import-onnx failed: {_first_error(str(error))}") from None
+    try:
+        return compiler.compile_str(mlir, extra_args=[*COMPILE_FLAGS, "--iree-llvmcpu-target-cpu=host"])
+    except compiler.CompilerToolError as error:
+        raise RuntimeError(f"iree-compile failed: {_first_error(str(error))}") from None
 
 
 def _first_error(text: str) -> str:
