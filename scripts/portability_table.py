@@ -14,6 +14,7 @@ redo some runtimes and keep the others' last results (their versions say when).
 
     python scripts/portability_table.py                      # every installed runtime; rewrites docs/portability.md
     python scripts/portability_table.py --runtime iree tvm   # only these again, the others from the JSON
+    python scripts/portability_table.py --runtime tvm --resume   # only tvm's cells not in the JSON yet
     python scripts/portability_table.py --runtime            # runs nothing: the table from the JSON
     python scripts/portability_table.py --stdout             # prints the table only
 """
@@ -111,21 +112,33 @@ def _model_cell(runtime: str, target: str, cache: str) -> dict:
     return {"text": "**FAIL**", "failure": f"differs from ONNX Runtime by {error:.3g}", "passed": 0, "cases": 1}
 
 
-def run_runtime(runtime: str, log=print, save=None) -> dict:
+def run_runtime(runtime: str, log=print, save=None, done: dict | None = None) -> dict:
     """Every cell of ``runtime``: {"version": ..., "cells": {target: {row: cell}}}; ``save`` gets the cells so
-    far after each row (a long run that stops keeps them; the table says "not run" for the rest)."""
+    far after each row (a long run that stops keeps them; the table says "not run" for the rest). ``done``:
+    an earlier run's result, whose cells are kept when its version is the installed one (``--resume``).
+
+    The quick rows first: the tiny Llama's, then the original node's (most runtimes refuse it at once), then
+    the rewrite's cases."""
+    version = runtimes.get_runtime(runtime).version()
+    result: dict = {"version": version, "cells": {}}
+    if done is not None and done.get("version") == version:
+        result["cells"] = done["cells"]
     groups = list(dict.fromkeys(case.group for case in CASES))
-    result: dict = {"version": runtimes.get_runtime(runtime).version(), "cells": {}}
-    for target in [*targets(), FUSED]:
-        log(f"{runtime}: target {target}")
+    work = [
+        (target, label, partial(_model_cell, runtime, target, cache))
+        for target in [*targets(), FUSED]
+        for cache, label in WHOLE_MODEL.items()
+    ]
+    for target in [FUSED, *targets()]:
+        work += [(target, _group_label(group), partial(_case_cell, runtime, target, group)) for group in groups]
+    for target, label, cell in work:
         rows = result["cells"].setdefault(target, {})
-        work = [(_group_label(group), partial(_case_cell, runtime, target, group)) for group in groups]
-        work += [(label, partial(_model_cell, runtime, target, cache)) for cache, label in WHOLE_MODEL.items()]
-        for label, cell in work:
-            log(f"  {label}")
-            rows[label] = cell()
-            if save is not None:
-                save(result)
+        if label in rows:
+            continue
+        log(f"{runtime}, {target}: {label}")
+        rows[label] = cell()
+        if save is not None:
+            save(result)
     return result
 
 
@@ -217,10 +230,12 @@ def main() -> None:
     parser.add_argument(
         "--runtime", nargs="*", choices=RUNTIMES, help="run only these, the others from the JSON (none: only render)"
     )
+    parser.add_argument("--resume", action="store_true", help="keep the cells a runtime's same version has in the JSON")
     args = parser.parse_args()
     available = runtimes.available_runtimes()
     for runtime in args.runtime if args.runtime is not None else [r for r in RUNTIMES if r in available]:
-        run_runtime(runtime, log=lambda message: print(message, file=sys.stderr), save=_saver(runtime))
+        done = json.loads(CELLS.read_text()).get(runtime) if args.resume and CELLS.exists() else None
+        run_runtime(runtime, log=lambda message: print(message, file=sys.stderr), save=_saver(runtime), done=done)
     table = build_table(json.loads(CELLS.read_text()) if CELLS.exists() else {})
     if args.stdout:
         print(table)
