@@ -209,7 +209,8 @@ def _summary(results: dict[str, dict], chosen: list[str]) -> list[str]:
             passed, count = sum(c["passed"] for c in groups), sum(c["cases"] for c in groups)
             model = " / ".join(_verdict(rows.get(label, _NOT_RUN)) for label in WHOLE_MODEL.values())
             total = sum(case.group != "" for case in CASES)
-            ran = f"{passed}/{count} cases" + (f" (of {total} run)" if count < total else "")
+            ran = f"{passed}/{count} cases" + (f" ({count} of {total} run)" if count < total else "")
+            ran = "cases not run" if count == 0 else ran
             cells.append(f"{ran}; tiny Llama {model}")
         lines.append(f"| {runtime} | " + " | ".join(cells) + " |")
     return lines
