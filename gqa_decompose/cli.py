@@ -230,7 +230,7 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     metavar="NAME",
     help="With --check: also run the rewritten model (in memory) on runtime NAME, one of "
     "onnxruntime, reference (onnx.reference), openvino, tract, wasm, webnn (onnxruntime-web in "
-    "Chromium, docs/browser.md); repeatable. Each GQA node's "
+    "Chromium, docs/browser.md), iree, tvm, litert (onnx2tf, docs/portability.md); repeatable. Each GQA node's "
     "expansion runs there against ORT CPU's fused node, and the whole model runs a prompt "
     "with synthesized inputs against the original on ORT CPU. Exit 1 if anything fails.",
 )

@@ -23,6 +23,12 @@ Runtimes are imported when first used: a runtime that is not installed gives a
   backend or on WebNN (CPU, strict: no node may fall back to the CPU), through
   the node harness in ``tests/browser`` (``npm install --prefix tests/browser``);
   see :mod:`gqa_decompose.browser`.
+* ``iree``: IREE, ``iree-import-onnx`` then ``iree-compile`` for the CPU, the
+  dynamic dims as written (:mod:`gqa_decompose.runtime_iree`).
+* ``tvm``: Apache TVM's Relax ONNX frontend on the CPU, one fixed-shape copy per
+  set of input shapes (:mod:`gqa_decompose.runtime_tvm`).
+* ``litert``: LiteRT's interpreter on a .tflite that onnx2tf converts from a
+  fixed-shape copy, in a Python of its own (:mod:`gqa_decompose.runtime_litert`).
 """
 
 from __future__ import annotations
@@ -75,9 +81,9 @@ class Runtime:
     """One runtime: its name, the package it needs, and how to load a model on it."""
 
     name: str
-    package: str  # what to pip install
+    package: str  # what to pip install (the first one's version is the runtime's)
     description: str
-    _module: str
+    _module: str  # the module(s) to import, comma-separated
     _load: Callable[[onnx.ModelProto], Session]
     # Types the model once from its input shapes: every shape must follow from the
     # inputs' shapes, so GQA's total_sequence_length has to come from a shape (as
@@ -89,7 +95,7 @@ class Runtime:
         _import(self)
         from importlib import metadata
 
-        return metadata.version(self.package)
+        return metadata.version(self.package.split()[0])
 
     def load(self, model: ModelSource) -> Session:
         """Load ``model`` (a ModelProto or a path; external data next to the path is used)."""
@@ -100,10 +106,10 @@ class Runtime:
 
 
 def _import(runtime: Runtime):
-    if isinstance(runtime, _BrowserRuntime):  # not a Python module: node and npm packages
+    if isinstance(runtime, _BrowserRuntime | _LiteRtRuntime):  # not a module of this Python
         return runtime.require()
     try:
-        return importlib.import_module(runtime._module)
+        return [importlib.import_module(module) for module in runtime._module.split(",")][0]
     except ImportError as error:
         raise GqaDecomposeError(
             f"runtime '{runtime.name}' is not available: {error} (pip install {runtime.package})"
@@ -256,6 +262,21 @@ def _tract_message(error: Exception) -> str:
     return ": ".join(line.split(": ", 1)[1] if line[:1].isdigit() and ": " in line else line for line in lines)
 
 
+# Compilers: one module each ------------------------------------------------------------------
+
+
+def _load_iree(model: onnx.ModelProto) -> Session:
+    from gqa_decompose import runtime_iree
+
+    return runtime_iree.load(model)
+
+
+def _load_tvm(model: onnx.ModelProto) -> Session:
+    from gqa_decompose import runtime_tvm
+
+    return runtime_tvm.load(model)
+
+
 # onnxruntime-web in Chromium ---------------------------------------------------------------------
 
 
@@ -283,6 +304,28 @@ def _browser_loader(backend: str) -> Callable[[onnx.ModelProto], Session]:
     return load
 
 
+# LiteRT, in a Python of its own (onnx2tf needs Python >= 3.12) ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _LiteRtRuntime(Runtime):
+    def require(self):
+        from gqa_decompose import runtime_litert
+
+        return runtime_litert.require()
+
+    def version(self) -> str:
+        from gqa_decompose import runtime_litert
+
+        return runtime_litert.version()
+
+
+def _load_litert(model: onnx.ModelProto) -> Session:
+    from gqa_decompose import runtime_litert
+
+    return runtime_litert.load(model)
+
+
 RUNTIMES: dict[str, Runtime] = {
     runtime.name: runtime
     for runtime in (
@@ -301,6 +344,22 @@ RUNTIMES: dict[str, Runtime] = {
             "tract (Sonos), Python bindings, specialized to the input shapes",
             "tract",
             _load_tract,
+            shapes_from_input_shapes=True,
+        ),
+        Runtime(
+            "iree",
+            "iree-base-compiler iree-base-runtime",
+            "IREE, iree-import-onnx and iree-compile (llvm-cpu), dynamic shapes as written",
+            "iree.compiler,iree.runtime",
+            _load_iree,
+        ),
+        # TVM compiles each run's shapes: sizes must follow from the input shapes, as for tract.
+        Runtime(
+            "tvm",
+            "apache-tvm",
+            "Apache TVM, Relax ONNX frontend (llvm), a fixed-shape copy per input shapes",
+            "tvm",
+            _load_tvm,
             shapes_from_input_shapes=True,
         ),
     )
@@ -323,6 +382,14 @@ RUNTIMES.update(
                 "onnxruntime-web in headless Chromium, WebNN (CPU), no CPU fallback",
                 "gqa_decompose.browser",
                 _browser_loader("webnn"),
+                shapes_from_input_shapes=True,
+            ),
+            _LiteRtRuntime(
+                "litert",
+                "onnx2tf ai-edge-litert (in GQA_DECOMPOSE_LITERT_PYTHON)",
+                "LiteRT interpreter (XNNPack) on onnx2tf's conversion of a fixed-shape copy per input shapes",
+                "gqa_decompose.runtime_litert",
+                _load_litert,
                 shapes_from_input_shapes=True,
             ),
         )

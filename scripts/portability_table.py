@@ -5,17 +5,27 @@ every phase their shapes admit, the expansion on the runtime against ONNX Runtim
 CPU's fused node (same inputs and tolerances as ``verify``), plus the tiny Llama's
 prompt and decode steps with presents fed back. Targets: ``primitives`` (the
 default), ``attention`` when ``DecomposeOptions`` has a ``target`` field, and
-``none (fused GQA)``: the original node on the runtime, no rewrite.
+``none (fused GQA)``: the original node on the runtime, no rewrite. A summary
+table comes first: per runtime, the original model's column and each target's.
 
-    python scripts/portability_table.py            # rewrites docs/portability.md between the markers
-    python scripts/portability_table.py --stdout   # prints the table only
+Each runtime's cells are kept in ``docs/portability-cells.json``: the compilers
+and the browser take long (a compile per case, or per input shape), so a run can
+redo some runtimes and keep the others' last results (their versions say when).
+
+    python scripts/portability_table.py                      # every installed runtime; rewrites docs/portability.md
+    python scripts/portability_table.py --runtime iree tvm   # only these again, the others from the JSON
+    python scripts/portability_table.py --runtime tvm --resume   # only tvm's cells not in the JSON yet
+    python scripts/portability_table.py --runtime            # runs nothing: the table from the JSON
+    python scripts/portability_table.py --stdout             # prints the table only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,6 +35,7 @@ from portability_cases import (  # noqa: E402
     CASES,
     FUSED,
     PORTABLE_RUNTIMES,
+    PRIMITIVES,
     failures,
     run_case,
     run_whole_model,
@@ -34,7 +45,8 @@ from portability_cases import (  # noqa: E402
 from gqa_decompose import runtimes  # noqa: E402
 
 BEGIN, END = "<!-- portability:begin -->", "<!-- portability:end -->"
-RUNTIMES = ("onnxruntime", *PORTABLE_RUNTIMES)
+RUNTIMES = ("onnxruntime", *PORTABLE_RUNTIMES, "wasm", "webnn", "iree", "tvm", "litert")
+CELLS = REPO / "docs" / "portability-cells.json"
 WHOLE_MODEL = {
     "growing": "tiny Llama: prompt + 3 decode steps, growing cache",
     "static": "tiny Llama: prompt + 3 decode steps, static buffer",
@@ -63,7 +75,8 @@ class Footnotes:
         return f"[{number}]"
 
 
-def _case_cell(runtime: str, target: str, group: str, notes: Footnotes) -> str:
+def _case_cell(runtime: str, target: str, group: str) -> dict:
+    """{"text": ..., "failure": the first failure's message or None, "passed": cases passed, "cases": count}."""
     phases = passed = 0
     worst = 0.0
     first_failure = None
@@ -80,66 +93,151 @@ def _case_cell(runtime: str, target: str, group: str, notes: Footnotes) -> str:
             phase, message = problems[0].split(": ", 1) if ": " in problems[0] else ("", problems[0])
             # A wrong value says in which phase; a refusal reads the same in every phase.
             first_failure = f"{message} ({case.name}, {phase})" if "differs" in message else message
-    if first_failure is None:
-        return f"pass ({phases} runs, max err {worst:.0e})"
     count = sum(c.group == group for c in CASES)
+    cell = {"failure": first_failure, "passed": count - len(failed_cases), "cases": count}
+    if first_failure is None:
+        return {**cell, "text": f"pass ({phases} runs, max err {worst:.0e})"}
     which = "all cases" if len(failed_cases) == count else ", ".join(failed_cases)
-    return f"**FAIL** {phases - passed}/{phases} runs ({which}) {notes.mark(runtime, first_failure)}"
+    return {**cell, "text": f"**FAIL** {phases - passed}/{phases} runs ({which})"}
 
 
-def _model_cell(runtime: str, target: str, cache: str, notes: Footnotes) -> str:
+def _model_cell(runtime: str, target: str, cache: str) -> dict:
     try:
         error = run_whole_model(runtime, cache, target)
     except Exception as failure:  # noqa: BLE001 - a runtime's failure is a table entry
-        return f"**FAIL** {notes.mark(runtime, str(failure).splitlines()[0] if str(failure) else repr(failure))}"
+        message = str(failure).splitlines()[0] if str(failure) else repr(failure)
+        return {"text": "**FAIL**", "failure": message, "passed": 0, "cases": 1}
     if error < WHOLE_MODEL_TOLERANCE:
-        return f"pass (max err {error:.0e})"
-    return f"**FAIL** {notes.mark(runtime, f'differs from ONNX Runtime by {error:.3g}')}"
+        return {"text": f"pass (max err {error:.0e})", "failure": None, "passed": 1, "cases": 1}
+    return {"text": "**FAIL**", "failure": f"differs from ONNX Runtime by {error:.3g}", "passed": 0, "cases": 1}
 
 
-def build_table(log=print) -> str:
-    available = runtimes.available_runtimes()
-    chosen = [r for r in RUNTIMES if r in available]
-    versions = ", ".join(
-        f"{name} {runtimes.get_runtime(name).version()}" + (" (onnx.reference)" if name == "reference" else "")
-        for name in chosen
-    )
-    missing = [r for r in RUNTIMES if r not in available]
-    notes = Footnotes()
+def run_runtime(runtime: str, log=print, save=None, done: dict | None = None) -> dict:
+    """Every cell of ``runtime``: {"version": ..., "cells": {target: {row: cell}}}; ``save`` gets the cells so
+    far after each row (a long run that stops keeps them; the table says "not run" for the rest). ``done``:
+    an earlier run's result, whose cells are kept when its version is the installed one (``--resume``).
+
+    The quick rows first: the tiny Llama's, then the original node's (most runtimes refuse it at once), then
+    the rewrite's cases."""
+    version = runtimes.get_runtime(runtime).version()
+    result: dict = {"version": version, "cells": {}}
+    if done is not None and done.get("version") == version:
+        result["cells"] = done["cells"]
     groups = list(dict.fromkeys(case.group for case in CASES))
+    work = [
+        (target, label, partial(_model_cell, runtime, target, cache))
+        for target in [*targets(), FUSED]
+        for cache, label in WHOLE_MODEL.items()
+    ]
+    for target in [FUSED, *targets()]:
+        work += [(target, _group_label(group), partial(_case_cell, runtime, target, group)) for group in groups]
+    for target, label, cell in work:
+        rows = result["cells"].setdefault(target, {})
+        if label in rows:
+            continue
+        log(f"{runtime}, {target}: {label}")
+        rows[label] = cell()
+        if save is not None:
+            save(result)
+    return result
+
+
+def _verdict(cell: dict) -> str:
+    return "not run" if cell is _NOT_RUN else "pass" if cell["failure"] is None else "fail"
+
+
+def _rows() -> list[str]:
+    """The tables' rows in the cases' order (the JSON sorts them)."""
+    return [_group_label(group) for group in dict.fromkeys(case.group for case in CASES)] + list(WHOLE_MODEL.values())
+
+
+def _group_label(group: str) -> str:
+    count = sum(case.group == group for case in CASES)
+    return f"{group} ({count} case{'s' if count > 1 else ''})"
+
+
+def build_table(results: dict[str, dict]) -> str:
+    """The summary and the per-target tables, from :func:`run_runtime`'s results by runtime."""
+    chosen = [r for r in RUNTIMES if r in results]
+    versions = ", ".join(
+        f"{name} {results[name]['version']}" + (" (onnx.reference)" if name == "reference" else "") for name in chosen
+    )
+    missing = [r for r in RUNTIMES if r not in results]
+    notes = Footnotes()
     lines = [
         "Generated by `python scripts/portability_table.py` (do not edit by hand). "
-        f"Versions: {versions}." + (f" Not installed, left out: {', '.join(missing)}." if missing else ""),
+        f"Versions: {versions}." + (f" Not installed or not run, left out: {', '.join(missing)}." if missing else ""),
+        "",
+        *_summary(results, chosen),
         "",
     ]
     for target in [*targets(), FUSED]:
-        log(f"target {target}")
-        lines += [
-            f"**target: {target}**",
-            "",
-            "| feature group | " + " | ".join(chosen) + " |",
-            "|---|" + "---|" * len(chosen),
-        ]
-        for group in groups:
-            log(f"  {group}")
-            cells = [_case_cell(runtime, target, group, notes) for runtime in chosen]
-            count = sum(case.group == group for case in CASES)
-            lines.append(f"| {group} ({count} case{'s' if count > 1 else ''}) | " + " | ".join(cells) + " |")
-        for cache, label in WHOLE_MODEL.items():
-            log(f"  {label}")
-            cells = [_model_cell(runtime, target, cache, notes) for runtime in chosen]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += [f"**target: {target}**", "", "| feature group | " + " | ".join(chosen) + " |"]
+        lines.append("|---|" + "---|" * len(chosen))
+        for row in _rows():
+            cells = []
+            for runtime in chosen:
+                cell = results[runtime]["cells"].get(target, {}).get(row, _NOT_RUN)
+                mark = f" {notes.mark(runtime, cell['failure'])}" if cell["failure"] else ""
+                cells.append(cell["text"] + mark)
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     if notes.reasons:
         lines += [f"[{number}] {text}  " for text, number in notes.reasons.items()]
     return "\n".join(lines).rstrip() + "\n"
 
 
+_NOT_RUN = {"text": "not run", "failure": None, "passed": 0, "cases": 0}
+
+
+def _summary(results: dict[str, dict], chosen: list[str]) -> list[str]:
+    """Per runtime: one-node cases passed, and the tiny Llama's two runs, for the original and each target."""
+    columns = [FUSED, *targets()]
+    titles = {FUSED: "original model (fused GQA)", PRIMITIVES: "rewritten: primitives (default)"}
+    lines = [
+        "**Summary**: one-GQA-node cases that pass every phase, and the tiny Llama (prompt + 3 decode steps, "
+        "growing / static cache).",
+        "",
+        "| runtime | " + " | ".join(titles.get(c, f"rewritten: {c}") for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for runtime in chosen:
+        cells = []
+        for target in columns:
+            rows = results[runtime]["cells"].get(target, {})
+            groups = [cell for row, cell in rows.items() if row not in WHOLE_MODEL.values()]
+            passed, count = sum(c["passed"] for c in groups), sum(c["cases"] for c in groups)
+            model = " / ".join(_verdict(rows.get(label, _NOT_RUN)) for label in WHOLE_MODEL.values())
+            total = sum(case.group != "" for case in CASES)
+            ran = f"{passed}/{count} cases" + (f" ({count} of {total} run)" if count < total else "")
+            ran = "cases not run" if count == 0 else ran
+            cells.append(f"{ran}; tiny Llama {model}")
+        lines.append(f"| {runtime} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _saver(runtime: str):
+    def save(cells: dict) -> None:
+        # Read again before each write: two runs (of other runtimes) can go side by side.
+        results = json.loads(CELLS.read_text()) if CELLS.exists() else {}
+        CELLS.write_text(json.dumps({**results, runtime: cells}, indent=1, sort_keys=True) + "\n")
+
+    return save
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stdout", action="store_true", help="print the table instead of writing docs/portability.md")
+    parser.add_argument(
+        "--runtime", nargs="*", choices=RUNTIMES, help="run only these, the others from the JSON (none: only render)"
+    )
+    parser.add_argument("--resume", action="store_true", help="keep the cells a runtime's same version has in the JSON")
     args = parser.parse_args()
-    table = build_table(log=lambda message: print(message, file=sys.stderr))
+    available = runtimes.available_runtimes()
+    for runtime in args.runtime if args.runtime is not None else [r for r in RUNTIMES if r in available]:
+        done = json.loads(CELLS.read_text()).get(runtime) if args.resume and CELLS.exists() else None
+        run_runtime(runtime, log=lambda message: print(message, file=sys.stderr), save=_saver(runtime), done=done)
+    table = build_table(json.loads(CELLS.read_text()) if CELLS.exists() else {})
     if args.stdout:
         print(table)
         return

@@ -302,6 +302,21 @@ def test_docs_table_is_generated_and_covers_every_group():
         assert f"| {group} ({count} case" in table, group
 
 
+def test_docs_table_is_rendered_from_the_kept_cells():
+    """docs/portability.md's table is what scripts/portability_table.py renders from docs/portability-cells.json
+    (`python scripts/portability_table.py --runtime` re-renders it)."""
+    import importlib.util
+    import json
+
+    path = MODELS_DIR.parent / "scripts" / "portability_table.py"
+    spec = importlib.util.spec_from_file_location("portability_table", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = (MODELS_DIR.parent / "docs" / "portability.md").read_text()
+    table = readme.split("<!-- portability:begin -->\n", 1)[1].split("<!-- portability:end -->", 1)[0]
+    assert script.build_table(json.loads(script.CELLS.read_text())) == table
+
+
 def test_table_includes_the_attention_target():
     import portability_cases
 

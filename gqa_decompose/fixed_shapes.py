@@ -1,0 +1,70 @@
+"""A fixed-shape copy of a model, for compilers that want static shapes (TVM's Relax frontend, onnx2tf).
+
+:func:`fixed_shape_copy` sets the inputs' dims to one run's shapes, infers every
+shape (ONNX shape inference with data propagation), and folds the shape
+arithmetic that now has one answer (``Cast(Gather(Shape(mask)))``, a Reshape's
+target, ...) into Constants, with the rewrite's own folding rules
+(:mod:`gqa_decompose.expansion.folding`). What is left computes on data only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from gqa_decompose.expansion.folding import known_value
+
+__all__ = ["fixed_shape_copy"]
+
+
+def fixed_shape_copy(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs have ``shapes`` (by name) and whose shape arithmetic is folded.
+
+    An input of size 0 (the empty past of a first prompt) becomes an empty initializer: feed the copy only
+    its remaining inputs (``copy.graph.input``)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    # Symbolic dims elsewhere would survive the fixed inputs: inference recomputes them all.
+    del copy.graph.value_info[:]
+    for output in copy.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    for value in list(copy.graph.input):
+        if value.name not in shapes:
+            continue
+        if 0 in shapes[value.name]:  # an empty input has one possible value: it becomes a constant
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            copy.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(shapes[value.name], dtype), value.name))
+            copy.graph.input.remove(value)
+            continue
+        dims = value.type.tensor_type.shape
+        dims.ClearField("dim")
+        for size in shapes[value.name]:
+            dims.dim.add().dim_value = size
+    folded = ir.from_proto(onnx.shape_inference.infer_shapes(copy, data_prop=True))
+    _fold_shape_arithmetic(folded.graph)
+    ir.passes.common.RemoveUnusedNodesPass()(folded)
+    result = ir.to_proto(folded)
+    # Inferred again: a Pad's amounts or a Range's limit, now constant, give the shapes downstream.
+    del result.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(result, data_prop=True)
+
+
+def _fold_shape_arithmetic(graph: ir.Graph) -> None:
+    """Replace each node whose (single, small integer) output is known by a Constant."""
+    for node in list(graph):
+        if node.op_type == "Constant" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        output = node.outputs[0]
+        value = known_value(output)
+        if value is None or output.is_graph_output():
+            continue
+        constant = ir.node("Constant", [], {"value": ir.tensor(value)}, name=f"{node.name}__fixed")
+        constant.outputs[0].shape, constant.outputs[0].type = ir.Shape(value.shape), output.type
+        graph.insert_before(node, constant)
+        ir.convenience.replace_all_uses_with(output, constant.outputs[0])
+        graph.remove(node, safe=True)
