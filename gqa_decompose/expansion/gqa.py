@@ -639,6 +639,8 @@ def expand_gqa(
             dtype=spec.compute_dtype,
             plan=plan,
             decode=(decode_key, decode_value),
+            # OpenVINO moves a scale of the scores onto the keys: a pass over every key read.
+            prescale=spec.runtime_profile == "openvino",
         )
         output_BSD = attention.output_BSD
         output_qk = None
