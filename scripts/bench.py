@@ -28,7 +28,7 @@ ONNX Runtime variants (driven through IOBinding):
 A rewrite's column carries its profile: ``any`` (portable), ``any:ort``
 (onnxruntime, = --fast-paths), ``any:ov`` (openvino). With ``--runtime
 openvino`` the same rewrites also run on OpenVINO's CPU plugin (fp32 hint):
-``ov-fused``, ``ov-fused-long``, ``ov-fused-ragged`` are OpenVINO's own handling
+``ov-fused`` and ``ov-fused-long`` are OpenVINO's own handling
 of the fused node (its ONNX frontend), and ``ov any``, ``ov any-long`` (a
 max-length buffer; OpenVINO cannot bind present to it, so present is a copy),
 ``ov ragged``, ``ov growing``, ``ov static`` (max-length buffer) the rewrites;
@@ -165,7 +165,7 @@ def _baselines(name: str, cache: str | None) -> dict[str, str]:
     if cache is None:
         return {}
     if name.startswith("ov "):
-        return {"own": br.OV_FUSED[cache], "ort": br.ORT_FOR_OV[cache]}
+        return {"own": br.OV_FUSED.get(cache, ""), "ort": br.ORT_FOR_OV[cache]}
     return {"own": br.ORT_FUSED[cache], "ort": br.ORT_FUSED[cache]}
 
 
@@ -374,23 +374,29 @@ def main() -> None:
                     continue
                 cases.append(bench_case(shape, phase, length, args))
                 print(f"  done: {shape} {phase} {length}", file=sys.stderr)
+                _write_json(args, info, cases, rewrite)  # after every case: a long run keeps what it measured
     if cases:
         print_cases(cases, args.bandwidth)
-    if args.json:
-        report = {
-            "machine": info,
-            "threads": args.threads,
-            "rounds": args.rounds,
-            "profiles": args.profile,
-            "runtimes": args.runtime,
-            "target": args.target,
-            "dtype": args.dtype,
-            "native_precision": args.native_precision,
-            "max_length": args.max_length,
-            "cases": cases,
-            "rewrite": rewrite,
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    _write_json(args, info, cases, rewrite)
+
+
+def _write_json(args, info: dict, cases: list[dict], rewrite: dict | None) -> None:
+    if not args.json:
+        return
+    report = {
+        "machine": info,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "profiles": args.profile,
+        "runtimes": args.runtime,
+        "target": args.target,
+        "dtype": args.dtype,
+        "native_precision": args.native_precision,
+        "max_length": args.max_length,
+        "cases": cases,
+        "rewrite": rewrite,
+    }
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ OV_FORMS = (
 )
 # Each runtime's fused node per cache form (the baseline of a rewrite in that form).
 ORT_FUSED = {"separate": "fused", "bound": "fused-shared", "steps": "fused-shared", "ragged": "fused-ragged"}
-OV_FUSED = {"separate": "ov-fused", "long": "ov-fused-long", "ragged": "ov-fused-ragged"}
+# Not the ragged batch: OpenVINO's frontend returns from it in 0.06 ms (T = 1024), so it does not compute it.
+OV_FUSED = {"separate": "ov-fused", "long": "ov-fused-long"}
 # ORT's fused node in the cache form an OpenVINO variant stands for (OpenVINO cannot bind a buffer).
 ORT_FOR_OV = {"separate": "fused", "long": "fused-shared", "ragged": "fused-ragged"}
 
