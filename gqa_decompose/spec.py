@@ -103,8 +103,8 @@ TARGETS = ("primitives", "attention")
 # The standard Attention op (and RotaryEmbedding) first exist in opset 23.
 # Which forms the expansion picks (docs/cache-forms-and-speed.md): "portable" is straight-line with
 # shapes every runtime types (tract, WebNN, LiteRT); "onnxruntime" adds run-time If choices
-# (--fast-paths); "openvino" stays straight-line (OpenVINO runs If nodes 2-5x slower than the
-# straight-line graph) and scales the query instead of the scores. Every profile keeps the whole
+# (--fast-paths); "openvino" stays straight-line (OpenVINO runs the If graphs' decode 1.6-3.3x
+# slower than the straight-line one) and scales the query instead of the scores. Every profile keeps the whole
 # contract (every cache form).
 RUNTIME_PROFILES = ("portable", "onnxruntime", "openvino")
 
