@@ -230,6 +230,21 @@ def test_runtime_profiles_match_ort_in_every_phase(name, kv_cache, profile):
         assert {"decode, growing cache", "decode, static buffer", "first prompt, growing cache"} <= names
 
 
+@pytest.mark.parametrize("kv_cache", ["any", "static"])
+@pytest.mark.parametrize("causal", [None, 0])
+def test_fast_paths_over_a_past_of_no_rows(kv_cache, causal):
+    """A KV-shared layer (or a static buffer) whose past has 0 rows in the graph: ORT could not type the
+    whole-buffer branch of the cut (a Reshape of 0-column scores); found by the fuzzer."""
+    config = GqaConfig(kv_empty=kv_cache == "any", sizes=(3, 4, 0, None), causal=causal, attention_bias="full")
+    model = make_gqa_model(config)
+    decomposed = gqa_decompose.decompose(model, fast_paths=True, static_kv_cache=kv_cache == "static")
+    ort.InferenceSession(decomposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    _, node = gqa_node(model)
+    options = DecomposeOptions(fast_paths=True, static_kv_cache=kv_cache == "static")
+    result = verify_node_model(node, config.opset, model.ir_version, options)
+    assert all(r.passed for r in result.results), [r.failure for r in result.results]
+
+
 def test_fast_paths_is_the_onnxruntime_profile():
     model = make_gqa_model(GqaConfig(rotary="half"))
     assert DecomposeOptions(fast_paths=True) == DecomposeOptions(runtime_profile="onnxruntime")

@@ -321,6 +321,9 @@ def _buffer_columns(
     """
     if rows_key[0] == "past":
         buffer_rows = shared.get(("past_rows", rows_key), lambda builder: builder.dim(past_key, 2))
+        # A past of no rows (statically) has nothing to cut, and ORT cannot type the whole-buffer
+        # branch: its Reshape of 0-column scores to [0, N, -1, 0] has no -1.
+        may_cut = may_cut and not (past_key.shape is not None and past_key.shape[2] == 0)
     else:
         buffer_rows = present_length(shared, info, past_key)
     if not may_cut:
