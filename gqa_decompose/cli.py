@@ -265,7 +265,17 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "for long prompts, a copy of the visible rows of a long buffer, a one-copy cache update "
     "without a --kv-cache promise. Decode pays one If per layer; prompts of 512+ tokens run "
     "1.6-2.8x faster on ORT CPU (README, Speed). For runtimes with If (ONNX Runtime, OpenVINO); "
-    "tract cannot run them. With a static prompt length the row blocks need no If.",
+    "tract cannot run them. With a static prompt length the row blocks need no If. "
+    "The same as --runtime-profile onnxruntime.",
+)
+@click.option(
+    "--runtime-profile",
+    type=click.Choice(["portable", "onnxruntime", "openvino"]),
+    default="portable",
+    show_default=True,
+    help="The runtime the forms are picked for; every profile keeps every cache form. 'portable': "
+    "straight-line, runs everywhere (tract, WebNN, LiteRT). 'onnxruntime': run-time If choices (= --fast-paths). "
+    "'openvino': straight-line (OpenVINO runs If nodes slower), the query scaled instead of the scores.",
 )
 @click.option(
     "--target",
@@ -322,6 +332,7 @@ def main(
     kv_cache: str,
     native_precision: bool,
     fast_paths: bool,
+    runtime_profile: str,
     target: str,
     strict_target: bool,
     raise_opset: bool,
@@ -344,6 +355,8 @@ def main(
 
     if no_verify:
         verify_mode = "none"
+    if fast_paths and runtime_profile == "openvino":
+        raise click.UsageError("--fast-paths is --runtime-profile onnxruntime, not openvino")
     if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
         # A suggestion only: the default keeps every cache form the original accepts.
         click.echo(
@@ -356,6 +369,7 @@ def main(
         growing_kv_cache=kv_cache == "growing",
         native_precision=native_precision,
         fast_paths=fast_paths,
+        runtime_profile=runtime_profile,
         target=target,
         strict_target=strict_target,
         raise_opset=raise_opset,

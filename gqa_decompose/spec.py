@@ -105,6 +105,12 @@ _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 TARGETS = ("primitives", "attention")
 # The standard Attention op (and RotaryEmbedding) first exist in opset 23.
+# Which forms the expansion picks (docs/cache-forms-and-speed.md): "portable" is straight-line with
+# shapes every runtime types (tract, WebNN, LiteRT); "onnxruntime" adds run-time If choices
+# (--fast-paths); "openvino" stays straight-line (OpenVINO runs the If graphs' decode 1.6-3.3x
+# slower than the straight-line one) and scales the query instead of the scores. Every profile keeps the whole
+# contract (every cache form).
+RUNTIME_PROFILES = ("portable", "onnxruntime", "openvino")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +142,12 @@ class DecomposeOptions:
             promise, a one-copy cache update (Concat, or ScatterND straight
             into past). Runtimes that type both branches of an If alike
             (tract) cannot run them; OpenVINO and ONNX Runtime can. Primitives
-            target only.
+            target only. The same as ``runtime_profile="onnxruntime"``.
+        runtime_profile: the runtime the forms are picked for (:data:`RUNTIME_PROFILES`):
+            ``"portable"`` (the default, straight-line, runs everywhere),
+            ``"onnxruntime"`` (= ``fast_paths``) or ``"openvino"`` (straight-line as
+            portable, the query scaled instead of the scores, which OpenVINO would
+            scale through the keys). Each keeps every cache form. Primitives target only.
         target: ``"primitives"`` (MatMul/Softmax/...) or ``"attention"``: one
             standard ``Attention`` op (opset >= 23) per node, with rotary as
             RotaryEmbedding-23 and, at opset 24, the cache written by
@@ -156,6 +167,7 @@ class DecomposeOptions:
     growing_kv_cache: bool = False
     native_precision: bool = False
     fast_paths: bool = False
+    runtime_profile: str = "portable"
     target: str = "primitives"
     strict_target: bool = False
     raise_opset: bool = False
@@ -172,6 +184,16 @@ class DecomposeOptions:
                 raise GqaDecomposeError(f"unknown op type(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if self.static_kv_cache and self.growing_kv_cache:
             raise GqaDecomposeError("static_kv_cache and growing_kv_cache promise opposite things")
+        if self.runtime_profile not in RUNTIME_PROFILES:
+            raise GqaDecomposeError(
+                f"runtime_profile must be one of {', '.join(RUNTIME_PROFILES)}, got {self.runtime_profile!r}"
+            )
+        if self.fast_paths and self.runtime_profile == "openvino":
+            raise GqaDecomposeError("fast_paths is the onnxruntime runtime profile, not openvino")
+        # fast_paths is an alias of the onnxruntime profile, kept in step both ways.
+        if self.fast_paths or self.runtime_profile == "onnxruntime":
+            object.__setattr__(self, "fast_paths", True)
+            object.__setattr__(self, "runtime_profile", "onnxruntime")
         if self.target not in TARGETS:
             raise GqaDecomposeError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
 

@@ -1,25 +1,39 @@
-"""Speed of the rewritten attention against ONNX Runtime's fused GroupQueryAttention kernel (CPU).
+"""Speed of the rewritten attention against each runtime's fused GroupQueryAttention (CPU).
 
 One process, one single-layer model per head shape, decomposed with the tool
-itself in every cache form it emits (with --fast-paths unless --no-fast-paths). For each case (head shape x phase x
-length) every variant gets a warm-up, then the variants run in interleaved
-rounds (the order rotates from round to round), so all of them see the same
-machine state. Reported: the median time of each variant, and each variant's
-ratio to the fused kernel as the median of the per-round ratios (robust
-against other work on the machine).
+itself in every cache form, for each runtime profile asked (``--profile``,
+default: portable, the default output, and onnxruntime). For each case (head
+shape x phase x length) every variant gets a warm-up, then the variants run in
+interleaved rounds (the order rotates from round to round), so all of them see
+the same machine state. Reported: the median time of each variant, its ratio to
+its runtime's fused node in the same cache form as the median of the per-round
+ratios (robust against other work on the machine), and for decode the fraction
+of the physical limit reached (the cache read once at the read bandwidth
+measured at start).
 
-Variants (all driven through IOBinding):
+ONNX Runtime variants (driven through IOBinding):
 
     fused          fused GQA node, separate past and present (past has T - S rows)
     fused-shared   fused GQA node, past is a max-length buffer and present is bound
                    to the same buffer (ORT's share-buffer mode; seqlens_k gives lengths)
+    fused-ragged   fused GQA node, separate buffers, batch 2 with rows of T and T / 2
     any            rewrite with --kv-cache any (the default), separate buffers
     any-shared     rewrite with --kv-cache any, max-length buffer, present bound to past
+    ragged         rewrite with --kv-cache any, the ragged batch of fused-ragged
     growing        rewrite with --kv-cache growing, separate buffers (present = Concat)
     static         rewrite with --kv-cache static, max-length buffer, present bound to past
     static-steps   the same with a buffer grown in 256-row steps (T < rows <= T + 256), as
-                   a runtime that grows its shared buffer would; attention then reads
-                   the whole buffer instead of copying the rows it sees
+                   a runtime that grows its shared buffer would
+
+A rewrite's column carries its profile: ``any`` (portable), ``any:ort``
+(onnxruntime, = --fast-paths), ``any:ov`` (openvino). With ``--runtime
+openvino`` the same rewrites also run on OpenVINO's CPU plugin (fp32 hint):
+``ov-fused`` and ``ov-fused-long`` are OpenVINO's own handling
+of the fused node (its ONNX frontend), and ``ov any``, ``ov any-long`` (a
+max-length buffer; OpenVINO cannot bind present to it, so present is a copy),
+``ov ragged``, ``ov growing``, ``ov static`` (max-length buffer) the rewrites;
+they are compared to OpenVINO's own node and to ORT's fused node in the same
+cache form (``fused-shared`` for a max-length buffer).
 
 Phases: decode (S = 1 after T - 1 tokens, T = 256, 1024, 4096) and prefill
 (a first prompt of S = 128, 512, 2048 tokens), batch 1, packed QKV with rotary,
@@ -30,6 +44,7 @@ the rewrite with verification of every node (``--check``); ``--write`` also
 writes the decomposed model with its own weights (disk-bound).
 
     python scripts/bench.py [--quick] [--threads 1] [--shape llama] [--phase decode]
+                            [--profile portable] [--runtime openvino] [--variant any]
                             [--rounds 15] [--max-length 4096] [--json FILE]
                             [--target attention] [--dtype float16 [--native-precision]]
 
@@ -54,7 +69,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -62,98 +76,75 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_runners as br  # noqa: E402
 from gqa_models import GqaConfig, make_gqa_model  # noqa: E402
 
 import gqa_decompose  # noqa: E402
+from gqa_decompose.spec import RUNTIME_PROFILES  # noqa: E402
 
 SHAPES = {
     "llama": GqaConfig(num_heads=32, kv_num_heads=8, head_size=128, packed=True, rotary="half", positions=8192),
     "small": GqaConfig(num_heads=8, kv_num_heads=2, head_size=64, packed=True, rotary="half", positions=8192),
 }
 LENGTHS = {"decode": (256, 1024, 4096), "prefill": (128, 512, 2048)}
-# (name, tool options, the cache is a max-length buffer bound to present)
-REWRITES = (
-    ("any", {}, False),
-    ("any-shared", {}, True),
-    ("growing", {"growing_kv_cache": True}, False),
-    ("static", {"static_kv_cache": True}, True),
-    ("static-steps", {"static_kv_cache": True}, True),
-)
-# static-steps: the shared buffer grows in steps of this many rows instead of being max-length.
-BUFFER_STEP = 256
-VARIANTS = ("fused", "fused-shared", *(name for name, _, _ in REWRITES))
+# Column suffix of each runtime profile's rewrites (the default, portable, has none).
+PROFILE_SUFFIX = {"portable": "", "onnxruntime": ":ort", "openvino": ":ov"}
 
 
-class Runner:
-    """One variant of one case: a session and its bound inputs and outputs."""
-
-    def __init__(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], shared_buffer: bool, threads: int):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self.binding = self.session.io_binding()
-        self.values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feeds.items()}
-        for name, value in self.values.items():
-            self.binding.bind_ortvalue_input(name, value)
-        for output in self.session.get_outputs():
-            if shared_buffer and output.name.startswith("present_"):
-                # present_key -> past_key: the runtime keeps one buffer and the step writes into it.
-                self.binding.bind_ortvalue_output(output.name, self.values[output.name.replace("present_", "past_")])
+def _fused_runners(fused, case: tuple, runtimes: list[str], args) -> dict:
+    """Each runtime's fused node in each cache form its rewrites are compared in."""
+    phase, length = case
+    runners = {}
+    for cache, name in _fused_variants(runtimes):
+        inputs = br.feeds(fused.config, phase, length, cache, args.max_length)
+        try:
+            if name.startswith("ov-"):
+                runners[name] = br.OvRunner(fused.model, inputs, args.threads)
             else:
-                self.binding.bind_output(output.name)
-
-    def run(self, times: int) -> float:
-        """Mean seconds of ``times`` runs."""
-        start = time.perf_counter()
-        for _ in range(times):
-            self.session.run_with_iobinding(self.binding)
-        return (time.perf_counter() - start) / times
+                runners[name] = br.OrtRunner(fused.model, inputs, cache == "bound", args.threads)
+        except Exception as error:  # noqa: BLE001 OpenVINO's frontend may refuse a fused node: time the rest
+            print(f"  {name}: {str(error).splitlines()[0][:100]}", file=sys.stderr)
+    return runners
 
 
-def _feeds(config: GqaConfig, phase: str, length: int, past_rows: int) -> dict[str, np.ndarray]:
-    """Inputs of one step: decode (S = 1, T = length) or a first prompt (S = T = length)."""
-    rng = np.random.default_rng(0)
-    dtype = np.float16 if config.dtype == "float16" else np.float32
-    query_length = 1 if phase == "decode" else length
-    hidden = (config.num_heads + 2 * config.kv_num_heads) * config.head_size
-    past_shape = (1, config.kv_num_heads, past_rows, config.head_size)
-    return {
-        "query": rng.standard_normal((1, query_length, hidden)).astype(dtype),
-        "past_key": rng.standard_normal(past_shape).astype(dtype),
-        "past_value": rng.standard_normal(past_shape).astype(dtype),
-        "seqlens_k": np.array([length - 1], np.int32),
-        "total_sequence_length": np.array(length, np.int32),
-    }
+def _fused_variants(runtimes: list[str]) -> list[tuple[str, str]]:
+    """(cache form, fused variant) of the runtimes timed; ORT's always (OpenVINO is compared to it too)."""
+    variants = [(cache, name) for cache, name in br.ORT_FUSED.items() if cache != "steps"]
+    if "openvino" in runtimes:
+        variants += list(br.OV_FUSED.items())
+    return variants
 
 
-def bench_case(shape: str, phase: str, length: int, args) -> dict:
-    config = dataclasses.replace(SHAPES[shape], dtype=args.dtype)
-    if args.target == "attention":
-        config = dataclasses.replace(config, opset=24)  # the Attention op needs opset 23+
-    fused = make_gqa_model(config)
-    separate_past = length - 1 if phase == "decode" else 0
-    max_length = max(args.max_length, length)
-    runners: dict[str, Runner] = {
-        "fused": Runner(fused, _feeds(config, phase, length, separate_past), False, args.threads),
-        "fused-shared": Runner(fused, _feeds(config, phase, length, max_length), True, args.threads),
-    }
-    for name, options, shared_buffer in REWRITES:
-        if args.variant and name not in args.variant:
-            continue
-        rewritten = gqa_decompose.decompose(
-            fused,
-            fast_paths=not args.no_fast_paths,
-            target=args.target,
-            native_precision=args.native_precision,
-            **options,
-        )
-        past_rows = max_length if shared_buffer else separate_past
-        if name == "static-steps":
-            past_rows = (length // BUFFER_STEP + 1) * BUFFER_STEP
-        runners[name] = Runner(rewritten, _feeds(config, phase, length, past_rows), shared_buffer, args.threads)
+def _rewrite_runners(fused, case: tuple, runtimes: list[str], args) -> tuple[dict, dict]:
+    """Runners of every rewrite (runtime x profile x form) and the cache form of each."""
+    phase, length = case
+    runners, caches = {}, {}
+    for runtime in runtimes:
+        forms = br.OV_FORMS if runtime == "openvino" else br.ORT_FORMS
+        prefix = "ov " if runtime == "openvino" else ""
+        for profile in args.profile:
+            for form in forms:
+                if args.variant and form.name not in args.variant:
+                    continue
+                model = gqa_decompose.decompose(
+                    fused.model,
+                    runtime_profile=profile,
+                    target=args.target,
+                    native_precision=args.native_precision,
+                    **form.options,
+                )
+                name = prefix + form.name + PROFILE_SUFFIX[profile]
+                inputs = br.feeds(fused.config, phase, length, form.cache, args.max_length)
+                if runtime == "openvino":
+                    runners[name] = br.OvRunner(model, inputs, args.threads)
+                else:
+                    runners[name] = br.OrtRunner(model, inputs, form.cache in ("bound", "steps"), args.threads)
+                caches[name] = form.cache
+    return runners, caches
 
-    # Warm-up, then as many runs per round as fill about --round-ms.
+
+def _interleaved(runners: dict, args) -> dict[str, list[float]]:
+    """Seconds per run of each runner in each round, after a warm-up; the order rotates every round."""
     repeats = {}
     for name, runner in runners.items():
         runner.run(2)
@@ -165,34 +156,111 @@ def bench_case(shape: str, phase: str, length: int, args) -> dict:
         rotated = order[round_index % len(order) :] + order[: round_index % len(order)]
         for name in rotated:
             times[name].append(runners[name].run(repeats[name]))
+    return times
+
+
+def _baselines(name: str, cache: str | None) -> dict[str, str]:
+    """(what, fused variant) a variant is compared to: its runtime's own GQA, and ORT's fused node."""
+    if cache is None:
+        return {}
+    if name.startswith("ov "):
+        return {"own": br.OV_FUSED.get(cache, ""), "ort": br.ORT_FOR_OV[cache]}
+    return {"own": br.ORT_FUSED[cache], "ort": br.ORT_FUSED[cache]}
+
+
+@dataclasses.dataclass
+class _Fused:
+    model: onnx.ModelProto
+    config: GqaConfig
+
+
+def bench_case(shape: str, phase: str, length: int, args) -> dict:
+    config = dataclasses.replace(SHAPES[shape], dtype=args.dtype)
+    if args.target == "attention":
+        config = dataclasses.replace(config, opset=24)  # the Attention op needs opset 23+
+    fused = _Fused(make_gqa_model(config), config)
+    case = (phase, length)
+    runners = _fused_runners(fused, case, args.runtime, args)
+    rewrites, caches = _rewrite_runners(fused, case, args.runtime, args)
+    runners.update(rewrites)
+    times = _interleaved(runners, args)
 
     def ratio(name: str, base: str) -> float:
+        if base not in times:
+            return float("nan")
         return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
-    return {
+    median_ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    result = {
         "shape": shape,
         "phase": phase,
         "length": length,
-        "median_ms": {name: statistics.median(values) * 1e3 for name, values in times.items()},
-        "vs_fused": {name: ratio(name, "fused") for name in runners},
-        "vs_fused_shared": {name: ratio(name, "fused-shared") for name in runners},
+        "cache": caches,
+        "median_ms": median_ms,
+        "vs_own_fused": {name: ratio(name, base["own"]) for name, base in _with_bases(caches).items()},
+        "vs_ort_fused": {name: ratio(name, base["ort"]) for name, base in _with_bases(caches).items()},
     }
+    if phase == "decode":
+        # The physical limit: reading the cache once at the machine's read bandwidth.
+        limit_ms = {
+            name: br.cache_bytes(config, length, caches.get(name, _fused_cache(name))) / args.bandwidth * 1e3
+            for name in median_ms
+        }
+        result["limit_fraction"] = {name: limit_ms[name] / median_ms[name] for name in median_ms}
+    return result
 
 
-def print_cases(cases: list[dict]) -> None:
-    names = [name for name in VARIANTS if any(name in case["median_ms"] for case in cases)]
-    header = f"{'case':22s}" + "".join(f"{name:>14s}" for name in names)
-    print("\nmedian ms")
-    print(header)
+def _with_bases(caches: dict) -> dict:
+    return {name: _baselines(name, cache) for name, cache in caches.items()}
+
+
+def _fused_cache(name: str) -> str:
+    """The cache form of a fused variant."""
+    for table in (br.ORT_FUSED, br.OV_FUSED):
+        for cache, fused in table.items():
+            if fused == name:
+                return cache
+    return "separate"
+
+
+def _label(case: dict) -> str:
+    return f"{case['shape']} {case['phase']} {'T' if case['phase'] == 'decode' else 'S'}={case['length']}"
+
+
+def _table(cases: list[dict], key: str, title: str, names: list[str], digits: int = 2) -> None:
+    names = [name for name in names if any(name in case.get(key, {}) for case in cases)]
+    if not names:
+        return
+    width = max(14, *(len(name) + 2 for name in names))
+    print(f"\n{title}")
+    print(f"{'case':22s}" + "".join(f"{name:>{width}s}" for name in names))
     for case in cases:
-        label = f"{case['shape']} {case['phase']} {'T' if case['phase'] == 'decode' else 'S'}={case['length']}"
-        print(f"{label:22s}" + "".join(f"{case['median_ms'].get(name, float('nan')):14.3f}" for name in names))
-    for key, title in (("vs_fused", "ratio to fused (separate buffers)"), ("vs_fused_shared", "ratio to fused-shared")):
-        print(f"\n{title}, median of per-round ratios")
-        print(header)
-        for case in cases:
-            label = f"{case['shape']} {case['phase']} {'T' if case['phase'] == 'decode' else 'S'}={case['length']}"
-            print(f"{label:22s}" + "".join(f"{case[key].get(name, float('nan')):14.2f}" for name in names))
+        values = case.get(key, {})
+        print(f"{_label(case):22s}" + "".join(f"{values.get(name, float('nan')):{width}.{digits}f}" for name in names))
+
+
+def print_cases(cases: list[dict], bandwidth: float) -> None:
+    names = list(dict.fromkeys(name for case in cases for name in case["median_ms"]))
+    ort_names = [name for name in names if not name.startswith("ov ") and not name.startswith("ov-")]
+    ov_names = [name for name in names if name.startswith("ov ") or name.startswith("ov-")]
+    _table(cases, "median_ms", "median ms, ONNX Runtime", ort_names, 3)
+    _table(cases, "median_ms", "median ms, OpenVINO", ov_names, 3)
+    _table(
+        cases,
+        "vs_own_fused",
+        "ONNX Runtime: ratio to its fused node in the same cache form (separate: fused, shared/static: "
+        "fused-shared, ragged: fused-ragged), median of per-round ratios",
+        ort_names,
+    )
+    _table(cases, "vs_own_fused", "OpenVINO: ratio to OpenVINO's own GroupQueryAttention, same cache form", ov_names)
+    _table(cases, "vs_ort_fused", "OpenVINO: ratio to ONNX Runtime's fused node, same cache form", ov_names)
+    decode = [case for case in cases if "limit_fraction" in case]
+    _table(
+        decode,
+        "limit_fraction",
+        f"decode: fraction of the physical limit (the cache read once at {bandwidth / 1e9:.1f} GB/s)",
+        names,
+    )
 
 
 # The 32-layer rewrite -----------------------------------------------------------------------
@@ -249,14 +317,24 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         action="append",
-        choices=[name for name, _, _ in REWRITES],
+        choices=sorted({form.name for form in (*br.ORT_FORMS, *br.OV_FORMS)}),
         help="only these rewrites (the fused variants always run)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="append",
+        choices=RUNTIME_PROFILES,
+        help="repeatable: the runtime profiles to rewrite with (default: portable and onnxruntime)",
+    )
+    parser.add_argument(
+        "--runtime",
+        action="append",
+        choices=["onnxruntime", "openvino"],
+        help="repeatable: where the rewrites run (default onnxruntime; ORT's fused node always runs)",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, --quick 5)")
     parser.add_argument("--round-ms", type=float, help="time per variant per round (default 30, --quick 10)")
-    parser.add_argument(
-        "--no-fast-paths", action="store_true", help="time the default (straight-line) rewrite instead of --fast-paths"
-    )
+    parser.add_argument("--no-fast-paths", action="store_true", help="the same as --profile portable")
     parser.add_argument(
         "--target",
         choices=["primitives", "attention"],
@@ -272,6 +350,8 @@ def main() -> None:
     args = parser.parse_args()
     args.rounds = args.rounds or (5 if args.quick else 15)
     args.round_ms = args.round_ms or (10.0 if args.quick else 30.0)
+    args.profile = args.profile or (["portable"] if args.no_fast_paths else ["portable", "onnxruntime"])
+    args.runtime = args.runtime or ["onnxruntime"]
     shapes = args.shape or list(SHAPES)
     phases = args.phase or ["decode", "prefill", "rewrite"]
 
@@ -279,9 +359,11 @@ def main() -> None:
     print(
         f"{info['cpu']}, {info['nproc']} cores, onnxruntime {info['onnxruntime']}, "
         f"{args.threads} thread(s), {args.rounds} rounds, shared buffers of {args.max_length} rows, "
-        f"{args.dtype}, target {args.target}, "
-        f"rewrites {'without' if args.no_fast_paths else 'with'} --fast-paths"
+        f"{args.dtype}, target {args.target}, profiles {', '.join(args.profile)}, runtimes {', '.join(args.runtime)}"
     )
+    args.bandwidth = br.read_bandwidth()
+    info["read_gb_s"] = args.bandwidth / 1e9
+    print(f"read bandwidth {args.bandwidth / 1e9:.1f} GB/s (one core, a 256 MB reduction)")
     # First, while this process is small: a child's peak RSS counts the parent's pages at fork.
     rewrite = bench_rewrite(args) if "rewrite" in phases else None
     cases = []
@@ -293,22 +375,29 @@ def main() -> None:
                     continue
                 cases.append(bench_case(shape, phase, length, args))
                 print(f"  done: {shape} {phase} {length}", file=sys.stderr)
+                _write_json(args, info, cases, rewrite)  # after every case: a long run keeps what it measured
     if cases:
-        print_cases(cases)
-    if args.json:
-        report = {
-            "machine": info,
-            "threads": args.threads,
-            "rounds": args.rounds,
-            "fast_paths": not args.no_fast_paths,
-            "target": args.target,
-            "dtype": args.dtype,
-            "native_precision": args.native_precision,
-            "max_length": args.max_length,
-            "cases": cases,
-            "rewrite": rewrite,
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print_cases(cases, args.bandwidth)
+    _write_json(args, info, cases, rewrite)
+
+
+def _write_json(args, info: dict, cases: list[dict], rewrite: dict | None) -> None:
+    if not args.json:
+        return
+    report = {
+        "machine": info,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "profiles": args.profile,
+        "runtimes": args.runtime,
+        "target": args.target,
+        "dtype": args.dtype,
+        "native_precision": args.native_precision,
+        "max_length": args.max_length,
+        "cases": cases,
+        "rewrite": rewrite,
+    }
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

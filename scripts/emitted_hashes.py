@@ -31,6 +31,7 @@ from gqa_decompose.errors import GqaDecomposeError  # noqa: E402
 OPTION_SETS = {
     "default": {},
     "fast": {"fast_paths": True},
+    "openvino": {"runtime_profile": "openvino"},
     "static": {"static_kv_cache": True},
     "growing": {"growing_kv_cache": True},
     "native": {"native_precision": True},

@@ -155,16 +155,19 @@ def targets() -> list[str]:
     return [PRIMITIVES, "attention"] if "target" in fields else [PRIMITIVES]
 
 
-def case_options(case: Case, target: str = PRIMITIVES) -> DecomposeOptions:
+def case_options(case: Case, target: str = PRIMITIVES, profile: str = "portable") -> DecomposeOptions:
     options = dict(case.options)
+    if profile != "portable":
+        options.update(runtime_profile=profile)
     if target not in (PRIMITIVES, FUSED):
         # The cases (and the tiny Llama) are at opset 21; the Attention op needs 23.
         options.update(target=target, raise_opset=True, strict_target=True)
     return DecomposeOptions(**options)
 
 
-def run_case(case: Case, runtime: str, target: str = PRIMITIVES) -> NodeVerification:
-    """``case``'s expansion (or with FUSED the node itself) on ``runtime`` against ORT CPU's fused node."""
+def run_case(case: Case, runtime: str, target: str = PRIMITIVES, profile: str = "portable") -> NodeVerification:
+    """``case``'s expansion (or with FUSED the node itself) on ``runtime`` against ORT CPU's fused node,
+    with the forms of runtime ``profile``."""
     model = make_gqa_model(case.config)
     _, node = gqa_node(model)
     opset = case.config.opset
@@ -174,7 +177,7 @@ def run_case(case: Case, runtime: str, target: str = PRIMITIVES) -> NodeVerifica
         node,
         opset,
         model.ir_version,
-        case_options(case, target),
+        case_options(case, target, profile),
         runtime=runtime,
         total_length_from_shape=runtimes.get_runtime(runtime).shapes_from_input_shapes,
         fused_on_runtime=target == FUSED,

@@ -88,7 +88,7 @@ class Case:
     config: GqaConfig
     kv_cache: str = "any"  # any | static | growing (the CLI's --kv-cache)
     native_precision: bool = False
-    fast_paths: bool = False  # the CLI's --fast-paths: run-time Ifs (cut of long buffers, one-copy update)
+    runtime_profile: str = "portable"  # the CLI's --runtime-profile (onnxruntime = --fast-paths: run-time Ifs)
     annotations: str = "full"  # full | partial | absent
     cleared_dims: tuple[tuple[str, int], ...] = ()  # (graph input, axis) made unknown with "partial"
     defect: str | None = None  # an invalid or contradictory change, see DEFECTS
@@ -99,7 +99,7 @@ class Case:
             static_kv_cache=self.kv_cache == "static",
             growing_kv_cache=self.kv_cache == "growing",
             native_precision=self.native_precision,
-            fast_paths=self.fast_paths,
+            runtime_profile=self.runtime_profile,
         )
 
 
@@ -202,7 +202,7 @@ def cases(draw, cache_forms: tuple[str, ...]) -> Case:
         config,
         kv_cache=kv_cache,
         native_precision=dtype == "float16" and draw(st.integers(0, 3)) == 0,
-        fast_paths=draw(st.integers(0, 2)) == 0,
+        runtime_profile=draw(st.sampled_from(("portable", "portable", "onnxruntime", "openvino"))),
         annotations=annotations,
         cleared_dims=cleared,
         defect=defect,
@@ -717,7 +717,7 @@ test_fuzz_quantized_caches = _family_test(("quantized",))
                 rotary_as_input="symbolic",
             ),
             native_precision=True,
-            fast_paths=True,
+            runtime_profile="onnxruntime",
         ),
     )
 )

@@ -42,12 +42,23 @@ GRID = list(
 )
 
 
+# The other runtime profiles (each keeps the whole contract) on a slice of the grid: every layout,
+# rotary, type and dims choice, at one head size and two head ratios.
+PROFILE_CELLS = [
+    (*cell, profile)
+    for profile in ("onnxruntime", "openvino")
+    for cell in GRID
+    if cell[0] in ("gqa", "mqa") and cell[1] == 64
+]
+CELLS = [(*cell, "portable") for cell in GRID] + PROFILE_CELLS
+
+
 @pytest.mark.parametrize(
-    "ratio,head_size,packed,rotary,dtype,static_dims",
-    GRID,
-    ids=["-".join(str(p) for p in cell) for cell in GRID],
+    "ratio,head_size,packed,rotary,dtype,static_dims,profile",
+    CELLS,
+    ids=["-".join(str(p) for p in cell if p != "portable") for cell in CELLS],
 )
-def test_grid_matches_ort(ratio, head_size, packed, rotary, dtype, static_dims):
+def test_grid_matches_ort(ratio, head_size, packed, rotary, dtype, static_dims, profile):
     heads, kv_heads = HEAD_RATIOS[ratio]
     config = GqaConfig(
         num_heads=heads,
@@ -58,7 +69,7 @@ def test_grid_matches_ort(ratio, head_size, packed, rotary, dtype, static_dims):
         dtype=dtype,
         static_dims=static_dims,
     )
-    assert_matches_ort(config)
+    assert_matches_ort(config, options=DecomposeOptions(runtime_profile=profile))
 
 
 @pytest.mark.parametrize("head_size", [32, 128, 512])

@@ -79,11 +79,12 @@ def test_key_length_decided_at_run_time(case, dim):
     "options",
     [
         DecomposeOptions(fast_paths=True),
+        DecomposeOptions(runtime_profile="openvino"),
         DecomposeOptions(static_kv_cache=True),
         DecomposeOptions(growing_kv_cache=True),
         DecomposeOptions(target="attention"),
     ],
-    ids=["fast_paths", "static", "growing", "attention"],
+    ids=["fast_paths", "openvino", "static", "growing", "attention"],
 )
 def test_key_length_decided_at_run_time_with_options(options):
     config = GqaConfig(rotary="half", opset=24 if options.target == "attention" else 21)

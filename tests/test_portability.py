@@ -41,24 +41,26 @@ def _require(runtime: str) -> None:
         pytest.skip(f"{runtime} is not installed")
 
 
-def _cell(runtime, case):
+def _cell(runtime, case, profile="portable"):
     known = KNOWN_FAILURES.get((runtime, case.id))
     marks = [pytest.mark.xfail(reason=known, strict=True)] if known else []
-    return pytest.param(runtime, case, marks=marks, id=f"{runtime}-{case.id}")
+    label = "" if profile == "portable" else f"{profile}-profile-"
+    return pytest.param(runtime, case, profile, marks=marks, id=f"{runtime}-{label}{case.id}")
 
 
+# The portable default everywhere; the openvino profile (straight-line too) on OpenVINO and tract.
 CELLS = [
     _cell(runtime, case)
     for runtime in PORTABLE_RUNTIMES
     for case in CASES
     if not (runtime == "reference" and case.slow)
-]
+] + [_cell(runtime, case, "openvino") for runtime in ("openvino", "tract") for case in CASES if not case.slow]
 
 
-@pytest.mark.parametrize("runtime,case", CELLS)
-def test_rewritten_node_matches_ort_on_runtime(runtime, case):
+@pytest.mark.parametrize("runtime,case,profile", CELLS)
+def test_rewritten_node_matches_ort_on_runtime(runtime, case, profile):
     _require(runtime)
-    result = run_case(case, runtime)
+    result = run_case(case, runtime, profile=profile)
     assert result.results, "no phase ran"
     assert not failures(result), failures(result)
 

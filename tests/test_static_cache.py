@@ -206,26 +206,80 @@ def test_cli_kv_cache_growing(tmp_path):
     assert "ScatterND" not in ops
 
 
-# --fast-paths: the same contract through run-time Ifs -----------------------------------------
+# Runtime profiles (--fast-paths is onnxruntime's): the same contract through other forms --------
 
 
+@pytest.mark.parametrize("profile", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("kv_cache", ["any", "static", "growing"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fast_paths_match_ort_in_every_phase(name, kv_cache):
-    """Every branch: Concat / ScatterND into past / Pad + ScatterND, whole or cut buffer, row blocks."""
+def test_runtime_profiles_match_ort_in_every_phase(name, kv_cache, profile):
+    """onnxruntime's every branch: Concat / ScatterND into past / Pad + ScatterND, whole or cut
+    buffer, row blocks; openvino's straight-line graph with the query scaled."""
     config = CONFIGS[name]
     if kv_cache == "growing" and config.kv_empty:
         pytest.skip("a KV-shared layer has no growing cache")
     model = make_gqa_model(config)
     _, node = gqa_node(model)
     options = DecomposeOptions(
-        fast_paths=True, static_kv_cache=kv_cache == "static", growing_kv_cache=kv_cache == "growing"
+        runtime_profile=profile, static_kv_cache=kv_cache == "static", growing_kv_cache=kv_cache == "growing"
     )
     result = verify_node_model(node, config.opset, model.ir_version, options)
     assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
     if kv_cache == "any" and not config.kv_empty:
         names = {r.phase.name for r in result.results}
         assert {"decode, growing cache", "decode, static buffer", "first prompt, growing cache"} <= names
+
+
+@pytest.mark.parametrize("kv_cache", ["any", "static"])
+@pytest.mark.parametrize("causal", [None, 0])
+def test_fast_paths_over_a_past_of_no_rows(kv_cache, causal):
+    """A KV-shared layer (or a static buffer) whose past has 0 rows in the graph: ORT could not type the
+    whole-buffer branch of the cut (a Reshape of 0-column scores); found by the fuzzer."""
+    config = GqaConfig(kv_empty=kv_cache == "any", sizes=(3, 4, 0, None), causal=causal, attention_bias="full")
+    model = make_gqa_model(config)
+    decomposed = gqa_decompose.decompose(model, fast_paths=True, static_kv_cache=kv_cache == "static")
+    ort.InferenceSession(decomposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    _, node = gqa_node(model)
+    options = DecomposeOptions(fast_paths=True, static_kv_cache=kv_cache == "static")
+    result = verify_node_model(node, config.opset, model.ir_version, options)
+    assert all(r.passed for r in result.results), [r.failure for r in result.results]
+
+
+def test_fast_paths_is_the_onnxruntime_profile():
+    model = make_gqa_model(GqaConfig(rotary="half"))
+    assert DecomposeOptions(fast_paths=True) == DecomposeOptions(runtime_profile="onnxruntime")
+    fast = gqa_decompose.decompose(model, fast_paths=True)
+    assert fast.SerializeToString() == gqa_decompose.decompose(model, runtime_profile="onnxruntime").SerializeToString()
+    with pytest.raises(gqa_decompose.GqaDecomposeError, match="runtime_profile must be one of"):
+        DecomposeOptions(runtime_profile="tract")
+    with pytest.raises(gqa_decompose.GqaDecomposeError, match="fast_paths is the onnxruntime"):
+        DecomposeOptions(fast_paths=True, runtime_profile="openvino")
+
+
+def test_openvino_profile_is_straight_line_with_the_query_scaled():
+    """No If (OpenVINO runs them slower than the straight-line graph); the scale Mul feeds the
+    scores' MatMul instead of following it (OpenVINO would move it onto the keys)."""
+    model = make_gqa_model(GqaConfig(rotary="half"))
+
+    def scaled_queries(profile: str) -> tuple[int, set[str]]:
+        nodes = list(all_nodes(gqa_decompose.decompose(model, runtime_profile=profile).graph))
+        produced_by = {output: n for n in nodes for output in n.output}
+        matmuls = [n for n in nodes if n.op_type == "MatMul" and n.input[0] in produced_by]
+        return sum(produced_by[m.input[0]].op_type == "Mul" for m in matmuls), {n.op_type for n in nodes}
+
+    (openvino, ops), (portable, _) = scaled_queries("openvino"), scaled_queries("portable")
+    assert "If" not in ops and (openvino, portable) == (1, 0)
+
+
+def test_cli_runtime_profile(tmp_path):
+    model_path = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "tiny-llama-gqa.onnx", model_path)
+    result = CliRunner().invoke(main, [str(model_path), "-q", "--runtime-profile", "openvino", "--fast-paths"])
+    assert result.exit_code == 2 and "--fast-paths is --runtime-profile onnxruntime" in result.output
+    result = CliRunner().invoke(main, [str(model_path), "-q", "--runtime-profile", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    ops = {n.op_type for n in all_nodes(onnx.load(tmp_path / "m.decomposed.onnx").graph)}
+    assert "If" in ops
 
 
 @pytest.mark.parametrize(
@@ -239,8 +293,9 @@ def test_fast_paths_match_ort_in_every_phase(name, kv_cache):
     ],
     ids=["int8", "int4", "windowed", "bfloat16", "no-past"],
 )
-def test_fast_paths_with_other_caches_and_types(config):
-    report = gqa_decompose.verify(make_gqa_model(config), fast_paths=True)
+@pytest.mark.parametrize("profile", ["onnxruntime", "openvino"])
+def test_runtime_profiles_with_other_caches_and_types(config, profile):
+    report = gqa_decompose.verify(make_gqa_model(config), runtime_profile=profile)
     assert report.passed, [r.failure for r in report.nodes[0].results]
 
 

@@ -113,12 +113,22 @@ def _attend_dense(
     head_sink_N: ir.Value | None,
     may_mask_whole_rows: bool,
     dtype: ir.DataType,
+    prescale: bool = False,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """(output [B, S, N*H], scores [B, N, S, K] before the mask, probs [B, N, S, K])."""
+    """(output [B, S, N*H], scores [B, N, S, K] before the mask, probs [B, N, S, K]).
+
+    ``prescale`` scales the query instead of the scores: OpenVINO moves a scale of
+    the scores onto the keys (a pass over every key read), ONNX Runtime fuses
+    either into its MatMul.
+    """
     query_BNkvGSH = op.op("Reshape", query_BNSH, op.ints([0, kv_num_heads, -1, head_size]))
     keys_BNkvHK = op.op("Transpose", keys_BNkvKH, perm=[0, 1, 3, 2])
-    products = op.op("MatMul", query_BNkvGSH, keys_BNkvHK)
-    scores_BNkvGSK = op.op("Mul", products, op.float_scalar(scale, dtype))
+    if prescale:
+        query_BNkvGSH = op.op("Mul", query_BNkvGSH, op.float_scalar(scale, dtype))
+        scores_BNkvGSK = op.op("MatMul", query_BNkvGSH, keys_BNkvHK)
+    else:
+        products = op.op("MatMul", query_BNkvGSH, keys_BNkvHK)
+        scores_BNkvGSK = op.op("Mul", products, op.float_scalar(scale, dtype))
     scores_BNSK = op.op("Reshape", scores_BNkvGSK, op.ints([0, num_heads, -1, 0]))
     if softcap > 0:
         capped = op.op("Tanh", op.op("Div", scores_BNSK, op.float_scalar(softcap, dtype)))
@@ -198,6 +208,7 @@ def attend(
     dtype: ir.DataType = ir.DataType.FLOAT,
     plan: ReadPlan | None = None,
     decode: tuple[Decode, Decode] | None = None,
+    prescale: bool = False,
 ) -> AttentionResult:
     """Attention of every query row over the key columns, chosen at run time by ``plan``.
 
@@ -220,6 +231,7 @@ def attend(
         head_sink_N=head_sink_N,
         may_mask_whole_rows=may_mask_whole_rows,
         dtype=dtype,
+        prescale=prescale,
     )
 
     def dense(builder: OpBuilder, keys: ir.Value, values: ir.Value) -> list[ir.Value]:

@@ -89,6 +89,7 @@ class Lowering:
     tensor_scatter: bool = False  # TensorScatter-24 for the KV cache write
     compute_dtype: ir.DataType = _FLOAT  # fp32, or the model's type with native_precision
     fast_paths: bool = False  # run-time Ifs: row blocks, cut of long buffers, one-copy cache update
+    runtime_profile: str = "portable"  # spec.RUNTIME_PROFILES: "onnxruntime" is fast_paths
     static_kv_cache: bool = False  # promised T <= P: present has exactly P rows
     growing_kv_cache: bool = False  # promised T = P + S with aligned rows: present = Concat(past, new)
     present_used: bool = False  # present_key/present_value exist and someone reads them
@@ -113,6 +114,7 @@ class Lowering:
             tensor_scatter=attention and opset >= TENSOR_SCATTER_MIN_OPSET,
             compute_dtype=spec.dtype if options.native_precision else _FLOAT,
             fast_paths=options.fast_paths,
+            runtime_profile=options.runtime_profile,
             static_kv_cache=options.static_kv_cache and plain_cache,
             growing_kv_cache=options.growing_kv_cache and plain_cache and not (spec.kv_empty or spec.kv_maybe_empty),
             present_used=gqa.output_is_read(node, gqa.PRESENT_KEY) or gqa.output_is_read(node, gqa.PRESENT_VALUE),
@@ -350,6 +352,9 @@ def _buffer_columns(
     """
     if rows_key[0] == "past":
         buffer_rows = shared.get(("past_rows", rows_key), lambda builder: builder.dim(past_key, 2))
+        # A past of no rows (statically) has nothing to cut, and ORT cannot type the whole-buffer
+        # branch: its Reshape of 0-column scores to [0, N, -1, 0] has no -1.
+        may_cut = may_cut and not (past_key.shape is not None and past_key.shape[2] == 0)
     else:
         buffer_rows = present_length(shared, info, past_key)
     if not may_cut:
@@ -637,6 +642,8 @@ def _attend_primitives(
         dtype=lowering.compute_dtype,
         plan=plan,
         decode=decode,
+        # OpenVINO moves a scale of the scores onto the keys: a pass over every key read.
+        prescale=lowering.runtime_profile == "openvino",
     )
     if not lowering.output_qk_used:
         return attention.output_BSD, None
