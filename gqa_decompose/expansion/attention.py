@@ -39,7 +39,7 @@ import onnx_ir as ir
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.mask import RowBlockTier
 
-__all__ = ["AttentionResult", "ReadPlan", "attend"]
+__all__ = ["AttentionResult", "ReadPlan", "Scoring", "attend"]
 
 
 # Converts keys or values from the cache's type to the compute type, building with the builder given.
@@ -96,6 +96,28 @@ class ReadPlan:
     row_blocks_known: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """The node's attention arithmetic: how a query row's scores become probabilities and an output row.
+
+    ``prescale`` scales the query instead of the scores: OpenVINO moves a scale of the
+    scores onto the keys (a pass over every key read); ONNX Runtime fuses either into
+    its MatMul. ``may_mask_whole_rows``: some row may see no key (a NaN softmax row that
+    ONNX Runtime's fp32 kernel gives as 0).
+    """
+
+    num_heads: int
+    kv_num_heads: int
+    head_size: int
+    scale: float
+    softcap: float = 0.0
+    smooth_softmax: bool = False
+    head_sink_N: ir.Value | None = None
+    may_mask_whole_rows: bool = False
+    dtype: ir.DataType = ir.DataType.FLOAT
+    prescale: bool = False
+
+
 def _attend_dense(
     op: OpBuilder,
     query_BNSH: ir.Value,
@@ -103,27 +125,14 @@ def _attend_dense(
     values_BNkvKH: ir.Value,
     mask_bias_B1SK: ir.Value,
     bias_BNSK: ir.Value | None,
-    *,
-    num_heads: int,
-    kv_num_heads: int,
-    head_size: int,
-    scale: float,
-    softcap: float,
-    smooth_softmax: bool,
-    head_sink_N: ir.Value | None,
-    may_mask_whole_rows: bool,
-    dtype: ir.DataType,
-    prescale: bool = False,
+    scoring: Scoring,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """(output [B, S, N*H], scores [B, N, S, K] before the mask, probs [B, N, S, K]).
-
-    ``prescale`` scales the query instead of the scores: OpenVINO moves a scale of
-    the scores onto the keys (a pass over every key read), ONNX Runtime fuses
-    either into its MatMul.
-    """
+    """(output [B, S, N*H], scores [B, N, S, K] before the mask, probs [B, N, S, K])."""
+    num_heads, kv_num_heads, head_size = scoring.num_heads, scoring.kv_num_heads, scoring.head_size
+    scale, softcap, dtype = scoring.scale, scoring.softcap, scoring.dtype
     query_BNkvGSH = op.op("Reshape", query_BNSH, op.ints([0, kv_num_heads, -1, head_size]))
     keys_BNkvHK = op.op("Transpose", keys_BNkvKH, perm=[0, 1, 3, 2])
-    if prescale:
+    if scoring.prescale:
         query_BNkvGSH = op.op("Mul", query_BNkvGSH, op.float_scalar(scale, dtype))
         scores_BNkvGSK = op.op("MatMul", query_BNkvGSH, keys_BNkvHK)
     else:
@@ -136,11 +145,11 @@ def _attend_dense(
     if bias_BNSK is not None:
         scores_BNSK = op.op("Add", scores_BNSK, bias_BNSK)
     masked_BNSK = op.op("Add", scores_BNSK, mask_bias_B1SK)
-    if smooth_softmax:
-        probs_BNSK = _softmax_with_sink(op, masked_BNSK, head_sink_N, num_heads, dtype)
+    if scoring.smooth_softmax:
+        probs_BNSK = _softmax_with_sink(op, masked_BNSK, scoring.head_sink_N, num_heads, dtype)
     else:
         probs_BNSK = op.op("Softmax", masked_BNSK, axis=-1)
-        if may_mask_whole_rows:
+        if scoring.may_mask_whole_rows:
             # A row with no finite score gives NaN; ONNX Runtime's fp32 kernel gives 0.
             probs_BNSK = op.op("Where", op.op("IsNaN", probs_BNSK), op.float_scalar(0.0, dtype), probs_BNSK)
     probs_BNkvGSK = op.op("Reshape", probs_BNSK, op.ints([0, kv_num_heads, -1, 0]))
@@ -159,7 +168,7 @@ def _attend_row_blocks(
     mask_bias_B1SK: ir.Value,
     bias_BNSK: ir.Value | None,
     tier: RowBlockTier,
-    **options,
+    scoring: Scoring,
 ) -> ir.Value:
     """Causal row blocks: each block of query rows attends only to the key columns it can see.
 
@@ -182,7 +191,7 @@ def _attend_row_blocks(
         bias = None
         if bias_BNSK is not None:
             bias = op.op("Slice", bias_BNSK, starts, ends, op.ints([2, 3]))
-        outputs.append(_attend_dense(op, query, keys, values, mask, bias, **options)[0])
+        outputs.append(_attend_dense(op, query, keys, values, mask, bias, scoring)[0])
     return op.op("Concat", *outputs, axis=1)
 
 
@@ -193,22 +202,13 @@ def attend(
     values_BNkvKH: ir.Value,
     visible_B1SK: ir.Value,
     mask_bias_B1SK: ir.Value,
+    scoring: Scoring,
     *,
-    num_heads: int,
-    kv_num_heads: int,
-    head_size: int,
-    scale: float,
-    softcap: float,
-    bias_BNSK: ir.Value | None,
-    smooth_softmax: bool,
-    head_sink_N: ir.Value | None,
-    may_mask_whole_rows: bool,
-    want_scores: bool,
+    bias_BNSK: ir.Value | None = None,
+    want_scores: bool = False,
     want_probs: bool = False,
-    dtype: ir.DataType = ir.DataType.FLOAT,
     plan: ReadPlan | None = None,
     decode: tuple[Decode, Decode] | None = None,
-    prescale: bool = False,
 ) -> AttentionResult:
     """Attention of every query row over the key columns, chosen at run time by ``plan``.
 
@@ -221,21 +221,10 @@ def attend(
     """
     plan = plan or ReadPlan()
     decode_keys, decode_values = decode or (_unchanged, _unchanged)
-    options = dict(
-        num_heads=num_heads,
-        kv_num_heads=kv_num_heads,
-        head_size=head_size,
-        scale=scale,
-        softcap=softcap,
-        smooth_softmax=smooth_softmax,
-        head_sink_N=head_sink_N,
-        may_mask_whole_rows=may_mask_whole_rows,
-        dtype=dtype,
-        prescale=prescale,
-    )
+    dtype = scoring.dtype
 
     def dense(builder: OpBuilder, keys: ir.Value, values: ir.Value) -> list[ir.Value]:
-        output, scores, probs = _attend_dense(builder, query_BNSH, keys, values, mask_bias_B1SK, bias_BNSK, **options)
+        output, scores, probs = _attend_dense(builder, query_BNSH, keys, values, mask_bias_B1SK, bias_BNSK, scoring)
         results = [output]
         if want_scores:
             results.append(builder.op("Where", visible_B1SK, scores, builder.float_scalar(0.0, dtype)))
@@ -268,7 +257,7 @@ def attend(
                 mask_bias_B1SK,
                 bias_BNSK,
                 tier,
-                **options,
+                scoring,
             )
         ]
 

@@ -33,7 +33,7 @@ import dataclasses
 import onnx_ir as ir
 
 from gqa_decompose import spec as gqa
-from gqa_decompose.expansion.attention import ReadPlan, attend
+from gqa_decompose.expansion.attention import ReadPlan, Scoring, attend
 from gqa_decompose.expansion.attention_op import (
     QK_AFTER_MASK,
     QK_AFTER_SOFTMAX,
@@ -628,22 +628,24 @@ def _attend_primitives(
         columns.values,
         visible_B1SK,
         mask_bias(shared, visible_B1SK, lowering.compute_dtype),
-        num_heads=spec.num_heads,
-        kv_num_heads=spec.kv_num_heads,
-        head_size=spec.head_size,
-        scale=spec.scale,
-        softcap=spec.softcap,
+        Scoring(
+            num_heads=spec.num_heads,
+            kv_num_heads=spec.kv_num_heads,
+            head_size=spec.head_size,
+            scale=spec.scale,
+            softcap=spec.softcap,
+            smooth_softmax=spec.smooth_softmax,
+            head_sink_N=_input(node, gqa.HEAD_SINK),
+            may_mask_whole_rows=_input(node, gqa.ATTENTION_BIAS) is not None or spec.local_window_size == 0,
+            dtype=lowering.compute_dtype,
+            # OpenVINO moves a scale of the scores onto the keys: a pass over every key read.
+            prescale=lowering.runtime_profile == "openvino",
+        ),
         bias_BNSK=bias_BNSK,
-        smooth_softmax=spec.smooth_softmax,
-        head_sink_N=_input(node, gqa.HEAD_SINK),
-        may_mask_whole_rows=_input(node, gqa.ATTENTION_BIAS) is not None or spec.local_window_size == 0,
         want_scores=lowering.output_qk_used and spec.qk_output == 1,
         want_probs=lowering.output_qk_used and spec.qk_output == 2,
-        dtype=lowering.compute_dtype,
         plan=plan,
         decode=decode,
-        # OpenVINO moves a scale of the scores onto the keys: a pass over every key read.
-        prescale=lowering.runtime_profile == "openvino",
     )
     if not lowering.output_qk_used:
         return attention.output_BSD, None
