@@ -99,6 +99,11 @@ def _cache_dims(model: ir.Model, options: DecomposeOptions) -> dict[str, int]:
                 dim = value.shape[axis]
                 if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
                     known[dim.value] = size
+            rows = value.shape[2]
+            if spec.sliding_window_cache and isinstance(rows, ir.SymbolicDim) and rows.value is not None:
+                # A ring holds at least the window from the first prompt on (ORT: "KV cache capacity (0) must
+                # be at least local_window_size"); a full layer sharing the dim name reads it as a static buffer.
+                known[rows.value] = max(known.get(rows.value, 0), spec.local_window_size)
     return known
 
 
