@@ -171,19 +171,20 @@ def op_node_entry(entry, verification=None, status: str = "decomposed", reason: 
 
 
 def ops_left(
-    model: ir.Model, *, keep_gqa: set[str] | None = None, decomposable: set[int] | None = None
+    model: ir.Model, *, keep_gqa: set[int] | None = None, decomposable: set[int] | None = None
 ) -> dict[str, dict[str, int]]:
     """Non-standard ops by domain (``ai.onnx`` for the default one) with their counts.
 
-    GroupQueryAttention nodes are left out (they are being decomposed), except those named in ``keep_gqa``;
-    so are the companion-op nodes whose ``id()`` is in ``decomposable``.
+    GroupQueryAttention nodes are left out (they are being decomposed), except those whose ``id()`` is in
+    ``keep_gqa`` (refused; nodes, not names, since names need not be unique); so are the companion-op nodes
+    whose ``id()`` is in ``decomposable``.
     """
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for node in non_standard_nodes(model):
         if decomposable is not None and id(node) in decomposable:
             continue
         if node.domain == "com.microsoft" and node.op_type == "GroupQueryAttention":
-            if keep_gqa is None or node.name not in keep_gqa:
+            if keep_gqa is None or id(node) not in keep_gqa:
                 continue
         counts[node.domain or "ai.onnx"][node.op_type] += 1
     return {domain: dict(sorted(ops.items())) for domain, ops in sorted(counts.items())}
@@ -285,13 +286,13 @@ def _load_copy(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> tuple[i
     return model_io.load_model(path), path
 
 
-def _plan_entries(model: ir.Model, options: DecomposeOptions, result: CheckResult) -> set[str]:
+def _plan_entries(model: ir.Model, options: DecomposeOptions, result: CheckResult) -> set[int]:
     """One entry per GQA node, decomposable or refused (whatever ``options.ops`` says: a node left as it
-    is stays a GQA node, so check() judges it); returns the names of those refused."""
+    is stays a GQA node, so check() judges it); returns the ``id()`` of the nodes refused."""
     refused = set()
     for item in plan_gqa(model, options, find_gqa_nodes(model)).nodes:
         if item.refusal is not None:
-            refused.add(item.node.name)
+            refused.add(id(item.node))
             name = item.refusal.node_name or item.node.name
             result.nodes.append(NodeEntry(name, item.scope, "refused", None, item.refusal.reason))
             continue

@@ -390,3 +390,21 @@ def test_check_with_a_runtime_reports_it_in_the_schema(tiny):
     (entry,) = report["runtimes"]
     assert entry["runtime"] == "reference" and entry["passed"] is True and entry["model"]["passed"] is True
     assert report["status"] == "portable" and report["model_verification"]["status"] == "passed"
+
+
+def test_ops_left_counts_refused_nodes_not_names(tmp_path):
+    """Two GQA nodes named alike, one refused: only that one is left (names need not be unique)."""
+    refused = make_gqa_model(GqaConfig(extra_attributes=(("mystery", 1),)))
+    fine = onnx.compose.add_prefix(make_gqa_model(GqaConfig()), "b_")
+    model = onnx.compose.merge_models(refused, fine, io_map=[])
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.name = "attention"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    report_path = tmp_path / "report.json"
+    code, _, _ = run(path, "--check", "--no-verify", "--report", report_path)
+    assert code == 1
+    report = _report(report_path)
+    assert sorted(n["status"] for n in report["nodes"]) == ["decomposable", "refused"]
+    assert report["ops_left"] == {"com.microsoft": {"GroupQueryAttention": 1}}
