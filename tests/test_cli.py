@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import io
 import json
@@ -71,8 +72,9 @@ def scale_attention_by(factor: float, monkeypatch) -> None:
     """Make every expansion attend with a wrong scale (the CLI's and the verifier's alike)."""
     attend = gqa_decompose.expansion.gqa.attend
 
-    def wrong_attend(*args, scale, **kwargs):
-        return attend(*args, scale=scale * factor, **kwargs)
+    def wrong_attend(*args, **kwargs):
+        *values, scoring = args  # op, query, keys, values, visible, mask bias, then the Scoring
+        return attend(*values, dataclasses.replace(scoring, scale=scoring.scale * factor), **kwargs)
 
     monkeypatch.setattr(gqa_decompose.expansion.gqa, "attend", wrong_attend)
 

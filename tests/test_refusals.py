@@ -6,6 +6,7 @@ import onnx
 import pytest
 from gqa_models import GqaConfig, gqa_node, make_gqa_model
 from refusal_cases import CASES, ort_message
+from test_cli import scale_attention_by
 
 import gqa_decompose
 from gqa_decompose import GqaDecomposeError
@@ -96,15 +97,7 @@ def test_refusal_of_a_later_node_leaves_the_model_untouched():
 
 def test_verification_catches_a_wrong_expansion(monkeypatch):
     """The verifier is only worth something if a wrong rewrite fails it."""
-    from gqa_decompose.expansion import gqa as expansion
-
-    original_attend = expansion.attend
-
-    def attend_with_wrong_scale(*args, **kwargs):
-        kwargs["scale"] *= 1.01
-        return original_attend(*args, **kwargs)
-
-    monkeypatch.setattr(expansion, "attend", attend_with_wrong_scale)
+    scale_attention_by(1.01, monkeypatch)
     report = verify(make_gqa_model(GqaConfig()))
     assert not report.passed
 

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from gqa_models import GqaConfig, make_gqa_model
 from onnx import helper
+from test_cli import scale_attention_by
 
 import gqa_decompose
 import gqa_decompose.expansion.gqa
@@ -136,12 +137,7 @@ def test_phi3_matches_past_the_long_rope_switch_at_64_positions(static):
 
 
 def test_a_wrong_expansion_fails_model_verification_on_logits_and_presents(monkeypatch):
-    attend = gqa_decompose.expansion.gqa.attend
-
-    def wrong_attend(*args, scale, **kwargs):
-        return attend(*args, scale=scale * 1.01, **kwargs)
-
-    monkeypatch.setattr(gqa_decompose.expansion.gqa, "attend", wrong_attend)
+    scale_attention_by(1.01, monkeypatch)
     result = verify_model(TINY_LLAMA)
     assert not result.passed
     assert all(not s.passed for s in result.steps)
