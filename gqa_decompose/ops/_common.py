@@ -15,7 +15,9 @@ __all__ = [
     "FLOAT_TYPES",
     "attribute",
     "compute_type",
+    "float_attribute",
     "input_at",
+    "int_attribute",
     "is_standard",
     "outputs_read",
     "reduce_mean",
@@ -32,6 +34,18 @@ def attribute(node: ir.Node, name: str, default: Any) -> Any:
     """The attribute's Python value, or ``default`` when the node does not set it."""
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
+
+
+def int_attribute(node: ir.Node, name: str, default: int) -> int:
+    """An INT attribute's value (an attribute of another type is an error), or ``default`` when not set."""
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.as_int())
+
+
+def float_attribute(node: ir.Node, name: str, default: float) -> float:
+    """A FLOAT attribute's value (an attribute of another type is an error), or ``default`` when not set."""
+    attr = node.attributes.get(name)
+    return default if attr is None else float(attr.as_float())
 
 
 def input_at(node: ir.Node, index: int) -> ir.Value | None:

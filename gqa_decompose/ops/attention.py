@@ -23,29 +23,19 @@ start positions) and a 4-D one (Megatron masks), Q and K hidden sizes that diffe
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
 
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops import register
+from gqa_decompose.ops._common import input_at, int_attribute
 from gqa_decompose.ops.base import OpContext, Tolerance
-from gqa_decompose.ops.multi_head_attention import MultiHeadAttentionSpec, attend, needs_lengths
+from gqa_decompose.ops.multi_head_attention import MultiHeadAttentionSpec, attend, needs_lengths, score_attributes
 
 __all__ = ["Attention"]
 
 INPUT, WEIGHTS, BIAS, MASK_INDEX, PAST, ATTENTION_BIAS, PAST_SEQUENCE_LENGTH = range(7)
-
-
-def _input(node: ir.Node, index: int) -> ir.Value | None:
-    return node.inputs[index] if index < len(node.inputs) else None
-
-
-def _int(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return default if attribute is None else int(attribute.as_int())
 
 
 class Attention:
@@ -60,7 +50,7 @@ class Attention:
             raise GqaDecomposeError("Attention takes float or float16", node.name)
         if weights is None or weights.shape is None or weights.shape.rank() != 2 or not weights.shape.is_static():
             raise GqaDecomposeError("Attention needs weights [Din, D + D + Dv] with a static shape", node.name)
-        heads = _int(node, "num_heads", 0)
+        heads = int_attribute(node, "num_heads", 0)
         total = int(weights.shape[1])
         sizes_attribute = node.attributes.get("qkv_hidden_sizes")
         sizes = list(sizes_attribute.as_ints()) if sizes_attribute is not None else [total // 3] * 3
@@ -74,18 +64,18 @@ class Attention:
             raise GqaDecomposeError(
                 f"Attention qkv_hidden_sizes={sizes} with num_heads={heads} and weights [*, {total}]", node.name
             )
-        if _input(node, BIAS) is None:
+        if input_at(node, BIAS) is None:
             # Measured on ORT 1.31: the CPU kernel crashes the process (segfault) without a bias.
             raise GqaDecomposeError(
                 "Attention without bias: ORT CPU crashes on it, so it cannot be verified", node.name
             )
-        if _int(node, "do_rotary", 0):
+        if int_attribute(node, "do_rotary", 0):
             raise GqaDecomposeError("Attention do_rotary=1: not decomposed", node.name)
-        if _int(node, "past_present_share_buffer", 0) or _input(node, PAST_SEQUENCE_LENGTH) is not None:
+        if int_attribute(node, "past_present_share_buffer", 0) or input_at(node, PAST_SEQUENCE_LENGTH) is not None:
             raise GqaDecomposeError("Attention with a shared past/present buffer: not decomposed", node.name)
-        if _input(node, PAST) is not None and _input(node, ATTENTION_BIAS) is not None:
+        if input_at(node, PAST) is not None and input_at(node, ATTENTION_BIAS) is not None:
             raise GqaDecomposeError("Attention with both past and attention_bias: ORT rejects it", node.name)
-        mask = _input(node, MASK_INDEX)
+        mask = input_at(node, MASK_INDEX)
         if mask is not None and (mask.shape is None or mask.shape.rank() not in (1, 2, 3)):
             raise GqaDecomposeError(
                 "Attention mask_index: only the 1-D [B], 2-D [B, T] and 3-D [B, S, T] forms", node.name
@@ -97,21 +87,15 @@ class Attention:
                 "Attention 1-D mask_index: only the [B] form (end positions), its length the input's batch", node.name
             )
         head_size = sizes[0] // heads
-        scale = node.attributes["scale"].as_float() if "scale" in node.attributes else 0.0
-        filter_value = (
-            node.attributes["mask_filter_value"].as_float() if "mask_filter_value" in node.attributes else -10000.0
-        )
         return MultiHeadAttentionSpec(
             num_heads=heads,
             head_size=head_size,
             value_head_size=sizes[2] // heads,
-            scale=scale if scale != 0.0 else 1.0 / math.sqrt(head_size),
-            unidirectional=bool(_int(node, "unidirectional", 0)),
-            mask_filter_value=filter_value,
-            has_bias=_input(node, BIAS) is not None,
+            **score_attributes(node, head_size),
+            has_bias=input_at(node, BIAS) is not None,
             has_key_padding_mask=mask is not None,
-            has_attention_bias=_input(node, ATTENTION_BIAS) is not None,
-            has_past=_input(node, PAST) is not None,
+            has_attention_bias=input_at(node, ATTENTION_BIAS) is not None,
+            has_past=input_at(node, PAST) is not None,
             dtype=x.dtype,
             mask_is_end_positions=end_positions,
         )

@@ -35,6 +35,7 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops import register
 from gqa_decompose.ops._blockwise import add_initializer, lazy_tensor, unpack_op
+from gqa_decompose.ops._common import int_attribute
 from gqa_decompose.ops.base import OpContext, Tolerance
 
 __all__ = ["GatherBlockQuantized", "GatherBlockQuantizedSpec"]
@@ -62,11 +63,6 @@ class GatherBlockQuantizedSpec:
         return -(-self.elements // self.block_size)
 
 
-def _attribute(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return default if attribute is None else int(attribute.as_int())
-
-
 class GatherBlockQuantized:
     """The decomposer of com.microsoft.GatherBlockQuantized."""
 
@@ -79,9 +75,9 @@ class GatherBlockQuantized:
         if data is None or data.shape is None or not all(isinstance(d, int) for d in data.shape[1:]):
             raise GqaDecomposeError("GatherBlockQuantized needs data with a static shape past axis 0", node.name)
         rank = data.shape.rank()
-        bits, block_size = _attribute(node, "bits", 4), _attribute(node, "block_size", 128)
-        gather_axis = _attribute(node, "gather_axis", 0) % rank
-        quantize_axis = _attribute(node, "quantize_axis", 1) % rank
+        bits, block_size = int_attribute(node, "bits", 4), int_attribute(node, "block_size", 128)
+        gather_axis = int_attribute(node, "gather_axis", 0) % rank
+        quantize_axis = int_attribute(node, "quantize_axis", 1) % rank
         if block_size < 16 or block_size & (block_size - 1):
             raise GqaDecomposeError(
                 f"GatherBlockQuantized block_size={block_size}: ORT needs a power of 2 >= 16", node.name

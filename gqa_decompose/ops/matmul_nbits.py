@@ -54,6 +54,7 @@ from gqa_decompose.ops._blockwise import (
     unpack_np,
     unpack_op,
 )
+from gqa_decompose.ops._common import input_at
 from gqa_decompose.ops.base import OpContext, Tolerance
 
 __all__ = ["MatMulNBits", "MatMulNBitsSpec"]
@@ -86,10 +87,6 @@ class MatMulNBitsSpec:
         return self.k_blocks * self.block_size
 
 
-def _input(node: ir.Node, index: int) -> ir.Value | None:
-    return node.inputs[index] if index < len(node.inputs) else None
-
-
 def _const(value: ir.Value | None) -> ir.TensorProtocol | None:
     return None if value is None else ir.convenience.get_const_tensor(value)
 
@@ -120,7 +117,7 @@ class MatMulNBits:
         a = node.inputs[A]
         if a is None or a.dtype not in _FLOATS:
             raise GqaDecomposeError("MatMulNBits on ORT CPU takes float or float16 A", node.name)
-        zero_point = _input(node, ZERO_POINTS)
+        zero_point = input_at(node, ZERO_POINTS)
         if zero_point is None:
             zero_points = "none"
         elif zero_point.dtype == ir.DataType.UINT8:
@@ -129,7 +126,7 @@ class MatMulNBits:
             zero_points = "float"
         else:
             raise GqaDecomposeError("MatMulNBits zero_points must be uint8 or the scales' type", node.name)
-        has_g_idx = _input(node, G_IDX) is not None
+        has_g_idx = input_at(node, G_IDX) is not None
         if (has_g_idx or zero_points == "float") and bits != 4:
             raise GqaDecomposeError(
                 "MatMulNBits: ORT CPU takes g_idx and float zero points with 4 bits only", node.name
@@ -142,7 +139,7 @@ class MatMulNBits:
                 node.name,
             )
         constants = all(
-            _const(_input(node, i)) is not None for i in (B, SCALES, ZERO_POINTS) if _input(node, i) is not None
+            _const(input_at(node, i)) is not None for i in (B, SCALES, ZERO_POINTS) if input_at(node, i) is not None
         )
         dq = context.opset >= 21 and bits in (4, 8) and constants and not has_g_idx and zero_points != "float"
         return MatMulNBitsSpec(
@@ -154,7 +151,7 @@ class MatMulNBits:
             dtype=a.dtype,
             zero_points=zero_points,
             has_g_idx=has_g_idx,
-            has_bias=_input(node, BIAS) is not None,
+            has_bias=input_at(node, BIAS) is not None,
             form="dq" if dq else "unpack",
         )
 
@@ -180,7 +177,7 @@ class MatMulNBits:
         shape = [d if isinstance(d, int) else 3 for d in a.shape] if a.shape is not None else [2, 3, spec.K]
         feeds[a.name] = int8_exact(rng, shape, spec.block_size).astype(spec.dtype.numpy())
         for index, make in _RANDOM_INPUTS.items():
-            value = _input(node, index)
+            value = input_at(node, index)
             if value is not None and _const(value) is None:
                 feeds[value.name] = make(rng, spec, value)
         return feeds

@@ -38,6 +38,7 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops import register
 from gqa_decompose.ops._blockwise import add_initializer, lazy_tensor
+from gqa_decompose.ops._common import float_attribute, input_at, int_attribute
 from gqa_decompose.ops.base import OpContext, Tolerance
 
 __all__ = ["MoE", "MoESpec", "RoutingSpec", "expert_sum", "route"]
@@ -69,20 +70,6 @@ class MoESpec:
     has_fc2_bias: bool
 
 
-def _float(node: ir.Node, name: str, default: float) -> float:
-    attribute = node.attributes.get(name)
-    return default if attribute is None else float(attribute.as_float())
-
-
-def _int(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return default if attribute is None else int(attribute.as_int())
-
-
-def _input(node: ir.Node, index: int) -> ir.Value | None:
-    return node.inputs[index] if index < len(node.inputs) else None
-
-
 def parse_routing(node: ir.Node, experts: int, inter: int, fc3_indices: tuple[int, ...]) -> RoutingSpec:
     """The routing/activation contract shared by MoE and QMoE; raises where ORT CPU refuses or diverges."""
     x, router = node.inputs[INPUT], node.inputs[ROUTER]
@@ -97,13 +84,13 @@ def parse_routing(node: ir.Node, experts: int, inter: int, fc3_indices: tuple[in
         raise GqaDecomposeError(
             f"{node.op_type} activation_type={activation!r}: ORT supports {_ACTIVATIONS}", node.name
         )
-    if activation == "swiglu" and _int(node, "swiglu_fusion", 0) != 1:
+    if activation == "swiglu" and int_attribute(node, "swiglu_fusion", 0) != 1:
         raise GqaDecomposeError(f"{node.op_type}: ORT CPU runs SwiGLU only interleaved (swiglu_fusion=1)", node.name)
-    if any(_input(node, i) is not None for i in fc3_indices):
+    if any(input_at(node, i) is not None for i in fc3_indices):
         raise GqaDecomposeError(f"{node.op_type} with fc3 weights: ORT CPU does not implement them", node.name)
-    if _int(node, "use_sparse_mixer", 0):
+    if int_attribute(node, "use_sparse_mixer", 0):
         raise GqaDecomposeError(f"{node.op_type} use_sparse_mixer=1: ORT CPU ignores it (plain top-k)", node.name)
-    k = _int(node, "k", 1)
+    k = int_attribute(node, "k", 1)
     if not 1 <= k <= experts:
         raise GqaDecomposeError(f"{node.op_type} k={k} with {experts} experts", node.name)
     if router is None or router.dtype != x.dtype:
@@ -114,10 +101,10 @@ def parse_routing(node: ir.Node, experts: int, inter: int, fc3_indices: tuple[in
         hidden=hidden,
         inter=inter,
         activation=activation,
-        normalize=bool(_int(node, "normalize_routing_weights", 0)),
-        alpha=_float(node, "activation_alpha", 1.0),
-        beta=_float(node, "activation_beta", 0.0),
-        limit=_float(node, "swiglu_limit", float("inf")),
+        normalize=bool(int_attribute(node, "normalize_routing_weights", 0)),
+        alpha=float_attribute(node, "activation_alpha", 1.0),
+        beta=float_attribute(node, "activation_beta", 0.0),
+        limit=float_attribute(node, "swiglu_limit", float("inf")),
         dtype=x.dtype,
     )
 
@@ -137,7 +124,7 @@ class MoE:
         routing = parse_routing(node, experts, inter, (FC3, FC3_BIAS))
         if hidden_out != routing.hidden or tuple(fc1.shape) != (experts, _fc1_out(routing), routing.hidden):
             raise GqaDecomposeError("MoE weights must be fc1 [E, F, H] and fc2 [E, H, I]", node.name)
-        return MoESpec(routing, _input(node, FC1_BIAS) is not None, _input(node, FC2_BIAS) is not None)
+        return MoESpec(routing, input_at(node, FC1_BIAS) is not None, input_at(node, FC2_BIAS) is not None)
 
     def expand(self, op: OpBuilder, node: ir.Node, spec: MoESpec) -> list[ir.Value]:
         """Route, run every expert, sum the chosen ones weighted."""

@@ -32,9 +32,10 @@ import onnx_ir as ir
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.ops import register
+from gqa_decompose.ops._common import float_attribute, input_at, int_attribute
 from gqa_decompose.ops.base import OpContext, Tolerance
 
-__all__ = ["MultiHeadAttention", "MultiHeadAttentionSpec", "attend", "needs_lengths"]
+__all__ = ["MultiHeadAttention", "MultiHeadAttentionSpec", "attend", "needs_lengths", "score_attributes"]
 
 QUERY, KEY, VALUE, BIAS, KEY_PADDING_MASK, ATTENTION_BIAS, PAST_KEY, PAST_VALUE = range(8)
 PAST_SEQUENCE_LENGTH, CACHE_INDIRECTION = 8, 9
@@ -56,8 +57,15 @@ class MultiHeadAttentionSpec:
     mask_is_end_positions: bool = False  # contrib Attention's 1-D mask_index [B]: key columns >= it are masked
 
 
-def _input(node: ir.Node, index: int) -> ir.Value | None:
-    return node.inputs[index] if index < len(node.inputs) else None
+def score_attributes(node: ir.Node, head_size: int) -> dict:
+    """``scale``, ``unidirectional`` and ``mask_filter_value`` as ORT reads them (MultiHeadAttention and the
+    contrib Attention alike): scale 0 or unset is 1/sqrt(H), the filter value defaults to -10000."""
+    scale = float_attribute(node, "scale", 0.0)
+    return {
+        "scale": scale if scale != 0.0 else 1.0 / math.sqrt(head_size),
+        "unidirectional": bool(int_attribute(node, "unidirectional", 0)),
+        "mask_filter_value": float_attribute(node, "mask_filter_value", -10000.0),
+    }
 
 
 def _last_dim(node: ir.Node, value: ir.Value, what: str) -> int:
@@ -75,7 +83,7 @@ class MultiHeadAttention:
     op_type = "MultiHeadAttention"
 
     def parse(self, node: ir.Node, context: OpContext) -> MultiHeadAttentionSpec:
-        query, key, value = (_input(node, i) for i in (QUERY, KEY, VALUE))
+        query, key, value = (input_at(node, i) for i in (QUERY, KEY, VALUE))
         if key is None or value is None:
             raise GqaDecomposeError("MultiHeadAttention with packed QKV/KV: not decomposed", node.name)
         if query.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
@@ -86,35 +94,27 @@ class MultiHeadAttention:
         heads = node.attributes["num_heads"].as_int() if "num_heads" in node.attributes else 0
         if heads <= 0 or hidden % heads or value_hidden % heads or key_hidden != hidden:
             raise GqaDecomposeError(f"MultiHeadAttention num_heads={heads} does not divide the hidden sizes", node.name)
-        if any(_input(node, i) is not None for i in (PAST_SEQUENCE_LENGTH, CACHE_INDIRECTION)):
+        if any(input_at(node, i) is not None for i in (PAST_SEQUENCE_LENGTH, CACHE_INDIRECTION)):
             raise GqaDecomposeError(
                 "MultiHeadAttention past_sequence_length/cache_indirection: not decomposed", node.name
             )
         if len(node.outputs) > 3 and node.outputs[3] is not None and node.outputs[3].uses():
             raise GqaDecomposeError("MultiHeadAttention's qk output: not decomposed", node.name)
-        mask = _input(node, KEY_PADDING_MASK)
+        mask = input_at(node, KEY_PADDING_MASK)
         if mask is not None and (mask.shape is None or mask.shape.rank() != 2):
             raise GqaDecomposeError("MultiHeadAttention key_padding_mask: only the 2-D [B, T] form", node.name)
-        has_past = _input(node, PAST_KEY) is not None
-        if has_past != (_input(node, PAST_VALUE) is not None):
+        has_past = input_at(node, PAST_KEY) is not None
+        if has_past != (input_at(node, PAST_VALUE) is not None):
             raise GqaDecomposeError("MultiHeadAttention needs both past_key and past_value or neither", node.name)
         head_size = hidden // heads
-        scale = node.attributes["scale"].as_float() if "scale" in node.attributes else 0.0
-        filter_value = (
-            node.attributes["mask_filter_value"].as_float() if "mask_filter_value" in node.attributes else -10000.0
-        )
         return MultiHeadAttentionSpec(
             num_heads=heads,
             head_size=head_size,
             value_head_size=value_hidden // heads,
-            scale=scale if scale != 0.0 else 1.0 / math.sqrt(head_size),
-            unidirectional=bool(node.attributes["unidirectional"].as_int())
-            if "unidirectional" in node.attributes
-            else False,
-            mask_filter_value=filter_value,
-            has_bias=_input(node, BIAS) is not None,
+            **score_attributes(node, head_size),
+            has_bias=input_at(node, BIAS) is not None,
             has_key_padding_mask=mask is not None,
-            has_attention_bias=_input(node, ATTENTION_BIAS) is not None,
+            has_attention_bias=input_at(node, ATTENTION_BIAS) is not None,
             has_past=has_past,
             dtype=query.dtype,
         )
@@ -138,7 +138,7 @@ class MultiHeadAttention:
         declared shape names T by its own symbol (torch dynamo's ``past_seq + seq``); static dims are
         kept. A padding mask of small integers (0 masks); every input that is not a constant is fed."""
         query, key = node.inputs[QUERY], node.inputs[KEY]
-        past_key = _input(node, PAST_KEY)
+        past_key = input_at(node, PAST_KEY)
         B, S = _size(query, 0, SAMPLE_BATCH), _size(query, 1, SAMPLE_LENGTH)
         L = _size(key, 1, S if _same_dim(query, key, 1) else SAMPLE_LENGTH + 1)
         P = _size(past_key, 2, SAMPLE_PAST) if spec.has_past else 0
@@ -155,7 +155,7 @@ class MultiHeadAttention:
         }
         feeds = {}
         for index, wanted in shapes.items():
-            value = _input(node, index)
+            value = input_at(node, index)
             if value is None or value.const_value is not None or value.shape is None or value.dtype is None:
                 continue
             dims = [d if isinstance(d, int) else w for d, w in zip(value.shape, wanted)]

@@ -42,6 +42,7 @@ from gqa_decompose.ops._blockwise import (
     unpack_np,
     unpack_op,
 )
+from gqa_decompose.ops._common import input_at, int_attribute
 from gqa_decompose.ops.base import OpContext, Tolerance
 from gqa_decompose.ops.moe import RoutingSpec, expert_sum, parse_routing
 
@@ -80,20 +81,11 @@ class QMoESpec:
     int8_activations: bool  # ORT rounds activations to int8 for this node
 
 
-def _input(node: ir.Node, index: int) -> ir.Value | None:
-    return node.inputs[index] if index < len(node.inputs) else None
-
-
-def _int(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return default if attribute is None else int(attribute.as_int())
-
-
 def _weight(node: ir.Node, context: OpContext, positions, rows: int, cols: int, bits: int, block_size: int):
     weight, scales, zero_points = positions
     constants = all(
         ir.convenience.get_const_tensor(v) is not None
-        for v in (node.inputs[weight], node.inputs[scales], _input(node, zero_points))
+        for v in (node.inputs[weight], node.inputs[scales], input_at(node, zero_points))
         if v is not None
     )
     dq = context.opset >= 21 and bits in (4, 8) and constants
@@ -107,7 +99,7 @@ def _weight(node: ir.Node, context: OpContext, positions, rows: int, cols: int, 
         cols,
         bits,
         block_size,
-        _input(node, zero_points) is not None,
+        input_at(node, zero_points) is not None,
         "dq" if dq else "unpack",
     )
 
@@ -123,15 +115,16 @@ class QMoE:
         quant_type = node.attributes.get("quant_type")
         if quant_type is not None and quant_type.as_string() != "int":
             raise GqaDecomposeError(f"QMoE quant_type={quant_type.as_string()!r}: only 'int' is decomposed", node.name)
-        if _int(node, "weights_prepacked", -1) == 1:
+        if int_attribute(node, "weights_prepacked", -1) == 1:
             raise GqaDecomposeError("QMoE weights_prepacked=1: an execution provider's private layout", node.name)
-        if _input(node, ROUTER_WEIGHTS) is not None or any(v is not None for v in node.inputs[15:]):
+        if input_at(node, ROUTER_WEIGHTS) is not None or any(v is not None for v in node.inputs[15:]):
             raise GqaDecomposeError("QMoE router_weights and fp4/fp8 scales are not decomposed", node.name)
         fc1, fc2 = node.inputs[FC1], node.inputs[FC2]
         if fc1.shape is None or fc2.shape is None or not fc1.shape.is_static() or not fc2.shape.is_static():
             raise GqaDecomposeError("QMoE needs fc1 and fc2 weights with static shapes", node.name)
-        bits = _int(node, "expert_weight_bits", 4)
-        bits1, bits2 = _int(node, "fc1_expert_weight_bits", bits), _int(node, "fc2_expert_weight_bits", bits)
+        bits = int_attribute(node, "expert_weight_bits", 4)
+        bits1 = int_attribute(node, "fc1_expert_weight_bits", bits)
+        bits2 = int_attribute(node, "fc2_expert_weight_bits", bits)
         if bits1 not in (2, 4, 8) or bits2 not in (2, 4, 8):
             raise GqaDecomposeError(f"QMoE weight bits {bits1}/{bits2}: ORT takes 2, 4 and 8", node.name)
         experts, hidden, fc2_bytes = (int(d) for d in fc2.shape)
@@ -140,17 +133,17 @@ class QMoE:
         fc1_rows = 2 * inter if routing.activation == "swiglu" else inter
         if hidden != routing.hidden or tuple(fc1.shape) != (experts, fc1_rows, hidden * bits1 // 8):
             raise GqaDecomposeError("QMoE weights must be fc1 [E, F, H*bits/8] and fc2 [E, H, I*bits/8]", node.name)
-        block_size = _int(node, "block_size", 0)
+        block_size = int_attribute(node, "block_size", 0)
         spec1 = _weight(node, context, (FC1, FC1_SCALES, FC1_ZP), fc1_rows, hidden, bits1, block_size)
         spec2 = _weight(node, context, (FC2, FC2_SCALES, FC2_ZP), hidden, inter, bits2, block_size)
-        level4 = _int(node, "accuracy_level", 0) == 4
+        level4 = int_attribute(node, "accuracy_level", 0) == 4
         int8 = any(w.block_size and (w.bits == 8 or (w.bits == 4 and level4)) for w in (spec1, spec2))
         return QMoESpec(
             dataclasses.replace(routing, dtype=ir.DataType.FLOAT) if routing.dtype != ir.DataType.FLOAT else routing,
             spec1,
             spec2,
-            _input(node, FC1_BIAS) is not None,
-            _input(node, FC2_BIAS) is not None,
+            input_at(node, FC1_BIAS) is not None,
+            input_at(node, FC2_BIAS) is not None,
             int8,
         )
 
