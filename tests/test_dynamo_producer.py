@@ -220,7 +220,7 @@ def test_whole_model_matches_original(batch, prompt_length, chunks):
 def _reference_run(model: onnx.ModelProto, reference):
     """The reference prompt with an empty past, then its greedy next token with the presents as pasts."""
     session = _session(model)
-    heads, head_size = _cache_shape(_original())
+    heads, head_size = _cache_shape(model)  # the rewrite keeps the declared past shapes
     length = reference["input_ids"].shape[1]
     empty = np.zeros((1, heads, 0, head_size), np.float32)
     feeds = {

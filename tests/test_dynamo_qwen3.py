@@ -22,7 +22,7 @@ import pathlib
 import numpy as np
 import onnx
 import pytest
-from test_models import _run, _session
+from test_dynamo_producer import _reference_run
 from test_real_producers import _gqa_nodes, _producers
 
 import gqa_decompose
@@ -61,31 +61,6 @@ def test_fixture_has_the_untyped_qk_norm_form():
             weight = next(i for i in model.graph.initializer if i.name == norm.input[1])
             assert not np.allclose(onnx.numpy_helper.to_array(weight), 1.0)  # redrawn: a dropped weight shows
         assert node.input[2] and node.input[3].startswith("past_key_values")
-
-
-def _past_names(model: onnx.ModelProto) -> list[str]:
-    return [i.name for i in model.graph.input if i.name.startswith("past_key_values")]
-
-
-def _reference_run(model: onnx.ModelProto, reference):
-    """The reference prompt with empty pasts [1, 2, 0, 16], then its greedy next token."""
-    session = _session(model)
-    length = reference["input_ids"].shape[1]
-    empty = np.zeros((1, 2, 0, 16), np.float32)
-    feeds = {
-        "input_ids": reference["input_ids"],
-        "attention_mask": reference["attention_mask"],
-        "position_ids": reference["position_ids"],
-        **{name: empty for name in _past_names(model)},
-    }
-    prefill = _run(session, feeds)
-    decode_feeds = {
-        "input_ids": reference["next_id"],
-        "attention_mask": np.ones((1, length + 1), np.int64),
-        "position_ids": np.array([[length]], np.int64),
-        **{name: prefill[name.replace("past_key_values", "present")] for name in _past_names(model)},
-    }
-    return prefill, _run(session, decode_feeds)
 
 
 def _check_torch_logits(model: onnx.ModelProto) -> None:
