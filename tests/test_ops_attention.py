@@ -60,6 +60,9 @@ CASES = {
     "1-D mask (end positions)": {"mask": 1},
     "1-D mask with past": {"mask": 1, "P": 2},
     "1-D mask, float-min filter value": {"mask": 1, "mask_filter_value": -3.4028234663852886e38},
+    # [2B]: end positions, then start positions (columns before a row's start are masked too).
+    "1-D mask of end and start positions": {"mask": "2B"},
+    "1-D mask of end and start positions, past, causal": {"mask": "2B", "P": 2, "unidirectional": 1},
     "attention bias": {"attention_bias": True, "mask": 2},
     "scale": {"scale": 0.3},
     "value head size differs": {"Hv": 16, "present": False},
@@ -99,7 +102,11 @@ def test_attention_without_bias_is_refused():
         _parse(attention_model(bias=False))
 
 
-def test_a_1d_mask_of_end_and_start_positions_is_refused():
-    """[2B]: ORT reads end positions then start positions, told apart from [B] by the length alone."""
-    with pytest.raises(GqaDecomposeError, match=r"only the \[B\] form"):
-        _parse(attention_model(mask="2B"))
+def test_a_1d_mask_whose_length_cannot_be_told_b_or_2b_is_refused():
+    """ORT tells [B] end positions from [2B] end and start positions by the length alone: with a symbolic batch
+    and a mask length that is neither the batch nor twice a static one, the rewrite cannot."""
+    model = attention_model(mask=1)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "mask_length"
+    with pytest.raises(GqaDecomposeError, match=r"its length must be the input's batch"):
+        _parse(model)

@@ -9,7 +9,8 @@ ORT CPU's semantics (checked against ORT 1.31): ``qkv = input @ weights + bias``
 scores, masks and softmax exactly as MultiHeadAttention (:func:`multi_head_attention.attend`): scale
 default 1/sqrt(H), ``mask_filter_value`` (default -10000) where a 2-D [B, T] or 3-D [B, S, T]
 ``mask_index`` is 0, on key columns t >= mask_index[b] for a 1-D [B] one (end positions: what the
-transformers optimizer's EmbedLayerNormalization writes, the count of ones of each row's mask) and, with
+transformers optimizer's EmbedLayerNormalization writes, the count of ones of each row's mask), also on
+t < mask_index[B + b] for a 1-D [2B] one (end, then start positions), and, with
 ``unidirectional=1``, on future columns; ``attention_bias`` added::
 
     input -> MatMul(weights) + bias -> Slice Q | K | V -> attend(past = present[0], present[1]) -> output
@@ -17,8 +18,9 @@ transformers optimizer's EmbedLayerNormalization writes, the count of ones of ea
 
 Refused: no ``bias`` (ORT 1.31 CPU segfaults on it: no oracle, and verification would crash),
 ``do_rotary=1`` and ``past_present_share_buffer=1`` / ``past_sequence_length`` (the in-place
-buffer form), past together with attention_bias (ORT rejects it), a [2B] 1-D ``mask_index`` (end and
-start positions) and a 4-D one (Megatron masks), Q and K hidden sizes that differ (ORT refuses them too).
+buffer form), past together with attention_bias (ORT rejects it), a 1-D ``mask_index`` whose length cannot
+be told B or 2B at rewrite time (a symbolic batch), a 4-D one (Megatron masks), Q and K hidden sizes that
+differ (ORT refuses them too).
 """
 
 from __future__ import annotations
@@ -81,11 +83,18 @@ class Attention:
                 "Attention mask_index: only the 1-D [B], 2-D [B, T] and 3-D [B, S, T] forms", node.name
             )
         end_positions = mask is not None and mask.shape.rank() == 1
-        if end_positions and (x.shape is None or mask.shape[0] != x.shape[0]):
+        start_positions_at = 0
+        if end_positions:
             # ORT reads a [2B] mask_index as end then start positions: told apart by its length alone.
-            raise GqaDecomposeError(
-                "Attention 1-D mask_index: only the [B] form (end positions), its length the input's batch", node.name
-            )
+            batch, length = (x.shape[0] if x.shape is not None else None), mask.shape[0]
+            if isinstance(batch, int) and isinstance(length, int) and length == 2 * batch:
+                start_positions_at = batch
+            elif x.shape is None or length != batch:
+                raise GqaDecomposeError(
+                    "Attention 1-D mask_index: its length must be the input's batch B (end positions) or, with B "
+                    "static, 2B (end then start positions)",
+                    node.name,
+                )
         head_size = sizes[0] // heads
         return MultiHeadAttentionSpec(
             num_heads=heads,
@@ -98,6 +107,7 @@ class Attention:
             has_past=input_at(node, PAST) is not None,
             dtype=x.dtype,
             mask_is_end_positions=end_positions,
+            start_positions_at=start_positions_at,
         )
 
     def expand(self, op: OpBuilder, node: ir.Node, spec: MultiHeadAttentionSpec) -> list[ir.Value | None]:

@@ -55,6 +55,7 @@ class MultiHeadAttentionSpec:
     has_past: bool
     dtype: ir.DataType
     mask_is_end_positions: bool = False  # contrib Attention's 1-D mask_index [B]: key columns >= it are masked
+    start_positions_at: int = 0  # B for a [2B] mask_index: entries B.. are start positions (columns before masked)
 
 
 def score_attributes(node: ir.Node, head_size: int) -> dict:
@@ -256,8 +257,13 @@ def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, S: ir.Value | None, T: 
     zero = op.float_scalar(0.0)
     if mask_BT is not None and spec.mask_is_end_positions:
         columns_T = op.op("Range", op.int_scalar(0), T, op.int_scalar(1))
-        ends_B1 = op.unsqueeze(op.cast(mask_BT, ir.DataType.INT64), [1])
+        positions = op.cast(mask_BT, ir.DataType.INT64)
+        batch = spec.start_positions_at
+        ends_B1 = op.unsqueeze(op.slice(positions, 0, batch, axis=0) if batch else positions, [1])
         padded_BT = op.op("GreaterOrEqual", columns_T, ends_B1)
+        if batch:  # one cause, one filter value: a column both before the start and past the end is masked once
+            starts_B1 = op.unsqueeze(op.slice(positions, batch, 2 * batch, axis=0), [1])
+            padded_BT = op.op("Or", padded_BT, op.op("Less", columns_T, starts_B1))
         terms.append(op.unsqueeze(op.op("Where", padded_BT, filter_value, zero), [1, 2]))
     elif mask_BT is not None:
         padded_BT = op.op("Equal", mask_BT, op.cast(op.int_scalar(0), mask_BT.dtype))
