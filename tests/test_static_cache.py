@@ -299,33 +299,55 @@ def test_runtime_profiles_with_other_caches_and_types(config, profile):
     assert report.passed, [r.failure for r in report.nodes[0].results]
 
 
+_FIRST_PROMPT_CONFIGS = pytest.mark.parametrize(
+    "config",
+    [GqaConfig(rotary="half"), GqaConfig(packed=True, opset=24), GqaConfig(kv_quant="PER_TENSOR")],
+    ids=["rotary", "packed_opset24", "int8"],
+)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        DecomposeOptions(runtime_profile="onnxruntime"),
+        DecomposeOptions(runtime_profile="onnxruntime", static_kv_cache=True),
+    ],
+    ids=["onnxruntime", "onnxruntime_static"],
+)
+@_FIRST_PROMPT_CONFIGS
+def test_first_prompt_rows_past_the_prompt_are_zero_as_in_ort(config, options):
+    """A first prompt into a static buffer with t_b = seqlens_k[b] + 1 > S: ORT copies no past
+    rows, so present rows S .. t_b - 1 are 0 (the defined rows of present are [0, t_b)). The
+    onnxruntime profile chooses at run time (an If): zeros in a first prompt, past otherwise."""
+    _check_first_prompt_rows(config, options)
+
+
 @pytest.mark.parametrize(
     "options",
     [
         DecomposeOptions(),
         DecomposeOptions(static_kv_cache=True),
-        DecomposeOptions(fast_paths=True),
+        DecomposeOptions(runtime_profile="openvino"),
         DecomposeOptions(target="attention"),
     ],
-    ids=["default", "static", "fast_paths", "attention"],
+    ids=["default", "static", "openvino", "attention"],
 )
-@pytest.mark.parametrize(
-    "config",
-    [GqaConfig(rotary="half"), GqaConfig(packed=True, opset=24), GqaConfig(kv_quant="PER_TENSOR")],
-    ids=["rotary", "packed_opset24", "int8"],
-)
+@_FIRST_PROMPT_CONFIGS
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 13 item 7, left as a trade-off: the rewrite keeps past in present rows S .. t_b - 1 of such a "
-    "first prompt (as ORT does with a shared buffer). Tried: a Slice of past to a data-dependent row count (tract "
-    "cannot type it); negative Pad pads cropping past in the first prompt (free on ORT, but tract aborts and "
-    "onnx.reference rejects negative pads); a Where over the rows (exact and portable, but ORT's Where costs ~4.7x "
-    "a copy: +77% on a decode step into a 4096-row buffer, 10x with the in-place forms); a Mul by a row mask (not "
-    "exact for non-finite past, no int8 Mul)",
+    reason="issue 13 item 7, left as a trade-off in the straight-line profiles: the rewrite keeps past in present "
+    "rows S .. t_b - 1 of such a first prompt (as ORT does with a shared buffer). Tried: a Slice of past to a "
+    "data-dependent row count (tract cannot type it); negative Pad pads cropping past in the first prompt (free on "
+    "ORT, but tract aborts and onnx.reference rejects negative pads); a Where over the rows (exact and portable, but "
+    "ORT's Where costs ~4.7x a copy: +77% on a decode step into a 4096-row buffer); a Mul by a row mask (not exact "
+    "for non-finite past, no int8 Mul). The onnxruntime profile matches ORT (an If)",
 )
-def test_first_prompt_rows_past_the_prompt_are_zero_as_in_ort(config, options):
-    """A first prompt into a static buffer with t_b = seqlens_k[b] + 1 > S: ORT copies no past
-    rows, so present rows S .. t_b - 1 are 0 (the defined rows of present are [0, t_b))."""
+def test_first_prompt_rows_past_the_prompt_keep_past_in_straight_line_forms(config, options):
+    """The straight-line forms keep past's rows S .. t_b - 1 in such a first prompt (ORT zeroes them)."""
+    _check_first_prompt_rows(config, options)
+
+
+def _check_first_prompt_rows(config: GqaConfig, options: DecomposeOptions) -> None:
     from gqa_decompose.verify import Phase
 
     model = make_gqa_model(config)

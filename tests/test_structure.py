@@ -453,8 +453,17 @@ def test_fast_cache_update_is_one_concat_or_one_scatter_chosen_at_run_time():
     ]
     (scatter_choice,) = [n for n in update.attribute[1].g.node if n.op_type == "If"]
     straight, padded = (scatter_choice.attribute[i].g for i in (0, 1))
-    assert [n.op_type for n in straight.node] == ["ScatterND", "ScatterND"]
     assert [n.op_type for n in padded.node] == ["Pad", "ScatterND", "Pad", "ScatterND"]
+    # A buffer that fits: into past in a decode step, into zeros in a first prompt (ORT copies no past row).
+    (first_prompt_choice,) = straight.node
+    into_zeros, into_past = (first_prompt_choice.attribute[i].g for i in (0, 1))
+    assert [n.op_type for n in into_past.node] == ["ScatterND", "ScatterND"]
+    assert sorted(n.op_type for n in into_zeros.node if n.op_type != "Shape") == [
+        "ConstantOfShape",
+        "ConstantOfShape",
+        "ScatterND",
+        "ScatterND",
+    ]
 
 
 @pytest.mark.parametrize("kv_cache", ["any", "static"])

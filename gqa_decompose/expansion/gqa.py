@@ -48,6 +48,7 @@ from gqa_decompose.expansion.kv_cache import (
     present_length,
     read_length,
     update_cache,
+    write_into_buffer,
     write_new_rows,
 )
 from gqa_decompose.expansion.mask import (
@@ -275,7 +276,12 @@ def _key_columns(
     # (rows [0, t_b) attention reads, §11), with S rows the ordinary cache.
     needs_present = lowering.present_used or lowering.static_kv_cache or spec.kv_maybe_empty
     if needs_present or spec.has_attention_bias or spec.qk_output:
-        if lowering.static_kv_cache:
+        if lowering.static_kv_cache and fast_paths:
+            present_key, present_value = write_into_buffer(
+                op, shared, info, (past_key, past_value), (new_key, new_value), spec.kv_num_heads, tensor_scatter
+            )
+            rows_key = ("past", dim_key(past_key, 2))
+        elif lowering.static_kv_cache:
             present_key = write_new_rows(op, shared, info, past_key, new_key, spec.kv_num_heads, True, tensor_scatter)
             present_value = write_new_rows(
                 op, shared, info, past_value, new_value, spec.kv_num_heads, True, tensor_scatter

@@ -20,6 +20,9 @@ present and past share one buffer).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
@@ -33,6 +36,7 @@ __all__ = [
     "read_length",
     "scatter_indices",
     "update_cache",
+    "write_into_buffer",
     "write_new_rows",
 ]
 
@@ -121,6 +125,12 @@ def write_new_rows(
     return op.op("ScatterND", base_BNLH, indices, new_BNSH)
 
 
+def _zeros_like(op: OpBuilder, value: ir.Value) -> ir.Value:
+    """A tensor of ``value``'s shape and type, all zeros (zero codes for a quantized cache)."""
+    zero = ir.tensor(np.zeros((1,), dtype=value.dtype.numpy()))
+    return op.op("ConstantOfShape", op.op("Shape", value), value=zero)
+
+
 def _aligned_guard(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) -> ir.Value:
     """bool: T == P + S and every row's new rows start at P (c_b == P for all b)."""
 
@@ -160,6 +170,57 @@ def append_aligned_rows(
     return op.op("Concat", past_BNPH, guard_aligned_rows(op, shared, info, past_BNPH, new_BNSH), axis=2)
 
 
+def write_into_buffer(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info: SequenceInfo,
+    past_BNPH: tuple[ir.Value, ir.Value],
+    new_BNSH: tuple[ir.Value, ir.Value],
+    kv_num_heads: int,
+    tensor_scatter: bool = False,
+) -> tuple[ir.Value, ir.Value]:
+    """Present keys and values of a buffer holding T <= P rows, one copy chosen at run time (an If).
+
+    A decode step scatters the new rows straight into past (in place for a runtime
+    that binds present to past). A first prompt copies no past row, so ORT's present
+    rows S .. t_b - 1 are 0 there (semantics doc §4): it scatters into zeros instead.
+    """
+
+    def scatter_into(bases: Callable[[OpBuilder], tuple[ir.Value, ir.Value]], scatter_op: bool):
+        def build(builder: OpBuilder) -> list[ir.Value]:
+            return [
+                write_new_rows(builder, shared, info, base, new, kv_num_heads, True, scatter_op)
+                for base, new in zip(bases(builder), new_BNSH, strict=True)
+            ]
+
+        return build
+
+    into_zeros = scatter_into(lambda builder: tuple(_zeros_like(builder, past) for past in past_BNPH), False)
+    copies_no_past = _copies_no_past(shared, info)
+    if copies_no_past is None:
+        return tuple(into_zeros(op))
+    into_past = scatter_into(lambda builder: past_BNPH, tensor_scatter)
+    present_key, present_value = op.if_else(copies_no_past, into_zeros, into_past)
+    return present_key, present_value
+
+
+def _copies_no_past(shared: SharedSubgraphs, info: SequenceInfo) -> ir.Value | None:
+    """0-D bool: a first prompt with new rows (None when statically so).
+
+    A KV-shared layer's first prompt (no new rows, §11) reads past: present is past then.
+    """
+    if info.new_length is info.query_length:
+        return info.is_first_prompt
+
+    def build(op: OpBuilder) -> ir.Value:
+        has_new_rows = op.op("Greater", info.new_length, op.int_scalar(0))
+        if info.is_first_prompt is None:
+            return has_new_rows
+        return op.op("And", info.is_first_prompt, has_new_rows)
+
+    return shared.get(("copies_no_past", info), build)
+
+
 def update_cache(
     op: OpBuilder,
     shared: SharedSubgraphs,
@@ -177,7 +238,8 @@ def update_cache(
 
     * rows aligned at P (T = P + S, a growing cache): Concat(past, new);
     * T <= P (a max-length buffer): new rows scattered straight into past; a
-      runtime that binds present to past makes it an in-place write;
+      runtime that binds present to past makes it an in-place write. A first
+      prompt scatters into zeros instead, as ORT copies no past row then;
     * otherwise (a ragged growing batch): past padded to T rows, then scattered.
     """
     past_key, past_value = past_BNPH
@@ -199,17 +261,17 @@ def update_cache(
             builder.op("Concat", past_value, new_value, axis=2),
         ]
 
-    def scatter(static_buffer: bool):
-        def build(builder: OpBuilder) -> list[ir.Value]:
-            return [
-                write_new_rows(builder, shared, info, past, new, kv_num_heads, static_buffer)
-                for past, new in ((past_key, new_key), (past_value, new_value))
-            ]
+    def pad_and_scatter(builder: OpBuilder) -> list[ir.Value]:
+        return [
+            write_new_rows(builder, shared, info, past, new, kv_num_heads)
+            for past, new in ((past_key, new_key), (past_value, new_value))
+        ]
 
-        return build
+    def into_past(builder: OpBuilder) -> list[ir.Value]:
+        return list(write_into_buffer(builder, shared, info, past_BNPH, new_BNSH, kv_num_heads))
 
     def scatter_either(builder: OpBuilder) -> list[ir.Value]:
-        return list(builder.if_else(fits, scatter(True), scatter(False)))
+        return list(builder.if_else(fits, into_past, pad_and_scatter))
 
     present_key, present_value = op.if_else(_aligned_guard(shared, info, past_key), concat, scatter_either)
     return present_key, present_value
