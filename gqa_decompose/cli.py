@@ -264,8 +264,9 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     help="Emit If nodes choosing at run time what ONNX Runtime runs fastest: causal row blocks "
     "for long prompts, a copy of the visible rows of a long buffer, a one-copy cache update "
     "without a --kv-cache promise. Decode pays one If per layer; prompts of 512+ tokens run "
-    "1.6-2.8x faster on ORT CPU (README, Speed). For runtimes with If (ONNX Runtime, OpenVINO); "
-    "tract cannot run them. With a static prompt length the row blocks need no If. "
+    "1.6-2.8x faster on ORT CPU (README, Speed). For ONNX Runtime: OpenVINO runs these If nodes "
+    "1.6-3.3x slower than straight-line (use --runtime-profile openvino) and tract cannot run them. "
+    "With a static prompt length the row blocks need no If. "
     "The same as --runtime-profile onnxruntime.",
 )
 @click.option(
@@ -360,7 +361,8 @@ def main(
     if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
         # A suggestion only: the default keeps every cache form the original accepts.
         click.echo(
-            "note: genai_config.json sets past_present_share_buffer: --kv-cache static emits only the "
+            "note: genai_config.json sets past_present_share_buffer: on ONNX Runtime, --runtime-profile "
+            "onnxruntime writes that buffer in place and keeps every cache form; --kv-cache static emits only the "
             "static-buffer path (one cache copy less), which a growing-cache loop cannot run"
         )
     options = DecomposeOptions(
