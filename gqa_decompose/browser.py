@@ -37,7 +37,16 @@ import onnx
 
 from gqa_decompose.errors import GqaDecomposeError
 
-__all__ = ["BACKENDS", "harness_folder", "load", "read_tensors", "require_harness", "versions", "write_tensors"]
+__all__ = [
+    "BACKENDS",
+    "harness_folder",
+    "load",
+    "read_tensors",
+    "require_harness",
+    "timer",
+    "versions",
+    "write_tensors",
+]
 
 BACKENDS = ("wasm", "webnn")
 _HARNESS_ENV = "GQA_DECOMPOSE_BROWSER_HARNESS"
@@ -244,16 +253,7 @@ def load(model: onnx.ModelProto, backend: str):
         feeds = _only(feeds, inputs)
         step = pathlib.Path(folder.name) / f"run{next(runs)}"
         write_tensors(step.with_suffix(".in"), feeds)
-        job = {
-            "op": "run",
-            "model": str(path),
-            "feeds": str(step.with_suffix(".in")),
-            "out": str(step.with_suffix(".out")),
-            "backend": backend,
-            "strict": backend == "webnn",
-            "freeDims": _free_dims(model, feeds) if backend == "webnn" else {},
-        }
-        answer = harness.ask(job)
+        answer = harness.ask(_run_job(model, path, backend, feeds, step))
         if not answer["ok"]:
             raise RuntimeError(answer["error"])
         got = read_tensors(step.with_suffix(".out"))
@@ -262,6 +262,49 @@ def load(model: onnx.ModelProto, backend: str):
     session = Session(outputs, run, keep_alive=folder)
     weakref.finalize(session, _release, harness, str(path)).atexit = False  # at exit the harness stops anyway
     return session
+
+
+def _run_job(model: onnx.ModelProto, path: pathlib.Path, backend: str, feeds: dict, step: pathlib.Path) -> dict:
+    """The harness job running ``feeds`` (written at ``step``.in) on the model saved at ``path``."""
+    return {
+        "op": "run",
+        "model": str(path),
+        "feeds": str(step.with_suffix(".in")),
+        "out": str(step.with_suffix(".out")),
+        "backend": backend,
+        "strict": backend == "webnn",
+        "freeDims": _free_dims(model, feeds) if backend == "webnn" else {},
+    }
+
+
+def timer(model: onnx.ModelProto, feeds: dict[str, np.ndarray], backend: str):
+    """``run(times) -> seconds``: the mean time of ``times`` runs of ``feeds`` on ``backend`` (scripts/bench.py).
+
+    The feeds cross into the page once; only ``session.run`` is timed, in the page.
+    WebNN runs strict, as :func:`load`'s, in a session of their own without verbose logs.
+    """
+    from gqa_decompose.runtimes import _input_names, _only
+
+    if backend == "webnn":
+        model = _name_free_dims(model)
+    folder = tempfile.TemporaryDirectory(prefix="gqa-browser-")
+    path = pathlib.Path(folder.name) / "model.onnx"
+    onnx.save(model, path)
+    feeds = _only(feeds, _input_names(model))
+    step = pathlib.Path(folder.name) / "timed"
+    write_tensors(step.with_suffix(".in"), feeds)
+    harness = _shared_harness(backend)
+    job = _run_job(model, path, backend, feeds, step)
+
+    def run(times: int) -> float:
+        answer = harness.ask({**job, "repeat": times})
+        if not answer["ok"]:
+            raise RuntimeError(answer["error"])
+        return answer["ms"] / 1e3 / times
+
+    run.keep_alive = folder  # the model and feeds live as long as the timer
+    weakref.finalize(run, _release, harness, str(path)).atexit = False
+    return run
 
 
 def _release(harness: _Harness, model_path: str) -> None:

@@ -33,7 +33,11 @@ of the fused node (its ONNX frontend), and ``ov any``, ``ov any-long`` (a
 max-length buffer; OpenVINO cannot bind present to it, so present is a copy),
 ``ov ragged``, ``ov growing``, ``ov static`` (max-length buffer) the rewrites;
 they are compared to OpenVINO's own node and to ORT's fused node in the same
-cache form (``fused-shared`` for a max-length buffer).
+cache form (``fused-shared`` for a max-length buffer). ``--runtime wasm`` and
+``--runtime webnn`` do the same in headless Chromium through onnxruntime-web
+(one thread; WebNN strict, no CPU fallback): ``wasm-fused``, ``wasm-fused-long``,
+``wasm-fused-ragged`` (and ``webnn-...``) are its own GroupQueryAttention kernel,
+``wasm any`` etc. the rewrites; each run is timed in the page, feeds sent once.
 
 Phases: decode (S = 1 after T - 1 tokens, T = 256, 1024, 4096) and prefill
 (a first prompt of S = 128, 512, 2048 tokens), batch 1, packed QKV with rotary,
@@ -95,23 +99,21 @@ def _fused_runners(fused, case: tuple, runtimes: list[str], args) -> dict:
     """Each runtime's fused node in each cache form its rewrites are compared in."""
     phase, length = case
     runners = {}
-    for cache, name in _fused_variants(runtimes):
+    for runtime, cache, name in _fused_variants(runtimes):
         inputs = br.feeds(fused.config, phase, length, cache, args.max_length)
         try:
-            if name.startswith("ov-"):
-                runners[name] = br.OvRunner(fused.model, inputs, args.threads)
-            else:
-                runners[name] = br.OrtRunner(fused.model, inputs, cache == "bound", args.threads)
-        except Exception as error:  # noqa: BLE001 OpenVINO's frontend may refuse a fused node: time the rest
+            runners[name] = br.runner(runtime, fused.model, inputs, cache, args.threads)
+        except Exception as error:  # noqa: BLE001 a runtime may refuse its own fused node: time the rest
             print(f"  {name}: {str(error).splitlines()[0][:100]}", file=sys.stderr)
     return runners
 
 
-def _fused_variants(runtimes: list[str]) -> list[tuple[str, str]]:
-    """(cache form, fused variant) of the runtimes timed; ORT's always (OpenVINO is compared to it too)."""
-    variants = [(cache, name) for cache, name in br.ORT_FUSED.items() if cache != "steps"]
-    if "openvino" in runtimes:
-        variants += list(br.OV_FUSED.items())
+def _fused_variants(runtimes: list[str]) -> list[tuple[str, str, str]]:
+    """(runtime, cache form, fused variant) of the runtimes timed; ORT's always (the others are compared to it)."""
+    variants = [("onnxruntime", cache, name) for cache, name in br.ORT_FUSED.items() if cache != "steps"]
+    for runtime in runtimes:
+        if runtime != "onnxruntime":
+            variants += [(runtime, cache, name) for cache, name in br.FUSED[runtime].items()]
     return variants
 
 
@@ -120,10 +122,8 @@ def _rewrite_runners(fused, case: tuple, runtimes: list[str], args) -> tuple[dic
     phase, length = case
     runners, caches = {}, {}
     for runtime in runtimes:
-        forms = br.OV_FORMS if runtime == "openvino" else br.ORT_FORMS
-        prefix = "ov " if runtime == "openvino" else ""
         for profile in args.profile:
-            for form in forms:
+            for form in br.FORMS[runtime]:
                 if args.variant and form.name not in args.variant:
                     continue
                 model = gqa_decompose.decompose(
@@ -133,12 +133,13 @@ def _rewrite_runners(fused, case: tuple, runtimes: list[str], args) -> tuple[dic
                     native_precision=args.native_precision,
                     **form.options,
                 )
-                name = prefix + form.name + PROFILE_SUFFIX[profile]
+                name = br.PREFIX[runtime] + form.name + PROFILE_SUFFIX[profile]
                 inputs = br.feeds(fused.config, phase, length, form.cache, args.max_length)
-                if runtime == "openvino":
-                    runners[name] = br.OvRunner(model, inputs, args.threads)
-                else:
-                    runners[name] = br.OrtRunner(model, inputs, form.cache in ("bound", "steps"), args.threads)
+                try:
+                    runners[name] = br.runner(runtime, model, inputs, form.cache, args.threads)
+                except Exception as error:  # noqa: BLE001 WebNN may refuse a form (strict): time the rest
+                    print(f"  {name}: {str(error).splitlines()[0][:100]}", file=sys.stderr)
+                    continue
                 caches[name] = form.cache
     return runners, caches
 
@@ -163,8 +164,9 @@ def _baselines(name: str, cache: str | None) -> dict[str, str]:
     """(what, fused variant) a variant is compared to: its runtime's own GQA, and ORT's fused node."""
     if cache is None:
         return {}
-    if name.startswith("ov "):
-        return {"own": br.OV_FUSED.get(cache, ""), "ort": br.ORT_FOR_OV[cache]}
+    runtime = br.runtime_of(name)
+    if runtime != "onnxruntime":
+        return {"own": br.FUSED[runtime].get(cache, ""), "ort": br.ORT_FOR_OV[cache]}
     return {"own": br.ORT_FUSED[cache], "ort": br.ORT_FUSED[cache]}
 
 
@@ -216,7 +218,7 @@ def _with_bases(caches: dict) -> dict:
 
 def _fused_cache(name: str) -> str:
     """The cache form of a fused variant."""
-    for table in (br.ORT_FUSED, br.OV_FUSED):
+    for table in br.FUSED.values():
         for cache, fused in table.items():
             if fused == name:
                 return cache
@@ -239,21 +241,26 @@ def _table(cases: list[dict], key: str, title: str, names: list[str], digits: in
         print(f"{_label(case):22s}" + "".join(f"{values.get(name, float('nan')):{width}.{digits}f}" for name in names))
 
 
+_TITLES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "wasm": "onnxruntime-web wasm", "webnn": "WebNN"}
+
+
 def print_cases(cases: list[dict], bandwidth: float) -> None:
     names = list(dict.fromkeys(name for case in cases for name in case["median_ms"]))
-    ort_names = [name for name in names if not name.startswith("ov ") and not name.startswith("ov-")]
-    ov_names = [name for name in names if name.startswith("ov ") or name.startswith("ov-")]
-    _table(cases, "median_ms", "median ms, ONNX Runtime", ort_names, 3)
-    _table(cases, "median_ms", "median ms, OpenVINO", ov_names, 3)
+    by_runtime = {runtime: [name for name in names if br.runtime_of(name) == runtime] for runtime in _TITLES}
+    for runtime, title in _TITLES.items():
+        _table(cases, "median_ms", f"median ms, {title}", by_runtime[runtime], 3)
     _table(
         cases,
         "vs_own_fused",
         "ONNX Runtime: ratio to its fused node in the same cache form (separate: fused, shared/static: "
         "fused-shared, ragged: fused-ragged), median of per-round ratios",
-        ort_names,
+        by_runtime["onnxruntime"],
     )
-    _table(cases, "vs_own_fused", "OpenVINO: ratio to OpenVINO's own GroupQueryAttention, same cache form", ov_names)
-    _table(cases, "vs_ort_fused", "OpenVINO: ratio to ONNX Runtime's fused node, same cache form", ov_names)
+    for runtime, title in list(_TITLES.items())[1:]:
+        own = f"{title}: ratio to its own GroupQueryAttention, same cache form"
+        _table(cases, "vs_own_fused", own, by_runtime[runtime])
+        ort_title = f"{title}: ratio to ONNX Runtime's fused node, same cache form"
+        _table(cases, "vs_ort_fused", ort_title, by_runtime[runtime])
     decode = [case for case in cases if "limit_fraction" in case]
     _table(
         decode,
@@ -329,8 +336,9 @@ def main() -> None:
     parser.add_argument(
         "--runtime",
         action="append",
-        choices=["onnxruntime", "openvino"],
-        help="repeatable: where the rewrites run (default onnxruntime; ORT's fused node always runs)",
+        choices=list(br.FORMS),
+        help="repeatable: where the rewrites run (default onnxruntime; ORT's fused node always runs); "
+        "wasm and webnn run in headless Chromium (npm ci --prefix tests/browser), one thread",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 15, --quick 5)")
     parser.add_argument("--round-ms", type=float, help="time per variant per round (default 30, --quick 10)")

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 
 # How past is handed to a step (the cache forms of docs/cache-forms-and-speed.md):
@@ -46,12 +47,31 @@ OV_FORMS = (
     Form("growing", {"growing_kv_cache": True}, "separate"),
     Form("static", {"static_kv_cache": True}, "long"),
 )
+# onnxruntime-web (wasm, WebNN) takes no IOBinding here either: the forms OpenVINO runs.
+BROWSER_FORMS = OV_FORMS
+FORMS = {"onnxruntime": ORT_FORMS, "openvino": OV_FORMS, "wasm": BROWSER_FORMS, "webnn": BROWSER_FORMS}
+# A rewrite's name starts with its runtime's prefix ("ov any", "wasm any-long").
+PREFIX = {"onnxruntime": "", "openvino": "ov ", "wasm": "wasm ", "webnn": "webnn "}
 # Each runtime's fused node per cache form (the baseline of a rewrite in that form).
 ORT_FUSED = {"separate": "fused", "bound": "fused-shared", "steps": "fused-shared", "ragged": "fused-ragged"}
 # Not the ragged batch: OpenVINO's frontend returns from it in 0.06 ms (T = 1024), so it does not compute it.
 OV_FUSED = {"separate": "ov-fused", "long": "ov-fused-long"}
-# ORT's fused node in the cache form an OpenVINO variant stands for (OpenVINO cannot bind a buffer).
+FUSED = {
+    "onnxruntime": ORT_FUSED,
+    "openvino": OV_FUSED,
+    "wasm": {"separate": "wasm-fused", "long": "wasm-fused-long", "ragged": "wasm-fused-ragged"},
+    "webnn": {"separate": "webnn-fused", "long": "webnn-fused-long", "ragged": "webnn-fused-ragged"},
+}
+# ORT's fused node in the cache form a variant of another runtime stands for (no bound buffer there).
 ORT_FOR_OV = {"separate": "fused", "long": "fused-shared", "ragged": "fused-ragged"}
+
+
+def runtime_of(name: str) -> str:
+    """The runtime a variant (fused or rewrite) runs on, from its name."""
+    for runtime, fused in FUSED.items():
+        if name in fused.values():
+            return runtime
+    return next((runtime for runtime, prefix in PREFIX.items() if prefix and name.startswith(prefix)), "onnxruntime")
 
 
 def past_rows(cache: str, phase: str, length: int, max_length: int) -> int:
@@ -142,6 +162,47 @@ class OvRunner:
         for _ in range(times):
             self.request.infer()
         return (time.perf_counter() - start) / times
+
+
+class BrowserRunner:
+    """One variant on onnxruntime-web in headless Chromium (wasm, or WebNN strict), timed in the page."""
+
+    def __init__(self, model: onnx.ModelProto, inputs: dict[str, np.ndarray], backend: str):
+        from gqa_decompose import browser
+
+        self._timer = browser.timer(model, inputs, backend)
+        try:
+            self._timer(1)  # fails here, not in the timed rounds, if the backend cannot run it
+        except RuntimeError:
+            browser.load(model, backend).run(inputs)  # an untimed run says which nodes WebNN refused, and why
+            raise
+
+    def run(self, times: int) -> float:
+        return self._timer(times)
+
+
+def runner(runtime: str, model: onnx.ModelProto, inputs: dict[str, np.ndarray], cache: str, threads: int):
+    """The runner of one variant in one cache form on ``runtime``."""
+    if runtime == "openvino":
+        return OvRunner(model, inputs, threads)
+    if runtime == "webnn":
+        # WebNN compiles static shapes: T, a data input of these one-node models, becomes a constant,
+        # as in real models, where it comes from the attention mask's shape.
+        model, inputs = bake_inputs(model, inputs, ("total_sequence_length",))
+    if runtime in ("wasm", "webnn"):
+        return BrowserRunner(model, inputs, runtime)
+    return OrtRunner(model, inputs, cache in ("bound", "steps"), threads)
+
+
+def bake_inputs(model: onnx.ModelProto, inputs: dict[str, np.ndarray], names: tuple[str, ...]):
+    """(a copy of ``model`` whose inputs ``names`` are initializers holding their feeds, the other feeds)."""
+    baked = onnx.ModelProto()
+    baked.CopyFrom(model)
+    kept = [value for value in baked.graph.input if value.name not in names]
+    del baked.graph.input[:]
+    baked.graph.input.extend(kept)
+    baked.graph.initializer.extend(onnx.numpy_helper.from_array(inputs[name], name) for name in names)
+    return baked, {name: array for name, array in inputs.items() if name not in names}
 
 
 def read_bandwidth(megabytes: int = 256) -> float:

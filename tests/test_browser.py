@@ -202,6 +202,20 @@ def test_webnn_is_strict_and_says_which_nodes_it_left_to_the_cpu_and_why():
     assert "fallback to CPU EP has been explicitly disabled by the user" in str(failure.value)
 
 
+@needs_browser
+def test_bench_timer_runs_the_model_in_the_page_and_webnn_timing_stays_strict():
+    """scripts/bench.py's browser timings: ``timer(model, feeds, backend)(n)`` runs the feeds n times in the page
+    and returns seconds per run; a WebNN timing session is strict too, so a model it refuses cannot be timed."""
+    from gqa_decompose import browser
+
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    for backend in BACKENDS:
+        seconds = browser.timer(_add_model(), {"x": x}, backend)(3)
+        assert 0 < seconds < 10, (backend, seconds)
+    with pytest.raises(RuntimeError, match="fallback to CPU EP has been explicitly disabled"):
+        browser.timer(_add_model(), {"x": np.zeros((0, 4), np.float32)}, "webnn")(1)
+
+
 # gqa-decompose --check --runtime wasm / webnn -----------------------------------------------------------
 
 

@@ -12,6 +12,7 @@
 //       {"op": "run", "model": path, "feeds": prefix, "out": prefix, "backend": "wasm"|"webnn",
 //        "strict": bool, "freeDims": {name: size}}  -> {"ok": true} or {"ok": false, "error": "..."}
 //       {"op": "release", "model": path}             -> {"ok": true} (drops its cached sessions)
+//       a run job with "repeat": N runs the feeds N times, writes no outputs -> {"ok": true, "ms": total}
 //       {"op": "versions"}                           -> {"ok": true, "chromium": ..., "ort": ...}
 //
 // WebNN strict mode sets session.disable_cpu_ep_fallback=1: a node the WebNN execution provider
@@ -63,7 +64,7 @@ const ARRAYS = {float32: Float32Array, float64: Float64Array, int64: BigInt64Arr
   uint8: Uint8Array, bool: Uint8Array, float16: Uint16Array};
 
 async function session(job) {
-  const key = job.model + " " + job.backend + " " + job.strict + " " + JSON.stringify(job.freeDims);
+  const key = [job.model, job.backend, job.strict, job.verbose, JSON.stringify(job.freeDims)].join(" ");
   if (!sessions.has(key)) {
     const model = new Uint8Array(await (await fetch("/file?path=" + encodeURIComponent(job.model))).arrayBuffer());
     const options = {
@@ -107,9 +108,19 @@ async function writeTensors(prefix, tensors) {
               {method: "POST", body: JSON.stringify({tensors: entries})});
 }
 
+// A timing job (job.repeat runs) reads its feeds once and keeps them: only session.run is timed.
+const timedFeeds = new Map();
+
 window.runJob = async (job) => {
   try {
     const s = await session(job);
+    if (job.repeat) {
+      if (!timedFeeds.has(job.feeds)) timedFeeds.set(job.feeds, await readTensors(job.feeds));
+      const feeds = timedFeeds.get(job.feeds);
+      const start = performance.now();
+      for (let i = 0; i < job.repeat; i++) await s.run(feeds);
+      return {ok: true, ms: performance.now() - start};
+    }
     const feeds = await readTensors(job.feeds);
     const outputs = await s.run(feeds);
     await writeTensors(job.out, outputs);
@@ -220,7 +231,9 @@ class Harness {
     for (const file of [job.model, job.feeds, job.out]) allowed.add(path.dirname(path.resolve(file)));
     this.log = [];
     const page = await this.page(job.backend);
-    const answer = await page.evaluate((job) => window.runJob(job), { ...job, verbose: Boolean(job.strict) });
+    // Verbose logs name what the WebNN EP refused; timed runs go without them (a session of their own).
+    const verbose = Boolean(job.strict) && !job.repeat;
+    const answer = await page.evaluate((job) => window.runJob(job), { ...job, verbose });
     if (process.env.GQA_BROWSER_DEBUG) process.stderr.write(this.log.join("\n") + "\n");  // ORT's log
     if (!answer.ok && job.strict) {
       const reasons = refusals(this.log);
