@@ -634,8 +634,9 @@ def _echo_runtime_check(model_path: pathlib.Path, result: RuntimeCheck) -> None:
     if model_run.passed:
         click.echo(
             f"{label}: the rewritten model runs a prompt (batch 1, {PROMPT_LENGTH} tokens), "
-            f"max error {model_run.max_error or 0.0:.2g} against the original on ONNX Runtime"
+            f"max error {model_run.max_error or 0.0:.2g} against the original on {model_run.oracle}"
         )
     else:
-        click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}")
+        oracle = f" (oracle: {model_run.oracle})" if model_run.max_errors else ""
+        click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}{oracle}")
     click.echo(f"{model_path}: {'runs' if result.passed else 'does NOT run'} on {label} once decomposed")

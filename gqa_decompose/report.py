@@ -335,7 +335,7 @@ def _runtime_json(checked: RuntimeCheck) -> dict:
     nodes = checked.nodes.nodes if checked.nodes is not None else ()
     entry["nodes"] = [{"name": node.name, "verification": node_verification_json(node)} for node in nodes]
     run = checked.model
-    entry["model"] = {"passed": run.passed, "max_errors": run.max_errors, "failure": run.failure}
+    entry["model"] = {"passed": run.passed, "max_errors": run.max_errors, "failure": run.failure, "oracle": run.oracle}
     return entry
 
 

@@ -537,19 +537,13 @@ def _synthesize_other(value: ir.Value, dims: Mapping[str, int], rng: np.random.G
 def _prepare_for_ort(model: ir.Model) -> list[str]:
     """Make ORT's arithmetic deterministic between the two models; returns notes on what changed.
 
-    MatMulNBits with accuracy_level 4 quantizes activations to int8 at run time, so a 1e-7 difference
-    upstream moves logits by ~1e-2; both models are compared with accuracy_level 1 (fp32) instead.
+    MatMulNBits (and QMoE) with accuracy_level 4 quantizes activations to int8 at run time, so a 1e-7 difference
+    upstream moves logits by ~1e-2; both models are compared with accuracy_level 1 (fp32) instead
+    (:func:`verify_core.exact_accuracy_levels`; :func:`verify_core.ort_session` fuses the rewrite at level 1).
     """
-    changed = 0
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for node in graph:
-            if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-                level = node.attributes.get("accuracy_level")
-                if level is not None and level.value not in (0, 1):
-                    node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
-                    changed += 1
+    changed = core.exact_accuracy_levels(model)
     return (
-        [f"{changed} MatMulNBits nodes compared at accuracy_level 1 (int8 activations amplify rounding)"]
+        [f"{changed} MatMulNBits/QMoE nodes compared at accuracy_level 1 (int8 activations amplify rounding)"]
         if changed
         else []
     )
