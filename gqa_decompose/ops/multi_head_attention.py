@@ -261,17 +261,11 @@ def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, S: ir.Value | None, T: 
         columns_T = op.op("Range", op.int_scalar(0), T, op.int_scalar(1))
         positions = op.cast(mask_BT, ir.DataType.INT64)
         batch = spec.start_positions_at
-        halves_2B1 = op.op("Reshape", positions, op.ints([2, -1, 1])) if spec.start_positions_at_run_time else None
-        if halves_2B1 is not None:
-            ends_B1 = op.op("Gather", halves_2B1, op.int_scalar(0), axis=0)
-        else:
-            ends_B1 = op.unsqueeze(op.slice(positions, 0, batch, axis=0) if batch else positions, [1])
-        padded_BT = op.op("GreaterOrEqual", columns_T, ends_B1)
-        if batch or halves_2B1 is not None:  # one cause, one filter value: masked once if before start and past end
-            if halves_2B1 is not None:
-                starts_B1 = op.op("Gather", halves_2B1, op.int_scalar(1), axis=0)
-            else:
-                starts_B1 = op.unsqueeze(op.slice(positions, batch, 2 * batch, axis=0), [1])
+        run_time = spec.start_positions_at_run_time
+        halves_2B1 = op.op("Reshape", positions, op.ints([2, -1, 1])) if run_time else None
+        padded_BT = op.op("GreaterOrEqual", columns_T, _positions_B1(op, positions, halves_2B1, 0, batch))
+        if batch or run_time:  # one cause, one filter value: masked once if both before the start and past the end
+            starts_B1 = _positions_B1(op, positions, halves_2B1, 1, batch)
             padded_BT = op.op("Or", padded_BT, op.op("Less", columns_T, starts_B1))
         terms.append(op.unsqueeze(op.op("Where", padded_BT, filter_value, zero), [1, 2]))
     elif mask_BT is not None:
@@ -287,5 +281,15 @@ def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, S: ir.Value | None, T: 
         return None
     return terms[0] if len(terms) == 1 else op.op("Add", terms[0], terms[1])
 
+
+
+def _positions_B1(op: OpBuilder, positions: ir.Value, halves_2B1: ir.Value | None, half: int, batch: int) -> ir.Value:
+    """End (``half`` 0) or start (1) positions of a 1-D mask_index as [B, 1]: a half of the run-time [2, B, 1]
+    form, the whole mask (a static [B]), or sliced at a static B (a static [2B])."""
+    if halves_2B1 is not None:
+        return op.op("Gather", halves_2B1, op.int_scalar(half), axis=0)
+    if not batch:
+        return op.unsqueeze(positions, [1])
+    return op.unsqueeze(op.slice(positions, half * batch, (half + 1) * batch, axis=0), [1])
 
 MULTI_HEAD_ATTENTION = register(MultiHeadAttention())
