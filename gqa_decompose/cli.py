@@ -350,32 +350,21 @@ def main(
     synthesized inputs (first prompt, ragged decode, chunked prefill), and the
     model is written only if every node matches.
     """
-    from gqa_decompose import model_io
-    from gqa_decompose.report import CheckResult, report_json
-    from gqa_decompose.spec import DecomposeOptions
+    from gqa_decompose.report import CheckResult
 
     if no_verify:
         verify_mode = "none"
-    if fast_paths and runtime_profile == "openvino":
-        raise click.UsageError("--fast-paths is --runtime-profile onnxruntime, not openvino")
-    if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
-        # A suggestion only: the default keeps every cache form the original accepts.
-        click.echo(
-            "note: genai_config.json sets past_present_share_buffer: on ONNX Runtime, --runtime-profile "
-            "onnxruntime writes that buffer in place and keeps every cache form; --kv-cache static emits only the "
-            "static-buffer path (one cache copy less), which a growing-cache loop cannot run"
-        )
-    options = DecomposeOptions(
+    options = _options_from_flags(
+        model,
+        kv_cache,
+        only,
         legacy_window=legacy_window,
-        static_kv_cache=kv_cache == "static",
-        growing_kv_cache=kv_cache == "growing",
         native_precision=native_precision,
         fast_paths=fast_paths,
         runtime_profile=runtime_profile,
         target=target,
         strict_target=strict_target,
         raise_opset=raise_opset,
-        ops=only,
     )
     run = _Run(
         model_path=model,
@@ -401,6 +390,33 @@ def main(
         result.exit_code = EXIT_BAD_INPUT
         result.output = None
         click.echo(f"error: {error}", err=True)
+    _finish(result, started, verbose, report_path)
+
+
+def _options_from_flags(model: pathlib.Path, kv_cache: str, only: tuple[str, ...] | None, **flags) -> DecomposeOptions:
+    """The DecomposeOptions the flags ask for (``flags``: the options' own fields); a note when genai_config.json
+    shares the KV buffer and ``--kv-cache`` is left at auto."""
+    from gqa_decompose import model_io
+    from gqa_decompose.spec import DecomposeOptions
+
+    if flags["fast_paths"] and flags["runtime_profile"] == "openvino":
+        raise click.UsageError("--fast-paths is --runtime-profile onnxruntime, not openvino")
+    if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
+        # A suggestion only: the default keeps every cache form the original accepts.
+        click.echo(
+            "note: genai_config.json sets past_present_share_buffer: on ONNX Runtime, --runtime-profile "
+            "onnxruntime writes that buffer in place and keeps every cache form; --kv-cache static emits only the "
+            "static-buffer path (one cache copy less), which a growing-cache loop cannot run"
+        )
+    return DecomposeOptions(
+        static_kv_cache=kv_cache == "static", growing_kv_cache=kv_cache == "growing", ops=only, **flags
+    )
+
+
+def _finish(result: CheckResult, started: float, verbose: bool, report_path: pathlib.Path | None) -> None:
+    """Timings (with --verbose), the JSON report, and the exit code (2 if the report cannot be written)."""
+    from gqa_decompose.report import report_json
+
     result.timings["total"] = time.perf_counter() - started
     if verbose:
         click.echo("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
@@ -636,8 +652,9 @@ def _echo_runtime_check(model_path: pathlib.Path, result: RuntimeCheck) -> None:
     if model_run.passed:
         click.echo(
             f"{label}: the rewritten model runs a prompt (batch 1, {PROMPT_LENGTH} tokens), "
-            f"max error {model_run.max_error or 0.0:.2g} against the original on ONNX Runtime"
+            f"max error {model_run.max_error or 0.0:.2g} against the original on {model_run.oracle}"
         )
     else:
-        click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}")
+        oracle = f" (oracle: {model_run.oracle})" if model_run.max_errors else ""
+        click.echo(f"{label}: the rewritten model FAILS: {model_run.failure}{oracle}")
     click.echo(f"{model_path}: {'runs' if result.passed else 'does NOT run'} on {label} once decomposed")

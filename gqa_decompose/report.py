@@ -246,34 +246,52 @@ def check(
     decomposable = [n for n in result.nodes if n.status == "decomposable"]
     refused_ops = any(entry["status"] == "refused" for entry in result.op_nodes)
     if verify_mode in ("nodes", "all") and decomposable:
-        started = time.perf_counter()
-        report = verify(loaded, progress=_tagged(progress, "nodes"), options=decompose_options)
-        # One verification per GQA node in the same (find_gqa_nodes) order: joined by position, not by name.
-        result.nodes = [dataclasses.replace(n, verification=v) for n, v in zip(result.nodes, report.nodes, strict=True)]
-        result.timings["verify_nodes"] = time.perf_counter() - started
+        _verify_nodes(loaded, decompose_options, progress, result)
     # A model without GQA (a MultiHeadAttention export) is verified whole too: its companion ops are rewritten.
     if verify_mode in ("model", "all") and (decomposable or decomposable_ops) and not refused and not refused_ops:
-        started = time.perf_counter()
-        rewritten = loaded.clone()
-        rewrite(rewritten, decompose_options)
-        result.timings["rewrite"] = time.perf_counter() - started
-        started = time.perf_counter()
-        result.model_verification = verify_model(
-            loaded,
-            rewritten,
-            steps=steps,
-            batch=batch,
-            dims=dims,
-            feeds=feeds,
-            genai_config=read_genai_config(path),
-            progress=_tagged(progress, "model"),
-            options=decompose_options,
-        )
-        result.timings["verify_model"] = time.perf_counter() - started
+        model_settings = dict(steps=steps, batch=batch, dims=dims, feeds=feeds)
+        _verify_whole_model(loaded, path, decompose_options, model_settings, progress, result)
     if runtimes:
         _check_runtimes(loaded, decompose_options, verify_mode, runtimes, result)
     result.exit_code = EXIT_OK if result.portable else EXIT_FAILED
     return result
+
+
+def _verify_nodes(
+    loaded: ir.Model, options: DecomposeOptions, progress: Callable[[str, int, int], None] | None, result: CheckResult
+) -> None:
+    """Each GQA node against ORT CPU: ``result.nodes`` get their verifications."""
+    started = time.perf_counter()
+    report = verify(loaded, progress=_tagged(progress, "nodes"), options=options)
+    # One verification per GQA node in the same (find_gqa_nodes) order: joined by position, not by name.
+    result.nodes = [dataclasses.replace(n, verification=v) for n, v in zip(result.nodes, report.nodes, strict=True)]
+    result.timings["verify_nodes"] = time.perf_counter() - started
+
+
+def _verify_whole_model(
+    loaded: ir.Model,
+    path: pathlib.Path | None,
+    options: DecomposeOptions,
+    settings: dict,
+    progress: Callable[[str, int, int], None] | None,
+    result: CheckResult,
+) -> None:
+    """The model rewritten in memory, then driven against the original (``settings``: steps, batch, dims,
+    feeds of :func:`gqa_decompose.verify_model`): ``result.model_verification``."""
+    started = time.perf_counter()
+    rewritten = loaded.clone()
+    rewrite(rewritten, options)
+    result.timings["rewrite"] = time.perf_counter() - started
+    started = time.perf_counter()
+    result.model_verification = verify_model(
+        loaded,
+        rewritten,
+        **settings,
+        genai_config=read_genai_config(path),
+        progress=_tagged(progress, "model"),
+        options=options,
+    )
+    result.timings["verify_model"] = time.perf_counter() - started
 
 
 def _load_copy(model: str | os.PathLike | onnx.ModelProto | ir.Model) -> tuple[ir.Model, pathlib.Path | None]:
@@ -335,7 +353,7 @@ def _runtime_json(checked: RuntimeCheck) -> dict:
     nodes = checked.nodes.nodes if checked.nodes is not None else ()
     entry["nodes"] = [{"name": node.name, "verification": node_verification_json(node)} for node in nodes]
     run = checked.model
-    entry["model"] = {"passed": run.passed, "max_errors": run.max_errors, "failure": run.failure}
+    entry["model"] = {"passed": run.passed, "max_errors": run.max_errors, "failure": run.failure, "oracle": run.oracle}
     return entry
 
 

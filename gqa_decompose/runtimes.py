@@ -162,6 +162,12 @@ def _load_reference(model: onnx.ModelProto) -> Session:
 # OpenVINO -------------------------------------------------------------------------------------
 
 
+# fp32 everywhere: no bf16/fp16 inference, and no int8 rounding of the activations of a MatMul with int4/int8
+# weights (OpenVINO's CPU plugin does that by default per group of 32, as ORT's accuracy_level 4 does: 0.10 on
+# builder-llama-int4's logits).
+_OPENVINO_EXACT = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+
+
 def _load_openvino(model: onnx.ModelProto) -> Session:
     import openvino as ov
 
@@ -170,7 +176,7 @@ def _load_openvino(model: onnx.ModelProto) -> Session:
         path = pathlib.Path(folder) / "model.onnx"
         onnx.save(model, path)
         try:
-            compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            compiled = core.compile_model(core.read_model(str(path)), "CPU", _OPENVINO_EXACT)
         except RuntimeError as error:
             raise RuntimeError(_openvino_message(error)) from None
     inputs = _input_names(model)

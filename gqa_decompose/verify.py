@@ -31,7 +31,7 @@ from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.expansion.gqa import Lowering
 from gqa_decompose.expansion.mask import row_block_min_queries
 from gqa_decompose.passes import InferGqaTypesPass, find_gqa_nodes
-from gqa_decompose.plan import plan_gqa
+from gqa_decompose.plan import PlannedGqa, plan_gqa
 from gqa_decompose.spec import DecomposeOptions, GqaSpec, options_of, output_is_read, parse_gqa_node, resolve_target
 
 __all__ = [
@@ -158,13 +158,41 @@ def extract_node_model(
     """
     node_dtype = node.inputs[gqa.QUERY].dtype
     proto = ir.serde.serialize_node(node)
+    input_names, graph_inputs, initializers = _node_inputs(node, node_dtype, as_dtype)
+    output_names = _output_names(node, outputs)
+    del proto.input[:]
+    proto.input.extend(input_names)
+    del proto.output[:]
+    proto.output.extend(output_names)
+    past = node.inputs[gqa.PAST_KEY] if len(node.inputs) > gqa.PAST_KEY else None
+    cache_dtype = past.dtype if past is not None and past.dtype is not None else node_dtype
+    output_dtypes = [node_dtype, cache_dtype, cache_dtype, node_dtype]
+    graph_outputs = [
+        helper.make_tensor_value_info(name, _retyped(output_dtypes[i], node_dtype, as_dtype), None)
+        for i, name in enumerate(output_names)
+        if name
+    ]
+    graph = helper.make_graph([proto], "gqa_node", graph_inputs, graph_outputs, initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(gqa.GQA_DOMAIN, 1)],
+        ir_version=ir_version,
+    )
+    return model
+
+
+def _retyped(dtype: ir.DataType, node_dtype: ir.DataType, as_dtype: ir.DataType | None) -> ir.DataType:
+    return as_dtype if as_dtype is not None and dtype == node_dtype else dtype
+
+
+def _node_inputs(
+    node: ir.Node, node_dtype: ir.DataType, as_dtype: ir.DataType | None
+) -> tuple[list[str], list[onnx.ValueInfoProto], list[onnx.TensorProto]]:
+    """The one-node model's input names (``in<index>``, "" where absent), graph inputs and initializers (the
+    node's constant inputs, in fp32 when ``as_dtype`` retypes them)."""
     input_names: list[str] = []
     graph_inputs: dict[str, onnx.ValueInfoProto] = {}
     initializers: dict[str, onnx.TensorProto] = {}
-
-    def retype(dtype: ir.DataType) -> ir.DataType:
-        return as_dtype if as_dtype is not None and dtype == node_dtype else dtype
-
     for index, value in enumerate(node.inputs):
         if value is None:
             input_names.append("")
@@ -184,7 +212,12 @@ def extract_node_model(
         dims = _dims(value)
         if dims is None:  # a graph input needs a shape; the rank is the op's
             dims = [None] * _INPUT_RANKS.get(index, 1)
-        graph_inputs[name] = helper.make_tensor_value_info(name, retype(value.dtype), dims)
+        graph_inputs[name] = helper.make_tensor_value_info(name, _retyped(value.dtype, node_dtype, as_dtype), dims)
+    return input_names, list(graph_inputs.values()), list(initializers.values())
+
+
+def _output_names(node: ir.Node, outputs: Sequence[int] | None) -> list[str]:
+    """``out<index>`` for each exposed output position (default: those that exist), "" between them."""
     exposed = (
         outputs
         if outputs is not None
@@ -194,27 +227,7 @@ def extract_node_model(
     output_names = [f"out{i}" if i in exposed else "" for i in range(output_count)]
     while output_names and output_names[-1] == "":
         output_names.pop()
-    del proto.input[:]
-    proto.input.extend(input_names)
-    del proto.output[:]
-    proto.output.extend(output_names)
-    past = node.inputs[gqa.PAST_KEY] if len(node.inputs) > gqa.PAST_KEY else None
-    cache_dtype = past.dtype if past is not None and past.dtype is not None else node_dtype
-    output_dtypes = [node_dtype, cache_dtype, cache_dtype, node_dtype]
-    graph_outputs = [
-        helper.make_tensor_value_info(name, retype(output_dtypes[i]), None)
-        for i, name in enumerate(output_names)
-        if name
-    ]
-    graph = helper.make_graph(
-        [proto], "gqa_node", list(graph_inputs.values()), graph_outputs, list(initializers.values())
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(gqa.GQA_DOMAIN, 1)],
-        ir_version=ir_version,
-    )
-    return model
+    return output_names
 
 
 def _input_given(node: ir.Node, index: int) -> bool:
@@ -897,35 +910,12 @@ def verify(
     # Each one-node model holds only the GQA node, so it takes the opset the rewrite gives that node (its
     # container's: a function's own import, or the model's as raised).
     plan = plan_gqa(model, decompose_options, found)
+    settings = dict(seed=seed, runtime=runtime, total_length_from_shape=total_length_from_shape)
     nodes = []
     verified: dict[tuple, NodeVerification] = {}
     for index, item in enumerate(plan.nodes):
-        node, opset = item.node, item.opset
-        used = [i for i in range(len(node.outputs)) if output_is_read(node, i)]
-        if gqa.OUTPUT not in used:
-            used.insert(0, gqa.OUTPUT)
-        signature = (opset, _node_signature(node, used))
-        if item.refusal is not None:
-            nodes.append(
-                NodeVerification(node.name or "<unnamed GroupQueryAttention>", (), refused=item.refusal.reason)
-            )
-        elif signature in verified:
-            # Same opset, attributes, input types, shapes and constants: the same one-node model.
-            nodes.append(dataclasses.replace(verified[signature], name=node.name or verified[signature].name))
-        else:
-            result = verify_node_model(
-                node,
-                opset,
-                model.ir_version,
-                decompose_options,
-                used_outputs=used,
-                seed=seed,
-                runtime=runtime,
-                total_length_from_shape=total_length_from_shape,
-                raise_obstacle=plan.raise_obstacle,
-            )
-            verified[signature] = result
-            nodes.append(result)
+        verdict = _verify_planned(item, model.ir_version, decompose_options, plan.raise_obstacle, settings, verified)
+        nodes.append(verdict)
         if progress is not None:
             progress(index + 1, len(found))
     leftover: tuple[str, ...] = ()
@@ -935,3 +925,30 @@ def verify(
         )
         leftover = tuple(node.name for _, node in find_gqa_nodes(decomposed_ir))
     return VerificationReport(tuple(nodes), leftover)
+
+
+def _verify_planned(
+    item: PlannedGqa,
+    ir_version: int,
+    options: DecomposeOptions,
+    raise_obstacle: str | None,
+    settings: dict,
+    verified: dict[tuple, NodeVerification],
+) -> NodeVerification:
+    """One planned GQA node: its refusal, the verdict of an identical node verified before (``verified``, by
+    signature), or its own verification (``settings``: seed, runtime, total_length_from_shape)."""
+    node, opset = item.node, item.opset
+    used = [i for i in range(len(node.outputs)) if output_is_read(node, i)]
+    if gqa.OUTPUT not in used:
+        used.insert(0, gqa.OUTPUT)
+    signature = (opset, _node_signature(node, used))
+    if item.refusal is not None:
+        return NodeVerification(node.name or "<unnamed GroupQueryAttention>", (), refused=item.refusal.reason)
+    if signature in verified:
+        # Same opset, attributes, input types, shapes and constants: the same one-node model.
+        return dataclasses.replace(verified[signature], name=node.name or verified[signature].name)
+    result = verify_node_model(
+        node, opset, ir_version, options, used_outputs=used, raise_obstacle=raise_obstacle, **settings
+    )
+    verified[signature] = result
+    return result

@@ -33,6 +33,8 @@ import onnx_ir as ir
 from gqa_decompose.errors import GqaDecomposeError
 
 __all__ = [
+    "APPROXIMATING_OPS",
+    "EXACT_ACCURACY_LEVEL",
     "MODEL_TOLERANCES",
     "NATIVE_PRECISION_MODEL_TOLERANCES",
     "NATIVE_PRECISION_NODE_TOLERANCES",
@@ -44,6 +46,7 @@ __all__ = [
     "defined_present_rows",
     "defined_query_rows",
     "dims",
+    "exact_accuracy_levels",
     "first_line",
     "model_tolerance",
     "node_tolerance",
@@ -209,6 +212,32 @@ def ort_session(model: ir.Model | onnx.ModelProto):
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folders.pop()))
         model = ir.serde.serialize_model(model)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+# Contrib ops whose ORT CPU kernel rounds activations to int8 at accuracy_level 4 (and may use fp16/bf16 at 2/3).
+APPROXIMATING_OPS = ("MatMulNBits", "QMoE")
+EXACT_ACCURACY_LEVEL = 1  # fp32 activations; 0 ("unset") means the same on CPU (measured equal on both int4 fixtures)
+
+
+def exact_accuracy_levels(model: ir.Model) -> int:
+    """Set ``accuracy_level`` to 1 (fp32 compute) on every MatMulNBits and QMoE node of ``model`` (every graph
+    and function) that ORT would run approximately; returns how many changed.
+
+    ORT's answer for such a node is int8 rounding of its activations, not what the node means: a runtime that
+    computes the dequantized product exactly (onnx.reference, OpenVINO, ORT on the rewrite without its fusion)
+    differs by ~1e-1 on logits. Only attributes change: the weights are shared, not copied. Block-wise 8-bit
+    QMoE experts round to int8 at any level (no ORT setting avoids it)."""
+    changed = 0
+    graphs = (model.graph, *model.graph.subgraphs(), *model.functions.values())
+    for graph in graphs:
+        for node in graph:
+            if node.op_type not in APPROXIMATING_OPS or node.domain != "com.microsoft":
+                continue
+            level = node.attributes.get("accuracy_level")
+            if level is not None and level.value not in (0, EXACT_ACCURACY_LEVEL):
+                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", EXACT_ACCURACY_LEVEL)
+                changed += 1
+    return changed
 
 
 def run_session(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -537,19 +537,13 @@ def _synthesize_other(value: ir.Value, dims: Mapping[str, int], rng: np.random.G
 def _prepare_for_ort(model: ir.Model) -> list[str]:
     """Make ORT's arithmetic deterministic between the two models; returns notes on what changed.
 
-    MatMulNBits with accuracy_level 4 quantizes activations to int8 at run time, so a 1e-7 difference
-    upstream moves logits by ~1e-2; both models are compared with accuracy_level 1 (fp32) instead.
+    MatMulNBits (and QMoE) with accuracy_level 4 quantizes activations to int8 at run time, so a 1e-7 difference
+    upstream moves logits by ~1e-2; both models are compared with accuracy_level 1 (fp32) instead
+    (:func:`verify_core.exact_accuracy_levels`; :func:`verify_core.ort_session` fuses the rewrite at level 1).
     """
-    changed = 0
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for node in graph:
-            if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-                level = node.attributes.get("accuracy_level")
-                if level is not None and level.value not in (0, 1):
-                    node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
-                    changed += 1
+    changed = core.exact_accuracy_levels(model)
     return (
-        [f"{changed} MatMulNBits nodes compared at accuracy_level 1 (int8 activations amplify rounding)"]
+        [f"{changed} MatMulNBits/QMoE nodes compared at accuracy_level 1 (int8 activations amplify rounding)"]
         if changed
         else []
     )
@@ -609,10 +603,9 @@ def verify_model(
 ) -> ModelVerification:
     """Run a prompt and ``steps`` decode steps on ``original`` and ``decomposed`` (ORT CPU) and compare.
 
-    Every cache form the declared shapes and the options admit is driven: a growing cache and a static buffer
-    (the one genai_config.json's ``past_present_share_buffer`` names first; the result describes that loop,
-    and ``also`` the others). A form the shapes rule out (a bound past length, a fed past) is left out, said
-    in the notes.
+    Every cache form the declared shapes and the options admit is driven, a growing cache and a static buffer,
+    the one genai_config.json's ``past_present_share_buffer`` names first (the result; ``also``: the others).
+    A form the shapes rule out (a bound past length, a fed past) is left out, said in the notes.
 
     Args:
         original: the model with GroupQueryAttention nodes: a ModelProto, an onnx_ir.Model (not modified)
@@ -636,53 +629,89 @@ def verify_model(
     decompose_options = options_of(options, fields)
     model, path = _as_ir(original)
     config = _config(genai_config, path)
-    if isinstance(feeds, (str, os.PathLike)):
-        feeds = load_feeds(feeds)
-    feeds = dict(feeds or {})
-    InferGqaTypesPass()(model)
-    specs = {node: parse_gqa_node(node, decompose_options) for _, node in find_gqa_nodes(model)}
-    companions = [item.node for item in find_op_nodes(model, decompose_options.ops)]
+    feeds = dict((load_feeds(feeds) if isinstance(feeds, (str, os.PathLike)) else feeds) or {})
+    specs, companions = _nodes(model, decompose_options)
     skipped = _skip_reason(specs, companions)
     if skipped:
         return ModelVerification(0, 0, "none", (0.0, 0.0), (), skipped=skipped)
     dtypes = {s.dtype for s in specs.values()} or {_node_float_type(node) for node in companions}
     tolerance = core.model_tolerance(dtypes, decompose_options.native_precision)
     rewritten = _rewritten(model, decomposed, decompose_options)
+    forms = _selected_forms(config, decompose_options, bool(specs), cache_forms)
+    plans, notes = _plans(model, specs, config, decompose_options, batch, dict(dims or {}), feeds, steps, forms)
+    _reject_unknown_feeds(model, feeds)
+    notes = _prepared_notes(model, rewritten, specs, plans[0], notes)
+    try:
+        sessions = _sessions(model, rewritten)
+    except _RewrittenDoesNotLoad as error:  # a failed verification, not an error
+        step = StepResult(0, plans[0].prompt_length, (), (), None, None, str(error))
+        return _verification(plans[:1], [(step,)], tolerance, notes)
+    results = [
+        _drive(_Loop(model, plan, feeds, np.random.default_rng(seed)), *sessions, tolerance, steps, step_progress)
+        for plan, step_progress in zip(plans, _form_progress(progress, len(plans), steps))
+    ]
+    return _verification(plans, results, tolerance, notes)
+
+
+def _nodes(model: ir.Model, options: DecomposeOptions) -> tuple[dict[ir.Node, GqaSpec], list[ir.Node]]:
+    """The model's GQA nodes (typed, then parsed: a refusal raises) and its companion-op nodes."""
+    InferGqaTypesPass()(model)
+    specs = {node: parse_gqa_node(node, options) for _, node in find_gqa_nodes(model)}
+    return specs, [item.node for item in find_op_nodes(model, options.ops)]
+
+
+def _reject_unknown_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> None:
+    unknown = set(feeds) - {v.name for v in model.graph.inputs}
+    if unknown:
+        raise GqaDecomposeError(f"fed inputs the model does not have: {', '.join(sorted(unknown))}")
+
+
+def _prepared_notes(
+    model: ir.Model, rewritten: ir.Model, specs: Mapping[ir.Node, GqaSpec], first: _Plan, notes: list[str]
+) -> list[str]:
+    """Both models made deterministic on ORT (and the original's q/k norms moved out); every note, in order."""
+    if not specs and first.caches:
+        notes = notes + ["no GroupQueryAttention: the caches grow by concatenation, so only a growing cache is driven"]
+    notes = _prepare_for_ort(model) + notes + _normalize_qk_outside(model, specs) + _batch_notes(first)
+    _prepare_for_ort(rewritten)
+    return notes
+
+
+def _selected_forms(
+    config: dict, options: DecomposeOptions, has_gqa: bool, cache_forms: Sequence[str] | None
+) -> list[bool]:
+    """The cache forms to drive (``static`` flags), the deployed one first; without GQA one growing cache."""
     forms = [
         static
-        for static in (_cache_forms(config, decompose_options) if specs else [False])
+        for static in (_cache_forms(config, options) if has_gqa else [False])
         if cache_forms is None or ("static" if static else "growing") in cache_forms
     ]
     if not forms:
         raise GqaDecomposeError(f"no cache form of {list(cache_forms or [])} fits the options")
-    plans, notes = _plans(model, specs, config, decompose_options, batch, dict(dims or {}), feeds, steps, forms)
-    if not specs and plans[0].caches:
-        notes.append("no GroupQueryAttention: the caches grow by concatenation, so only a growing cache is driven")
-    unknown = set(feeds) - {v.name for v in model.graph.inputs}
-    if unknown:
-        raise GqaDecomposeError(f"fed inputs the model does not have: {', '.join(sorted(unknown))}")
-    notes = _prepare_for_ort(model) + notes + _normalize_qk_outside(model, specs) + _batch_notes(plans[0])
-    _prepare_for_ort(rewritten)
+    return forms
+
+
+def _form_progress(
+    progress: Callable[[int, int], None] | None, forms: int, steps: int
+) -> list[Callable[[int, int], None] | None]:
+    """Per cache form, a step callback reporting progress over every form's steps."""
+    if progress is None:
+        return [None] * forms
+    total = forms * (steps + 1)
+    return [lambda step, _, done=index * (steps + 1): progress(done + step, total) for index in range(forms)]
+
+
+def _verification(
+    plans: Sequence[_Plan], results: Sequence[tuple[StepResult, ...]], tolerance: tuple[float, float], notes: list[str]
+) -> ModelVerification:
+    """The first form's verification, the others in ``also``; the notes carry the other forms' verdicts."""
     first = plans[0]
-    try:
-        sessions = _sessions(model, rewritten)
-    except _RewrittenDoesNotLoad as error:  # a failed verification, not an error
-        step = StepResult(0, first.prompt_length, (), (), None, None, str(error))
-        return ModelVerification(first.batch, first.prompt_length, first.layout, tolerance, (step,), notes=tuple(notes))
-    results = []
-    for index, plan in enumerate(plans):
-        step_progress = (
-            None
-            if progress is None
-            else (lambda step, _, done=index * (steps + 1): progress(done + step, len(plans) * (steps + 1)))
-        )
-        loop = _Loop(model, plan, feeds, np.random.default_rng(seed))
-        results.append(_drive(loop, *sessions, tolerance, steps, step_progress))
     also = tuple(
         ModelVerification(p.batch, p.prompt_length, p.layout, tolerance, r) for p, r in zip(plans[1:], results[1:])
     )
-    # The report's notes carry the other forms' verdicts (its steps are the first form's).
-    notes += [f"also driven ({'passed' if other.passed else 'FAILED'}): prompt + {other._figures()}" for other in also]
+    notes = notes + [
+        f"also driven ({'passed' if other.passed else 'FAILED'}): prompt + {other._figures()}" for other in also
+    ]
     return ModelVerification(
         first.batch, first.prompt_length, first.layout, tolerance, results[0], notes=tuple(notes), also=also
     )

@@ -66,11 +66,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fixture_io import write_model  # scripts/fixture_io.py (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 
 SEED = 0
-MAX_IR_VERSION = 10  # ORT 1.31 reads newer ones too, but 10 is what the builder writes and every ORT >= 1.16 reads
 
 # A few strings to train the tiny tokenizer on. BPE over whitespace-split words keeps it tiny.
 TRAINING_TEXT = [
@@ -785,29 +786,15 @@ def _scale_json(arch: Arch) -> str:
 def copy_outputs(out_dir: Path, dest: Path) -> dict:
     import onnx
 
-    dest.mkdir(parents=True, exist_ok=True)
-    for stale in ("model.onnx", "model.onnx.data", "reference.npz"):
-        (dest / stale).unlink(missing_ok=True)
-
     # Loads model.onnx.data too (it sits beside model.onnx); saving without external data inlines every weight.
     model = onnx.load(str(out_dir / "model.onnx"), load_external_data=True)
-    notes = {"builder_ir_version": model.ir_version}
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
-        notes["ir_patched_to"] = MAX_IR_VERSION
-    onnx.save_model(model, str(dest / "model.onnx"), save_as_external_data=False)
-    # onnx.checker rejects the builder's SimplifiedLayerNormalization (an ORT-only op in the default domain), so
-    # check that ONNX Runtime loads the saved file instead.
-    import onnxruntime as ort
-
-    ort.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
-
+    stale = ("model.onnx", "model.onnx.data", "reference.npz")
+    notes = write_model(model, dest, stale=stale, ir_key="builder_ir_version")
     with open(out_dir / "genai_config.json") as f:
         genai = json.load(f)
     with open(dest / "genai_config.json", "w") as f:
         json.dump(genai, f, indent=4)
         f.write("\n")
-    notes["opsets"] = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
     return notes
 
 

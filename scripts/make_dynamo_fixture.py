@@ -47,11 +47,12 @@ import platform
 import sys
 from pathlib import Path
 
+from fixture_io import write_model  # scripts/fixture_io.py (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 DEST = REPO / "models" / "dynamo-tiny-llama"  # the chosen arch's folder (main() sets it)
 
 SEED = 0
-MAX_IR_VERSION = 10  # what ORT 1.31 (and every ORT >= 1.16) reads
 ATTN_IMPLEMENTATION = "sdpa"  # transformers' default for Llama; the fusion's SDPA pattern matches its export
 
 CONFIG = {
@@ -209,25 +210,11 @@ def fuse(exported):
 
 
 def save(fused) -> dict:
-    import onnx
     import onnx_ir as ir
-    import onnxruntime as ort
 
-    DEST.mkdir(parents=True, exist_ok=True)
-    for stale in ("model.onnx", "reference.npz"):
-        (DEST / stale).unlink(missing_ok=True)
     proto = ir.serde.serialize_model(fused)
-    notes = {"exported_ir_version": proto.ir_version}
-    if proto.ir_version > MAX_IR_VERSION:
-        proto.ir_version = MAX_IR_VERSION
-        notes["ir_patched_to"] = MAX_IR_VERSION
-    onnx.save_model(proto, str(DEST / "model.onnx"), save_as_external_data=False)
-    ort.InferenceSession(str(DEST / "model.onnx"), providers=["CPUExecutionProvider"])
-    notes["opsets"] = {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import}
-    notes["size"] = (DEST / "model.onnx").stat().st_size
-    if notes["size"] >= 1 << 20:
-        raise SystemExit(f"model.onnx is {notes['size']} bytes (>= 1 MiB)")
-    return notes
+    stale = ("model.onnx", "reference.npz")
+    return write_model(proto, DEST, stale=stale, ir_key="exported_ir_version", max_bytes=1 << 20, limit="1 MiB")
 
 
 def gqa_summary(path: Path) -> list[str]:

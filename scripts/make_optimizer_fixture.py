@@ -31,12 +31,13 @@ import json
 import platform
 from pathlib import Path
 
+from fixture_io import write_model  # scripts/fixture_io.py (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 DEST = REPO / "models" / "optimizer-tiny-bert"
 
 SEED = 0
 OPSET = 14  # below 17: the final LayerNormalization stays ORT's own (contrib) default-domain op
-MAX_IR_VERSION = 10
 TORCH_ATOL = 1e-4
 PARAMETER_STD = 0.2  # biases ~ N(0, std), LayerNorm weights ~ 1 + N(0, std)
 
@@ -142,23 +143,8 @@ def ort_only_ops(model) -> dict[str, int]:
 
 
 def save(proto) -> dict:
-    import onnx
-    import onnxruntime as ort
-
-    DEST.mkdir(parents=True, exist_ok=True)
-    for stale in ("model.onnx", "reference.npz"):
-        (DEST / stale).unlink(missing_ok=True)
-    notes = {"written_ir_version": proto.ir_version}
-    if proto.ir_version > MAX_IR_VERSION:
-        proto.ir_version = MAX_IR_VERSION
-        notes["ir_patched_to"] = MAX_IR_VERSION
-    onnx.save_model(proto, str(DEST / "model.onnx"), save_as_external_data=False)
-    ort.InferenceSession(str(DEST / "model.onnx"), providers=["CPUExecutionProvider"])
-    notes["opsets"] = {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import}
-    notes["size"] = (DEST / "model.onnx").stat().st_size
-    if notes["size"] >= 300 << 10:
-        raise SystemExit(f"model.onnx is {notes['size']} bytes (>= 300 KB)")
-    return notes
+    stale = ("model.onnx", "reference.npz")
+    return write_model(proto, DEST, stale=stale, ir_key="written_ir_version", max_bytes=300 << 10, limit="300 KB")
 
 
 def check_against_torch(model) -> float:

@@ -102,11 +102,78 @@ def test_attention_without_bias_is_refused():
         _parse(attention_model(bias=False))
 
 
-def test_a_1d_mask_whose_length_cannot_be_told_b_or_2b_is_refused():
-    """ORT tells [B] end positions from [2B] end and start positions by the length alone: with a symbolic batch
-    and a mask length that is neither the batch nor twice a static one, the rewrite cannot."""
+def _symbolic_batch_model(mask_length, P=2, **attributes) -> onnx.ModelProto:
+    """A 1-D mask_index of ``mask_length`` entries (a dim name or a size) beside a symbolic batch."""
+    model = attention_model(mask=1, P=P, **attributes)
+    graph = model.graph
+    batch_dims = [graph.input[0].type.tensor_type.shape.dim[0], graph.output[0].type.tensor_type.shape.dim[0]]
+    batch_dims += [graph.input[2].type.tensor_type.shape.dim[1], graph.output[1].type.tensor_type.shape.dim[1]]
+    for dim in batch_dims:
+        dim.dim_param = "batch"
+    mask_dim = graph.input[1].type.tensor_type.shape.dim[0]
+    if isinstance(mask_length, str):
+        mask_dim.dim_param = mask_length
+    else:
+        mask_dim.dim_value = mask_length
+    return model
+
+
+def _feeds_at(batch: int, mask_length: int, S=3, P=2, seed=0) -> dict[str, np.ndarray]:
+    """Random input and past for ``batch`` rows; end positions 1..T (then start positions 0..T-1, for 2B)."""
+    rng = np.random.default_rng(seed)
+    T = P + S
+    ends = rng.integers(1, T + 1, batch)
+    starts = rng.integers(0, T, batch)
+    mask = (ends if mask_length == batch else np.concatenate([ends, starts])).astype(np.int32)
+    return {
+        "input": rng.standard_normal((batch, S, DIN)).astype(np.float32),
+        "mask_index": mask,
+        "past": rng.standard_normal((2, batch, N, P, H)).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize(
+    "mask_length, attributes",
+    [("mask_length", {}), ("mask_length", {"unidirectional": 1}), (4, {})],
+    ids=["symbolic length", "symbolic length, causal", "static length 4"],
+)
+def test_a_1d_mask_beside_a_symbolic_batch_is_told_b_or_2b_at_run_time(mask_length, attributes):
+    """ORT tells [B] end positions from [2B] end and start positions by the length at run time: one rewritten
+    model gives ORT's answer for both (with start positions that mask columns: the [2B] reading matters)."""
+    from tests.op_harness import assert_standard, expand_model, run
+
+    model = _symbolic_batch_model(mask_length, **attributes)
+    expanded = expand_model(model, ATTENTION, np.random.default_rng(0))
+    assert expanded.spec.start_positions_at_run_time
+    assert_standard(expanded.model)
+    lengths = [(2, 2), (2, 4), (3, 3), (3, 6)] if isinstance(mask_length, str) else [(4, 4), (2, 4)]
+    for batch, length in lengths:
+        feeds = _feeds_at(batch, length)
+        want, got = run(model, feeds), run(expanded.model, feeds)
+        for index, (expected, have) in enumerate(zip(want, got, strict=True)):
+            np.testing.assert_allclose(have, expected, atol=2e-5, rtol=1e-4, err_msg=f"B={batch}, [{length}], {index}")
+    # The [2B] reading is not the [B] one on these feeds (starts mask columns), so the test can fail.
+    feeds = _feeds_at(2, 4)
+    as_ends_only = {**feeds, "mask_index": np.concatenate([feeds["mask_index"][:2], np.zeros(2, np.int32)])}
+    assert np.abs(run(model, feeds)[0] - run(model, as_ends_only)[0]).max() > 1e-3
+
+
+def test_a_1d_mask_of_the_batch_s_own_dim_is_decided_at_rewrite_time():
+    spec = _parse(_symbolic_batch_model("batch"))
+    assert spec.mask_is_end_positions and not spec.start_positions_at_run_time and spec.start_positions_at == 0
+
+
+def test_a_static_1d_mask_neither_b_nor_2b_is_refused():
     model = attention_model(mask=1)
-    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    model.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "mask_length"
-    with pytest.raises(GqaDecomposeError, match=r"its length must be the input's batch"):
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_value = 3
+    with pytest.raises(GqaDecomposeError, match=r"mask_index of 3 entries: ORT wants the batch 2 or twice it"):
         _parse(model)
+
+
+def test_per_node_verification_of_the_run_time_form_feeds_start_positions():
+    """verify_ops: sample_feeds gives the [2B] form (the batch a symbol takes there), and it verifies."""
+    from gqa_decompose.verify_ops import verify_ops
+
+    model = ir.serde.deserialize_model(_symbolic_batch_model("mask_length"))
+    (verdict,) = verify_ops(model)
+    assert verdict.ok, verdict

@@ -191,8 +191,8 @@ def test_g_idx_with_uint8_zero_points_is_refused_because_ort_ignores_them():
     np.testing.assert_allclose(run(model, {"A": a})[0], run(as_if_8, {"A": a})[0], atol=1e-5)
 
 
-# Symmetric int4 with block size 32 at accuracy_level 1, and asymmetric (packed uint4 zero points) with block size 16
-# at accuracy_level 4.
+# Symmetric int4 with block size 32, and asymmetric (packed uint4 zero points) with block size 16,
+# both at accuracy_level 4.
 @pytest.mark.parametrize("fixture", ["builder-llama-int4", "builder-llama-int4-zp"])
 def test_builder_int4_fixture_keeps_its_size_and_its_logits(tmp_path, fixture):
     source = MODELS / fixture / "model.onnx"
@@ -228,3 +228,62 @@ def test_ort_fuses_the_dq_form_back_into_its_matmul_nbits_kernel(tmp_path):
     ort.InferenceSession(expanded.SerializeToString(), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(tmp_path / "optimized.onnx")
     assert [n.op_type for n in optimized.graph.node] == ["MatMulNBits"]
+
+
+# Issue 16: both int4 fixtures hold MatMulNBits at accuracy_level 4, which ORT CPU runs on int8-rounded activations.
+# A runtime computing the rewrite's DequantizeLinear + MatMul exactly is compared with the original at level 1.
+INT4_FIXTURES = ["builder-llama-int4", "builder-llama-int4-zp"]
+
+
+@pytest.mark.parametrize("fixture", INT4_FIXTURES)
+def test_check_on_reference_passes_against_the_exact_oracle(fixture):
+    from tests.test_cli import run
+
+    code, out, err = run(MODELS / fixture / "model.onnx", "--check", "--runtime", "reference")
+    assert code == 0, out + err
+    assert "against the original on ONNX Runtime CPU with 11 MatMulNBits/QMoE node(s) at accuracy_level 1" in out
+
+
+@pytest.mark.parametrize("runtime", ["reference", "openvino"])
+@pytest.mark.parametrize("fixture", INT4_FIXTURES)
+def test_whole_model_on_an_exact_runtime_matches_the_exact_oracle(fixture, runtime):
+    from gqa_decompose import runtimes
+    from gqa_decompose.runtime_check import check_runtime
+
+    if runtime not in runtimes.available_runtimes():
+        pytest.skip(f"{runtime} is not installed")
+    checked = check_runtime(ir.load(MODELS / fixture / "model.onnx"), runtime, verify_nodes=False)
+    assert checked.model.passed, checked.model.failure
+    assert checked.model.max_error < 1e-5
+    assert "accuracy_level 1" in checked.model.oracle
+
+
+@pytest.mark.parametrize("fixture", INT4_FIXTURES)
+def test_onnxruntime_keeps_the_original_as_its_oracle(fixture):
+    """ORT fuses the rewrite back into MatMulNBits at its session's level 4: it matches the original unchanged."""
+    from gqa_decompose.runtime_check import check_runtime
+
+    checked = check_runtime(ir.load(MODELS / fixture / "model.onnx"), "onnxruntime", verify_nodes=False)
+    assert checked.model.passed and checked.model.max_error < 1e-5
+    assert checked.model.oracle == "ONNX Runtime CPU"
+
+
+@pytest.mark.parametrize("fixture", INT4_FIXTURES)
+def test_exact_accuracy_levels_changes_what_ort_computes_and_nothing_else(fixture):
+    """The oracle's premise: ORT at the fixture's level 4 is 1e-2 away from level 1, and only attributes change."""
+    from gqa_decompose import verify_core as core
+    from gqa_decompose.runtime_check import _cache_dims, synthesize_prompt_feeds
+    from gqa_decompose.spec import DecomposeOptions
+
+    model = ir.load(MODELS / fixture / "model.onnx")
+    levels = {n.attributes["accuracy_level"].value for n in model.graph if n.op_type == "MatMulNBits"}
+    assert levels == {4}
+    weights = {name: id(value.const_value) for name, value in model.graph.initializers.items()}
+    before = ir.to_proto(model)
+    feeds = synthesize_prompt_feeds(before, known_dims=_cache_dims(model, DecomposeOptions()))
+    rounded = core.run_session(core.ort_session(before), feeds)["logits"]
+    assert core.exact_accuracy_levels(model) == 11
+    assert {name: id(value.const_value) for name, value in model.graph.initializers.items()} == weights
+    exact = core.run_session(core.ort_session(model), feeds)["logits"]
+    assert np.abs(exact - rounded).max() > 1e-2
+    assert core.exact_accuracy_levels(model) == 0

@@ -175,3 +175,25 @@ def test_refusals(attributes, reason):
         node.attribute.extend([*kept, onnx.helper.make_attribute(name, value)])
     with pytest.raises(GqaDecomposeError, match=reason):
         _parse(model)
+
+
+def test_exact_accuracy_levels_makes_ort_compute_4_bit_experts_in_fp32():
+    """The exact oracle (--check --runtime X off ORT): a 4-bit QMoE at accuracy_level 4 set to 1 on ORT equals the
+    expansion to fp32 rounding, as the level-0 forms do; at level 4 it does not."""
+    from gqa_decompose import verify_core as core
+
+    qmoe, _ = qmoe_models(accuracy_level=4)
+    expanded = expand_model(qmoe, QMOE, np.random.default_rng(0)).model
+    rng = np.random.default_rng(5)
+    feeds = {
+        "x": rng.standard_normal((T, H)).astype(np.float32),
+        "router": rng.standard_normal((T, E)).astype(np.float32),
+    }
+    got = run(expanded, feeds, optimize=False)[0]
+    model = ir.serde.deserialize_model(qmoe)
+    assert core.exact_accuracy_levels(model) == 1
+    exact = run(ir.serde.serialize_model(model), feeds)[0]
+    rounded = run(qmoe, feeds)[0]
+    scale = max(1.0, float(np.abs(exact).max()))
+    assert np.abs(got - exact).max() <= 5e-6 * scale
+    assert np.abs(got - rounded).max() > 1e-4 * scale

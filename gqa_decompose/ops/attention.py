@@ -10,7 +10,9 @@ scores, masks and softmax exactly as MultiHeadAttention (:func:`multi_head_atten
 default 1/sqrt(H), ``mask_filter_value`` (default -10000) where a 2-D [B, T] or 3-D [B, S, T]
 ``mask_index`` is 0, on key columns t >= mask_index[b] for a 1-D [B] one (end positions: what the
 transformers optimizer's EmbedLayerNormalization writes, the count of ones of each row's mask), also on
-t < mask_index[B + b] for a 1-D [2B] one (end, then start positions), and, with
+t < mask_index[B + b] for a 1-D [2B] one (end, then start positions; where the shapes leave B and 2B apart
+unknown, a symbolic batch, ORT tells the two by the length at run time and so does the expansion: the mask is
+read as ``Concat(mask_index, zeros(B))[:2B]``, start positions of 0 for a [B] one), and, with
 ``unidirectional=1``, on future columns; ``attention_bias`` added::
 
     input -> MatMul(weights) + bias -> Slice Q | K | V -> attend(past = present[0], present[1]) -> output
@@ -18,9 +20,9 @@ t < mask_index[B + b] for a 1-D [2B] one (end, then start positions), and, with
 
 Refused: no ``bias`` (ORT 1.31 CPU segfaults on it: no oracle, and verification would crash),
 ``do_rotary=1`` and ``past_present_share_buffer=1`` / ``past_sequence_length`` (the in-place
-buffer form), past together with attention_bias (ORT rejects it), a 1-D ``mask_index`` whose length cannot
-be told B or 2B at rewrite time (a symbolic batch), a 4-D one (Megatron masks), Q and K hidden sizes that
-differ (ORT refuses them too).
+buffer form), past together with attention_bias (ORT rejects it), a 1-D ``mask_index`` whose static length
+is neither the static batch nor twice it (ORT rejects it), a 4-D one (Megatron masks), Q and K hidden sizes
+that differ (ORT refuses them too).
 """
 
 from __future__ import annotations
@@ -83,18 +85,7 @@ class Attention:
                 "Attention mask_index: only the 1-D [B], 2-D [B, T] and 3-D [B, S, T] forms", node.name
             )
         end_positions = mask is not None and mask.shape.rank() == 1
-        start_positions_at = 0
-        if end_positions:
-            # ORT reads a [2B] mask_index as end then start positions: told apart by its length alone.
-            batch, length = (x.shape[0] if x.shape is not None else None), mask.shape[0]
-            if isinstance(batch, int) and isinstance(length, int) and length == 2 * batch:
-                start_positions_at = batch
-            elif x.shape is None or length != batch:
-                raise GqaDecomposeError(
-                    "Attention 1-D mask_index: its length must be the input's batch B (end positions) or, with B "
-                    "static, 2B (end then start positions)",
-                    node.name,
-                )
+        start_positions_at, at_run_time = _position_layout(node, x, mask) if end_positions else (0, False)
         head_size = sizes[0] // heads
         return MultiHeadAttentionSpec(
             num_heads=heads,
@@ -108,6 +99,7 @@ class Attention:
             dtype=x.dtype,
             mask_is_end_positions=end_positions,
             start_positions_at=start_positions_at,
+            start_positions_at_run_time=at_run_time,
         )
 
     def expand(self, op: OpBuilder, node: ir.Node, spec: MultiHeadAttentionSpec) -> list[ir.Value | None]:
@@ -123,6 +115,8 @@ class Attention:
             past_2BNPH = node.inputs[PAST]
             past = tuple(op.op("Squeeze", op.slice(past_2BNPH, i, i + 1, axis=0), op.ints([0])) for i in (0, 1))
         mask = node.inputs[MASK_INDEX] if spec.has_key_padding_mask else None
+        if spec.start_positions_at_run_time:
+            mask = _as_end_and_start_positions(op, mask, node.inputs[INPUT])
         bias = node.inputs[ATTENTION_BIAS] if spec.has_attention_bias else None
         lengths = None
         if needs_lengths(spec):  # from the declared input: constants where static, as shape inference needs
@@ -139,12 +133,49 @@ class Attention:
         return outputs + [None] * (len(node.outputs) - len(outputs))
 
     def sample_feeds(self, node: ir.Node, spec: MultiHeadAttentionSpec, rng: np.random.Generator):
-        """None: random feeds by declared type and shape (a mask of small integers, 0 masking)."""
+        """Random feeds by declared type and shape (a mask of small integers, 0 masking); a 1-D mask_index told
+        B or 2B at run time gets 2B entries (start positions too), for the batch the verifier gives a symbol."""
+        if not spec.start_positions_at_run_time:
+            return None
+        from gqa_decompose.verify_ops import SYMBOLIC_DIM_SIZE
+
+        batch = node.inputs[INPUT].shape[0] if node.inputs[INPUT].shape is not None else None
+        batch = batch if isinstance(batch, int) else SYMBOLIC_DIM_SIZE
+        mask = node.inputs[MASK_INDEX]
+        return {mask.name: rng.integers(0, 4, 2 * batch).astype(mask.dtype.numpy())}
 
     def tolerance(self, spec: MultiHeadAttentionSpec, dtype: ir.DataType) -> Tolerance:
         if dtype == ir.DataType.FLOAT16:
             return Tolerance(atol=2e-3, rtol=2e-3)
         return Tolerance(atol=2e-5, rtol=1e-4)
+
+
+def _position_layout(node: ir.Node, x: ir.Value, mask: ir.Value) -> tuple[int, bool]:
+    """A 1-D mask_index: where its start positions begin (0: none), and whether that is told at run time.
+
+    ORT reads [2B] as end then start positions and [B] as end positions, by the length alone. Static B and
+    length, or the same named dim: decided here; otherwise (a symbolic batch or length) at run time."""
+    batch, length = (x.shape[0] if x.shape is not None else None), mask.shape[0]
+    if isinstance(batch, int) and isinstance(length, int):
+        if length not in (batch, 2 * batch):
+            raise GqaDecomposeError(
+                f"Attention 1-D mask_index of {length} entries: ORT wants the batch {batch} or twice it", node.name
+            )
+        return (batch if length == 2 * batch else 0), False
+    named = isinstance(batch, ir.SymbolicDim) and batch.value is not None
+    if named and isinstance(length, ir.SymbolicDim) and length.value == batch.value:
+        return 0, False
+    return 0, True
+
+
+def _as_end_and_start_positions(op: OpBuilder, mask_L: ir.Value, input_BSD: ir.Value) -> ir.Value:
+    """A 1-D mask_index of B or 2B entries as [2B]: end positions, then start positions (0 where it has none).
+    ``Concat(mask, zeros(B))[:2B]`` is the mask itself for 2B entries and the ends then B zeros for B."""
+    batch_1 = op.to_vector(op.dim(input_BSD, 0))
+    dtype = mask_L.dtype.numpy() if mask_L.dtype is not None else np.int32
+    zeros_B = op.op("ConstantOfShape", batch_1, value=ir.tensor(np.zeros(1, dtype)))
+    padded = op.op("Concat", mask_L, zeros_B, axis=0)
+    return op.slice(padded, op.ints([0]), op.op("Mul", batch_1, op.ints([2])), axis=0)
 
 
 ATTENTION = register(Attention())

@@ -31,6 +31,8 @@ Per-node verification therefore feeds an A that int8 represents exactly (integer
 each block holding a +-127), where ORT's int8 path is exact and the tolerance can stay tight.
 On ORT the dq form is fused back into MatMulNBits with the session's
 ``session.qdq_matmulnbits_accuracy_level`` (default 4, int8 activations), whatever the node's level was.
+Other runtimes compute the exact product, so ``--check --runtime`` compares them with the original at
+accuracy_level 1 (:func:`gqa_decompose.verify_core.exact_accuracy_levels`).
 
 Refused: bits other than 2/4/8 and block sizes ORT rejects; g_idx or float zero points with other than
 4 bits (ORT CPU refuses them); g_idx with uint8 zero points (ORT 1.31 CPU then ignores the zero points and

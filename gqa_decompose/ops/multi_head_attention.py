@@ -56,6 +56,8 @@ class MultiHeadAttentionSpec:
     dtype: ir.DataType
     mask_is_end_positions: bool = False  # contrib Attention's 1-D mask_index [B]: key columns >= it are masked
     start_positions_at: int = 0  # B for a [2B] mask_index: entries B.. are start positions (columns before masked)
+    # A 1-D mask_index of B or 2B entries, told apart at run time: the mask comes padded to [2B] (zero starts).
+    start_positions_at_run_time: bool = False
 
 
 def score_attributes(node: ir.Node, head_size: int) -> dict:
@@ -259,10 +261,11 @@ def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, S: ir.Value | None, T: 
         columns_T = op.op("Range", op.int_scalar(0), T, op.int_scalar(1))
         positions = op.cast(mask_BT, ir.DataType.INT64)
         batch = spec.start_positions_at
-        ends_B1 = op.unsqueeze(op.slice(positions, 0, batch, axis=0) if batch else positions, [1])
-        padded_BT = op.op("GreaterOrEqual", columns_T, ends_B1)
-        if batch:  # one cause, one filter value: a column both before the start and past the end is masked once
-            starts_B1 = op.unsqueeze(op.slice(positions, batch, 2 * batch, axis=0), [1])
+        run_time = spec.start_positions_at_run_time
+        halves_2B1 = op.op("Reshape", positions, op.ints([2, -1, 1])) if run_time else None
+        padded_BT = op.op("GreaterOrEqual", columns_T, _positions_B1(op, positions, halves_2B1, 0, batch))
+        if batch or run_time:  # one cause, one filter value: masked once if both before the start and past the end
+            starts_B1 = _positions_B1(op, positions, halves_2B1, 1, batch)
             padded_BT = op.op("Or", padded_BT, op.op("Less", columns_T, starts_B1))
         terms.append(op.unsqueeze(op.op("Where", padded_BT, filter_value, zero), [1, 2]))
     elif mask_BT is not None:
@@ -277,6 +280,16 @@ def _mask(op: OpBuilder, spec, mask_BT: ir.Value | None, S: ir.Value | None, T: 
     if not terms:
         return None
     return terms[0] if len(terms) == 1 else op.op("Add", terms[0], terms[1])
+
+
+def _positions_B1(op: OpBuilder, positions: ir.Value, halves_2B1: ir.Value | None, half: int, batch: int) -> ir.Value:
+    """End (``half`` 0) or start (1) positions of a 1-D mask_index as [B, 1]: a half of the run-time [2, B, 1]
+    form, the whole mask (a static [B]), or sliced at a static B (a static [2B])."""
+    if halves_2B1 is not None:
+        return op.op("Gather", halves_2B1, op.int_scalar(half), axis=0)
+    if not batch:
+        return op.unsqueeze(positions, [1])
+    return op.unsqueeze(op.slice(positions, half * batch, (half + 1) * batch, axis=0), [1])
 
 
 MULTI_HEAD_ATTENTION = register(MultiHeadAttention())
