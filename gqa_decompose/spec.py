@@ -454,7 +454,7 @@ def _parse_query(n: _Node) -> tuple[ir.DataType, tuple[int | str | None, ...]]:
         # ORT checks rank 3 at run time and fails on any other: (B, S, hidden) is all it runs.
         return query.dtype, (None, None, None)
     if len(query_dims) != 3:
-        raise n.refuse(f"query must have a known rank-3 shape (B, S, hidden), got {query_dims}")
+        raise n.refuse(f"query must be 3-D (B, S, hidden), got {query_dims}")
     return query.dtype, query_dims
 
 
@@ -466,7 +466,8 @@ def _query_hidden(
 
     ORT reads H from the query at run time and checks the other inputs against it. A symbolic query
     hidden size takes H from a static head dimension of key/value (Nkv*H), past_key/past_value (H, or
-    H/2 packed 4-bit) or q/k_norm_weight (H), so that the expansion keeps its static shapes. Declared
+    H/2 packed 4-bit), q/k_norm_weight (H) or a per-channel k/v_scale (Nkv*H), so that the expansion
+    keeps its static shapes. Declared
     outputs are not used: ORT runs a node whose outputs are declared against what it writes.
     """
     if isinstance(query_dims[2], int):
@@ -484,6 +485,10 @@ def _query_hidden(
         dims = _dims(n.input(index))
         if dims is not None and len(dims) == 1 and isinstance(dims[0], int):
             candidates.append((dims[0], label))
+    for index, label in ((K_SCALE, "k_scale"), (V_SCALE, "v_scale")) if quant.kv_quant == "PER_CHANNEL" else ():
+        dims = _dims(n.input(index))  # ORT checks Nkv*H elements
+        if dims and all(isinstance(d, int) for d in dims) and math.prod(dims) % heads.kv_num_heads == 0:
+            candidates.append((math.prod(dims) // heads.kv_num_heads, label))
     if not candidates:
         return None
     head_size, source = candidates[0]

@@ -176,9 +176,10 @@ def _split_heads(
     query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm), heads)
     if spec.kv_empty:
         return query_BSNH, None, None
-    key_BSNH = op.op("Reshape", node.inputs[gqa.KEY], shape_of(op, [0, 0, kv_heads, head_size]))
+    key, value = node.inputs[gqa.KEY], node.inputs[gqa.VALUE]
+    key_BSNH = op.op("Reshape", key, shape_of(op, [0, 0, kv_heads, head_size], like=key))
     key_BSNH = (rotate_key or rotate)(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm), kv_heads)
-    value_BSNH = op.op("Reshape", node.inputs[gqa.VALUE], shape_of(op, [0, 0, kv_heads, head_size]))
+    value_BSNH = op.op("Reshape", value, shape_of(op, [0, 0, kv_heads, head_size], like=value))
     return query_BSNH, key_BSNH, value_BSNH
 
 

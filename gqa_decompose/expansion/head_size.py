@@ -35,14 +35,24 @@ def runtime_head_size(shared: SharedSubgraphs, query: ir.Value, query_heads: int
     return shared.get(("head_size", query, query_heads), build)
 
 
-def shape_of(op: OpBuilder, dims: Sequence[int | ir.Value]) -> ir.Value:
+def shape_of(op: OpBuilder, dims: Sequence[int | ir.Value], like: ir.Value | None = None) -> ir.Value:
     """A 1-D int64 shape of ``dims``: one constant when every dim is an int (as ``op.ints``),
-    else a Concat of constant runs and the run-time 1-element vectors."""
+    else a Concat of constant runs and the run-time 1-element vectors.
+
+    ``like``: the tensor to be reshaped, when it may have no elements (new keys of a KV-shared
+    step). Its leading 0 ("copy") dims are then taken from its own shape: ORT's ReshapeFusion
+    turns [0, 0, <run-time value>] into [0, 0, -1], which cannot be inferred for an empty tensor.
+    """
     if all(isinstance(dim, int) for dim in dims):
         return op.ints(list(dims))
     pieces: list[ir.Value] = []
     run: list[int] = []
-    for dim in dims:
+    copied = 0
+    while like is not None and copied < len(dims) and isinstance(dims[copied], int) and dims[copied] == 0:
+        copied += 1
+    if copied:
+        pieces.append(op.slice(op.op("Shape", like), 0, copied, axis=0))
+    for dim in dims[copied:]:
         if isinstance(dim, int):
             run.append(dim)
             continue

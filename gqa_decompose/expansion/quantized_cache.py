@@ -47,11 +47,11 @@ def quantize(
     if bits == 8:
         return op.cast(clipped, ir.DataType.INT8)
     nibbles = op.op("Add", clipped, op.float_scalar(8.0))
-    pairs = op.op("Reshape", nibbles, shape_of(op, [0, 0, 0, halved(op, head_size), 2]))
+    pairs = op.op("Reshape", nibbles, shape_of(op, [0, 0, 0, halved(op, head_size), 2], like=nibbles))
     low_nibbles = op.slice(pairs, 0, 1, axis=4)
     high_nibbles = op.slice(pairs, 1, 2, axis=4)
     packed = op.op("Add", low_nibbles, op.op("Mul", high_nibbles, op.float_scalar(16.0)))
-    return op.cast(op.op("Reshape", packed, shape_of(op, [0, 0, 0, halved(op, head_size)])), ir.DataType.UINT8)
+    return op.cast(op.op("Reshape", packed, shape_of(op, [0, 0, 0, halved(op, head_size)], like=packed)), ir.DataType.UINT8)
 
 
 def dequantize(
@@ -73,6 +73,6 @@ def dequantize(
         high = op.op("Div", packed, op.op("Constant", value=ir.tensor(16, dtype=ir.DataType.INT32)))
         low = op.op("Sub", packed, op.op("Mul", high, op.op("Constant", value=ir.tensor(16, dtype=ir.DataType.INT32))))
         pairs = op.op("Concat", op.unsqueeze(low, [4]), op.unsqueeze(high, [4]), axis=4)
-        nibbles = op.op("Reshape", pairs, shape_of(op, [0, 0, 0, head_size]))
+        nibbles = op.op("Reshape", pairs, shape_of(op, [0, 0, 0, head_size], like=pairs))
         levels = op.op("Sub", op.cast(nibbles, ir.DataType.FLOAT), op.float_scalar(8.0))
     return op.op("Mul", levels, scale_1N1H)

@@ -211,13 +211,14 @@ def apply_rotary_op(
 ) -> ir.Value:
     """RotaryEmbedding-23 on a [B, S, n, H] tensor of the tables' type (3-D form, num_heads = n).
 
-    A run-time H always gets rotary_embedding_dim (R, which may equal H)."""
-    x_BSD = op.op("Reshape", x_BSnH, shape_of(op, [0, 0, times(op, heads, head_size)]))
+    A run-time H always gets rotary_embedding_dim (R, which may equal H), and reshapes that work
+    without rows (the new keys of a KV-shared step)."""
+    x_BSD = op.op("Reshape", x_BSnH, shape_of(op, [0, 0, times(op, heads, head_size)], like=x_BSnH))
     attributes = {"num_heads": heads, "interleaved": int(interleaved)}
     if not isinstance(head_size, int) or 2 * inputs.half != head_size:
         attributes["rotary_embedding_dim"] = 2 * inputs.half
     rotated_BSD = op.op("RotaryEmbedding", x_BSD, inputs.cos_cache, inputs.sin_cache, inputs.positions_BS, **attributes)
-    return op.op("Reshape", rotated_BSD, shape_of(op, [0, 0, heads, head_size]))
+    return op.op("Reshape", rotated_BSD, shape_of(op, [0, 0, heads, head_size], like=rotated_BSD))
 
 
 def new_rows_tables(
