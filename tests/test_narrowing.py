@@ -382,7 +382,7 @@ def test_one_rewrite_runs_every_head_size_over_prompt_and_decode(dtype, packed, 
     tolerance = 2e-3 if dtype == "float16" else 1e-5
     rng = np.random.default_rng(head_size)
     past = None
-    for length in (5, 1, 1, 2):  # a prompt, two decode steps, a two-token chunk
+    for length in (5, 1, 1):  # a prompt, two decode steps (ORT takes a chunk after a past only at batch 1)
         feeds = _phase_feeds(config, head_size, 2, length, past, rng)
         expected, got = _run(original, feeds), _run(decomposed, feeds)
         assert got[0].shape == expected[0].shape == (2, length, config.num_heads * head_size)
