@@ -251,6 +251,8 @@ class GqaSpec:
         """Short names of what this node does, for reports (with ``lowering``: also the cache promise and
         the compute type it is emitted with)."""
         names = ["packed QKV" if self.packed_qkv else "separate QKV"]
+        if self.head_size is None:
+            names.append("head size at run time")
         if self.kv_empty:
             names.append("shared KV (empty key/value)")
         elif self.kv_maybe_empty:

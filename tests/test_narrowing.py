@@ -391,10 +391,22 @@ def test_one_rewrite_runs_every_head_size_over_prompt_and_decode(dtype, packed, 
         past = (expected[1], expected[2])
 
 
-def test_run_time_head_size_rewrite_keeps_every_rank():
+@pytest.mark.parametrize(
+    "config,options,key_length",
+    [
+        (GqaConfig(packed=True, rotary="half"), DecomposeOptions(), None),
+        (GqaConfig(rotary="interleaved", local_window_size=3, dtype="float16"), DecomposeOptions(), None),
+        (GqaConfig(rotary="half", opset=24), DecomposeOptions(target="attention"), None),
+        (GqaConfig(rotary="half", kv_quant="PER_CHANNEL", kv_bits=4, head_size=32), DecomposeOptions(), "kv"),
+    ],
+    ids=["packed", "separate_fp16_window", "attention", "int4_key_length_at_run_time"],
+)
+def test_run_time_head_size_rewrite_keeps_every_rank(config, options, key_length):
     """Shape inference of the rewrite knows the rank of every value it emits (only sizes are symbolic)."""
-    model = _runtime_head_model(GqaConfig(packed=True, rotary="half", opset=21))
-    rewritten = onnx.shape_inference.infer_shapes(gqa_decompose.decompose(model), data_prop=True)
+    model = _runtime_head_model(config)
+    if key_length:
+        model = _set_dim(model, ("key", "value"), 1, key_length)
+    rewritten = onnx.shape_inference.infer_shapes(gqa_decompose.decompose(model, options=options), data_prop=True)
     typed = {v.name: v.type.tensor_type for v in [*rewritten.graph.value_info, *rewritten.graph.output]}
     unranked = [
         output
