@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from gqa_models import GqaConfig, gqa_node, make_gqa_model
@@ -425,3 +426,19 @@ def test_contradictory_static_head_dims_are_refused():
             value.type.tensor_type.shape.dim[3].dim_value = 24
     with pytest.raises(gqa_decompose.GqaDecomposeError, match="head size 16 from key != head size 24 from past_key"):
         gqa_decompose.decompose(model)
+
+
+@pytest.mark.parametrize("shapeless_query", [False, True])
+def test_run_time_head_size_outputs_are_typed_with_their_ranks(shapeless_query):
+    """Typing a GQA node (for what reads its outputs) knows the outputs' ranks though not their head dims."""
+    from gqa_decompose.passes import InferGqaTypesPass
+
+    model = _runtime_head_model(GqaConfig(packed=True), shapeless_query=shapeless_query)
+    del model.graph.output[:]
+    model.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in model.graph.node[0].output)
+    typed = ir.serde.deserialize_model(model)
+    InferGqaTypesPass()(typed)
+    outputs = typed.graph.node(0).outputs
+    assert [None if v.shape is None else len(v.shape) for v in outputs] == [3, 4, 4]
+    assert [v.dtype for v in outputs] == [ir.DataType.FLOAT] * 3
+    assert not isinstance(outputs[0].shape[2], int)
