@@ -249,6 +249,8 @@ def _runtime_head_model(config: GqaConfig, shapeless_query: bool = False) -> onn
         model = _set_dim(model, ("past_key", "past_value"), 3, "head")
     if config.kv_quant == "PER_CHANNEL":
         model = _set_dim(model, ("k_scale", "v_scale"), 0, "scales")
+    if config.qk_norm and not config.qk_norm_constant:
+        model = _set_dim(model, ("q_norm_weight", "k_norm_weight"), 0, "head")
     if shapeless_query:
         model = _clear_shapes(model, ("query",))
     return model
@@ -271,6 +273,8 @@ RUNTIME_HEAD_CONFIGS = {
         local_window_size=4, extra_attributes=(("sliding_window_cache", 1),), sizes=(None, None, 6, None)
     ),
     "opset24_rotary": GqaConfig(rotary="half", opset=24),
+    "qk_norm_inputs": GqaConfig(qk_norm="qk", qk_norm_constant=False, rotary="half"),
+    "packed_qk_norm_inputs": GqaConfig(packed=True, qk_norm="qk", qk_norm_constant=False, rotary="interleaved"),
 }
 
 

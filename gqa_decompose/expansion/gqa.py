@@ -1,7 +1,8 @@
 """One GroupQueryAttention node as standard ONNX ops.
 
 Dimension legend: B batch, S query length, N query heads, Nkv KV heads,
-H head size, P past rows, Lp present rows, K key columns, D = N*H.
+H head size (static, or read from the query at run time: ``head_size.py``),
+P past rows, Lp present rows, K key columns, D = N*H.
 
 The story, top-down::
 
