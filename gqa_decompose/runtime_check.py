@@ -98,13 +98,15 @@ def _cache_dims(model: ir.Model, options: DecomposeOptions) -> dict[str, int]:
             spec = parse_gqa_node(node, options)
         except GqaDecomposeError:
             continue
-        width = spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size
+        width = spec.head_size // 2 if spec.kv_bits == 4 and spec.head_size else spec.head_size
         for index in (gqa.PAST_KEY, gqa.PAST_VALUE):
             value = node.inputs[index] if len(node.inputs) > index else None
             if value is None or value.shape is None or len(value.shape) != 4:
                 continue
             for axis, size in ((1, spec.kv_num_heads), (3, width)):
                 dim = value.shape[axis]
+                if size is None:  # a head size known only at run time
+                    continue
                 if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
                     known[dim.value] = size
             rows = value.shape[2]

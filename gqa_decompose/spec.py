@@ -223,8 +223,8 @@ class GqaSpec:
     dtype: ir.DataType
     num_heads: int
     kv_num_heads: int
-    head_size: int
-    scale: float
+    head_size: int | None  # None: known only at run time (a symbolic query hidden size, and no other input tells)
+    scale: float | None  # None: the default 1/sqrt(H) of a run-time H
     packed_qkv: bool
     has_past: bool
     kv_empty: bool  # key/value given with sequence length 0 (KV-shared layer, §11)
@@ -251,6 +251,8 @@ class GqaSpec:
         """Short names of what this node does, for reports (with ``lowering``: also the cache promise and
         the compute type it is emitted with)."""
         names = ["packed QKV" if self.packed_qkv else "separate QKV"]
+        if self.head_size is None:
+            names.append("head size at run time")
         if self.kv_empty:
             names.append("shared KV (empty key/value)")
         elif self.kv_maybe_empty:
@@ -371,7 +373,7 @@ class _CacheQuantization:
 class _Qkv:
     dtype: ir.DataType
     packed_qkv: bool
-    head_size: int
+    head_size: int | None  # None: read from the query at run time
     kv_empty: bool
     kv_length_unknown: bool  # separate key/value whose length the shapes do not tell (0 or S)
 
@@ -442,25 +444,33 @@ def _parse_cache_quantization(n: _Node) -> _CacheQuantization:
 
 
 def _parse_query(n: _Node) -> tuple[ir.DataType, tuple[int | str | None, ...]]:
-    """(type T, dims) of the query: float, rank 3 (the hidden size may be symbolic: :func:`_query_hidden`)."""
+    """(type T, dims) of the query: float, rank 3 (the hidden size may be symbolic: :func:`_query_hidden`;
+    a query without a shape is taken as rank 3 with unknown dims)."""
     query = n.input(QUERY)
     if query is None:
         raise n.refuse("input 'query' is missing")
     if query.dtype not in _FLOAT_TYPES:
         raise n.refuse(f"query type {query.dtype} is not float, float16 or bfloat16 (or is unknown)")
     query_dims = _dims(query)
-    if query_dims is None or len(query_dims) != 3:
-        raise n.refuse(f"query must have a known rank-3 shape (B, S, hidden), got {query_dims}")
+    if query_dims is None:
+        # ORT checks rank 3 at run time and fails on any other: (B, S, hidden) is all it runs.
+        return query.dtype, (None, None, None)
+    if len(query_dims) != 3:
+        raise n.refuse(f"query must be 3-D (B, S, hidden), got {query_dims}")
     return query.dtype, query_dims
 
 
-def _query_hidden(n: _Node, heads: _Heads, quant: _CacheQuantization, query_dims, packed_qkv: bool) -> int:
-    """The query's hidden size: its static last dim, else the one the head size of another input implies.
+def _query_hidden(
+    n: _Node, heads: _Heads, quant: _CacheQuantization, query_dims, packed_qkv: bool
+) -> int | None:
+    """The query's hidden size: its static last dim, else the one the head size of another input implies,
+    else None (H is read from the query at run time, as ORT reads it).
 
-    ORT reads H from the query at run time and checks the other inputs against it; the expansion needs H
-    statically, so a symbolic query hidden size takes H from a static head dimension of key/value
-    (Nkv*H), past_key/past_value (H, or H/2 packed 4-bit) or q/k_norm_weight (H). Declared outputs are
-    not used: ORT runs a node whose outputs are declared against what it writes.
+    ORT reads H from the query at run time and checks the other inputs against it. A symbolic query
+    hidden size takes H from a static head dimension of key/value (Nkv*H), past_key/past_value (H, or
+    H/2 packed 4-bit), q/k_norm_weight (H) or a per-channel k/v_scale (Nkv*H), so that the expansion
+    keeps its static shapes. Declared
+    outputs are not used: ORT runs a node whose outputs are declared against what it writes.
     """
     if isinstance(query_dims[2], int):
         return query_dims[2]
@@ -477,11 +487,12 @@ def _query_hidden(n: _Node, heads: _Heads, quant: _CacheQuantization, query_dims
         dims = _dims(n.input(index))
         if dims is not None and len(dims) == 1 and isinstance(dims[0], int):
             candidates.append((dims[0], label))
+    for index, label in ((K_SCALE, "k_scale"), (V_SCALE, "v_scale")) if quant.kv_quant == "PER_CHANNEL" else ():
+        dims = _dims(n.input(index))  # ORT checks Nkv*H elements
+        if dims and all(isinstance(d, int) for d in dims) and math.prod(dims) % heads.kv_num_heads == 0:
+            candidates.append((math.prod(dims) // heads.kv_num_heads, label))
     if not candidates:
-        raise n.refuse(
-            f"query hidden size {query_dims[2]!r} is symbolic and no other input has a static head dimension "
-            "(key/value, past_key/past_value, q/k_norm_weight): the expansion needs the head size statically"
-        )
+        return None
     head_size, source = candidates[0]
     for other, label in candidates[1:]:
         if other != head_size:
@@ -489,8 +500,11 @@ def _query_hidden(n: _Node, heads: _Heads, quant: _CacheQuantization, query_dims
     return head_size * (heads.num_heads + 2 * heads.kv_num_heads if packed_qkv else heads.num_heads)
 
 
-def _head_size(n: _Node, heads: _Heads, query_hidden: int, packed_qkv: bool) -> int:
-    """H from the query's hidden size: D_q / (N + 2 Nkv) packed, D_q / N otherwise (§2)."""
+def _head_size(n: _Node, heads: _Heads, query_hidden: int | None, packed_qkv: bool) -> int | None:
+    """H from the query's hidden size: D_q / (N + 2 Nkv) packed, D_q / N otherwise (§2); None when
+    the hidden size is known only at run time (ORT checks it then)."""
+    if query_hidden is None:
+        return None
     if packed_qkv:
         width = heads.num_heads + 2 * heads.kv_num_heads
         if query_hidden % width:
@@ -507,7 +521,9 @@ def _head_size(n: _Node, heads: _Heads, query_hidden: int, packed_qkv: bool) -> 
     return head_size
 
 
-def _key_length_zero(n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int, query_dims) -> bool | None:
+def _key_length_zero(
+    n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int | None, query_dims
+) -> bool | None:
     """Whether separate key/value have sequence length 0 (a KV-shared layer, §11).
 
     None when the shapes do not tell (a symbolic length named unlike the query's, or
@@ -522,10 +538,12 @@ def _key_length_zero(n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int
             continue  # ORT checks the shape at run time; the expansion needs none of it
         if len(kv_dims) != 3:
             raise n.refuse(f"{label} must be 3-D (B, Skv, Nkv*H), got {kv_dims}")
-        if isinstance(kv_dims[2], int) and kv_dims[2] != heads.kv_num_heads * head_size:
+        # A static key hidden size gives H (_query_hidden) unless it is not a multiple of Nkv.
+        if isinstance(kv_dims[2], int) and (head_size is None or kv_dims[2] != heads.kv_num_heads * head_size):
             raise n.refuse(
                 f"{label} hidden size {kv_dims[2]} != kv_num_heads*head_size "
-                f"= {heads.kv_num_heads * head_size} (contradictory head counts?)"
+                f"= {heads.kv_num_heads * head_size if head_size else f'{heads.kv_num_heads}*H'} "
+                "(contradictory head counts?)"
             )
     key_length, value_length = ((_dims(kv) or (None, None))[1] for kv in (key, value))
     if isinstance(key_length, int) and isinstance(value_length, int) and key_length != value_length:
@@ -560,7 +578,7 @@ def _parse_past(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization) -
         raise n.refuse("past_key and past_value must be both present or both absent")
     has_past = past_key is not None
     cache_dtype = {None: qkv.dtype, 8: ir.DataType.INT8, 4: ir.DataType.UINT8}[quant.kv_bits or None]
-    cache_width = qkv.head_size // quant.cache_width_divisor
+    cache_width = None if qkv.head_size is None else qkv.head_size // quant.cache_width_divisor
     for label, past in (("past_key", past_key), ("past_value", past_value)) if has_past else ():
         past_dims = _dims(past)
         if past.dtype != cache_dtype:
@@ -572,6 +590,7 @@ def _parse_past(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization) -
         if any(
             isinstance(got, int) and got != expected
             for got, expected in ((past_dims[1], heads.kv_num_heads), (past_dims[3], cache_width))
+            if expected is not None
         ):
             raise n.refuse(
                 f"{label} shape {past_dims} does not match kv_num_heads={heads.kv_num_heads}, head_size={qkv.head_size}"
@@ -611,7 +630,7 @@ def _parse_rotary(n: _Node, qkv: _Qkv) -> int | None:
         raise n.refuse("cos_cache and sin_cache must be both present or both absent")
     rotary_half: int | None = None
     if cos_cache is not None:
-        if qkv.head_size % 16:
+        if qkv.head_size is not None and qkv.head_size % 16:
             raise n.refuse(f"head size {qkv.head_size} must be a multiple of 16 when cos/sin caches are given")
         cos_dims, sin_dims = _dims(cos_cache), _dims(sin_cache)
         if cos_dims is not None and len(cos_dims) < 2:
@@ -621,7 +640,7 @@ def _parse_rotary(n: _Node, qkv: _Qkv) -> int | None:
             raise n.refuse(f"cos_cache {cos_dims} and sin_cache {sin_dims} shapes differ")
         if cos_dims is not None and isinstance(cos_dims[1], int):
             rotary_half = cos_dims[1]
-            if rotary_half > qkv.head_size // 2 or rotary_half % 8:
+            if (qkv.head_size is not None and rotary_half > qkv.head_size // 2) or rotary_half % 8:
                 raise n.refuse(f"cos_cache dimension 1 ({rotary_half}) must be <= head_size/2 and a multiple of 8")
         for label, cache in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
             if cache.dtype not in (qkv.dtype, None):
@@ -671,6 +690,7 @@ def _parse_norm(n: _Node, qkv: _Qkv) -> float:
         if norm_weight is None:
             continue
         norm_dims = _dims(norm_weight)
+        # A static norm weight gives H (_query_hidden): with a run-time H its size is not static.
         if norm_dims is not None and (
             len(norm_dims) != 1 or (isinstance(norm_dims[0], int) and norm_dims[0] != qkv.head_size)
         ):
@@ -728,10 +748,10 @@ def _check_sliding_window_cache(
         raise n.refuse("qk_output is not implemented with sliding_window_cache=1 (ORT CPU rejects it too)")
     if options.legacy_window:
         raise n.refuse("--legacy-window contradicts sliding_window_cache=1, which only ORT >= 1.29 knows")
-    head_size = qkv.head_size
-    if quant.kv_bits == 4 and head_size % 32:
+    head_size = qkv.head_size  # None: ORT checks these widths against the run-time H
+    if head_size is not None and quant.kv_bits == 4 and head_size % 32:
         raise n.refuse(f"a 4-bit windowed KV cache needs head_size % 32 == 0, got {head_size} (ORT rejects it too)")
-    if quant.kv_bits == 8 and head_size % 16:
+    if head_size is not None and quant.kv_bits == 8 and head_size % 16:
         raise n.refuse(f"an 8-bit windowed KV cache needs head_size % 16 == 0, got {head_size} (ORT rejects it too)")
     capacity = (_dims(n.input(PAST_KEY)) or (None,) * 4)[2]
     if isinstance(capacity, int) and capacity < window_attribute:
@@ -776,7 +796,9 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
         _check_sliding_window_cache(n, options, qkv, quant, has_past, qk_output)
     _check_outputs(n, heads, qkv, quant)
 
-    scale = float(n.attr("scale", 0.0)) or 1.0 / math.sqrt(qkv.head_size)
+    scale = float(n.attr("scale", 0.0)) or None
+    if scale is None and qkv.head_size is not None:
+        scale = 1.0 / math.sqrt(qkv.head_size)
     head_sink_given = n.input(HEAD_SINK) is not None
     plain_cache = has_past and not window.sliding_window_cache
     # Without a past ORT needs Skv == S, and a windowed cache Skv > 0: only a plain cache may be shared.

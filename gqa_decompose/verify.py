@@ -270,6 +270,9 @@ def unfused_qk_norm_nodes(node: ir.Node, spec: GqaSpec) -> list[ir.Node]:
         return node.inputs[index] if len(node.inputs) > index else None
 
     n, nkv, h = spec.num_heads, spec.kv_num_heads, spec.head_size
+    if h is None:  # read from the query at run time: the head dims are the -1 of each reshape
+        _unfused_qk_norm_runtime_h(node, spec, add, constant, norm, weight)
+        return new_nodes
     q_weight, k_weight = weight(gqa.Q_NORM_WEIGHT), weight(gqa.K_NORM_WEIGHT)
     if spec.packed_qkv:
         heads = add("Reshape", [node.inputs[gqa.QUERY], constant([0, 0, n + 2 * nkv, h])]).outputs[0]
@@ -285,10 +288,35 @@ def unfused_qk_norm_nodes(node: ir.Node, spec: GqaSpec) -> list[ir.Node]:
                 heads = add("Reshape", [node.inputs[index], constant([0, 0, count, h])]).outputs[0]
                 flat = add("Reshape", [norm(heads, norm_weight), constant([0, 0, count * h])]).outputs[0]
                 node.replace_input_with(index, flat)
+    _drop_norm_weights(node)
+    return new_nodes
+
+
+def _drop_norm_weights(node: ir.Node) -> None:
     for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
         if len(node.inputs) > index:
             node.replace_input_with(index, None)
-    return new_nodes
+
+
+def _unfused_qk_norm_runtime_h(node: ir.Node, spec: GqaSpec, add, constant, norm, weight) -> None:
+    """:func:`unfused_qk_norm_nodes` for a head size known only at run time (the reshapes infer it)."""
+    n, nkv = spec.num_heads, spec.kv_num_heads
+    q_weight, k_weight = weight(gqa.Q_NORM_WEIGHT), weight(gqa.K_NORM_WEIGHT)
+    if spec.packed_qkv:
+        heads = add("Reshape", [node.inputs[gqa.QUERY], constant([0, 0, n + 2 * nkv, -1])]).outputs[0]
+        q, k, v = add("Split", [heads, constant([n, nkv, nkv])], outputs=3, axis=2).outputs
+        merged = add("Concat", [norm(q, q_weight), norm(k, k_weight), v], axis=2).outputs[0]
+        node.replace_input_with(gqa.QUERY, add("Reshape", [merged, constant([0, 0, -1])]).outputs[0])
+    else:
+        for index, norm_weight, count in (
+            (gqa.QUERY, q_weight, n),
+            (gqa.KEY, None if spec.kv_empty else k_weight, nkv),
+        ):
+            if norm_weight is not None:
+                heads = add("Reshape", [node.inputs[index], constant([0, 0, count, -1])]).outputs[0]
+                flat = add("Reshape", [norm(heads, norm_weight), constant([0, 0, -1])]).outputs[0]
+                node.replace_input_with(index, flat)
+    _drop_norm_weights(node)
 
 
 # Phases and inputs ---------------------------------------------------------------------------
@@ -479,6 +507,17 @@ def _rotary_half_hint(cos_cache: ir.Value) -> int | None:
     return widths.pop() if len(widths) == 1 else None
 
 
+def sample_head_size(node: ir.Node, spec: GqaSpec) -> int:
+    """The head size verification feeds a node whose H is known only at run time: 32, or twice
+    the rotary table's width when that is more (H is a multiple of 16 and >= R with cos/sin)."""
+    if spec.head_size is not None:
+        return spec.head_size
+    half = spec.rotary_half
+    if half is None and len(node.inputs) > gqa.COS_CACHE and node.inputs[gqa.COS_CACHE] is not None:
+        half = _rotary_half_hint(node.inputs[gqa.COS_CACHE])
+    return max(32, 2 * (half or 0))
+
+
 def synthesize_inputs(
     node: ir.Node, spec: GqaSpec, phase: Phase, rng: np.random.Generator, feed_names: dict[int, str]
 ) -> dict[str, np.ndarray]:
@@ -495,7 +534,7 @@ def synthesize_inputs(
     if gqa.HEAD_SINK in feed_names:
         feeds.put(gqa.HEAD_SINK, feeds.normal(spec.num_heads))
     for index in (gqa.Q_NORM_WEIGHT, gqa.K_NORM_WEIGHT):
-        weight = 1.0 + 0.5 * rng.standard_normal(spec.head_size)
+        weight = 1.0 + 0.5 * rng.standard_normal(feeds.head_size)
         feeds.put(index, weight.astype(np.float32).astype(feeds.dtype))
     return feeds.feeds
 
@@ -508,7 +547,8 @@ class _Feeds:
     ) -> None:
         self.node, self.spec, self.phase, self.rng, self.feed_names = node, spec, phase, rng, feed_names
         self.dtype = core.NUMPY_TYPES[spec.dtype]
-        self.kv_hidden = spec.kv_num_heads * spec.head_size
+        self.head_size = spec.head_size or sample_head_size(node, spec)
+        self.kv_hidden = spec.kv_num_heads * self.head_size
         self.feeds: dict[str, np.ndarray] = {}
 
     def normal(self, *shape) -> np.ndarray:
@@ -521,7 +561,7 @@ class _Feeds:
     def put_qkv(self) -> None:
         spec, phase = self.spec, self.phase
         heads = spec.num_heads
-        query_hidden = spec.head_size * (heads + 2 * spec.kv_num_heads if spec.packed_qkv else heads)
+        query_hidden = self.head_size * (heads + 2 * spec.kv_num_heads if spec.packed_qkv else heads)
         self.put(gqa.QUERY, self.normal(phase.batch, phase.query_length, query_hidden))
         if not spec.packed_qkv:
             kv_length = 0 if spec.kv_empty or phase.kv_empty else phase.query_length
@@ -532,7 +572,7 @@ class _Feeds:
         spec, phase, rng = self.spec, self.phase, self.rng
         if phase.past_length is None:
             return
-        cache_width = spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size
+        cache_width = self.head_size // 2 if spec.kv_bits == 4 else self.head_size
         past_shape = (phase.batch, spec.kv_num_heads, phase.past_length, cache_width)
         for index in (gqa.PAST_KEY, gqa.PAST_VALUE):
             if spec.kv_bits == 8:
@@ -573,7 +613,7 @@ class _Feeds:
         positions_limit = max(self.phase.total_length + 3, 16)
         if gqa.COS_CACHE in self.feed_names:
             cos_dims = _dims(node.inputs[gqa.COS_CACHE])
-            half = spec.rotary_half or _rotary_half_hint(node.inputs[gqa.COS_CACHE]) or spec.head_size // 2
+            half = spec.rotary_half or _rotary_half_hint(node.inputs[gqa.COS_CACHE]) or self.head_size // 2
             shape = _shaped(cos_dims, {0: positions_limit, 1: half}, 2)
             angles = self.rng.uniform(-math.pi, math.pi, shape)
             self.put(gqa.COS_CACHE, np.cos(angles).astype(np.float32).astype(self.dtype))

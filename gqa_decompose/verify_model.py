@@ -413,6 +413,13 @@ def _cache_input(
     past_dims = _dims(value) or [None] * 4
     heads = past_dims[1] if isinstance(past_dims[1], int) else source.kv_heads
     width = past_dims[3] if isinstance(past_dims[3], int) else source.width
+    if width is None:  # a head size known only at run time: --dim binds it
+        width = bound.get(past_dims[3]) if isinstance(past_dims[3], str) else None
+    if width is None:
+        raise GqaDecomposeError(
+            f"cannot synthesize input '{value.name}': its head size is known only at run time; "
+            + (f"bind it with --dim {past_dims[3]}=N" if isinstance(past_dims[3], str) else "give it with --inputs")
+        )
     rows_dim = past_dims[2]
     declared = rows_dim if isinstance(rows_dim, int) else bound.get(rows_dim) if rows_dim else None
     capacity = _capacity(value, source, declared, run)

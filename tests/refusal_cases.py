@@ -173,7 +173,7 @@ CASES: dict[str, RefusalCase] = {
     ),
     "query of rank 2": RefusalCase(
         _edit(GqaConfig(), lambda m: _set_dims(m, "query", ["batch", 64])),
-        "known rank-3 shape",
+        "query must be 3-D (B, S, hidden)",
         "Inputs 0 (query) shall be 3 dimensions",
     ),
     "head size not a multiple of 8": RefusalCase(

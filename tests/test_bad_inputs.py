@@ -129,7 +129,7 @@ def packed_hidden_not_divisible(folder):
 def query_of_rank_2(folder):
     model = gqa_model()
     del graph_input(model, "query").type.tensor_type.shape.dim[0]
-    return save(model, folder / "m.onnx"), [], f"{NODE}: query must have a known rank-3 shape"
+    return save(model, folder / "m.onnx"), [], f"{NODE}: query must be 3-D \\(B, S, hidden\\)"
 
 
 def past_key_of_rank_3(folder):

@@ -12,7 +12,8 @@ packed or separate QKV, cache form (none, growing, static buffer, the
 ``--kv-cache`` promises, KV-shared, windowed, int8/int4 quantized), rotary
 layout and partial rotary, position_ids, window, softcap, smooth softmax and
 head sink, bias shapes, causal, qk_output, present used or not, fp32/fp16
-(and ``--native-precision``), opset, static or symbolic sizes, and the model's
+(and ``--native-precision``), opset, static or symbolic sizes, head dimensions known only
+at run time (one valid draw in five), and the model's
 shape annotations (full, partial, absent: the GQA inputs then come from
 Identity nodes and only inference can type them). One draw in five is made
 invalid or contradictory on purpose, so the refusals are exercised too.
@@ -92,6 +93,7 @@ class Case:
     annotations: str = "full"  # full | partial | absent
     cleared_dims: tuple[tuple[str, int], ...] = ()  # (graph input, axis) made unknown with "partial"
     defect: str | None = None  # an invalid or contradictory change, see DEFECTS
+    head_dims: str = "static"  # static | runtime: every head dimension unknown, so H is known only at run time
 
     @property
     def options(self) -> DecomposeOptions:
@@ -198,6 +200,9 @@ def cases(draw, cache_forms: tuple[str, ...]) -> Case:
         ]
         cleared = tuple(draw(st.lists(st.sampled_from(axes), min_size=1, max_size=4, unique=True)))
     defect = draw(st.sampled_from(DEFECTS)) if draw(st.integers(0, 4)) == 0 else None
+    # One valid draw in five has no static head dimension: ORT reads H from the query at run time, and the
+    # verification feeds its own H (verify.sample_head_size).
+    head_dims = "runtime" if defect is None and draw(st.integers(0, 4)) == 0 else "static"
     return Case(
         config,
         kv_cache=kv_cache,
@@ -206,6 +211,7 @@ def cases(draw, cache_forms: tuple[str, ...]) -> Case:
         annotations=annotations,
         cleared_dims=cleared,
         defect=defect,
+        head_dims=head_dims,
     )
 
 
@@ -359,6 +365,12 @@ def build_model(case: Case) -> onnx.ModelProto:
     model = make_gqa_model(case.config)
     if case.defect is not None:
         _apply_defect(model, case.defect, case.config)
+    if case.head_dims == "runtime":
+        head_axes = {"query": 2, "key": 2, "value": 2, "past_key": 3, "past_value": 3, "k_scale": 0, "v_scale": 0}
+        for name, axis in head_axes.items():
+            value = _graph_input(model, name)
+            if value is not None and value.type.tensor_type.HasField("shape"):
+                value.type.tensor_type.shape.dim[axis].Clear()
     if case.annotations == "partial":
         for name, axis in case.cleared_dims:
             value = _graph_input(model, name)
@@ -589,6 +601,8 @@ def _property(layers: tuple[Case, ...]) -> None:
     else:
         event(outcome.split(":")[0] if outcome.startswith("refused") else outcome)
     event(f"{len(layers)} layer(s)")
+    if any(case.head_dims == "runtime" for case in layers):
+        event(f"head size known only at run time: {outcome.split(':')[0]}")
 
 
 def _family_test(cache_forms: tuple[str, ...]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from gqa_models import GqaConfig, gqa_node, make_gqa_model
@@ -240,22 +241,186 @@ def test_symbolic_query_hidden_size_takes_the_head_size_from_another_input(case)
     _assert_verifies(model)
 
 
-def test_symbolic_query_hidden_size_without_any_static_head_dim_stays_refused():
-    """Nothing static tells H (the expansion's reshapes, scale and rotary widths need it): refused, though ORT runs
-    it (docs/refusals.md, "Refusals kept for another reason")."""
-    model = _set_dim(make_gqa_model(GqaConfig(packed=True, rotary="half")), ("query",), 2, "hidden")
-    model = _set_dim(model, ("past_key", "past_value"), 3, "head")
+def _runtime_head_model(config: GqaConfig, shapeless_query: bool = False) -> onnx.ModelProto:
+    """``config``'s model with every head dimension symbolic (query, key/value hidden, past head): H is known
+    only at run time. ``shapeless_query``: the query has no shape at all (ORT checks rank 3 at run time)."""
+    model = _set_dim(make_gqa_model(config), ("query", "key", "value"), 2, "hidden")
+    if config.past:
+        model = _set_dim(model, ("past_key", "past_value"), 3, "head")
+    if config.kv_quant == "PER_CHANNEL":
+        model = _set_dim(model, ("k_scale", "v_scale"), 0, "scales")
+    if config.qk_norm and not config.qk_norm_constant:
+        model = _set_dim(model, ("q_norm_weight", "k_norm_weight"), 0, "head")
+    if shapeless_query:
+        model = _clear_shapes(model, ("query",))
+    return model
+
+
+RUNTIME_HEAD_CONFIGS = {
+    "packed": GqaConfig(packed=True),
+    "packed_rotary": GqaConfig(packed=True, rotary="half"),  # verified at H = 32: partial (R = 16)
+    "packed_no_past": GqaConfig(packed=True, past=False, rotary="interleaved"),
+    "separate_rotary_interleaved": GqaConfig(rotary="interleaved", position_ids=True),
+    "separate_no_past": GqaConfig(past=False, rotary="half"),
+    "fp16_softcap_window": GqaConfig(dtype="float16", rotary="half", local_window_size=3, softcap=2.0),
+    "ratio_4_scale": GqaConfig(num_heads=8, kv_num_heads=2, scale=0.3, rotary="half"),
+    "bias_sink": GqaConfig(attention_bias="full", head_sink=True),
+    "qk_output": GqaConfig(qk_output=2, rotary="half"),
+    "non_causal": GqaConfig(causal=0, past=False),
+    "int8_per_channel": GqaConfig(kv_quant="PER_CHANNEL", rotary="half"),
+    "int4_per_tensor": GqaConfig(kv_quant="PER_TENSOR", kv_bits=4, head_size=32),
+    "sliding_window_cache": GqaConfig(
+        local_window_size=4, extra_attributes=(("sliding_window_cache", 1),), sizes=(None, None, 6, None)
+    ),
+    "opset24_rotary": GqaConfig(rotary="half", opset=24),
+    "qk_norm_inputs": GqaConfig(qk_norm="qk", qk_norm_constant=False, rotary="half"),
+    "packed_qk_norm_inputs": GqaConfig(packed=True, qk_norm="qk", qk_norm_constant=False, rotary="interleaved"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNTIME_HEAD_CONFIGS))
+def test_head_size_known_only_at_run_time(case):
+    """Nothing static tells H: ORT reads it from the query at run time, and so does the expansion (issue 13)."""
+    model = _runtime_head_model(RUNTIME_HEAD_CONFIGS[case])
+    _, node = gqa_node(model)
+    spec = parse_gqa_node(node)
+    assert spec.head_size is None
+    assert (spec.scale is None) == (RUNTIME_HEAD_CONFIGS[case].scale == 0.0)
+    _assert_verifies(model)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        DecomposeOptions(fast_paths=True),
+        DecomposeOptions(runtime_profile="openvino"),
+        DecomposeOptions(static_kv_cache=True),
+        DecomposeOptions(growing_kv_cache=True),
+        DecomposeOptions(native_precision=True),
+        DecomposeOptions(target="attention"),
+    ],
+    ids=["fast_paths", "openvino", "static", "growing", "native", "attention"],
+)
+@pytest.mark.parametrize("packed", [False, True])
+def test_head_size_known_only_at_run_time_with_options(options, packed):
+    dtype = "float16" if options.native_precision else "float32"
+    config = GqaConfig(packed=packed, rotary="half", dtype=dtype, opset=24 if options.target == "attention" else 21)
+    _assert_verifies(_runtime_head_model(config), options)
+
+
+@pytest.mark.parametrize(
+    "target,config",
+    [
+        ("primitives", GqaConfig(rotary="half", opset=24)),
+        ("attention", GqaConfig(rotary="half", opset=24)),
+        ("primitives", GqaConfig(rotary="interleaved")),
+        ("primitives", GqaConfig(kv_quant="PER_CHANNEL", kv_bits=4, head_size=32, rotary="half")),
+    ],
+    ids=["primitives", "attention", "interleaved", "int4_per_channel"],
+)
+def test_head_size_and_key_length_both_at_run_time(target, config):
+    """Separate key/value of unknown length (0 in a KV-shared step, or S) and a run-time H: the new rows'
+    reshapes cannot use -1 (no elements), and ORT's ReshapeFusion makes [0, 0, <run-time>] a -1, so
+    their copied dims come from their own shapes."""
+    model = _set_dim(_runtime_head_model(config), ("key", "value"), 1, "kv_sequence")
+    _, node = gqa_node(model)
+    spec = parse_gqa_node(node)
+    assert spec.head_size is None and spec.kv_maybe_empty
+    _assert_verifies(model, DecomposeOptions(target=target))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_query_without_a_shape(packed):
+    """ORT checks rank 3 at run time and fails on any other, so a shape-less query is (B, S, hidden)."""
+    model = _clear_shapes(make_gqa_model(GqaConfig(packed=packed, rotary="half")), ("query",))
+    _, node = gqa_node(model)
+    assert parse_gqa_node(node).head_size == 16  # from past (and key/value)
+    _assert_verifies(model)
+    model = _runtime_head_model(GqaConfig(packed=packed, rotary="half"), shapeless_query=True)
+    _, node = gqa_node(model)
+    assert parse_gqa_node(node).head_size is None
+    _assert_verifies(model)
+
+
+def _phase_feeds(config: GqaConfig, head_size: int, batch: int, length: int, past=None, rng=None) -> dict:
+    """Feeds of ``_runtime_head_model(config)`` for ``length`` new tokens after ``past`` (a growing cache)."""
+    np_type = np.float16 if config.dtype == "float16" else np.float32
+    n, nkv = config.num_heads, config.kv_num_heads
+    past_length = 0 if past is None else past[0].shape[2]
+    if past is None:
+        past = tuple(np.zeros((batch, nkv, 0, head_size), np_type) for _ in range(2))
+    hidden = (n + 2 * nkv) * head_size if config.packed else n * head_size
     feeds = {
-        "query": np.random.default_rng(0).standard_normal((1, 2, 8 * 16), np.float32),
-        "past_key": np.zeros((1, 2, 4, 16), np.float32),
-        "past_value": np.zeros((1, 2, 4, 16), np.float32),
-        "seqlens_k": np.array([5], np.int32),
-        "total_sequence_length": np.array(6, np.int32),
+        "query": rng.standard_normal((batch, length, hidden)).astype(np_type),
+        "seqlens_k": np.full((batch,), past_length + length - 1, np.int32),
+        "total_sequence_length": np.array(past_length + length, np.int32),
     }
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
-    with pytest.raises(gqa_decompose.GqaDecomposeError, match="no other input has a static head dimension"):
-        gqa_decompose.decompose(model)
+    if not config.packed:
+        for name in ("key", "value"):
+            feeds[name] = rng.standard_normal((batch, length, nkv * head_size)).astype(np_type)
+    if config.past:
+        feeds["past_key"], feeds["past_value"] = past
+    return feeds
+
+
+def _run(session: ort.InferenceSession, feeds: dict) -> list[np.ndarray]:
+    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("target", ["primitives", "attention"])
+@pytest.mark.parametrize(
+    "head_size,rotary", [(16, "half"), (32, "half"), (16, "interleaved"), (32, "interleaved"), (32, "off")]
+)
+def test_one_rewrite_runs_every_head_size_over_prompt_and_decode(dtype, packed, target, head_size, rotary):
+    """The SAME rewritten model, fed a prompt and then decode steps, matches ORT's node for H = 16 (the cos/sin
+    table's width 8 makes rotary full) and H = 32 (partial): one graph, H and the rotary split read at run time."""
+    config = GqaConfig(packed=packed, rotary=rotary, dtype=dtype, opset=23, local_window_size=4)
+    model = _runtime_head_model(config)
+    rewritten = gqa_decompose.decompose(model, options=DecomposeOptions(target=target))
+    assert not any(node.domain == "com.microsoft" for node in rewritten.graph.node)
+    assert (target == "attention") == any(node.op_type == "Attention" for node in rewritten.graph.node)
+    providers = ["CPUExecutionProvider"]
+    original = ort.InferenceSession(model.SerializeToString(), providers=providers)
+    decomposed = ort.InferenceSession(rewritten.SerializeToString(), providers=providers)
+    tolerance = 2e-3 if dtype == "float16" else 1e-5
+    rng = np.random.default_rng(head_size)
+    past = None
+    for length in (5, 1, 1):  # a prompt, two decode steps (ORT takes a chunk after a past only at batch 1)
+        feeds = _phase_feeds(config, head_size, 2, length, past, rng)
+        expected, got = _run(original, feeds), _run(decomposed, feeds)
+        assert got[0].shape == expected[0].shape == (2, length, config.num_heads * head_size)
+        for want, have in zip(expected, got):
+            np.testing.assert_allclose(have.astype(np.float32), want.astype(np.float32), atol=tolerance, rtol=tolerance)
+        past = (expected[1], expected[2])
+
+
+@pytest.mark.parametrize(
+    "config,options,key_length",
+    [
+        (GqaConfig(packed=True, rotary="half"), DecomposeOptions(), None),
+        (GqaConfig(rotary="interleaved", local_window_size=3, dtype="float16"), DecomposeOptions(), None),
+        (GqaConfig(rotary="half", opset=24), DecomposeOptions(target="attention"), None),
+        (GqaConfig(rotary="half", kv_quant="PER_CHANNEL", kv_bits=4, head_size=32), DecomposeOptions(), "kv"),
+    ],
+    ids=["packed", "separate_fp16_window", "attention", "int4_key_length_at_run_time"],
+)
+def test_run_time_head_size_rewrite_keeps_every_rank(config, options, key_length):
+    """Shape inference of the rewrite knows the rank of every value it emits (only sizes are symbolic)."""
+    model = _runtime_head_model(config)
+    if key_length:
+        model = _set_dim(model, ("key", "value"), 1, key_length)
+    rewritten = onnx.shape_inference.infer_shapes(gqa_decompose.decompose(model, options=options), data_prop=True)
+    typed = {v.name: v.type.tensor_type for v in [*rewritten.graph.value_info, *rewritten.graph.output]}
+    unranked = [
+        output
+        for node in rewritten.graph.node
+        for output in node.output
+        if output and (output not in typed or not typed[output].HasField("shape"))
+    ]
+    assert not unranked, unranked
+    assert [d.dim_param or d.dim_value for d in typed["output"].shape.dim][:2] == ["batch", "sequence"]
 
 
 def test_contradictory_static_head_dims_are_refused():
@@ -265,3 +430,19 @@ def test_contradictory_static_head_dims_are_refused():
             value.type.tensor_type.shape.dim[3].dim_value = 24
     with pytest.raises(gqa_decompose.GqaDecomposeError, match="head size 16 from key != head size 24 from past_key"):
         gqa_decompose.decompose(model)
+
+
+@pytest.mark.parametrize("shapeless_query", [False, True])
+def test_run_time_head_size_outputs_are_typed_with_their_ranks(shapeless_query):
+    """Typing a GQA node (for what reads its outputs) knows the outputs' ranks though not their head dims."""
+    from gqa_decompose.passes import InferGqaTypesPass
+
+    model = _runtime_head_model(GqaConfig(packed=True), shapeless_query=shapeless_query)
+    del model.graph.output[:]
+    model.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in model.graph.node[0].output)
+    typed = ir.serde.deserialize_model(model)
+    InferGqaTypesPass()(typed)
+    outputs = typed.graph.node(0).outputs
+    assert [None if v.shape is None else len(v.shape) for v in outputs] == [3, 4, 4]
+    assert [v.dtype for v in outputs] == [ir.DataType.FLOAT] * 3
+    assert not isinstance(outputs[0].shape[2], int)

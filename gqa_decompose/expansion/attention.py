@@ -37,6 +37,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.head_size import HeadSize, scale_scalar, shape_of, times
 from gqa_decompose.expansion.mask import RowBlockTier
 
 __all__ = ["AttentionResult", "ReadPlan", "Scoring", "attend"]
@@ -108,8 +109,8 @@ class Scoring:
 
     num_heads: int
     kv_num_heads: int
-    head_size: int
-    scale: float
+    head_size: HeadSize  # an int, or a run-time 1-element vector (expansion/head_size.py)
+    scale: float | ir.Value  # a run-time 0-D value: 1/sqrt(H) of a run-time H
     softcap: float = 0.0
     smooth_softmax: bool = False
     head_sink_N: ir.Value | None = None
@@ -130,14 +131,14 @@ def _attend_dense(
     """(output [B, S, N*H], scores [B, N, S, K] before the mask, probs [B, N, S, K])."""
     num_heads, kv_num_heads, head_size = scoring.num_heads, scoring.kv_num_heads, scoring.head_size
     scale, softcap, dtype = scoring.scale, scoring.softcap, scoring.dtype
-    query_BNkvGSH = op.op("Reshape", query_BNSH, op.ints([0, kv_num_heads, -1, head_size]))
+    query_BNkvGSH = op.op("Reshape", query_BNSH, shape_of(op, [0, kv_num_heads, -1, head_size]))
     keys_BNkvHK = op.op("Transpose", keys_BNkvKH, perm=[0, 1, 3, 2])
     if scoring.prescale:
-        query_BNkvGSH = op.op("Mul", query_BNkvGSH, op.float_scalar(scale, dtype))
+        query_BNkvGSH = op.op("Mul", query_BNkvGSH, scale_scalar(op, scale, dtype))
         scores_BNkvGSK = op.op("MatMul", query_BNkvGSH, keys_BNkvHK)
     else:
         products = op.op("MatMul", query_BNkvGSH, keys_BNkvHK)
-        scores_BNkvGSK = op.op("Mul", products, op.float_scalar(scale, dtype))
+        scores_BNkvGSK = op.op("Mul", products, scale_scalar(op, scale, dtype))
     scores_BNSK = op.op("Reshape", scores_BNkvGSK, op.ints([0, num_heads, -1, 0]))
     if softcap > 0:
         capped = op.op("Tanh", op.op("Div", scores_BNSK, op.float_scalar(softcap, dtype)))
@@ -154,9 +155,9 @@ def _attend_dense(
             probs_BNSK = op.op("Where", op.op("IsNaN", probs_BNSK), op.float_scalar(0.0, dtype), probs_BNSK)
     probs_BNkvGSK = op.op("Reshape", probs_BNSK, op.ints([0, kv_num_heads, -1, 0]))
     attended_BNkvGSH = op.op("MatMul", probs_BNkvGSK, values_BNkvKH)
-    attended_BNSH = op.op("Reshape", attended_BNkvGSH, op.ints([0, num_heads, -1, head_size]))
+    attended_BNSH = op.op("Reshape", attended_BNkvGSH, shape_of(op, [0, num_heads, -1, head_size]))
     attended_BSNH = op.op("Transpose", attended_BNSH, perm=[0, 2, 1, 3])
-    output_BSD = op.op("Reshape", attended_BSNH, op.ints([0, 0, num_heads * head_size]))
+    output_BSD = op.op("Reshape", attended_BSNH, shape_of(op, [0, 0, times(op, num_heads, head_size)]))
     return output_BSD, scores_BNSK, probs_BNSK
 
 

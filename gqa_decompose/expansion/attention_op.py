@@ -26,6 +26,7 @@ import dataclasses
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.head_size import HeadSize, shape_of, times
 
 __all__ = ["AttentionOpResult", "attention_op", "with_sink_column"]
 
@@ -50,8 +51,8 @@ def attention_op(
     attn_mask: ir.Value | None,
     *,
     num_heads: int,
-    head_size: int,
-    scale: float,
+    head_size: HeadSize,
+    scale: float | None,
     softcap: float,
     is_causal: bool,
     past: tuple[ir.Value, ir.Value] | None = None,
@@ -66,10 +67,12 @@ def attention_op(
             returns present = Concat(past, new), with bottom-right causal alignment.
         qk_mode: qk_matmul_output_mode to expose, or None for no qk output.
     """
-    if scale < 0:
-        query_BNSH = op.op("Neg", query_BNSH)
-        scale = -scale
-    attributes: dict = {"scale": float(scale)}
+    attributes: dict = {}
+    if scale is not None:  # None: the op's default 1/sqrt(H), for a head size known at run time
+        if scale < 0:
+            query_BNSH = op.op("Neg", query_BNSH)
+            scale = -scale
+        attributes["scale"] = float(scale)
     if softcap > 0:
         attributes["softcap"] = float(softcap)
     if is_causal:
@@ -91,7 +94,7 @@ def attention_op(
         results = list(op.op_multi("Attention", *inputs, num_outputs=outputs, **attributes))
     attended_BNSH = results[0]
     attended_BSNH = op.op("Transpose", attended_BNSH, perm=[0, 2, 1, 3])
-    output_BSD = op.op("Reshape", attended_BSNH, op.ints([0, 0, num_heads * head_size]))
+    output_BSD = op.op("Reshape", attended_BSNH, shape_of(op, [0, 0, times(op, num_heads, head_size)]))
     present_key = results[1] if past is not None else None
     present_value = results[2] if past is not None else None
     qk = results[3] if qk_mode is not None else None

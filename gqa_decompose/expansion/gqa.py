@@ -1,7 +1,8 @@
 """One GroupQueryAttention node as standard ONNX ops.
 
 Dimension legend: B batch, S query length, N query heads, Nkv KV heads,
-H head size, P past rows, Lp present rows, K key columns, D = N*H.
+H head size (static, or read from the query at run time: ``head_size.py``),
+P past rows, Lp present rows, K key columns, D = N*H.
 
 The story, top-down::
 
@@ -41,6 +42,7 @@ from gqa_decompose.expansion.attention_op import (
     with_sink_column,
 )
 from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.head_size import HeadSize, default_scale, runtime_head_size, shape_of
 from gqa_decompose.expansion.kv_cache import (
     append_aligned_rows,
     guard_aligned_rows,
@@ -134,16 +136,19 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
 
 
-def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None, rotate_key=None):
+def _split_heads(
+    op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, head_size: HeadSize, rotate=None, rotate_key=None
+):
     """q [B,S,N,H], k [B,Skv,Nkv,H], v [B,Skv,Nkv,H] in the model's type, q and k normalized
     (when norm weights are given) and then rotated by ``rotate(x_BSnH, n)`` (separate
     keys by ``rotate_key``, when given: their length may differ from S at run time).
 
     Packed QKV rotates its Q and K heads in one pass, before they are split apart,
-    unless they are normalized first (each with its own weight).
+    unless they are normalized first (each with its own weight). A run-time ``head_size``
+    enters the reshapes as a value; the Splits are over the static head counts.
     """
     query = node.inputs[gqa.QUERY]
-    heads, kv_heads, head_size = spec.num_heads, spec.kv_num_heads, spec.head_size
+    heads, kv_heads = spec.num_heads, spec.kv_num_heads
 
     def normalize(x_BSnH: ir.Value, weight_index: int, enabled: bool) -> ir.Value:
         if not enabled:
@@ -152,7 +157,7 @@ def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None, r
         return rms_normalize_heads(op, x_BSnH, weight_H, spec.qk_norm_epsilon, spec.dtype)
 
     if spec.packed_qkv:
-        qkv_BSnH = op.op("Reshape", query, op.ints([0, 0, heads + 2 * kv_heads, head_size]))
+        qkv_BSnH = op.op("Reshape", query, shape_of(op, [0, 0, heads + 2 * kv_heads, head_size]))
         if rotate is None or spec.q_norm or spec.k_norm:
             query_BSNH, key_BSNH, value_BSNH = op.op_multi(
                 "Split", qkv_BSnH, op.ints([heads, kv_heads, kv_heads]), axis=2, num_outputs=3
@@ -169,13 +174,14 @@ def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, rotate=None, r
         )
         return query_BSNH, key_BSNH, value_BSNH
     rotate = rotate or (lambda x, _heads: x)
-    query_BSNH = op.op("Reshape", query, op.ints([0, 0, heads, head_size]))
+    query_BSNH = op.op("Reshape", query, shape_of(op, [0, 0, heads, head_size]))
     query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm), heads)
     if spec.kv_empty:
         return query_BSNH, None, None
-    key_BSNH = op.op("Reshape", node.inputs[gqa.KEY], op.ints([0, 0, kv_heads, head_size]))
+    key, value = node.inputs[gqa.KEY], node.inputs[gqa.VALUE]
+    key_BSNH = op.op("Reshape", key, shape_of(op, [0, 0, kv_heads, head_size], like=key))
     key_BSNH = (rotate_key or rotate)(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm), kv_heads)
-    value_BSNH = op.op("Reshape", node.inputs[gqa.VALUE], op.ints([0, 0, kv_heads, head_size]))
+    value_BSNH = op.op("Reshape", value, shape_of(op, [0, 0, kv_heads, head_size], like=value))
     return query_BSNH, key_BSNH, value_BSNH
 
 
@@ -308,7 +314,9 @@ def _key_columns(
     return _KeyColumns(keys, values, positions, None, None, None)
 
 
-def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowering, scale_index: int):
+def _cache_codec(
+    op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowering, scale_index: int, head_size: HeadSize
+):
     """(encode, decode): new rows in the model's type -> the cache's type -> the compute type.
 
     ``encode(x)`` builds with ``op``; ``decode(builder, x)`` builds with the builder
@@ -321,7 +329,7 @@ def _cache_codec(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowe
         per_channel=spec.kv_quant == "PER_CHANNEL",
         bits=spec.kv_bits,
         kv_num_heads=spec.kv_num_heads,
-        head_size=spec.head_size,
+        head_size=head_size,
     )
     scale = node.inputs[scale_index]
 
@@ -434,6 +442,7 @@ def _expand_causal_op(
     query_BNSH: ir.Value,
     key_BSNH: ir.Value,
     value_BSNH: ir.Value,
+    head_size: HeadSize,
 ) -> ExpandedNode:
     """One Attention with is_causal=1 and no visibility mask (see :func:`_causal_op_suffices`)."""
     new_key, new_value = _bsnh_to_bnsh(op, key_BSNH), _bsnh_to_bnsh(op, value_BSNH)
@@ -453,8 +462,8 @@ def _expand_causal_op(
         _to_compute(op, new_value, spec, lowering),
         None if bias is None else _to_compute(op, bias, spec, lowering),
         num_heads=spec.num_heads,
-        head_size=spec.head_size,
-        scale=spec.scale,
+        head_size=head_size,
+        scale=spec.scale,  # None: the op's default, 1/sqrt(H) of its query
         softcap=spec.softcap,
         is_causal=True,
         past=past,
@@ -483,6 +492,7 @@ def _attend_with_op(
     visible_B1SK: ir.Value,
     bias_BNSK: ir.Value | None,
     sink_N: ir.Value | None,
+    head_size: HeadSize,
 ) -> tuple[ir.Value, ir.Value | None]:
     """(output [B, S, N*H], output_qk [B, N, S, T]) from one Attention op.
 
@@ -518,8 +528,8 @@ def _attend_with_op(
         values_BNkvKH,
         attn_mask,
         num_heads=spec.num_heads,
-        head_size=spec.head_size,
-        scale=spec.scale,
+        head_size=head_size,
+        scale=spec.scale,  # None: the op's default, 1/sqrt(H) of its query
         softcap=spec.softcap,
         is_causal=False,
         qk_mode=qk_mode,
@@ -549,7 +559,15 @@ def _rotary_table_2d(shared: SharedSubgraphs, cache: ir.Value) -> ir.Value:
     return shared.get(("rotary_table_2d", cache), build)
 
 
-def _rotations(op: OpBuilder, shared: SharedSubgraphs, info, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowering):
+def _rotations(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+    head_size: HeadSize,
+):
     """(rotate, rotate_key) for :func:`_split_heads`: rotary on q and the new k in the compute type, both
     rounded to the model's type, as ORT does; (None, None) without rotary."""
     # A zero-width table (R = 0) rotates nothing: ORT's kernel copies every dim, and
@@ -574,10 +592,10 @@ def _rotations(op: OpBuilder, shared: SharedSubgraphs, info, node: ir.Node, spec
         def rotate(x_BSnH: ir.Value, heads: int) -> ir.Value:
             x_BSnH = _to_compute(op, x_BSnH, spec, lowering)
             if use_rotary_op:  # its reshapes are explicit: fine with no rows
-                rotated = apply_rotary_op(op, x_BSnH, tables, heads, spec.head_size, spec.rotary_interleaved)
+                rotated = apply_rotary_op(op, x_BSnH, tables, heads, head_size, spec.rotary_interleaved)
             else:
                 rotated = apply_rotary(
-                    op, shared, x_BSnH, tables, spec.head_size, spec.rotary_interleaved, may_be_empty
+                    op, shared, x_BSnH, tables, head_size, spec.rotary_interleaved, may_be_empty
                 )
             return _from_compute(op, rotated, spec, lowering)
 
@@ -614,6 +632,7 @@ def _attend_primitives(
     bias_BNSK: ir.Value | None,
     decode,
     fast_paths: bool,
+    head_size: HeadSize,
 ) -> tuple[ir.Value, ir.Value | None]:
     """(output [B, S, N*H], output_qk [B, N, S, T] or None) from MatMul/Softmax/..."""
     plan = ReadPlan(columns.cut, columns.cut_end)
@@ -637,8 +656,8 @@ def _attend_primitives(
         Scoring(
             num_heads=spec.num_heads,
             kv_num_heads=spec.kv_num_heads,
-            head_size=spec.head_size,
-            scale=spec.scale,
+            head_size=head_size,
+            scale=default_scale(shared, head_size, lowering.compute_dtype) if spec.scale is None else spec.scale,
             softcap=spec.softcap,
             smooth_softmax=spec.smooth_softmax,
             head_sink_N=_input(node, gqa.HEAD_SINK),
@@ -678,17 +697,24 @@ def expand_gqa(
         key=node.inputs[gqa.KEY] if spec.kv_maybe_empty else None,
     )
 
+    head_size = spec.head_size
+    if head_size is None:  # read from the query at run time, as ORT reads it
+        query_heads = spec.num_heads + 2 * spec.kv_num_heads if spec.packed_qkv else spec.num_heads
+        head_size = runtime_head_size(shared, node.inputs[gqa.QUERY], query_heads)
+
     # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
-    rotate, rotate_key = _rotations(op, shared, info, node, spec, lowering)
-    query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, rotate, rotate_key)
+    rotate, rotate_key = _rotations(op, shared, info, node, spec, lowering, head_size)
+    query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, head_size, rotate, rotate_key)
     query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec, lowering)
 
     if lowering.attention_op and _causal_op_suffices(spec, lowering):
-        return _expand_causal_op(op, shared, info, node, spec, lowering, query_BNSH, key_BSNH, value_BSNH)
+        return _expand_causal_op(
+            op, shared, info, node, spec, lowering, query_BNSH, key_BSNH, value_BSNH, head_size
+        )
 
     # 2. The new rows in the cache's type; the key columns attention reads; present.
-    encode_key, decode_key = _cache_codec(op, node, spec, lowering, gqa.K_SCALE)
-    encode_value, decode_value = _cache_codec(op, node, spec, lowering, gqa.V_SCALE)
+    encode_key, decode_key = _cache_codec(op, node, spec, lowering, gqa.K_SCALE, head_size)
+    encode_value, decode_value = _cache_codec(op, node, spec, lowering, gqa.V_SCALE, head_size)
     new_rows = None
     if key_BSNH is not None:
         new_rows = (
@@ -718,6 +744,7 @@ def expand_gqa(
             visible_B1SK,
             bias_BNSK,
             _input(node, gqa.HEAD_SINK),
+            head_size,
         )
     else:
         output_BSD, output_qk = _attend_primitives(
@@ -733,6 +760,7 @@ def expand_gqa(
             bias_BNSK,
             (decode_key, decode_value),
             fast_paths,
+            head_size,
         )
     output = _from_compute(op, output_BSD, spec, lowering)
     if output_qk is not None:

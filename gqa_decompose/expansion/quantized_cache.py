@@ -17,13 +17,14 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.head_size import HeadSize, halved, shape_of
 
 __all__ = ["dequantize", "quantize"]
 
 
-def _scale_1N1H(op: OpBuilder, scale: ir.Value, per_channel: bool, kv_num_heads: int, head_size: int):
+def _scale_1N1H(op: OpBuilder, scale: ir.Value, per_channel: bool, kv_num_heads: int, head_size: HeadSize):
     shape = [1, kv_num_heads, 1, head_size] if per_channel else [1, 1, 1, 1]
-    return op.op("Reshape", scale, op.ints(shape))
+    return op.op("Reshape", scale, shape_of(op, shape))
 
 
 def quantize(
@@ -34,7 +35,7 @@ def quantize(
     per_channel: bool,
     bits: int,
     kv_num_heads: int,
-    head_size: int,
+    head_size: HeadSize,
 ) -> ir.Value:
     """fp32 [B, Nkv, L, H] -> int8 [B, Nkv, L, H] or uint8 [B, Nkv, L, H/2]."""
     scale_1N1H = _scale_1N1H(op, scale, per_channel, kv_num_heads, head_size)
@@ -46,11 +47,11 @@ def quantize(
     if bits == 8:
         return op.cast(clipped, ir.DataType.INT8)
     nibbles = op.op("Add", clipped, op.float_scalar(8.0))
-    pairs = op.op("Reshape", nibbles, op.ints([0, 0, 0, head_size // 2, 2]))
+    pairs = op.op("Reshape", nibbles, shape_of(op, [0, 0, 0, halved(op, head_size), 2], like=nibbles))
     low_nibbles = op.slice(pairs, 0, 1, axis=4)
     high_nibbles = op.slice(pairs, 1, 2, axis=4)
     packed = op.op("Add", low_nibbles, op.op("Mul", high_nibbles, op.float_scalar(16.0)))
-    return op.cast(op.op("Reshape", packed, op.ints([0, 0, 0, head_size // 2])), ir.DataType.UINT8)
+    return op.cast(op.op("Reshape", packed, shape_of(op, [0, 0, 0, halved(op, head_size)], like=packed)), ir.DataType.UINT8)
 
 
 def dequantize(
@@ -61,7 +62,7 @@ def dequantize(
     per_channel: bool,
     bits: int,
     kv_num_heads: int,
-    head_size: int,
+    head_size: HeadSize,
 ) -> ir.Value:
     """int8 [B, Nkv, L, H] or uint8 [B, Nkv, L, H/2] -> fp32 [B, Nkv, L, H]."""
     scale_1N1H = _scale_1N1H(op, scale, per_channel, kv_num_heads, head_size)
@@ -72,6 +73,6 @@ def dequantize(
         high = op.op("Div", packed, op.op("Constant", value=ir.tensor(16, dtype=ir.DataType.INT32)))
         low = op.op("Sub", packed, op.op("Mul", high, op.op("Constant", value=ir.tensor(16, dtype=ir.DataType.INT32))))
         pairs = op.op("Concat", op.unsqueeze(low, [4]), op.unsqueeze(high, [4]), axis=4)
-        nibbles = op.op("Reshape", pairs, op.ints([0, 0, 0, head_size]))
+        nibbles = op.op("Reshape", pairs, shape_of(op, [0, 0, 0, head_size], like=pairs))
         levels = op.op("Sub", op.cast(nibbles, ir.DataType.FLOAT), op.float_scalar(8.0))
     return op.op("Mul", levels, scale_1N1H)

@@ -26,6 +26,7 @@ import dataclasses
 import onnx_ir as ir
 
 from gqa_decompose.expansion.builder import OpBuilder
+from gqa_decompose.expansion.head_size import HeadSize, shape_of, times
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs
 
 __all__ = [
@@ -125,7 +126,7 @@ def apply_rotary(
     shared: SharedSubgraphs,
     x_BSnH: ir.Value,
     tables: RotaryTables,
-    head_size: int,
+    head_size: HeadSize,
     interleaved: bool,
     may_be_empty: bool = False,
 ) -> ir.Value:
@@ -133,8 +134,10 @@ def apply_rotary(
 
     ``may_be_empty``: S may be 0 (new keys of a KV-shared step), where a Reshape's -1
     cannot be inferred, so the interleaved layout's pair axis is sized explicitly.
+    When R or H is known only at run time, the rotation is partial: dims [R, H) are
+    copied, a part of width 0 when R = H (Slice and Concat take it).
     """
-    partial = tables.half is None or 2 * tables.half != head_size
+    partial = tables.half is None or not isinstance(head_size, int) or 2 * tables.half != head_size
     rotary_dims_1 = op.op("Mul", tables.half_1, op.ints([2]))
     rotated_part = op.slice(x_BSnH, 0, rotary_dims_1, axis=3) if partial else x_BSnH
     cos, signed_sin = _rotation_tables(shared, tables, interleaved)
@@ -203,16 +206,19 @@ def apply_rotary_op(
     x_BSnH: ir.Value,
     inputs: RotaryOpInputs,
     heads: int,
-    head_size: int,
+    head_size: HeadSize,
     interleaved: bool,
 ) -> ir.Value:
-    """RotaryEmbedding-23 on a [B, S, n, H] tensor of the tables' type (3-D form, num_heads = n)."""
-    x_BSD = op.op("Reshape", x_BSnH, op.ints([0, 0, heads * head_size]))
+    """RotaryEmbedding-23 on a [B, S, n, H] tensor of the tables' type (3-D form, num_heads = n).
+
+    A run-time H always gets rotary_embedding_dim (R, which may equal H), and reshapes that work
+    without rows (the new keys of a KV-shared step)."""
+    x_BSD = op.op("Reshape", x_BSnH, shape_of(op, [0, 0, times(op, heads, head_size)], like=x_BSnH))
     attributes = {"num_heads": heads, "interleaved": int(interleaved)}
-    if 2 * inputs.half != head_size:
+    if not isinstance(head_size, int) or 2 * inputs.half != head_size:
         attributes["rotary_embedding_dim"] = 2 * inputs.half
     rotated_BSD = op.op("RotaryEmbedding", x_BSD, inputs.cos_cache, inputs.sin_cache, inputs.positions_BS, **attributes)
-    return op.op("Reshape", rotated_BSD, op.ints([0, 0, heads, head_size]))
+    return op.op("Reshape", rotated_BSD, shape_of(op, [0, 0, heads, head_size], like=rotated_BSD))
 
 
 def new_rows_tables(

@@ -49,12 +49,12 @@ def _declared_against(value: ir.Value, spec: GqaSpec) -> bool:
     """Whether present's declared shape contradicts the (B, Nkv, rows, H) the node writes (ORT runs such a node)."""
     if value.shape is None:
         return False
-    width = spec.head_size // 2 if spec.kv_bits == 4 else spec.head_size
+    width = spec.head_size // 2 if spec.kv_bits == 4 and spec.head_size else spec.head_size
     dims = list(value.shape)
     if len(dims) != 4:
         return True
-    written = ((1, spec.kv_num_heads), (3, width))
-    return any(isinstance(dims[axis], int) and dims[axis] != size for axis, size in written)
+    written = ((1, spec.kv_num_heads), (3, width))  # width None: known only at run time
+    return any(isinstance(dims[axis], int) and size is not None and dims[axis] != size for axis, size in written)
 
 
 class DecomposeGqaPass(ir.passes.InPlacePass):

@@ -291,27 +291,31 @@ def quiet_shape_inference(model: ir.Model) -> None:
 def _type_gqa_outputs(node: ir.Node) -> bool:
     """Set the type and shape of a GQA node's untyped outputs from its inputs."""
     query = node.inputs[0]
-    if query is None or query.dtype is None or query.shape is None or len(query.shape) != 3:
+    # A query without a shape is (B, S, hidden) in every run ORT accepts.
+    if query is None or query.dtype is None or (query.shape is not None and len(query.shape) != 3):
         return False
     attrs = node.attributes
     num_heads = attrs["num_heads"].as_int() if "num_heads" in attrs else 0
     kv_num_heads = attrs["kv_num_heads"].as_int() if "kv_num_heads" in attrs else 0
-    hidden = query.shape[2]
-    if num_heads <= 0 or kv_num_heads <= 0 or not isinstance(hidden, int):
+    if num_heads <= 0 or kv_num_heads <= 0:
         return False
-    packed = len(node.inputs) < 2 or node.inputs[1] is None
-    head_size = hidden // (num_heads + 2 * kv_num_heads) if packed else hidden // num_heads
-    batch, sequence = query.shape[0], query.shape[1]
     unknown = ir.SymbolicDim(None)
+    batch, sequence, hidden = query.shape if query.shape is not None else (unknown, unknown, unknown)
+    packed = len(node.inputs) < 2 or node.inputs[1] is None
+    # A hidden size known only at run time leaves the head dims unknown; the ranks are known all the same.
+    head_size = None
+    if isinstance(hidden, int):
+        head_size = hidden // (num_heads + 2 * kv_num_heads) if packed else hidden // num_heads
+    width = unknown if head_size is None else head_size
     shapes = [
-        ir.Shape([batch, sequence, num_heads * head_size]),
-        ir.Shape([batch, kv_num_heads, unknown, head_size]),
-        ir.Shape([batch, kv_num_heads, unknown, head_size]),
+        ir.Shape([batch, sequence, unknown if head_size is None else num_heads * head_size]),
+        ir.Shape([batch, kv_num_heads, unknown, width]),
+        ir.Shape([batch, kv_num_heads, unknown, width]),
         ir.Shape([batch, num_heads, sequence, unknown]),
     ]
     past = node.inputs[3] if len(node.inputs) > 3 else None
     cache_dtype = past.dtype if past is not None and past.dtype is not None else query.dtype
-    if cache_dtype == ir.DataType.UINT8:  # int4 cache: two values a byte
+    if cache_dtype == ir.DataType.UINT8 and head_size is not None:  # int4 cache: two values a byte
         for index in (1, 2):
             shapes[index] = ir.Shape([batch, kv_num_heads, unknown, head_size // 2])
     dtypes = [query.dtype, cache_dtype, cache_dtype, query.dtype]
