@@ -460,9 +460,7 @@ def _parse_query(n: _Node) -> tuple[ir.DataType, tuple[int | str | None, ...]]:
     return query.dtype, query_dims
 
 
-def _query_hidden(
-    n: _Node, heads: _Heads, quant: _CacheQuantization, query_dims, packed_qkv: bool
-) -> int | None:
+def _query_hidden(n: _Node, heads: _Heads, quant: _CacheQuantization, query_dims, packed_qkv: bool) -> int | None:
     """The query's hidden size: its static last dim, else the one the head size of another input implies,
     else None (H is read from the query at run time, as ORT reads it).
 
@@ -521,9 +519,7 @@ def _head_size(n: _Node, heads: _Heads, query_hidden: int | None, packed_qkv: bo
     return head_size
 
 
-def _key_length_zero(
-    n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int | None, query_dims
-) -> bool | None:
+def _key_length_zero(n: _Node, heads: _Heads, dtype: ir.DataType, head_size: int | None, query_dims) -> bool | None:
     """Whether separate key/value have sequence length 0 (a KV-shared layer, §11).
 
     None when the shapes do not tell (a symbolic length named unlike the query's, or

@@ -136,9 +136,7 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
 
 
-def _split_heads(
-    op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, head_size: HeadSize, rotate=None, rotate_key=None
-):
+def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, head_size: HeadSize, rotate=None, rotate_key=None):
     """q [B,S,N,H], k [B,Skv,Nkv,H], v [B,Skv,Nkv,H] in the model's type, q and k normalized
     (when norm weights are given) and then rotated by ``rotate(x_BSnH, n)`` (separate
     keys by ``rotate_key``, when given: their length may differ from S at run time).
@@ -594,9 +592,7 @@ def _rotations(
             if use_rotary_op:  # its reshapes are explicit: fine with no rows
                 rotated = apply_rotary_op(op, x_BSnH, tables, heads, head_size, spec.rotary_interleaved)
             else:
-                rotated = apply_rotary(
-                    op, shared, x_BSnH, tables, head_size, spec.rotary_interleaved, may_be_empty
-                )
+                rotated = apply_rotary(op, shared, x_BSnH, tables, head_size, spec.rotary_interleaved, may_be_empty)
             return _from_compute(op, rotated, spec, lowering)
 
         return rotate
@@ -708,9 +704,7 @@ def expand_gqa(
     query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec, lowering)
 
     if lowering.attention_op and _causal_op_suffices(spec, lowering):
-        return _expand_causal_op(
-            op, shared, info, node, spec, lowering, query_BNSH, key_BSNH, value_BSNH, head_size
-        )
+        return _expand_causal_op(op, shared, info, node, spec, lowering, query_BNSH, key_BSNH, value_BSNH, head_size)
 
     # 2. The new rows in the cache's type; the key columns attention reads; present.
     encode_key, decode_key = _cache_codec(op, node, spec, lowering, gqa.K_SCALE, head_size)

@@ -11,7 +11,6 @@ so every shape keeps its rank. With a static H every helper emits exactly what t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import onnx_ir as ir
 
@@ -21,7 +20,7 @@ from gqa_decompose.expansion.sequence import SharedSubgraphs
 __all__ = ["HeadSize", "default_scale", "halved", "runtime_head_size", "scale_scalar", "shape_of", "times"]
 
 # A static H, or H as a 1-element int64 vector computed at run time.
-HeadSize = Union[int, ir.Value]
+HeadSize = int | ir.Value
 
 
 def runtime_head_size(shared: SharedSubgraphs, query: ir.Value, query_heads: int) -> ir.Value:

@@ -51,7 +51,8 @@ def quantize(
     low_nibbles = op.slice(pairs, 0, 1, axis=4)
     high_nibbles = op.slice(pairs, 1, 2, axis=4)
     packed = op.op("Add", low_nibbles, op.op("Mul", high_nibbles, op.float_scalar(16.0)))
-    return op.cast(op.op("Reshape", packed, shape_of(op, [0, 0, 0, halved(op, head_size)], like=packed)), ir.DataType.UINT8)
+    packed_BNSh = op.op("Reshape", packed, shape_of(op, [0, 0, 0, halved(op, head_size)], like=packed))
+    return op.cast(packed_BNSh, ir.DataType.UINT8)
 
 
 def dequantize(
