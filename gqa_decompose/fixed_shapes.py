@@ -51,7 +51,27 @@ def fixed_shape_copy(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...
     result = ir.to_proto(folded)
     # Inferred again: a Pad's amounts or a Range's limit, now constant, give the shapes downstream.
     del result.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(result, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(result, data_prop=True)
+    _spell_out_reshape_targets(inferred.graph)
+    return inferred
+
+
+def _spell_out_reshape_targets(graph: onnx.GraphProto) -> None:
+    """Each Reshape's target as its (static) output shape, without 0 (keep the dim) or -1: onnx2tf 2.6.9's
+    conversion of a Reshape to [0, 2, 0, 16] after a Pad of the empty past failed in XNNPack ("XNNPack
+    delegate failed to reshape runtime")."""
+    shapes = {value.name: value.type.tensor_type.shape for value in [*graph.value_info, *graph.output]}
+    for node in graph.node:
+        shape = shapes.get(node.output[0]) if node.op_type == "Reshape" else None
+        if shape is None or not all(dim.HasField("dim_value") for dim in shape.dim):
+            continue
+        dims = [dim.dim_value for dim in shape.dim]
+        allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        if 0 in dims and not allow_zero:  # a 0 in the target would keep the input's dim
+            continue
+        name = f"{node.output[0]}__target"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(dims, dtype=np.int64), name))
+        node.input[1] = name
 
 
 def _fold_shape_arithmetic(graph: ir.Graph) -> None:

@@ -33,12 +33,15 @@ def load(model: onnx.ModelProto) -> Session:
 
     inputs = _input_names(model)
     ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in model.graph.input}
+    dtypes = [onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type) for value in model.graph.output]
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = [_as_declared(array, ranks[name]) for name, array in _only(feeds, inputs).items()]
         results = function(*arrays)
         results = results if isinstance(results, tuple | list) else (results,)
-        return [np.asarray(result.to_host()) for result in results]
+        # to_host() maps the result's buffer, which goes back to IREE's allocator with ``results``: copy it out
+        # (a mapped present read later came back overwritten by the next run's values, off by up to 255).
+        return [_as_dtype(np.array(result.to_host()), dtype) for result, dtype in zip(results, dtypes, strict=True)]
 
     return Session(_output_names(model), run)
 
@@ -48,6 +51,13 @@ def _as_declared(array: np.ndarray, rank: int) -> np.ndarray:
     ("tensor shape rank mismatch; expected 0 (scalar) but have 1")."""
     array = np.ascontiguousarray(array)
     return array.reshape(()) if rank == 0 and array.shape == (1,) else array
+
+
+def _as_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``array`` read as the output's declared type: IREE's integers are signless, so a uint8 output (int4
+    cache codes, two to a byte) comes back as int8 with the same bits (240 as -16)."""
+    same_width = array.dtype.itemsize == np.dtype(dtype).itemsize
+    return array.view(dtype) if array.dtype.kind in "iu" and np.dtype(dtype).kind in "iu" and same_width else array
 
 
 def _without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:

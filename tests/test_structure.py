@@ -453,7 +453,9 @@ def test_fast_cache_update_is_one_concat_or_one_scatter_chosen_at_run_time():
     ]
     (scatter_choice,) = [n for n in update.attribute[1].g.node if n.op_type == "If"]
     straight, padded = (scatter_choice.attribute[i].g for i in (0, 1))
-    assert [n.op_type for n in padded.node] == ["Pad", "ScatterND", "Pad", "ScatterND"]
+    # The Reshape restates the past's static dims, which ONNX's inference loses through the Pad (a view on ORT).
+    padded_ops = [n.op_type for n in padded.node if n.op_type != "Constant"]
+    assert padded_ops == ["Pad", "Reshape", "ScatterND", "Pad", "Reshape", "ScatterND"]
     # A buffer that fits: into past in a decode step, into zeros in a first prompt (ORT copies no past row).
     (first_prompt_choice,) = straight.node
     into_zeros, into_past = (first_prompt_choice.attribute[i].g for i in (0, 1))

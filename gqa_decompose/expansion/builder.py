@@ -120,6 +120,20 @@ class OpBuilder:
             return self.int_scalar(shape[axis])
         return self.op("Gather", self.op("Shape", value), self.int_scalar(axis), axis=0)
 
+    def with_static_dims(self, resized: ir.Value, source: ir.Value, axis: int) -> ir.Value:
+        """``resized`` (``source`` cut or padded along ``axis`` by a computed amount) through a Reshape that states
+        ``source``'s static dims on the other axes, 0 (keep the dim) elsewhere; ``resized`` itself when none is.
+
+        ONNX's inference loses every dim through a Pad by computed amounts (and ScatterND, Slice after it), and
+        IREE 3.13 mishandles the unknown dims: a bias [1, 1, S, T] it added as one that does not broadcast
+        (batch 0's head 0 only), a MatMul of static by unknown batch dims failed to compile. A Reshape is a view.
+        """
+        shape = source.shape
+        if shape is None:
+            return resized
+        target = [dim if isinstance(dim, int) and i != axis % len(shape) else 0 for i, dim in enumerate(shape)]
+        return self.op("Reshape", resized, self.ints(target)) if any(target) else resized
+
     def unsqueeze(self, value: ir.Value, axes: Sequence[int]) -> ir.Value:
         return self.op("Unsqueeze", value, self.ints(axes))
 

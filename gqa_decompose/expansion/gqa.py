@@ -612,7 +612,8 @@ def _bias_columns(op: OpBuilder, info, node: ir.Node, spec: gqa.GqaSpec, lowerin
         # Bias columns are absolute key positions; pick each key column's.
         return _gather_columns(op, info, _to_compute(op, bias, spec, lowering), columns.positions)
     # Bias columns are absolute key positions 0..T-1; the key columns may be more or fewer.
-    return _fit_columns(op, _to_compute(op, bias, spec, lowering), info.total_length, columns.length)
+    fitted = _fit_columns(op, _to_compute(op, bias, spec, lowering), info.total_length, columns.length)
+    return op.with_static_dims(fitted, bias, axis=3)
 
 
 def _attend_primitives(

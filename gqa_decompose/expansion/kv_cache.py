@@ -118,7 +118,8 @@ def write_new_rows(
     """
     base_BNLH = past_BNPH
     if not static_buffer:
-        base_BNLH = op.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH))
+        padded_BNLH = op.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH))
+        base_BNLH = op.with_static_dims(padded_BNLH, past_BNPH, axis=2)
     if tensor_scatter:
         return op.op("TensorScatter", base_BNLH, new_BNSH, info.offsets_B, mode="linear")
     indices = scatter_indices(shared, info, kv_num_heads)

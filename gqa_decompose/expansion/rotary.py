@@ -52,23 +52,27 @@ class RotaryTables:
 
 def _positions_BS(op: OpBuilder, info: SequenceInfo, position_ids: ir.Value | None) -> ir.Value:
     rows_1S = op.unsqueeze(info.query_rows_S, [0])
+    # [B, S] from the query's shape, not [-1, S]: ONNX's inference then knows both dims of the continuation's
+    # positions, and IREE 3.13 fails to compile the rotation's Mul of [B, S, ..] by unknown dims ("expected sizes
+    # to be non-negative, but got -1").
+    if position_ids is None and info.is_first_prompt is None:
+        return rows_1S
+    shape_BS = op.op("Concat", info.batch_size_1, op.to_vector(info.query_length), axis=0)
     if position_ids is not None:
         flat_positions = op.op("Reshape", position_ids, op.ints([-1]))
         base = op.op("Gather", flat_positions, op.int_scalar(0), axis=0)
         first_prompt_1S = op.op("Add", rows_1S, base)
         row_count = op.op("Mul", info.batch_size_1, op.to_vector(info.query_length))
-        continuation_BS = op.op(
-            "Reshape",
-            op.slice(flat_positions, 0, row_count, axis=0),
-            op.op("Concat", op.ints([-1]), op.to_vector(info.query_length), axis=0),
-        )
+        continuation_BS = op.op("Reshape", op.slice(flat_positions, 0, row_count, axis=0), shape_BS)
     else:
         first_prompt_1S = rows_1S
         starts_B1 = op.unsqueeze(op.op("Sub", info.total_lengths_B, info.query_length), [1])
         continuation_BS = op.op("Add", starts_B1, rows_1S)
     if info.is_first_prompt is None:
         return first_prompt_1S
-    return op.op("Where", info.is_first_prompt, first_prompt_1S, continuation_BS)
+    # Both branches [B, S]: onnx2tf 2.6.9 converts this Where to TFLite's SELECT, which wants equal shapes
+    # (batch 2: "select.cc:109 HaveSameShapes(input_x, input_y) was not true").
+    return op.op("Where", info.is_first_prompt, op.op("Expand", first_prompt_1S, shape_BS), continuation_BS)
 
 
 def build_rotary_tables(

@@ -114,7 +114,10 @@ def build_sequence_info(
             offsets_B = op.op("Mul", continuation_offsets_B, op.int_scalar(0))
         else:
             is_first_prompt = op.op("Equal", query_length, total_length)
-            offsets_B = op.op("Where", is_first_prompt, op.int_scalar(0), continuation_offsets_B)
+            # 0 as a [B] vector, not a scalar: onnx2tf 2.6.9 converts the Where to TFLite's SELECT, which wants
+            # equal shapes (batch 2: "select.cc:109 HaveSameShapes(input_x, input_y) was not true").
+            zeros_B = op.op("Mul", continuation_offsets_B, op.int_scalar(0))
+            offsets_B = op.op("Where", is_first_prompt, zeros_B, continuation_offsets_B)
         new_length, new_rows = query_length, query_rows_S
         if key is not None:
             new_length = op.dim(key, 1)
