@@ -43,6 +43,7 @@ from gqa_decompose.expansion.attention_op import (
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.kv_cache import (
     append_aligned_rows,
+    concat_rows,
     guard_aligned_rows,
     longest_row,
     present_length,
@@ -90,6 +91,11 @@ class Lowering:
     compute_dtype: ir.DataType = _FLOAT  # fp32, or the model's type with native_precision
     fast_paths: bool = False  # run-time Ifs: row blocks, cut of long buffers, one-copy cache update
     runtime_profile: str = "portable"  # spec.RUNTIME_PROFILES: "onnxruntime" is fast_paths
+
+    @property
+    def skip_empty_past(self) -> bool:
+        """The webnn profile: no node reads an empty past (kv_cache.unless_past_is_empty)."""
+        return self.runtime_profile == "webnn"
     static_kv_cache: bool = False  # promised T <= P: present has exactly P rows
     growing_kv_cache: bool = False  # promised T = P + S with aligned rows: present = Concat(past, new)
     present_used: bool = False  # present_key/present_value exist and someone reads them
@@ -256,8 +262,8 @@ def _key_columns(
         )
     new_key, new_value = new_rows
     if spec.sliding_window_cache:
-        keys = op.op("Concat", past_key, new_key, axis=2)
-        values = op.op("Concat", past_value, new_value, axis=2)
+        keys = concat_rows(op, shared, past_key, new_key, lowering.skip_empty_past)
+        values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
         present_key = present_value = None
         if lowering.present_used:
             rows = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
@@ -291,13 +297,14 @@ def _key_columns(
                 spec.kv_num_heads,
                 fast_paths,
                 tensor_scatter,
+                lowering.skip_empty_past,
             )
             rows_key = ("present_length", dim_key(past_key, 2))
         return _buffer_columns(
             op, shared, info, past_key, present_key, present_value, present_key, present_value, rows_key, may_cut
         )
-    keys = op.op("Concat", past_key, new_key, axis=2)
-    values = op.op("Concat", past_value, new_value, axis=2)
+    keys = concat_rows(op, shared, past_key, new_key, lowering.skip_empty_past)
+    values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
     positions = concat_key_positions(shared, info, past_key)
     return _KeyColumns(keys, values, positions, None, None, None)
 
