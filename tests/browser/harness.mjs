@@ -226,6 +226,12 @@ class Harness {
       const reasons = refusals(this.log);
       if (reasons) answer.error = `${reasons} (${answer.error})`;
     }
+    if (!answer.ok) {
+      // After a failed WebNN session, later sessions of the same page can fail to create their tensors
+      // ("createTensor ... All dimensions should be positive"): the next job gets a fresh page.
+      delete this.pages[job.backend];
+      await page.close();
+    }
     return answer;
   }
 
