@@ -279,11 +279,17 @@ def _key_columns(
         keys = concat_rows(op, shared, past_key, new_key, lowering.skip_empty_past)
         values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
         present_key = present_value = None
-        if lowering.present_used:
+        webnn = lowering.runtime_profile == "webnn"
+        if lowering.present_used and webnn:  # the WebNN EP takes no GatherND with batch_dims
+            window, heads = spec.local_window_size, spec.kv_num_heads
+            rows = present_columns(shared, info, past_key, window, heads, int32_div=True, full_indices=True)
+            present_key = op.op("GatherND", keys, rows)
+            present_value = op.op("GatherND", values, rows)
+        elif lowering.present_used:
             rows = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
             present_key = op.op("GatherND", keys, rows, batch_dims=2)
             present_value = op.op("GatherND", values, rows, batch_dims=2)
-        positions = sliding_key_positions(shared, info, past_key, spec.local_window_size)
+        positions = sliding_key_positions(shared, info, past_key, spec.local_window_size, webnn)
         return _KeyColumns(keys, values, positions, None, present_key, present_value)
     if lowering.growing_kv_cache:
         present_key = append_aligned_rows(op, shared, info, past_key, new_key)
