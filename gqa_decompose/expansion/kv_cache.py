@@ -128,12 +128,14 @@ def unless_past_is_empty(
     return value
 
 
-def _zero_rows(op: OpBuilder, shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) -> ir.Value:
-    """[B, Nkv, Lp, H] zeros of past's type: Pad(past) of an empty past, built without reading past."""
+def _zero_rows(
+    op: OpBuilder, shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, dtype: ir.DataType | None = None
+) -> ir.Value:
+    """[B, Nkv, Lp, H] zeros of past's type (or ``dtype``): Pad(past) of an empty past, built without reading past."""
     rows = present_length(shared, info, past)
     past_shape = op.op("Shape", past)
     shape = op.op("Concat", op.slice(past_shape, 0, 2, 0), op.to_vector(rows), op.slice(past_shape, 3, 4, 0), axis=0)
-    zero = op.op("Constant", value=ir.tensor(np.zeros((), past.dtype.numpy())))
+    zero = op.op("Constant", value=ir.tensor(np.zeros((), (dtype or past.dtype).numpy())))
     return op.op("Expand", zero, shape)
 
 
@@ -173,24 +175,35 @@ def write_new_rows(
     is zeros of the present's shape then, which is what Pad makes of it.
     """
 
+    # The WebNN EP pads no int8 and scatters no uint8 (a quantized cache): the webnn profile writes those in int32.
+    widen = skip_empty_past and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+
     def written(builder: OpBuilder, base_BNLH: ir.Value) -> ir.Value:
+        new = builder.cast(new_BNSH, ir.DataType.INT32) if widen else new_BNSH
         if tensor_scatter:
-            return builder.op("TensorScatter", base_BNLH, new_BNSH, info.offsets_B, mode="linear")
-        return builder.op("ScatterND", base_BNLH, scatter_indices(shared, info, kv_num_heads), new_BNSH)
+            present = builder.op("TensorScatter", base_BNLH, new, info.offsets_B, mode="linear")
+        else:
+            present = builder.op("ScatterND", base_BNLH, scatter_indices(shared, info, kv_num_heads), new)
+        return builder.cast(present, past_BNPH.dtype) if widen else present
+
+    def past(builder: OpBuilder) -> ir.Value:
+        return builder.cast(past_BNPH, ir.DataType.INT32) if widen else past_BNPH
 
     if static_buffer:
-        return written(op, past_BNPH)
+        return written(op, past(op))
 
     def padded(builder: OpBuilder) -> ir.Value:
-        return written(builder, builder.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH)))
+        return written(builder, builder.op("Pad", past(builder), _growth_pads(shared, info, past_BNPH)))
 
     if not skip_empty_past:
         return padded(op)
+
+    def zeros(builder: OpBuilder) -> ir.Value:
+        return written(builder, _zero_rows(builder, shared, info, past_BNPH, ir.DataType.INT32 if widen else None))
+
     # The write is inside each branch: ONNX Runtime infers the shape of a node's output once the If is
     # inlined, but not of a branch output it folds into a constant (the zeros), and WebNN needs the shape.
-    return unless_past_is_empty(
-        op, shared, past_BNPH, lambda builder: written(builder, _zero_rows(builder, shared, info, past_BNPH)), padded
-    )
+    return unless_past_is_empty(op, shared, past_BNPH, zeros, padded)
 
 
 def _aligned_guard(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) -> ir.Value:
