@@ -259,7 +259,8 @@ def update_cache(
     """Present keys and values without a promise about the cache.
 
     Without ``fast_paths``: past padded to max(P, T) rows, then scattered (two
-    copies, straight-line; with ``skip_empty_past``, zeros instead of an empty past). With it, one copy chosen at run time (one If per layer):
+    copies, straight-line; with ``skip_empty_past``, zeros instead of an empty past).
+    With it, one copy chosen at run time (one If per layer):
 
     * rows aligned at P (T = P + S, a growing cache): Concat(past, new);
     * T <= P (a max-length buffer): new rows scattered straight into past; a
