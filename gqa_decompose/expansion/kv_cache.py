@@ -135,7 +135,11 @@ def _zero_rows(
     rows = present_length(shared, info, past)
     past_shape = op.op("Shape", past)
     shape = op.op("Concat", op.slice(past_shape, 0, 2, 0), op.to_vector(rows), op.slice(past_shape, 3, 4, 0), axis=0)
-    zero = op.op("Constant", value=ir.tensor(np.zeros((), (dtype or past.dtype).numpy())))
+    dtype = dtype or past.dtype
+    if dtype is None:  # an untyped past (never from a typed model): the type read from past itself
+        zero = op.op("CastLike", op.float_scalar(0.0), past)
+    else:
+        zero = op.op("Constant", value=ir.tensor(np.zeros((), dtype.numpy())))
     return op.op("Expand", zero, shape)
 
 
