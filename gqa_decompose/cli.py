@@ -271,12 +271,13 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
 )
 @click.option(
     "--runtime-profile",
-    type=click.Choice(["portable", "onnxruntime", "openvino"]),
+    type=click.Choice(["portable", "onnxruntime", "openvino", "webnn"]),
     default="portable",
     show_default=True,
     help="The runtime the forms are picked for; every profile keeps every cache form. 'portable': "
     "straight-line, runs everywhere (tract, WebNN, LiteRT). 'onnxruntime': run-time If choices (= --fast-paths). "
-    "'openvino': straight-line (OpenVINO runs If nodes slower), the query scaled instead of the scores.",
+    "'openvino': straight-line (OpenVINO runs If nodes slower), the query scaled instead of the scores. "
+    "'webnn': onnxruntime-web's WebNN EP in strict mode (no CPU fallback), empty-past prompt included.",
 )
 @click.option(
     "--target",
@@ -399,8 +400,8 @@ def _options_from_flags(model: pathlib.Path, kv_cache: str, only: tuple[str, ...
     from gqa_decompose import model_io
     from gqa_decompose.spec import DecomposeOptions
 
-    if flags["fast_paths"] and flags["runtime_profile"] == "openvino":
-        raise click.UsageError("--fast-paths is --runtime-profile onnxruntime, not openvino")
+    if flags["fast_paths"] and flags["runtime_profile"] in ("openvino", "webnn"):
+        raise click.UsageError(f"--fast-paths is --runtime-profile onnxruntime, not {flags['runtime_profile']}")
     if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
         # A suggestion only: the default keeps every cache form the original accepts.
         click.echo(

@@ -108,9 +108,11 @@ TARGETS = ("primitives", "attention")
 # Which forms the expansion picks (docs/cache-forms-and-speed.md): "portable" is straight-line with
 # shapes every runtime types (tract, WebNN, LiteRT); "onnxruntime" adds run-time If choices
 # (--fast-paths); "openvino" stays straight-line (OpenVINO runs the If graphs' decode 1.6-3.3x
-# slower than the straight-line one) and scales the query instead of the scores. Every profile keeps the whole
-# contract (every cache form).
-RUNTIME_PROFILES = ("portable", "onnxruntime", "openvino")
+# slower than the straight-line one) and scales the query instead of the scores; "webnn" (onnxruntime-web's
+# WebNN EP) adds Ifs on conditions read from shapes only, which ONNX Runtime folds away once the session's dims
+# are fixed, so that no node reads the empty past of a first prompt (WebNN takes no zero-size tensor), and
+# uses only ops and types the WebNN EP takes. Every profile keeps the whole contract (every cache form).
+RUNTIME_PROFILES = ("portable", "onnxruntime", "openvino", "webnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +149,10 @@ class DecomposeOptions:
             ``"portable"`` (the default, straight-line, runs everywhere),
             ``"onnxruntime"`` (= ``fast_paths``) or ``"openvino"`` (straight-line as
             portable, the query scaled instead of the scores, which OpenVINO would
-            scale through the keys). Each keeps every cache form. Primitives target only.
+            scale through the keys) or ``"webnn"`` (onnxruntime-web's WebNN execution
+            provider in strict mode: Ifs on shape-only conditions that ONNX Runtime
+            folds once the dims are fixed, so no node reads an empty past, and only
+            ops and types the WebNN EP takes). Each keeps every cache form. Primitives target only.
         target: ``"primitives"`` (MatMul/Softmax/...) or ``"attention"``: one
             standard ``Attention`` op (opset >= 23) per node, with rotary as
             RotaryEmbedding-23 and, at opset 24, the cache written by
@@ -188,8 +193,8 @@ class DecomposeOptions:
             raise GqaDecomposeError(
                 f"runtime_profile must be one of {', '.join(RUNTIME_PROFILES)}, got {self.runtime_profile!r}"
             )
-        if self.fast_paths and self.runtime_profile == "openvino":
-            raise GqaDecomposeError("fast_paths is the onnxruntime runtime profile, not openvino")
+        if self.fast_paths and self.runtime_profile in ("openvino", "webnn"):
+            raise GqaDecomposeError(f"fast_paths is the onnxruntime runtime profile, not {self.runtime_profile}")
         # fast_paths is an alias of the onnxruntime profile, kept in step both ways.
         if self.fast_paths or self.runtime_profile == "onnxruntime":
             object.__setattr__(self, "fast_paths", True)

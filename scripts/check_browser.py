@@ -2,7 +2,8 @@
 decode step, against the original on ONNX Runtime CPU: what tests/test_browser.py does for the fixtures.
 
     npm ci --prefix tests/browser       # once: onnxruntime-web, puppeteer-core, @sparticuz/chromium
-    python scripts/check_browser.py MODEL.onnx [--kv-cache static] [--buffer 16] [--runtime webnn]...
+    python scripts/check_browser.py MODEL.onnx [--kv-cache static] [--buffer 16] [--runtime webnn]... \
+        [--runtime-profile webnn]       # the forms for WebNN: its empty-past prompt runs there too
 
 Batch 1, a prompt of 4 tokens with empty past, then one decode step fed ORT's presents (so each phase is
 judged alone). ``--kv-cache static`` decomposes with the static-buffer promise and feeds a max-length buffer
@@ -25,7 +26,7 @@ import gqa_decompose
 from gqa_decompose import runtimes
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.runtime_check import PROMPT_LENGTH, _cache_dims, synthesize_prompt_feeds
-from gqa_decompose.spec import DecomposeOptions
+from gqa_decompose.spec import RUNTIME_PROFILES, DecomposeOptions
 
 TOLERANCE = 1e-4
 
@@ -87,13 +88,16 @@ def main() -> int:
     parser.add_argument("--kv-cache", choices=["any", "static", "growing"], default="any")
     parser.add_argument("--static-buffer", action="store_true", help="feed a max-length buffer (default rewrite)")
     parser.add_argument("--buffer", type=int, default=2 * PROMPT_LENGTH, help="rows of the static buffer")
+    parser.add_argument("--runtime-profile", choices=RUNTIME_PROFILES, default="portable", help="as the CLI's")
     args = parser.parse_args()
-    options = DecomposeOptions(static_kv_cache=args.kv_cache == "static", growing_kv_cache=args.kv_cache == "growing")
+    options = DecomposeOptions(
+        static_kv_cache=args.kv_cache == "static",
+        growing_kv_cache=args.kv_cache == "growing",
+        runtime_profile=args.runtime_profile,
+    )
     buffer = args.buffer if args.kv_cache == "static" or args.static_buffer else None
     original = onnx.load(args.model)
-    decomposed = gqa_decompose.decompose(
-        original, static_kv_cache=options.static_kv_cache, growing_kv_cache=options.growing_kv_cache
-    )
+    decomposed = gqa_decompose.decompose(original, options=options)
     cases = phases(original, options, buffer)
     failed = False
     for name in args.runtime or ["wasm", "webnn"]:

@@ -52,6 +52,26 @@ WHOLE_MODEL = {
     "static": "tiny Llama: prompt + 3 decode steps, static buffer",
 }
 WHOLE_MODEL_TOLERANCE = 1e-4
+# Runtime profiles (--runtime-profile) run on a runtime besides the default forms, as a target of their own.
+PROFILES = {"webnn": ("webnn",)}
+
+
+def _profile_target(profile: str) -> str:
+    return f"{PRIMITIVES}, --runtime-profile {profile}"
+
+
+def _targets(results: dict[str, dict] | None = None) -> list[str]:
+    """The rewrite's targets, then the profile targets (those some result has, when ``results`` is given)."""
+    profiles = dict.fromkeys(p for ps in PROFILES.values() for p in ps)
+    extra = [_profile_target(p) for p in profiles]
+    if results is not None:
+        extra = [t for t in extra if any(t in r["cells"] for r in results.values())]
+    return [*targets(), *extra]
+
+
+def _target_and_profile(target: str) -> tuple[str, str]:
+    prefix = f"{PRIMITIVES}, --runtime-profile "
+    return (PRIMITIVES, target[len(prefix) :]) if target.startswith(prefix) else (target, "portable")
 
 
 def _reason(message: str) -> str:
@@ -77,12 +97,13 @@ class Footnotes:
 
 def _case_cell(runtime: str, target: str, group: str) -> dict:
     """{"text": ..., "failure": the first failure's message or None, "passed": cases passed, "cases": count}."""
+    target, profile = _target_and_profile(target)
     phases = passed = 0
     worst = 0.0
     first_failure = None
     failed_cases = []
     for case in (c for c in CASES if c.group == group):
-        result = run_case(case, runtime, target)
+        result = run_case(case, runtime, target, profile)
         problems = failures(result)
         phases += max(len(result.results), 1)
         passed += sum(r.passed for r in result.results)
@@ -102,8 +123,9 @@ def _case_cell(runtime: str, target: str, group: str) -> dict:
 
 
 def _model_cell(runtime: str, target: str, cache: str) -> dict:
+    target, profile = _target_and_profile(target)
     try:
-        error = run_whole_model(runtime, cache, target)
+        error = run_whole_model(runtime, cache, target, profile=profile)
     except Exception as failure:  # noqa: BLE001 - a runtime's failure is a table entry
         message = str(failure).splitlines()[0] if str(failure) else repr(failure)
         return {"text": "**FAIL**", "failure": message, "passed": 0, "cases": 1}
@@ -124,12 +146,13 @@ def run_runtime(runtime: str, log=print, save=None, done: dict | None = None) ->
     if done is not None and done.get("version") == version:
         result["cells"] = done["cells"]
     groups = list(dict.fromkeys(case.group for case in CASES))
+    profile_targets = [_profile_target(profile) for profile in PROFILES.get(runtime, ())]
     work = [
         (target, label, partial(_model_cell, runtime, target, cache))
-        for target in [*targets(), FUSED]
+        for target in [*targets(), *profile_targets, FUSED]
         for cache, label in WHOLE_MODEL.items()
     ]
-    for target in [FUSED, *targets()]:
+    for target in [FUSED, *targets(), *profile_targets]:
         work += [(target, _group_label(group), partial(_case_cell, runtime, target, group)) for group in groups]
     for target, label, cell in work:
         rows = result["cells"].setdefault(target, {})
@@ -171,12 +194,14 @@ def build_table(results: dict[str, dict]) -> str:
         *_summary(results, chosen),
         "",
     ]
-    for target in [*targets(), FUSED]:
-        lines += [f"**target: {target}**", "", "| feature group | " + " | ".join(chosen) + " |"]
-        lines.append("|---|" + "---|" * len(chosen))
+    for target in [*_targets(results), FUSED]:
+        # A profile's table has the runtimes it ran on only.
+        shown = [r for r in chosen if target in results[r]["cells"]] if "--runtime-profile" in target else chosen
+        lines += [f"**target: {target}**", "", "| feature group | " + " | ".join(shown) + " |"]
+        lines.append("|---|" + "---|" * len(shown))
         for row in _rows():
             cells = []
-            for runtime in chosen:
+            for runtime in shown:
                 cell = results[runtime]["cells"].get(target, {}).get(row, _NOT_RUN)
                 mark = f" {notes.mark(runtime, cell['failure'])}" if cell["failure"] else ""
                 cells.append(cell["text"] + mark)
@@ -192,7 +217,7 @@ _NOT_RUN = {"text": "not run", "failure": None, "passed": 0, "cases": 0}
 
 def _summary(results: dict[str, dict], chosen: list[str]) -> list[str]:
     """Per runtime: one-node cases passed, and the tiny Llama's two runs, for the original and each target."""
-    columns = [FUSED, *targets()]
+    columns = [FUSED, *_targets(results)]
     titles = {FUSED: "original model (fused GQA)", PRIMITIVES: "rewritten: primitives (default)"}
     lines = [
         "**Summary**: one-GQA-node cases that pass every phase, and the tiny Llama (prompt + 3 decode steps, "
@@ -204,6 +229,9 @@ def _summary(results: dict[str, dict], chosen: list[str]) -> list[str]:
     for runtime in chosen:
         cells = []
         for target in columns:
+            if "--runtime-profile" in target and target not in results[runtime]["cells"]:
+                cells.append("—")  # a profile for another runtime
+                continue
             rows = results[runtime]["cells"].get(target, {})
             groups = [cell for row, cell in rows.items() if row not in WHOLE_MODEL.values()]
             passed, count = sum(c["passed"] for c in groups), sum(c["cases"] for c in groups)

@@ -18,7 +18,13 @@ from gqa_decompose import runtimes
 
 MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 FIXTURES = {"tiny": MODELS / "tiny-llama-gqa.onnx", "builder": MODELS / "builder-tiny-llama" / "model.onnx"}
-FORMS = {"default": {}, "kvstatic": {"static_kv_cache": True}}
+FORMS = {
+    "default": {},
+    "kvstatic": {"static_kv_cache": True},
+    # --runtime-profile webnn (tests/test_browser.py runs these on WebNN only)
+    "webnn": {"runtime_profile": "webnn"},
+    "webnn-kvstatic": {"runtime_profile": "webnn", "static_kv_cache": True},
+}
 VARIANTS = {
     "default-growing": ("default", "growing"),
     "default-static": ("default", "static"),

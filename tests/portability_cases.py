@@ -257,13 +257,17 @@ def compare_generations(expected, got) -> float:
     return worst
 
 
-def run_whole_model(runtime: str, cache: str, target: str = PRIMITIVES, steps: int = 3) -> float:
-    """Max error of the rewritten tiny Llama on ``runtime`` against the fused one on ORT."""
+def run_whole_model(
+    runtime: str, cache: str, target: str = PRIMITIVES, steps: int = 3, profile: str = "portable"
+) -> float:
+    """Max error of the rewritten tiny Llama (forms of runtime ``profile``) on ``runtime`` against the fused
+    one on ORT."""
     original = onnx.load(TINY_LLAMA)
     if target == FUSED:
         decomposed = original
     else:
-        decomposed = gqa_decompose.decompose(original, options=case_options(Case("", "", GqaConfig()), target))
+        options = case_options(Case("", "", GqaConfig()), target, profile)
+        decomposed = gqa_decompose.decompose(original, options=options)
     static_length = 16 if cache == "static" else None
     expected = generate(runtimes.get_runtime("onnxruntime").load(original), original, steps, static_length)
     got = generate(runtimes.get_runtime(runtime).load(decomposed), decomposed, steps, static_length)

@@ -10,7 +10,9 @@ decode step, batch 1, with each cache the form admits:
 * ``default-growing``: the default rewrite, fed a cache that grows (past = the prompt's present);
 * ``default-static``: the default rewrite, fed a max-length buffer of ``BUFFER`` rows;
 * ``kvstatic-static``: the rewrite with ``static_kv_cache=True`` (what the CLI writes
-  for builder models, whose genai_config shares past and present), fed the buffer.
+  for builder models, whose genai_config shares past and present), fed the buffer;
+* on WebNN also ``webnn-growing``, ``webnn-static``, ``webnn-kvstatic-static``: the same with
+  ``--runtime-profile webnn``, which must pass them all.
 
 Outputs are compared with ORT CPU's run of the original model on the same feeds;
 the decode step is fed ORT's own presents, so each phase is judged alone.
@@ -78,6 +80,15 @@ WEBNN_KNOWN_FAILURES: dict[tuple[str, str, str], tuple[str, ...]] = {
 }
 
 
+# --runtime-profile webnn, on WebNN (strict) only: every variant passes, the empty-past prompt and the
+# static_kv_cache form included (what WEBNN_KNOWN_FAILURES pins for the portable default).
+WEBNN_PROFILE_VARIANTS = {
+    "webnn-growing": ("webnn", "growing"),
+    "webnn-static": ("webnn", "static"),
+    "webnn-kvstatic-static": ("webnn-kvstatic", "static"),
+}
+
+
 def _case(backend: str, fixture: str, variant: str, phase: str):
     marks = []
     if backend == "webnn" and (fixture, variant, phase) in WEBNN_KNOWN_FAILURES:
@@ -92,6 +103,11 @@ CASES = [
     for fixture in FIXTURES
     for variant in VARIANTS
     for phase in PHASES
+] + [
+    _case("webnn", fixture, variant, phase)
+    for fixture in FIXTURES
+    for variant in WEBNN_PROFILE_VARIANTS
+    for phase in PHASES
 ]
 
 needs_browser = pytest.mark.skipif(MISSING is not None, reason=f"browser harness not installed: {MISSING}")
@@ -100,7 +116,7 @@ needs_browser = pytest.mark.skipif(MISSING is not None, reason=f"browser harness
 @needs_browser
 @pytest.mark.parametrize("backend,fixture,variant,phase", CASES)
 def test_decomposed_fixture_runs_in_the_browser(backend, fixture, variant, phase, record_property):
-    form, cache = VARIANTS[variant]
+    form, cache = {**VARIANTS, **WEBNN_PROFILE_VARIANTS}[variant]
     feeds, want = _phases(fixture, cache)[phase]
     pinned = WEBNN_KNOWN_FAILURES.get((fixture, variant, phase), ()) if backend == "webnn" else ()
     try:
@@ -130,6 +146,20 @@ def test_original_builder_model_with_a_static_buffer_prompt_runs_on_webnn():
     feeds, want = _phases("builder", "static")["prompt"]
     got = runtimes.get_runtime("webnn").load(_original("builder")).run(feeds)
     assert max_error(feeds, want, got) < TOLERANCE
+
+
+@needs_browser
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="WebNN EP refuses GroupQueryAttention on an empty past")
+def test_original_builder_model_empty_past_prompt_does_not_run_on_webnn():
+    """The original's own GQA on WebNN: its first prompt on an empty past goes to the CPU ("has 0 dimension"),
+    which --runtime-profile webnn runs (the webnn-growing prompt cases above)."""
+    feeds, want = _phases("builder", "growing")["prompt"]
+    try:
+        runtimes.get_runtime("webnn").load(_original("builder")).run(feeds)
+    except RuntimeError as error:
+        assert "GroupQueryAttention (/model/layers.0/attn/GroupQueryAttention" in str(error), error
+        assert "has 0 dimension which is not supported by WebNN" in str(error), error
+        raise
 
 
 # The adapter ---------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ PROFILE_CELLS = [
     for profile in ("onnxruntime", "openvino")
     for cell in GRID
     if cell[0] in ("gqa", "mqa") and cell[1] == 64
-]
+] + [(*cell, "webnn") for cell in GRID if cell[0] == "gqa" and cell[1] == 64]
 CELLS = [(*cell, "portable") for cell in GRID] + PROFILE_CELLS
 
 

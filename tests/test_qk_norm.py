@@ -112,10 +112,12 @@ def test_verification_catches_a_wrong_norm(monkeypatch, sabotage):
 
     real = expansion.rms_normalize_heads
     if sabotage == "no norm":
-        monkeypatch.setattr(expansion, "rms_normalize_heads", lambda op, x, w, eps, dtype: x)
+        monkeypatch.setattr(expansion, "rms_normalize_heads", lambda op, x, w, eps, dtype, norm_op=True: x)
     else:
         monkeypatch.setattr(
-            expansion, "rms_normalize_heads", lambda op, x, w, eps, dtype: real(op, x, w, eps * 1e5, dtype)
+            expansion,
+            "rms_normalize_heads",
+            lambda op, x, w, eps, dtype, norm_op=True: real(op, x, w, eps * 1e5, dtype, norm_op),
         )
     config = dataclasses.replace(COMBINATIONS["weights as graph inputs, epsilon 1e-3"], rotary="half")
     assert not verify(make_gqa_model(config)).passed

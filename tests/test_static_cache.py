@@ -209,12 +209,13 @@ def test_cli_kv_cache_growing(tmp_path):
 # Runtime profiles (--fast-paths is onnxruntime's): the same contract through other forms --------
 
 
-@pytest.mark.parametrize("profile", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("profile", ["onnxruntime", "openvino", "webnn"])
 @pytest.mark.parametrize("kv_cache", ["any", "static", "growing"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_runtime_profiles_match_ort_in_every_phase(name, kv_cache, profile):
     """onnxruntime's every branch: Concat / ScatterND into past / Pad + ScatterND, whole or cut
-    buffer, row blocks; openvino's straight-line graph with the query scaled."""
+    buffer, row blocks; openvino's straight-line graph with the query scaled; webnn's If on an empty past
+    (both branches run on ORT, which sees no fixed dims), a static buffer read whole."""
     config = CONFIGS[name]
     if kv_cache == "growing" and config.kv_empty:
         pytest.skip("a KV-shared layer has no growing cache")
@@ -254,6 +255,10 @@ def test_fast_paths_is_the_onnxruntime_profile():
         DecomposeOptions(runtime_profile="tract")
     with pytest.raises(gqa_decompose.GqaDecomposeError, match="fast_paths is the onnxruntime"):
         DecomposeOptions(fast_paths=True, runtime_profile="openvino")
+    with pytest.raises(
+        gqa_decompose.GqaDecomposeError, match="fast_paths is the onnxruntime runtime profile, not webnn"
+    ):
+        DecomposeOptions(fast_paths=True, runtime_profile="webnn")
 
 
 def test_openvino_profile_is_straight_line_with_the_query_scaled():
@@ -280,6 +285,14 @@ def test_cli_runtime_profile(tmp_path):
     assert result.exit_code == 0, result.output
     ops = {n.op_type for n in all_nodes(onnx.load(tmp_path / "m.decomposed.onnx").graph)}
     assert "If" in ops
+    result = CliRunner().invoke(main, [str(model_path), "-q", "--runtime-profile", "webnn", "--fast-paths"])
+    assert result.exit_code == 2 and "--fast-paths is --runtime-profile onnxruntime, not webnn" in result.output
+    result = CliRunner().invoke(
+        main, [str(model_path), "-q", "--runtime-profile", "webnn", "-o", str(tmp_path / "w.onnx")]
+    )
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(tmp_path / "w.onnx").graph
+    assert {n.op_type for n in all_nodes(graph)} >= {"If", "ScatterND"} and "Pad" not in {n.op_type for n in graph.node}
 
 
 @pytest.mark.parametrize(
@@ -293,7 +306,7 @@ def test_cli_runtime_profile(tmp_path):
     ],
     ids=["int8", "int4", "windowed", "bfloat16", "no-past"],
 )
-@pytest.mark.parametrize("profile", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("profile", ["onnxruntime", "openvino", "webnn"])
 def test_runtime_profiles_with_other_caches_and_types(config, profile):
     report = gqa_decompose.verify(make_gqa_model(config), runtime_profile=profile)
     assert report.passed, [r.failure for r in report.nodes[0].results]

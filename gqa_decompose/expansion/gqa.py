@@ -45,6 +45,7 @@ from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.head_size import HeadSize, default_scale, runtime_head_size, shape_of
 from gqa_decompose.expansion.kv_cache import (
     append_aligned_rows,
+    concat_rows,
     guard_aligned_rows,
     longest_row,
     present_length,
@@ -93,6 +94,20 @@ class Lowering:
     compute_dtype: ir.DataType = _FLOAT  # fp32, or the model's type with native_precision
     fast_paths: bool = False  # run-time Ifs: row blocks, cut of long buffers, one-copy cache update
     runtime_profile: str = "portable"  # spec.RUNTIME_PROFILES: "onnxruntime" is fast_paths
+
+    @property
+    def skip_empty_past(self) -> bool:
+        """The webnn profile: no node reads an empty past (kv_cache.unless_past_is_empty)."""
+        return self.runtime_profile == "webnn"
+
+    @property
+    def shapes_from_shapes(self) -> bool:
+        """The webnn profile: no shape computed from data (WebNN compiles for static shapes), so attention reads
+        a static buffer whole (not its longest row's rows) and the growing-cache promise's guard, a Reshape to a
+        target computed from seqlens_k, is not emitted: the cache is written as without a promise (exact for a
+        growing cache too)."""
+        return self.runtime_profile == "webnn"
+
     static_kv_cache: bool = False  # promised T <= P: present has exactly P rows
     growing_kv_cache: bool = False  # promised T = P + S with aligned rows: present = Concat(past, new)
     present_used: bool = False  # present_key/present_value exist and someone reads them
@@ -119,7 +134,10 @@ class Lowering:
             fast_paths=options.fast_paths,
             runtime_profile=options.runtime_profile,
             static_kv_cache=options.static_kv_cache and plain_cache,
-            growing_kv_cache=options.growing_kv_cache and plain_cache and not (spec.kv_empty or spec.kv_maybe_empty),
+            growing_kv_cache=options.growing_kv_cache
+            and plain_cache
+            and not (spec.kv_empty or spec.kv_maybe_empty)
+            and options.runtime_profile != "webnn",
             present_used=gqa.output_is_read(node, gqa.PRESENT_KEY) or gqa.output_is_read(node, gqa.PRESENT_VALUE),
             output_qk_used=bool(spec.qk_output) and gqa.output_is_read(node, gqa.OUTPUT_QK),
         )
@@ -136,7 +154,15 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
 
 
-def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, head_size: HeadSize, rotate=None, rotate_key=None):
+def _split_heads(
+    op: OpBuilder,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    head_size: HeadSize,
+    rotate=None,
+    rotate_key=None,
+    norm_op: bool = True,
+):
     """q [B,S,N,H], k [B,Skv,Nkv,H], v [B,Skv,Nkv,H] in the model's type, q and k normalized
     (when norm weights are given) and then rotated by ``rotate(x_BSnH, n)`` (separate
     keys by ``rotate_key``, when given: their length may differ from S at run time).
@@ -152,7 +178,7 @@ def _split_heads(op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, head_size: Hea
         if not enabled:
             return x_BSnH
         weight_H = node.inputs[weight_index]
-        return rms_normalize_heads(op, x_BSnH, weight_H, spec.qk_norm_epsilon, spec.dtype)
+        return rms_normalize_heads(op, x_BSnH, weight_H, spec.qk_norm_epsilon, spec.dtype, norm_op)
 
     if spec.packed_qkv:
         qkv_BSnH = op.op("Reshape", query, shape_of(op, [0, 0, heads + 2 * kv_heads, head_size]))
@@ -258,17 +284,24 @@ def _key_columns(
             present_value,
             ("past", dim_key(past_key, 2)),
             may_cut,
+            lowering.shapes_from_shapes,
         )
     new_key, new_value = new_rows
     if spec.sliding_window_cache:
-        keys = op.op("Concat", past_key, new_key, axis=2)
-        values = op.op("Concat", past_value, new_value, axis=2)
+        keys = concat_rows(op, shared, past_key, new_key, lowering.skip_empty_past)
+        values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
         present_key = present_value = None
-        if lowering.present_used:
+        webnn = lowering.runtime_profile == "webnn"
+        if lowering.present_used and webnn:  # the WebNN EP takes no GatherND with batch_dims
+            window, heads = spec.local_window_size, spec.kv_num_heads
+            rows = present_columns(shared, info, past_key, window, heads, int32_div=True, full_indices=True)
+            present_key = op.op("GatherND", keys, rows)
+            present_value = op.op("GatherND", values, rows)
+        elif lowering.present_used:
             rows = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
             present_key = op.op("GatherND", keys, rows, batch_dims=2)
             present_value = op.op("GatherND", values, rows, batch_dims=2)
-        positions = sliding_key_positions(shared, info, past_key, spec.local_window_size)
+        positions = sliding_key_positions(shared, info, past_key, spec.local_window_size, webnn)
         return _KeyColumns(keys, values, positions, None, present_key, present_value)
     if lowering.growing_kv_cache:
         present_key = append_aligned_rows(op, shared, info, past_key, new_key)
@@ -301,13 +334,24 @@ def _key_columns(
                 spec.kv_num_heads,
                 fast_paths,
                 tensor_scatter,
+                lowering.skip_empty_past,
             )
             rows_key = ("present_length", dim_key(past_key, 2))
         return _buffer_columns(
-            op, shared, info, past_key, present_key, present_value, present_key, present_value, rows_key, may_cut
+            op,
+            shared,
+            info,
+            past_key,
+            present_key,
+            present_value,
+            present_key,
+            present_value,
+            rows_key,
+            may_cut,
+            lowering.shapes_from_shapes,
         )
-    keys = op.op("Concat", past_key, new_key, axis=2)
-    values = op.op("Concat", past_value, new_value, axis=2)
+    keys = concat_rows(op, shared, past_key, new_key, lowering.skip_empty_past)
+    values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
     positions = concat_key_positions(shared, info, past_key)
     return _KeyColumns(keys, values, positions, None, None, None)
 
@@ -355,12 +399,15 @@ def _buffer_columns(
     present_value: ir.Value | None,
     rows_key: tuple,
     may_cut: bool,
+    whole: bool = False,
 ) -> _KeyColumns:
     """Dense key columns of a buffer that may hold more rows than any query sees.
 
     The buffer has max(P, T) rows (P for past itself); attention reads them
     all or, when that is much more than the longest row and ``may_cut``, a
     copy of that row's length (chosen at run time, see :func:`read_length`).
+    Past itself is read to the longest row's length (a length from data) unless
+    ``whole`` (the webnn profile: shapes from shapes only); the mask hides the rest.
     """
     if rows_key[0] == "past":
         buffer_rows = shared.get(("past_rows", rows_key), lambda builder: builder.dim(past_key, 2))
@@ -370,7 +417,7 @@ def _buffer_columns(
     else:
         buffer_rows = present_length(shared, info, past_key)
     if not may_cut:
-        if rows_key[0] == "past":
+        if rows_key[0] == "past" and not whole:
             # Past itself (a static buffer): only the longest row's rows, always.
             longest = longest_row(shared, info)
             end_1 = op.to_vector(longest)
@@ -701,7 +748,9 @@ def expand_gqa(
 
     # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
     rotate, rotate_key = _rotations(op, shared, info, node, spec, lowering, head_size)
-    query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, head_size, rotate, rotate_key)
+    # The WebNN EP has no RMSNormalization: the webnn profile normalizes with primitives.
+    norm_op = lowering.runtime_profile != "webnn"
+    query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, head_size, rotate, rotate_key, norm_op)
     query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec, lowering)
 
     if lowering.attention_op and _causal_op_suffices(spec, lowering):

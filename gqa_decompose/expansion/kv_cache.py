@@ -30,6 +30,7 @@ from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_
 
 __all__ = [
     "append_aligned_rows",
+    "concat_rows",
     "guard_aligned_rows",
     "longest_row",
     "present_length",
@@ -99,6 +100,63 @@ def scatter_indices(shared: SharedSubgraphs, info: SequenceInfo, kv_num_heads: i
     return shared.get(key, build)
 
 
+def _past_is_empty(shared: SharedSubgraphs, past: ir.Value) -> ir.Value | bool:
+    """P == 0, read from past's shape only: a 0-D bool, or a Python bool when P is static."""
+    shape = past.shape
+    if shape is not None and isinstance(shape[2], int):
+        return shape[2] == 0
+    return shared.get(("past_is_empty", dim_key(past, 2)), lambda op: op.op("Equal", op.dim(past, 2), op.int_scalar(0)))
+
+
+def unless_past_is_empty(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    past: ir.Value,
+    when_empty: Callable[[OpBuilder], ir.Value],
+    otherwise: Callable[[OpBuilder], ir.Value],
+) -> ir.Value:
+    """``otherwise(op)``, or ``when_empty(op)`` (which must not read ``past``) when past has 0 rows.
+
+    The choice is an If on a condition read from past's shape only (none when P is
+    static), which ONNX Runtime folds away once the session's dims are fixed.
+    """
+    empty = _past_is_empty(shared, past)
+    if isinstance(empty, bool):
+        return (when_empty if empty else otherwise)(op)
+    (value,) = op.if_else(empty, lambda builder: [when_empty(builder)], lambda builder: [otherwise(builder)])
+    return value
+
+
+def _zero_rows(
+    op: OpBuilder, shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, dtype: ir.DataType | None = None
+) -> ir.Value:
+    """[B, Nkv, Lp, H] zeros of past's type (or ``dtype``): Pad(past) of an empty past, built without reading past."""
+    rows = present_length(shared, info, past)
+    past_shape = op.op("Shape", past)
+    shape = op.op("Concat", op.slice(past_shape, 0, 2, 0), op.to_vector(rows), op.slice(past_shape, 3, 4, 0), axis=0)
+    dtype = dtype or past.dtype
+    if dtype is None:  # an untyped past (never from a typed model): the type read from past itself
+        zero = op.op("CastLike", op.float_scalar(0.0), past)
+    else:
+        zero = op.op("Constant", value=ir.tensor(np.zeros((), dtype.numpy())))
+    return op.op("Expand", zero, shape)
+
+
+def concat_rows(
+    op: OpBuilder, shared: SharedSubgraphs, past_BNPH: ir.Value, new_BNSH: ir.Value, skip_empty_past: bool = False
+) -> ir.Value:
+    """Concat(past, new) on the row axis; with ``skip_empty_past``, the new rows alone when P == 0."""
+    if not skip_empty_past:
+        return op.op("Concat", past_BNPH, new_BNSH, axis=2)
+    return unless_past_is_empty(
+        op,
+        shared,
+        past_BNPH,
+        lambda builder: builder.op("Identity", new_BNSH),
+        lambda builder: builder.op("Concat", past_BNPH, new_BNSH, axis=2),
+    )
+
+
 def write_new_rows(
     op: OpBuilder,
     shared: SharedSubgraphs,
@@ -108,22 +166,48 @@ def write_new_rows(
     kv_num_heads: int,
     static_buffer: bool = False,
     tensor_scatter: bool = False,
+    skip_empty_past: bool = False,
 ) -> ir.Value:
     """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b.
 
     With ``static_buffer`` (T <= P promised) the new rows go straight into
     past: ScatterND's one copy is the only one. With ``tensor_scatter``
     (opset >= 24) the write is TensorScatter(base, new, write_indices=c_b), which
-    runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp.
+    runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp. With
+    ``skip_empty_past`` (the webnn profile) an empty past is never read: the base
+    is zeros of the present's shape then, which is what Pad makes of it.
     """
-    base_BNLH = past_BNPH
-    if not static_buffer:
-        padded_BNLH = op.op("Pad", past_BNPH, _growth_pads(shared, info, past_BNPH))
-        base_BNLH = op.with_static_dims(padded_BNLH, past_BNPH, axis=2)
-    if tensor_scatter:
-        return op.op("TensorScatter", base_BNLH, new_BNSH, info.offsets_B, mode="linear")
-    indices = scatter_indices(shared, info, kv_num_heads)
-    return op.op("ScatterND", base_BNLH, indices, new_BNSH)
+
+    # The WebNN EP pads no int8 and scatters no uint8 (a quantized cache): the webnn profile writes those in int32.
+    widen = skip_empty_past and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+
+    def written(builder: OpBuilder, base_BNLH: ir.Value) -> ir.Value:
+        new = builder.cast(new_BNSH, ir.DataType.INT32) if widen else new_BNSH
+        if tensor_scatter:
+            present = builder.op("TensorScatter", base_BNLH, new, info.offsets_B, mode="linear")
+        else:
+            present = builder.op("ScatterND", base_BNLH, scatter_indices(shared, info, kv_num_heads), new)
+        return builder.cast(present, past_BNPH.dtype) if widen else present
+
+    def past(builder: OpBuilder) -> ir.Value:
+        return builder.cast(past_BNPH, ir.DataType.INT32) if widen else past_BNPH
+
+    if static_buffer:
+        return written(op, past(op))
+
+    def padded(builder: OpBuilder) -> ir.Value:
+        padded_BNLH = builder.op("Pad", past(builder), _growth_pads(shared, info, past_BNPH))
+        return written(builder, builder.with_static_dims(padded_BNLH, past_BNPH, axis=2))
+
+    if not skip_empty_past:
+        return padded(op)
+
+    def zeros(builder: OpBuilder) -> ir.Value:
+        return written(builder, _zero_rows(builder, shared, info, past_BNPH, ir.DataType.INT32 if widen else None))
+
+    # The write is inside each branch: ONNX Runtime infers the shape of a node's output once the If is
+    # inlined, but not of a branch output it folds into a constant (the zeros), and WebNN needs the shape.
+    return unless_past_is_empty(op, shared, past_BNPH, zeros, padded)
 
 
 def _zeros_like(op: OpBuilder, value: ir.Value) -> ir.Value:
@@ -231,11 +315,13 @@ def update_cache(
     kv_num_heads: int,
     fast_paths: bool = False,
     tensor_scatter: bool = False,
+    skip_empty_past: bool = False,
 ) -> tuple[ir.Value, ir.Value]:
     """Present keys and values without a promise about the cache.
 
     Without ``fast_paths``: past padded to max(P, T) rows, then scattered (two
-    copies, straight-line). With it, one copy chosen at run time (one If per layer):
+    copies, straight-line; with ``skip_empty_past``, zeros instead of an empty past).
+    With it, one copy chosen at run time (one If per layer):
 
     * rows aligned at P (T = P + S, a growing cache): Concat(past, new);
     * T <= P (a max-length buffer): new rows scattered straight into past; a
@@ -247,8 +333,10 @@ def update_cache(
     new_key, new_value = new_BNSH
     if not fast_paths:
         return (
-            write_new_rows(op, shared, info, past_key, new_key, kv_num_heads, False, tensor_scatter),
-            write_new_rows(op, shared, info, past_value, new_value, kv_num_heads, False, tensor_scatter),
+            write_new_rows(op, shared, info, past_key, new_key, kv_num_heads, False, tensor_scatter, skip_empty_past),
+            write_new_rows(
+                op, shared, info, past_value, new_value, kv_num_heads, False, tensor_scatter, skip_empty_past
+            ),
         )
 
     def fits_in_past(builder: OpBuilder) -> ir.Value:

@@ -23,10 +23,11 @@ _FLOAT = ir.DataType.FLOAT
 
 
 def rms_normalize_heads(
-    op: OpBuilder, x_BSnH: ir.Value, weight_H: ir.Value, epsilon: float, dtype: ir.DataType
+    op: OpBuilder, x_BSnH: ir.Value, weight_H: ir.Value, epsilon: float, dtype: ir.DataType, norm_op: bool = True
 ) -> ir.Value:
-    """``x_BSnH`` normalized over its last axis (H), scaled by ``weight_H``, in ``dtype``."""
-    if op.opset is not None and op.opset >= ATTENTION_MIN_OPSET:
+    """``x_BSnH`` normalized over its last axis (H), scaled by ``weight_H``, in ``dtype``: RMSNormalization
+    at opset >= 23 unless ``norm_op`` is False, primitives otherwise."""
+    if norm_op and op.opset is not None and op.opset >= ATTENTION_MIN_OPSET:
         return op.op("RMSNormalization", x_BSnH, weight_H, axis=-1, epsilon=epsilon, stash_type=1)
     x = x_BSnH if dtype == _FLOAT else op.cast(x_BSnH, _FLOAT)
     weight = weight_H if dtype == _FLOAT else op.cast(weight_H, _FLOAT)

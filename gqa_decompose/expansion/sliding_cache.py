@@ -28,11 +28,16 @@ from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_
 __all__ = ["present_columns", "sliding_key_positions"]
 
 
-def _kept(op: OpBuilder, lengths_B: ir.Value, capacity: ir.Value, gap: ir.Value) -> ir.Value:
+def _kept(op: OpBuilder, lengths_B: ir.Value, capacity: ir.Value, gap: ir.Value, int32_div: bool) -> ir.Value:
     """L(x) for each x in ``lengths_B``: how many of the latest x tokens the cache holds."""
     overflow = op.op("Sub", lengths_B, capacity)
     # ceil(a / g) for a > 0; Div of int64 truncates. The other branch is discarded.
-    drops = op.op("Div", op.op("Add", overflow, op.op("Sub", gap, op.int_scalar(1))), gap)
+    dividend = op.op("Add", overflow, op.op("Sub", gap, op.int_scalar(1)))
+    if int32_div:  # the WebNN EP has no int64 Div; exact, GQA's lengths are int32
+        quotient = op.op("Div", op.cast(dividend, ir.DataType.INT32), op.cast(gap, ir.DataType.INT32))
+        drops = op.cast(quotient, ir.DataType.INT64)
+    else:
+        drops = op.op("Div", dividend, gap)
     return op.op(
         "Where",
         op.op("LessOrEqual", lengths_B, capacity),
@@ -41,30 +46,42 @@ def _kept(op: OpBuilder, lengths_B: ir.Value, capacity: ir.Value, gap: ir.Value)
     )
 
 
-def _layout(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, window: int):
+def _layout(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, window: int, int32_div: bool = False):
     """(C, first position held in past, L(P_b), L(t_b)) shared per capacity and window."""
 
     def build(op: OpBuilder):
         capacity = op.dim(past, 2)
         gap = op.op("Add", op.op("Sub", capacity, op.int_scalar(window)), op.int_scalar(1))
-        past_kept_B = _kept(op, info.offsets_B, capacity, gap)
-        present_kept_B = _kept(op, info.total_lengths_B, capacity, gap)
+        past_kept_B = _kept(op, info.offsets_B, capacity, gap, int32_div)
+        present_kept_B = _kept(op, info.total_lengths_B, capacity, gap, int32_div)
         return capacity, past_kept_B, present_kept_B
 
-    return shared.get(("sliding_layout", info, dim_key(past, 2), window), build)
+    return shared.get(("sliding_layout", info, dim_key(past, 2), window, int32_div), build)
 
 
-def sliding_key_positions(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, window: int) -> ir.Value:
-    """Absolute positions of the columns of Concat(past, new), int64 [B, 1, 1, C + S]."""
-    _, past_kept_B, _ = _layout(shared, info, past, window)
+def sliding_key_positions(
+    shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, window: int, int32_div: bool = False
+) -> ir.Value:
+    """Absolute positions of the columns of Concat(past, new), int64 [B, 1, 1, C + S]
+    (``int32_div``: the webnn profile's integer division, see :func:`_kept`)."""
+    _, past_kept_B, _ = _layout(shared, info, past, window, int32_div)
     return concat_key_positions(shared, info, past, past_kept_B)
 
 
 def present_columns(
-    shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, window: int, kv_num_heads: int
+    shared: SharedSubgraphs,
+    info: SequenceInfo,
+    past: ir.Value,
+    window: int,
+    kv_num_heads: int,
+    int32_div: bool = False,
+    full_indices: bool = False,
 ) -> ir.Value:
-    """GatherND indices [B, Nkv, C, 1]: which column of Concat(past, new) each present row copies."""
-    capacity, past_kept_B, present_kept_B = _layout(shared, info, past, window)
+    """GatherND indices [B, Nkv, C, 1] (batch_dims=2): which column of Concat(past, new) each present row copies.
+
+    With ``full_indices`` the indices (b, n, column) [B, Nkv, C, 3] for batch_dims=0 instead (the webnn
+    profile: the WebNN EP takes no GatherND with batch_dims)."""
+    capacity, past_kept_B, present_kept_B = _layout(shared, info, past, window, int32_div)
 
     def build(op: OpBuilder) -> ir.Value:
         rows_1C = op.unsqueeze(op.op("Range", op.int_scalar(0), capacity, op.int_scalar(1)), [0])
@@ -86,6 +103,14 @@ def present_columns(
             op.ints([1]),
             axis=0,
         )
-        return op.op("Expand", columns_B1C1, shape)
+        if not full_indices:
+            return op.op("Expand", columns_B1C1, shape)
+        batch_B111 = op.unsqueeze(
+            op.op("Range", op.int_scalar(0), op.op("Squeeze", info.batch_size_1), op.int_scalar(1)), [1, 2, 3]
+        )
+        heads_1N11 = op.unsqueeze(op.ints(list(range(kv_num_heads))), [0, 2, 3])
+        parts = [op.op("Expand", part, shape) for part in (batch_B111, heads_1N11, columns_B1C1)]
+        return op.op("Concat", *parts, axis=3)
 
-    return shared.get(("sliding_present_columns", info, dim_key(past, 2), window, kv_num_heads), build)
+    key = ("sliding_present_columns", info, dim_key(past, 2), window, kv_num_heads, int32_div, full_indices)
+    return shared.get(key, build)
