@@ -258,8 +258,7 @@ def _key_columns(
       to the longest row (run time);
     * nobody reads present: Concat(past, new) with each column's position; no KV write.
     """
-    past_key, past_value = _input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE)
-    tensor_scatter = lowering.tensor_scatter
+    pasts = (_input(node, gqa.PAST_KEY), _input(node, gqa.PAST_VALUE))
     # output_qk is a diagnostic: its scores come from one path over the whole buffer
     # (OpenVINO 2025 mis-shapes an If output whose width differs between branches).
     may_cut = fast_paths and not lowering.output_qk_used
@@ -269,40 +268,11 @@ def _key_columns(
         positions = dense_key_positions(shared, length, ("query_length", dim_key(node.inputs[gqa.QUERY], 1)))
         return _KeyColumns(new_key, new_value, positions, length, new_key, new_value)
     if spec.kv_empty:
-        present_key = present_value = None
-        if lowering.present_used:
-            present_key = op.op("Identity", past_key)
-            present_value = op.op("Identity", past_value)
-        return _buffer_columns(
-            op,
-            shared,
-            info,
-            past_key,
-            past_key,
-            past_value,
-            present_key,
-            present_value,
-            ("past", dim_key(past_key, 2)),
-            may_cut,
-            lowering.shapes_from_shapes,
-        )
-    new_key, new_value = new_rows
+        return _shared_kv_columns(op, shared, info, pasts, lowering, may_cut)
     if spec.sliding_window_cache:
-        keys = concat_rows(op, shared, past_key, new_key, lowering.skip_empty_past)
-        values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
-        present_key = present_value = None
-        webnn = lowering.runtime_profile == "webnn"
-        if lowering.present_used and webnn:  # the WebNN EP takes no GatherND with batch_dims
-            window, heads = spec.local_window_size, spec.kv_num_heads
-            rows = present_columns(shared, info, past_key, window, heads, int32_div=True, full_indices=True)
-            present_key = op.op("GatherND", keys, rows)
-            present_value = op.op("GatherND", values, rows)
-        elif lowering.present_used:
-            rows = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
-            present_key = op.op("GatherND", keys, rows, batch_dims=2)
-            present_value = op.op("GatherND", values, rows, batch_dims=2)
-        positions = sliding_key_positions(shared, info, past_key, spec.local_window_size, webnn)
-        return _KeyColumns(keys, values, positions, None, present_key, present_value)
+        return _windowed_columns(op, shared, info, pasts, new_rows, spec, lowering)
+    past_key, past_value = pasts
+    new_key, new_value = new_rows
     if lowering.growing_kv_cache:
         present_key = append_aligned_rows(op, shared, info, past_key, new_key)
         present_value = append_aligned_rows(op, shared, info, past_value, new_value)
@@ -313,30 +283,9 @@ def _key_columns(
     # (rows [0, t_b) attention reads, §11), with S rows the ordinary cache.
     needs_present = lowering.present_used or lowering.static_kv_cache or spec.kv_maybe_empty
     if needs_present or spec.has_attention_bias or spec.qk_output:
-        if lowering.static_kv_cache and fast_paths:
-            present_key, present_value = write_into_buffer(
-                op, shared, info, (past_key, past_value), (new_key, new_value), spec.kv_num_heads, tensor_scatter
-            )
-            rows_key = ("past", dim_key(past_key, 2))
-        elif lowering.static_kv_cache:
-            present_key = write_new_rows(op, shared, info, past_key, new_key, spec.kv_num_heads, True, tensor_scatter)
-            present_value = write_new_rows(
-                op, shared, info, past_value, new_value, spec.kv_num_heads, True, tensor_scatter
-            )
-            rows_key = ("past", dim_key(past_key, 2))
-        else:
-            present_key, present_value = update_cache(
-                op,
-                shared,
-                info,
-                (past_key, past_value),
-                (new_key, new_value),
-                spec.kv_num_heads,
-                fast_paths,
-                tensor_scatter,
-                lowering.skip_empty_past,
-            )
-            rows_key = ("present_length", dim_key(past_key, 2))
+        (present_key, present_value), rows_key = _written_present(
+            op, shared, info, pasts, new_rows, spec, lowering, fast_paths
+        )
         return _buffer_columns(
             op,
             shared,
@@ -354,6 +303,95 @@ def _key_columns(
     values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
     positions = concat_key_positions(shared, info, past_key)
     return _KeyColumns(keys, values, positions, None, None, None)
+
+
+def _shared_kv_columns(
+    op: OpBuilder, shared: SharedSubgraphs, info, pasts: tuple[ir.Value, ir.Value], lowering: Lowering, may_cut: bool
+) -> _KeyColumns:
+    """A KV-shared layer (empty key/value, §11): attention reads past; present, when read, is past."""
+    past_key, past_value = pasts
+    present_key = present_value = None
+    if lowering.present_used:
+        present_key = op.op("Identity", past_key)
+        present_value = op.op("Identity", past_value)
+    return _buffer_columns(
+        op,
+        shared,
+        info,
+        past_key,
+        past_key,
+        past_value,
+        present_key,
+        present_value,
+        ("past", dim_key(past_key, 2)),
+        may_cut,
+        lowering.shapes_from_shapes,
+    )
+
+
+def _windowed_columns(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    pasts: tuple[ir.Value, ir.Value],
+    new_rows: tuple[ir.Value, ir.Value],
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+) -> _KeyColumns:
+    """A windowed cache (§12): keys Concat(past, new); present gathered from the latest positions."""
+    (past_key, past_value), (new_key, new_value) = pasts, new_rows
+    keys = concat_rows(op, shared, past_key, new_key, lowering.skip_empty_past)
+    values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
+    present_key = present_value = None
+    webnn = lowering.runtime_profile == "webnn"
+    if lowering.present_used and webnn:  # the WebNN EP takes no GatherND with batch_dims
+        window, heads = spec.local_window_size, spec.kv_num_heads
+        rows = present_columns(shared, info, past_key, window, heads, int32_div=True, full_indices=True)
+        present_key = op.op("GatherND", keys, rows)
+        present_value = op.op("GatherND", values, rows)
+    elif lowering.present_used:
+        rows = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
+        present_key = op.op("GatherND", keys, rows, batch_dims=2)
+        present_value = op.op("GatherND", values, rows, batch_dims=2)
+    positions = sliding_key_positions(shared, info, past_key, spec.local_window_size, webnn)
+    return _KeyColumns(keys, values, positions, None, present_key, present_value)
+
+
+def _written_present(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    pasts: tuple[ir.Value, ir.Value],
+    new_rows: tuple[ir.Value, ir.Value],
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+    fast_paths: bool,
+) -> tuple[tuple[ir.Value, ir.Value], tuple]:
+    """(present key and value with the new rows written at c_b, the key of the rows attention may read)."""
+    past_key, past_value = pasts
+    new_key, new_value = new_rows
+    tensor_scatter = lowering.tensor_scatter
+    if lowering.static_kv_cache and fast_paths:
+        presents = write_into_buffer(op, shared, info, pasts, new_rows, spec.kv_num_heads, tensor_scatter)
+        return presents, ("past", dim_key(past_key, 2))
+    if lowering.static_kv_cache:
+        presents = tuple(
+            write_new_rows(op, shared, info, past, new, spec.kv_num_heads, True, tensor_scatter)
+            for past, new in ((past_key, new_key), (past_value, new_value))
+        )
+        return presents, ("past", dim_key(past_key, 2))
+    presents = update_cache(
+        op,
+        shared,
+        info,
+        pasts,
+        new_rows,
+        spec.kv_num_heads,
+        fast_paths,
+        tensor_scatter,
+        lowering.skip_empty_past,
+    )
+    return presents, ("present_length", dim_key(past_key, 2))
 
 
 def _cache_codec(
@@ -723,6 +761,35 @@ def _attend_primitives(
     return attention.output_BSD, _fit_columns(op, chosen, columns.length, info.total_length)
 
 
+def _head_size(shared: SharedSubgraphs, node: ir.Node, spec: gqa.GqaSpec) -> HeadSize:
+    """H: static from the contract, or read from the query at run time, as ORT reads it."""
+    if spec.head_size is not None:
+        return spec.head_size
+    query_heads = spec.num_heads + 2 * spec.kv_num_heads if spec.packed_qkv else spec.num_heads
+    return runtime_head_size(shared, node.inputs[gqa.QUERY], query_heads)
+
+
+def _encoded_new_rows(
+    op: OpBuilder,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+    head_size: HeadSize,
+    key_BSNH: ir.Value | None,
+    value_BSNH: ir.Value | None,
+):
+    """(new key and value rows [B, Nkv, Skv, H] in the cache's type, or None; (decode_key, decode_value))."""
+    encode_key, decode_key = _cache_codec(op, node, spec, lowering, gqa.K_SCALE, head_size)
+    encode_value, decode_value = _cache_codec(op, node, spec, lowering, gqa.V_SCALE, head_size)
+    new_rows = None
+    if key_BSNH is not None:
+        new_rows = (
+            encode_key(_bsnh_to_bnsh(op, key_BSNH)),
+            encode_value(_bsnh_to_bnsh(op, value_BSNH)),
+        )
+    return new_rows, (decode_key, decode_value)
+
+
 def expand_gqa(
     op: OpBuilder,
     shared: SharedSubgraphs,
@@ -741,10 +808,7 @@ def expand_gqa(
         key=node.inputs[gqa.KEY] if spec.kv_maybe_empty else None,
     )
 
-    head_size = spec.head_size
-    if head_size is None:  # read from the query at run time, as ORT reads it
-        query_heads = spec.num_heads + 2 * spec.kv_num_heads if spec.packed_qkv else spec.num_heads
-        head_size = runtime_head_size(shared, node.inputs[gqa.QUERY], query_heads)
+    head_size = _head_size(shared, node, spec)
 
     # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
     rotate, rotate_key = _rotations(op, shared, info, node, spec, lowering, head_size)
@@ -757,14 +821,7 @@ def expand_gqa(
         return _expand_causal_op(op, shared, info, node, spec, lowering, query_BNSH, key_BSNH, value_BSNH, head_size)
 
     # 2. The new rows in the cache's type; the key columns attention reads; present.
-    encode_key, decode_key = _cache_codec(op, node, spec, lowering, gqa.K_SCALE, head_size)
-    encode_value, decode_value = _cache_codec(op, node, spec, lowering, gqa.V_SCALE, head_size)
-    new_rows = None
-    if key_BSNH is not None:
-        new_rows = (
-            encode_key(_bsnh_to_bnsh(op, key_BSNH)),
-            encode_value(_bsnh_to_bnsh(op, value_BSNH)),
-        )
+    new_rows, (decode_key, decode_value) = _encoded_new_rows(op, node, spec, lowering, head_size, key_BSNH, value_BSNH)
     # The run-time Ifs of --fast-paths serve the primitives target; the Attention op is one node.
     fast_paths = lowering.fast_paths and not lowering.attention_op
     columns = _key_columns(op, shared, info, node, spec, lowering, new_rows, fast_paths)
