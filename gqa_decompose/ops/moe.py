@@ -11,7 +11,7 @@ divided by their sum when ``normalize_routing_weights=1``; SwiGLU interleaved (`
 act = gate * sigmoid(alpha * gate) * (linear + beta)``::
 
     router_TE -> Cast fp32 -> Softmax -> reverse E -> TopK(k) -> (normalize) -> ScatterElements -> routing_ET1
-    x_TH -> MatMul(fc1_EHF) + bias -> activation -> MatMul(fc2_EIH) + bias -> h_ETH
+    x_TH -> Expand to E -> MatMul(fc1_EHF) + bias -> activation -> MatMul(fc2_EIH) + bias -> h_ETH
     out_TH = ReduceSum_E(Where(routing_ET1 > 0, h_ETH * routing_ET1, 0))
 
 The form is the dense masked sum: every expert runs on every token, so it costs E/k times the FLOPs of
@@ -238,7 +238,10 @@ def expert_sum(
     dtype = routing.dtype
     routing_ET1 = route(op, router, routing)
     x_1TH = op.op("Reshape", x, op.ints([1, -1, routing.hidden]))
-    h1_ETF = _linear(op, x_1TH, fc1_EHF, fc1_bias, dtype)
+    # Tokens repeated per expert: OpenVINO 2026.4 turns a MatMul of [1, T, H] by constant [E, H, F] into a
+    # FullyConnected that refuses the broadcast ("Can not clone with new dims"). E*T*H values, half of h1's.
+    x_ETH = op.op("Expand", x_1TH, op.ints([routing.experts, 1, 1]))
+    h1_ETF = _linear(op, x_ETH, fc1_EHF, fc1_bias, dtype)
     act_ETI = activation(op, op.cast(h1_ETF, ir.DataType.FLOAT) if dtype != ir.DataType.FLOAT else h1_ETF, routing)
     if dtype != ir.DataType.FLOAT:
         act_ETI = op.cast(act_ETI, dtype)
