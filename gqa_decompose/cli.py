@@ -414,6 +414,11 @@ def _options_from_flags(model: pathlib.Path, kv_cache: str, only: tuple[str, ...
     )
 
 
+def _oracle_text(oracle: str) -> str:
+    """'the original on <oracle>', or the oracle itself when it is not the original (it says what it is)."""
+    return oracle if oracle.startswith("the rewrite") else f"the original on {oracle}"
+
+
 def _finish(result: CheckResult, started: float, verbose: bool, report_path: pathlib.Path | None) -> None:
     """Timings (with --verbose), the JSON report, and the exit code (2 if the report cannot be written)."""
     from gqa_decompose.report import report_json
@@ -653,7 +658,7 @@ def _echo_runtime_check(model_path: pathlib.Path, result: RuntimeCheck) -> None:
     if model_run.passed:
         click.echo(
             f"{label}: the rewritten model runs a prompt (batch 1, {PROMPT_LENGTH} tokens), "
-            f"max error {model_run.max_error or 0.0:.2g} against the original on {model_run.oracle}"
+            f"max error {model_run.max_error or 0.0:.2g} against {_oracle_text(model_run.oracle)}"
         )
     else:
         oracle = f" (oracle: {model_run.oracle})" if model_run.max_errors else ""

@@ -121,3 +121,24 @@ def test_verification_catches_a_wrong_norm(monkeypatch, sabotage):
         )
     config = dataclasses.replace(COMBINATIONS["weights as graph inputs, epsilon 1e-3"], rotary="half")
     assert not verify(make_gqa_model(config)).passed
+
+
+@pytest.mark.parametrize("runtime", ["reference", "openvino"])
+def test_fused_qk_norm_model_is_checked_on_another_runtime_against_ort_running_the_rewrite(runtime):
+    """ORT CPU has no kernel for a fused q/k norm, so it cannot run builder-qwen3-webgpu's original: the runtime is
+    compared with ORT running the rewrite (the oracle says so). On onnxruntime itself that would be vacuous."""
+    import pathlib
+
+    import onnx_ir as ir
+
+    from gqa_decompose import runtimes
+    from gqa_decompose.runtime_check import check_runtime
+
+    if runtime not in runtimes.available_runtimes():
+        pytest.skip(f"{runtime} is not installed")
+    fixture = pathlib.Path(__file__).resolve().parent.parent / "models" / "builder-qwen3-webgpu" / "model.onnx"
+    checked = check_runtime(ir.load(fixture), runtime, verify_nodes=False)
+    assert checked.model.passed, checked.model.failure
+    assert checked.model.oracle.startswith("the rewrite on ONNX Runtime CPU")
+    on_ort = check_runtime(ir.load(fixture), "onnxruntime", verify_nodes=False)
+    assert not on_ort.model.passed and "does not run on ONNX Runtime" in on_ort.model.failure
