@@ -240,11 +240,7 @@ def load(model: onnx.ModelProto, backend: str):
     if backend not in BACKENDS:
         raise GqaDecomposeError(f"onnxruntime-web backend '{backend}' is not one of {', '.join(BACKENDS)}")
     runtime = backend  # the runtimes are named after the backends
-    if backend == "webnn":
-        model = _name_free_dims(model)
-    folder = tempfile.TemporaryDirectory(prefix="gqa-browser-")
-    path = pathlib.Path(folder.name) / "model.onnx"
-    onnx.save(model, path)  # weights inline: the page fetches one file
+    model, folder, path = _saved(model, backend)
     inputs, outputs = _input_names(model), _output_names(model)
     harness = _shared_harness(runtime)  # checks the harness is installed
     runs = itertools.count()
@@ -262,6 +258,17 @@ def load(model: onnx.ModelProto, backend: str):
     session = Session(outputs, run, keep_alive=folder)
     weakref.finalize(session, _release, harness, str(path)).atexit = False  # at exit the harness stops anyway
     return session
+
+
+def _saved(model: onnx.ModelProto, backend: str) -> tuple[onnx.ModelProto, tempfile.TemporaryDirectory, pathlib.Path]:
+    """(the model as the page gets it, its folder, its file): WebNN's dynamic dims named, weights inline (the page
+    fetches one file)."""
+    if backend == "webnn":
+        model = _name_free_dims(model)
+    folder = tempfile.TemporaryDirectory(prefix="gqa-browser-")
+    path = pathlib.Path(folder.name) / "model.onnx"
+    onnx.save(model, path)
+    return model, folder, path
 
 
 def _run_job(model: onnx.ModelProto, path: pathlib.Path, backend: str, feeds: dict, step: pathlib.Path) -> dict:
@@ -285,11 +292,7 @@ def timer(model: onnx.ModelProto, feeds: dict[str, np.ndarray], backend: str):
     """
     from gqa_decompose.runtimes import _input_names, _only
 
-    if backend == "webnn":
-        model = _name_free_dims(model)
-    folder = tempfile.TemporaryDirectory(prefix="gqa-browser-")
-    path = pathlib.Path(folder.name) / "model.onnx"
-    onnx.save(model, path)
+    model, folder, path = _saved(model, backend)
     feeds = _only(feeds, _input_names(model))
     step = pathlib.Path(folder.name) / "timed"
     write_tensors(step.with_suffix(".in"), feeds)

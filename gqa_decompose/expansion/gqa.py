@@ -344,15 +344,13 @@ def _windowed_columns(
     values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
     present_key = present_value = None
     webnn = lowering.runtime_profile == "webnn"
-    if lowering.present_used and webnn:  # the WebNN EP takes no GatherND with batch_dims
+    if lowering.present_used:
+        # The WebNN EP divides no int64 and takes no GatherND with batch_dims: the webnn profile indexes in full.
         window, heads = spec.local_window_size, spec.kv_num_heads
-        rows = present_columns(shared, info, past_key, window, heads, int32_div=True, full_indices=True)
-        present_key = op.op("GatherND", keys, rows)
-        present_value = op.op("GatherND", values, rows)
-    elif lowering.present_used:
-        rows = present_columns(shared, info, past_key, spec.local_window_size, spec.kv_num_heads)
-        present_key = op.op("GatherND", keys, rows, batch_dims=2)
-        present_value = op.op("GatherND", values, rows, batch_dims=2)
+        rows = present_columns(shared, info, past_key, window, heads, int32_div=webnn, full_indices=webnn)
+        batch_dims = {} if webnn else {"batch_dims": 2}
+        present_key = op.op("GatherND", keys, rows, **batch_dims)
+        present_value = op.op("GatherND", values, rows, **batch_dims)
     positions = sliding_key_positions(shared, info, past_key, spec.local_window_size, webnn)
     return _KeyColumns(keys, values, positions, None, present_key, present_value)
 

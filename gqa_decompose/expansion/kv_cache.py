@@ -134,9 +134,14 @@ def _zero_rows(
     rows = present_length(shared, info, past)
     past_shape = op.op("Shape", past)
     shape = op.op("Concat", op.slice(past_shape, 0, 2, 0), op.to_vector(rows), op.slice(past_shape, 3, 4, 0), axis=0)
-    dtype = dtype or past.dtype
+    return _zeros(op, shape, past, dtype)
+
+
+def _zeros(op: OpBuilder, shape: ir.Value, like: ir.Value, dtype: ir.DataType | None = None) -> ir.Value:
+    """Zeros of ``shape`` in ``like``'s type (or ``dtype``): zero codes for a quantized cache."""
+    dtype = dtype or like.dtype
     if dtype is None:  # an untyped past (never from a typed model): the type read from past itself
-        zero = op.op("CastLike", op.float_scalar(0.0), past)
+        zero = op.op("CastLike", op.float_scalar(0.0), like)
     else:
         zero = op.op("Constant", value=ir.tensor(np.zeros((), dtype.numpy())))
     return op.op("Expand", zero, shape)
@@ -210,12 +215,6 @@ def write_new_rows(
     return unless_past_is_empty(op, shared, past_BNPH, zeros, padded)
 
 
-def _zeros_like(op: OpBuilder, value: ir.Value) -> ir.Value:
-    """A tensor of ``value``'s shape and type, all zeros (zero codes for a quantized cache)."""
-    zero = ir.tensor(np.zeros((1,), dtype=value.dtype.numpy()))
-    return op.op("ConstantOfShape", op.op("Shape", value), value=zero)
-
-
 def _aligned_guard(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) -> ir.Value:
     """bool: T == P + S and every row's new rows start at P (c_b == P for all b)."""
 
@@ -280,7 +279,10 @@ def write_into_buffer(
 
         return build
 
-    into_zeros = scatter_into(lambda builder: tuple(_zeros_like(builder, past) for past in past_BNPH), False)
+    def zeros(builder: OpBuilder) -> tuple[ir.Value, ir.Value]:
+        return tuple(_zeros(builder, builder.op("Shape", past), past) for past in past_BNPH)
+
+    into_zeros = scatter_into(zeros, False)
     copies_no_past = _copies_no_past(shared, info)
     if copies_no_past is None:
         return tuple(into_zeros(op))
