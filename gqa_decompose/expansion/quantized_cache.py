@@ -52,7 +52,9 @@ def quantize(
     high_nibbles = op.slice(pairs, 1, 2, axis=4)
     packed = op.op("Add", low_nibbles, op.op("Mul", high_nibbles, op.float_scalar(16.0)))
     packed_BNSh = op.op("Reshape", packed, shape_of(op, [0, 0, 0, halved(op, head_size)], like=packed))
-    return op.cast(packed_BNSh, ir.DataType.UINT8)
+    # Through int32: IREE 3.13's vectorized float -> uint8 Cast saturates at 127 (signless i8) on AVX2 hosts,
+    # which wrote codes >= 128 as 127; int32 -> uint8 is a plain truncation everywhere (exact: codes are 0..255).
+    return op.cast(op.cast(packed_BNSh, ir.DataType.INT32), ir.DataType.UINT8)
 
 
 def dequantize(

@@ -202,15 +202,28 @@ function refusals(lines) {
     (why.length ? `; its reasons: ${why.join("; ")}` : "");
 }
 
+// @sparticuz/chromium unpacks its binary into /tmp on first use; a second harness starting meanwhile (the other
+// xdist worker) finds the file still open for writing and spawn fails with ETXTBSY: wait and try again.
+async function launchChromium() {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await puppeteer.launch({
+        executablePath: await chromium.executablePath(),
+        headless: "shell",
+        args: CHROMIUM_ARGS,
+      });
+    } catch (error) {
+      if (!String(error).includes("ETXTBSY") || attempt >= 10) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 500 * attempt));
+    }
+  }
+}
+
 class Harness {
   async start() {
     this.server = http.createServer(serve);
     await new Promise((resolve) => this.server.listen(0, "127.0.0.1", resolve));
-    this.browser = await puppeteer.launch({
-      executablePath: await chromium.executablePath(),
-      headless: "shell",
-      args: CHROMIUM_ARGS,
-    });
+    this.browser = await launchChromium();
     this.pages = {};
     this.log = [];
   }
