@@ -196,6 +196,81 @@ def _attend_row_blocks(
     return op.op("Concat", *outputs, axis=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Attention:
+    """One :func:`attend` call's inputs and wanted outputs.
+
+    Its methods build the whole attention in whichever builder (graph or If
+    branch) they are given, returning [output, scores?, probs?].
+    """
+
+    query_BNSH: ir.Value
+    keys_BNkvKH: ir.Value
+    values_BNkvKH: ir.Value
+    visible_B1SK: ir.Value
+    mask_bias_B1SK: ir.Value
+    bias_BNSK: ir.Value | None
+    scoring: Scoring
+    want_scores: bool
+    want_probs: bool
+    plan: ReadPlan
+    decode_keys: Decode
+    decode_values: Decode
+
+    def decoded_dense(self, builder: OpBuilder, keys: ir.Value, values: ir.Value) -> list[ir.Value]:
+        """Full-width attention over ``keys`` / ``values`` in the cache's type."""
+        keys, values = self.decode_keys(builder, keys), self.decode_values(builder, values)
+        output, scores, probs = _attend_dense(
+            builder, self.query_BNSH, keys, values, self.mask_bias_B1SK, self.bias_BNSK, self.scoring
+        )
+        results = [output]
+        if self.want_scores:
+            results.append(
+                builder.op("Where", self.visible_B1SK, scores, builder.float_scalar(0.0, self.scoring.dtype))
+            )
+        if self.want_probs:
+            results.append(probs)
+        return results
+
+    def full_width(self, builder: OpBuilder) -> list[ir.Value]:
+        """Every key column, or (when ``plan.cut`` holds at run time) the first ``plan.cut_end``."""
+        keys_BNkvKH, values_BNkvKH, plan = self.keys_BNkvKH, self.values_BNkvKH, self.plan
+        if plan.cut is None:
+            return self.decoded_dense(builder, keys_BNkvKH, values_BNkvKH)
+
+        def cut(inner: OpBuilder) -> list[ir.Value]:
+            keys = inner.slice(keys_BNkvKH, 0, plan.cut_end, axis=2)
+            values = inner.slice(values_BNkvKH, 0, plan.cut_end, axis=2)
+            return self.decoded_dense(inner, keys, values)
+
+        return builder.if_else(plan.cut, cut, lambda inner: self.decoded_dense(inner, keys_BNkvKH, values_BNkvKH))
+
+    def row_blocks(self, tier: RowBlockTier) -> Callable[[OpBuilder], list[ir.Value]]:
+        """A builder of the causal row blocks of ``tier`` (output only)."""
+        # Blocks read overlapping prefixes of the keys: decode all of them once.
+        return lambda builder: [
+            _attend_row_blocks(
+                builder,
+                self.query_BNSH,
+                self.decode_keys(builder, self.keys_BNkvKH),
+                self.decode_values(builder, self.values_BNkvKH),
+                self.mask_bias_B1SK,
+                self.bias_BNSK,
+                tier,
+                self.scoring,
+            )
+        ]
+
+    def longest_tier_reached(self, tiers: tuple[RowBlockTier, ...]) -> Callable[[OpBuilder], list[ir.Value]]:
+        """Tiers longest first: the first one S reaches; the last is reached (checked outside)."""
+        tier, shorter = tiers[0], tiers[1:]
+        if not shorter:
+            return self.row_blocks(tier)
+        return lambda builder: list(
+            builder.if_else(tier.use, self.row_blocks(tier), self.longest_tier_reached(shorter))
+        )
+
+
 def attend(
     op: OpBuilder,
     query_BNSH: ir.Value,
@@ -222,60 +297,28 @@ def attend(
     """
     plan = plan or ReadPlan()
     decode_keys, decode_values = decode or (_unchanged, _unchanged)
-    dtype = scoring.dtype
-
-    def dense(builder: OpBuilder, keys: ir.Value, values: ir.Value) -> list[ir.Value]:
-        output, scores, probs = _attend_dense(builder, query_BNSH, keys, values, mask_bias_B1SK, bias_BNSK, scoring)
-        results = [output]
-        if want_scores:
-            results.append(builder.op("Where", visible_B1SK, scores, builder.float_scalar(0.0, dtype)))
-        if want_probs:
-            results.append(probs)
-        return results
-
-    def decoded(builder: OpBuilder, keys: ir.Value, values: ir.Value) -> list[ir.Value]:
-        return dense(builder, decode_keys(builder, keys), decode_values(builder, values))
-
-    def full_width(builder: OpBuilder) -> list[ir.Value]:
-        if plan.cut is None:
-            return decoded(builder, keys_BNkvKH, values_BNkvKH)
-
-        def cut(inner: OpBuilder) -> list[ir.Value]:
-            keys = inner.slice(keys_BNkvKH, 0, plan.cut_end, axis=2)
-            values = inner.slice(values_BNkvKH, 0, plan.cut_end, axis=2)
-            return decoded(inner, keys, values)
-
-        return builder.if_else(plan.cut, cut, lambda inner: decoded(inner, keys_BNkvKH, values_BNkvKH))
-
-    def split(tier: RowBlockTier) -> Callable[[OpBuilder], list[ir.Value]]:
-        # Blocks read overlapping prefixes of the keys: decode all of them once.
-        return lambda builder: [
-            _attend_row_blocks(
-                builder,
-                query_BNSH,
-                decode_keys(builder, keys_BNkvKH),
-                decode_values(builder, values_BNkvKH),
-                mask_bias_B1SK,
-                bias_BNSK,
-                tier,
-                scoring,
-            )
-        ]
-
-    def longest_tier_reached(tiers) -> Callable[[OpBuilder], list[ir.Value]]:
-        """Tiers longest first: the first one S reaches; the last is reached (checked outside)."""
-        tier, shorter = tiers[0], tiers[1:]
-        if not shorter:
-            return split(tier)
-        return lambda builder: list(builder.if_else(tier.use, split(tier), longest_tier_reached(shorter)))
-
-    if want_scores or want_probs or not plan.row_block_tiers:
-        results = list(full_width(op))
+    attention = _Attention(
+        query_BNSH=query_BNSH,
+        keys_BNkvKH=keys_BNkvKH,
+        values_BNkvKH=values_BNkvKH,
+        visible_B1SK=visible_B1SK,
+        mask_bias_B1SK=mask_bias_B1SK,
+        bias_BNSK=bias_BNSK,
+        scoring=scoring,
+        want_scores=want_scores,
+        want_probs=want_probs,
+        plan=plan,
+        decode_keys=decode_keys,
+        decode_values=decode_values,
+    )
+    tiers = plan.row_block_tiers
+    if want_scores or want_probs or not tiers:
+        results = list(attention.full_width(op))
     elif plan.row_blocks_known:
-        results = split(plan.row_block_tiers[0])(op)
+        results = attention.row_blocks(tiers[0])(op)
     else:
         # Decode (S below the shortest tier) passes one If; only long prompts choose their tier.
-        results = list(op.if_else(plan.row_block_tiers[-1].use, longest_tier_reached(plan.row_block_tiers), full_width))
+        results = list(op.if_else(tiers[-1].use, attention.longest_tier_reached(tiers), attention.full_width))
     output = results.pop(0)
     scores = results.pop(0) if want_scores else None
     probs = results.pop(0) if want_probs else None
