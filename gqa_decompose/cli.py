@@ -351,10 +351,6 @@ def main(
     synthesized inputs (first prompt, ragged decode, chunked prefill), and the
     model is written only if every node matches.
     """
-    from gqa_decompose.report import CheckResult
-
-    if no_verify:
-        verify_mode = "none"
     options = _options_from_flags(
         model,
         kv_cache,
@@ -367,17 +363,26 @@ def main(
         strict_target=strict_target,
         raise_opset=raise_opset,
     )
-    run = _Run(
-        model_path=model,
-        verify_mode=verify_mode,
-        steps=steps,
-        batch=batch,
-        dims=_parse_dims(dims),
-        inputs_path=inputs_path,
-        quiet=quiet,
-        verbose=verbose,
-    )
-    result = CheckResult(str(model), "check" if check else "decompose", options, verify_mode)
+    verify_mode = "none" if no_verify else verify_mode
+    # Positional in _Run's field order; the two booleans by name, where a swap would go unnoticed.
+    run = _Run(model, verify_mode, steps, batch, _parse_dims(dims), inputs_path, quiet=quiet, verbose=verbose)
+    _run_and_finish(run, options, check, output, reuse_data, runtime_names, report_path)
+
+
+def _run_and_finish(
+    run: _Run,
+    options: DecomposeOptions,
+    check: bool,
+    output: str | None,
+    reuse_data: bool,
+    runtime_names: tuple[str, ...],
+    report_path: pathlib.Path | None,
+) -> None:
+    """The check or the rewrite, then its report and exit code; bad input (or an output path that cannot be
+    written) is one error line and exit 2."""
+    from gqa_decompose.report import CheckResult
+
+    result = CheckResult(str(run.model_path), "check" if check else "decompose", options, run.verify_mode)
     started = time.perf_counter()
     try:
         if runtime_names and not check:
@@ -391,7 +396,7 @@ def main(
         result.exit_code = EXIT_BAD_INPUT
         result.output = None
         click.echo(f"error: {error}", err=True)
-    _finish(result, started, verbose, report_path)
+    _finish(result, started, run.verbose, report_path)
 
 
 def _options_from_flags(model: pathlib.Path, kv_cache: str, only: tuple[str, ...] | None, **flags) -> DecomposeOptions:

@@ -227,34 +227,52 @@ def check(
         GqaDecomposeError: the model cannot be read, or cannot be driven for model-level verification, or
             a runtime's name is unknown.
     """
-    from gqa_decompose.runtimes import get_runtime
-
-    if verify_mode not in VERIFY_MODES:
-        raise ValueError(f"verify_mode must be one of {VERIFY_MODES}, got {verify_mode!r}")
-    for name in runtimes:
-        get_runtime(name)  # an unknown name is bad input, before any work
+    _reject_bad_arguments(verify_mode, runtimes)
     decompose_options = options_of(options, fields)
-    started = time.perf_counter()
-    loaded, path = _load_copy(model)
-    result = CheckResult(str(path) if path else "<in memory>", "check", decompose_options, verify_mode)
-    result.timings["load"] = time.perf_counter() - started
-    InferGqaTypesPass()(loaded)
-    refused = _plan_entries(loaded, decompose_options, result)
-    result.opsets = opsets(loaded)
-    decomposable_ops = _check_op_nodes(loaded, decompose_options, verify_mode, result)
-    result.ops_left = ops_left(loaded, keep_gqa=refused, decomposable=decomposable_ops)
-    decomposable = [n for n in result.nodes if n.status == "decomposable"]
-    refused_ops = any(entry["status"] == "refused" for entry in result.op_nodes)
-    if verify_mode in ("nodes", "all") and decomposable:
+    loaded, path, result = _load_and_plan(model, decompose_options, verify_mode)
+    if verify_mode in ("nodes", "all") and any(n.status == "decomposable" for n in result.nodes):
         _verify_nodes(loaded, decompose_options, progress, result)
-    # A model without GQA (a MultiHeadAttention export) is verified whole too: its companion ops are rewritten.
-    if verify_mode in ("model", "all") and (decomposable or decomposable_ops) and not refused and not refused_ops:
+    if verify_mode in ("model", "all") and _whole_model_verifiable(result):
         model_settings = dict(steps=steps, batch=batch, dims=dims, feeds=feeds)
         _verify_whole_model(loaded, path, decompose_options, model_settings, progress, result)
     if runtimes:
         _check_runtimes(loaded, decompose_options, verify_mode, runtimes, result)
     result.exit_code = EXIT_OK if result.portable else EXIT_FAILED
     return result
+
+
+def _reject_bad_arguments(verify_mode: str, runtimes: Sequence[str]) -> None:
+    """An unknown verify mode or runtime name is bad input, raised before any work."""
+    from gqa_decompose.runtimes import get_runtime
+
+    if verify_mode not in VERIFY_MODES:
+        raise ValueError(f"verify_mode must be one of {VERIFY_MODES}, got {verify_mode!r}")
+    for name in runtimes:
+        get_runtime(name)
+
+
+def _load_and_plan(
+    model: str | os.PathLike | onnx.ModelProto | ir.Model, options: DecomposeOptions, verify_mode: str
+) -> tuple[ir.Model, pathlib.Path | None, CheckResult]:
+    """A typed copy of ``model``, its path, and the result so far: the load's timing, an entry per GQA node and
+    per companion-op node (the latter verified with --verify nodes), the opsets and the non-standard ops left."""
+    started = time.perf_counter()
+    loaded, path = _load_copy(model)
+    result = CheckResult(str(path) if path else "<in memory>", "check", options, verify_mode)
+    result.timings["load"] = time.perf_counter() - started
+    InferGqaTypesPass()(loaded)
+    refused = _plan_entries(loaded, options, result)
+    result.opsets = opsets(loaded)
+    decomposable_ops = _check_op_nodes(loaded, options, verify_mode, result)
+    result.ops_left = ops_left(loaded, keep_gqa=refused, decomposable=decomposable_ops)
+    return loaded, path, result
+
+
+def _whole_model_verifiable(result: CheckResult) -> bool:
+    """Something to rewrite (GQA nodes or companion ops) and nothing refused."""
+    # A model without GQA (a MultiHeadAttention export) is verified whole too: its companion ops are rewritten.
+    nodes, op_nodes = [n.status for n in result.nodes], [entry["status"] for entry in result.op_nodes]
+    return ("decomposable" in nodes or "decomposable" in op_nodes) and "refused" not in nodes + op_nodes
 
 
 def _verify_nodes(

@@ -770,15 +770,10 @@ def _check_outputs(n: _Node, heads: _Heads, qkv: _Qkv, quant: _CacheQuantization
         raise n.refuse("present_key and present_value must be both provided or both omitted")
 
 
-def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> GqaSpec:
-    """Validate a GroupQueryAttention node and describe it as a :class:`GqaSpec`.
-
-    Raises:
-        GqaDecomposeError: the node is malformed, or uses a feature that cannot
-            be expressed exactly in standard ONNX (the message names it).
-    """
-    options = options or DecomposeOptions()
-    n = _Node(node, node.name or "<unnamed GroupQueryAttention>")
+def _parse_layout(n: _Node) -> tuple[_Heads, _CacheQuantization, _Qkv, bool]:
+    """What the node is and what it reads: its attributes and heads, the cache's quantization, its input and
+    output counts, query/key/value, the past (True if given) and the sequence lengths. Checked in this order: it
+    decides which refusal a node with several problems gets."""
     _check_attributes(n)
     heads = _parse_heads(n)
     quant = _parse_cache_quantization(n)
@@ -786,6 +781,15 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
     qkv = _parse_qkv(n, heads, quant)
     has_past = _parse_past(n, heads, qkv, quant)
     _check_lengths(n)
+    return heads, quant, qkv, has_past
+
+
+def _parse_features(
+    n: _Node, options: DecomposeOptions, heads: _Heads, quant: _CacheQuantization, qkv: _Qkv, has_past: bool
+) -> tuple[int | None, float, _Window, int]:
+    """What the node computes on them: rotary (its rotary_half), position ids, bias, sink, q/k norm (its
+    epsilon), the window, qk_output, a windowed cache and the present outputs; checked in this order, after
+    :func:`_parse_layout`."""
     rotary_half = _parse_rotary(n, qkv)
     _check_position_ids(n)
     _check_bias(n, heads, qkv.dtype)
@@ -796,6 +800,20 @@ def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> Gq
     if window.sliding_window_cache:
         _check_sliding_window_cache(n, options, qkv, quant, has_past, qk_output)
     _check_outputs(n, heads, qkv, quant)
+    return rotary_half, qk_norm_epsilon, window, qk_output
+
+
+def parse_gqa_node(node: ir.Node, options: DecomposeOptions | None = None) -> GqaSpec:
+    """Validate a GroupQueryAttention node and describe it as a :class:`GqaSpec`.
+
+    Raises:
+        GqaDecomposeError: the node is malformed, or uses a feature that cannot
+            be expressed exactly in standard ONNX (the message names it).
+    """
+    options = options or DecomposeOptions()
+    n = _Node(node, node.name or "<unnamed GroupQueryAttention>")
+    heads, quant, qkv, has_past = _parse_layout(n)
+    rotary_half, qk_norm_epsilon, window, qk_output = _parse_features(n, options, heads, quant, qkv, has_past)
 
     scale = float(n.attr("scale", 0.0)) or None
     if scale is None and qkv.head_size is not None:

@@ -634,20 +634,65 @@ def verify_model(
             ONNX Runtime rejects the original model on the synthesized feeds).
     """
     decompose_options = options_of(options, fields)
-    model, path = _as_ir(original)
-    config = _config(genai_config, path)
-    feeds = dict((load_feeds(feeds) if isinstance(feeds, (str, os.PathLike)) else feeds) or {})
+    model, config, feeds = _load_inputs(original, genai_config, feeds)
     specs, companions = _nodes(model, decompose_options)
     skipped = _skip_reason(specs, companions)
     if skipped:
         return ModelVerification(0, 0, "none", (0.0, 0.0), (), skipped=skipped)
+    rewritten, plans, tolerance, notes = _prepare_comparison(
+        model, decomposed, specs, companions, config, decompose_options, batch, dims, feeds, steps, cache_forms
+    )
+    return _compare_forms(model, rewritten, plans, feeds, tolerance, notes, steps, seed, progress)
+
+
+def _load_inputs(
+    original: onnx.ModelProto | ir.Model | str | os.PathLike,
+    genai_config: str | os.PathLike | dict | None,
+    feeds: Mapping[str, np.ndarray] | str | os.PathLike | None,
+) -> tuple[ir.Model, dict, dict[str, np.ndarray]]:
+    """A copy of the original model (the caller's is not modified), its genai config and the prompt's feeds."""
+    model, path = _as_ir(original)
+    config = _config(genai_config, path)
+    return model, config, dict((load_feeds(feeds) if isinstance(feeds, (str, os.PathLike)) else feeds) or {})
+
+
+def _prepare_comparison(
+    model: ir.Model,
+    decomposed: onnx.ModelProto | ir.Model | str | os.PathLike | None,
+    specs: Mapping[ir.Node, GqaSpec],
+    companions: Sequence[ir.Node],
+    config: dict,
+    options: DecomposeOptions,
+    batch: int | None,
+    dims: Mapping[str, int] | None,
+    feeds: Mapping[str, np.ndarray],
+    steps: int,
+    cache_forms: Sequence[str] | None,
+) -> tuple[ir.Model, list[_Plan], tuple[float, float], list[str]]:
+    """The rewritten model, one plan per cache form to drive (the deployed one first), the tolerance and the
+    notes; both models made deterministic on ORT. GqaDecomposeError: the original cannot be driven as asked."""
     dtypes = {s.dtype for s in specs.values()} or {_node_float_type(node) for node in companions}
-    tolerance = core.model_tolerance(dtypes, decompose_options.native_precision)
-    rewritten = _rewritten(model, decomposed, decompose_options)
-    forms = _selected_forms(config, decompose_options, bool(specs), cache_forms)
-    plans, notes = _plans(model, specs, config, decompose_options, batch, dict(dims or {}), feeds, steps, forms)
+    tolerance = core.model_tolerance(dtypes, options.native_precision)
+    rewritten = _rewritten(model, decomposed, options)
+    forms = _selected_forms(config, options, bool(specs), cache_forms)
+    plans, notes = _plans(model, specs, config, options, batch, dict(dims or {}), feeds, steps, forms)
     _reject_unknown_feeds(model, feeds)
     notes = _prepared_notes(model, rewritten, specs, plans[0], notes)
+    return rewritten, plans, tolerance, notes
+
+
+def _compare_forms(
+    model: ir.Model,
+    rewritten: ir.Model,
+    plans: Sequence[_Plan],
+    feeds: Mapping[str, np.ndarray],
+    tolerance: tuple[float, float],
+    notes: list[str],
+    steps: int,
+    seed: int,
+    progress: Callable[[int, int], None] | None,
+) -> ModelVerification:
+    """Each plan driven on both models' ORT CPU sessions; a rewritten model ORT cannot load fails the first step."""
     try:
         sessions = _sessions(model, rewritten)
     except _RewrittenDoesNotLoad as error:  # a failed verification, not an error
