@@ -263,42 +263,87 @@ def _key_columns(
     # (OpenVINO 2025 mis-shapes an If output whose width differs between branches).
     may_cut = fast_paths and not lowering.output_qk_used
     if not spec.has_past:
-        new_key, new_value = new_rows
-        length = info.query_length
-        positions = dense_key_positions(shared, length, ("query_length", dim_key(node.inputs[gqa.QUERY], 1)))
-        return _KeyColumns(new_key, new_value, positions, length, new_key, new_value)
+        return _new_rows_columns(shared, info, node, new_rows)
     if spec.kv_empty:
         return _shared_kv_columns(op, shared, info, pasts, lowering, may_cut)
     if spec.sliding_window_cache:
         return _windowed_columns(op, shared, info, pasts, new_rows, spec, lowering)
-    past_key, past_value = pasts
-    new_key, new_value = new_rows
     if lowering.growing_kv_cache:
-        present_key = append_aligned_rows(op, shared, info, past_key, new_key)
-        present_value = append_aligned_rows(op, shared, info, past_value, new_value)
-        length = present_length(shared, info, past_key)
-        positions = dense_key_positions(shared, length, ("present_length", info, dim_key(past_key, 2), False))
-        return _KeyColumns(present_key, present_value, positions, length, present_key, present_value)
+        return _growing_columns(op, shared, info, pasts, new_rows)
     # A key length of 0 or S (decided at run time) needs present: with no new rows it is past
     # (rows [0, t_b) attention reads, §11), with S rows the ordinary cache.
     needs_present = lowering.present_used or lowering.static_kv_cache or spec.kv_maybe_empty
     if needs_present or spec.has_attention_bias or spec.qk_output:
-        (present_key, present_value), rows_key = _written_present(
-            op, shared, info, pasts, new_rows, spec, lowering, fast_paths
-        )
-        return _buffer_columns(
-            op,
-            shared,
-            info,
-            past_key,
-            present_key,
-            present_value,
-            present_key,
-            present_value,
-            rows_key,
-            may_cut,
-            lowering.shapes_from_shapes,
-        )
+        return _written_columns(op, shared, info, pasts, new_rows, spec, lowering, fast_paths, may_cut)
+    return _concat_columns(op, shared, info, pasts, new_rows, lowering)
+
+
+def _new_rows_columns(shared: SharedSubgraphs, info, node: ir.Node, new_rows: tuple[ir.Value, ir.Value]) -> _KeyColumns:
+    """No past (§3): the new rows are present and the keys, column j at position j."""
+    new_key, new_value = new_rows
+    length = info.query_length
+    positions = dense_key_positions(shared, length, ("query_length", dim_key(node.inputs[gqa.QUERY], 1)))
+    return _KeyColumns(new_key, new_value, positions, length, new_key, new_value)
+
+
+def _growing_columns(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    pasts: tuple[ir.Value, ir.Value],
+    new_rows: tuple[ir.Value, ir.Value],
+) -> _KeyColumns:
+    """The growing-cache promise: present = Concat(past, new) (guarded), read whole."""
+    (past_key, past_value), (new_key, new_value) = pasts, new_rows
+    present_key = append_aligned_rows(op, shared, info, past_key, new_key)
+    present_value = append_aligned_rows(op, shared, info, past_value, new_value)
+    length = present_length(shared, info, past_key)
+    positions = dense_key_positions(shared, length, ("present_length", info, dim_key(past_key, 2), False))
+    return _KeyColumns(present_key, present_value, positions, length, present_key, present_value)
+
+
+def _written_columns(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    pasts: tuple[ir.Value, ir.Value],
+    new_rows: tuple[ir.Value, ir.Value],
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+    fast_paths: bool,
+    may_cut: bool,
+) -> _KeyColumns:
+    """Present with the new rows written at c_b (:func:`_written_present`); attention reads its rows."""
+    (present_key, present_value), rows_key = _written_present(
+        op, shared, info, pasts, new_rows, spec, lowering, fast_paths
+    )
+    past_key = pasts[0]
+    # Present is both what attention reads and the node's present output.
+    return _buffer_columns(
+        op,
+        shared,
+        info,
+        past_key,
+        present_key,
+        present_value,
+        present_key,
+        present_value,
+        rows_key,
+        may_cut,
+        lowering.shapes_from_shapes,
+    )
+
+
+def _concat_columns(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    pasts: tuple[ir.Value, ir.Value],
+    new_rows: tuple[ir.Value, ir.Value],
+    lowering: Lowering,
+) -> _KeyColumns:
+    """Nobody reads present: keys Concat(past, new) with each column's position; no KV write."""
+    (past_key, past_value), (new_key, new_value) = pasts, new_rows
     keys = concat_rows(op, shared, past_key, new_key, lowering.skip_empty_past)
     values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
     positions = concat_key_positions(shared, info, past_key)
@@ -585,16 +630,7 @@ def _attend_with_op(
     Smooth softmax and head sinks get one more key column (:func:`with_sink_column`),
     cut from output_qk.
     """
-    attn_mask = visible_B1SK
-    if not spec.causal:
-        # Without causality visibility does not depend on the query row ([B, 1, 1, K]);
-        # ORT 1.31 requires the mask's query axis to be S itself, not 1.
-        rows = op.op("Concat", op.ints([1, 1]), op.to_vector(op.dim(query_BNSH, 2)), op.ints([1]), axis=0)
-        attn_mask = op.op("Expand", attn_mask, rows)
-    if bias_BNSK is not None:
-        attn_mask = op.op("Add", bias_BNSK, mask_bias(shared, attn_mask, lowering.compute_dtype))
-    elif spec.smooth_softmax:
-        attn_mask = mask_bias(shared, attn_mask, lowering.compute_dtype)
+    attn_mask = _op_mask(op, shared, spec, lowering, query_BNSH, visible_B1SK, bias_BNSK)
     if spec.smooth_softmax:
         keys_BNkvKH, values_BNkvKH, attn_mask = with_sink_column(
             op, keys_BNkvKH, values_BNkvKH, attn_mask, sink_N, spec.num_heads, lowering.compute_dtype
@@ -617,15 +653,53 @@ def _attend_with_op(
     )
     if attention.qk_BNSK is None:
         return attention.output_BSD, None
+    qk_BNST = _op_qk_columns(op, info, spec, lowering, attention.qk_BNSK, columns_length, visible_B1SK)
+    return attention.output_BSD, qk_BNST
+
+
+def _op_mask(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+    query_BNSH: ir.Value,
+    visible_B1SK: ir.Value,
+    bias_BNSK: ir.Value | None,
+) -> ir.Value:
+    """The Attention op's mask: the bool visibility, or bias + its 0/-inf bias (smooth softmax: the 0/-inf bias)."""
+    attn_mask = visible_B1SK
+    if not spec.causal:
+        # Without causality visibility does not depend on the query row ([B, 1, 1, K]);
+        # ORT 1.31 requires the mask's query axis to be S itself, not 1.
+        rows = op.op("Concat", op.ints([1, 1]), op.to_vector(op.dim(query_BNSH, 2)), op.ints([1]), axis=0)
+        attn_mask = op.op("Expand", attn_mask, rows)
+    if bias_BNSK is not None:
+        return op.op("Add", bias_BNSK, mask_bias(shared, attn_mask, lowering.compute_dtype))
+    if spec.smooth_softmax:
+        # The sink column's mask entry is the sink's logit: the mask must be a float bias.
+        return mask_bias(shared, attn_mask, lowering.compute_dtype)
+    return attn_mask
+
+
+def _op_qk_columns(
+    op: OpBuilder,
+    info,
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+    qk_BNSK: ir.Value,
+    columns_length: ir.Value | None,
+    visible_B1SK: ir.Value,
+) -> ir.Value:
+    """output_qk [B, N, S, T] from the op's qk_matmul_output [B, N, S, K (+ sink)]: masked scores zeroed."""
     # Cut to T columns first (K >= T; a sink column sits at K, so it goes too). ORT 1.31's
     # shape inference declares qk_matmul_output's last axis 0 when K's length is symbolic,
     # so any broadcast with a statically known mask fails; T comes from data, which it
     # cannot infer.
-    qk_BNST = _fit_columns(op, attention.qk_BNSK, columns_length, info.total_length)
+    qk_BNST = _fit_columns(op, qk_BNSK, columns_length, info.total_length)
     if spec.qk_output == 1:
         visible_B1ST = op.slice(visible_B1SK, 0, op.to_vector(info.total_length), axis=3)
         qk_BNST = op.op("Where", visible_B1ST, qk_BNST, op.float_scalar(0.0, lowering.compute_dtype))
-    return attention.output_BSD, qk_BNST
+    return qk_BNST
 
 
 def _rotary_table_2d(shared: SharedSubgraphs, cache: ir.Value) -> ir.Value:
@@ -715,37 +789,17 @@ def _attend_primitives(
     head_size: HeadSize,
 ) -> tuple[ir.Value, ir.Value | None]:
     """(output [B, S, N*H], output_qk [B, N, S, T] or None) from MatMul/Softmax/..."""
-    plan = ReadPlan(columns.cut, columns.cut_end)
-    query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
-    if fast_paths and columns.length is not None and spec.causal:
-        tiers = causal_row_blocks(shared, info, columns.length)
-        if isinstance(query_length, int):
-            # S is known: the tier it reaches (if any) is chosen here, without an If.
-            # Not in the default graph: tract cannot type the blocks' data-dependent slices.
-            reached = [tier for tier in tiers if query_length >= tier.minimum]
-            plan = dataclasses.replace(plan, row_block_tiers=tuple(reached[:1]), row_blocks_known=True)
-        else:
-            plan = dataclasses.replace(plan, row_block_tiers=tiers)
+    plan = _read_plan(shared, info, node, spec, columns, fast_paths)
+    # The shared 0/-inf bias before the scale: the order in which shared subgraphs are built names them.
+    mask_bias_B1SK = mask_bias(shared, visible_B1SK, lowering.compute_dtype)
     attention = attend(
         op,
         query_BNSH,
         columns.keys,
         columns.values,
         visible_B1SK,
-        mask_bias(shared, visible_B1SK, lowering.compute_dtype),
-        Scoring(
-            num_heads=spec.num_heads,
-            kv_num_heads=spec.kv_num_heads,
-            head_size=head_size,
-            scale=default_scale(shared, head_size, lowering.compute_dtype) if spec.scale is None else spec.scale,
-            softcap=spec.softcap,
-            smooth_softmax=spec.smooth_softmax,
-            head_sink_N=_input(node, gqa.HEAD_SINK),
-            may_mask_whole_rows=_input(node, gqa.ATTENTION_BIAS) is not None or spec.local_window_size == 0,
-            dtype=lowering.compute_dtype,
-            # OpenVINO moves a scale of the scores onto the keys: a pass over every key read.
-            prescale=lowering.runtime_profile == "openvino",
-        ),
+        mask_bias_B1SK,
+        _scoring(shared, node, spec, lowering, head_size),
         bias_BNSK=bias_BNSK,
         want_scores=lowering.output_qk_used and spec.qk_output == 1,
         want_probs=lowering.output_qk_used and spec.qk_output == 2,
@@ -757,6 +811,42 @@ def _attend_primitives(
     chosen = attention.scores_BNSK if spec.qk_output == 1 else attention.probs_BNSK
     # Columns >= T do not exist in output_qk; columns in [t_b, T) are masked, so 0.
     return attention.output_BSD, _fit_columns(op, chosen, columns.length, info.total_length)
+
+
+def _read_plan(
+    shared: SharedSubgraphs, info, node: ir.Node, spec: gqa.GqaSpec, columns: _KeyColumns, fast_paths: bool
+) -> ReadPlan:
+    """Which key columns primitives read: a cut of a long buffer and, under --fast-paths, causal row blocks."""
+    plan = ReadPlan(columns.cut, columns.cut_end)
+    query_length = node.inputs[gqa.QUERY].shape[1] if node.inputs[gqa.QUERY].shape is not None else None
+    if not (fast_paths and columns.length is not None and spec.causal):
+        return plan
+    tiers = causal_row_blocks(shared, info, columns.length)
+    if isinstance(query_length, int):
+        # S is known: the tier it reaches (if any) is chosen here, without an If.
+        # Not in the default graph: tract cannot type the blocks' data-dependent slices.
+        reached = [tier for tier in tiers if query_length >= tier.minimum]
+        return dataclasses.replace(plan, row_block_tiers=tuple(reached[:1]), row_blocks_known=True)
+    return dataclasses.replace(plan, row_block_tiers=tiers)
+
+
+def _scoring(
+    shared: SharedSubgraphs, node: ir.Node, spec: gqa.GqaSpec, lowering: Lowering, head_size: HeadSize
+) -> Scoring:
+    """The node's attention arithmetic for :func:`attend`, in the compute type."""
+    return Scoring(
+        num_heads=spec.num_heads,
+        kv_num_heads=spec.kv_num_heads,
+        head_size=head_size,
+        scale=default_scale(shared, head_size, lowering.compute_dtype) if spec.scale is None else spec.scale,
+        softcap=spec.softcap,
+        smooth_softmax=spec.smooth_softmax,
+        head_sink_N=_input(node, gqa.HEAD_SINK),
+        may_mask_whole_rows=_input(node, gqa.ATTENTION_BIAS) is not None or spec.local_window_size == 0,
+        dtype=lowering.compute_dtype,
+        # OpenVINO moves a scale of the scores onto the keys: a pass over every key read.
+        prescale=lowering.runtime_profile == "openvino",
+    )
 
 
 def _head_size(shared: SharedSubgraphs, node: ir.Node, spec: gqa.GqaSpec) -> HeadSize:
@@ -786,6 +876,57 @@ def _encoded_new_rows(
             encode_value(_bsnh_to_bnsh(op, value_BSNH)),
         )
     return new_rows, (decode_key, decode_value)
+
+
+def _attention_outputs(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    lowering: Lowering,
+    query_BNSH: ir.Value,
+    columns: _KeyColumns,
+    visible_B1SK: ir.Value,
+    decode,
+    head_size: HeadSize,
+) -> tuple[ir.Value, ir.Value | None]:
+    """(output [B, S, N*H], output_qk [B, N, S, T] or None) in the compute type, from the key columns
+    and the shared mask: one Attention op, or primitives (which decode the columns they read)."""
+    bias_BNSK = _bias_columns(op, info, node, spec, lowering, columns)
+    if lowering.attention_op:
+        decode_key, decode_value = decode
+        return _attend_with_op(
+            op,
+            shared,
+            info,
+            spec,
+            lowering,
+            query_BNSH,
+            decode_key(op, columns.keys),
+            decode_value(op, columns.values),
+            columns.length,
+            visible_B1SK,
+            bias_BNSK,
+            _input(node, gqa.HEAD_SINK),
+            head_size,
+        )
+    # Only here --fast-paths applies (see expand_gqa): its run-time Ifs choose the columns primitives read.
+    return _attend_primitives(
+        op,
+        shared,
+        info,
+        node,
+        spec,
+        lowering,
+        query_BNSH,
+        columns,
+        visible_B1SK,
+        bias_BNSK,
+        decode,
+        lowering.fast_paths,
+        head_size,
+    )
 
 
 def expand_gqa(
@@ -819,7 +960,7 @@ def expand_gqa(
         return _expand_causal_op(op, shared, info, node, spec, lowering, query_BNSH, key_BSNH, value_BSNH, head_size)
 
     # 2. The new rows in the cache's type; the key columns attention reads; present.
-    new_rows, (decode_key, decode_value) = _encoded_new_rows(op, node, spec, lowering, head_size, key_BSNH, value_BSNH)
+    new_rows, decode = _encoded_new_rows(op, node, spec, lowering, head_size, key_BSNH, value_BSNH)
     # The run-time Ifs of --fast-paths serve the primitives target; the Attention op is one node.
     fast_paths = lowering.fast_paths and not lowering.attention_op
     columns = _key_columns(op, shared, info, node, spec, lowering, new_rows, fast_paths)
@@ -828,39 +969,9 @@ def expand_gqa(
     visible_B1SK = visibility_mask(shared, info, columns.positions, spec.local_window_size, spec.causal)
 
     # 4. Attention in the compute type (fp32 unless native precision).
-    bias_BNSK = _bias_columns(op, info, node, spec, lowering, columns)
-    if lowering.attention_op:
-        output_BSD, output_qk = _attend_with_op(
-            op,
-            shared,
-            info,
-            spec,
-            lowering,
-            query_BNSH,
-            decode_key(op, columns.keys),
-            decode_value(op, columns.values),
-            columns.length,
-            visible_B1SK,
-            bias_BNSK,
-            _input(node, gqa.HEAD_SINK),
-            head_size,
-        )
-    else:
-        output_BSD, output_qk = _attend_primitives(
-            op,
-            shared,
-            info,
-            node,
-            spec,
-            lowering,
-            query_BNSH,
-            columns,
-            visible_B1SK,
-            bias_BNSK,
-            (decode_key, decode_value),
-            fast_paths,
-            head_size,
-        )
+    output_BSD, output_qk = _attention_outputs(
+        op, shared, info, node, spec, lowering, query_BNSH, columns, visible_B1SK, decode, head_size
+    )
     output = _from_compute(op, output_BSD, spec, lowering)
     if output_qk is not None:
         output_qk = _from_compute(op, output_qk, spec, lowering)
