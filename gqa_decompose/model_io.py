@@ -290,26 +290,10 @@ def save_model(
         external_data = False
     data_name = f"{target.name}.data" if external_data else None
     created = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(target)
-        staging = pathlib.Path(
-            tempfile.mkdtemp(
-                prefix=f"{_staging_prefix(target)}{os.getpid()}.", suffix=_STAGING_SUFFIX, dir=target.parent
-            )
-        )
-    except OSError as error:
-        _remove_folders(created)
-        raise GqaDecomposeError(f"cannot write the output into {target.parent}: {error.strerror or error}") from None
+    staging = _make_staging_folder(target, created)
     saved = False
     try:
-        callback = None
-        if progress is not None:
-
-            def callback(tensor, info) -> None:  # noqa: ARG001 - onnx-ir's signature
-                progress(info.index + 1, info.total)
-
-        ir.save(model, staging / target.name, external_data=data_name, callback=callback)
+        ir.save(model, staging / target.name, external_data=data_name, callback=_save_callback(progress))
         written = []
         if data_name is not None and (staging / data_name).exists():
             os.replace(staging / data_name, target.parent / data_name)
@@ -324,6 +308,32 @@ def save_model(
         shutil.rmtree(staging, ignore_errors=True)
         if not saved:
             _remove_folders(created)
+
+
+def _make_staging_folder(target: pathlib.Path, created: list[pathlib.Path]) -> pathlib.Path:
+    """A fresh staging folder beside ``target``; on failure, removes the ``created`` folders and raises."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(target)
+        return pathlib.Path(
+            tempfile.mkdtemp(
+                prefix=f"{_staging_prefix(target)}{os.getpid()}.", suffix=_STAGING_SUFFIX, dir=target.parent
+            )
+        )
+    except OSError as error:
+        _remove_folders(created)
+        raise GqaDecomposeError(f"cannot write the output into {target.parent}: {error.strerror or error}") from None
+
+
+def _save_callback(progress: Callable[[int, int], None] | None) -> Callable | None:
+    """ir.save's per-tensor callback reporting (tensors written, total) to ``progress``."""
+    if progress is None:
+        return None
+
+    def callback(tensor, info) -> None:  # noqa: ARG001 - onnx-ir's signature
+        progress(info.index + 1, info.total)
+
+    return callback
 
 
 def _remove_folders(folders: list[pathlib.Path]) -> None:

@@ -67,18 +67,7 @@ def attention_op(
             returns present = Concat(past, new), with bottom-right causal alignment.
         qk_mode: qk_matmul_output_mode to expose, or None for no qk output.
     """
-    attributes: dict = {}
-    if scale is not None:  # None: the op's default 1/sqrt(H), for a head size known at run time
-        if scale < 0:
-            query_BNSH = op.op("Neg", query_BNSH)
-            scale = -scale
-        attributes["scale"] = float(scale)
-    if softcap > 0:
-        attributes["softcap"] = float(softcap)
-    if is_causal:
-        attributes["is_causal"] = 1
-    if qk_mode is not None:
-        attributes["qk_matmul_output_mode"] = qk_mode
+    query_BNSH, attributes = _attention_attributes(op, query_BNSH, scale, softcap, is_causal, qk_mode)
     inputs: list[ir.Value | None] = [query_BNSH, keys_BNkvKH, values_BNkvKH, attn_mask]
     outputs = 1
     if past is not None:
@@ -99,6 +88,30 @@ def attention_op(
     present_value = results[2] if past is not None else None
     qk = results[3] if qk_mode is not None else None
     return AttentionOpResult(output_BSD, qk, present_key, present_value)
+
+
+def _attention_attributes(
+    op: OpBuilder,
+    query_BNSH: ir.Value,
+    scale: float | None,
+    softcap: float,
+    is_causal: bool,
+    qk_mode: int | None,
+) -> tuple[ir.Value, dict]:
+    """The Attention node's attributes, and the query to feed it (negated for a negative scale)."""
+    attributes: dict = {}
+    if scale is not None:  # None: the op's default 1/sqrt(H), for a head size known at run time
+        if scale < 0:  # ORT rejects scale <= 0; -scale * (Q K^T) == scale * ((-Q) K^T) exactly
+            query_BNSH = op.op("Neg", query_BNSH)
+            scale = -scale
+        attributes["scale"] = float(scale)
+    if softcap > 0:
+        attributes["softcap"] = float(softcap)
+    if is_causal:
+        attributes["is_causal"] = 1
+    if qk_mode is not None:
+        attributes["qk_matmul_output_mode"] = qk_mode
+    return query_BNSH, attributes
 
 
 def with_sink_column(
