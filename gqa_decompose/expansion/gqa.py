@@ -171,42 +171,63 @@ def _split_heads(
     unless they are normalized first (each with its own weight). A run-time ``head_size``
     enters the reshapes as a value; the Splits are over the static head counts.
     """
-    query = node.inputs[gqa.QUERY]
-    heads, kv_heads = spec.num_heads, spec.kv_num_heads
-
-    def normalize(x_BSnH: ir.Value, weight_index: int, enabled: bool) -> ir.Value:
-        if not enabled:
-            return x_BSnH
-        weight_H = node.inputs[weight_index]
-        return rms_normalize_heads(op, x_BSnH, weight_H, spec.qk_norm_epsilon, spec.dtype, norm_op)
-
     if spec.packed_qkv:
-        qkv_BSnH = op.op("Reshape", query, shape_of(op, [0, 0, heads + 2 * kv_heads, head_size]))
-        if rotate is None or spec.q_norm or spec.k_norm:
-            query_BSNH, key_BSNH, value_BSNH = op.op_multi(
-                "Split", qkv_BSnH, op.ints([heads, kv_heads, kv_heads]), axis=2, num_outputs=3
-            )
-            rotate = rotate or (lambda x, _heads: x)
-            query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm), heads)
-            key_BSNH = rotate(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm), kv_heads)
-            return query_BSNH, key_BSNH, value_BSNH
-        qk_BSnH, value_BSNH = op.op_multi(
-            "Split", qkv_BSnH, op.ints([heads + kv_heads, kv_heads]), axis=2, num_outputs=2
-        )
-        query_BSNH, key_BSNH = op.op_multi(
-            "Split", rotate(qk_BSnH, heads + kv_heads), op.ints([heads, kv_heads]), axis=2, num_outputs=2
-        )
-        return query_BSNH, key_BSNH, value_BSNH
+        return _split_packed_heads(op, node, spec, head_size, rotate, norm_op)
+    heads, kv_heads = spec.num_heads, spec.kv_num_heads
     rotate = rotate or (lambda x, _heads: x)
-    query_BSNH = op.op("Reshape", query, shape_of(op, [0, 0, heads, head_size]))
-    query_BSNH = rotate(normalize(query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm), heads)
+    query_BSNH = op.op("Reshape", node.inputs[gqa.QUERY], shape_of(op, [0, 0, heads, head_size]))
+    query_BSNH = rotate(_normalize_heads(op, node, spec, query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm, norm_op), heads)
     if spec.kv_empty:
         return query_BSNH, None, None
     key, value = node.inputs[gqa.KEY], node.inputs[gqa.VALUE]
     key_BSNH = op.op("Reshape", key, shape_of(op, [0, 0, kv_heads, head_size], like=key))
-    key_BSNH = (rotate_key or rotate)(normalize(key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm), kv_heads)
+    key_BSNH = _normalize_heads(op, node, spec, key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm, norm_op)
+    key_BSNH = (rotate_key or rotate)(key_BSNH, kv_heads)
     value_BSNH = op.op("Reshape", value, shape_of(op, [0, 0, kv_heads, head_size], like=value))
     return query_BSNH, key_BSNH, value_BSNH
+
+
+def _split_packed_heads(
+    op: OpBuilder, node: ir.Node, spec: gqa.GqaSpec, head_size: HeadSize, rotate, norm_op: bool
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """_split_heads for packed QKV [B, S, (N + 2*Nkv)*H]: q, k, v [B, S, n, H].
+
+    Without norms, Q and K are rotated together ([B, S, N + Nkv, H], one pass) before being
+    split apart; with norms each is normalized with its own weight first, then rotated alone.
+    """
+    heads, kv_heads = spec.num_heads, spec.kv_num_heads
+    qkv_BSnH = op.op("Reshape", node.inputs[gqa.QUERY], shape_of(op, [0, 0, heads + 2 * kv_heads, head_size]))
+    if rotate is None or spec.q_norm or spec.k_norm:
+        query_BSNH, key_BSNH, value_BSNH = op.op_multi(
+            "Split", qkv_BSnH, op.ints([heads, kv_heads, kv_heads]), axis=2, num_outputs=3
+        )
+        rotate = rotate or (lambda x, _heads: x)
+        query_BSNH = _normalize_heads(op, node, spec, query_BSNH, gqa.Q_NORM_WEIGHT, spec.q_norm, norm_op)
+        query_BSNH = rotate(query_BSNH, heads)
+        key_BSNH = _normalize_heads(op, node, spec, key_BSNH, gqa.K_NORM_WEIGHT, spec.k_norm, norm_op)
+        key_BSNH = rotate(key_BSNH, kv_heads)
+        return query_BSNH, key_BSNH, value_BSNH
+    qk_BSnH, value_BSNH = op.op_multi("Split", qkv_BSnH, op.ints([heads + kv_heads, kv_heads]), axis=2, num_outputs=2)
+    query_BSNH, key_BSNH = op.op_multi(
+        "Split", rotate(qk_BSnH, heads + kv_heads), op.ints([heads, kv_heads]), axis=2, num_outputs=2
+    )
+    return query_BSNH, key_BSNH, value_BSNH
+
+
+def _normalize_heads(
+    op: OpBuilder,
+    node: ir.Node,
+    spec: gqa.GqaSpec,
+    x_BSnH: ir.Value,
+    weight_index: int,
+    enabled: bool,
+    norm_op: bool,
+) -> ir.Value:
+    """``x_BSnH`` RMS-normalized over H with the node's weight at ``weight_index``, when ``enabled``."""
+    if not enabled:
+        return x_BSnH
+    weight_H = node.inputs[weight_index]
+    return rms_normalize_heads(op, x_BSnH, weight_H, spec.qk_norm_epsilon, spec.dtype, norm_op)
 
 
 def _to_compute(op: OpBuilder, value: ir.Value, spec: gqa.GqaSpec, lowering: Lowering) -> ir.Value:

@@ -55,30 +55,8 @@ class Attention:
         if weights is None or weights.shape is None or weights.shape.rank() != 2 or not weights.shape.is_static():
             raise GqaDecomposeError("Attention needs weights [Din, D + D + Dv] with a static shape", node.name)
         heads = int_attribute(node, "num_heads", 0)
-        total = int(weights.shape[1])
-        sizes_attribute = node.attributes.get("qkv_hidden_sizes")
-        sizes = list(sizes_attribute.as_ints()) if sizes_attribute is not None else [total // 3] * 3
-        if (
-            heads <= 0
-            or len(sizes) != 3
-            or sum(sizes) != total
-            or sizes[0] != sizes[1]
-            or any(s % heads for s in sizes)
-        ):
-            raise GqaDecomposeError(
-                f"Attention qkv_hidden_sizes={sizes} with num_heads={heads} and weights [*, {total}]", node.name
-            )
-        if input_at(node, BIAS) is None:
-            # Measured on ORT 1.31: the CPU kernel crashes the process (segfault) without a bias.
-            raise GqaDecomposeError(
-                "Attention without bias: ORT CPU crashes on it, so it cannot be verified", node.name
-            )
-        if int_attribute(node, "do_rotary", 0):
-            raise GqaDecomposeError("Attention do_rotary=1: not decomposed", node.name)
-        if int_attribute(node, "past_present_share_buffer", 0) or input_at(node, PAST_SEQUENCE_LENGTH) is not None:
-            raise GqaDecomposeError("Attention with a shared past/present buffer: not decomposed", node.name)
-        if input_at(node, PAST) is not None and input_at(node, ATTENTION_BIAS) is not None:
-            raise GqaDecomposeError("Attention with both past and attention_bias: ORT rejects it", node.name)
+        sizes = _qkv_hidden_sizes(node, weights, heads)
+        _refuse_unsupported_forms(node)
         mask = input_at(node, MASK_INDEX)
         if mask is not None and (mask.shape is None or mask.shape.rank() not in (1, 2, 3)):
             raise GqaDecomposeError(
@@ -148,6 +126,31 @@ class Attention:
         if dtype == ir.DataType.FLOAT16:
             return Tolerance(atol=2e-3, rtol=2e-3)
         return Tolerance(atol=2e-5, rtol=1e-4)
+
+
+def _qkv_hidden_sizes(node: ir.Node, weights: ir.Value, heads: int) -> list[int]:
+    """The Q, K and V hidden sizes (``qkv_hidden_sizes``, default a third of the weights' columns each)."""
+    total = int(weights.shape[1])
+    sizes_attribute = node.attributes.get("qkv_hidden_sizes")
+    sizes = list(sizes_attribute.as_ints()) if sizes_attribute is not None else [total // 3] * 3
+    if heads <= 0 or len(sizes) != 3 or sum(sizes) != total or sizes[0] != sizes[1] or any(s % heads for s in sizes):
+        raise GqaDecomposeError(
+            f"Attention qkv_hidden_sizes={sizes} with num_heads={heads} and weights [*, {total}]", node.name
+        )
+    return sizes
+
+
+def _refuse_unsupported_forms(node: ir.Node) -> None:
+    """Raise for the forms not decomposed: no bias, rotary, a shared past/present buffer, past with attention_bias."""
+    if input_at(node, BIAS) is None:
+        # Measured on ORT 1.31: the CPU kernel crashes the process (segfault) without a bias.
+        raise GqaDecomposeError("Attention without bias: ORT CPU crashes on it, so it cannot be verified", node.name)
+    if int_attribute(node, "do_rotary", 0):
+        raise GqaDecomposeError("Attention do_rotary=1: not decomposed", node.name)
+    if int_attribute(node, "past_present_share_buffer", 0) or input_at(node, PAST_SEQUENCE_LENGTH) is not None:
+        raise GqaDecomposeError("Attention with a shared past/present buffer: not decomposed", node.name)
+    if input_at(node, PAST) is not None and input_at(node, ATTENTION_BIAS) is not None:
+        raise GqaDecomposeError("Attention with both past and attention_bias: ORT rejects it", node.name)
 
 
 def _position_layout(node: ir.Node, x: ir.Value, mask: ir.Value) -> tuple[int, bool]:
