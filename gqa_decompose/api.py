@@ -268,11 +268,7 @@ def decompose_file(
         if raise_on_failure:
             raise
         run.found["error"] = error
-    result = DecomposeFileResult(timings=run.timings, **run.found)
-    failure = result.failure() if raise_on_failure else None
-    if failure is not None:
-        raise failure
-    return result
+    return run.result(raise_on_failure)
 
 
 class _FileRun:
@@ -285,6 +281,14 @@ class _FileRun:
         self.options, self.verify, self.progress = options, verify, progress
         self.found: dict = {"output": None}
         self.timings: dict[str, float] = {}
+
+    def result(self, raise_on_failure: bool) -> DecomposeFileResult:
+        """What the stages found; with ``raise_on_failure``, raises the first failed verification instead."""
+        result = DecomposeFileResult(timings=self.timings, **self.found)
+        failure = result.failure() if raise_on_failure else None
+        if failure is not None:
+            raise failure
+        return result
 
     def _tagged(self, what: str) -> Callable[[int, int], None] | None:
         progress = self.progress

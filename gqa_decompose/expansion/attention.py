@@ -270,6 +270,16 @@ class _Attention:
             builder.if_else(tier.use, self.row_blocks(tier), self.longest_tier_reached(shorter))
         )
 
+    def on_planned_path(self, builder: OpBuilder) -> list[ir.Value]:
+        """Output (then scores, probabilities when wanted) by the path ``plan`` chooses: full width or row blocks."""
+        tiers = self.plan.row_block_tiers
+        if self.want_scores or self.want_probs or not tiers:
+            return list(self.full_width(builder))
+        if self.plan.row_blocks_known:
+            return self.row_blocks(tiers[0])(builder)
+        # Decode (S below the shortest tier) passes one If; only long prompts choose their tier.
+        return list(builder.if_else(tiers[-1].use, self.longest_tier_reached(tiers), self.full_width))
+
 
 def attend(
     op: OpBuilder,
@@ -311,14 +321,7 @@ def attend(
         decode_keys=decode_keys,
         decode_values=decode_values,
     )
-    tiers = plan.row_block_tiers
-    if want_scores or want_probs or not tiers:
-        results = list(attention.full_width(op))
-    elif plan.row_blocks_known:
-        results = attention.row_blocks(tiers[0])(op)
-    else:
-        # Decode (S below the shortest tier) passes one If; only long prompts choose their tier.
-        results = list(op.if_else(tiers[-1].use, attention.longest_tier_reached(tiers), attention.full_width))
+    results = attention.on_planned_path(op)
     output = results.pop(0)
     scores = results.pop(0) if want_scores else None
     probs = results.pop(0) if want_probs else None
