@@ -227,19 +227,24 @@ def _dq_EKN(op: OpBuilder, node: ir.Node, w: QuantizedWeight) -> ir.Value:
     scale_value = add_initializer(op, node, f"{prefix}/scale_EKbN", scale)
     inputs.append(scale_value if scales.dtype == ir.DataType.FLOAT else op.cast(scale_value, ir.DataType.FLOAT))
     if w.has_zero_points:
-        zp = ir.convenience.get_const_tensor(node.inputs[w.zero_points])
-
-        def zero_points_EKbN() -> np.ndarray:
-            packed = zp.numpy().reshape(E, w.rows, -1) if w.block_size else zp.numpy().reshape(E, 1, -1)
-            values = unpack_np(packed, w.bits)
-            values = values[..., : w.blocks] if w.block_size else values[:, 0, : w.rows].reshape(E, w.rows, 1)
-            values = np.ascontiguousarray(values.transpose(0, 2, 1))
-            return values if w.bits == 8 else pack_np(_even(values.reshape(-1)), 4)
-
-        zp_dtype = ir.DataType.UINT4 if w.bits == 4 else ir.DataType.UINT8
-        zp_tensor = lazy_tensor(zero_points_EKbN, zp_dtype, (E, w.blocks, w.rows), f"{prefix}/zero_point_EKbN")
-        inputs.append(add_initializer(op, node, f"{prefix}/zero_point_EKbN", zp_tensor))
+        inputs.append(_zero_points_EKbN(op, node, w, prefix, E))
     return op.op("DequantizeLinear", *inputs, axis=1, block_size=w.block_size or w.cols)
+
+
+def _zero_points_EKbN(op: OpBuilder, node: ir.Node, w: QuantizedWeight, prefix: str, E: int) -> ir.Value:
+    """The zero points re-laid out [E, Kb, N] (unsigned 4 or 8 bits), as an initializer read only when saved."""
+    zp = ir.convenience.get_const_tensor(node.inputs[w.zero_points])
+
+    def zero_points_EKbN() -> np.ndarray:
+        packed = zp.numpy().reshape(E, w.rows, -1) if w.block_size else zp.numpy().reshape(E, 1, -1)
+        values = unpack_np(packed, w.bits)
+        values = values[..., : w.blocks] if w.block_size else values[:, 0, : w.rows].reshape(E, w.rows, 1)
+        values = np.ascontiguousarray(values.transpose(0, 2, 1))
+        return values if w.bits == 8 else pack_np(_even(values.reshape(-1)), 4)
+
+    zp_dtype = ir.DataType.UINT4 if w.bits == 4 else ir.DataType.UINT8
+    zp_tensor = lazy_tensor(zero_points_EKbN, zp_dtype, (E, w.blocks, w.rows), f"{prefix}/zero_point_EKbN")
+    return add_initializer(op, node, f"{prefix}/zero_point_EKbN", zp_tensor)
 
 
 def _even(flat: np.ndarray) -> np.ndarray:
