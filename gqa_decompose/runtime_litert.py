@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import signal
 import subprocess
 import tempfile
 
@@ -43,7 +44,10 @@ def _worker(*args: str) -> str:
     done = subprocess.run([str(python()), str(_WORKER), *args], capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"litert {args[0]} failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
+        last = lines[-1] if lines else f"exit code {done.returncode}"
+        if done.returncode < 0:  # a kernel's abort() says nothing on stderr: name the signal
+            last = f"killed by {signal.Signals(-done.returncode).name} (last stderr line: {last})"
+        raise RuntimeError(f"litert {args[0]} failed: {last}")
     return done.stdout.strip()
 
 
