@@ -21,6 +21,8 @@ from gqa_decompose.expansion.folding import known_value
 
 __all__ = ["fixed_shape_copy"]
 
+_MAX_FOLD_ROUNDS = 8
+
 
 def fixed_shape_copy(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
     """A copy of ``model`` whose inputs have ``shapes`` (by name) and whose shape arithmetic is folded.
@@ -45,12 +47,19 @@ def fixed_shape_copy(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...
         dims.ClearField("dim")
         for size in shapes[value.name]:
             dims.dim.add().dim_value = size
-    folded = ir.from_proto(onnx.shape_inference.infer_shapes(copy, data_prop=True))
-    _fold_shape_arithmetic(folded.graph)
-    ir.passes.common.RemoveUnusedNodesPass()(folded)
-    result = ir.to_proto(folded)
-    # Inferred again: a Pad's amounts or a Range's limit, now constant, give the shapes downstream.
-    del result.graph.value_info[:]
+    result = copy
+    # Inferred again after each fold: a Pad's amounts or a Range's limit, now constant, give the shapes downstream,
+    # and those the next fold. onnx2tf 2.6.9 converts ops of unknown dims wrongly: the head sink's column,
+    # Expand(sink, Concat(Shape(scores)[:3], [1])) of scores known only after a fold, left the softmax's last
+    # dim unknown; LiteRT crashed ("double free or corruption") or gave output_qk off by 0.9 (qk_output=2).
+    for _ in range(_MAX_FOLD_ROUNDS):
+        folded = ir.from_proto(onnx.shape_inference.infer_shapes(result, data_prop=True))
+        changed = _fold_shape_arithmetic(folded.graph)
+        ir.passes.common.RemoveUnusedNodesPass()(folded)
+        result = ir.to_proto(folded)
+        del result.graph.value_info[:]
+        if not changed:
+            break
     inferred = onnx.shape_inference.infer_shapes(result, data_prop=True)
     _spell_out_reshape_targets(inferred.graph)
     return inferred
@@ -74,13 +83,14 @@ def _spell_out_reshape_targets(graph: onnx.GraphProto) -> None:
         node.input[1] = name
 
 
-def _fold_shape_arithmetic(graph: ir.Graph) -> None:
-    """Replace each node whose (single, small integer) output is known by a Constant."""
+def _fold_shape_arithmetic(graph: ir.Graph) -> bool:
+    """Replace each node whose (single, small integer) output is known by a Constant; whether any was."""
+    changed = False
     for node in list(graph):
         if node.op_type == "Constant" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
             continue
         output = node.outputs[0]
-        value = known_value(output)
+        value = _known_slice(node) if node.op_type == "Slice" else known_value(output)
         if value is None or output.is_graph_output():
             continue
         constant = ir.node("Constant", [], {"value": ir.tensor(value)}, name=f"{node.name}__fixed")
@@ -88,3 +98,22 @@ def _fold_shape_arithmetic(graph: ir.Graph) -> None:
         graph.insert_before(node, constant)
         ir.convenience.replace_all_uses_with(output, constant.outputs[0])
         graph.remove(node, safe=True)
+        changed = True
+    return changed
+
+
+def _known_slice(node: ir.Node) -> np.ndarray | None:
+    """A Slice of known contents by known positive steps (the rewrite does not fold Slices: a shape's
+    ``[:3]`` here), else None."""
+    values = [None if value is None else known_value(value) for value in node.inputs]
+    if len(values) < 3 or any(value is None for value in values):
+        return None
+    data, starts, ends = values[:3]
+    axes = values[3] if len(values) > 3 else range(len(starts))
+    steps = values[4] if len(values) > 4 else [1] * len(starts)
+    index = [slice(None)] * data.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if step <= 0:
+            return None
+        index[int(axis)] = slice(int(start), int(end), int(step))
+    return data[tuple(index)]

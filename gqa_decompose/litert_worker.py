@@ -3,7 +3,7 @@
 Not imported by gqa_decompose: :mod:`gqa_decompose.runtime_litert` runs it as a script::
 
     python litert_worker.py versions
-    python litert_worker.py convert model.onnx out_folder      # writes out_folder/model_float32.tflite
+    python litert_worker.py convert model.onnx out_folder      # writes out_folder/model_float{32,16}.tflite
     python litert_worker.py run model.tflite feeds.npz outputs.npz
 
 Errors go to stderr, the exit code is 1.

@@ -86,12 +86,14 @@ def concat_key_positions(
             kept_B11 = op.unsqueeze(past_kept_B, [1, 2])
             first_held_B11 = op.op("Sub", offsets_B11, kept_B11)
             held_positions = op.op("Add", first_held_B11, columns_11K)
-        past_positions = op.op(
-            "Where",
-            op.op("Less", columns_11K, kept_B11),
-            held_positions,
-            op.int_scalar(_NEVER_VISIBLE),
-        )
+        is_held = op.op("Less", columns_11K, kept_B11)
+        never_visible = op.int_scalar(_NEVER_VISIBLE)
+        if past_kept_B is not None:
+            # [B, 1, K] like the condition and the first branch, not a scalar: onnx2tf 2.6.9 makes such a
+            # Where TFLite's SELECT, which broadcasts neither branch ("select.cc:104
+            # data->has_low_rank_input_condition was not true").
+            never_visible = op.op("Add", op.op("Mul", held_positions, op.int_scalar(0)), never_visible)
+        past_positions = op.op("Where", is_held, held_positions, never_visible)
         new_positions = op.op("Add", offsets_B11, op.op("Sub", columns_11K, past_length))
         positions_B1K = op.op("Where", op.op("Less", columns_11K, past_length), past_positions, new_positions)
         return op.unsqueeze(positions_B1K, [1])

@@ -51,12 +51,17 @@ class RotaryTables:
 
 
 def _positions_BS(op: OpBuilder, info: SequenceInfo, position_ids: ir.Value | None) -> ir.Value:
+    if position_ids is None and info.is_first_prompt is None:
+        # A Reshape to a stated [1, S], not an Unsqueeze of the Range: onnx2tf 2.6.9 types the tables gathered at
+        # Unsqueeze(Range) as [1, 1, R/2] and converts their Unsqueeze to a Reshape to [1, 1, 1, R/2] (no past,
+        # S > 1: "XNNPack delegate failed to reshape runtime"; its reference kernels: "reshape.cc:94
+        # num_input_elements != num_output_elements (40 != 8)"). A view on ORT.
+        shape_1S = op.op("Concat", op.ints([1]), op.to_vector(info.query_length), axis=0)
+        return op.op("Reshape", info.query_rows_S, shape_1S)
     rows_1S = op.unsqueeze(info.query_rows_S, [0])
     # [B, S] from the query's shape, not [-1, S]: ONNX's inference then knows both dims of the continuation's
     # positions, and IREE 3.13 fails to compile the rotation's Mul of [B, S, ..] by unknown dims ("expected sizes
     # to be non-negative, but got -1").
-    if position_ids is None and info.is_first_prompt is None:
-        return rows_1S
     shape_BS = op.op("Concat", info.batch_size_1, op.to_vector(info.query_length), axis=0)
     if position_ids is not None:
         flat_positions = op.op("Reshape", position_ids, op.ints([-1]))

@@ -92,8 +92,11 @@ def present_columns(
         from_past = op.op("Sub", positions_BC, first_held_B1)
         from_new = op.op("Add", capacity, op.op("Sub", positions_BC, offsets_B1))
         columns_BC = op.op("Where", op.op("Less", positions_BC, offsets_B1), from_past, from_new)
-        # Rows past L(t_b) are unspecified; any valid column will do.
-        columns_BC = op.op("Where", op.op("Less", rows_1C, present_kept_B1), columns_BC, op.int_scalar(0))
+        # Rows past L(t_b) are unspecified; any valid column will do. Column 0 as a [B, C] tensor, not a
+        # scalar: onnx2tf 2.6.9 makes a Where whose condition has its first branch's shape TFLite's SELECT,
+        # which broadcasts neither branch ("select.cc:104 data->has_low_rank_input_condition was not true").
+        zeros_BC = op.op("Mul", columns_BC, op.int_scalar(0))
+        columns_BC = op.op("Where", op.op("Less", rows_1C, present_kept_B1), columns_BC, zeros_BC)
         columns_B1C1 = op.unsqueeze(columns_BC, [1, 3])
         shape = op.op(
             "Concat",
