@@ -40,8 +40,14 @@ def python() -> pathlib.Path:
 
 
 def _worker(*args: str) -> str:
-    """Runs the worker; its stdout, or RuntimeError with the last line of its stderr."""
-    done = subprocess.run([str(python()), str(_WORKER), *args], capture_output=True, text=True)
+    """Runs the worker; its stdout, or RuntimeError with the last line of its stderr.
+
+    It runs in a working folder of its own: onnx2tf saves ``sym_shape_infer_temp.onnx`` and external-data
+    files into the working folder when it meets an op it cannot type (GroupQueryAttention, in the original).
+    """
+    with tempfile.TemporaryDirectory(prefix="gqa-decompose-litert-") as working_folder:
+        command = [str(python().absolute()), str(_WORKER), *args]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=working_folder)
     if done.returncode != 0:
         lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit code {done.returncode}"

@@ -165,6 +165,20 @@ def test_litert_runs_a_four_token_prompt_with_empty_past():
     assert max_error(feeds, want, got) < TOLERANCE
 
 
+@pytest.mark.xdist_group("litert")
+def test_litert_writes_nothing_into_the_working_folder(tmp_path, monkeypatch):
+    """onnx2tf saves ``sym_shape_infer_temp.onnx`` and two external-data files into its working folder when it
+    cannot type an op (GroupQueryAttention itself, the portability table's column of the original): that column
+    left three in the repository. The worker runs in a folder of its own."""
+    require("litert")
+    from portability_cases import CASES, FUSED, failures, run_case
+
+    (case,) = [c for c in CASES if c.name == "no-past-packed"]
+    monkeypatch.chdir(tmp_path)
+    assert any("GROUPQUERYATTENTION" in problem for problem in failures(run_case(case, "litert", FUSED)))
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
 # The one-node cases (tests/portability_cases.py) on IREE, where its table column failed ----------------
 
 _IREE_NO_RMSNORM = (
