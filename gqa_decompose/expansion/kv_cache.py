@@ -182,7 +182,6 @@ def write_new_rows(
     ``skip_empty_past`` (the webnn profile) an empty past is never read: the base
     is zeros of the present's shape then, which is what Pad makes of it.
     """
-
     # The WebNN EP pads no int8 and scatters no uint8 (a quantized cache): the webnn profile writes those in int32.
     widen = skip_empty_past and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
 
@@ -331,15 +330,25 @@ def update_cache(
       prompt scatters into zeros instead, as ORT copies no past row then;
     * otherwise (a ragged growing batch): past padded to T rows, then scattered.
     """
+    if not fast_paths:
+        return tuple(
+            write_new_rows(op, shared, info, past, new, kv_num_heads, False, tensor_scatter, skip_empty_past)
+            for past, new in zip(past_BNPH, new_BNSH)
+        )
+    return _update_cache_at_run_time(op, shared, info, past_BNPH, new_BNSH, kv_num_heads)
+
+
+def _update_cache_at_run_time(
+    op: OpBuilder,
+    shared: SharedSubgraphs,
+    info: SequenceInfo,
+    past_BNPH: tuple[ir.Value, ir.Value],
+    new_BNSH: tuple[ir.Value, ir.Value],
+    kv_num_heads: int,
+) -> tuple[ir.Value, ir.Value]:
+    """update_cache's ``fast_paths`` form: Concat, a write into past, or Pad + ScatterND, chosen by two Ifs."""
     past_key, past_value = past_BNPH
     new_key, new_value = new_BNSH
-    if not fast_paths:
-        return (
-            write_new_rows(op, shared, info, past_key, new_key, kv_num_heads, False, tensor_scatter, skip_empty_past),
-            write_new_rows(
-                op, shared, info, past_value, new_value, kv_num_heads, False, tensor_scatter, skip_empty_past
-            ),
-        )
 
     def fits_in_past(builder: OpBuilder) -> ir.Value:
         return builder.op("LessOrEqual", info.total_length, builder.dim(past_key, 2))
