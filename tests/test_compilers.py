@@ -215,6 +215,26 @@ def test_portability_case_runs_on_iree(case_id):
     assert not problems, problems
 
 
+# Each failed on LiteRT (onnx2tf 2.6.9, ai-edge-litert 2.1.2) before the graph or adapter change its comment names.
+LITERT_CASES = [
+    "windowed cache/sliding-window-cache",  # sliding_cache/mask: full-shape Where branches (TFLite SELECT)
+    "causal=0, no past/no-past-packed",  # rotary._positions_BS: a Reshape to [1, S], not Unsqueeze(Range)
+    "qk output/qk2-sink",  # fixed_shapes: folds until nothing is left, Slices of known values included
+]
+
+
+@pytest.mark.xdist_group("litert")
+@pytest.mark.parametrize("case_id", LITERT_CASES)
+def test_portability_case_runs_on_litert(case_id):
+    """The case's expansion on LiteRT against ORT CPU's fused node, every phase (as the table's cells)."""
+    require("litert")
+    from portability_cases import CASES, failures, run_case
+
+    (case,) = [c for c in CASES if c.id == case_id]
+    problems = failures(run_case(case, "litert"))
+    assert not problems, problems
+
+
 def _add_model() -> onnx.ModelProto:
     """y = a + c, with c's dims unknown: valid ONNX broadcasting when c turns out to be [1, n]."""
     a = helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, ["b", "n"])
