@@ -48,13 +48,13 @@ def _cell(runtime, case, profile="portable"):
     return pytest.param(runtime, case, profile, marks=marks, id=f"{runtime}-{label}{case.id}")
 
 
-# The portable default everywhere; the openvino profile (straight-line too) on OpenVINO and tract.
+# The portable default everywhere; the openvino profile on OpenVINO (tract aborts on its negative Pad pads).
 CELLS = [
     _cell(runtime, case)
     for runtime in PORTABLE_RUNTIMES
     for case in CASES
     if not (runtime == "reference" and case.slow)
-] + [_cell(runtime, case, "openvino") for runtime in ("openvino", "tract") for case in CASES if not case.slow]
+] + [_cell("openvino", case, "openvino") for case in CASES if not case.slow]
 
 
 @pytest.mark.parametrize("runtime,case,profile", CELLS)

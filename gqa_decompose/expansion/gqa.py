@@ -108,6 +108,13 @@ class Lowering:
         growing cache too)."""
         return self.runtime_profile == "webnn"
 
+    @property
+    def crops_past_in_first_prompt(self) -> bool:
+        """The openvino profile: a first prompt's Pad drops past's rows by negative pads, so present rows
+        S .. t_b - 1 of a static buffer are 0 as in ORT (kv_cache._growth_pads); tract and onnx.reference
+        reject negative pads, so the portable graph keeps past's rows there."""
+        return self.runtime_profile == "openvino"
+
     static_kv_cache: bool = False  # promised T <= P: present has exactly P rows
     growing_kv_cache: bool = False  # promised T = P + S with aligned rows: present = Concat(past, new)
     present_used: bool = False  # present_key/present_value exist and someone reads them
@@ -454,6 +461,7 @@ def _written_present(
         fast_paths,
         tensor_scatter,
         lowering.skip_empty_past,
+        lowering.crops_past_in_first_prompt,
     )
     return presents, ("present_length", dim_key(past_key, 2))
 

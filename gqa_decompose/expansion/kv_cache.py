@@ -56,18 +56,29 @@ def present_length(
     return shared.get(key, build)
 
 
-def _growth_pads(shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value) -> ir.Value:
-    """Pad's pads growing past's row axis to Lp: max(T - P, 0) rows at the end."""
+def _growth_pads(
+    shared: SharedSubgraphs, info: SequenceInfo, past: ir.Value, crop_past_in_first_prompt: bool = False
+) -> ir.Value:
+    """Pad's pads growing past's row axis to Lp: max(T - P, 0) rows at the end.
+
+    With ``crop_past_in_first_prompt`` a first prompt with new rows pads -P rows at the start and Lp at the
+    end instead: zeros of present's shape, as ORT copies no past row then (semantics §4; a static buffer's
+    rows S .. t_b - 1 stay 0). Negative pads cost nothing on ORT and OpenVINO, but tract aborts on them and
+    onnx.reference rejects them, so only the openvino profile asks for this.
+    """
 
     def build(op: OpBuilder) -> ir.Value:
-        rows_to_add = op.op(
-            "Max",
-            op.op("Sub", present_length(shared, info, past), op.dim(past, 2)),
-            op.int_scalar(0),
-        )
-        return op.op("Concat", op.ints([0] * 6), op.to_vector(rows_to_add), op.ints([0]), axis=0)
+        past_length = op.dim(past, 2)
+        rows_to_add = op.op("Max", op.op("Sub", present_length(shared, info, past), past_length), op.int_scalar(0))
+        copies_no_past = _copies_no_past(shared, info) if crop_past_in_first_prompt else None
+        if copies_no_past is None:
+            return op.op("Concat", op.ints([0] * 6), op.to_vector(rows_to_add), op.ints([0]), axis=0)
+        rows_dropped = op.op("Mul", past_length, op.cast(copies_no_past, ir.DataType.INT64))
+        rows_at_start = op.to_vector(op.op("Neg", rows_dropped))
+        rows_at_end = op.to_vector(op.op("Add", rows_to_add, rows_dropped))
+        return op.op("Concat", op.ints([0, 0]), rows_at_start, op.ints([0] * 3), rows_at_end, op.ints([0]), axis=0)
 
-    return shared.get(("growth_pads", info, dim_key(past, 2)), build)
+    return shared.get(("growth_pads", info, dim_key(past, 2), crop_past_in_first_prompt), build)
 
 
 def scatter_indices(shared: SharedSubgraphs, info: SequenceInfo, kv_num_heads: int) -> ir.Value:
@@ -172,6 +183,7 @@ def write_new_rows(
     static_buffer: bool = False,
     tensor_scatter: bool = False,
     skip_empty_past: bool = False,
+    crop_past_in_first_prompt: bool = False,
 ) -> ir.Value:
     """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b.
 
@@ -180,7 +192,9 @@ def write_new_rows(
     (opset >= 24) the write is TensorScatter(base, new, write_indices=c_b), which
     runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp. With
     ``skip_empty_past`` (the webnn profile) an empty past is never read: the base
-    is zeros of the present's shape then, which is what Pad makes of it.
+    is zeros of the present's shape then, which is what Pad makes of it. With
+    ``crop_past_in_first_prompt`` (the openvino profile) Pad keeps no past row in a first prompt
+    (:func:`_growth_pads`).
     """
     # The WebNN EP pads no int8 and scatters no uint8 (a quantized cache): the webnn profile writes those in int32.
     widen = skip_empty_past and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
@@ -200,7 +214,7 @@ def write_new_rows(
         return written(op, past(op))
 
     def padded(builder: OpBuilder) -> ir.Value:
-        padded_BNLH = builder.op("Pad", past(builder), _growth_pads(shared, info, past_BNPH))
+        padded_BNLH = builder.op("Pad", past(builder), _growth_pads(shared, info, past_BNPH, crop_past_in_first_prompt))
         return written(builder, builder.with_static_dims(padded_BNLH, past_BNPH, axis=2))
 
     if not skip_empty_past:
@@ -317,6 +331,7 @@ def update_cache(
     fast_paths: bool = False,
     tensor_scatter: bool = False,
     skip_empty_past: bool = False,
+    crop_past_in_first_prompt: bool = False,
 ) -> tuple[ir.Value, ir.Value]:
     """Present keys and values without a promise about the cache.
 
@@ -332,7 +347,18 @@ def update_cache(
     """
     if not fast_paths:
         return tuple(
-            write_new_rows(op, shared, info, past, new, kv_num_heads, False, tensor_scatter, skip_empty_past)
+            write_new_rows(
+                op,
+                shared,
+                info,
+                past,
+                new,
+                kv_num_heads,
+                False,
+                tensor_scatter,
+                skip_empty_past,
+                crop_past_in_first_prompt,
+            )
             for past, new in zip(past_BNPH, new_BNSH)
         )
     return _update_cache_at_run_time(op, shared, info, past_BNPH, new_BNSH, kv_num_heads)
