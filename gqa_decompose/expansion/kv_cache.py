@@ -68,8 +68,10 @@ def _growth_pads(
     """
 
     def build(op: OpBuilder) -> ir.Value:
+        # present_length before op.dim: the emitted names follow the order of the calls.
+        total_rows = present_length(shared, info, past)
         past_length = op.dim(past, 2)
-        rows_to_add = op.op("Max", op.op("Sub", present_length(shared, info, past), past_length), op.int_scalar(0))
+        rows_to_add = op.op("Max", op.op("Sub", total_rows, past_length), op.int_scalar(0))
         copies_no_past = _copies_no_past(shared, info) if crop_past_in_first_prompt else None
         if copies_no_past is None:
             return op.op("Concat", op.ints([0] * 6), op.to_vector(rows_to_add), op.ints([0]), axis=0)
