@@ -111,8 +111,11 @@ TARGETS = ("primitives", "attention")
 # slower than the straight-line one) and scales the query instead of the scores; "webnn" (onnxruntime-web's
 # WebNN EP) adds Ifs on conditions read from shapes only, which ONNX Runtime folds away once the session's dims
 # are fixed, so that no node reads the empty past of a first prompt (WebNN takes no zero-size tensor), and
-# uses only ops and types the WebNN EP takes. Every profile keeps the whole contract (every cache form).
-RUNTIME_PROFILES = ("portable", "onnxruntime", "openvino", "webnn")
+# uses only ops and types the WebNN EP takes; "litert" (onnx2tf + LiteRT) is portable's straight-line graph with a
+# quantized cache written in int32 (TFLite aborts on onnx2tf's int8 ScatterND) and the q/k norm from primitives
+# (LiteRT has no RMSNormalization). Every profile keeps the whole contract (every cache form). What each changes:
+# expansion.gqa.PROFILE_CHOICES.
+RUNTIME_PROFILES = ("portable", "onnxruntime", "openvino", "webnn", "litert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +155,9 @@ class DecomposeOptions:
             scale through the keys) or ``"webnn"`` (onnxruntime-web's WebNN execution
             provider in strict mode: Ifs on shape-only conditions that ONNX Runtime
             folds once the dims are fixed, so no node reads an empty past, and only
-            ops and types the WebNN EP takes). Each keeps every cache form. Primitives target only.
+            ops and types the WebNN EP takes) or ``"litert"`` (onnx2tf and LiteRT:
+            portable's straight-line graph, a quantized cache written in int32 and
+            the q/k norm from primitives). Each keeps every cache form. Primitives target only.
         target: ``"primitives"`` (MatMul/Softmax/...) or ``"attention"``: one
             standard ``Attention`` op (opset >= 23) per node, with rotary as
             RotaryEmbedding-23 and, at opset 24, the cache written by
@@ -193,7 +198,7 @@ class DecomposeOptions:
             raise GqaDecomposeError(
                 f"runtime_profile must be one of {', '.join(RUNTIME_PROFILES)}, got {self.runtime_profile!r}"
             )
-        if self.fast_paths and self.runtime_profile in ("openvino", "webnn"):
+        if self.fast_paths and self.runtime_profile not in ("portable", "onnxruntime"):
             raise GqaDecomposeError(f"fast_paths is the onnxruntime runtime profile, not {self.runtime_profile}")
         # fast_paths is an alias of the onnxruntime profile, kept in step both ways.
         if self.fast_paths or self.runtime_profile == "onnxruntime":

@@ -172,6 +172,7 @@ def write_new_rows(
     static_buffer: bool = False,
     tensor_scatter: bool = False,
     skip_empty_past: bool = False,
+    widen_quantized: bool = False,
 ) -> ir.Value:
     """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b.
 
@@ -180,10 +181,12 @@ def write_new_rows(
     (opset >= 24) the write is TensorScatter(base, new, write_indices=c_b), which
     runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp. With
     ``skip_empty_past`` (the webnn profile) an empty past is never read: the base
-    is zeros of the present's shape then, which is what Pad makes of it.
+    is zeros of the present's shape then, which is what Pad makes of it. With
+    ``widen_quantized`` (Lowering.widen_quantized_write: the webnn and litert
+    profiles) a quantized cache's codes are padded and written in int32, then
+    cast back: exact, as every code fits.
     """
-    # The WebNN EP pads no int8 and scatters no uint8 (a quantized cache): the webnn profile writes those in int32.
-    widen = skip_empty_past and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+    widen = widen_quantized and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
 
     def written(builder: OpBuilder, base_BNLH: ir.Value) -> ir.Value:
         new = builder.cast(new_BNSH, ir.DataType.INT32) if widen else new_BNSH
@@ -317,11 +320,13 @@ def update_cache(
     fast_paths: bool = False,
     tensor_scatter: bool = False,
     skip_empty_past: bool = False,
+    widen_quantized: bool = False,
 ) -> tuple[ir.Value, ir.Value]:
     """Present keys and values without a promise about the cache.
 
     Without ``fast_paths``: past padded to max(P, T) rows, then scattered (two
-    copies, straight-line; with ``skip_empty_past``, zeros instead of an empty past).
+    copies, straight-line; with ``skip_empty_past``, zeros instead of an empty past;
+    with ``widen_quantized``, a quantized cache written in int32).
     With it, one copy chosen at run time (one If per layer):
 
     * rows aligned at P (T = P + S, a growing cache): Concat(past, new);
@@ -332,7 +337,9 @@ def update_cache(
     """
     if not fast_paths:
         return tuple(
-            write_new_rows(op, shared, info, past, new, kv_num_heads, False, tensor_scatter, skip_empty_past)
+            write_new_rows(
+                op, shared, info, past, new, kv_num_heads, False, tensor_scatter, skip_empty_past, widen_quantized
+            )
             for past, new in zip(past_BNPH, new_BNSH)
         )
     return _update_cache_at_run_time(op, shared, info, past_BNPH, new_BNSH, kv_num_heads)
