@@ -278,7 +278,7 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
     "straight-line, runs everywhere (tract, WebNN, LiteRT). 'onnxruntime': run-time If choices (= --fast-paths). "
     "'openvino': straight-line (OpenVINO runs If nodes slower), the query scaled instead of the scores. "
     "'webnn': onnxruntime-web's WebNN EP in strict mode (no CPU fallback), empty-past prompt included. "
-    "'litert': onnx2tf + LiteRT: portable, with a quantized cache written in int32 and the q/k norm from "
+    "'litert': onnx2tf + LiteRT: portable, with a quantized cache written in int32 and RMS norms from "
     "primitives (portable's int8 cache and RMSNormalization-23 fail there).",
 )
 @click.option(

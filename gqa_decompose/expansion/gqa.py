@@ -83,26 +83,14 @@ __all__ = ["ExpandedNode", "Lowering", "expand_gqa"]
 _FLOAT = ir.DataType.FLOAT
 
 
-# What each runtime profile (spec.RUNTIME_PROFILES) changes in the emitted forms, by Lowering property; "portable"
-# changes nothing and "onnxruntime" is ``fast_paths`` (a field of its own). See docs/cache-forms-and-speed.md.
-PROFILE_CHOICES: dict[str, frozenset[str]] = {
-    "portable": frozenset(),
-    "onnxruntime": frozenset(),
-    "openvino": frozenset({"prescale_query"}),
-    "webnn": frozenset(
-        {"skip_empty_past", "shapes_from_shapes", "widen_quantized_write", "norm_by_primitives", "plain_index_ops"}
-    ),
-    "litert": frozenset({"widen_quantized_write", "widen_buffer_write", "norm_by_primitives"}),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Lowering:
     """How one node is emitted, apart from what it means (its :class:`~gqa_decompose.spec.GqaSpec`): the
     standard ops the expansion may use (all False: primitives only), the user's choices as they apply to
     this node, and which of its outputs the graph reads. The planner builds it (:meth:`of`).
 
-    The runtime profile's choices are properties (:data:`PROFILE_CHOICES` says which profile makes which)."""
+    The runtime profile's choices are properties (:data:`~gqa_decompose.spec.PROFILE_CHOICES` says which profile
+    makes which)."""
 
     attention_op: bool = False  # one Attention node (opset >= 23)
     tensor_scatter: bool = False  # TensorScatter-24 for the KV cache write
@@ -111,7 +99,7 @@ class Lowering:
     runtime_profile: str = "portable"  # spec.RUNTIME_PROFILES: "onnxruntime" is fast_paths
 
     def _chooses(self, choice: str) -> bool:
-        return choice in PROFILE_CHOICES[self.runtime_profile]
+        return gqa.profile_chooses(self.runtime_profile, choice)
 
     @property
     def skip_empty_past(self) -> bool:
@@ -187,7 +175,7 @@ class Lowering:
             growing_kv_cache=options.growing_kv_cache
             and plain_cache
             and not (spec.kv_empty or spec.kv_maybe_empty)
-            and "shapes_from_shapes" not in PROFILE_CHOICES[options.runtime_profile],
+            and not gqa.profile_chooses(options.runtime_profile, "shapes_from_shapes"),
             present_used=gqa.output_is_read(node, gqa.PRESENT_KEY) or gqa.output_is_read(node, gqa.PRESENT_VALUE),
             output_qk_used=bool(spec.qk_output) and gqa.output_is_read(node, gqa.OUTPUT_QK),
         )

@@ -180,12 +180,9 @@ def write_new_rows(
     past: ScatterND's one copy is the only one. With ``tensor_scatter``
     (opset >= 24) the write is TensorScatter(base, new, write_indices=c_b), which
     runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp. With
-    ``skip_empty_past`` (the webnn profile) an empty past is never read: the base
-    is zeros of the present's shape then, which is what Pad makes of it. With
-    ``widen_quantized`` (Lowering.widen_quantized_write: the webnn and litert
-    profiles) a quantized cache's codes are padded and written in int32, then
-    cast back: exact, as every code fits.
-    """
+    ``skip_empty_past`` (the webnn profile) an empty past is never read: the base is zeros of the
+    present's shape then, which is what Pad makes of it. With ``widen_quantized`` int8/uint8 codes are
+    padded and written in int32 (Lowering.widen_quantized_write)."""
     widen = widen_quantized and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
 
     def written(builder: OpBuilder, base_BNLH: ir.Value) -> ir.Value:
