@@ -124,8 +124,8 @@ class Lowering:
 
     @property
     def widen_buffer_write(self) -> bool:
-        """litert: also the write straight into a promised static buffer (static_kv_cache, no Pad). webnn's is
-        not widened (its int8 ScatterND is the WebNN EP's; no uint8 buffer has run on WebNN)."""
+        """litert: also the write straight into a promised static buffer (static_kv_cache, no Pad). Not webnn's,
+        left as it was: the WebNN EP scatters int8, and an int4 (uint8) buffer under the promise is untried there."""
         return self._chooses("widen_buffer_write")
 
     @property
