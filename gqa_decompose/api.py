@@ -66,7 +66,7 @@ def rewrite(
         logger.info("no com.microsoft.GroupQueryAttention node nor companion-op node found; the model is unchanged")
         return Decomposed()
     decompose_pass = DecomposeGqaPass(options, progress=progress)
-    ops_pass = DecomposeOpsPass(options.ops)
+    ops_pass = DecomposeOpsPass(options.ops, options.runtime_profile)
     pipeline = build_pipeline(decompose_pass, check=check, ops_pass=ops_pass)
     try:
         pipeline(model)
@@ -323,7 +323,11 @@ class _FileRun:
         verifications = self._timed("verify_nodes", lambda: self._verify_nodes(original)) if nodes_verified else None
         self.found.update(nodes=tuple(decomposed), verifications=verifications or (None,) * len(decomposed))
         ops = tuple(decomposed.ops)
-        op_verifications = verify_ops(original, self.options.ops) if nodes_verified and ops else [None] * len(ops)
+        op_verifications = (
+            verify_ops(original, self.options.ops, runtime_profile=self.options.runtime_profile)
+            if nodes_verified and ops
+            else [None] * len(ops)
+        )
         self.found.update(ops=ops, op_verifications=tuple(op_verifications))
         if self.verify in ("model", "all"):
             self._timed("verify_model", lambda: self._verify_model(source, original, model, settings))

@@ -271,13 +271,15 @@ def _write_report(path: pathlib.Path | None, report: dict) -> bool:
 )
 @click.option(
     "--runtime-profile",
-    type=click.Choice(["portable", "onnxruntime", "openvino", "webnn"]),
+    type=click.Choice(["portable", "onnxruntime", "openvino", "webnn", "litert"]),
     default="portable",
     show_default=True,
     help="The runtime the forms are picked for; every profile keeps every cache form. 'portable': "
     "straight-line, runs everywhere (tract, WebNN, LiteRT). 'onnxruntime': run-time If choices (= --fast-paths). "
     "'openvino': straight-line (OpenVINO runs If nodes slower), the query scaled instead of the scores. "
-    "'webnn': onnxruntime-web's WebNN EP in strict mode (no CPU fallback), empty-past prompt included.",
+    "'webnn': onnxruntime-web's WebNN EP in strict mode (no CPU fallback), empty-past prompt included. "
+    "'litert': onnx2tf + LiteRT: portable, with a quantized cache written in int32 and RMS norms from "
+    "primitives (portable's int8 cache and RMSNormalization-23 fail there).",
 )
 @click.option(
     "--target",
@@ -405,7 +407,7 @@ def _options_from_flags(model: pathlib.Path, kv_cache: str, only: tuple[str, ...
     from gqa_decompose import model_io
     from gqa_decompose.spec import DecomposeOptions
 
-    if flags["fast_paths"] and flags["runtime_profile"] in ("openvino", "webnn"):
+    if flags["fast_paths"] and flags["runtime_profile"] not in ("portable", "onnxruntime"):
         raise click.UsageError(f"--fast-paths is --runtime-profile onnxruntime, not {flags['runtime_profile']}")
     if kv_cache == "auto" and model_io.genai_shares_kv_buffer(model):
         # A suggestion only: the default keeps every cache form the original accepts.

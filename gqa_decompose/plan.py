@@ -117,8 +117,15 @@ def raise_first_op_refusal(planned: list[PlannedOp]) -> None:
         raise min(refused, key=lambda p: not p.below_opset).refusal
 
 
-def plan_ops(model: ir.Model, ops: Collection[str] | None = None, *, min_opset: int | None = None) -> list[PlannedOp]:
-    """Every companion-op node of ``model`` (of ``ops``, None: any), in model order, parsed.
+def plan_ops(
+    model: ir.Model,
+    ops: Collection[str] | None = None,
+    *,
+    min_opset: int | None = None,
+    runtime_profile: str = "portable",
+) -> list[PlannedOp]:
+    """Every companion-op node of ``model`` (of ``ops``, None: any), in model order, parsed for
+    ``runtime_profile`` (:class:`~gqa_decompose.ops.OpContext`).
 
     ``min_opset``: refuse a node whose container's opset is below it (the pass's floor).
     """
@@ -131,8 +138,9 @@ def plan_ops(model: ir.Model, ops: Collection[str] | None = None, *, min_opset: 
             reason = f"the default-domain opset is {item.opset}; the expansion needs >= {min_opset}"
             planned.append(PlannedOp(item, refusal=GqaDecomposeError(reason, item.node.name), below_opset=True))
             continue
+        context = OpContext(item.opset, item.container, runtime_profile)
         try:
-            planned.append(PlannedOp(item, item.decomposer.parse(item.node, OpContext(item.opset, item.container))))
+            planned.append(PlannedOp(item, item.decomposer.parse(item.node, context)))
         except GqaDecomposeError as error:
             planned.append(PlannedOp(item, refusal=error))
     return planned

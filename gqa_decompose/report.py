@@ -381,13 +381,15 @@ def _check_op_nodes(model: ir.Model, options: DecomposeOptions, verify_mode: str
 
     decomposable = set()
     rng = np.random.default_rng(0)
-    for planned in plan_ops(model, options.ops):
+    for planned in plan_ops(model, options.ops, runtime_profile=options.runtime_profile):
         item = planned.item
         if planned.refusal is not None:
             result.op_nodes.append(op_node_entry(item, status="refused", reason=planned.refusal.reason))
             continue
         verification = (
-            verify_op_node(item.node, item.decomposer, item.opset, rng) if verify_mode in ("nodes", "all") else None
+            verify_op_node(item.node, item.decomposer, item.opset, rng, options.runtime_profile)
+            if verify_mode in ("nodes", "all")
+            else None
         )
         result.op_nodes.append(op_node_entry(item, verification, status="decomposable"))
         decomposable.add(id(item.node))

@@ -30,10 +30,13 @@ __all__ = [
     "GqaInput",
     "GqaOutput",
     "GqaSpec",
+    "PROFILE_CHOICES",
+    "RUNTIME_PROFILES",
     "attention_target_obstacle",
     "is_gqa_node",
     "output_is_read",
     "parse_gqa_node",
+    "profile_chooses",
     "resolve_target",
 ]
 
@@ -111,8 +114,29 @@ TARGETS = ("primitives", "attention")
 # slower than the straight-line one) and scales the query instead of the scores; "webnn" (onnxruntime-web's
 # WebNN EP) adds Ifs on conditions read from shapes only, which ONNX Runtime folds away once the session's dims
 # are fixed, so that no node reads the empty past of a first prompt (WebNN takes no zero-size tensor), and
-# uses only ops and types the WebNN EP takes. Every profile keeps the whole contract (every cache form).
-RUNTIME_PROFILES = ("portable", "onnxruntime", "openvino", "webnn")
+# uses only ops and types the WebNN EP takes; "litert" (onnx2tf + LiteRT) is portable's straight-line graph with
+# a quantized cache written in int32 (TFLite aborts on onnx2tf's int8 ScatterND) and RMS norms (q/k, and the
+# companion SimplifiedLayerNormalization) from primitives (LiteRT has no RMSNormalization). Every profile keeps
+# the whole contract (every cache form).
+RUNTIME_PROFILES = ("portable", "onnxruntime", "openvino", "webnn", "litert")
+
+# What each runtime profile changes in the emitted forms, each choice a property of expansion.gqa.Lowering
+# (norm_by_primitives also of ops.OpContext, for the companion norms); "portable" changes nothing and
+# "onnxruntime" is ``fast_paths`` (a field of its own). See docs/cache-forms-and-speed.md.
+PROFILE_CHOICES: dict[str, frozenset[str]] = {
+    "portable": frozenset(),
+    "onnxruntime": frozenset(),
+    "openvino": frozenset({"prescale_query", "crop_past_in_first_prompt"}),
+    "webnn": frozenset(
+        {"skip_empty_past", "shapes_from_shapes", "widen_quantized_write", "norm_by_primitives", "plain_index_ops"}
+    ),
+    "litert": frozenset({"widen_quantized_write", "widen_buffer_write", "norm_by_primitives"}),
+}
+
+
+def profile_chooses(runtime_profile: str, choice: str) -> bool:
+    """Whether ``runtime_profile`` makes ``choice`` (a key of :data:`PROFILE_CHOICES`' sets)."""
+    return choice in PROFILE_CHOICES[runtime_profile]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +176,10 @@ class DecomposeOptions:
             scale through the keys) or ``"webnn"`` (onnxruntime-web's WebNN execution
             provider in strict mode: Ifs on shape-only conditions that ONNX Runtime
             folds once the dims are fixed, so no node reads an empty past, and only
-            ops and types the WebNN EP takes). Each keeps every cache form. Primitives target only.
+            ops and types the WebNN EP takes) or ``"litert"`` (onnx2tf and LiteRT:
+            portable's straight-line graph, a quantized cache written in int32 and
+            RMS norms from primitives, the q/k norm's and the companion ops'). Each keeps every
+            cache form. Primitives target only.
         target: ``"primitives"`` (MatMul/Softmax/...) or ``"attention"``: one
             standard ``Attention`` op (opset >= 23) per node, with rotary as
             RotaryEmbedding-23 and, at opset 24, the cache written by
@@ -193,7 +220,7 @@ class DecomposeOptions:
             raise GqaDecomposeError(
                 f"runtime_profile must be one of {', '.join(RUNTIME_PROFILES)}, got {self.runtime_profile!r}"
             )
-        if self.fast_paths and self.runtime_profile in ("openvino", "webnn"):
+        if self.fast_paths and self.runtime_profile not in ("portable", "onnxruntime"):
             raise GqaDecomposeError(f"fast_paths is the onnxruntime runtime profile, not {self.runtime_profile}")
         # fast_paths is an alias of the onnxruntime profile, kept in step both ways.
         if self.fast_paths or self.runtime_profile == "onnxruntime":

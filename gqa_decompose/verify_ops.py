@@ -124,15 +124,19 @@ def _compare(expected: np.ndarray, got: np.ndarray, atol: float, rtol: float) ->
 
 
 def verify_op_node(
-    node: ir.Node, decomposer: Decomposer, opset: int, rng: np.random.Generator | None = None
+    node: ir.Node,
+    decomposer: Decomposer,
+    opset: int,
+    rng: np.random.Generator | None = None,
+    runtime_profile: str = "portable",
 ) -> OpVerification:
-    """``node`` (in any model) alone on ORT CPU against its expansion."""
+    """``node`` (in any model) alone on ORT CPU against its expansion for ``runtime_profile``."""
     rng = rng or np.random.default_rng(0)
-    spec = decomposer.parse(node, OpContext(opset))
+    spec = decomposer.parse(node, OpContext(opset, runtime_profile=runtime_profile))
     feeds = _feeds(node, decomposer, spec, rng)
     verdict = dict(name=node.name or "", domain=node.domain, op_type=node.op_type)
     expanded = one_node_model(node, opset)
-    DecomposeOpsPass(ops={node.op_type})(expanded)
+    DecomposeOpsPass(ops={node.op_type}, runtime_profile=runtime_profile)(expanded)
     names = [value.name for value in expanded.graph.outputs]
     try:
         expected = _run(one_node_model(node, opset, oracle_domain(decomposer)), feeds)
@@ -155,7 +159,13 @@ def verify_op_node(
     return OpVerification(**verdict, ok=ok, max_abs_error=errors)
 
 
-def verify_ops(model: ir.Model, ops: Collection[str] | None = None, seed: int = 0) -> list[OpVerification]:
-    """Every companion-op node of ``model`` (of ``ops``, None: all) verified alone, in model order."""
+def verify_ops(
+    model: ir.Model, ops: Collection[str] | None = None, seed: int = 0, runtime_profile: str = "portable"
+) -> list[OpVerification]:
+    """Every companion-op node of ``model`` (of ``ops``, None: all) verified alone, in model order, as
+    expanded for ``runtime_profile``."""
     rng = np.random.default_rng(seed)
-    return [verify_op_node(item.node, item.decomposer, item.opset, rng) for item in find_op_nodes(model, ops)]
+    return [
+        verify_op_node(item.node, item.decomposer, item.opset, rng, runtime_profile)
+        for item in find_op_nodes(model, ops)
+    ]

@@ -92,7 +92,7 @@ SHAPES = {
 }
 LENGTHS = {"decode": (256, 1024, 4096), "prefill": (128, 512, 2048)}
 # Column suffix of each runtime profile's rewrites (the default, portable, has none).
-PROFILE_SUFFIX = {"portable": "", "onnxruntime": ":ort", "openvino": ":ov", "webnn": ":webnn"}
+PROFILE_SUFFIX = {"portable": "", "onnxruntime": ":ort", "openvino": ":ov", "webnn": ":webnn", "litert": ":litert"}
 
 
 def _fused_runners(fused, case: tuple, runtimes: list[str], args) -> dict:

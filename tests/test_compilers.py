@@ -235,6 +235,67 @@ def test_portability_case_runs_on_litert(case_id):
     assert not problems, problems
 
 
+# --runtime-profile litert on LiteRT: the cases the portable default fails there, one phase each (each phase is
+# an onnx2tf conversion, ~6 s; the portability table runs every phase).
+LITERT_PROFILE_CASES = {
+    "int8-write": ("quantized cache/int8-per-channel", {}, "decode, growing cache"),
+    "int8-promised-buffer": ("quantized cache/int8-per-channel", {"static_kv_cache": True}, "decode, static buffer"),
+    "int4-write": ("quantized cache/int4-per-tensor", {}, "decode, static buffer"),
+    "rmsnorm": ("q/k norm/opset-23-rmsnorm", {}, "decode, growing cache"),
+}
+
+
+def _litert_phase(case_id: str, phase_name: str, **options):
+    """One phase of the case's expansion on LiteRT against ORT CPU's fused node (``options``: DecomposeOptions
+    fields besides the case's)."""
+    from gqa_models import gqa_node, make_gqa_model
+    from portability_cases import CASES
+
+    from gqa_decompose.expansion.gqa import Lowering
+    from gqa_decompose.spec import DecomposeOptions, parse_gqa_node
+    from gqa_decompose.verify import phases_for, verify_node_model
+
+    (case,) = [c for c in CASES if c.id == case_id]
+    model = make_gqa_model(case.config)
+    _, node = gqa_node(model)
+    decompose_options = DecomposeOptions(**{**dict(case.options), **options})
+    spec = parse_gqa_node(node, decompose_options)
+    lowering = Lowering.of(node, spec, decompose_options)
+    (phase,) = [p for p in phases_for(node, spec, lowering) if p.name == phase_name]
+    result = verify_node_model(
+        node,
+        case.config.opset,
+        model.ir_version,
+        decompose_options,
+        phases=[phase],
+        runtime="litert",
+        total_length_from_shape=runtimes.get_runtime("litert").shapes_from_input_shapes,
+    )
+    (outcome,) = result.results
+    return outcome
+
+
+@pytest.mark.xdist_group("litert")
+@pytest.mark.parametrize("name", list(LITERT_PROFILE_CASES))
+def test_litert_profile_runs_on_litert(name):
+    """Its quantized cache written in int32 (TFLite aborts on onnx2tf's int8 ScatterND) and its q/k norm by
+    primitives (LiteRT has no RMSNormalization kernel), on LiteRT against ORT CPU."""
+    require("litert")
+    case_id, options, phase = LITERT_PROFILE_CASES[name]
+    outcome = _litert_phase(case_id, phase, runtime_profile="litert", **options)
+    assert outcome.passed, outcome.failure
+
+
+@pytest.mark.xdist_group("litert")
+def test_litert_aborts_on_the_portable_int8_cache_write():
+    """Why the litert profile widens the write: onnx2tf 2.6.9 spells ScatterND on int8 as
+    data * (1 - ScatterND(ones)) + ScatterND(updates), and TFLite's quantized SUB aborts. If LiteRT runs it,
+    this test fails: the profile's int32 write can go."""
+    require("litert")
+    outcome = _litert_phase("quantized cache/int8-per-channel", "decode, growing cache")
+    assert not outcome.passed and "SIGABRT" in outcome.failure, outcome.failure
+
+
 def _add_model() -> onnx.ModelProto:
     """y = a + c, with c's dims unknown: valid ONNX broadcasting when c turns out to be [1, n]."""
     a = helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, ["b", "n"])

@@ -208,7 +208,7 @@ def cases(draw, cache_forms: tuple[str, ...]) -> Case:
         config,
         kv_cache=kv_cache,
         native_precision=dtype == "float16" and draw(st.integers(0, 3)) == 0,
-        runtime_profile=draw(st.sampled_from(("portable", "portable", "onnxruntime", "openvino", "webnn"))),
+        runtime_profile=draw(st.sampled_from(("portable", "portable", "onnxruntime", "openvino", "webnn", "litert"))),
         annotations=annotations,
         cleared_dims=cleared,
         defect=defect,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import onnx_ir as ir
 import pytest
 
+import gqa_decompose
 from gqa_decompose.errors import GqaDecomposeError
 from gqa_decompose.ops import lookup
 from gqa_decompose.ops.base import OpContext
@@ -78,3 +80,30 @@ def test_standard_layer_norm_at_opset_17_is_left_alone():
         "", "LayerNormalization", [("x", FLOAT, [2, 8]), ("scale", FLOAT, [8])], [("y", FLOAT)], opset=17
     )
     assert op_types(expand(model)) == {"LayerNormalization"}
+
+
+@pytest.mark.parametrize("profile", ["litert", "webnn"])
+@pytest.mark.parametrize(
+    "op_type,inputs",
+    [
+        ("SimplifiedLayerNormalization", [("x", FLOAT16, [2, 3, 8]), ("scale", FLOAT16, [8])]),
+        (
+            "SkipSimplifiedLayerNormalization",
+            [("x", FLOAT, [2, 3, 8]), ("skip", FLOAT, [2, 3, 8]), ("gamma", FLOAT, [8])],
+        ),
+    ],
+)
+def test_profiles_without_rms_normalization_lower_rms_norms_to_primitives_at_opset_23(op_type, inputs, profile):
+    """Neither LiteRT nor the WebNN EP has an RMSNormalization kernel: their profiles (OpContext.norm_by_primitives)
+    normalize by primitives, exact against ORT CPU; the portable default uses the op."""
+    from gqa_decompose.verify_ops import verify_op_node
+
+    domain = "" if op_type == "SimplifiedLayerNormalization" else "com.microsoft"
+    model = node_model(domain, op_type, inputs, [("y", inputs[0][1])], {"epsilon": 1e-6}, opset=23)
+    node = next(iter(model.graph))
+    result = verify_op_node(node, lookup(domain, op_type), 23, runtime_profile=profile)
+    assert result.ok, result
+    assert "RMSNormalization" in op_types(expand(model))
+    decomposed = gqa_decompose.decompose(ir.serde.serialize_model(model), runtime_profile=profile, check=False)
+    ops = {n.op_type for n in decomposed.graph.node}
+    assert "RMSNormalization" not in ops and ops >= {"ReduceMean", "Sqrt"}

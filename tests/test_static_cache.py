@@ -307,10 +307,88 @@ def test_cli_runtime_profile(tmp_path):
     ],
     ids=["int8", "int4", "windowed", "bfloat16", "no-past"],
 )
-@pytest.mark.parametrize("profile", ["onnxruntime", "openvino", "webnn"])
+@pytest.mark.parametrize("profile", ["onnxruntime", "openvino", "webnn", "litert"])
 def test_runtime_profiles_with_other_caches_and_types(config, profile):
     report = gqa_decompose.verify(make_gqa_model(config), runtime_profile=profile)
     assert report.passed, [r.failure for r in report.nodes[0].results]
+
+
+# --runtime-profile litert: the portable graph but where LiteRT fails it (tests/test_compilers.py runs it there).
+_LITERT_CONFIGS = {
+    "int8_per_channel": GqaConfig(kv_quant="PER_CHANNEL", kv_bits=8, rotary="half"),
+    "int8_per_tensor_packed": GqaConfig(kv_quant="PER_TENSOR", kv_bits=8, packed=True),
+    "int4_per_tensor": GqaConfig(kv_quant="PER_TENSOR", kv_bits=4),
+    "int4_per_channel_window": GqaConfig(kv_quant="PER_CHANNEL", kv_bits=4, local_window_size=2),
+    "qk_norm_opset23": GqaConfig(qk_norm="qk", rotary="half", opset=23),
+    "qk_norm_packed_opset23_fp16": GqaConfig(qk_norm="qk", packed=True, opset=23, dtype="float16"),
+}
+
+
+@pytest.mark.parametrize("kv_cache", ["any", "static", "growing"])
+@pytest.mark.parametrize("name", list(_LITERT_CONFIGS))
+def test_litert_profile_matches_ort_in_every_phase(name, kv_cache):
+    """Its int32 write of a quantized cache (a promised buffer's too) and its q/k norm by primitives, exact
+    against ORT CPU: growing cache, static buffer, ragged batch, first prompt and chunked prefill."""
+    config = _LITERT_CONFIGS[name]
+    model = make_gqa_model(config)
+    _, node = gqa_node(model)
+    options = DecomposeOptions(
+        runtime_profile="litert", static_kv_cache=kv_cache == "static", growing_kv_cache=kv_cache == "growing"
+    )
+    result = verify_node_model(node, config.opset, model.ir_version, options)
+    assert result.results and all(r.passed for r in result.results), [r.failure for r in result.results]
+    if kv_cache == "any":
+        names = {r.phase.name for r in result.results}
+        assert {"decode, growing cache", "decode, static buffer", "first prompt, growing cache"} <= names
+
+
+def _scatter_data_types(model: onnx.ModelProto) -> list[str]:
+    """The element type of every ScatterND's data input (the cache writes)."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    return sorted({onnx.TensorProto.DataType.Name(types[n.input[0]]) for n in graph.node if n.op_type == "ScatterND"})
+
+
+@pytest.mark.parametrize("bits,codes", [(8, "INT8"), (4, "UINT8")])
+@pytest.mark.parametrize("kv_cache", ["any", "static"])
+def test_litert_profile_writes_a_quantized_cache_in_int32(kv_cache, bits, codes):
+    """onnx2tf spells an int8 ScatterND with a quantized SUB that TFLite aborts on; the portable default
+    scatters the codes themselves (ONNX Runtime's int8 decode would take 1.7x as long in int32)."""
+    model = make_gqa_model(GqaConfig(kv_quant="PER_CHANNEL", kv_bits=bits, rotary="half"))
+    static = kv_cache == "static"
+    portable = gqa_decompose.decompose(model, static_kv_cache=static)
+    litert = gqa_decompose.decompose(model, runtime_profile="litert", static_kv_cache=static)
+    assert (_scatter_data_types(portable), _scatter_data_types(litert)) == ([codes], ["INT32"])
+    assert "If" not in {n.op_type for n in all_nodes(litert.graph)}
+
+
+def test_litert_profile_norms_by_primitives_and_is_the_portable_graph_otherwise():
+    """LiteRT has no RMSNormalization kernel; a node with neither a quantized cache nor a q/k norm is
+    emitted as by the portable default, byte for byte."""
+    normed = make_gqa_model(GqaConfig(qk_norm="qk", rotary="half", opset=23))
+
+    def ops(profile: str) -> set[str]:
+        return {n.op_type for n in all_nodes(gqa_decompose.decompose(normed, runtime_profile=profile).graph)}
+
+    assert "RMSNormalization" in ops("portable")
+    assert "RMSNormalization" not in ops("litert") and "If" not in ops("litert")
+    for config in (GqaConfig(rotary="half", packed=True), GqaConfig(local_window_size=2, attention_bias="full")):
+        model = make_gqa_model(config)
+        litert = gqa_decompose.decompose(model, runtime_profile="litert").graph.SerializeToString()
+        assert litert == gqa_decompose.decompose(model).graph.SerializeToString()
+
+
+def test_litert_profile_takes_no_fast_paths(tmp_path):
+    with pytest.raises(
+        gqa_decompose.GqaDecomposeError, match="fast_paths is the onnxruntime runtime profile, not litert"
+    ):
+        DecomposeOptions(fast_paths=True, runtime_profile="litert")
+    model_path = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "tiny-llama-gqa.onnx", model_path)
+    result = CliRunner().invoke(main, [str(model_path), "-q", "--runtime-profile", "litert", "--fast-paths"])
+    assert result.exit_code == 2 and "--fast-paths is --runtime-profile onnxruntime, not litert" in result.output
+    result = CliRunner().invoke(main, [str(model_path), "-q", "--runtime-profile", "litert"])
+    assert result.exit_code == 0, result.output
 
 
 _FIRST_PROMPT_CONFIGS = pytest.mark.parametrize(

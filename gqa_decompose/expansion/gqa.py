@@ -87,7 +87,10 @@ _FLOAT = ir.DataType.FLOAT
 class Lowering:
     """How one node is emitted, apart from what it means (its :class:`~gqa_decompose.spec.GqaSpec`): the
     standard ops the expansion may use (all False: primitives only), the user's choices as they apply to
-    this node, and which of its outputs the graph reads. The planner builds it (:meth:`of`)."""
+    this node, and which of its outputs the graph reads. The planner builds it (:meth:`of`).
+
+    The runtime profile's choices are properties (:data:`~gqa_decompose.spec.PROFILE_CHOICES` says which profile
+    makes which)."""
 
     attention_op: bool = False  # one Attention node (opset >= 23)
     tensor_scatter: bool = False  # TensorScatter-24 for the KV cache write
@@ -95,25 +98,60 @@ class Lowering:
     fast_paths: bool = False  # run-time Ifs: row blocks, cut of long buffers, one-copy cache update
     runtime_profile: str = "portable"  # spec.RUNTIME_PROFILES: "onnxruntime" is fast_paths
 
+    def _chooses(self, choice: str) -> bool:
+        return gqa.profile_chooses(self.runtime_profile, choice)
+
     @property
     def skip_empty_past(self) -> bool:
-        """The webnn profile: no node reads an empty past (kv_cache.unless_past_is_empty)."""
-        return self.runtime_profile == "webnn"
+        """webnn: no node reads an empty past (kv_cache.unless_past_is_empty)."""
+        return self._chooses("skip_empty_past")
 
     @property
     def shapes_from_shapes(self) -> bool:
-        """The webnn profile: no shape computed from data (WebNN compiles for static shapes), so attention reads
+        """webnn: no shape computed from data (WebNN compiles for static shapes), so attention reads
         a static buffer whole (not its longest row's rows) and the growing-cache promise's guard, a Reshape to a
         target computed from seqlens_k, is not emitted: the cache is written as without a promise (exact for a
         growing cache too)."""
-        return self.runtime_profile == "webnn"
+        return self._chooses("shapes_from_shapes")
+
+    @property
+    def widen_quantized_write(self) -> bool:
+        """webnn, litert: a quantized cache (int8, or uint8 nibble pairs) is padded and written in int32, cast
+        back after. The WebNN EP pads no int8 and scatters no uint8; onnx2tf spells an int8 ScatterND as
+        data * (1 - ScatterND(ones)) + ScatterND(updates), and TFLite's quantized SUB aborts. It costs ONNX
+        Runtime's int8 decode 1.7x, hence not portable's."""
+        return self._chooses("widen_quantized_write")
+
+    @property
+    def widen_buffer_write(self) -> bool:
+        """litert: also the write straight into a promised static buffer (static_kv_cache, no Pad). Not webnn's,
+        left as it was: the WebNN EP scatters int8, and an int4 (uint8) buffer under the promise is untried there."""
+        return self._chooses("widen_buffer_write")
+
+    @property
+    def norm_by_primitives(self) -> bool:
+        """webnn, litert: the q/k norm from primitives at opset >= 23 too: neither the WebNN EP nor LiteRT has
+        an RMSNormalization kernel."""
+        return self._chooses("norm_by_primitives")
+
+    @property
+    def plain_index_ops(self) -> bool:
+        """webnn: the windowed cache's indices with an int32 Div and a GatherND without batch_dims (the WebNN EP
+        divides no int64 and takes no GatherND with batch_dims)."""
+        return self._chooses("plain_index_ops")
+
+    @property
+    def prescale_query(self) -> bool:
+        """openvino: the query scaled instead of the scores (OpenVINO moves a scale of the scores onto the keys:
+        a pass over every key read)."""
+        return self._chooses("prescale_query")
 
     @property
     def crops_past_in_first_prompt(self) -> bool:
         """The openvino profile: a first prompt's Pad drops past's rows by negative pads, so present rows
         S .. t_b - 1 of a static buffer are 0 as in ORT (kv_cache._growth_pads); tract and onnx.reference
         reject negative pads, so the portable graph keeps past's rows there."""
-        return self.runtime_profile == "openvino"
+        return self._chooses("crop_past_in_first_prompt")
 
     static_kv_cache: bool = False  # promised T <= P: present has exactly P rows
     growing_kv_cache: bool = False  # promised T = P + S with aligned rows: present = Concat(past, new)
@@ -144,7 +182,7 @@ class Lowering:
             growing_kv_cache=options.growing_kv_cache
             and plain_cache
             and not (spec.kv_empty or spec.kv_maybe_empty)
-            and options.runtime_profile != "webnn",
+            and not gqa.profile_chooses(options.runtime_profile, "shapes_from_shapes"),
             present_used=gqa.output_is_read(node, gqa.PRESENT_KEY) or gqa.output_is_read(node, gqa.PRESENT_VALUE),
             output_qk_used=bool(spec.qk_output) and gqa.output_is_read(node, gqa.OUTPUT_QK),
         )
@@ -416,15 +454,14 @@ def _windowed_columns(
     keys = concat_rows(op, shared, past_key, new_key, lowering.skip_empty_past)
     values = concat_rows(op, shared, past_value, new_value, lowering.skip_empty_past)
     present_key = present_value = None
-    webnn = lowering.runtime_profile == "webnn"
+    plain = lowering.plain_index_ops
     if lowering.present_used:
-        # The WebNN EP divides no int64 and takes no GatherND with batch_dims: the webnn profile indexes in full.
         window, heads = spec.local_window_size, spec.kv_num_heads
-        rows = present_columns(shared, info, past_key, window, heads, int32_div=webnn, full_indices=webnn)
-        batch_dims = {} if webnn else {"batch_dims": 2}
+        rows = present_columns(shared, info, past_key, window, heads, int32_div=plain, full_indices=plain)
+        batch_dims = {} if plain else {"batch_dims": 2}
         present_key = op.op("GatherND", keys, rows, **batch_dims)
         present_value = op.op("GatherND", values, rows, **batch_dims)
-    positions = sliding_key_positions(shared, info, past_key, spec.local_window_size, webnn)
+    positions = sliding_key_positions(shared, info, past_key, spec.local_window_size, plain)
     return _KeyColumns(keys, values, positions, None, present_key, present_value)
 
 
@@ -446,8 +483,9 @@ def _written_present(
         presents = write_into_buffer(op, shared, info, pasts, new_rows, spec.kv_num_heads, tensor_scatter)
         return presents, ("past", dim_key(past_key, 2))
     if lowering.static_kv_cache:
+        widen = lowering.widen_buffer_write
         presents = tuple(
-            write_new_rows(op, shared, info, past, new, spec.kv_num_heads, True, tensor_scatter)
+            write_new_rows(op, shared, info, past, new, spec.kv_num_heads, True, tensor_scatter, widen_quantized=widen)
             for past, new in ((past_key, new_key), (past_value, new_value))
         )
         return presents, ("past", dim_key(past_key, 2))
@@ -461,6 +499,7 @@ def _written_present(
         fast_paths,
         tensor_scatter,
         lowering.skip_empty_past,
+        lowering.widen_quantized_write,
         lowering.crops_past_in_first_prompt,
     )
     return presents, ("present_length", dim_key(past_key, 2))
@@ -873,8 +912,7 @@ def _scoring(
         head_sink_N=_input(node, gqa.HEAD_SINK),
         may_mask_whole_rows=_input(node, gqa.ATTENTION_BIAS) is not None or spec.local_window_size == 0,
         dtype=lowering.compute_dtype,
-        # OpenVINO moves a scale of the scores onto the keys: a pass over every key read.
-        prescale=lowering.runtime_profile == "openvino",
+        prescale=lowering.prescale_query,
     )
 
 
@@ -980,8 +1018,7 @@ def expand_gqa(
 
     # 1. Rotary on q and the new k in the compute type; both rounded to the model's type, as ORT does.
     rotate, rotate_key = _rotations(op, shared, info, node, spec, lowering, head_size)
-    # The WebNN EP has no RMSNormalization: the webnn profile normalizes with primitives.
-    norm_op = lowering.runtime_profile != "webnn"
+    norm_op = not lowering.norm_by_primitives
     query_BSNH, key_BSNH, value_BSNH = _split_heads(op, node, spec, head_size, rotate, rotate_key, norm_op)
     query_BNSH = _to_compute(op, _bsnh_to_bnsh(op, query_BSNH), spec, lowering)
 

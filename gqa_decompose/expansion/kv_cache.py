@@ -185,21 +185,18 @@ def write_new_rows(
     static_buffer: bool = False,
     tensor_scatter: bool = False,
     skip_empty_past: bool = False,
+    widen_quantized: bool = False,
     crop_past_in_first_prompt: bool = False,
 ) -> ir.Value:
     """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b.
 
-    With ``static_buffer`` (T <= P promised) the new rows go straight into
-    past: ScatterND's one copy is the only one. With ``tensor_scatter``
-    (opset >= 24) the write is TensorScatter(base, new, write_indices=c_b), which
-    runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp. With
-    ``skip_empty_past`` (the webnn profile) an empty past is never read: the base
-    is zeros of the present's shape then, which is what Pad makes of it. With
-    ``crop_past_in_first_prompt`` (the openvino profile) Pad keeps no past row in a first prompt
-    (:func:`_growth_pads`).
-    """
-    # The WebNN EP pads no int8 and scatters no uint8 (a quantized cache): the webnn profile writes those in int32.
-    widen = skip_empty_past and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+    With ``static_buffer`` (T <= P promised) the new rows go straight into past: ScatterND's one copy
+    is the only one. With ``tensor_scatter`` (opset >= 24) the write is TensorScatter(base, new,
+    write_indices=c_b), which runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp. With
+    ``skip_empty_past`` (webnn) an empty past is never read: the base is zeros of the present's shape
+    then, as Pad makes of it. ``widen_quantized``: int8/uint8 codes padded and written in int32;
+    ``crop_past_in_first_prompt`` (openvino): Pad keeps no past row in a first prompt (_growth_pads)."""
+    widen = widen_quantized and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
 
     def written(builder: OpBuilder, base_BNLH: ir.Value) -> ir.Value:
         new = builder.cast(new_BNSH, ir.DataType.INT32) if widen else new_BNSH
@@ -333,12 +330,14 @@ def update_cache(
     fast_paths: bool = False,
     tensor_scatter: bool = False,
     skip_empty_past: bool = False,
+    widen_quantized: bool = False,
     crop_past_in_first_prompt: bool = False,
 ) -> tuple[ir.Value, ir.Value]:
     """Present keys and values without a promise about the cache.
 
     Without ``fast_paths``: past padded to max(P, T) rows, then scattered (two
-    copies, straight-line; with ``skip_empty_past``, zeros instead of an empty past).
+    copies, straight-line; with ``skip_empty_past``, zeros instead of an empty past;
+    with ``widen_quantized``, a quantized cache written in int32).
     With it, one copy chosen at run time (one If per layer):
 
     * rows aligned at P (T = P + S, a growing cache): Concat(past, new);
@@ -359,6 +358,7 @@ def update_cache(
                 False,
                 tensor_scatter,
                 skip_empty_past,
+                widen_quantized,
                 crop_past_in_first_prompt,
             )
             for past, new in zip(past_BNPH, new_BNSH)

@@ -49,15 +49,17 @@ def normalize(
     simplified: bool,
     want_mean: bool,
     want_inv_std: bool,
+    rms_op: bool = True,
 ) -> NormValues:
-    """Normalize ``x`` (already in the compute type) over ``axes`` (negative, trailing, contiguous)."""
+    """Normalize ``x`` (already in the compute type) over ``axes`` (negative, trailing, contiguous); with
+    ``rms_op`` False (OpContext.norm_by_primitives) the simplified norm by primitives at any opset."""
     dtype = x.dtype
     if dtype is None:
         raise ValueError("normalize() needs x's compute type set")
     scale = to_type(op, scale, dtype)
     bias = None if bias is None else to_type(op, bias, dtype)
     opset = op.opset or 0
-    if simplified and opset >= RMS_NORMALIZATION_OPSET and not want_inv_std:
+    if simplified and rms_op and opset >= RMS_NORMALIZATION_OPSET and not want_inv_std:
         y = op.op("RMSNormalization", x, scale, axis=axes[0], epsilon=epsilon, stash_type=1)
         return _typed(NormValues(y, None, None), dtype)
     if not simplified and opset >= LAYER_NORMALIZATION_OPSET:

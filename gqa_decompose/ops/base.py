@@ -23,15 +23,25 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import onnx_ir as ir
 
+from gqa_decompose.spec import profile_chooses
+
 __all__ = ["Decomposer", "OpContext", "Tolerance"]
 
 
 @dataclasses.dataclass(frozen=True)
 class OpContext:
-    """Where a node sits: the graph or function holding it and its default-domain opset."""
+    """Where a node sits (the graph or function holding it and its default-domain opset) and the runtime
+    profile its expansion is for (:data:`~gqa_decompose.spec.RUNTIME_PROFILES`)."""
 
     opset: int
     container: ir.Graph | ir.Function | None = None
+    runtime_profile: str = "portable"
+
+    @property
+    def norm_by_primitives(self) -> bool:
+        """The profile's choice (webnn, litert): RMS norms from primitives at opset >= 23 too, as neither the
+        WebNN EP nor LiteRT has an RMSNormalization kernel."""
+        return profile_chooses(self.runtime_profile, "norm_by_primitives")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,7 @@ class LayerNormSpec:
     y_dtype: ir.DataType
     has_bias: bool
     outputs_read: tuple[bool, ...]
+    rms_op: bool = True  # RMSNormalization-23 may be emitted (False: the runtime profile has no kernel for it)
 
 
 def _normalized_axes(node: ir.Node, x: ir.Value, axis: int) -> tuple[int, ...]:
@@ -68,8 +69,11 @@ def _normalized_axes(node: ir.Node, x: ir.Value, axis: int) -> tuple[int, ...]:
     return tuple(range(axis, 0))
 
 
-def parse_layer_norm(node: ir.Node, simplified: bool, epsilon_default: float = 1e-5) -> LayerNormSpec:
-    """The contract of SimplifiedLayerNormalization and the default-domain LayerNormalization-1 (ORT's)."""
+def parse_layer_norm(
+    node: ir.Node, simplified: bool, epsilon_default: float = 1e-5, rms_op: bool = True
+) -> LayerNormSpec:
+    """The contract of SimplifiedLayerNormalization and the default-domain LayerNormalization-1 (ORT's);
+    ``rms_op``: whether the expansion may use RMSNormalization-23."""
     x, scale = input_at(node, 0), input_at(node, 1)
     if x is None or scale is None:
         raise GqaDecomposeError("X and scale are required", node.name)
@@ -90,6 +94,7 @@ def parse_layer_norm(node: ir.Node, simplified: bool, epsilon_default: float = 1
         y_dtype=y_dtype,
         has_bias=bias is not None,
         outputs_read=outputs_read(node),
+        rms_op=rms_op,
     )
 
 
@@ -111,6 +116,7 @@ def expand_layer_norm(op, node: ir.Node, spec: LayerNormSpec) -> list[ir.Value |
         simplified=spec.simplified,
         want_mean=wanted.get("mean", False),
         want_inv_std=wanted["inv_std"],
+        rms_op=spec.rms_op,
     )
     results: list[ir.Value | None] = [to_type(op, values.y, spec.y_dtype)]
     for index, name in enumerate(stat_outputs, start=1):
@@ -132,7 +138,7 @@ class SimplifiedLayerNormalization(DefaultOracle):
         self.domain = domain
 
     def parse(self, node: ir.Node, context: OpContext) -> LayerNormSpec:
-        return parse_layer_norm(node, simplified=True)
+        return parse_layer_norm(node, simplified=True, rms_op=not context.norm_by_primitives)
 
     def expand(self, op, node: ir.Node, spec: LayerNormSpec) -> list[ir.Value | None]:
         return expand_layer_norm(op, node, spec)

@@ -59,6 +59,7 @@ class SkipNormSpec:
     beta_index: int | None
     bias_index: int | None
     outputs_read: tuple[bool, ...]
+    rms_op: bool = True  # RMSNormalization-23 may be emitted (False: the runtime profile has no kernel for it)
 
 
 def _check_rank(node: ir.Node, value: ir.Value, what: str, ranks: tuple[int, ...]) -> None:
@@ -77,7 +78,7 @@ def _check_hidden(node: ir.Node, x: ir.Value, vector: ir.Value, what: str) -> No
         raise GqaDecomposeError(f"{what} has {size} elements; input's last dimension is {hidden}", node.name)
 
 
-def parse_skip_norm(node: ir.Node, simplified: bool) -> SkipNormSpec:
+def parse_skip_norm(node: ir.Node, simplified: bool, rms_op: bool = True) -> SkipNormSpec:
     x, skip, gamma = input_at(node, 0), input_at(node, 1), input_at(node, 2)
     if x is None or skip is None or gamma is None:
         raise GqaDecomposeError("input, skip and gamma are required", node.name)
@@ -96,7 +97,8 @@ def parse_skip_norm(node: ir.Node, simplified: bool) -> SkipNormSpec:
     epsilon = float(attribute(node, "epsilon", 1e-12))
     if epsilon < 0:
         raise GqaDecomposeError(f"epsilon {epsilon} < 0 (ORT refuses it)", node.name)
-    return SkipNormSpec(node.name or "", simplified, epsilon, dtype, beta_index, bias_index, outputs_read(node))
+    read = outputs_read(node)
+    return SkipNormSpec(node.name or "", simplified, epsilon, dtype, beta_index, bias_index, read, rms_op)
 
 
 def expand_skip_norm(op, node: ir.Node, spec: SkipNormSpec) -> list[ir.Value | None]:
@@ -118,6 +120,7 @@ def expand_skip_norm(op, node: ir.Node, spec: SkipNormSpec) -> list[ir.Value | N
         want_mean=read[MEAN] and not spec.simplified,
         # SkipSimplified's zero mean takes inv_std's shape.
         want_inv_std=read[INV_STD_VAR] or (read[MEAN] and spec.simplified),
+        rms_op=spec.rms_op,
     )
     results: list[ir.Value | None] = [to_type(op, values.y, spec.dtype), None, None, None]
     if read[MEAN]:
@@ -138,7 +141,7 @@ class _SkipNorm(DefaultOracle):
     simplified: bool
 
     def parse(self, node: ir.Node, context: OpContext) -> SkipNormSpec:
-        return parse_skip_norm(node, self.simplified)
+        return parse_skip_norm(node, self.simplified, rms_op=not context.norm_by_primitives)
 
     def expand(self, op, node: ir.Node, spec: SkipNormSpec) -> list[ir.Value | None]:
         return expand_skip_norm(op, node, spec)

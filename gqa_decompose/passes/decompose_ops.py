@@ -83,12 +83,14 @@ class DecomposeOpsPass(ir.passes.InPlacePass):
     """Replace every node owned by a registered decomposer with its standard-op expansion.
 
     All nodes are parsed (and any refusal raised) before the model is touched, so a refused
-    model is left as it was. ``decomposed`` lists what was done, one entry per node.
+    model is left as it was. ``decomposed`` lists what was done, one entry per node. The
+    expansions are ``runtime_profile``'s (spec.RUNTIME_PROFILES: ops.OpContext).
     """
 
-    def __init__(self, ops: Collection[str] | None = None) -> None:
+    def __init__(self, ops: Collection[str] | None = None, runtime_profile: str = "portable") -> None:
         super().__init__()
         self.ops = None if ops is None else frozenset(ops)
+        self.runtime_profile = runtime_profile
         self.decomposed: list[DecomposedOp] = []
         self.emitted: list[ir.Node] = []  # every node the expansions added (the clean-up's scope)
 
@@ -102,7 +104,7 @@ class DecomposeOpsPass(ir.passes.InPlacePass):
         for function in functions.values():
             # Function bodies are untyped in ONNX: type them from the call sites, as the GQA pass does.
             _type_function_body(model, function)
-        planned = plan_ops(model, self.ops, min_opset=MIN_OPSET)
+        planned = plan_ops(model, self.ops, min_opset=MIN_OPSET, runtime_profile=self.runtime_profile)
         raise_first_op_refusal(planned)  # before the model is touched
         for index, (item, spec) in enumerate((p.item, p.spec) for p in planned):
             name, domain, op_type = item.node.name or "", item.node.domain, item.node.op_type
