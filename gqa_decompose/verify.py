@@ -796,7 +796,7 @@ def _candidate_runner(
     cannot run); and the runtime's label. ``total_length_input``: the input whose value is read from a
     shape instead (:func:`gqa_decompose.runtimes.total_length_from_shape`)."""
     if bfloat16 and runtime is None:
-        return _lazy(lambda: core.reference_runner(candidate)), "ONNX Runtime"
+        return _lazy(lambda: core.reference_runner(candidate)), "onnx.reference"
     if runtime is None and total_length_input is None:
         return _lazy(lambda: core.ort_runner(candidate)), "ONNX Runtime"
     from gqa_decompose import runtimes
