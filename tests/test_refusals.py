@@ -98,9 +98,7 @@ def use_plain_concat_kv_update(monkeypatch) -> None:
     from gqa_decompose.expansion import gqa as expansion
     from gqa_decompose.expansion import kv_cache
 
-    def concat_update(
-        op, shared, info, past, new, kv_num_heads, static_buffer=False, tensor_scatter=False, skip_empty_past=False
-    ):
+    def concat_update(op, shared, info, past, new, *forms, **form_options):  # write_new_rows' signature
         return op.op("Concat", past, new, axis=2)
 
     monkeypatch.setattr(expansion, "write_new_rows", concat_update)
