@@ -53,7 +53,7 @@ WHOLE_MODEL = {
 }
 WHOLE_MODEL_TOLERANCE = 1e-4
 # Runtime profiles (--runtime-profile) run on a runtime besides the default forms, as a target of their own.
-PROFILES = {"webnn": ("webnn",), "litert": ("litert",)}
+PROFILES = {"openvino": ("openvino",), "webnn": ("webnn",), "litert": ("litert",)}
 
 
 def _profile_target(profile: str) -> str:
