@@ -44,6 +44,7 @@ from gqa_decompose.expansion.attention_op import (
 from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.head_size import HeadSize, default_scale, runtime_head_size, shape_of
 from gqa_decompose.expansion.kv_cache import (
+    CacheWrite,
     append_aligned_rows,
     concat_rows,
     guard_aligned_rows,
@@ -152,6 +153,11 @@ class Lowering:
         S .. t_b - 1 of a static buffer are 0 as in ORT (kv_cache._growth_pads); tract and onnx.reference
         reject negative pads, so the portable graph keeps past's rows there."""
         return self._chooses("crop_past_in_first_prompt")
+
+    @property
+    def cache_write(self) -> CacheWrite:
+        """The profile's spelling of the straight-line cache write."""
+        return CacheWrite(self.skip_empty_past, self.widen_quantized_write, self.crops_past_in_first_prompt)
 
     static_kv_cache: bool = False  # promised T <= P: present has exactly P rows
     growing_kv_cache: bool = False  # promised T = P + S with aligned rows: present = Concat(past, new)
@@ -483,9 +489,9 @@ def _written_present(
         presents = write_into_buffer(op, shared, info, pasts, new_rows, spec.kv_num_heads, tensor_scatter)
         return presents, ("past", dim_key(past_key, 2))
     if lowering.static_kv_cache:
-        widen = lowering.widen_buffer_write
+        form = CacheWrite(widen_quantized=lowering.widen_buffer_write)
         presents = tuple(
-            write_new_rows(op, shared, info, past, new, spec.kv_num_heads, True, tensor_scatter, widen_quantized=widen)
+            write_new_rows(op, shared, info, past, new, spec.kv_num_heads, True, tensor_scatter, form)
             for past, new in ((past_key, new_key), (past_value, new_value))
         )
         return presents, ("past", dim_key(past_key, 2))
@@ -498,11 +504,7 @@ def _written_present(
         spec.kv_num_heads,
         fast_paths,
         tensor_scatter,
-        lowering.skip_empty_past,
-        lowering.widen_quantized_write,
-        # Not for bfloat16: ORT's CPU ops run no bfloat16 Pad, so onnx.reference verifies that expansion,
-        # and it rejects negative pads.
-        lowering.crops_past_in_first_prompt and spec.dtype != ir.DataType.BFLOAT16,
+        lowering.cache_write,
     )
     return presents, ("present_length", dim_key(past_key, 2))
 

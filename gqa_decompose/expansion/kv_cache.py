@@ -20,6 +20,7 @@ present and past share one buffer).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +30,7 @@ from gqa_decompose.expansion.builder import OpBuilder
 from gqa_decompose.expansion.sequence import SequenceInfo, SharedSubgraphs, dim_key
 
 __all__ = [
+    "CacheWrite",
     "append_aligned_rows",
     "concat_rows",
     "guard_aligned_rows",
@@ -175,6 +177,22 @@ def concat_rows(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheWrite:
+    """How a runtime profile spells the straight-line cache write (``Lowering.cache_write`` builds it).
+
+    Attributes:
+        skip_empty_past: webnn: no node reads an empty past (zeros of present's shape instead, inside an If
+            ONNX Runtime folds; :func:`unless_past_is_empty`).
+        widen_quantized: webnn, litert: int8/uint8 codes padded and written in int32, cast back after.
+        crop_past_in_first_prompt: openvino: a first prompt's Pad keeps no past row (:func:`_growth_pads`).
+    """
+
+    skip_empty_past: bool = False
+    widen_quantized: bool = False
+    crop_past_in_first_prompt: bool = False
+
+
 def write_new_rows(
     op: OpBuilder,
     shared: SharedSubgraphs,
@@ -184,19 +202,18 @@ def write_new_rows(
     kv_num_heads: int,
     static_buffer: bool = False,
     tensor_scatter: bool = False,
-    skip_empty_past: bool = False,
-    widen_quantized: bool = False,
-    crop_past_in_first_prompt: bool = False,
+    form: CacheWrite = CacheWrite(),
 ) -> ir.Value:
     """present [B, Nkv, Lp, H]: past padded to Lp rows with the new rows scattered at c_b.
 
     With ``static_buffer`` (T <= P promised) the new rows go straight into past: ScatterND's one copy
     is the only one. With ``tensor_scatter`` (opset >= 24) the write is TensorScatter(base, new,
     write_indices=c_b), which runtimes may do in place; exact because c_b + S <= t_b <= T <= Lp. With
-    ``skip_empty_past`` (webnn) an empty past is never read: the base is zeros of the present's shape
-    then, as Pad makes of it. ``widen_quantized``: int8/uint8 codes padded and written in int32;
-    ``crop_past_in_first_prompt`` (openvino): Pad keeps no past row in a first prompt (_growth_pads)."""
-    widen = widen_quantized and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+    ``form`` (:class:`CacheWrite`) the runtime profile's spelling of the write."""
+    widen = form.widen_quantized and past_BNPH.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+    # Not for bfloat16: ORT's CPU ops run no bfloat16 Pad, so onnx.reference verifies that expansion, and it
+    # rejects negative pads.
+    crop = form.crop_past_in_first_prompt and past_BNPH.dtype != ir.DataType.BFLOAT16
 
     def written(builder: OpBuilder, base_BNLH: ir.Value) -> ir.Value:
         new = builder.cast(new_BNSH, ir.DataType.INT32) if widen else new_BNSH
@@ -213,10 +230,10 @@ def write_new_rows(
         return written(op, past(op))
 
     def padded(builder: OpBuilder) -> ir.Value:
-        padded_BNLH = builder.op("Pad", past(builder), _growth_pads(shared, info, past_BNPH, crop_past_in_first_prompt))
+        padded_BNLH = builder.op("Pad", past(builder), _growth_pads(shared, info, past_BNPH, crop))
         return written(builder, builder.with_static_dims(padded_BNLH, past_BNPH, axis=2))
 
-    if not skip_empty_past:
+    if not form.skip_empty_past:
         return padded(op)
 
     def zeros(builder: OpBuilder) -> ir.Value:
@@ -329,15 +346,12 @@ def update_cache(
     kv_num_heads: int,
     fast_paths: bool = False,
     tensor_scatter: bool = False,
-    skip_empty_past: bool = False,
-    widen_quantized: bool = False,
-    crop_past_in_first_prompt: bool = False,
+    form: CacheWrite = CacheWrite(),
 ) -> tuple[ir.Value, ir.Value]:
     """Present keys and values without a promise about the cache.
 
     Without ``fast_paths``: past padded to max(P, T) rows, then scattered (two
-    copies, straight-line; with ``skip_empty_past``, zeros instead of an empty past;
-    with ``widen_quantized``, a quantized cache written in int32).
+    copies, straight-line, spelled as ``form`` says).
     With it, one copy chosen at run time (one If per layer):
 
     * rows aligned at P (T = P + S, a growing cache): Concat(past, new);
@@ -348,19 +362,7 @@ def update_cache(
     """
     if not fast_paths:
         return tuple(
-            write_new_rows(
-                op,
-                shared,
-                info,
-                past,
-                new,
-                kv_num_heads,
-                False,
-                tensor_scatter,
-                skip_empty_past,
-                widen_quantized,
-                crop_past_in_first_prompt,
-            )
+            write_new_rows(op, shared, info, past, new, kv_num_heads, False, tensor_scatter, form)
             for past, new in zip(past_BNPH, new_BNSH)
         )
     return _update_cache_at_run_time(op, shared, info, past_BNPH, new_BNSH, kv_num_heads)
