@@ -348,6 +348,7 @@ def _past_sources(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> dict[str
                 sources[source.name] = _CacheSource(node, present, spec.kv_num_heads, width, window)
     if not specs:
         sources.update(_mha_past_sources(model))
+        sources.update({k: v for k, v in _concat_past_sources(model).items() if k not in sources})
     return sources
 
 
@@ -363,6 +364,24 @@ def _mha_past_sources(model: ir.Model) -> dict[str, _CacheSource]:
             dims = _dims(source) if source is not None and source.shape is not None else []
             if source is not None and len(dims) == 4 and isinstance(dims[3], int):
                 sources[source.name] = _CacheSource(node, present, heads, dims[3], None)
+    return sources
+
+
+def _concat_past_sources(model: ir.Model) -> dict[str, _CacheSource]:
+    """Pasts a graph Concat grows on the row axis into a present output, as the builder's cpu fp16 graph does
+    before repeating the KV heads for MultiHeadAttention: heads and head size from the new rows' inferred type."""
+    sources: dict[str, _CacheSource] = {}
+    for value in model.graph.inputs:
+        for concat, _ in value.uses():
+            if concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx") or len(concat.inputs) != 2:
+                continue
+            axis = concat.attributes["axis"].as_int() if "axis" in concat.attributes else None
+            new_rows = concat.inputs[1]
+            dims = _dims(new_rows) if new_rows is not None and new_rows.shape is not None else []
+            is_present = concat.outputs[0] in model.graph.outputs
+            if concat.inputs[0] is value and axis in (2, -2) and is_present and len(dims) == 4:
+                if isinstance(dims[1], int) and isinstance(dims[3], int):
+                    sources[value.name] = _CacheSource(concat, 0, dims[1], dims[3], None)
     return sources
 
 

@@ -163,7 +163,12 @@ def verify_ops(
     model: ir.Model, ops: Collection[str] | None = None, seed: int = 0, runtime_profile: str = "portable"
 ) -> list[OpVerification]:
     """Every companion-op node of ``model`` (of ``ops``, None: all) verified alone, in model order, as
-    expanded for ``runtime_profile``."""
+    expanded for ``runtime_profile``. ``model`` is not modified: the nodes are typed on a clone, for a model
+    whose value_info does not declare their inputs."""
+    from gqa_decompose.passes.infer_types import InferGqaTypesPass
+
+    model = model.clone()  # tensors are shared, so no weight is read
+    InferGqaTypesPass()(model)
     rng = np.random.default_rng(seed)
     return [
         verify_op_node(item.node, item.decomposer, item.opset, rng, runtime_profile)

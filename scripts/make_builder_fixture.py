@@ -21,6 +21,7 @@ has the table of forms):
     llama-int4     builder-llama-int4       ``-p int4 -e cpu``: MatMulNBits weights, fp32 GQA (no torch reference)
     llama-int4-zp  builder-llama-int4-zp    the same with is_symmetric=false, block size 16: MatMulNBits zero points
     llama-dml      builder-llama-dml        ``-p fp16 -e dml``: separate Q/K/V, contrib RotaryEmbedding, position_ids
+    llama-cpu-fp16 builder-llama-cpu-fp16   ``-p fp16 -e cpu``: no GQA; RotaryEmbedding + MultiHeadAttention, repeated KV
     mistral        builder-mistral          Mistral, window 4 on both layers: ring caches everywhere
     mistral-fp16   builder-mistral-fp16     the same, ``-p fp16 -e cuda``: fp16 ring caches
     mistral-webgpu builder-mistral-webgpu   ``-p fp16 -e webgpu`` with enable_webgpu_graph: ReduceMax total length
@@ -258,6 +259,9 @@ class Arch:
     text_config: bool = False
     # Keys written into the saved config.json after ``save_pretrained`` ({"": top level, "text_config": ...}).
     config_json: dict = dataclasses.field(default_factory=dict)
+    # True where the builder's ``value_info`` (intermediate values' declared shapes) is wrong and ORT fails the
+    # model with it: the script drops those declarations, and changes nothing else in the builder's graph.
+    drop_value_info: bool = False
 
 
 ARCHS = {
@@ -454,6 +458,28 @@ ARCHS = {
             "uses no DML-only op and runs on ORT CPU; its genai_config.json names the dml provider.",
         ],
         builder_args=("-p", "fp16", "-e", "dml"),
+        torch_atol=5e-2,
+        notes=_FP16_AGAINST_FP32,
+    ),
+    "llama-cpu-fp16": Arch(
+        "builder-llama-cpu-fp16",
+        "LlamaConfig",
+        CONFIG,
+        [
+            "A real-producer companion-op fixture: the tiny **random-weight** Llama of `builder-tiny-llama` converted",
+            "by onnxruntime-genai's model builder with `-p fp16 -e cpu`. The logits mean nothing. What it exercises:",
+            "no GroupQueryAttention at all: the builder writes contrib `RotaryEmbedding` on Q and K and",
+            "`MultiHeadAttention` with the KV heads repeated in the graph (Expand + Reshape of present), a 4-D",
+            "additive mask, `position_ids`, float16 throughout, growing caches (`past_present_share_buffer: false`).",
+            "The builder's `value_info` is wrong in 28 of its 132 entries: the repeated keys and values",
+            "(`.../repeat_kv/...`) are declared `sequence_length` rows long though they hold the whole cache, and",
+            "1-D constants are declared scalars. ORT trusts the first and fails the first decode step (`Shape",
+            "mismatch attempting to re-use buffer. {1,1,64} != {1,12,64}`); the second stops ONNX shape inference.",
+            "The script drops the graph's `value_info` (`drop_value_info`), and nothing else: graph inputs and",
+            "outputs keep their declarations, and ORT then runs every step.",
+        ],
+        builder_args=("-p", "fp16", "-e", "cpu"),
+        drop_value_info=True,
         torch_atol=5e-2,
         notes=_FP16_AGAINST_FP32,
     ),
@@ -783,11 +809,13 @@ def _scale_json(arch: Arch) -> str:
     return json.dumps({"scales": scales})
 
 
-def copy_outputs(out_dir: Path, dest: Path) -> dict:
+def copy_outputs(arch: Arch, out_dir: Path, dest: Path) -> dict:
     import onnx
 
     # Loads model.onnx.data too (it sits beside model.onnx); saving without external data inlines every weight.
     model = onnx.load(str(out_dir / "model.onnx"), load_external_data=True)
+    if arch.drop_value_info:
+        _drop_value_info(model)
     stale = ("model.onnx", "model.onnx.data", "reference.npz")
     notes = write_model(model, dest, stale=stale, ir_key="builder_ir_version")
     with open(out_dir / "genai_config.json") as f:
@@ -796,6 +824,12 @@ def copy_outputs(out_dir: Path, dest: Path) -> dict:
         json.dump(genai, f, indent=4)
         f.write("\n")
     return notes
+
+
+def _drop_value_info(model) -> None:
+    """Remove the declared shapes of the graph's intermediate values (graph inputs and outputs keep theirs)."""
+    print(f"dropped the builder's {len(model.graph.value_info)} value_info entries")
+    del model.graph.value_info[:]
 
 
 def _past_feed(inp, config: dict):
@@ -973,7 +1007,8 @@ def write_provenance(arch: Arch, dest: Path, cfg: dict, cmd: list[str], notes: d
             f"Made by `scripts/make_builder_fixture.py --arch {name}` (run it with the builder venv below to"
             " regenerate)."
         )
-        gqa_section = ["## GroupQueryAttention nodes", "", *gqa_attributes(dest), ""]
+        gqa_lines = gqa_attributes(dest)
+        gqa_section = ["## GroupQueryAttention nodes", "", *gqa_lines, ""] if gqa_lines else []
     lines = [
         f"# {arch.folder}",
         "",
@@ -1070,7 +1105,7 @@ def make_fixture(arch: Arch, out: Path, keep_tmp: bool) -> None:
         hf_dir, out_dir, cache_dir = tmp / "hf", tmp / "out", tmp / "cache"
         cfg = make_checkpoint(arch, hf_dir)
         cmd = run_builder(arch, hf_dir, out_dir, cache_dir)
-        notes = copy_outputs(out_dir, out)
+        notes = copy_outputs(arch, out_dir, out)
         check = check_against_torch(arch, hf_dir, out, cfg)
         write_provenance(arch, out, cfg, cmd, notes, check)
         for p in sorted(out.iterdir()):

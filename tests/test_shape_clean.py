@@ -23,6 +23,11 @@ FIXTURES = sorted(path.parent.name for path in MODELS.glob("*/model.onnx")) + ["
 # T = total_sequence_length is read from the mask's or position_ids' contents here, not from a shape: the
 # attention's columns and the present's rows depend on data, and only a known rank can be asked for.
 DATA_DEPENDENT_TOTAL = {"builder-mistral-webgpu", "dynamo-qwen3", "dynamo-tiny-llama"}
+# The builder's cpu fp16 graph builds its 4-D additive mask (and repeats the KV heads) with Expands whose shapes
+# go through Where(Equal(ConstantOfShape(...), -1), ...): ONNX's data propagation stops there, so the mask's dims
+# (the producer's values, before any emitted one) are unknown even with static inputs, and so are the scores'
+# dims it is added to. Only a rank can be asked for.
+SHAPE_OPAQUE_PRODUCER = {"builder-llama-cpu-fp16"}
 PHASES = {"prompt": (5, 0), "decode": (1, 8)}  # (S, P): a first prompt with empty past, a step with 8 past rows
 
 ONE_NODE_CONFIGS = {
@@ -124,7 +129,8 @@ def test_fixture_is_shape_clean(fixture, phase):
     model = onnx.ModelProto()
     model.CopyFrom(_fixture(fixture))
     _fix_dims(model, fixture, seq, past)
-    bad = shape_unclean(model, gqa_decompose.decompose(model), static=fixture not in DATA_DEPENDENT_TOTAL)
+    static = fixture not in DATA_DEPENDENT_TOTAL | SHAPE_OPAQUE_PRODUCER
+    bad = shape_unclean(model, gqa_decompose.decompose(model), static=static)
     assert not bad, f"{len(bad)} values: " + "\n".join(bad[:20])
 
 

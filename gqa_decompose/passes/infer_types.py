@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -59,22 +59,36 @@ class InferGqaTypesPass(ir.passes.InPlacePass):
         # The companion ops read their inputs' types too (a MultiHeadAttention fed by RotaryEmbedding
         # outputs without value_info, in a torch dynamo export with no GQA at all).
         companions = _companion_nodes(model)
-        if any(_untyped_query(node) for node in gqa_nodes) or any(_untyped_inputs(node) for node in companions):
-            modified |= _ort_symbolic_inference(model)
-        rounds = 0
-        while (
-            any(_untyped_query(node) for node in gqa_nodes) or any(_untyped_inputs(node) for node in companions)
-        ) and rounds <= len(model.graph):
-            rounds += 1
-            progress = False
-            for node in ir.traversal.RecursiveGraphIterator(model.graph):
-                progress |= _type_gqa_outputs(node) if is_gqa_node(node) else _type_known_contrib_outputs(node)
-            if not progress:
-                break
+
+        def untyped() -> bool:
+            return any(_untyped_query(node) for node in gqa_nodes) or any(_untyped_inputs(node) for node in companions)
+
+        # Exact rounds first: they keep the inputs' symbolic dims. ORT's symbolic inference, for what they
+        # leave, merges symbols it cannot tell apart (the query's length and the total length), so only its
+        # types and static dims are taken.
+        modified |= _type_known_ops_in_rounds(model, gqa_nodes, untyped)
+        if untyped() and _ort_symbolic_inference(model):
             modified = True
-            with _gqa_schema_registered():
-                quiet_shape_inference(model)
+            _type_known_ops_in_rounds(model, gqa_nodes, untyped)
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _type_known_ops_in_rounds(model: ir.Model, gqa_nodes: list[ir.Node], untyped: Callable[[], bool]) -> bool:
+    """Type GQA and known ORT ops' outputs from their inputs, then infer again, while ``untyped()`` and typing
+    progresses."""
+    modified = False
+    for _ in range(len(model.graph) + 1):
+        if not untyped():
+            break
+        progress = False
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            progress |= _type_gqa_outputs(node) if is_gqa_node(node) else _type_known_contrib_outputs(node)
+        if not progress:
+            break
+        modified = True
+        with _gqa_schema_registered():
+            quiet_shape_inference(model)
+    return modified
 
 
 def _infer_gqa_outputs(context: onnx.shape_inference.InferenceContext) -> None:
@@ -193,12 +207,16 @@ def _ort_symbolic_inference(model: ir.Model) -> bool:
     except ImportError:
         return False
 
+    merged: set[str] = set()
+
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto | None:
         with tempfile.TemporaryDirectory(prefix="gqa-decompose-") as folder:
             previous = os.getcwd()
             os.chdir(folder)  # contextlib.chdir needs Python 3.11
             try:
-                return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+                inferred, merges = _symbolic_inference(SymbolicShapeInference, proto)
+                merged.update(merges)
+                return inferred
             finally:
                 os.chdir(previous)
 
@@ -211,7 +229,30 @@ def _ort_symbolic_inference(model: ir.Model) -> bool:
     if inferred is None:
         model.meta[_SYMBOLIC_FAILURE] = "it returned nothing"
         return False
-    return _fill_untyped(model.graph, inferred.graph)
+    return _fill_untyped(model.graph, inferred.graph, untrusted_dims=merged)
+
+
+def _symbolic_inference(engine_class, proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """``SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)``, step by step as
+    it runs, to read which symbols it merged (``suggested_merge_``): a dim named by one of them may be another
+    symbol's length (a query's length merged with the total length), so it is not trusted. If ORT's internals
+    differ, every symbol counts as merged."""
+    engine = engine_class(2**31 - 1, True, True, 0)
+    steps = ("_preprocess", "_infer_impl", "_update_output_from_vi")
+    if not all(hasattr(engine, step) for step in steps) or not hasattr(engine, "suggested_merge_"):
+        return engine_class.infer_shapes(proto, auto_merge=True, guess_output_rank=True), {_ALL_SYMBOLS}
+    complete = False
+    engine._preprocess(proto)
+    while engine.run_:
+        complete = engine._infer_impl()
+    engine._update_output_from_vi()
+    if not complete:
+        raise RuntimeError("Incomplete symbolic shape inference")
+    merges = engine.suggested_merge_
+    return engine.out_mp_, {str(name) for name in (*merges, *merges.values())}
+
+
+_ALL_SYMBOLS = "*"  # in an untrusted-dims set: no symbolic dim is trusted
 
 
 def _type_function_body(model: ir.Model, function: ir.Function) -> bool:
@@ -258,8 +299,11 @@ def _type_function_body(model: ir.Model, function: ir.Function) -> bool:
     return _fill_untyped(function, inferred.graph)
 
 
-def _fill_untyped(container: ir.Graph | ir.Function, inferred: onnx.GraphProto) -> bool:
-    """Give node outputs of ``container`` the type or shape ``inferred`` found, where they lack one."""
+def _fill_untyped(
+    container: ir.Graph | ir.Function, inferred: onnx.GraphProto, untrusted_dims: Collection[str] = ()
+) -> bool:
+    """Give node outputs of ``container`` the type or shape ``inferred`` found, where they lack one; symbolic
+    dims named in ``untrusted_dims`` become anonymous."""
     by_name = {info.name: info for info in inferred.value_info}
     changed = False
     for node in container:
@@ -270,10 +314,17 @@ def _fill_untyped(container: ir.Graph | ir.Function, inferred: onnx.GraphProto) 
             typed = ir.serde.deserialize_value_info_proto(info, None)
             if value.type is None:
                 value.type = typed.type
-            if value.shape is None:
-                value.shape = typed.shape
+            if value.shape is None and typed.shape is not None:
+                dims = [None if _untrusted(d, untrusted_dims) else d for d in typed.shape]
+                value.shape = ir.Shape(dims)
             changed = True
     return changed
+
+
+def _untrusted(dim: int | ir.SymbolicDim, untrusted_dims: Collection[str]) -> bool:
+    if isinstance(dim, int) or dim.value is None:
+        return False
+    return _ALL_SYMBOLS in untrusted_dims or dim.value in untrusted_dims
 
 
 def quiet_shape_inference(model: ir.Model) -> None:
@@ -350,7 +401,7 @@ _SAME_AS_INPUT = {
 def _type_known_contrib_outputs(node: ir.Node) -> bool:
     """Type the untyped outputs of an ORT op ONNX's inference does not know, from its inputs
     (default domain or com.microsoft): see ``_SAME_AS_INPUT``; MatMulNBits gives A's type and
-    A's shape with the last dim N."""
+    A's shape with the last dim N, MultiHeadAttention the query's type and :func:`_attention_shape`."""
     if node.domain not in ("", "ai.onnx", "com.microsoft") or not node.inputs or node.inputs[0] is None:
         return False
     source = node.inputs[0]
@@ -361,11 +412,21 @@ def _type_known_contrib_outputs(node: ir.Node) -> bool:
         if source.shape is not None and len(source.shape) >= 1:
             shape = ir.Shape([*source.shape[:-1], node.attributes["N"].as_int()])
         return _set_untyped(node.outputs[0] if node.outputs else None, source.dtype, shape)
+    if (node.domain, node.op_type) == ("com.microsoft", "MultiHeadAttention"):
+        return _set_untyped(node.outputs[0] if node.outputs else None, source.dtype, _attention_shape(node))
     changed = False
     for index in _SAME_AS_INPUT.get(node.op_type, ()):
         if index < len(node.outputs):
             changed |= _set_untyped(node.outputs[index], source.dtype, source.shape)
     return changed
+
+
+def _attention_shape(node: ir.Node) -> ir.Shape | None:
+    """MultiHeadAttention's output in the BSD form: the query's [B, S] and the value's hidden size."""
+    query, value = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
+    if query.shape is None or query.shape.rank() != 3 or value is None or value.shape is None:
+        return None
+    return ir.Shape([*query.shape[:2], value.shape[2]]) if value.shape.rank() == 3 else None
 
 
 def _set_untyped(value: ir.Value | None, dtype: ir.DataType, shape: ir.Shape | None) -> bool:
