@@ -114,6 +114,26 @@ def _cache_dims(model: ir.Model, options: DecomposeOptions) -> dict[str, int]:
                 # A ring holds at least the window from the first prompt on (ORT: "KV cache capacity (0) must
                 # be at least local_window_size"); a full layer sharing the dim name reads it as a static buffer.
                 known[rows.value] = max(known.get(rows.value, 0), spec.local_window_size)
+    if not known:
+        known.update(_concat_cache_dims(model))
+    return known
+
+
+def _concat_cache_dims(model: ir.Model) -> dict[str, int]:
+    """KV heads and head size of pasts a graph Concat grows (no GQA node reads them: the builder's cpu fp16
+    MultiHeadAttention graph), from the new rows' inferred type on a typed copy."""
+    from gqa_decompose.passes import InferGqaTypesPass
+    from gqa_decompose.verify_model import concat_past_sources
+
+    typed = model.clone()  # tensors are shared: no weight is read
+    InferGqaTypesPass()(typed)
+    known: dict[str, int] = {}
+    by_name = {value.name: value for value in typed.graph.inputs}
+    for name, source in concat_past_sources(typed).items():
+        shape = by_name[name].shape
+        for axis, size in ((1, source.kv_heads), (3, source.width)):
+            if shape is not None and isinstance(shape[axis], ir.SymbolicDim) and shape[axis].value is not None:
+                known[shape[axis].value] = size
     return known
 
 

@@ -348,7 +348,7 @@ def _past_sources(model: ir.Model, specs: Mapping[ir.Node, GqaSpec]) -> dict[str
                 sources[source.name] = _CacheSource(node, present, spec.kv_num_heads, width, window)
     if not specs:
         sources.update(_mha_past_sources(model))
-        sources.update({k: v for k, v in _concat_past_sources(model).items() if k not in sources})
+        sources.update({k: v for k, v in concat_past_sources(model).items() if k not in sources})
     return sources
 
 
@@ -367,7 +367,7 @@ def _mha_past_sources(model: ir.Model) -> dict[str, _CacheSource]:
     return sources
 
 
-def _concat_past_sources(model: ir.Model) -> dict[str, _CacheSource]:
+def concat_past_sources(model: ir.Model) -> dict[str, _CacheSource]:
     """Pasts a graph Concat grows on the row axis into a present output, as the builder's cpu fp16 graph does
     before repeating the KV heads for MultiHeadAttention: heads and head size from the new rows' inferred type."""
     sources: dict[str, _CacheSource] = {}

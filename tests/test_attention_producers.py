@@ -201,3 +201,18 @@ def test_ort_symbolic_inference_reports_the_symbols_it_merged():
             continue
         _, found = _symbolic_inference(SymbolicShapeInference, _original(folder))
         assert merged <= found and (found or not merged), (folder, found)
+
+
+def test_check_runtime_feeds_the_concat_grown_pasts_their_head_size():
+    """``--check --runtime``'s prompt feeds: the builder's cpu fp16 pasts are [batch, 2, past, kv_cache_dim], read
+    by no GQA node. kv_cache_dim took the prompt length (4), and OpenVINO refused the Concat of an empty
+    [1, 2, 0, 4] past with [1, 2, 4, 16] rows; it is the head size, from the rows the graph's Concat appends."""
+    from gqa_decompose.runtime_check import _cache_dims, synthesize_prompt_feeds
+
+    folder = "builder-llama-cpu-fp16"
+    if folder not in FIXTURES:
+        pytest.skip(f"{folder} is not in models/")
+    known = _cache_dims(ir.serde.deserialize_model(_original(folder)), gqa_decompose.DecomposeOptions())
+    assert known == {"kv_cache_dim": 16}
+    feeds = synthesize_prompt_feeds(_original(folder), known_dims=known)
+    assert feeds["past_key_values.0.key"].shape == (1, 2, 0, 16)
