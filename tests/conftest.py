@@ -10,6 +10,13 @@ import pytest
 MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 
 
+def has_gqa(path: pathlib.Path) -> bool:
+    """Whether the model at ``path`` holds a GroupQueryAttention node (its weights are not read)."""
+    import onnx
+
+    return any(node.op_type == "GroupQueryAttention" for node in onnx.load(path, load_external_data=False).graph.node)
+
+
 @pytest.fixture
 def tiny(tmp_path) -> pathlib.Path:
     """models/tiny-llama-gqa.onnx, copied."""

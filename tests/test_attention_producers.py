@@ -29,6 +29,7 @@ import pytest
 import gqa_decompose
 from gqa_decompose.passes.infer_types import InferGqaTypesPass
 from gqa_decompose.verify_ops import verify_ops
+from tests.conftest import has_gqa
 
 MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 TORCH_ATOL = 1e-4
@@ -81,12 +82,8 @@ def _ort_only_ops(model: onnx.ModelProto) -> collections.Counter:
 
 
 def test_every_fixture_is_listed():
-    listed = {p.parent.name for p in MODELS.glob("*/model.onnx") if not _has_gqa(p)}
+    listed = {p.parent.name for p in MODELS.glob("*/model.onnx") if not has_gqa(p)}
     assert listed == set(FIXTURES)
-
-
-def _has_gqa(path: pathlib.Path) -> bool:
-    return any(n.op_type == "GroupQueryAttention" for n in onnx.load(path, load_external_data=False).graph.node)
 
 
 @pytest.mark.parametrize("folder", FIXTURES)

@@ -33,15 +33,12 @@ from onnx import helper
 from test_models import _run, _session
 
 import gqa_decompose
+from tests.conftest import has_gqa
 
 MODELS = pathlib.Path(__file__).parent.parent / "models"
 # The builder's fixtures with GroupQueryAttention (builder-llama-cpu-fp16 has MultiHeadAttention instead:
 # tests/test_attention_producers.py).
-FIXTURES = sorted(
-    p.parent.name
-    for p in MODELS.glob("builder-*/model.onnx")
-    if any(n.op_type == "GroupQueryAttention" for n in onnx.load(p, load_external_data=False).graph.node)
-)
+FIXTURES = sorted(p.parent.name for p in MODELS.glob("builder-*/model.onnx") if has_gqa(p))
 
 # fp32 builder models match torch to ~1e-5; the fp16 one is ~1.7e-2 away from the float32 torch model.
 TORCH_TOLERANCE = {onnx.TensorProto.FLOAT: 1e-4, onnx.TensorProto.FLOAT16: 5e-2}

@@ -21,6 +21,7 @@ import gqa_decompose
 import gqa_decompose.expansion.gqa
 from gqa_decompose import model_io
 from gqa_decompose.verify_model import MODEL_TOLERANCES, verify_model
+from tests.conftest import has_gqa
 
 MODELS = pathlib.Path(__file__).resolve().parent.parent / "models"
 # A README run leaves models/*.decomposed.onnx behind (git-ignored): not a fixture.
@@ -70,10 +71,6 @@ def _with_known_failures(paths):
     ]
 
 
-def _has_gqa(path: pathlib.Path) -> bool:
-    return any(node.op_type == "GroupQueryAttention" for node in onnx.load(path, load_external_data=False).graph.node)
-
-
 def _has_past(path: pathlib.Path) -> bool:
     return any(value.name.startswith("past") for value in onnx.load(path, load_external_data=False).graph.input)
 
@@ -91,7 +88,7 @@ def test_every_fixture_matches_its_original_with_both_cache_forms_under_the_defa
     _assert_passed(result, batch, steps=4)
     layouts = [result.cache_layout, *(other.cache_layout for other in result.also)]
     kinds = {layout.split(" of ")[0].split(",")[0] for layout in layouts}
-    if not _has_gqa(path):  # MultiHeadAttention's caches grow by concatenation; an encoder (BERT) has none
+    if not has_gqa(path):  # MultiHeadAttention's caches grow by concatenation; an encoder (BERT) has none
         assert kinds == ({"growing cache"} if _has_past(path) else {"no KV cache"})
     else:
         expected_first = "static buffer" if model_io.genai_shares_kv_buffer(path) else "growing cache"
